@@ -1,0 +1,1 @@
+"""One module per figure/table of the LAPQ paper reproduction."""

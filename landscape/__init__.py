@@ -1,0 +1,1 @@
+"""landscape: the loss landscape of compressed neural networks, in JAX."""

@@ -1,0 +1,1 @@
+"""The Flax model zoo of `landscape`."""
