@@ -1,1 +1,102 @@
-"""The Flax model zoo of `landscape`."""
+"""The Flax model zoo of `landscape`: every model is built from :mod:`landscape.layers`.
+
+>>> import models
+>>> model = models.create("resnet8", num_classes=10)
+
+Models are Linen modules called as ``model.apply(variables, x, train=False)`` on NHWC
+float32 images. A user's own module built from the same quantizable layers works with
+every tool of the library exactly like these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from models.cnn import CNN
+from models.mlp import MLP
+from models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet
+
+_REGISTRY: dict[str, Callable] = {
+    "mlp": lambda num_classes, **kw: MLP(num_classes, **kw),
+    "cnn": lambda num_classes, **kw: CNN(num_classes, **kw),
+    "resnet8": lambda num_classes, **kw: CifarResNet(num_classes, blocks_per_stage=1, **kw),
+    "resnet20": lambda num_classes, **kw: CifarResNet(num_classes, blocks_per_stage=3, **kw),
+    "resnet18": lambda num_classes, **kw: ImageNetResNet(num_classes, "basic", (2, 2, 2, 2), **kw),
+    "resnet50": lambda num_classes, **kw: ImageNetResNet(num_classes, "bottleneck", (3, 4, 6, 3), **kw),
+}
+
+NAMES = tuple(_REGISTRY)
+
+
+def create(name: str, num_classes: int, **kw):
+    """Build a zoo model by name: one of ``models.NAMES``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
+    return _REGISTRY[name](num_classes, **kw)
+
+
+def import_torchvision(variables: Mapping, state_dict: Mapping[str, np.ndarray]) -> dict:
+    """Copy a torchvision ResNet ``state_dict`` (numpy arrays) into ``variables``.
+
+    Names map by "." → "/" with ``layerX.Y`` → ``layerX_Y`` and ``downsample.Z`` →
+    ``downsample_Z``; conv weights OIHW → HWIO, linear (out, in) → (in, out), BN
+    weight/bias/running_mean/running_var → scale/bias/mean/var. Every array of
+    ``variables`` must be covered and shapes must match; ``num_batches_tracked`` is ignored.
+    """
+    import flax
+
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+    out = dict(flat)
+    covered = set()
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        leaf = parts[-1]
+        if leaf == "num_batches_tracked":
+            continue
+        mods, i = [], 0
+        body = parts[:-1]
+        while i < len(body):
+            if i + 1 < len(body) and body[i + 1].isdigit():
+                mods.append(f"{body[i]}_{body[i + 1]}")
+                i += 2
+            else:
+                mods.append(body[i])
+                i += 1
+        path = "/".join(mods)
+        value = np.asarray(value, np.float32)
+        if leaf == "weight" and value.ndim == 4:
+            target, value = f"params/{path}/kernel", value.transpose(2, 3, 1, 0)
+        elif leaf == "weight" and value.ndim == 2:
+            target, value = f"params/{path}/kernel", value.T
+        elif leaf == "weight":
+            target = f"params/{path}/scale"
+        elif leaf == "bias":
+            target = f"params/{path}/bias"
+        elif leaf == "running_mean":
+            target = f"batch_stats/{path}/mean"
+        elif leaf == "running_var":
+            target = f"batch_stats/{path}/var"
+        else:
+            raise ValueError(f"state_dict key {key!r}: unknown parameter kind {leaf!r}")
+        if target not in flat:
+            raise ValueError(f"state_dict key {key!r} maps to {target!r}, which the model lacks")
+        if tuple(flat[target].shape) != value.shape:
+            raise ValueError(
+                f"state_dict key {key!r}: shape {value.shape} != model's {tuple(flat[target].shape)}"
+            )
+        out[target] = value
+        covered.add(target)
+    missing = sorted(set(flat) - covered)
+    if missing:
+        raise ValueError(f"state_dict lacks {len(missing)} model arrays, e.g. {missing[:3]}")
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+__all__ = [
+    "BasicBlock", "Bottleneck", "CNN", "CifarResNet", "ImageNetResNet", "MLP", "NAMES", "create",
+    "import_torchvision",
+]

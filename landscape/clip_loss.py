@@ -1,0 +1,338 @@
+"""ClipLoss: the calibration loss of a trained network as a pure function of its clipping values.
+
+    L(α) = (1/N) Σ_i CE(f(x_i; Q_α(W), Q_α(a)), y_i),      α ∈ R^n (one entry per site)
+
+over a fixed calibration set. Everything else in the library consumes this object:
+calibration rules initialise α, the analyzers differentiate or sample it, the optimizers
+minimise it. Design points:
+
+* **One compile.** The network, the calibration data and the site layout are fixed at
+  construction; α is the only input, so ``loss(α)`` compiles once and every later call
+  reuses it (``loss.compilations`` counts traces per entry point).
+* **Many α at once.** ``loss.batch(alphas)`` evaluates (K, n) clipping vectors in one
+  ``vmap``-ed call, in chunks of ``chunk`` rows to bound memory.
+* **Safe for derivative-free optimizers.** α ≤ 0 or non-finite α gives +inf, never NaN.
+* **Data on device once**, sharded over ``jax.devices()`` along the batch axis when there
+  are several (data parallel; the mean is reduced by XLA).
+* **Differentiable** through straight-through rounding: ``loss.grad`` and ``loss.hessian``
+  are the STE surrogate's derivatives (what the LAPQ authors computed).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from landscape import calibration, folding, quantizers, sites
+from landscape.data import Split
+
+_MEMORY_BUDGET = 2 * 1024**3  # bytes of activations one vmapped chunk may hold
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where each active site's α lives in the flat vector."""
+
+    sites: tuple[sites.Site, ...]
+    specs: Mapping[str, sites.SiteSpec]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return int(sum(self.sizes))
+
+    def unflatten(self, alpha):
+        out = {}
+        for site, off, size in zip(self.sites, self.offsets, self.sizes, strict=True):
+            out[site.name] = alpha[off] if size == 1 else alpha[off:off + size]
+        return out
+
+
+def default_sites(all_sites: Iterable[sites.Site], quantize_first_last: bool) -> list[sites.Site]:
+    """Sites quantized by default: all, except — unless ``quantize_first_last`` — the first
+    and last weight sites (stem and classifier) and the last activation site (the
+    classifier's input), so the first and last layers run in FP32 as in the LAPQ reference.
+    """
+    all_sites = list(all_sites)
+    if quantize_first_last:
+        return all_sites
+    weights = [s for s in all_sites if s.kind == "weight"]
+    acts = [s for s in all_sites if s.kind == "activation"]
+    skip = {s.name for s in weights[:1] + weights[-1:] + acts[-1:]}
+    return [s for s in all_sites if s.name not in skip]
+
+
+class ClipLoss:
+    """The calibration cross-entropy as a function of the clipping vector α (n,).
+
+    Args:
+      net: a trained network (anything with ``.model`` and ``.variables``, e.g. the result
+        of :func:`landscape.train.fit`).
+      calib: the calibration :class:`~landscape.data.Split` (or an ``(x, y)`` pair).
+      w_bits, a_bits: bit widths of weight / activation sites, in [2, 16], or None (FP32).
+      quantize_first_last: also quantize the first and last layers (default FP32).
+      sites: names of the sites to quantize (overrides the first/last rule); others FP32.
+      weight_grid: "midrise" (reference, no zero level) or "midtread" (signed with zero).
+      per_channel: one α per output channel of every weight site.
+      bias_correction: per-channel mean correction of quantized weights, inside every
+        evaluation (the reference's ``-bcw``).
+      fold_bn: fold BatchNorm into the preceding conv before quantizing.
+      batch_size: calibration images per forward pass (default: all, up to 1024).
+      chunk: α rows per vmapped call in :meth:`batch` (default from a 2 GB budget).
+    """
+
+    def __init__(self, net, calib, *, w_bits: int | None, a_bits: int | None,
+                 quantize_first_last: bool = False, sites: Iterable[str] | None = None,
+                 weight_grid: str = "midrise", per_channel: bool = False,
+                 bias_correction: bool = False, fold_bn: bool = False,
+                 batch_size: int | None = None, chunk: int | None = None):
+        self.net = net
+        self.model = net.model
+        x, y = (calib.x, calib.y) if isinstance(calib, Split) else calib
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+        if x.ndim < 2 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"calibration data must be non-empty with matching lengths; got x {x.shape}, "
+                             f"y {y.shape}")
+        quantizers.check_grid(weight_grid, "ClipLoss weight_grid")
+        self.options = dict(w_bits=w_bits, a_bits=a_bits, quantize_first_last=quantize_first_last,
+                            weight_grid=weight_grid, per_channel=per_channel,
+                            bias_correction=bias_correction, fold_bn=fold_bn)
+        variables = net.variables
+        if fold_bn:
+            variables = folding.fold_batchnorm(self.model, variables, x[:1])
+        self.all_sites, _ = sites_of(self.model, variables, x[:1])
+        self._layout = self._make_layout(sites, w_bits, a_bits, quantize_first_last, weight_grid,
+                                         per_channel, bias_correction)
+        self._traces: collections.Counter = collections.Counter()
+        self._place_data(variables, x, y, batch_size)
+        self.chunk = self._default_chunk() if chunk is None else int(chunk)
+        if self.chunk < 1:
+            raise ValueError(f"chunk={chunk!r} must be a positive integer")
+        self._jit_call = jax.jit(self._traced("call", self._loss))
+        batched = jax.vmap(self._loss, in_axes=(0, None, None, None, None))
+        self._jit_batch = jax.jit(self._traced("batch", batched))
+        self._jit_grad = jax.jit(self._traced("grad", jax.grad(self._loss)))
+        self._jit_hessian = jax.jit(self._traced("hessian", jax.hessian(self._loss)))
+        self._jit_predict = jax.jit(self._traced("predict", self._predict))
+        self._init_cache: dict = {}
+
+    # ------------------------------------------------------------------ construction
+
+    def _make_layout(self, names, w_bits, a_bits, quantize_first_last, weight_grid, per_channel,
+                     bias_correction) -> _Layout:
+        known = {s.name: s for s in self.all_sites}
+        if names is None:
+            chosen = default_sites(self.all_sites, quantize_first_last)
+        else:
+            names = list(names)
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(f"unknown sites {unknown}; the network's sites are {list(known)}")
+            chosen = [s for s in self.all_sites if s.name in set(names)]
+        active, specs = [], {}
+        for site in chosen:
+            bits = w_bits if site.kind == "weight" else a_bits
+            if bits is None:
+                continue
+            quantizers.check_bits(bits, f"site {site.name!r} ({site.kind})")
+            if site.kind == "weight":
+                spec = sites.SiteSpec(bits, weight_grid, per_channel, bias_correction)
+            else:
+                spec = sites.SiteSpec(bits, "unsigned")
+            active.append(site)
+            specs[site.name] = spec
+        sizes = tuple(specs[s.name].alpha_size(s) for s in active)
+        offsets = tuple(int(o) for o in np.cumsum((0,) + sizes[:-1])) if sizes else ()
+        return _Layout(tuple(active), specs, offsets, sizes)
+
+    def _place_data(self, variables, x, y, batch_size):
+        devices = jax.devices()
+        nd = len(devices)
+        n = len(x)
+        if batch_size is None:
+            batch_size = n if n <= 1024 else 512
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        bs = int(math.ceil(min(batch_size, n) / nd) * nd)
+        nb = int(math.ceil(n / bs))
+        pad = nb * bs - n
+        w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+        xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
+        yp = np.concatenate([y, np.zeros(pad, np.int32)])
+        self.mesh = Mesh(np.array(devices), ("data",))
+        batch_sharding = NamedSharding(self.mesh, P(None, "data"))
+        replicated = NamedSharding(self.mesh, P())
+        self._x = jax.device_put(xp.reshape((nb, bs) + x.shape[1:]), batch_sharding)
+        self._y = jax.device_put(yp.reshape(nb, bs), batch_sharding)
+        self._w = jax.device_put(w.reshape(nb, bs), batch_sharding)
+        self.variables = jax.device_put(variables, replicated)
+        self.n_calib, self.batch_size = n, bs
+        self._calib_host = (x, y)
+
+    def _default_chunk(self) -> int:
+        per_example = sum(int(np.prod(s.shape)) for s in self.all_sites if s.kind == "activation")
+        per_alpha = 4 * 4 * per_example * self.batch_size  # ~4 live tensors per site, float32
+        return int(np.clip(_MEMORY_BUDGET // max(per_alpha, 1), 1, 32))
+
+    def _traced(self, name, fn):
+        def counted(*args):
+            self._traces[name] += 1
+            return fn(*args)
+
+        return counted
+
+    # ------------------------------------------------------------------ the pure function
+
+    def _logits(self, alpha, variables, x):
+        with sites.quantizing(self._layout.specs, self._layout.unflatten(alpha)):
+            return self.model.apply(variables, x, train=False)
+
+    def _loss(self, alpha, variables, xb, yb, wb):
+        alpha = jnp.asarray(alpha, jnp.float32)
+        valid = jnp.all(alpha > 0) & jnp.all(jnp.isfinite(alpha))
+        safe = jnp.where(valid, alpha, 1.0)
+
+        def batch_sum(args):
+            x, y, w = args
+            ce = optax.softmax_cross_entropy_with_integer_labels(self._logits(safe, variables, x), y)
+            return jnp.sum(ce * w)
+
+        if xb.shape[0] == 1:
+            total = batch_sum((xb[0], yb[0], wb[0]))
+        else:
+            total = jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb)))
+        return jnp.where(valid, total / jnp.sum(wb), jnp.inf)
+
+    def _predict(self, alpha, variables, x):
+        return jnp.argmax(self._logits(jnp.asarray(alpha, jnp.float32), variables, x), axis=-1)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def sites(self) -> tuple[sites.Site, ...]:
+        """The quantized sites, in network order (α follows this order)."""
+        return self._layout.sites
+
+    @property
+    def specs(self) -> Mapping[str, sites.SiteSpec]:
+        return self._layout.specs
+
+    @property
+    def n(self) -> int:
+        """Length of α (sites, or channels for per-channel weight sites)."""
+        return self._layout.n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def compilations(self) -> dict[str, int]:
+        """Number of traces (= XLA compilations) per entry point so far."""
+        return dict(self._traces)
+
+    def site_slices(self) -> dict[str, slice]:
+        """Site name → slice of α."""
+        return {s.name: slice(o, o + k) for s, o, k in
+                zip(self._layout.sites, self._layout.offsets, self._layout.sizes, strict=True)}
+
+    def _check_alpha(self, alpha, batched: bool = False):
+        alpha = jnp.asarray(alpha, jnp.float32)
+        want = (self.n,)
+        got = alpha.shape[1:] if batched else alpha.shape
+        if (batched and alpha.ndim != 2) or got != want:
+            shape = "(K, n)" if batched else "(n,)"
+            raise ValueError(f"alpha has shape {alpha.shape}; expected {shape} with n = {self.n} "
+                             f"({len(self.sites)} sites)")
+        return alpha
+
+    def __call__(self, alpha) -> jax.Array:
+        """L(α): mean cross-entropy over the calibration set; +inf for α ≤ 0 or non-finite."""
+        return self._jit_call(self._check_alpha(alpha), self.variables, self._x, self._y, self._w)
+
+    def batch(self, alphas) -> jax.Array:
+        """(K, n) → (K,) losses, vmapped in chunks of ``self.chunk`` rows (one compile)."""
+        alphas = self._check_alpha(alphas, batched=True)
+        k = alphas.shape[0]
+        if k == 0:
+            return jnp.zeros((0,), jnp.float32)
+        pad = (-k) % self.chunk
+        if pad:
+            alphas = jnp.concatenate([alphas, jnp.repeat(alphas[:1], pad, axis=0)])
+        out = [self._jit_batch(alphas[i:i + self.chunk], self.variables, self._x, self._y, self._w)
+               for i in range(0, alphas.shape[0], self.chunk)]
+        return jnp.concatenate(out)[:k]
+
+    def grad(self, alpha) -> jax.Array:
+        """∇L(α) of the straight-through surrogate, (n,)."""
+        return self._jit_grad(self._check_alpha(alpha), self.variables, self._x, self._y, self._w)
+
+    def hessian(self, alpha) -> jax.Array:
+        """∇²L(α) of the straight-through surrogate (forward-over-reverse), (n, n)."""
+        return self._jit_hessian(self._check_alpha(alpha), self.variables, self._x, self._y, self._w)
+
+    def accuracy(self, alpha, split, batch_size: int = 500) -> float:
+        """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
+        alpha = self._check_alpha(alpha)
+        x, y = (split.x, split.y) if isinstance(split, Split) else split
+        x, y = np.asarray(x, np.float32), np.asarray(y)
+        bs = min(batch_size, len(x))
+        correct = 0
+        for start in range(0, len(x), bs):
+            chunk = x[start:start + bs]
+            real = len(chunk)
+            if real < bs:
+                chunk = np.concatenate([chunk, np.zeros((bs - real,) + chunk.shape[1:], np.float32)])
+            pred = np.asarray(self._jit_predict(alpha, self.variables, chunk))[:real]
+            correct += int(np.sum(pred == y[start:start + real]))
+        return correct / len(x)
+
+    def init(self, rule: str = "max", *, stats: str = "quantized", stats_size: int = 512, **kw):
+        """Layer-wise α by a calibration rule, (n,) float32.
+
+        ``rule``: "max", "percentile" (q), "mse", "lp" (p), "aciq" (distribution), "kl"
+        (see :mod:`landscape.calibration`). Activation statistics come from the first
+        ``stats_size`` calibration images with every upstream site already quantized at
+        its new α (``stats="quantized"``, the reference's online init) or in FP32
+        (``stats="fp32"``). Weight α depend only on the weights.
+        """
+        if stats not in ("quantized", "fp32"):
+            raise ValueError(f"stats={stats!r} is not allowed; use 'quantized' or 'fp32'")
+        rule_fn = calibration.make_rule(rule, **kw)
+        key = (rule, tuple(sorted(kw.items())), stats, stats_size)
+        if key not in self._init_cache:
+            x = self._calib_host[0][:stats_size]
+            specs = self._layout.specs
+
+            def calibrate(variables, x):
+                with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized") as ctx:
+                    self.model.apply(variables, x, train=False)
+                return ctx.alphas
+
+            x = jax.device_put(x, NamedSharding(self.mesh, P("data"))) if len(x) % len(
+                jax.devices()) == 0 else x
+            alphas = jax.jit(calibrate)(self.variables, x)
+            flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
+            self._init_cache[key] = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
+        return self._init_cache[key]
+
+    def __repr__(self) -> str:
+        kinds = collections.Counter(s.kind for s in self.sites)
+        bits = {k: self.options["w_bits" if k == "weight" else "a_bits"] for k in kinds}
+        desc = ", ".join(f"{kinds[k]} {k} @ {bits[k]}b" for k in ("weight", "activation") if k in kinds)
+        return (f"ClipLoss({type(self.model).__name__}, n={self.n} ({desc or 'all FP32'}), "
+                f"calib={self.n_calib}, devices={len(jax.devices())})")
+
+
+def sites_of(model, variables, x) -> tuple[list[sites.Site], list]:
+    """All quantization sites of ``model`` (network order) and its conv→BN pairs."""
+    return sites.trace_sites(lambda v, x: model.apply(v, x, train=False), variables, jnp.asarray(x))

@@ -1,0 +1,259 @@
+"""Datasets as NHWC float32 arrays: train / calib / test splits.
+
+``load(name)`` returns a :class:`Dataset` whose ``.train``, ``.calib`` and ``.test`` are
+:class:`Split` (``.x`` (N, H, W, C) float32, normalised; ``.y`` (N,) int32).
+Calibration images are a seeded sample of the training split (never the test split).
+
+* ``"digits"`` — scikit-learn's bundled 8×8 digits (1797 images), the offline default.
+  There is no official split: a fixed stratified 80/20 split (independent of ``seed``) so
+  test accuracy is comparable across calibration seeds.
+* ``"mnist"``, ``"cifar10"``, ``"cifar100"``, ``"imagenet"`` — through Hugging Face
+  ``datasets``: the hub id by default, or ``data_dir`` holding a local copy in the hub's
+  parquet layout (``**/*train*.parquet`` and ``**/*test*.parquet``, or
+  ``*validation*`` for ImageNet). Decoded arrays are cached as ``.npz`` under the cache
+  directory (``$LANDSCAPE_CACHE``, default ``~/.cache/landscape``), keyed by the files'
+  names, sizes and modification times, so a second load skips PNG decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+NAMES = ("digits", "mnist", "cifar10", "cifar100", "imagenet")
+
+# Hub ids, image/label columns and normalisation constants (per channel).
+_HUB = {
+    "mnist": dict(hub="ylecun/mnist", image="image", label="label", test="test",
+                  mean=(0.1307,), std=(0.3081,), classes=10),
+    "cifar10": dict(hub="uoft-cs/cifar10", image="img", label="label", test="test",
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), classes=10),
+    "cifar100": dict(hub="uoft-cs/cifar100", image="img", label="fine_label", test="test",
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), classes=100),
+    "imagenet": dict(hub="ILSVRC/imagenet-1k", image="image", label="label", test="validation",
+                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classes=1000),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Images ``x`` (N, H, W, C) float32 and labels ``y`` (N,) int32."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Split(x={self.x.shape}, y={self.y.shape})"
+
+    def take(self, idx) -> Split:
+        return Split(self.x[idx], self.y[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A dataset's splits. ``calib`` ⊂ ``train`` (a seeded sample); ``test`` is disjoint."""
+
+    name: str
+    train: Split
+    calib: Split
+    test: Split
+    num_classes: int
+    calib_index: np.ndarray  # rows of ``train`` that form ``calib``
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A short hash of the train/test arrays (part of training-cache keys)."""
+        h = hashlib.sha256()
+        for a in (self.train.x, self.train.y, self.test.x, self.test.y):
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def with_calib(self, calib_size: int, seed: int) -> Dataset:
+        """The same train/test with a fresh calibration sample."""
+        index = calibration_index(len(self.train), calib_size, seed)
+        return dataclasses.replace(self, calib=self.train.take(index), calib_index=index)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={len(self.train)}, calib={len(self.calib)}, "
+                f"test={len(self.test)}, input={self.input_shape}, classes={self.num_classes})")
+
+
+def cache_dir() -> str:
+    return os.environ.get("LANDSCAPE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "landscape"))
+
+
+def calibration_index(n_train: int, calib_size: int, seed: int) -> np.ndarray:
+    """A sorted seeded sample of ``calib_size`` training rows (without replacement)."""
+    if not isinstance(calib_size, int | np.integer) or not 1 <= calib_size <= n_train:
+        raise ValueError(f"calib_size={calib_size!r} must be an integer in [1, {n_train}] "
+                         "(the size of the training split)")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xCA11B]))
+    return np.sort(rng.choice(n_train, size=int(calib_size), replace=False))
+
+
+def load(name: str, *, data_dir: str | None = None, calib_size: int = 512, seed: int = 0,
+         max_train: int | None = None, max_test: int | None = None) -> Dataset:
+    """Load a dataset by name (see module docstring). ``seed`` picks the calibration sample.
+
+    ``max_train`` / ``max_test`` keep a fixed (seed-independent) subset of each split,
+    decoded and cached at that size; ImageNet defaults to 10,000 of each (a decoded
+    224×224 ImageNet image is 600 KB of float32).
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(NAMES)}")
+    for arg, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{arg}={value!r} must be None or a positive integer")
+    if name == "imagenet":
+        max_train, max_test = max_train or 10_000, max_test or 10_000
+    if name == "digits":
+        train, test, classes = _digits()
+        train, test = _subset(train, max_train), _subset(test, max_test)
+    else:
+        train, test, classes = _hub_dataset(name, data_dir, max_train, max_test)
+    index = calibration_index(len(train), calib_size, seed)
+    return Dataset(name, train, train.take(index), test, classes, index)
+
+
+def _digits() -> tuple[Split, Split, int]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = bunch.images.astype(np.float32) / 16.0
+    y = bunch.target.astype(np.int32)
+    # Fixed stratified split: within each class, a seeded 20% goes to test.
+    rng = np.random.default_rng(0)
+    test_mask = np.zeros(len(y), bool)
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        test_mask[rng.choice(idx, size=int(round(0.2 * len(idx))), replace=False)] = True
+    mean, std = x[~test_mask].mean(), x[~test_mask].std()
+    x = ((x - mean) / std)[..., None]
+    return Split(x[~test_mask], y[~test_mask]), Split(x[test_mask], y[test_mask]), 10
+
+
+def _parquet_files(data_dir: str, split: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_dir, "**", f"*{split}*.parquet"), recursive=True))
+    return files
+
+
+def _subset_index(n: int, limit: int | None) -> np.ndarray | None:
+    if limit is None or limit >= n:
+        return None
+    return np.sort(np.random.default_rng(1234).choice(n, size=limit, replace=False))
+
+
+def _subset(split: Split, limit: int | None) -> Split:
+    index = _subset_index(len(split), limit)
+    return split if index is None else split.take(index)
+
+
+def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[Split, Split, int]:
+    meta = _HUB[name]
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"data_dir={data_dir!r} does not exist (expected a local copy of "
+                                    f"{meta['hub']} in the hub's parquet layout)")
+        files = {s: _parquet_files(data_dir, s) for s in ("train", meta["test"])}
+        for split, found in files.items():
+            if not found:
+                raise FileNotFoundError(
+                    f"no '*{split}*.parquet' files under data_dir={data_dir!r}; expected the hub's "
+                    f"parquet layout of {meta['hub']}, e.g. {split}-00000-of-00001.parquet")
+        key = _files_key(files)
+    else:
+        key = meta["hub"].replace("/", "__")
+    cached = os.path.join(cache_dir(), "data", f"{name}-{key}-{max_train}-{max_test}.npz")
+    if os.path.exists(cached):
+        with np.load(cached) as z:
+            return Split(z["xtr"], z["ytr"]), Split(z["xte"], z["yte"]), meta["classes"]
+    raw = _load_with_datasets(name, meta, files if data_dir is not None else None)
+    (xtr, ytr), (xte, yte) = (
+        _to_arrays(raw[s], meta, limit) for s, limit in (("train", max_train), (meta["test"], max_test))
+    )
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    tmp = cached + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, xtr=xtr, ytr=ytr, xte=xte, yte=yte)
+    os.replace(tmp, cached)  # atomic: a killed run never leaves a half-written cache
+    return Split(xtr, ytr), Split(xte, yte), meta["classes"]
+
+
+def _files_key(files: dict[str, Sequence[str]]) -> str:
+    h = hashlib.sha256()
+    for split in sorted(files):
+        for f in files[split]:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _load_with_datasets(name, meta, files):
+    try:
+        import datasets
+    except ImportError as e:  # the GPU image and minimal installs may lack it
+        raise ImportError(f"loading {name!r} needs the Hugging Face `datasets` package: "
+                          "pip install datasets") from e
+    if files is not None:
+        return datasets.load_dataset("parquet", data_files={k: list(v) for k, v in files.items()})
+    try:
+        return datasets.load_dataset(meta["hub"])
+    except Exception as e:  # connection errors come in many types across datasets versions
+        raise ConnectionError(
+            f"could not load {name!r} from the Hugging Face hub ({meta['hub']}): {e}. "
+            f"Without network access, download the parquet files elsewhere and pass "
+            f"data_dir='path/to/{name}' (a local copy in the hub's parquet layout)."
+        ) from e
+
+
+def _to_arrays(split, meta, limit) -> tuple[np.ndarray, np.ndarray]:
+    index = _subset_index(len(split), limit)
+    if index is not None:
+        split = split.select(index)
+    images = [np.asarray(_decode(im), dtype=np.uint8) for im in split[meta["image"]]]
+    if meta["hub"].startswith("ILSVRC"):
+        images = [_center_crop(im) for im in images]
+    x = np.stack(images).astype(np.float32) / 255.0
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.shape[-1] != len(meta["mean"]):  # e.g. grayscale ImageNet images
+        x = np.broadcast_to(x[..., :1], x.shape[:-1] + (len(meta["mean"]),)).copy()
+    x = (x - np.asarray(meta["mean"], np.float32)) / np.asarray(meta["std"], np.float32)
+    y = np.asarray(split[meta["label"]], dtype=np.int32)
+    return x.astype(np.float32), y
+
+
+def _decode(im):
+    """PIL images pass through; ``{"bytes": ...}`` dicts (undecoded parquet) are decoded."""
+    if isinstance(im, dict):
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(im["bytes"]))
+    return im
+
+
+def _center_crop(im, resize: int = 256, crop: int = 224) -> np.ndarray:
+    """ImageNet eval transform: shorter side to 256, centre 224×224 crop, RGB."""
+    from PIL import Image
+
+    im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
+    im = im.convert("RGB")
+    w, h = im.size
+    scale = resize / min(w, h)
+    im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    return np.asarray(im.crop((left, top, left + crop, top + crop)))

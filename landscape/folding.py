@@ -1,0 +1,42 @@
+"""Batch-norm folding: absorb each BN into the conv that feeds it.
+
+For a conv with kernel W (…, C_out) (and bias b) followed by BN(γ, β, μ, σ², ε), with the
+per-channel scale s = γ / √(σ² + ε)::
+
+    W' = W·s,   b' = b·s,   BN → scale 1, bias β − μ·s, mean 0, var 1 − ε
+
+so the BN becomes an exact identity plus a bias and the *folded* kernel is what gets
+quantized (the LAPQ reference's ``-bnf`` option; off by default there and here).
+Conv → BN pairs are found by tracing: a BN whose input is exactly a conv's output.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax.numpy as jnp
+
+from landscape import sites
+
+
+def batchnorm_pairs(model, variables, x) -> list[tuple[str, str, float]]:
+    """(conv path, BN path, BN ε) for every BN applied directly to a conv's output."""
+    _, pairs = sites.trace_sites(lambda v, x: model.apply(v, x, train=False), variables, x)
+    return pairs
+
+
+def fold_batchnorm(model, variables, x) -> dict:
+    """New variables with every conv → BN pair folded (``x``: an example batch, for tracing)."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+    out = dict(flat)
+    for conv, bn, eps in batchnorm_pairs(model, variables, x):
+        mean, var = flat[f"batch_stats/{bn}/mean"], flat[f"batch_stats/{bn}/var"]
+        gamma, beta = flat[f"params/{bn}/scale"], flat[f"params/{bn}/bias"]
+        s = gamma / jnp.sqrt(var + eps)
+        out[f"params/{conv}/kernel"] = flat[f"params/{conv}/kernel"] * s
+        if f"params/{conv}/bias" in flat:
+            out[f"params/{conv}/bias"] = flat[f"params/{conv}/bias"] * s
+        out[f"params/{bn}/scale"] = jnp.ones_like(gamma)
+        out[f"params/{bn}/bias"] = beta - mean * s
+        out[f"batch_stats/{bn}/mean"] = jnp.zeros_like(mean)
+        out[f"batch_stats/{bn}/var"] = jnp.full_like(var, 1.0 - eps)
+    return flax.traverse_util.unflatten_dict(out, sep="/")

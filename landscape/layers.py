@@ -1,0 +1,153 @@
+"""Quantizable Flax Linen layers.
+
+Build a network from these and it works with :class:`landscape.ClipLoss`, the training
+recipes (LUQ, N:M sparsity) and every analyzer, exactly like a zoo model:
+
+* :class:`QuantDense`, :class:`QuantConv` — their kernel is a weight site;
+* :class:`QuantReLU` — its output is an activation site (place one wherever a ReLU output
+  feeds a conv/dense layer);
+* :class:`BatchNorm` — running statistics in evaluation (``train=False``), batch statistics
+  and a running-average update in training; foldable into the preceding conv
+  (:func:`landscape.train.fold_batchnorm`).
+
+Two extension points, both read at trace time:
+
+* the site context (:mod:`landscape.sites`) decides what a site does (nothing, record,
+  quantize with α, calibrate α);
+* a *GEMM hook* (:func:`gemm_hook`) wraps every conv/dense product: ``hook(module, x,
+  kernel, gemm) -> y`` where ``gemm(x, kernel)`` is the layer's bilinear op. Training
+  recipes use it to quantize both operands and the backward pass (LUQ) or to apply a
+  sparsity mask (N:M), with no per-model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from landscape import sites
+
+GemmHook = Callable[[nn.Module, jax.Array, jax.Array, Callable], jax.Array]
+_GEMM_HOOK: contextvars.ContextVar = contextvars.ContextVar("landscape_gemm_hook", default=None)
+
+
+@contextlib.contextmanager
+def gemm_hook(hook: GemmHook | None):
+    """Route every QuantDense/QuantConv product through ``hook`` while tracing inside."""
+    token = _GEMM_HOOK.set(hook)
+    try:
+        yield hook
+    finally:
+        _GEMM_HOOK.reset(token)
+
+
+def _product(module, x, kernel, gemm):
+    hook = _GEMM_HOOK.get()
+    return gemm(x, kernel) if hook is None else hook(module, x, kernel, gemm)
+
+
+# PyTorch's default init for conv/linear (kaiming_uniform with a=√5) is U(±1/√fan_in);
+# He-normal (fan_out) is torchvision's ResNet init. Both are offered by the models.
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class QuantDense(nn.Module):
+    """y = x @ Q(W) + b, with W (in, out) a weight site."""
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        kernel = sites.weight_site(self, kernel)
+        y = _product(self, x, kernel, lambda a, w: jnp.dot(a, w))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return y
+
+
+def conv_general(strides: Sequence[int], padding: Sequence[tuple[int, int]]):
+    """The NHWC × HWIO convolution used by :class:`QuantConv`, as a bilinear callable."""
+
+    def gemm(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, window_strides=tuple(strides), padding=tuple(padding),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+    return gemm
+
+
+class QuantConv(nn.Module):
+    """2-D convolution (NHWC, HWIO kernel) whose kernel is a weight site.
+
+    ``padding`` is symmetric and explicit (PyTorch semantics; default k // 2), so weights
+    imported from torchvision give the same outputs.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: int | None = None
+    use_bias: bool = False
+    kernel_init: Callable = he_normal_fan_out
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        shape = (kh, kw, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        kernel = sites.weight_site(self, kernel)
+        ph, pw = (kh // 2, kw // 2) if self.padding is None else (self.padding, self.padding)
+        y = _product(self, x, kernel, conv_general(self.strides, ((ph, ph), (pw, pw))))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        sites.note_conv_output(self, y)
+        return y
+
+
+class QuantReLU(nn.Module):
+    """ReLU whose output is an (unsigned) activation site."""
+
+    @nn.compact
+    def __call__(self, x):
+        return sites.activation_site(self, nn.relu(x))
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over all axes but the last (PyTorch's momentum 0.1 = 0.9 here).
+
+    Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
+    ``train=True`` normalises with batch statistics and updates the running averages
+    (requires ``mutable=["batch_stats"]``); ``train=False`` uses the running statistics.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        sites.note_norm_input(self, x)
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                ra_var.value = m * ra_var.value + (1 - m) * var
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias

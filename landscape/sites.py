@@ -1,0 +1,244 @@
+"""Quantization sites: how a network exposes its clipping values.
+
+A *site* is one tensor that can be quantized with its own clipping value α: a conv/dense
+weight (kind ``"weight"``) or a ReLU output (kind ``"activation"``). The quantizable layers
+in :mod:`landscape.layers` call :func:`weight_site` / :func:`activation_site` on those
+tensors; what happens there depends on the *site context* active while the network is traced:
+
+* none (training, FP32 evaluation): the tensor passes through unchanged;
+* :func:`recording`: the site is appended to an ordered list (network = call order);
+* :func:`quantizing`: the tensor is fake-quantized with its α (a traced array, so a jitted
+  loss is a pure function of α);
+* :func:`calibrating`: α is computed from the tensor by a calibration rule and recorded, and
+  the tensor is quantized with it so that downstream statistics see quantized upstream
+  sites (the reference's "online" initialisation) — or left FP32 if asked.
+
+The context is read at trace time (like ``jax.default_matmul_precision``), so it must be
+entered *inside* the function that is jitted; :class:`landscape.ClipLoss` does this.
+Sites are named by their Flax module path, e.g. ``"layer1_0/conv1"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from landscape import quantizers
+
+KINDS = ("weight", "activation")
+
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("landscape_site_context", default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One quantization site.
+
+    Attributes:
+      name: the Flax module path, "/"-joined.
+      kind: "weight" or "activation".
+      shape: the tensor's shape (weights: the full kernel, HWIO or (in, out);
+        activations: per example, without the batch axis).
+      index: position in network (call) order.
+      channels: size of the output-channel axis (the last one) — the α count of a
+        per-channel weight site.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    index: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+    """How one active site is quantized (static: part of the traced program).
+
+    bits: M in [2, 16]; grid: see :mod:`landscape.quantizers`; per_channel: one α per
+    output channel (weights only); bias_correction: per-channel mean matching of the
+    quantized weight (weights only).
+    """
+
+    bits: int
+    grid: str
+    per_channel: bool = False
+    bias_correction: bool = False
+
+    def alpha_size(self, site: Site) -> int:
+        return site.channels if self.per_channel else 1
+
+
+def site_name(module) -> str:
+    return "/".join(module.path)
+
+
+def weight_site(module, w):
+    """Called by a layer on its kernel (output channels on the last axis)."""
+    ctx = _CONTEXT.get()
+    return w if ctx is None else ctx.weight(site_name(module), w)
+
+
+def activation_site(module, x):
+    """Called by a layer on a ReLU output (batch axis first)."""
+    ctx = _CONTEXT.get()
+    return x if ctx is None else ctx.activation(site_name(module), x)
+
+
+def note_conv_output(module, y):
+    """Conv layers report their output so that BN folding can pair conv → BN."""
+    ctx = _CONTEXT.get()
+    if isinstance(ctx, _Recorder):
+        ctx.conv_outputs.append((site_name(module), y))
+
+
+def note_norm_input(module, x):
+    ctx = _CONTEXT.get()
+    if isinstance(ctx, _Recorder):
+        for conv_name, y in ctx.conv_outputs:
+            if y is x:
+                ctx.bn_pairs.append((conv_name, site_name(module), float(module.epsilon)))
+
+
+@contextlib.contextmanager
+def _active(ctx):
+    token = _CONTEXT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CONTEXT.reset(token)
+
+
+# --------------------------------------------------------------------------- recording
+
+
+class _Recorder:
+    def __init__(self):
+        self.sites: list[Site] = []
+        self._seen: set[str] = set()
+        self.conv_outputs: list = []
+        self.bn_pairs: list[tuple[str, str, float]] = []
+
+    def _add(self, name, kind, shape):
+        if name in self._seen:  # a module applied twice shares one α
+            return
+        self._seen.add(name)
+        self.sites.append(Site(name, kind, tuple(int(s) for s in shape), len(self.sites)))
+
+    def weight(self, name, w):
+        self._add(name, "weight", w.shape)
+        return w
+
+    def activation(self, name, x):
+        self._add(name, "activation", x.shape[1:])
+        return x
+
+
+def recording():
+    """Context that records sites in call order: ``with recording() as rec: ...; rec.sites``."""
+    return _active(_Recorder())
+
+
+def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, str, float]]]:
+    """Sites (call order) and (conv, batchnorm, ε) triples of ``apply_fn(*args)``, by abstract
+    tracing (no computation)."""
+    rec = _Recorder()
+
+    def run(*a):
+        with _active(rec):
+            return apply_fn(*a)
+
+    jax.eval_shape(run, *args)
+    return rec.sites, rec.bn_pairs
+
+
+# --------------------------------------------------------------------------- quantizing
+
+
+class _Quantizer:
+    def __init__(self, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array]):
+        self.specs = specs
+        self.alphas = alphas
+
+    def weight(self, name, w):
+        spec = self.specs.get(name)
+        if spec is None:
+            return w
+        w_hat = quantizers.quantize(w, self.alphas[name], spec.bits, spec.grid)
+        if spec.bias_correction:
+            w_hat = quantizers.bias_correct(w_hat, w)
+        return w_hat
+
+    def activation(self, name, x):
+        spec = self.specs.get(name)
+        if spec is None:
+            return x
+        return quantizers.quantize(x, self.alphas[name], spec.bits, spec.grid)
+
+
+def quantizing(specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array]):
+    """Context that fake-quantizes every site in ``specs`` with ``alphas[name]``.
+
+    ``alphas[name]`` is a scalar, or (C,) for a per-channel weight site. Sites absent from
+    ``specs`` stay FP32.
+    """
+    return _active(_Quantizer(specs, alphas))
+
+
+# --------------------------------------------------------------------------- calibrating
+
+Rule = Callable[[jax.Array, SiteSpec, str], jax.Array]
+
+
+class _Calibrator:
+    def __init__(self, specs, rule: Rule, quantize_upstream: bool):
+        self.specs = specs
+        self.rule = rule
+        self.quantize_upstream = quantize_upstream
+        self.alphas: dict[str, jax.Array] = {}
+
+    def _alpha(self, x, spec, kind):
+        if kind == "weight" and spec.per_channel:
+            per_channel = jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
+            return jax.vmap(lambda c: self.rule(c, spec, kind))(per_channel)
+        return self.rule(x, spec, kind)
+
+    def weight(self, name, w):
+        spec = self.specs.get(name)
+        if spec is None:
+            return w
+        alpha = self._alpha(w, spec, "weight")
+        self.alphas[name] = alpha
+        w_hat = quantizers.quantize(w, alpha, spec.bits, spec.grid)
+        if spec.bias_correction:
+            w_hat = quantizers.bias_correct(w_hat, w)
+        return w_hat
+
+    def activation(self, name, x):
+        spec = self.specs.get(name)
+        if spec is None:
+            return x
+        alpha = self._alpha(x, spec, "activation")
+        self.alphas[name] = alpha
+        if not self.quantize_upstream:
+            return x
+        return quantizers.quantize(x, alpha, spec.bits, spec.grid)
+
+
+def calibrating(specs: Mapping[str, SiteSpec], rule: Rule, *, quantize_upstream: bool = True):
+    """Context that sets each site's α = rule(tensor, spec, kind), in call order.
+
+    With ``quantize_upstream`` the tensor is quantized with its new α before it flows on,
+    so every activation's statistics are taken with all upstream sites quantized (the
+    LAPQ reference's online initialisation); otherwise statistics are FP32. After the
+    traced call, ``ctx.alphas`` maps site name → α.
+    """
+    return _active(_Calibrator(specs, rule, quantize_upstream))

@@ -1,0 +1,343 @@
+"""Training: ``fit(model, data)`` → a trained :class:`Network`, cached by configuration.
+
+The loop reads top to bottom: build the optimizer (SGD + Nesterov momentum, cosine
+schedule with a linear warm-up, weight decay on kernels), initialise, then for each epoch
+shuffle with the seed, run the jitted step over mini-batches, evaluate, update the
+progress bar. A *recipe* (:class:`Recipe`) changes how the forward/backward products are
+computed (LUQ 4-bit training, N:M sparse training) without any per-model code.
+
+Checkpoints are msgpack (``flax.serialization``; never pickle) plus a JSON sidecar,
+written atomically under ``$LANDSCAPE_CACHE/networks`` and keyed by a hash of the
+configuration, so a second ``fit`` with the same configuration loads instead of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from landscape import data as data_lib
+from landscape import layers
+
+FORMAT_VERSION = 1
+
+# Defaults per dataset: (epochs, batch_size, peak learning rate, weight decay).
+DEFAULTS = {
+    "digits": dict(epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4),
+    "mnist": dict(epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4),
+    "cifar10": dict(epochs=60, batch_size=128, lr=0.1, weight_decay=5e-4),
+    "cifar100": dict(epochs=60, batch_size=128, lr=0.1, weight_decay=5e-4),
+    "imagenet": dict(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4),
+}
+
+
+class Recipe:
+    """How ``fit`` computes the training products. The base class is plain FP32 training.
+
+    Subclasses override what they need:
+
+    * ``rng_streams``: names of extra PRNG streams the forward needs (e.g. ``("luq",)``);
+    * ``gemm_hook(phase)``: a :func:`landscape.layers.gemm_hook` for ``"train"`` / ``"eval"``;
+    * ``init_variables(model, variables, x)``: add collections (e.g. sparsity masks);
+    * ``transform(tx)``: wrap the optimizer (e.g. decay on pruned weights);
+    * ``after_step(step, variables)``: host-side update between steps (e.g. mask refresh);
+    * ``finetune``: ``None`` or (recipe, epochs, lr_peak) for a second phase with a
+      triangular learning rate (LUQ's high-precision fine-tuning).
+    """
+
+    rng_streams: tuple[str, ...] = ()
+    finetune: tuple | None = None
+
+    def gemm_hook(self, phase: str):
+        return None
+
+    def init_variables(self, model, variables, x):
+        return variables
+
+    def transform(self, tx):
+        return tx
+
+    def after_step(self, step: int, variables):
+        return variables
+
+    def key(self) -> str:
+        """Identity of the recipe in cache keys."""
+        return repr(self)
+
+    def __repr__(self) -> str:
+        return "FP32()"
+
+
+@dataclasses.dataclass
+class Network:
+    """A trained network: a Linen ``model`` and its ``variables`` (params, batch_stats, …)."""
+
+    model: nn.Module
+    variables: dict
+    config: dict
+    history: list
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+    path: str | None = None
+
+    def apply(self, x, *, hook_phase: str | None = "eval"):
+        """Logits of a batch ``x`` (N, H, W, C) in evaluation mode (running BN statistics)."""
+        return _eval_fn(self.model, self.recipe, hook_phase)(self.variables, jnp.asarray(x))
+
+    def accuracy(self, split: data_lib.Split, batch_size: int = 1000) -> float:
+        """Top-1 accuracy on a split, in fixed-size (padded) batches: one compilation."""
+        return float(np.mean(predict(self, split.x, batch_size) == split.y))
+
+    def __repr__(self) -> str:
+        acc = self.history[-1].get("test_acc") if self.history else None
+        tail = f", test_acc={acc:.4f}" if acc is not None else ""
+        return f"Network({type(self.model).__name__}, recipe={self.recipe!r}{tail})"
+
+
+_EVAL_CACHE: dict = {}
+
+
+def _eval_fn(model, recipe, hook_phase):
+    """One jitted evaluation function per (model object, recipe, phase)."""
+    key = (id(model), recipe.key(), hook_phase)
+    cached = _EVAL_CACHE.get(key)
+    if cached is None or cached[0] is not model:
+        hook = recipe.gemm_hook(hook_phase) if hook_phase else None
+
+        @jax.jit
+        def f(variables, x):
+            with layers.gemm_hook(hook):
+                return model.apply(variables, x, train=False)
+
+        cached = _EVAL_CACHE[key] = (model, f)
+    return cached[1]
+
+
+def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Argmax predictions (N,) in padded batches of ``batch_size``."""
+    n = len(x)
+    bs = min(batch_size, n)
+    out = []
+    for start in range(0, n, bs):
+        chunk = x[start:start + bs]
+        pad = bs - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(jnp.argmax(net.apply(chunk), -1))[: bs - pad])
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def config_key(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def save_network(net: Network, path: str) -> str:
+    """Write ``path``.msgpack (variables) and ``path``.json (config, history), atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, net.variables))
+    meta = json.dumps({"config": net.config, "history": net.history}, indent=1, sort_keys=True)
+    for ext, payload, mode in ((".msgpack", blob, "wb"), (".json", meta, "w")):
+        tmp = f"{path}{ext}.tmp{os.getpid()}"
+        with open(tmp, mode) as f:
+            f.write(payload)
+        os.replace(tmp, path + ext)
+    return path
+
+
+def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> Network:
+    """Load a checkpoint written by :func:`save_network` (msgpack: no pickle involved)."""
+    with open(path + ".msgpack", "rb") as f:
+        variables = flax.serialization.msgpack_restore(f.read())
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    variables = jax.tree.map(jnp.asarray, variables)
+    return Network(model, variables, meta["config"], meta["history"], recipe or Recipe(), path)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _check_positive(name, value, kind=float):
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be a positive {'integer' if kind is int else 'number'}")
+
+
+def _kernel_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
+
+
+def _cross_entropy(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
+        lr: float | None = None, batch_size: int | None = None, weight_decay: float | None = None,
+        seed: int = 0, recipe: Recipe | None = None, cache: bool = True, progress: bool | None = None,
+        ) -> Network:
+    """Train ``model`` on ``data.train`` and return a :class:`Network`.
+
+    Every argument but ``model`` and ``data`` has a per-dataset default (``DEFAULTS``).
+    Same seed, same result on CPU. With ``cache`` the trained variables are stored under
+    ``$LANDSCAPE_CACHE/networks/<hash of the configuration>`` and reused.
+    ``progress=None`` shows a bar unless ``$LANDSCAPE_PROGRESS=0``.
+    """
+    recipe = recipe or Recipe()
+    d = DEFAULTS.get(data.name, DEFAULTS["cifar10"])
+    epochs = d["epochs"] if epochs is None else epochs
+    lr = d["lr"] if lr is None else lr
+    batch_size = d["batch_size"] if batch_size is None else batch_size
+    weight_decay = d["weight_decay"] if weight_decay is None else weight_decay
+    _check_positive("epochs", epochs, int)
+    _check_positive("lr", lr)
+    _check_positive("batch_size", batch_size, int)
+    if not isinstance(weight_decay, int | float) or weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
+    if not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    batch_size = min(batch_size, len(data.train))
+    if progress is None:
+        progress = os.environ.get("LANDSCAPE_PROGRESS", "1") != "0"
+
+    config = {
+        "format": FORMAT_VERSION, "model": repr(model), "data": data.name,
+        "data_fingerprint": data.fingerprint(), "epochs": epochs, "lr": lr,
+        "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+        "recipe": recipe.key(),
+    }
+    path = os.path.join(data_lib.cache_dir(), "networks",
+                        f"{type(model).__name__.lower()}-{config_key(config)}")
+    if cache and os.path.exists(path + ".msgpack"):
+        return load_network(model, path, recipe)
+
+    t0 = time.time()
+    key = jax.random.key(seed)
+    init_key, key = jax.random.split(key)
+    x0 = jnp.asarray(data.train.x[:batch_size])
+    variables = model.init(init_key, x0, train=False)
+    variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
+
+    steps_per_epoch = len(data.train) // batch_size
+    total = epochs * steps_per_epoch
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=max(1, total // 20), decay_steps=total, end_value=0.0)
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+        optax.sgd(schedule, momentum=0.9, nesterov=True),
+    )
+    tx = recipe.transform(tx)
+    history: list[dict[str, Any]] = []
+    variables = _run_phase(model, data, variables, tx, recipe, recipe.gemm_hook("train"),
+                           epochs, batch_size, seed, key, history, progress, "train")
+    if recipe.finetune is not None:
+        ft_recipe, ft_epochs, ft_lr = recipe.finetune
+        ft_total = ft_epochs * steps_per_epoch
+        tx_ft = ft_recipe.transform(optax.chain(
+            optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+            optax.sgd(triangular_schedule(schedule(total), ft_lr, ft_total), momentum=0.9, nesterov=True),
+        ))
+        variables = _run_phase(model, data, variables, tx_ft, ft_recipe, ft_recipe.gemm_hook("train"),
+                               ft_epochs, batch_size, seed + 1, jax.random.fold_in(key, 1), history,
+                               progress, "finetune")
+    config["seconds"] = round(time.time() - t0, 2)
+    net = Network(model, variables, config, history, recipe, path if cache else None)
+    if cache:
+        save_network(net, path)
+    return net
+
+
+def triangular_schedule(lr_start: float, lr_peak: float, steps: int) -> Callable:
+    """LUQ's fine-tuning schedule: linear from ``lr_start`` to ``lr_peak`` over the first
+    half of ``steps``, then linear down to 0 (the intended form of the paper's eq. 17)."""
+    half = max(1, steps // 2)
+
+    def schedule(t):
+        t = jnp.asarray(t, jnp.float32)
+        up = lr_start + t * (lr_peak - lr_start) / half
+        down = lr_peak * jnp.clip((steps - t) / max(1, steps - half), 0.0, 1.0)
+        return jnp.where(t <= half, up, down)
+
+    return schedule
+
+
+def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, seed, key, history,
+               progress, phase):
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    opt_state = tx.init(params)
+    streams = recipe.rng_streams
+
+    @jax.jit
+    def step(params, state, opt_state, x, y, key):
+        rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(streams)}
+
+        def loss_fn(p):
+            with layers.gemm_hook(hook):
+                logits, updates = model.apply({"params": p, **state}, x, train=True,
+                                              mutable=["batch_stats"], rngs=rngs)
+            return _cross_entropy(logits, y), (logits, updates)
+
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        upd, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, upd)
+        state = {**state, **updates}
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return params, state, opt_state, loss, acc
+
+    n = len(data.train)
+    steps_per_epoch = n // batch_size
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A1]))
+    bar = _progress(epochs * steps_per_epoch, progress, phase)
+    global_step = 0
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        losses, accs = [], []
+        for i in range(steps_per_epoch):
+            idx = np.sort(order[i * batch_size:(i + 1) * batch_size])
+            key, sub = jax.random.split(key)
+            params, state, opt_state, loss, acc = step(
+                params, state, opt_state, data.train.x[idx], data.train.y[idx], sub)
+            global_step += 1
+            variables = recipe.after_step(global_step, {"params": params, **state})
+            params = variables["params"]
+            state = {k: v for k, v in variables.items() if k != "params"}
+            losses.append(loss)
+            accs.append(acc)
+            if bar is not None:
+                bar.update(1)
+        net = Network(model, {"params": params, **state}, {}, [], recipe)
+        record = {"phase": phase, "epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                  "train_acc": float(np.mean(accs)), "test_acc": net.accuracy(data.test)}
+        history.append(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
+        if not math.isfinite(record["train_loss"]):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {record['train_loss']})")
+    if bar is not None:
+        bar.close()
+    return {"params": params, **state}
+
+
+def _progress(total, enabled, phase):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=phase, unit="step", leave=False)
