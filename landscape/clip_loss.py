@@ -105,8 +105,9 @@ class ClipLoss:
                              f"y {y.shape}")
         quantizers.check_grid(weight_grid, "ClipLoss weight_grid")
         self.options = dict(w_bits=w_bits, a_bits=a_bits, quantize_first_last=quantize_first_last,
-                            weight_grid=weight_grid, per_channel=per_channel,
-                            bias_correction=bias_correction, fold_bn=fold_bn)
+                            sites=None if sites is None else tuple(sites), weight_grid=weight_grid,
+                            per_channel=per_channel, bias_correction=bias_correction, fold_bn=fold_bn,
+                            batch_size=batch_size, chunk=chunk)
         variables = net.variables
         if fold_bn:
             variables = folding.fold_batchnorm(self.model, variables, x[:1])
@@ -324,6 +325,19 @@ class ClipLoss:
             flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
             self._init_cache[key] = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
         return self._init_cache[key]
+
+    @property
+    def calib(self) -> Split:
+        """The calibration split this loss averages over."""
+        return Split(*self._calib_host)
+
+    def with_options(self, calib=None, **changes) -> ClipLoss:
+        """A new ClipLoss on the same network with some constructor options changed
+        (e.g. ``bias_correction=True``, ``w_bits=2``) and optionally another calibration set."""
+        unknown = set(changes) - set(self.options)
+        if unknown:
+            raise ValueError(f"unknown ClipLoss options {sorted(unknown)}; allowed: {sorted(self.options)}")
+        return ClipLoss(self.net, self.calib if calib is None else calib, **{**self.options, **changes})
 
     def __repr__(self) -> str:
         kinds = collections.Counter(s.kind for s in self.sites)
