@@ -1,0 +1,223 @@
+"""Benchmark: ClipLoss evaluation against the same quantized forward in eager PyTorch.
+
+resnet20 (CIFAR-style), N images of 32×32×3, W4A4 with α from ``loss.init(rule)``. Prints
+
+* seconds per ``loss(α)`` and per α inside ``loss.batch`` of K rows (ours, JAX/XLA);
+* seconds per quantized forward + cross-entropy in PyTorch eager (``torch.no_grad``,
+  fake-quant written the obvious way: ``bench/torch_models.py``), single α and a loop over
+  the same K rows — eager PyTorch has no batched-α path, so its per-α cost is one forward;
+* ratios torch/ours (target ≥ 1.5 for a single evaluation);
+* a correctness check, our loss vs PyTorch's on the same weights, data and α;
+* the peak resident memory of the process.
+
+The network is random-initialised (seeded); BatchNorm statistics and affine parameters are
+randomised too, so that a layout or ε mismatch would show in the correctness check. Images
+are standard-normal noise and labels uniform (the cost does not depend on the content).
+Timings are medians over repeats after a warm-up call (which also compiles). Both
+frameworks run on all the CPU cores this process may use. Without torch installed the
+comparison is skipped and the script still exits 0.
+
+    python bench/clip_loss.py [--n 512] [--k 16] [--repeats 5] [--init max]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository, when the package is not installed
+sys.path.insert(1, str(HERE))
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import landscape as ls  # noqa: E402
+import models  # noqa: E402
+
+TARGET_RATIO = 1.5  # torch / ours, single evaluation (issue 2, item 8)
+REL_TOL = 1e-4  # our loss vs torch's, relative
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--k", type=int, default=16, help="α rows per loss.batch call (default 16)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of single calls")
+    p.add_argument("--batch-repeats", type=int, default=3, help="timed repeats of batched calls")
+    p.add_argument("--init", default="max", choices=("max", "mse"), help="α initialisation rule")
+    p.add_argument("--bits", type=int, default=4, help="weight and activation bits (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("n", "k", "repeats", "batch_repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def random_network(seed: int, x):
+    """resnet20 with seeded random weights and randomised BN affine parameters and statistics."""
+    model = models.create("resnet20", num_classes=10)
+    variables = model.init(jax.random.PRNGKey(seed), x[:1])
+    flat = flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/")
+    rng = np.random.default_rng(seed)
+    for key, leaf in flat.items():
+        module = key.rsplit("/", 1)[0]
+        shape = np.shape(leaf)
+        if key.endswith("/mean"):
+            flat[key] = rng.normal(0.0, 0.2, shape).astype(np.float32)
+        elif key.endswith("/var"):
+            flat[key] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+        elif key.endswith("/scale"):
+            flat[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif key.endswith("/bias") and f"{module}/scale" in flat:  # a BatchNorm's shift
+            flat[key] = rng.normal(0.0, 0.1, shape).astype(np.float32)
+    variables = flax.traverse_util.unflatten_dict(flat, sep="/")
+    return ls.train.Network(model=model, variables=variables, config={"init": "random", "seed": seed},
+                            history=[])
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on: what XLA's CPU thread pool sizes itself to."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def fmt_times(times):
+    return "[" + ", ".join(f"{t:.3f}" for t in times) + "]"
+
+
+def peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return rss / 1024**2 if platform.system() == "Darwin" else rss / 1024
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((args.n, 32, 32, 3), dtype=np.float32)
+    y = rng.integers(0, 10, args.n).astype(np.int32)
+    net = random_network(args.seed, x)
+    threads = cpu_threads()
+
+    print("ClipLoss benchmark: resnet20, random-init weights (seed "
+          f"{args.seed}, randomised BN statistics), {args.n} images 32x32x3 (Gaussian noise), "
+          f"W{args.bits}A{args.bits}, alpha from init({args.init!r})")
+    print(f"  jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())} "
+          f"({jax.devices()[0].device_kind}); CPU cores available: {threads}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+    t0 = time.perf_counter()
+    loss = ls.ClipLoss(net, (x, y), w_bits=args.bits, a_bits=args.bits)
+    alpha = jax.block_until_ready(loss.init(args.init))
+    t_init = time.perf_counter() - t0
+    print(f"  {loss!r}; init({args.init!r}) incl. construction {t_init:.2f} s")
+
+    # ---------------------------------------------------------------- ours: single α
+    t0 = time.perf_counter()
+    ours = float(jax.block_until_ready(loss(alpha)))
+    t_compile = time.perf_counter() - t0
+    t_single, times = timed(lambda: jax.block_until_ready(loss(alpha)), args.repeats)
+    print(f"ours   loss(alpha):        {t_single:.4f} s  (median of {args.repeats} "
+          f"{fmt_times(times)}; first call incl. compile {t_compile:.2f} s)")
+
+    # ---------------------------------------------------------------- ours: batched α
+    scales = rng.uniform(0.7, 1.3, (args.k, loss.n)).astype(np.float32)
+    alphas = jnp.asarray(np.asarray(alpha)[None, :] * scales)
+    t0 = time.perf_counter()
+    ours_batch = np.asarray(jax.block_until_ready(loss.batch(alphas)))
+    t_bcompile = time.perf_counter() - t0
+    t_batch, times = timed(lambda: jax.block_until_ready(loss.batch(alphas)), args.batch_repeats)
+    per_alpha = t_batch / args.k
+    print(f"ours   loss.batch (K={args.k}): {per_alpha:.4f} s per alpha  ({t_batch:.3f} s per call, "
+          f"chunk={loss.chunk}; median of {args.batch_repeats} {fmt_times(times)}; first call incl. "
+          f"compile {t_bcompile:.2f} s)")
+
+    # ---------------------------------------------------------------- PyTorch eager
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None:
+        print("torch  not installed: PyTorch comparison skipped "
+              "(pip install torch==2.13.0, or the 'bench' extra)")
+    else:
+        import torch.nn.functional as F
+        from torch_models import from_flax, nchw
+
+        torch.set_num_threads(threads)
+        twin = from_flax(net.model, jax.device_get(loss.variables)).quantize(loss.specs)
+        ours_order = [s.name for s in loss.sites]
+        if twin.active_sites != ours_order:
+            raise SystemExit(f"site order differs: torch {twin.active_sites} vs ours {ours_order}")
+        xt, yt = nchw(x), torch.from_numpy(y.astype(np.int64))
+
+        def torch_loss(a):
+            twin.set_alpha(a)
+            with torch.no_grad():
+                return float(F.cross_entropy(twin(xt), yt))
+
+        alpha_np = np.asarray(alpha)
+        theirs = torch_loss(alpha_np)  # warm-up
+        t_torch, times = timed(lambda: torch_loss(alpha_np), args.repeats)
+        print(f"torch  eager forward+CE:   {t_torch:.4f} s  (median of {args.repeats} {fmt_times(times)}; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, no_grad, NCHW)")
+
+        alphas_np = np.asarray(alphas)
+        theirs_batch = np.zeros(args.k)
+
+        def torch_loop():
+            for i, a in enumerate(alphas_np):
+                theirs_batch[i] = torch_loss(a)
+
+        t_tloop, times = timed(torch_loop, args.batch_repeats)
+        print(f"torch  loop over K={args.k}:    {t_tloop / args.k:.4f} s per alpha  "
+              f"({t_tloop:.3f} s per loop; median of {args.batch_repeats} {fmt_times(times)})")
+
+        ratio = t_torch / t_single
+        ratio_batch = (t_tloop / args.k) / per_alpha
+        verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+        print(f"ratio  torch/ours single:  {ratio:.2f}x  ({verdict} target >= {TARGET_RATIO})")
+        print(f"ratio  torch/ours per alpha in batch of {args.k}: {ratio_batch:.2f}x")
+
+        rel = abs(ours - theirs) / abs(theirs)
+        rel_batch = float(np.max(np.abs(ours_batch - theirs_batch) / np.abs(theirs_batch)))
+        ok = "OK" if max(rel, rel_batch) <= REL_TOL else "MISMATCH"
+        print(f"check  loss ours {ours:.7f} vs torch {theirs:.7f}: rel diff {rel:.2e}; batch of {args.k}: "
+              f"max rel diff {rel_batch:.2e}  ({ok}, tolerance {REL_TOL:g})")
+        with torch.no_grad():
+            twin.quantize(None)
+            fp32_torch = twin(xt[:64]).numpy()
+            twin.quantize(loss.specs)
+        fp32_ours = np.asarray(net.apply(x[:64]))
+        diff = np.max(np.abs(fp32_ours - fp32_torch))
+        print(f"check  FP32 logits (64 images) max |ours - torch| = {diff:.2e} "
+              f"(max |logit| {np.max(np.abs(fp32_ours)):.2f})")
+
+    print(f"memory peak RSS of this process: {peak_rss_mib():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
