@@ -1,0 +1,667 @@
+"""LUQ: 4-bit training with INT4 forward GEMMs and logarithmic unbiased 4-bit neural gradients.
+
+Chmiel, Banner, Hoffer, Ben-Yaacov, Soudry, "Accurate Neural Training with 4-bit Matrix
+Multiplications at Standard Formats" (ICLR 2023; arXiv 2112.10769, first titled "Logarithmic
+Unbiased Quantization"). For a conv/dense layer with weight W, input a and output z, with the
+neural gradient δ = ∂C/∂z, all three GEMMs run in 4 bits::
+
+    forward   z      = Q_INT(W) · Q_INT(a)          Q_INT: INT4, SAWB scale, round to nearest
+    backward  ∂C/∂a  = Q_INT(W)ᵀ · Q_FP(δ)          Q_FP : FP4 [1 sign, 3 exponent, 0 mantissa],
+    update    ∂C/∂W  = Q_FP(δ) · Q_INT(a)ᵀ                 LUQ (stochastic, unbiased) rounding
+
+with one sample of Q_FP(δ) feeding both backward GEMMs. Because E[Q_FP(δ) | δ] = δ and the
+backward pass is linear in δ, the weight gradient is unbiased for the STE gradient of the
+INT4 forward (the tower property, layer by layer).
+
+Pieces (all pure, jit-compatible and vmappable; integer/str options are static):
+
+* :func:`quantize_gradient` — the LUQ quantizer Q_FP, with SMP (``samples`` > 1);
+  :func:`round_gradient` — the biased round-to-nearest FP4 baseline in the same format;
+  :func:`gradient_alpha`, :func:`gradient_variance` — its underflow threshold α and the
+  exact per-element variance of one draw.
+* :func:`sawb` — the INT4 forward quantizer (straight-through); :func:`sawb_codes` — its
+  integer codes and scale.
+* :func:`luq_identity` — identity in the forward pass, Q_FP(cotangent) in the backward pass;
+  :func:`luq_gemm` — ``z = gemm(Q_INT(x), Q_INT(w))`` followed by :func:`luq_identity`;
+  :func:`layer_hook` — that product as a ``hook(module, x, kernel, gemm)`` for the GEMM hook of
+  :mod:`landscape.layers`, drawing its key with ``module.make_rng("luq")``.
+* :func:`shift_add_matmul` — the multiplication-free INT4 × FP4 product (MF-BPROP) in integer
+  shifts and adds.
+* :func:`finetune_schedule` — the triangular learning rate of the high-precision fine-tuning
+  phase (FNT).
+
+Discrepancies between the paper, its reference code and the project notes, settled here
+(``reference/luq_nm.md`` §5):
+
+1. **α and the format.** The paper's eq. (11), α = max|δ| / 2^(2^(b−1)) "with b = 3", gives
+   only five magnitudes and is inconsistent with its own FP4 claim; the reference code uses
+   α = max(δ)/2^7, whose nine magnitudes {0, α, …, 2^7 α} (17 signed values) need five bits.
+   Default (``max_mode="abs"``): α = max|δ| / 2^(2^(b−1) − 2), i.e. for b = 4 the 2^(b−1) = 8
+   exponent codes per sign hold zero and the seven magnitudes α·2^k, k = 0..6, with the
+   largest equal to max|δ| — a strict [1, 3, 0] code. ``max_mode="signed"`` reproduces the
+   reference code (signed max, α = max/2^(2^(b−1) − 1)); it is *not* strictly b-bit.
+2. **Which maximum.** max|δ| (paper text) by default; the code's signed max(δ) under
+   ``max_mode="signed"``, where gradients more negative than −max(δ) are rounded to powers
+   above 2^7 α (still unbiased, outside the format). If max(δ) ≤ 0 the code's α is ≤ 0 and
+   its output is NaN; here the signed mode falls back to max|δ| in that case.
+3. **SAWB levels.** The code uses 17 weight levels [−8, 8] (five bits) and, for activations
+   with a negative entry, the range [−8, 15]. Signed tensors use the symmetric INT4 grid
+   ±(2^(b−1) − 1) = ±7 here: 15 levels fit a two's-complement nibble (−8 unused), zero is a
+   level, and the grid is symmetric so the forward adds no sign-dependent bias. Non-negative
+   tensors (post-ReLU activations) use the unsigned grid {0, …, 2^b − 1} over [0, clip]: the
+   SAWB clip is a clipping threshold on either grid. The code spreads its 16 unsigned codes
+   over [0, 2·clip], leaving half of them above almost every value: on ReLU'd N(0, 1) and
+   Laplace samples its quantization MSE is 4.0× and 2.9× that of [0, clip].
+4. **SAWB guard.** clip = c1·√mean(x²) − c2·mean|x| is ≤ 0 when the magnitudes are nearly
+   constant (√mean(x²)/mean|x| < c2/c1); the code then divides by it. Here the clip is floored
+   at mean|x|: inactive for Gaussian, Laplace or post-ReLU tensors (clip ≈ 2.4σ, 3.5σ, 3.7σ
+   against mean|x| ≤ 0.8σ), continuous, and for exactly constant magnitudes it equals
+   max|x|, which represents such a tensor without error. An all-zero tensor maps to zeros.
+5. **Fine-tuning learning rate.** The printed eq. (17) is garbled; :func:`finetune_schedule`
+   implements the intended triangle (linear up from the last 4-bit LR to a peak over T/2
+   steps, then linear down to ``end``).
+6. **First/last layers.** Not stated in the paper's main text; the reference wrappers replace
+   every conv/linear layer. This module quantizes whatever GEMM it is given; which layers get
+   the hook is the training recipe's choice.
+
+Stochastic rounding is implemented directly — round up iff U < (linear fraction inside the
+bracket), U drawn as 32 random bits — rather than with the paper's "add noise, then round to
+the nearest power with a 4/3 factor" (eqs. 13–14). The two have the same distribution; the
+direct form needs no log2 of noisy values and is exact at powers of two (exponents come from
+``frexp``, never from a float log2). Probabilities are resolved to 2^-32, so each element's
+bias is below 2^-32·α.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "SAWB_COEFFS_4BIT",
+    "finetune_schedule",
+    "gradient_alpha",
+    "gradient_variance",
+    "layer_hook",
+    "luq_gemm",
+    "luq_identity",
+    "quantize_gradient",
+    "round_gradient",
+    "sawb",
+    "sawb_codes",
+    "shift_add_matmul",
+]
+
+MAX_MODES = ("abs", "signed")
+MODES = ("luq", "rdn", "none")
+SAWB_COEFFS_4BIT = (12.1, 12.2)
+"""The SAWB regression coefficients (c1, c2) for 4 bits, as hard-coded in the LUQ code."""
+
+_TWO_POW_32 = 4294967296.0
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def _check_choice(name, value, allowed):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _check_float_array(name, x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    return x
+
+
+def _is_concrete(*xs):
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _pow2(k):
+    """Exact float32 2^k for integer k (clamped to the normal range [−126, 127])."""
+    k = jnp.clip(jnp.asarray(k, jnp.int32), -126, 127)
+    return lax.bitcast_convert_type(lax.shift_left(k + 127, jnp.int32(23)), jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# the logarithmic gradient format
+
+
+def _exponent_span(bits, max_mode):
+    """E with α = m / 2^E: the largest level is 2^E α (= m in the strict mode)."""
+    return 2 ** (bits - 1) - (2 if max_mode == "abs" else 1)
+
+
+def _check_gradient_args(bits, max_mode):
+    # bits = 2 is the ternary format {0, ±max|g|}; beyond 7, α = m / 2^126 leaves float32.
+    bits = _check_int("bits", bits, 2, 7)
+    return bits, _check_choice("max_mode", max_mode, MAX_MODES)
+
+
+def _reference_max(g, max_mode):
+    """The maximum m that fixes α = m / 2^E (float32 scalar; 0 for an all-zero g)."""
+    m_abs = jnp.max(jnp.abs(g))
+    if max_mode == "abs":
+        return m_abs
+    m_signed = jnp.max(g)
+    return jnp.where(m_signed > 0, m_signed, m_abs)
+
+
+class _Bracket:
+    """Where each |g|/α sits on the grid {0, 1, 2, 4, …}: between lo and hi = next level.
+
+    ``frac`` = (x − lo)/(hi − lo) ∈ [0, 1) is exact: x itself below 1, else 2·mantissa − 1.
+    ``k_lo`` is the exponent of lo (unused below 1, where lo = 0 and hi = α).
+    """
+
+    def __init__(self, g, bits, max_mode):
+        g32 = g.astype(jnp.float32)
+        m = _reference_max(g32, max_mode)
+        span = _exponent_span(bits, max_mode)
+        safe_m = jnp.where(m > 0, m, 1.0)
+        # |g|/m ∈ [0, 1] then an exact power-of-two scaling: x = |g| / α.
+        x = jnp.abs(g32) / safe_m * _pow2(span)
+        mant, ex = jnp.frexp(x)
+        self.dtype = g.dtype
+        self.m, self.span, self.sign = m, span, jnp.sign(g32)
+        self.below = x < 1.0
+        self.frac = jnp.where(self.below, x, 2.0 * mant - 1.0)
+        self.k_lo = ex - 1
+
+    def value(self, up):
+        """The level chosen by the boolean ``up`` (broadcast over leading sample axes)."""
+        k = jnp.where(self.below, 0, self.k_lo + up.astype(jnp.int32))
+        mag = jnp.where(self.below & ~up, 0.0, self.m * _pow2(k - self.span))
+        # A non-finite maximum means a NaN/inf gradient: make the whole tensor NaN so the
+        # failure is visible instead of silently zeroing every finite element.
+        return jnp.where(jnp.isfinite(self.m), self.sign * mag, jnp.nan)
+
+
+def gradient_alpha(g, *, bits=4, max_mode="abs"):
+    """Underflow threshold α of the LUQ format for the tensor ``g`` (float32 scalar).
+
+    α = m / 2^E with m = max|g|, E = 2^(bits−1) − 2 (``"abs"``, strict) or m = max(g),
+    E = 2^(bits−1) − 1 (``"signed"``, the reference code; m falls back to max|g| when
+    max(g) ≤ 0). The nonzero levels are α·2^k, k = 0..E (k unbounded above in the signed
+    mode). α = 0 for an all-zero ``g``.
+    """
+    bits, max_mode = _check_gradient_args(bits, max_mode)
+    return _alpha_kernel(_check_float_array("g", g), bits, max_mode)
+
+
+# The kernels are jitted so that eager calls compile once per shape and configuration
+# instead of dispatching op by op; inside an outer jit they are inlined.
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _alpha_kernel(g, bits, max_mode):
+    return _reference_max(g.astype(jnp.float32), max_mode) * _pow2(-_exponent_span(bits, max_mode))
+
+
+def gradient_variance(g, *, bits=4, max_mode="abs"):
+    """Exact per-element variance of one LUQ draw, same shape as ``g``.
+
+    Stochastic rounding between adjacent levels lo < |g| < hi has variance
+    (|g| − lo)(hi − |g|): α|g| − g² below α (lo = 0, hi = α) and
+    (|g| − 2^(n−1)α)(2^n α − |g|) inside the bin [2^(n−1)α, 2^n α]; zero on levels.
+    """
+    bits, max_mode = _check_gradient_args(bits, max_mode)
+    return _variance_kernel(_check_float_array("g", g), bits, max_mode)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _variance_kernel(g, bits, max_mode):
+    b = _Bracket(g, bits, max_mode)
+    alpha = b.m * _pow2(-b.span)
+    width = jnp.where(b.below, alpha, alpha * _pow2(b.k_lo))  # hi − lo
+    return (width * width * b.frac * (1.0 - b.frac)).astype(g.dtype)
+
+
+def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs"):
+    """LUQ: logarithmic unbiased quantization of a neural gradient (per tensor).
+
+    Levels {0, ±α·2^k : 0 ≤ k ≤ E} with α from :func:`gradient_alpha`. Each element is
+    rounded stochastically to one of the two levels bracketing it, up with probability equal
+    to its linear fraction inside the bracket::
+
+        |g| < α            →  sign(g)·α  w.p. |g|/α,  else 0           (stochastic underflow)
+        2^(n−1)α ≤ |g| < 2^n α
+                           →  sign(g)·2^n α  w.p. (|g| − 2^(n−1)α)/(2^(n−1)α),
+                              else sign(g)·2^(n−1)α                     (log. stochastic rounding)
+
+    so E[Q(g)] = g element-wise (variance: :func:`gradient_variance`). The largest level is
+    max|g| itself (``"abs"``): nothing is clipped, levels are fixed points, signs are kept,
+    Q(c·g) = c·Q(g) for c > 0 with the same key, and an all-zero ``g`` gives zeros. A
+    non-finite ``g`` gives an all-NaN result.
+
+    Args:
+      g: float array, any shape (e.g. δ of shape (batch, features) or (N, H, W, C)).
+      key: a JAX PRNG key (typed or raw uint32).
+      bits: total bits of the sign/exponent format [1, bits − 1, 0], 2..7 (static).
+      samples: N ≥ 1 (static). N > 1 averages N independent draws (SMP): variance ÷ N, still
+        unbiased; the average is no longer on the FP4 grid (by linearity, averaging δ before
+        the GEMMs equals averaging the GEMM outputs, as the paper describes).
+      max_mode: ``"abs"`` (strict b-bit, default) or ``"signed"`` (the reference code's
+        signed max and α = max/2^7 at 4 bits; 9 magnitudes, not a 4-bit code).
+
+    Returns:
+      array of ``g``'s shape and dtype.
+    """
+    bits, max_mode = _check_gradient_args(bits, max_mode)
+    samples = _check_int("samples", samples, 1, 1 << 16)
+    return _luq_kernel(_check_float_array("g", g), key, bits, samples, max_mode)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _luq_kernel(g, key, bits, samples, max_mode):
+    b = _Bracket(g, bits, max_mode)
+    # Round up iff U < frac with U uniform on the 2^32 integers; frac·2^32 < 2^32 is exact.
+    bits_u = jax.random.bits(key, (samples,) + g.shape, jnp.uint32)
+    threshold = (b.frac * _TWO_POW_32).astype(jnp.uint32)
+    draws = b.value(bits_u < threshold)
+    return jnp.mean(draws, axis=0).astype(g.dtype)
+
+
+def round_gradient(g, *, bits=4, max_mode="abs"):
+    """Round-to-nearest in the LUQ format: the biased FP4 baseline of the ablations.
+
+    Same levels and α as :func:`quantize_gradient`; each element goes to the nearer of its
+    two bracketing levels in linear distance (up iff the fraction ≥ 1/2, ties away from zero;
+    below α this is a deterministic underflow at α/2). Deterministic, so no key.
+    """
+    bits, max_mode = _check_gradient_args(bits, max_mode)
+    return _rdn_kernel(_check_float_array("g", g), bits, max_mode)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rdn_kernel(g, bits, max_mode):
+    b = _Bracket(g, bits, max_mode)
+    return b.value(b.frac >= 0.5).astype(g.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# SAWB: the INT4 forward quantizer
+
+
+def _sawb_args(bits, signed, coeffs):
+    bits = _check_int("bits", bits, 2, 8)
+    if signed is not None and not isinstance(signed, bool):
+        raise ValueError(f"signed must be None, True or False, got {signed!r}")
+    if coeffs is None:
+        if bits != 4:
+            raise ValueError(
+                f"SAWB coefficients are built in only for bits=4, got bits={bits}; "
+                "pass coeffs=(c1, c2) for other widths"
+            )
+        coeffs = SAWB_COEFFS_4BIT
+    if len(coeffs) != 2 or not all(np.isfinite(c) for c in coeffs):
+        raise ValueError(f"coeffs must be two finite numbers (c1, c2), got {coeffs!r}")
+    return bits, signed, (float(coeffs[0]), float(coeffs[1]))
+
+
+def _sawb_grid(x, bits, signed, coeffs):
+    """(scale, lowest code, highest code) for the tensor x (float32 scalars)."""
+    c1, c2 = coeffs
+    mean_abs = jnp.mean(jnp.abs(x))
+    clip = c1 * jnp.sqrt(jnp.mean(x * x)) - c2 * mean_abs
+    clip = jnp.maximum(clip, mean_abs)  # the guard, see the module docstring (item 4)
+    half, full = 2 ** (bits - 1) - 1, 2 ** bits - 1
+    neg = jnp.min(x) < 0 if signed is None else jnp.asarray(signed)
+    scale = clip / jnp.where(neg, half, full)
+    scale = jnp.where(scale > 0, scale, 1.0)  # all-zero tensor: any scale gives zeros
+    return scale, jnp.where(neg, -half, 0), jnp.where(neg, half, full)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _sawb_round(x, bits, signed, coeffs):
+    x32 = x.astype(jnp.float32)
+    scale, lo, hi = _sawb_grid(x32, bits, signed, coeffs)
+    return jnp.round(jnp.clip(x32 / scale, lo, hi)), scale  # jnp.round: half to even
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _sawb_ste(x, bits, signed, coeffs):
+    codes, scale = _sawb_round(x, bits, signed, coeffs)
+    return (codes * scale).astype(x.dtype)
+
+
+@_sawb_ste.defjvp
+def _sawb_ste_jvp(bits, signed, coeffs, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    # Straight-through, as in the reference code: the identity everywhere, clipped entries
+    # and the data-dependent scale included.
+    return _sawb_ste(x, bits, signed, coeffs), dx
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _codes_ste(x, bits, signed, coeffs):
+    codes, scale = _sawb_round(x, bits, signed, coeffs)
+    return codes.astype(x.dtype), scale
+
+
+@_codes_ste.defjvp
+def _codes_ste_jvp(bits, signed, coeffs, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    codes, scale = _codes_ste(x, bits, signed, coeffs)
+    # codes·scale is straight-through in x (the scale is held constant, as in sawb)
+    return (codes, scale), (dx / scale.astype(dx.dtype), jnp.zeros_like(scale))
+
+
+def sawb_codes(x, *, bits=4, signed=None, coeffs=None):
+    """Integer codes and scale of the SAWB quantizer: ``sawb(x) == codes * scale``.
+
+    Returns ``(codes, scale)``: int32 codes of ``x``'s shape in [−(2^(b−1) − 1), 2^(b−1) − 1]
+    (signed grid) or [0, 2^b − 1] (unsigned grid), and the float32 scalar step. Arguments as
+    in :func:`sawb`.
+    """
+    bits, signed, coeffs = _sawb_args(bits, signed, coeffs)
+    x = _check_float_array("x", x)
+    codes, scale = _sawb_round(x, bits, signed, coeffs)
+    return codes.astype(jnp.int32), scale
+
+
+def sawb(x, *, bits=4, signed=None, coeffs=None):
+    """INT-b forward quantizer with the SAWB scale, round to nearest, straight-through.
+
+    Per tensor (statistics over all elements)::
+
+        clip  = max(c1·√mean(x²) − c2·mean|x|,  mean|x|)
+        signed grid   (min x < 0):  Δ = clip / (2^(b−1) − 1),   codes −(2^(b−1)−1) … 2^(b−1)−1
+        unsigned grid (min x ≥ 0):  Δ = clip / (2^b − 1),       codes 0 … 2^b − 1
+        Q(x)  = Δ · round_half_even(clamp(x/Δ, lowest, highest))
+
+    The backward pass is the identity (STE, no clipping mask), as in the LUQ code. For a
+    Gaussian tensor clip ≈ 2.37σ. See the module docstring (items 3–4) for the level set and
+    the guard.
+
+    Args:
+      x: float array, any shape.
+      bits: code width b, 2..8 (static). (c1, c2) = (12.1, 12.2) are built in for b = 4 only.
+      signed: None picks the grid from the data (min x < 0); True/False force it (weights:
+        True, as the reference code does).
+      coeffs: optional (c1, c2) SAWB regression coefficients.
+
+    Returns:
+      array of ``x``'s shape and dtype.
+    """
+    bits, signed, coeffs = _sawb_args(bits, signed, coeffs)
+    x = _check_float_array("x", x)
+    return _sawb_ste(x, bits, signed, coeffs)
+
+
+# --------------------------------------------------------------------------------------------
+# the backward op and the quantized product
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _luq_identity(z, key, bits, samples, max_mode):
+    return z
+
+
+def _luq_identity_fwd(z, key, bits, samples, max_mode):
+    return z, key
+
+
+def _luq_identity_bwd(bits, samples, max_mode, key, ct):
+    # The key is an integer primal: its cotangent is None (a symbolic zero).
+    return quantize_gradient(ct, key, bits=bits, samples=samples, max_mode=max_mode), None
+
+
+_luq_identity.defvjp(_luq_identity_fwd, _luq_identity_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _rdn_identity(z, bits, max_mode):
+    return z
+
+
+def _rdn_identity_fwd(z, bits, max_mode):
+    return z, None
+
+
+def _rdn_identity_bwd(bits, max_mode, _, ct):
+    return (round_gradient(ct, bits=bits, max_mode=max_mode),)
+
+
+_rdn_identity.defvjp(_rdn_identity_fwd, _rdn_identity_bwd)
+
+
+def _check_backward_args(bits, samples, max_mode, mode):
+    bits, max_mode = _check_gradient_args(bits, max_mode)
+    samples = _check_int("samples", samples, 1, 1 << 16)
+    mode = _check_choice("mode", mode, MODES)
+    if mode != "luq" and samples != 1:
+        raise ValueError(f"samples > 1 (SMP) needs mode='luq', got samples={samples}, mode={mode!r}")
+    return bits, samples, max_mode, mode
+
+
+def luq_identity(z, key, *, bits=4, samples=1, max_mode="abs", mode="luq"):
+    """Identity in the forward pass; quantizes the cotangent in the backward pass.
+
+    ``mode="luq"``: the cotangent δ becomes ``quantize_gradient(δ, key, bits=…, samples=…,
+    max_mode=…)``; ``"rdn"``: ``round_gradient(δ, …)`` (biased baseline, ``key`` unused and
+    may be None); ``"none"``: plain identity. Place it on a GEMM output and both backward
+    GEMMs receive the same quantized δ. The key is a primal input (custom_vjp), so the op
+    works under jit, vmap (also over keys) and inside Flax modules.
+
+    Args:
+      z: float array (the GEMM output), any shape.
+      key: PRNG key (mode "luq"); None allowed for the other modes.
+
+    Returns:
+      ``z`` unchanged.
+    """
+    bits, samples, max_mode, mode = _check_backward_args(bits, samples, max_mode, mode)
+    z = _check_float_array("z", z)
+    if mode == "none":
+        return z
+    if mode == "rdn":
+        return _rdn_identity(z, bits, max_mode)
+    if key is None:
+        raise ValueError("mode='luq' needs a PRNG key, got key=None")
+    return _luq_identity(z, key, bits, samples, max_mode)
+
+
+def _check_quantize_forward(value):
+    if value is True or value is False or (isinstance(value, str) and value == "weights"):
+        return value
+    raise ValueError(f"quantize_forward must be True, False or 'weights', got {value!r}")
+
+
+def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
+             quantize_forward=True, forward_bits=4):
+    """One 4-bit layer product: z = gemm(Q_INT(x), Q_INT(w)), backward through Q_FP.
+
+    ``gemm`` is any bilinear callable ``gemm(x, w) -> z`` (``jnp.dot``, or a convolution with
+    fixed strides/padding). With both operands quantized it runs on the integer codes,
+    z = gemm(c_x, c_w)·(Δ_x Δ_w) (:func:`sawb_codes`), as INT4 hardware does; bilinearity
+    makes this gemm(Q_INT(x), Q_INT(w)). The integer sums are exact in float32 while
+    |Σ c_x c_w| < 2^24 (over 10^5 terms of 15·7), so they do not depend on the summation
+    order (the SAWB scales, being reductions, may differ by an ulp between compilations, which
+    moves no zero and no sign). Autodiff of
+    ``gemm`` then computes the activation gradient from c_w and the weight gradient from c_x —
+    the tensors saved by the forward — both from the same sample Q_FP(δ) of
+    :func:`luq_identity` (MF-BPROP form: :func:`shift_add_matmul`). Straight-through for x
+    and w, with the SAWB scales held constant.
+
+    Args:
+      x: layer input; ``sawb`` with the grid chosen from the data (unsigned after a ReLU).
+      w: kernel; ``sawb`` on the signed grid.
+      key: PRNG key for the backward draw (None allowed unless ``mode="luq"``).
+      gemm: bilinear callable.
+      bits, samples, max_mode, mode: backward quantizer, as in :func:`luq_identity`.
+      quantize_forward: True (x and w to INT), ``"weights"`` (w only: the fine-tuning phase),
+        False (full-precision forward).
+      forward_bits: INT width of the forward quantizer (SAWB coefficients built in for 4).
+
+    Returns:
+      z, the value of ``gemm(Q_INT(x), Q_INT(w))`` (the backward mode never changes it).
+    """
+    bits, samples, max_mode, mode = _check_backward_args(bits, samples, max_mode, mode)
+    quantize_forward = _check_quantize_forward(quantize_forward)
+    _, _, coeffs = _sawb_args(forward_bits, None, None)
+    if quantize_forward is True:
+        # Integer GEMM, then one rescale. The integer sums are exact in any summation order,
+        # so zeros and signs of z (hence every ReLU mask after it) are reproducible across
+        # jit, vmap and backends; a float GEMM of the dequantized operands turns exact
+        # zeros into ±ulp noise that flips masks between compilations and biases
+        # gradient comparisons.
+        x = _check_float_array("x", x)
+        w = _check_float_array("w", w)
+        cx, sx = _codes_ste(x, forward_bits, None, coeffs)
+        cw, sw = _codes_ste(w, forward_bits, True, coeffs)
+        z = gemm(cx, cw) * (sx * sw).astype(cx.dtype)
+    elif quantize_forward == "weights":
+        z = gemm(x, sawb(w, bits=forward_bits, signed=True))
+    else:
+        z = gemm(x, w)
+    return luq_identity(z, key, bits=bits, samples=samples, max_mode=max_mode, mode=mode)
+
+
+def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forward=True,
+               forward_bits=4, collection="luq") -> Callable:
+    """:func:`luq_gemm` as a GEMM hook ``hook(module, x, kernel, gemm) -> y``.
+
+    For ``mode="luq"`` the key is ``module.make_rng(collection)``, so every layer and every
+    step gets a fresh draw from the ``rngs={collection: key}`` passed to ``apply``. Arguments
+    are validated here, once.
+    """
+    _check_backward_args(bits, samples, max_mode, mode)
+    _check_quantize_forward(quantize_forward)
+    _sawb_args(forward_bits, None, None)
+    if not isinstance(collection, str) or not collection:
+        raise ValueError(f"collection must be a non-empty string, got {collection!r}")
+
+    def hook(module, x, kernel, gemm):
+        key = module.make_rng(collection) if mode == "luq" else None
+        return luq_gemm(x, kernel, key, gemm, bits=bits, samples=samples, max_mode=max_mode,
+                        mode=mode, quantize_forward=quantize_forward, forward_bits=forward_bits)
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------------
+# multiplication-free backward GEMM
+
+
+@jax.jit
+def _shift_add(a, sign, exponent):
+    # Σ_k ±(a[m, k] << e[k, n]): shifts, a conditional negation and an integer sum.
+    terms = jnp.left_shift(a[:, :, None], exponent[None, :, :])
+    terms = jnp.where(sign[None] > 0, terms, jnp.where(sign[None] < 0, -terms, 0))
+    return jnp.sum(terms, axis=1, dtype=jnp.int32)
+
+
+def _check_no_overflow(a, exponent, nonzero):
+    if not _is_concrete(a, exponent, nonzero):
+        return
+    weights = np.where(np.asarray(nonzero), 2.0 ** np.asarray(exponent, np.float64), 0.0)
+    bound = np.abs(np.asarray(a, np.float64)) @ weights
+    if bound.size and bound.max() >= 2.0**31:
+        raise ValueError(f"shift-add sum may overflow int32 (bound {bound.max():.3g} ≥ 2^31)")
+
+
+def shift_add_matmul(a_int, g_fp4):
+    """INT × FP4 matrix product with integer shifts and adds only (MF-BPROP check).
+
+    An FP4 value with a zero-bit mantissa is s·2^e, so each product a·s·2^e is the integer
+    ``a << e`` with its sign flipped when s < 0: no multiplier is needed. The other order of
+    operands is the transpose, (gᵀ aᵀ)ᵀ.
+
+    Args:
+      a_int: integer array (M, K), e.g. :func:`sawb_codes` codes.
+      g_fp4: either
+        * a pair ``(sign, exponent)`` of integer arrays (K, N), sign ∈ {−1, 0, 1} (0 encodes
+          zero) and exponent ≥ 0 — returns the int32 sums Σ_k s·(a << e) exactly; or
+        * a float array (K, N) whose entries are 0 or ±2^e for integers e (e.g. a LUQ
+          gradient divided by its α, :func:`gradient_alpha`). It is decomposed exactly with
+          ``frexp`` into sign and exponent − e_min (e_min the smallest exponent present); the
+          int32 sums are converted to float32 and scaled by 2^e_min (an exponent add) —
+          equal to the float product ``a @ g`` whenever that product is exact in float32
+          (|sums| < 2^24 units of 2^e_min).
+
+    Raises ValueError (on concrete inputs) for a non-integer ``a_int``, a float entry that is
+    not 0 or ±2^e, a sign outside {−1, 0, 1}, a negative exponent, or an int32 overflow.
+    Memory is M·K·N int32: a check, not a fast kernel.
+    """
+    a = jnp.asarray(a_int)
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+        raise ValueError(f"a_int must be an integer array, got dtype {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"a_int must have shape (M, K), got {a.shape}")
+    a = a.astype(jnp.int32)
+    if isinstance(g_fp4, tuple | list):
+        if len(g_fp4) != 2:
+            raise ValueError(f"g_fp4 as a tuple must be (sign, exponent), got {len(g_fp4)} items")
+        sign, exponent = (jnp.asarray(t) for t in g_fp4)
+        for name, t in (("sign", sign), ("exponent", exponent)):
+            if not jnp.issubdtype(t.dtype, jnp.integer):
+                raise ValueError(f"{name} must be an integer array, got dtype {t.dtype}")
+        if sign.shape != exponent.shape or sign.ndim != 2 or sign.shape[0] != a.shape[1]:
+            raise ValueError(f"sign/exponent must both have shape ({a.shape[1]}, N), "
+                             f"got {sign.shape} and {exponent.shape}")
+        sign, exponent = sign.astype(jnp.int32), exponent.astype(jnp.int32)
+        if _is_concrete(sign, exponent):
+            if not bool(jnp.all(jnp.abs(sign) <= 1)):
+                raise ValueError("sign entries must be -1, 0 or 1")
+            if not bool(jnp.all(exponent >= 0)):
+                raise ValueError(f"exponent entries must be ≥ 0, got min {int(exponent.min())}")
+        _check_no_overflow(a, exponent, sign != 0)
+        return _shift_add(a, sign, exponent)
+
+    g = _check_float_array("g_fp4", g_fp4).astype(jnp.float32)
+    if g.ndim != 2 or g.shape[0] != a.shape[1]:
+        raise ValueError(f"g_fp4 must have shape ({a.shape[1]}, N), got {g.shape}")
+    mant, ex = jnp.frexp(jnp.abs(g))
+    nonzero = g != 0
+    if _is_concrete(g) and not bool(jnp.all(~nonzero | (mant == 0.5))):
+        raise ValueError("g_fp4 entries must be 0 or ±2^e (a zero-mantissa FP value)")
+    e = ex - 1
+    e_min = jnp.min(jnp.where(nonzero, e, jnp.iinfo(jnp.int32).max))
+    e_min = jnp.where(jnp.any(nonzero), e_min, 0)
+    rel = jnp.where(nonzero, e - e_min, 0)
+    _check_no_overflow(a, rel, nonzero)
+    acc = _shift_add(a, jnp.sign(g).astype(jnp.int32), rel)
+    return acc.astype(jnp.float32) * _pow2(e_min)  # exact: int → float (< 2^24), then 2^e_min
+
+
+# --------------------------------------------------------------------------------------------
+# fine-tuning schedule
+
+
+def finetune_schedule(start, peak, steps, end=0.0):
+    """Triangular learning rate of the high-precision fine-tuning phase (FNT, paper §5.2).
+
+    The intended form of the paper's eq. (17), whose print lacks the factor t and restarts the
+    decay from the wrong value::
+
+        lr(t) = start + t·(peak − start)/(T/2)           0 ≤ t ≤ T/2
+              = peak + (t − T/2)·(end − peak)/(T/2)      T/2 < t ≤ T   (constant after)
+
+    ``start`` is the last learning rate of the 4-bit run, ``peak`` the fine-tuning base LR.
+    Returns an optax-style schedule ``count -> lr`` (float32 scalar).
+    """
+    steps = _check_int("steps", steps, 2, 1 << 40)
+    for name, v in (("start", start), ("peak", peak), ("end", end)):
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite learning rate ≥ 0, got {v!r}")
+    knots = jnp.array([0.0, steps / 2, float(steps)], jnp.float32)
+    values = jnp.array([start, peak, end], jnp.float32)
+
+    def schedule(count):
+        return jnp.interp(jnp.asarray(count, jnp.float32), knots, values)
+
+    return schedule
