@@ -1,0 +1,552 @@
+"""Tests for landscape.sparsity: N:M and transposable N:M masks, checkers, mask diversity."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+from landscape import sparsity as sp
+
+# --------------------------------------------------------------------------------------------------
+# independent references (no code shared with the module)
+
+
+def tile_counts(mask: np.ndarray, M: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kept per tile row (Rb, Cb, M) and per tile column (Rb, Cb, M), zero-padded to whole tiles."""
+    R, C = mask.shape
+    padded = np.zeros((-(-R // M) * M, -(-C // M) * M), dtype=int)
+    padded[:R, :C] = mask
+    t = padded.reshape(padded.shape[0] // M, M, padded.shape[1] // M, M).transpose(0, 2, 1, 3)
+    return t.sum(3), t.sum(2)
+
+
+def all_patterns(rows: int, cols: int, row_sum, col_max) -> np.ndarray:
+    """Every 0/1 (rows, cols) matrix with row sums == row_sum and column sums <= col_max (n, r, c)."""
+    bits = np.array(list(itertools.product([0, 1], repeat=rows * cols)), dtype=bool)
+    pats = bits.reshape(-1, rows, cols)
+    ok = (pats.sum(2) == row_sum).all(1) & (pats.sum(1) <= col_max).all(1)
+    return pats[ok]
+
+
+def brute_force(tile: np.ndarray, pats: np.ndarray) -> tuple[np.ndarray, float]:
+    scores = (pats * np.abs(tile)[None]).sum((1, 2))
+    best = int(np.argmax(scores))
+    return pats[best], float(scores[best])
+
+
+def lp_optimum(tile: np.ndarray, K: int) -> float:
+    """max sum |a| S, every row and column sum K, 0 <= S <= 1, by HiGHS."""
+    M = tile.shape[0]
+    a_eq = np.zeros((2 * M, M * M))
+    for i in range(M):
+        a_eq[i, i * M : (i + 1) * M] = 1
+        a_eq[M + i, i::M] = 1
+    res = linprog(-np.abs(tile).ravel(), A_eq=a_eq, b_eq=np.full(2 * M, K), bounds=(0, 1), method="highs")
+    assert res.status == 0
+    return -res.fun
+
+
+def kept(w, mask) -> float:
+    return float(np.abs(np.asarray(w, dtype=np.float64))[mask].sum())
+
+
+def tiles_of(w: np.ndarray, M: int):
+    R, C = w.shape
+    for i in range(0, R, M):
+        for j in range(0, C, M):
+            yield (slice(i, i + M), slice(j, j + M))
+
+
+P4 = {K: all_patterns(4, 4, K, K) for K in (1, 2, 3)}
+
+
+# --------------------------------------------------------------------------------------------------
+# exact optimality
+
+
+def test_patterns_enumeration_matches_counts():
+    assert len(P4[2]) == 90 == sp.transposable_count(keep=2, block=4)
+    assert len(P4[1]) == len(P4[3]) == 24 == sp.transposable_count(keep=1, block=4)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_exact_equals_brute_force_4x4(K):
+    rng = np.random.default_rng(K)
+    w = rng.standard_normal((4 * 6, 4 * 5))
+    mask = sp.transposable_mask(w, keep=K, block=4)
+    for sl in tiles_of(w, 4):
+        best, score = brute_force(w[sl], P4[K])
+        np.testing.assert_array_equal(mask[sl], best)  # continuous weights: the optimum is unique
+        assert kept(w[sl], mask[sl]) == pytest.approx(score, rel=1e-12)
+
+
+def test_exact_equals_brute_force_with_ties():
+    rng = np.random.default_rng(7)
+    w = rng.integers(-2, 3, size=(4 * 8, 4 * 8))  # many ties: compare the optimum, not the mask
+    for K in (1, 2, 3):
+        mask = sp.transposable_mask(w, keep=K, block=4)
+        assert sp.is_transposable(mask, keep=K, block=4, exact=True)
+        for sl in tiles_of(w, 4):
+            assert kept(w[sl], mask[sl]) == brute_force(w[sl], P4[K])[1]
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("dist", ["normal", "lognormal", "integers"])
+def test_exact_equals_lp_optimum_8x8(K, dist):
+    rng = np.random.default_rng(100 * K + len(dist))
+    shape = (8 * 3, 8 * 2)
+    w = {
+        "normal": rng.standard_normal(shape),
+        "lognormal": rng.lognormal(0.0, 1.5, shape),
+        "integers": rng.integers(-5, 6, shape).astype(float),
+    }[dist]
+    mask = sp.transposable_mask(w, keep=K, block=8)
+    rows, cols = tile_counts(mask, 8)
+    assert (rows == K).all() and (cols == K).all()
+    for sl in tiles_of(w, 8):
+        assert kept(w[sl], mask[sl]) == pytest.approx(lp_optimum(w[sl], K), rel=1e-12, abs=1e-12)
+
+
+def test_exact_float32_input_matches_float64():
+    rng = np.random.default_rng(3)
+    w32 = rng.standard_normal((64, 48)).astype(np.float32)
+    np.testing.assert_array_equal(
+        sp.transposable_mask(w32, keep=4, block=8),
+        sp.transposable_mask(w32.astype(np.float64), keep=4, block=8),
+    )
+
+
+def test_lp_fallback_path(monkeypatch):
+    """If every exchange walk 'fails', the HiGHS LP re-solves the tiles: same optimum."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((24, 19))  # full and partial tiles
+    expected = sp.transposable_mask(w, keep=3, block=8)
+    real_round = sp._exchange_round
+
+    def failing_round(*args):
+        return np.ones_like(real_round(*args))
+
+    monkeypatch.setattr(sp, "_exchange_round", failing_round)
+    got = sp.transposable_mask(w, keep=3, block=8)
+    assert sp.is_transposable(got, keep=3, block=8, exact=True)
+    assert kept(w, got) == pytest.approx(kept(w, expected), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# feasibility, transposition, greedy
+
+
+@pytest.mark.parametrize("K,M", [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (6, 8), (1, 2)])
+def test_counts_exact_and_greedy(K, M):
+    rng = np.random.default_rng(K * 10 + M)
+    w = rng.standard_normal((M * 7, M * 5))
+    exact = sp.transposable_mask(w, keep=K, block=M)
+    greedy = sp.transposable_mask(w, keep=K, block=M, method="greedy")
+    rows, cols = tile_counts(exact, M)
+    assert (rows == K).all() and (cols == K).all()
+    rows, cols = tile_counts(greedy, M)
+    assert (rows <= K).all() and (cols <= K).all()
+    assert_maximal(greedy, K, M)
+    assert exact.dtype == bool and exact.shape == w.shape and greedy.shape == w.shape
+    # forward GEMM: K:M along the reduction axis; backward (W.T): K:M along the outputs
+    for m, exact_flag in ((exact, True), (greedy, False)):
+        assert sp.is_nm(m, keep=K, block=M, axis=0, exact=exact_flag)
+        assert sp.is_nm(m.T, keep=K, block=M, axis=0, exact=exact_flag)
+        assert sp.is_transposable(m.T, keep=K, block=M, exact=exact_flag)
+
+
+def test_transposed_problem_gives_transposed_mask():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((40, 24))
+    for method in ("exact", "greedy"):
+        a = sp.transposable_mask(w, keep=4, block=8, method=method)
+        b = sp.transposable_mask(w.T, keep=4, block=8, method=method)
+        np.testing.assert_array_equal(a.T, b)
+
+
+def test_greedy_at_least_half_of_optimum_random():
+    rng = np.random.default_rng(9)
+    for dist in ("normal", "lognormal", "uniform"):
+        w = {
+            "normal": rng.standard_normal((8 * 10, 8 * 10)),
+            "lognormal": rng.lognormal(0.0, 2.0, (8 * 10, 8 * 10)),
+            "uniform": rng.random((8 * 10, 8 * 10)),
+        }[dist]
+        exact = sp.transposable_mask(w, keep=4, block=8)
+        greedy = sp.transposable_mask(w, keep=4, block=8, method="greedy")
+        ratios = [kept(w[sl], greedy[sl]) / kept(w[sl], exact[sl]) for sl in tiles_of(w, 8)]
+        assert min(ratios) >= 0.5
+        assert np.mean(ratios) > 0.95  # and usually close to optimal
+
+
+@pytest.mark.parametrize("K,M", [(1, 2), (2, 4), (4, 8), (3, 6)])
+def test_greedy_adversarial_tile_is_near_half(K, M):
+    """[[X, Y], [Y, 0]] (K x K blocks, M = 2K), X slightly above Y: greedy takes X, which blocks both
+    Y blocks, and keeps (1 + eps) / 2 of the optimum (both Y blocks): the 1/2 bound is tight."""
+    eps = 1e-3
+    tile = np.zeros((M, M))
+    tile[:K, :K] = 1 + eps
+    tile[:K, K:] = 1.0
+    tile[K:, :K] = 1.0
+    exact = sp.transposable_mask(tile, keep=K, block=M)
+    greedy = sp.transposable_mask(tile, keep=K, block=M, method="greedy")
+    ratio = kept(tile, greedy) / kept(tile, exact)
+    assert kept(tile, exact) == pytest.approx(2 * K * K)
+    assert 0.5 <= ratio <= 0.5 * (1 + eps) + 1e-12
+    rows, cols = tile_counts(greedy, M)
+    assert (rows <= K).all() and (cols <= K).all()
+
+
+def assert_maximal(mask, K, M):
+    """Greedy stops at a maximal mask: every pruned entry sits in a full tile row or column."""
+    rows, cols = tile_counts(mask, M)
+    for bi, bj in itertools.product(range(rows.shape[0]), range(rows.shape[1])):
+        t = mask[bi * M : (bi + 1) * M, bj * M : (bj + 1) * M]
+        for i, j in zip(*np.nonzero(~t), strict=True):
+            assert rows[bi, bj, i] == K or cols[bi, bj, j] == K
+
+
+def test_greedy_ties_and_constant_tiles_never_exceed_k():
+    w = np.ones((16, 16))
+    w[3, :] = 0.0
+    for K in range(1, 8):
+        g = sp.transposable_mask(w, keep=K, block=8, method="greedy")
+        rows, cols = tile_counts(g, 8)
+        assert (rows <= K).all() and (cols <= K).all()
+        assert_maximal(g, K, 8)
+
+
+def test_greedy_packed_and_indexed_paths_agree():
+    rng = np.random.default_rng(13)
+    for M in (4, 8):
+        flat = rng.integers(0, 4, size=(300, M * M)).astype(np.float32)  # many ties
+        for K in range(1, M):
+            np.testing.assert_array_equal(sp._greedy_packed(flat, M, K), sp._greedy_indexed(flat, M, K))
+
+
+def test_greedy_wide_blocks():
+    rng = np.random.default_rng(17)
+    w = rng.standard_normal((32, 48))
+    g = sp.transposable_mask(w, keep=5, block=16, method="greedy")
+    e = sp.transposable_mask(w, keep=5, block=16)
+    assert sp.is_transposable(g, keep=5, block=16)
+    assert sp.is_transposable(e, keep=5, block=16, exact=True)
+    for sl in tiles_of(w, 16):
+        assert kept(w[sl], g[sl]) >= 0.5 * kept(w[sl], e[sl])
+
+
+# --------------------------------------------------------------------------------------------------
+# structure nesting and invariances
+
+
+def unstructured_kept(w, fraction) -> float:
+    mag = np.sort(np.abs(w).ravel())[::-1]
+    return float(mag[: int(round(fraction * mag.size))].sum())
+
+
+def test_nesting_of_optimal_kept_magnitude():
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        w = rng.standard_normal((64, 64))
+        t24 = kept(w, sp.transposable_mask(w, keep=2, block=4))
+        t48 = kept(w, sp.transposable_mask(w, keep=4, block=8))
+        n24 = kept(w, sp.nm_mask(w, keep=2, block=4, axis=0))
+        n48 = kept(w, sp.nm_mask(w, keep=4, block=8, axis=0))
+        dense_half = unstructured_kept(w, 0.5)
+        assert t24 <= t48 <= n48 <= dense_half
+        assert t24 <= n24 <= n48
+        # T-2:4 inside every 8x8 tile is a feasible T-4:8 mask, and exact is optimal tile by tile
+        m24 = sp.transposable_mask(w, keep=2, block=4)
+        m48 = sp.transposable_mask(w, keep=4, block=8)
+        for sl in tiles_of(w, 8):
+            assert kept(w[sl], m24[sl]) <= kept(w[sl], m48[sl]) + 1e-12
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_sign_and_positive_scale_invariance(method):
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((40, 56))
+    base = sp.transposable_mask(w, keep=4, block=8, method=method)
+    signs = rng.choice([-1.0, 1.0], size=w.shape)
+    np.testing.assert_array_equal(sp.transposable_mask(-w, keep=4, block=8, method=method), base)
+    np.testing.assert_array_equal(sp.transposable_mask(w * signs, keep=4, block=8, method=method), base)
+    for c in (0.37, 3.0, 1e4, 2.0**-20):
+        np.testing.assert_array_equal(sp.transposable_mask(c * w, keep=4, block=8, method=method), base)
+    nm = sp.nm_mask(w, keep=2, block=4, axis=0)
+    np.testing.assert_array_equal(sp.nm_mask(-3.0 * w, keep=2, block=4, axis=0), nm)
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_row_and_column_permutation_equivariance(method):
+    rng = np.random.default_rng(23)
+    w = rng.standard_normal((24, 16))
+    base = sp.transposable_mask(w, keep=3, block=8, method=method)
+    # permutations that stay within tiles: a random permutation inside every block of 8
+    pr = np.concatenate([8 * b + rng.permutation(8) for b in range(3)])
+    pc = np.concatenate([8 * b + rng.permutation(8) for b in range(2)])
+    got = sp.transposable_mask(w[pr][:, pc], keep=3, block=8, method=method)
+    np.testing.assert_array_equal(got, base[pr][:, pc])
+    # whole tiles may move too
+    tr = np.concatenate([np.arange(16, 24), np.arange(0, 16)])
+    np.testing.assert_array_equal(sp.transposable_mask(w[tr], keep=3, block=8, method=method), base[tr])
+
+
+# --------------------------------------------------------------------------------------------------
+# padding
+
+
+@pytest.mark.parametrize("shape", [(13, 21), (147, 64), (3, 5), (9, 8), (8, 9), (1, 1), (5, 30), (30, 5)])
+@pytest.mark.parametrize("K", [1, 3, 4, 6])
+def test_padding_counts(shape, K):
+    rng = np.random.default_rng(sum(shape) + K)
+    w = rng.standard_normal(shape)
+    for method in ("exact", "greedy"):
+        m = sp.transposable_mask(w, keep=K, block=8, method=method)
+        assert m.shape == shape
+        assert sp.is_transposable(m, keep=K, block=8, exact=(method == "exact"))
+    exact = sp.transposable_mask(w, keep=K, block=8)
+    rows, cols = tile_counts(exact, 8)
+    R, C = shape
+    for bi in range(rows.shape[0]):
+        for bj in range(rows.shape[1]):
+            r, c = min(8, R - 8 * bi), min(8, C - 8 * bj)
+            assert rows[bi, bj].sum() == min(r * min(K, c), c * min(K, r))
+            assert (rows[bi, bj, r:] == 0).all() and (cols[bi, bj, c:] == 0).all()  # padding never kept
+            assert (rows[bi, bj] <= K).all() and (cols[bi, bj] <= K).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (4, 3), (2, 3), (3, 2)])
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_partial_tile_optimum_brute_force(shape, K):
+    """A lone partial tile: the side with the exact count keeps min(K, other side) per line."""
+    rng = np.random.default_rng(31 + K)
+    w = rng.standard_normal(shape)
+    r, c = shape
+    if r * min(K, c) <= c * min(K, r):
+        pats = all_patterns(r, c, min(K, c), min(K, r))
+    else:
+        pats = all_patterns(c, r, min(K, r), min(K, c)).transpose(0, 2, 1)
+    best, score = brute_force(w, pats)
+    mask = sp.transposable_mask(w, keep=K, block=4)
+    np.testing.assert_array_equal(mask, best)
+    assert kept(w, mask) == pytest.approx(score)
+
+
+def test_nm_mask_groups_and_padding():
+    w = np.array([[0.1, -5.0, 2.0, 0.3, 9.0, -1.0, 0.5, 7.0, 4.0, -3.0]])
+    m = sp.nm_mask(w, keep=3, block=4, axis=1)
+    np.testing.assert_array_equal(m[0], [False, True, True, True, True, True, False, True, True, True])
+    assert sp.is_nm(m, keep=3, block=4, axis=1, exact=True)
+    m1 = sp.nm_mask(w, keep=1, block=4, axis=-1)
+    np.testing.assert_array_equal(np.flatnonzero(m1[0]), [1, 4, 8])
+
+
+def test_nm_mask_is_top_k_along_axis():
+    rng = np.random.default_rng(41)
+    w = rng.standard_normal((12, 16, 5))
+    for axis, K, M in ((0, 2, 4), (1, 4, 8), (2, 1, 2), (-2, 3, 8)):
+        m = sp.nm_mask(w, keep=K, block=M, axis=axis)
+        assert m.shape == w.shape
+        assert sp.is_nm(m, keep=K, block=M, axis=axis, exact=True)
+        moved = np.moveaxis(np.abs(w), axis, -1)
+        mm = np.moveaxis(m, axis, -1)
+        L = moved.shape[-1]
+        for g in range(0, L, M):
+            vals, keep = moved[..., g : g + M], mm[..., g : g + M]
+            kth = -np.sort(-vals, axis=-1)[..., min(K, vals.shape[-1]) - 1 : min(K, vals.shape[-1])]
+            assert (vals[keep] >= np.broadcast_to(kth, vals.shape)[keep]).all()
+            assert (keep.sum(-1) == min(K, vals.shape[-1])).all()
+
+
+def test_nm_ties_go_to_lower_index():
+    m = sp.nm_mask(np.ones(8), keep=2, block=4, axis=0)
+    np.testing.assert_array_equal(m, [True, True, False, False] * 2)
+
+
+def test_gemm_matrix_and_conv_kernel_roundtrip():
+    rng = np.random.default_rng(43)
+    kernel = rng.standard_normal((3, 3, 16, 24)).astype(np.float32)
+    g = sp.gemm_matrix(kernel)
+    assert g.shape == (3 * 3 * 16, 24)
+    np.testing.assert_array_equal(g[5 * 16 + 7], kernel[1, 2, 7])  # row = (h, w, cin) row-major
+    mask = sp.transposable_mask(g, keep=4, block=8).reshape(kernel.shape)
+    assert sp.is_transposable(sp.gemm_matrix(mask), keep=4, block=8, exact=True)
+    dense = rng.standard_normal((10, 6))
+    assert sp.gemm_matrix(dense) is not None and sp.gemm_matrix(dense).shape == (10, 6)
+
+
+def test_jax_and_integer_inputs():
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(47)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(
+        sp.transposable_mask(jnp.asarray(w), keep=4, block=8), sp.transposable_mask(w, keep=4, block=8)
+    )
+    wi = np.array([[-128, 127, 3, -4]] * 4, dtype=np.int8)  # abs(int8(-128)) must not overflow
+    m = sp.transposable_mask(wi, keep=1, block=4)
+    assert m[:, 0].sum() == 1 and sp.is_transposable(m, keep=1, block=4, exact=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkers and measures
+
+
+def test_checkers_reject_invalid_masks():
+    m = np.zeros((8, 8), dtype=bool)
+    m[0, :5] = True  # 5 kept in one tile row
+    assert not sp.is_transposable(m, keep=4, block=8)
+    assert not sp.is_nm(m, keep=4, block=8, axis=1)
+    assert sp.is_nm(m, keep=4, block=8, axis=0)
+    m2 = np.zeros((8, 8), dtype=bool)
+    m2[:5, 0] = True
+    assert not sp.is_transposable(m2, keep=4, block=8)
+    ok = sp.transposable_mask(np.random.default_rng(0).standard_normal((8, 8)), keep=4, block=8)
+    assert sp.is_transposable(ok, keep=4, block=8, exact=True)
+    short = ok.copy()
+    short[np.argwhere(ok)[0][0], np.argwhere(ok)[0][1]] = False
+    assert sp.is_transposable(short, keep=4, block=8)
+    assert not sp.is_transposable(short, keep=4, block=8, exact=True)
+    assert not sp.is_nm(short, keep=4, block=8, axis=0, exact=True)
+
+
+def test_density_and_retained_magnitude():
+    w = np.array([[1.0, -2.0], [3.0, -4.0]])
+    m = np.array([[False, True], [False, True]])
+    assert sp.density(m) == 0.5
+    assert sp.retained_magnitude(w, m) == pytest.approx(6.0 / 10.0)
+    assert sp.retained_magnitude(np.zeros((2, 2)), m) == 1.0
+    with pytest.raises(ValueError, match="same shape"):
+        sp.retained_magnitude(w, m[:1])
+
+
+# --------------------------------------------------------------------------------------------------
+# mask diversity
+
+
+def test_mask_diversity_table():
+    """luq_nm.md section 2.2: one 8x8 tile (T = 64) at 50%."""
+    expect = {
+        ("unstructured", 4, 8): math.comb(64, 32),
+        ("nm", 4, 8): 70**8,
+        ("nm", 2, 4): 6**16,
+        ("transposable", 4, 8): 116_963_796_250,
+        ("nm", 1, 2): 2**32,
+        ("transposable", 2, 4): 90**4,
+        ("transposable", 1, 2): 2**16,
+    }
+    logs = {}
+    for (kind, K, M), count in expect.items():
+        md = sp.mask_diversity(kind, keep=K, block=M, size=64)
+        assert isinstance(md.count, int) and md.count == count
+        assert md.log10 == pytest.approx(math.log10(count))
+        logs[(kind, M)] = md.log10
+    assert f"{math.comb(64, 32):.4e}" == "1.8326e+18"
+    assert round(logs[("transposable", 8)], 2) == 11.07 and round(logs[("unstructured", 8)], 2) == 18.26
+    assert "log10=11.068" in repr(sp.mask_diversity("transposable", keep=4, block=8, size=64))
+
+
+def test_transposable_counts_and_symmetry():
+    assert sp.transposable_count(keep=2, block=8) == 187_530_840
+    assert sp.transposable_count(keep=6, block=8) == 187_530_840
+    assert sp.transposable_count(keep=1, block=8) == math.factorial(8)
+    for K in range(1, 6):
+        assert sp.transposable_count(keep=K, block=6) == sp.transposable_count(keep=6 - K, block=6)
+    # brute force for a 5x5 block, K = 2: every row picks 2 of 5 columns, keep column sums == 2
+    choices = np.array([[j in pair for j in range(5)] for pair in itertools.combinations(range(5), 2)])
+    picks = np.array(list(itertools.product(range(len(choices)), repeat=5)))
+    col_sums = choices[picks].sum(1)
+    assert sp.transposable_count(keep=2, block=5) == int((col_sums == 2).all(1).sum()) == 2040
+
+
+def test_mask_diversity_scales_with_size():
+    md = sp.mask_diversity("transposable", keep=4, block=8, size=64 * 1000)
+    assert md.count == 116_963_796_250**1000
+    assert md.log10 == pytest.approx(1000 * math.log10(116_963_796_250))
+    assert "e+11068" in repr(md)  # no float overflow in the repr
+    assert sp.mask_diversity("nm", keep=2, block=4, size=8).count == 36
+    assert sp.mask_diversity("unstructured", keep=1, block=4, size=8).count == math.comb(8, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"keep": 8, "block": 8}, "1 <= keep < block"),
+        ({"keep": 9, "block": 8}, "1 <= keep < block"),
+        ({"keep": 0, "block": 8}, "1 <= keep < block"),
+        ({"keep": -1, "block": 4}, "1 <= keep < block"),
+        ({"keep": 2.0, "block": 4}, "keep must be an integer"),
+        ({"keep": "2", "block": 4}, "keep must be an integer"),
+        ({"keep": True, "block": 4}, "keep must be an integer"),
+        ({"keep": 1, "block": 4.5}, "block must be an integer"),
+        ({"keep": 1, "block": 1}, "block must be an integer >= 2"),
+    ],
+)
+def test_bad_keep_block(kwargs, match):
+    w = np.ones((8, 8))
+    with pytest.raises(ValueError, match=match):
+        sp.transposable_mask(w, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        sp.nm_mask(w, axis=0, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        sp.mask_diversity("nm", size=64, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        sp.is_transposable(w > 0, **kwargs)
+
+
+def test_bad_weights_and_arguments():
+    with pytest.raises(ValueError, match=r"2-D GEMM matrix .* got shape \(8,\)"):
+        sp.transposable_mask(np.ones(8), keep=2, block=4)
+    with pytest.raises(ValueError, match=r"2-D GEMM matrix .* got shape \(3, 3, 4\).*gemm_matrix"):
+        sp.transposable_mask(np.ones((3, 3, 4)), keep=2, block=4)
+    with pytest.raises(ValueError, match="method must be 'exact' or 'greedy', got 'lp'"):
+        sp.transposable_mask(np.ones((4, 4)), keep=2, block=4, method="lp")
+    with pytest.raises(ValueError, match="finite"):
+        sp.transposable_mask(np.array([[np.nan, 1.0], [1.0, 1.0]]), keep=1, block=2)
+    with pytest.raises(ValueError, match="finite"):
+        sp.nm_mask(np.array([np.inf, 1.0]), keep=1, block=2, axis=0)
+    with pytest.raises(ValueError, match="real numeric array, got dtype complex128"):
+        sp.transposable_mask(np.ones((4, 4), dtype=complex), keep=2, block=4)
+    with pytest.raises(ValueError, match="real numeric array"):
+        sp.nm_mask(np.array(["a", "b"]), keep=1, block=2, axis=0)
+    with pytest.raises(ValueError, match="axis=2 is out of range"):
+        sp.nm_mask(np.ones((4, 4)), keep=1, block=2, axis=2)
+    with pytest.raises(ValueError, match="axis must be an integer"):
+        sp.nm_mask(np.ones((4, 4)), keep=1, block=2, axis=None)
+    with pytest.raises(ValueError, match="scalar"):
+        sp.nm_mask(np.float64(1.0), keep=1, block=2, axis=0)
+    with pytest.raises(ValueError, match="boolean array, got dtype int64"):
+        sp.is_nm(np.ones(4, dtype=np.int64), keep=1, block=2, axis=0)
+    with pytest.raises(ValueError, match="mask must be 2-D"):
+        sp.is_transposable(np.ones(4, dtype=bool), keep=1, block=2)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        sp.gemm_matrix(np.ones(5))
+    with pytest.raises(ValueError, match="empty"):
+        sp.density(np.zeros(0, dtype=bool))
+
+
+def test_bad_mask_diversity_arguments():
+    with pytest.raises(ValueError, match="kind must be 'unstructured', 'nm' or 'transposable', got 'block'"):
+        sp.mask_diversity("block", keep=2, block=4, size=16)
+    with pytest.raises(ValueError, match="multiple of block=4"):
+        sp.mask_diversity("nm", keep=2, block=4, size=10)
+    with pytest.raises(ValueError, match="multiple of block\\*\\*2=64"):
+        sp.mask_diversity("transposable", keep=4, block=8, size=96)
+    with pytest.raises(ValueError, match="size \\* keep / block must be an integer"):
+        sp.mask_diversity("unstructured", keep=1, block=4, size=6)
+    with pytest.raises(ValueError, match=">= 1"):
+        sp.mask_diversity("nm", keep=2, block=4, size=0)
+    with pytest.raises(ValueError, match="size must be an integer"):
+        sp.mask_diversity("nm", keep=2, block=4, size=64.0)
+
+
+def test_empty_matrix():
+    assert sp.transposable_mask(np.zeros((0, 5)), keep=2, block=4).shape == (0, 5)
+    assert sp.transposable_mask(np.zeros((5, 0)), keep=2, block=4, method="greedy").shape == (5, 0)
