@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -110,7 +111,7 @@ class HessianSpectrum:
         )
         if self.trace is not None:
             how = "exact" if self.method == "dense" else (
-                f"{self.info.get('trace_method')}, {self.info.get('trace_probes')} probes")
+                f"{self.info.get('trace_method')}, {self.info.get('trace_hvp')} HVPs")
             lines.append(f"        trace: {self.trace:.6g} ± {self.trace_stderr:.3g} ({how})")
         if self.density is not None:
             grid = self.density[0]
@@ -162,30 +163,21 @@ class HessianSpectrum:
 class _HVP:
     """The Hessian of the flattened problem as an operator, counting the products it evaluates.
 
-    Two programs are compiled per call, lazily and once each: a Lanczos step (one HVP fused with its
+    Two programs are compiled, lazily and once each: a Lanczos step (one HVP fused with its
     reorthogonalisation, see :func:`_extend_core`) and a block HVP over ``probe_batch`` vectors.
+    Like ``jax.jit`` they are cached per (f, structure of x0), so calling again with the same f —
+    at any point — compiles nothing; as with ``jax.jit``, f is assumed pure.
     """
 
-    def __init__(self, f, unravel, x):
-        def grad_flat(u):
-            return jax.grad(lambda v: f(unravel(v)))(u)
-
-        def hvp(point, v):
-            return jax.jvp(grad_flat, (point,), (v,))[1]
-
-        def lanczos_step(point, Q, j, key, counter):
-            w = hvp(point, jax.lax.dynamic_index_in_dim(Q, j, axis=0, keepdims=False))
-            return _extend_core(Q, w, j, jax.random.fold_in(key, counter))
-
+    def __init__(self, f, unravel, x, structure):
         self._x = x
-        self._step = jax.jit(lanczos_step, donate_argnums=1)
-        self._matmat = jax.jit(jax.vmap(hvp, in_axes=(None, 0)))
         self.counts: dict[str, int] = {}
+        self._step, self._matmat = _compiled_operator(f, unravel, structure)
 
-    def lanczos_step(self, Q, j, key, counter):
+    def lanczos_step(self, Q, j, spare, counter):
         """(Q, h, β) after one step from basis row j; see :func:`_extend_core`."""
         self.counts["lanczos"] = self.counts.get("lanczos", 0) + 1
-        return self._step(self._x, Q, j, key, counter)
+        return self._step(self._x, Q, j, spare, counter)
 
     def matmat(self, V, task):
         """H applied to each row of V (b, n)."""
@@ -193,15 +185,47 @@ class _HVP:
         return self._matmat(self._x, V)
 
 
+_OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_operator(f, unravel, structure):
+    """(jitted Lanczos step, jitted block HVP) for f at points of the given pytree structure."""
+    try:
+        per_f, f_ref = _OPERATORS.setdefault(f, {}), weakref.ref(f)
+    except TypeError:  # f not weak-referenceable or not hashable: compile for this call only
+        per_f, f_ref = {}, (lambda: f)
+    if structure not in per_f:
+        # The programs hold f only weakly: a strong reference from the cached value would keep its
+        # key (and the data f closes over) alive forever. Tracing happens inside a call, f alive.
+
+        def grad_flat(u):
+            return jax.grad(lambda v: f_ref()(unravel(v)))(u)
+
+        def hvp(point, v):
+            return jax.jvp(grad_flat, (point,), (v,))[1]
+
+        def lanczos_step(point, Q, j, spare, counter):
+            w = hvp(point, jax.lax.dynamic_index_in_dim(Q, j, axis=0, keepdims=False))
+            return _extend_core(Q, w, j, spare, counter)
+
+        per_f[structure] = (
+            jax.jit(lanczos_step, donate_argnums=1),
+            jax.jit(jax.vmap(hvp, in_axes=(None, 0))),
+        )
+    return per_f[structure]
+
+
 # --------------------------------------------------------------------------------------------------
 # Lanczos kernels (pure, jitted once per shape and shared by all calls)
 
 
-def _extend_core(Q, w, j, key):
+def _extend_core(Q, w, j, spare, counter):
     """One Lanczos step with full reorthogonalisation.
 
     Q: (m+1, n) basis rows, rows 0..j filled; w = H q_j (n,). Returns Q with row j+1 set, the
     coefficients h = Q w (rows > j zeroed) which form column j of T, and β = ‖w − Qᵀh‖.
+    spare: (n,) random vector, the source of a fresh direction after a breakdown (rolled by
+    `counter`, so the kernel needs no PRNG of its own: threefry would dominate its compile time).
     """
     rows = Q.shape[0]
     mask = (jnp.arange(rows) <= j).astype(Q.dtype)
@@ -220,7 +244,7 @@ def _extend_core(Q, w, j, key):
     def fresh_direction(_):
         # An invariant subspace was found: continue with a random vector orthogonal to the basis,
         # decoupled from T (β = 0), so Lanczos can go on finding eigenvalues outside it.
-        r = jax.random.normal(key, w.shape, Q.dtype)
+        r = jnp.roll(spare, 7919 * (counter + 1))
         r = r - ((Q @ r) * mask) @ Q
         r = r - ((Q @ r) * mask) @ Q
         return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(Q.dtype).tiny)
@@ -231,7 +255,7 @@ def _extend_core(Q, w, j, key):
     return Q, h, beta
 
 
-_extend_batch = jax.jit(jax.vmap(_extend_core, in_axes=(0, 0, None, 0)), donate_argnums=0)
+_extend_batch = jax.jit(jax.vmap(_extend_core, in_axes=(0, 0, None, 0, None)), donate_argnums=0)
 
 
 @partial(jax.jit, static_argnums=(2,))
@@ -260,7 +284,8 @@ def _unit(key, n, dtype):
 def _lanczos_top_k(op, n, dtype, k, m, which, tol, max_restarts, key):
     """Thick-restart Lanczos. Returns eigenvalues, Ritz coefficient matrix S (j, k), basis Q,
     active size j, residuals, converged flags and the number of restarts."""
-    k_start, k_steps = jax.random.split(key)
+    k_start, k_spare = jax.random.split(key)
+    spare = jax.random.normal(k_spare, (n,), dtype)
     Q = jnp.zeros((m + 1, n), dtype)
     Q = Q.at[0].set(_unit(k_start, n, dtype))
     T = np.zeros((m + 1, m + 1))
@@ -270,7 +295,7 @@ def _lanczos_top_k(op, n, dtype, k, m, which, tol, max_restarts, key):
     restarts = 0
     while True:
         while j < m:
-            Q, h, beta = op.lanczos_step(Q, j, k_steps, step)
+            Q, h, beta = op.lanczos_step(Q, j, spare, step)
             h = np.asarray(h, dtype=np.float64)
             step += 1
             T[: j + 1, j] = h[: j + 1]
@@ -307,14 +332,15 @@ def _slq_nodes(op, n, dtype, runs, steps, block, key):
     nodes, weights = [], []
     for b in range(n_blocks):
         kb = jax.random.fold_in(key, b)
-        signs = jax.random.rademacher(kb, (block, n), dtype=dtype)
+        k_start, k_spare = jax.random.split(kb)
+        signs = jax.random.rademacher(k_start, (block, n), dtype=dtype)
+        spare = jax.random.normal(k_spare, (block, n), dtype)
         Q = jnp.zeros((block, steps + 1, n), dtype)
         Q = Q.at[:, 0].set(signs / np.sqrt(n))
         columns = []
         for j in range(steps):
             W = op.matmat(Q[:, j], "density")
-            keys = jax.random.split(jax.random.fold_in(kb, j + 1), block)
-            Q, h, _ = _extend_batch(Q, W, j, keys)
+            Q, h, _ = _extend_batch(Q, W, j, spare, j)
             columns.append(h[:, :steps])
         # (block, steps, steps) with [r, i, j] = q_iᵀ H q_j for i ≤ j; the off-diagonal β_j appears
         # as the next column's reorthogonalisation coefficient, so T is its symmetrised upper part.
@@ -347,15 +373,19 @@ def _smooth_density(nodes, weights, num_grid, sigma):
     return grid, values, sigma
 
 
-def _apply_blocks(op, V, block, task):
-    """H applied to the rows of V (k, n), in vmapped blocks of `block` rows (zero-padded)."""
-    k, n = V.shape
+def _apply_blocks(op, V, block, task, *, n_rows=None, n=None, dtype=None):
+    """H applied to the rows of V (k, n), in vmapped blocks of `block` rows (zero-padded).
+    With V None, to the rows of the (n_rows, n) identity, built one block at a time."""
+    k, n, dtype = (V.shape + (V.dtype,)) if V is not None else (n_rows, n, dtype)
     out = []
     for s in range(0, k, block):
-        chunk = V[s : s + block]
+        if V is None:
+            chunk = jax.nn.one_hot(jnp.arange(s, min(s + block, k)), n, dtype=dtype)
+        else:
+            chunk = V[s : s + block]
         pad = block - chunk.shape[0]
         if pad:
-            chunk = jnp.concatenate([chunk, jnp.zeros((pad, n), V.dtype)])
+            chunk = jnp.concatenate([chunk, jnp.zeros((pad, n), dtype)])
         out.append(op.matmat(chunk, task)[: block - pad])
     return jnp.concatenate(out)
 
@@ -532,15 +562,19 @@ def hessian_spectrum(
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_DIM else "lanczos"
 
-    op = _HVP(f, unravel, flat)
+    leaves, treedef = jax.tree_util.tree_flatten(x0)
+    structure = (treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves))
+    op = _HVP(f, unravel, flat, structure)
     key_lanczos, key_trace, key_density = jax.random.split(jax.random.PRNGKey(seed), 3)
     info: dict[str, Any] = {}
     trace_value = trace_stderr = None
     density_out = nodes_out = None
 
     if method == "dense":
-        block = min(probe_batch, n)
-        H = _apply_blocks(op, jnp.eye(n, dtype=dtype), block, "dense")
+        # Blocks of near-equal size, so that zero padding wastes fewer than one HVP per block.
+        n_blocks = -(-n // probe_batch)
+        block = -(-n // n_blocks)
+        H = _apply_blocks(op, None, block, "dense", n_rows=n, n=n, dtype=dtype)
         H = np.asarray(H, np.float64)
         norm = np.linalg.norm(H)
         info["asymmetry"] = float(np.linalg.norm(H - H.T) / norm) if norm > 0 else 0.0
@@ -586,7 +620,7 @@ def hessian_spectrum(
             trace_value, trace_stderr, used = _trace(
                 op, n, dtype, trace_method, num_probes, block, trace_rtol, limit, key_trace
             )
-            info.update(trace_method=trace_method, trace_probes=used)
+            info.update(trace_method=trace_method, trace_hvp=used)
         if density:
             steps = min(density_steps, n)
             nodes_out = _slq_nodes(op, n, dtype, density_runs, steps, block, key_density)

@@ -1,0 +1,197 @@
+"""Separability measures against cases with a known answer (additive vs coupled losses)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from landscape.separability import (
+    SeparabilityIndex,
+    SeparabilityReport,
+    anova_interaction,
+    flat_fraction,
+    gaussian_curvature,
+    separability,
+    separability_index,
+)
+
+# ------------------------------------------------------------------------------------------------ Hessian
+
+
+def test_diagonal_hessian_is_separable():
+    H = np.diag([4.0, 1.0, 0.25, 9.0])
+    rep = separability(H)
+    assert isinstance(rep, SeparabilityReport)
+    assert rep.offdiag_ratio == 0.0 and rep.offdiag_l1_ratio == 0.0
+    assert rep.mean_coupling == 0.0 and rep.mean_coupling_min == 0.0
+    np.testing.assert_array_equal(rep.coupling, np.eye(4))
+    np.testing.assert_allclose(rep.eigenvalues, [9.0, 4.0, 1.0, 0.25])
+    assert rep.condition_number == pytest.approx(36.0)
+    assert rep.trace == pytest.approx(14.25)
+
+
+def test_coupled_hessian_values_by_hand():
+    H = np.array([[4.0, 1.0, 0.0], [1.0, 1.0, 0.5], [0.0, 0.5, 9.0]])
+    rep = separability(H)
+    off = np.sqrt(2 * 1.0 + 2 * 0.25)
+    assert rep.offdiag_ratio == pytest.approx(off / np.linalg.norm(H))
+    assert rep.offdiag_l1_ratio == pytest.approx(3.0 / 14.0)
+    assert rep.coupling[0, 1] == pytest.approx(1.0 / np.sqrt(4.0)) == rep.coupling[1, 0]
+    assert rep.coupling[1, 2] == pytest.approx(0.5 / 3.0)
+    assert rep.coupling_min[0, 1] == pytest.approx(1.0)  # |H_01| / min(4, 1): the reference's heat map
+    assert rep.coupling_min[1, 2] == pytest.approx(0.5)
+    assert rep.mean_coupling == pytest.approx((0.5 + 0.5 / 3.0 + 0.0) / 3.0)
+    assert rep.mean_coupling_min == pytest.approx((1.0 + 0.5 + 0.0) / 3.0)
+    ev = np.linalg.eigvalsh(H)
+    assert rep.condition_number == pytest.approx(ev[-1] / ev[0])
+    assert rep.offdiag_ratio > 0
+    text = repr(rep)
+    assert "offdiag_ratio" in text and "condition_number" in text
+
+
+def test_condition_number_of_indefinite_and_zero_diagonal():
+    rep = separability(np.array([[1.0, 0.0], [0.0, -2.0]]))
+    assert rep.condition_number == np.inf and rep.abs_condition_number == pytest.approx(2.0)
+    rep = separability(np.array([[0.0, 1.0], [1.0, 2.0]]))  # H_00 = 0: coupling undefined there
+    assert np.isnan(rep.coupling[0, 1]) and np.isnan(rep.mean_coupling)
+    assert separability(np.zeros((3, 3))).offdiag_ratio == 0.0
+
+
+def test_separability_of_jax_hessians_tracks_the_coupling_strength():
+    # L(a) = Σ a_i² + c · a_0 a_1: the coupling ratio grows with c.
+    def loss(c):
+        return lambda a: jnp.sum(a**2) + c * a[0] * a[1]
+
+    ratios = [separability(jax.hessian(loss(c))(jnp.ones(3))).offdiag_ratio for c in (0.0, 0.5, 2.0)]
+    assert ratios[0] == 0.0 and 0 < ratios[1] < ratios[2]
+
+
+def test_bad_hessians():
+    with pytest.raises(ValueError, match="square"):
+        separability(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="square"):
+        separability(np.ones(3))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        separability(np.array([[1.0, np.nan], [np.nan, 1.0]]))
+    with pytest.raises(ValueError, match="not symmetric"):
+        separability(np.array([[1.0, 0.5], [0.0, 1.0]]))
+    separability(np.array([[1.0, 0.5], [0.5 + 1e-7, 1.0]]))  # autodiff-level asymmetry is fine
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+class _BatchLoss:
+    """A minimal stand-in for ClipLoss: .n and a vmapped, jitted .batch; records the calls."""
+
+    def __init__(self, fn, n):
+        self.n = n
+        self._batch = jax.jit(jax.vmap(fn))
+        self.calls = []
+
+    def batch(self, alphas):
+        self.calls.append(alphas.shape)
+        return self._batch(jnp.asarray(alphas))
+
+
+def test_additive_loss_has_gamma_zero():
+    n = 6
+    loss = _BatchLoss(lambda a: jnp.sum(jnp.log(a) ** 2 + 0.3 * a), n)
+    res = separability_index(loss, np.full(n, 0.5), np.full(n, 2.0), n_samples=100, seed=0, batch=200)
+    assert isinstance(res, SeparabilityIndex)
+    assert abs(res.gamma_normalized) < 1e-5
+    assert abs(res.T) < 4.0
+    assert res.n_evals == 100 * (n + 2)
+    # Every call has the same shape (the tail is padded), and there are only a few of them.
+    assert set(loss.calls) == {(200, n)} and len(loss.calls) == 4
+    assert "gamma" in repr(res)
+
+
+def test_multiplicative_loss_has_large_gamma_and_T():
+    n = 6
+    loss = _BatchLoss(lambda a: jnp.prod(a), n)
+    res = separability_index(loss, np.full(n, 0.5), np.full(n, 2.0), n_samples=100, seed=0,
+                             n_repeats=2)
+    assert res.gamma > 0 and res.gamma_normalized > 1e-3
+    assert res.T > 0.5  # g is heavy-tailed for a product, so T ~ 1 at N = 100 (the reference saw 1.02)
+    assert res.gammas.shape == (2,) and res.g.shape == (2, 100)
+    # T is a t-statistic: it grows like √N when γ ≠ 0.
+    many = separability_index(loss, np.full(n, 0.5), np.full(n, 2.0), n_samples=3000, seed=0, batch=4096)
+    assert many.T > 4.0
+    # Same seed, same answer; the answer depends on the seed.
+    again = separability_index(loss, np.full(n, 0.5), np.full(n, 2.0), n_samples=100, seed=0, n_repeats=2)
+    assert again.gamma == res.gamma
+    other = separability_index(loss, np.full(n, 0.5), np.full(n, 2.0), n_samples=100, seed=1, n_repeats=2)
+    assert other.gamma != res.gamma
+
+
+def test_plain_batch_callable_is_accepted():
+    fn = lambda A: np.sum(np.asarray(A) ** 2, axis=1)  # additive
+    res = separability_index(fn, np.zeros(3), np.ones(3), n_samples=20)
+    assert abs(res.gamma_normalized) < 1e-6
+
+
+def test_bad_sampling_inputs():
+    loss = _BatchLoss(lambda a: jnp.sum(a), 3)
+    with pytest.raises(ValueError, match="same shape"):
+        separability_index(loss, np.zeros(3), np.ones(4))
+    with pytest.raises(ValueError, match="lo <= hi"):
+        separability_index(loss, np.ones(3), np.zeros(3))
+    with pytest.raises(ValueError, match="n = 3 sites"):
+        separability_index(loss, np.zeros(2), np.ones(2))
+    with pytest.raises(ValueError, match="finite"):
+        separability_index(loss, np.zeros(3), np.array([1.0, np.inf, 1.0]))
+    with pytest.raises(ValueError, match="n_samples"):
+        separability_index(loss, np.zeros(3), np.ones(3), n_samples=1)
+    with pytest.raises(ValueError, match="batch"):
+        separability_index(object(), np.zeros(3), np.ones(3))
+    log_loss = _BatchLoss(lambda a: jnp.sum(jnp.log(a)), 3)
+    with pytest.raises(ValueError, match="non-finite"):
+        separability_index(log_loss, np.full(3, -1.0), np.ones(3))
+
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+def test_anova_interaction_additive_vs_coupled():
+    x = np.linspace(0.1, 2.0, 21)
+    y = np.linspace(0.1, 3.0, 31)
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    assert anova_interaction(np.sin(X) + Y**2) == pytest.approx(0.0, abs=1e-12)
+    coupled = anova_interaction(X * Y)
+    assert 0.05 < coupled <= 1.0
+    assert anova_interaction((X - Y) ** 2) > coupled * 0.5
+    assert anova_interaction(np.full((4, 5), 3.0)) == 0.0
+    # A pure interaction (zero row and column effects) has fraction 1.
+    assert anova_interaction(np.outer([1.0, -1.0], [1.0, -1.0])) == pytest.approx(1.0)
+
+
+def test_flat_fraction():
+    z = np.array([[1.0, 1.02, 1.2], [1.04, 2.0, np.inf]])
+    assert flat_fraction(z, 0.05) == pytest.approx(3 / 6)
+    assert flat_fraction(z, 0.0) == pytest.approx(1 / 6)
+    assert flat_fraction(z, 10.0) == pytest.approx(5 / 6)  # +inf is never flat
+    with pytest.raises(ValueError, match="tol"):
+        flat_fraction(z, -0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        flat_fraction(np.array([[1.0, np.nan], [1.0, 1.0]]), 0.1)
+    with pytest.raises(ValueError, match="2-D"):
+        flat_fraction(np.ones(4), 0.1)
+    with pytest.raises(ValueError, match="finite"):
+        anova_interaction(z)
+
+
+def test_gaussian_curvature():
+    # Paraboloid z = (x² + y²)/2 at the origin: K = 1; at (1, 0): det H = 1, |∇z|² = 1 → K = 1/4.
+    H = np.eye(2)
+    assert gaussian_curvature(H, [0.0, 0.0]) == pytest.approx(1.0)
+    assert gaussian_curvature(H, [1.0, 0.0]) == pytest.approx(0.25)
+    # A saddle has negative curvature; a cylinder zero.
+    assert gaussian_curvature(np.diag([1.0, -1.0]), [0.0, 0.0]) == pytest.approx(-1.0)
+    assert gaussian_curvature(np.diag([1.0, 0.0]), [0.3, 0.0]) == 0.0
+    with pytest.raises(ValueError, match="same n"):
+        gaussian_curvature(np.eye(2), [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="finite"):
+        gaussian_curvature(np.eye(2), [np.nan, 0.0])

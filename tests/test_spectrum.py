@@ -1,0 +1,357 @@
+"""hessian_spectrum against ground truth: quadratics with a known spectrum, given as pytrees."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import weakref
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from landscape.spectrum import _OPERATORS, DENSE_MAX_DIM, HessianSpectrum, hessian_spectrum
+
+SHAPES_5000 = {"conv": (10, 5, 4, 4), "dense": (4000,), "bias": (200,)}
+
+
+def _leaves_concat(x, names):
+    return jnp.concatenate([x[k].reshape(-1) for k in names])
+
+
+def householder_quadratic(lam, shapes, *, reflections=6, seed=0):
+    """f(x) = ½ xᵀ A x with A = Q diag(λ) Qᵀ, Q a product of Householder reflections, x a dict.
+
+    Applying Qᵀ costs O(reflections · n), so n = 5000 stays cheap, and the spectrum is exactly λ.
+    Returns f, a random x0 shaped by `shapes`, and apply_q (coordinates → flat eigenvector)."""
+    lam = np.asarray(lam, np.float64)
+    n = lam.size
+    assert sum(int(np.prod(s)) for s in shapes.values()) == n
+    rng = np.random.default_rng(seed)
+    U = rng.standard_normal((reflections, n))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    U_j, lam_j = jnp.asarray(U, jnp.float32), jnp.asarray(lam, jnp.float32)
+    names = list(shapes)
+
+    def reflect(y, u):
+        return y - 2.0 * u * (u @ y), None
+
+    def f(x):
+        y = jax.lax.scan(reflect, _leaves_concat(x, names), U_j)[0]  # Qᵀ x = H_r ⋯ H_1 x
+        return 0.5 * jnp.sum(lam_j * y * y)
+
+    def apply_q(c):  # Q c = H_1 ⋯ H_r c
+        y = np.asarray(c, np.float64)
+        for u in U[::-1]:
+            y = y - 2.0 * u * (u @ y)
+        return y
+
+    x0 = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    return f, x0, apply_q
+
+
+def flat(tree, names):
+    """The dict `tree` as one float64 vector, in the order f uses (not the sorted pytree order)."""
+    return np.concatenate([np.asarray(tree[k], np.float64).ravel() for k in names])
+
+
+def spectrum_with_gap(kind, n, seed=0):
+    """Top five eigenvalues well separated from a bulk: SPD bulk in [0.1, 10], or indefinite in [-30, 10]."""
+    rng = np.random.default_rng(seed)
+    bulk = rng.uniform(0.1, 10.0, n - 5) if kind == "spd" else rng.uniform(-30.0, 10.0, n - 5)
+    lam = np.concatenate([[100.0, 90.0, 80.0, 70.0, 60.0], bulk])
+    return rng.permutation(lam)
+
+
+@pytest.fixture(scope="module")
+def spd1000():
+    """One n = 1000 SPD quadratic shared by several tests (its HVP programs compile once)."""
+    lam = spectrum_with_gap("spd", 1000, seed=8)
+    f, x0, _ = householder_quadratic(lam, {"a": (20, 30), "b": (400,)}, seed=9)
+    return f, x0, lam
+
+
+# ------------------------------------------------------------------------------------------------ dense
+
+
+def test_dense_matches_eigh_on_random_indefinite_matrix():
+    n = 60
+    rng = np.random.default_rng(1)
+    M = rng.standard_normal((n, n))
+    A = (M + M.T) / 2
+    A_j = jnp.asarray(A, jnp.float32)
+    f = lambda x: 0.5 * _leaves_concat(x, ["w", "b"]) @ A_j @ _leaves_concat(x, ["w", "b"])
+    x0 = {"w": jnp.ones((6, 5)), "b": jnp.zeros(30)}
+    evals, evecs = np.linalg.eigh(A)
+
+    res = hessian_spectrum(f, x0, top_k=5, trace=True, density=True, eigenvectors=True)
+    assert res.method == "dense" and res.dim == n
+    np.testing.assert_allclose(res.eigenvalues, evals[::-1][:5], rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(res.eigenvalues) <= 0)
+    assert res.trace == pytest.approx(np.trace(A), abs=1e-4) and res.trace_stderr == 0.0
+    assert np.all(res.converged) and np.max(res.residuals) < 1e-4
+    for vec, true in zip(res.eigenvectors, evecs[:, ::-1].T, strict=False):
+        assert jax.tree_util.tree_structure(vec) == jax.tree_util.tree_structure(x0)
+        assert vec["w"].shape == (6, 5) and vec["b"].shape == (30,)
+        assert abs(flat(vec, ["w", "b"]) @ true) == pytest.approx(1.0, abs=1e-4)
+    grid, values = res.density
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-9)
+
+    low = hessian_spectrum(f, x0, top_k=3, which="smallest", trace=False)
+    np.testing.assert_allclose(low.eigenvalues, evals[:3], rtol=1e-5, atol=1e-5)
+    mag = hessian_spectrum(f, x0, top_k=4, which="magnitude", trace=False)
+    np.testing.assert_allclose(mag.eigenvalues, evals[np.argsort(-np.abs(evals))[:4]], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_matches_jax_hessian_on_a_nonquadratic_function():
+    rng = np.random.default_rng(2)
+    W = jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal(8), jnp.float32)
+
+    def f(p):
+        h = jnp.tanh(W @ p["a"] + p["c"])
+        return jnp.sum((h - t) ** 2) + 0.1 * jnp.sum(jnp.cos(p["a"]))
+
+    x0 = {"a": jnp.asarray(rng.standard_normal(12), jnp.float32),
+          "c": jnp.asarray(rng.standard_normal(8), jnp.float32)}
+    Hj = jax.hessian(lambda v: f({"a": v[:12], "c": v[12:]}))(jnp.concatenate([x0["a"], x0["c"]]))
+    evals = np.linalg.eigvalsh(np.asarray(Hj, np.float64))
+    res = hessian_spectrum(f, x0, top_k=20, trace=True)
+    np.testing.assert_allclose(res.eigenvalues, evals[::-1], rtol=1e-4, atol=1e-4)
+    assert res.trace == pytest.approx(float(np.sum(evals)), rel=1e-5, abs=1e-5)
+    assert res.n_hvp == 20 and res.info["asymmetry"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ Lanczos
+
+
+@pytest.mark.parametrize("kind", ["spd", "indefinite"])
+def test_lanczos_top5_and_trace_n5000(kind):
+    lam = spectrum_with_gap(kind, 5000, seed=3)
+    f, x0, apply_q = householder_quadratic(lam, SHAPES_5000, seed=4)
+    res = hessian_spectrum(f, x0, top_k=5, trace=True, eigenvectors=True, seed=0)
+    assert res.method == "lanczos" and res.dim == 5000 > DENSE_MAX_DIM
+    top = np.sort(lam)[::-1][:5]
+    np.testing.assert_allclose(res.eigenvalues, top, rtol=1e-3)
+    assert np.all(res.converged)
+    # Eigenvectors: shaped like x0, aligned with the true ones Q e_i.
+    order = np.argsort(-lam)[:5]
+    for vec, i in zip(res.eigenvectors, order, strict=True):
+        assert {k: v.shape for k, v in vec.items()} == {k: v.shape for k, v in x0.items()}
+        assert abs(flat(vec, list(SHAPES_5000)) @ apply_q(np.eye(5000)[i])) > 0.999
+    # Hutch++: within 3 standard errors of the exact trace, with a useful error bar.
+    assert abs(res.trace - lam.sum()) <= 3 * res.trace_stderr
+    assert 0 < res.trace_stderr < 0.05 * np.abs(lam).sum()
+    assert res.hvp_counts["trace"] == 96
+    assert res.n_hvp == res.hvp_counts["lanczos"] + 96
+    assert res.hvp_counts["lanczos"] <= 60
+    print(f"\n[{kind}] top-5 rel err {np.max(np.abs(res.eigenvalues - top) / top):.2e}, "
+          f"lanczos HVPs {res.hvp_counts['lanczos']}, trace {res.trace:.1f} ± {res.trace_stderr:.1f} "
+          f"(exact {lam.sum():.1f}), {res.seconds:.2f}s")
+
+
+def test_thick_restart_converges_with_a_small_basis():
+    # Clustered top eigenvalues next to a bulk: needs more than a 12-vector Krylov basis.
+    rng = np.random.default_rng(5)
+    lam = np.concatenate([[10.0, 9.8, 9.6, 9.4, 9.2], rng.uniform(-9.5, 9.0, 995)])
+    f, x0, _ = householder_quadratic(lam, {"a": (1000,)}, seed=6)
+    res = hessian_spectrum(f, x0, top_k=3, trace=False, lanczos_steps=12, max_restarts=60)
+    assert res.info["lanczos_restarts"] > 0
+    assert np.all(res.converged)
+    np.testing.assert_allclose(res.eigenvalues, [10.0, 9.8, 9.6], rtol=1e-4)
+
+
+def test_unconverged_lanczos_warns_and_flags():
+    # No gap at the bottom of a uniform bulk: two restarts of 10 vectors cannot resolve it.
+    lam = np.linspace(-1.0, 1.0, 1000)
+    f, x0, _ = householder_quadratic(lam, {"a": (1000,)}, seed=7)
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        res = hessian_spectrum(f, x0, top_k=3, which="smallest", trace=False, lanczos_steps=10,
+                               max_restarts=2, tol=1e-8)
+    assert not np.all(res.converged) and res.info["lanczos_restarts"] == 2
+
+
+def test_hutchinson_with_relative_tolerance(spd1000):
+    f, x0, lam = spd1000
+    res = hessian_spectrum(f, x0, top_k=1, trace=True, trace_method="hutchinson", num_probes=32,
+                           trace_rtol=0.02, max_probes=2000, probe_batch=32)
+    assert res.trace_stderr <= 0.02 * abs(res.trace)
+    assert abs(res.trace - lam.sum()) <= 3 * res.trace_stderr
+    assert res.info["trace_hvp"] % 32 == 0
+
+
+def test_lanczos_path_on_a_small_problem_is_exact():
+    # method="lanczos" with n below the basis size spans the whole space: exact to rounding.
+    rng = np.random.default_rng(10)
+    lam = rng.uniform(-2, 5, 30)
+    f, x0, _ = householder_quadratic(lam, {"a": (5, 6)}, seed=11)
+    res = hessian_spectrum(f, x0, top_k=4, method="lanczos", trace=True)
+    np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[::-1][:4], rtol=1e-4)
+    # The Hutch++ sketch (32 ≥ n) captures all of H: the trace is exact, its stderr ~0.
+    assert res.trace == pytest.approx(lam.sum(), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ density
+
+
+def _bulk_and_clusters(n):
+    rng = np.random.default_rng(12)
+    lam = np.concatenate([rng.uniform(0.0, 1.0, n - 40), np.full(20, 4.0), np.full(20, 8.0)])
+    return rng.permutation(lam)
+
+
+@pytest.mark.parametrize("method,n", [("lanczos", 1000), ("dense", 200)])
+def test_density_integrates_to_one_and_peaks_at_isolated_eigenvalues(method, n):
+    lam = _bulk_and_clusters(n)
+    f, x0, _ = householder_quadratic(lam, {"a": (n,)}, seed=13)
+    res = hessian_spectrum(f, x0, top_k=1, trace=False, density=True, method=method, density_runs=10,
+                           density_steps=60, probe_batch=10)
+    grid, values = res.density
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-9)
+    assert np.all(values >= 0)
+    sigma = res.info["density_sigma"]
+    at = lambda t: values[np.argmin(np.abs(grid - t))]
+    for peak in (4.0, 8.0):
+        window = np.abs(grid - peak) <= 3 * sigma
+        assert abs(grid[window][np.argmax(values[window])] - peak) <= sigma  # a local maximum there
+        assert values[window].max() > 100 * max(at(2.5), at(6.0))  # far above the empty gaps
+        mass = np.trapezoid(values[window], grid[window])
+        assert mass == pytest.approx(20 / n, rel=0.6)  # SLQ weights are unbiased, 10 runs are noisy
+    # The smoothed density's mean is the (unbiased) estimate of tr H / n.
+    assert np.trapezoid(grid * values, grid) == pytest.approx(lam.mean(), rel=0.05)
+    assert res.eigenvalues[0] == pytest.approx(8.0, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+def test_result_repr_plot_and_determinism(spd1000):
+    f, x0, _ = spd1000
+    kw = dict(top_k=2, trace=True, density=True, density_runs=4, density_steps=20, num_probes=12,
+              probe_batch=4, seed=3)
+    a = hessian_spectrum(f, x0, **kw)
+    b = hessian_spectrum(f, x0, **kw)
+    assert isinstance(a, HessianSpectrum)
+    np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+    assert a.trace == b.trace
+    np.testing.assert_array_equal(a.density[1], b.density[1])
+    text = repr(a)
+    for word in ("lanczos", "eigenvalues", "trace", "density", "n_hvp", "seconds"):
+        assert word in text
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax = a.plot()
+    assert ax.get_xlabel() == "eigenvalue"
+    plt.close("all")
+    ax = hessian_spectrum(lambda x: jnp.sum(jnp.cos(x)), jnp.ones(5), top_k=2, trace=False).plot()
+    assert ax.get_ylabel() == "eigenvalue"
+    plt.close("all")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x0 = {"a": jnp.ones(4), "b": jnp.ones((2, 3))}
+    f = lambda x: jnp.sum(x["a"] ** 2) + jnp.sum(x["b"] ** 3)
+    with pytest.raises(ValueError, match="scalar"):
+        hessian_spectrum(lambda x: x["a"] ** 2, x0)
+    with pytest.raises(ValueError, match="top_k"):
+        hessian_spectrum(f, x0, top_k=11)
+    with pytest.raises(ValueError, match="top_k"):
+        hessian_spectrum(f, x0, top_k=0)
+    with pytest.raises(ValueError, match="NaN"):
+        hessian_spectrum(f, {"a": jnp.array([1.0, jnp.nan, 0.0, 0.0]), "b": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match="NaN/inf"):
+        hessian_spectrum(f, {"a": jnp.array([1.0, jnp.inf, 0.0, 0.0]), "b": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match="method"):
+        hessian_spectrum(f, x0, method="power")
+    with pytest.raises(ValueError, match="which"):
+        hessian_spectrum(f, x0, which="LA")
+    with pytest.raises(ValueError, match="trace_method"):
+        hessian_spectrum(f, x0, trace_method="xtrace")
+    with pytest.raises(ValueError, match="floating"):
+        hessian_spectrum(lambda x: jnp.sum(x["a"]) * 1.0, {"a": jnp.arange(3)})
+    with pytest.raises(ValueError, match="no array leaves"):
+        hessian_spectrum(f, {})
+    with pytest.raises(ValueError, match="lanczos_steps"):
+        hessian_spectrum(lambda x: jnp.sum(x**2), jnp.ones(600), top_k=5, lanczos_steps=6)
+    with pytest.raises(ValueError, match="num_probes"):
+        hessian_spectrum(f, x0, num_probes=3)
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import json, warnings
+    import numpy as np, jax, jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from landscape.spectrum import hessian_spectrum
+
+    assert len(jax.devices()) == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    N, d = 256, 600
+    X = rng.standard_normal((N, d)).astype(np.float32)
+    X[:, :3] *= np.array([6.0, 4.0, 3.0], np.float32)  # a gap at the top of X^T X / N
+    y = rng.standard_normal(N).astype(np.float32)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    placed = {
+        "one": (jax.device_put(X, jax.devices()[0]), jax.device_put(y, jax.devices()[0])),
+        "four": (jax.device_put(X, NamedSharding(mesh, P("data", None))),
+                 jax.device_put(y, NamedSharding(mesh, P("data")))),
+    }
+    assert len(placed["four"][0].sharding.device_set) == 4
+    x0 = {"w": jnp.zeros(d - 1), "b": jnp.zeros(())}
+    out = {}
+    for name, (Xd, yd) in placed.items():
+        def f(p, Xd=Xd, yd=yd):
+            r = Xd[:, :-1] @ p["w"] + Xd[:, -1] * p["b"] - yd
+            return 0.5 * jnp.mean(r * r)
+        it = hessian_spectrum(f, x0, top_k=3, trace=True, density=True, density_runs=4,
+                              density_steps=20, num_probes=24, probe_batch=4)
+        out[name] = dict(method=it.method, eig=it.eigenvalues.tolist(), trace=it.trace,
+                         stderr=it.trace_stderr, density=it.density[1].tolist())
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_sharded_data_gives_the_single_device_result():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    out = json.loads(line[len("RESULT"):])
+    one, four = out["one"], out["four"]
+    assert one["method"] == four["method"] == "lanczos"
+    np.testing.assert_allclose(four["eig"], one["eig"], rtol=1e-5)
+    assert four["trace"] == pytest.approx(one["trace"], rel=1e-5)
+    assert four["stderr"] == pytest.approx(one["stderr"], rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(four["density"], one["density"], rtol=1e-5, atol=1e-5 * max(one["density"]))
+
+
+def test_programs_are_cached_per_function_and_released_with_it(spd1000):
+    f, x0, lam = spd1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the happy path warns about nothing
+        res = hessian_spectrum(f, x0, top_k=2, trace=False)
+    assert np.all(res.converged)
+    np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[::-1][:2], rtol=1e-4)
+    assert f in _OPERATORS
+    g = lambda x: jnp.sum(x**4)
+    hessian_spectrum(g, jnp.ones(3))
+    ref = weakref.ref(g)
+    del g
+    gc.collect()
+    assert ref() is None  # the cache holds f weakly: its data can be freed
