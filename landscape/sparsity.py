@@ -390,7 +390,7 @@ def _row_top(a: np.ndarray, quota: np.ndarray) -> np.ndarray:
     lower column), counted with elementwise comparisons so tiles stay the contiguous axis.
     """
     M = a.shape[0]
-    rank = np.zeros(a.shape, dtype=np.int8)
+    rank = np.zeros(a.shape, dtype=np.int16)
     for jp in range(M):
         col = a[:, jp, None, :]
         rank[:, :jp] += col > a[:, :jp]
@@ -439,11 +439,11 @@ def _exchange_round(a0, forbid, sel, excess) -> np.ndarray:
         enter += forbid
     dist_c = _BIG * (excess <= 0)
     dist_r = np.full((M, n), _BIG)
-    pred_c = np.full((M, n), -1, dtype=np.int8)  # row whose edge reached column j
-    pred_r = np.full((M, n), -1, dtype=np.int8)  # column through which row i was reached
+    pred_c = np.full((M, n), -1, dtype=np.int16)  # row whose edge reached column j
+    pred_r = np.full((M, n), -1, dtype=np.int16)  # column through which row i was reached
     buf = np.empty((M, n))
     better = np.empty((M, n), dtype=bool)
-    step = np.empty((M, n), dtype=np.int8)
+    step = np.empty((M, n), dtype=np.int16)
     # Bellman-Ford with strict improvements only: its predecessor graph stays a tree (there is no
     # negative cycle), so the walk below terminates even with tied magnitudes. A shortest path
     # visits at most M rows, so M + 1 passes settle it; the extra pass confirms convergence.
@@ -452,7 +452,7 @@ def _exchange_round(a0, forbid, sel, excess) -> np.ndarray:
             np.add(dist_c[j], leave[:, j], out=buf)
             np.less(buf, dist_r, out=better)
             np.minimum(buf, dist_r, out=dist_r)
-            np.subtract(np.int8(j), pred_r, out=step)
+            np.subtract(np.int16(j), pred_r, out=step)
             step *= better
             pred_r += step
         improved = False
@@ -462,7 +462,7 @@ def _exchange_round(a0, forbid, sel, excess) -> np.ndarray:
             if better.any():
                 improved = True
                 np.minimum(buf, dist_c, out=dist_c)
-                np.subtract(np.int8(i), pred_c, out=step)
+                np.subtract(np.int16(i), pred_c, out=step)
                 step *= better
                 pred_c += step
         if not improved:
