@@ -172,7 +172,7 @@ class ClipLoss:
         yp = np.concatenate([y, np.zeros(pad, np.int32)])
         self.mesh = Mesh(np.array(devices), ("data",))
         batch_sharding = NamedSharding(self.mesh, P(None, "data"))
-        replicated = NamedSharding(self.mesh, P())
+        replicated = self._replicated = NamedSharding(self.mesh, P())
         self._x = jax.device_put(xp.reshape((nb, bs) + x.shape[1:]), batch_sharding)
         self._y = jax.device_put(yp.reshape(nb, bs), batch_sharding)
         self._w = jax.device_put(w.reshape(nb, bs), batch_sharding)
@@ -254,7 +254,10 @@ class ClipLoss:
             shape = "(K, n)" if batched else "(n,)"
             raise ValueError(f"alpha has shape {alpha.shape}; expected {shape} with n = {self.n} "
                              f"({len(self.sites)} sites)")
-        return alpha
+        if isinstance(alpha, jax.core.Tracer):  # called inside a user's transformation
+            return alpha
+        # One placement for every input (numpy, jax, any device): one compilation.
+        return jax.device_put(alpha, self._replicated)
 
     def __call__(self, alpha) -> jax.Array:
         """L(α): mean cross-entropy over the calibration set; +inf for α ≤ 0 or non-finite."""

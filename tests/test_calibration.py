@@ -1,0 +1,168 @@
+"""Every calibration rule against a brute-force reference on random tensors."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from landscape import calibration as cal
+from landscape import quantizers
+from landscape.sites import SiteSpec
+
+
+def _tensor(kind, n=20000, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "weight":
+        return rng.laplace(size=n).astype(np.float32) * 0.05
+    return np.maximum(rng.normal(size=n), 0).astype(np.float32) * 2.0  # post-ReLU
+
+
+def _brute(objective, hi, num=20000):
+    grid = np.linspace(hi / num, hi, num)
+    values = np.array([objective(a) for a in grid])
+    return grid[np.argmin(values)], values.min()
+
+
+def _np_quantize(x, alpha, bits, grid):
+    return np.asarray(quantizers.quantize(jnp.asarray(x), alpha, bits, grid))
+
+
+@pytest.mark.parametrize("grid,bits,p", [("midrise", 2, 2.0), ("midrise", 4, 3.0), ("unsigned", 2, 2.5),
+                                         ("unsigned", 4, 4.0), ("unsigned", 3, 2.0)])
+def test_lp_matches_brute_force(grid, bits, p):
+    kind = "activation" if grid == "unsigned" else "weight"
+    x = _tensor(kind)
+    ours = cal.clip_value(x, "lp", bits=bits, grid=grid, p=p)
+    xq = jnp.asarray(x)
+    err = lambda a: float(cal.lp_error(xq, a, bits, grid, p))  # noqa: E731
+    best, best_err = _brute(err, float(np.abs(x).max()), num=4000)
+    # The argmin within 1e-3 relative, or (on a flat bottom) an error as low as brute force's.
+    assert abs(ours - best) / best < 1e-3 or err(ours) <= best_err * (1 + 1e-6)
+    # And the error itself is at the brute-force minimum.
+    assert err(ours) <= best_err * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("grid,bits", [("midrise", 2), ("midrise", 4), ("unsigned", 3), ("unsigned", 8)])
+def test_mse_matches_brute_force(grid, bits):
+    kind = "activation" if grid == "unsigned" else "weight"
+    x = _tensor(kind, seed=1)
+    ours = cal.clip_value(x, "mse", bits=bits, grid=grid)
+
+    def objective(a):
+        lo = 0.0 if grid == "unsigned" else -a
+        noise = a * a / (12 * 4.0**bits) if grid == "unsigned" else a * a / (3 * 4.0**bits)
+        return np.mean((np.clip(x, lo, a) - x) ** 2) + noise
+
+    best, best_err = _brute(objective, float(np.abs(x).max()))
+    assert abs(ours - best) / best < 2e-3
+    assert objective(ours) <= best_err * (1 + 1e-5)
+
+
+def test_max_and_percentile_match_numpy():
+    x = _tensor("weight", seed=2)
+    assert cal.clip_value(x, "max", bits=4) == pytest.approx(float(np.abs(x).max()), rel=1e-6)
+    for q in (99.99, 99.9, 90.0):
+        got = cal.clip_value(x, "percentile", bits=4, q=q)
+        assert got == pytest.approx(float(np.percentile(np.abs(x), q)), rel=1e-5)
+    a = _tensor("activation", seed=3)
+    assert cal.clip_value(a, "max", bits=4, grid="unsigned") == pytest.approx(float(a.max()), rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 2, 3, 4, 8])
+def test_aciq_laplace_constant_solves_lambert_equation(bits):
+    t = cal.aciq_constant(bits, "laplace")
+    assert t * math.exp(t) == pytest.approx(3 * 4**bits, rel=1e-9)
+
+
+def test_aciq_constants_match_reference_tables():
+    laplace = {0: 1.05, 1: 1.86, 2: 2.83, 3: 3.89, 4: 5.03, 5: 6.2, 6: 7.41, 7: 8.64, 8: 9.89}
+    gauss = {1: 1.24, 2: 1.71, 3: 2.15, 4: 2.55, 5: 2.93, 6: 3.28, 7: 3.61, 8: 3.92}
+    for m, c in laplace.items():
+        assert cal.aciq_constant(m, "laplace") == pytest.approx(c, abs=0.011)
+    for m, c in gauss.items():
+        assert cal.aciq_constant(m, "gauss") == pytest.approx(c, abs=0.011)
+
+
+def test_aciq_gauss_constant_is_a_brute_force_minimum():
+    from scipy import stats
+
+    for bits in (2, 4):
+        t = np.linspace(0.5, 6, 200001)
+        mse = 2 * ((1 + t * t) * stats.norm.sf(t) - t * stats.norm.pdf(t)) + t * t / (3 * 4.0**bits)
+        assert cal.aciq_constant(bits, "gauss") == pytest.approx(t[np.argmin(mse)], abs=1e-4)
+
+
+def test_aciq_rule_uses_mean_abs_and_nonzero_stats():
+    w = _tensor("weight", seed=4)
+    assert cal.clip_value(w, "aciq", bits=4) == pytest.approx(
+        cal.aciq_constant(4, "laplace") * float(np.mean(np.abs(w))), rel=1e-5)
+    a = _tensor("activation", seed=5)
+    nz = a[a > 0]
+    assert cal.clip_value(a, "aciq", bits=4, grid="unsigned") == pytest.approx(
+        cal.aciq_constant(5, "laplace") * float(nz.mean()), rel=1e-5)
+    assert cal.clip_value(a, "aciq", bits=3, grid="unsigned", distribution="gauss") == pytest.approx(
+        cal.aciq_constant(4, "gauss") * float(np.sqrt(np.mean(nz**2))), rel=1e-5)
+
+
+def _kl_reference(mag, n_q, bins=2048, drop_zeros=False):
+    """TensorRT/MXNet entropy calibration written as a plain loop over thresholds."""
+    hist, edges = np.histogram(mag, bins=bins, range=(0, mag.max()))
+    hist = hist.astype(np.float64)
+    if drop_zeros:
+        hist[0] -= np.sum(mag == 0)
+
+    def smooth(d, eps=1e-4):
+        d = d / d.sum()
+        empty = d == 0
+        n_e, n_f = empty.sum(), (~empty).sum()
+        return np.where(empty, eps, d - eps * n_e / n_f)
+
+    best, best_i = np.inf, None
+    for i in range(n_q, bins + 1):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        width = max(i // n_q, 1)
+        q = np.zeros(i)
+        for c in range(n_q):
+            lo, hi = c * width, (i if c == n_q - 1 else (c + 1) * width)
+            seg = hist[lo:hi]
+            nz = seg > 0
+            if nz.sum():
+                q[lo:hi][nz] = seg.sum() / nz.sum()
+        p, q = smooth(p), smooth(q)
+        pos = p > 0
+        kl = np.sum(p[pos] * (np.log(p[pos]) - np.log(np.maximum(q[pos], 1e-12))))
+        if kl < best - 1e-12:
+            best, best_i = kl, i
+    return best_i * mag.max() / bins
+
+
+@pytest.mark.parametrize("grid,bits", [("midrise", 4), ("unsigned", 3)])
+def test_kl_matches_loop_reference(grid, bits):
+    kind = "activation" if grid == "unsigned" else "weight"
+    x = _tensor(kind, n=50000, seed=6)
+    mag = np.abs(x) if grid != "unsigned" else np.maximum(x, 0)
+    n_q = cal.kl_levels(SiteSpec(bits, grid))
+    ours = cal.clip_value(x, "kl", bits=bits, grid=grid, bins=256)
+    ref = _kl_reference(mag, n_q, bins=256, drop_zeros=grid == "unsigned")
+    assert ours == pytest.approx(ref, rel=1e-3, abs=float(mag.max()) / 256 * 1.01)
+
+
+def test_large_tensors_are_sampled_and_still_accurate():
+    rng = np.random.default_rng(7)
+    x = rng.laplace(size=2**19 + 123).astype(np.float32)
+    full = cal.clip_value(x, "lp", bits=3, p=2.0)
+    err = lambda a: float(cal.lp_error(jnp.asarray(x), a, 3, "midrise", 2.0))  # noqa: E731
+    best, best_err = _brute(err, float(np.abs(x).max()), num=400)
+    assert err(full) <= best_err * 1.01
+
+
+@pytest.mark.parametrize("name,kw,match", [("nope", {}, "unknown calibration rule"),
+                                           ("lp", {"p": -1}, "p=-1"),
+                                           ("percentile", {"q": 150}, "q=150"),
+                                           ("aciq", {"distribution": "cauchy"}, "cauchy"),
+                                           ("max", {"p": 2}, "unknown options")])
+def test_bad_rules(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cal.make_rule(name, **kw)

@@ -1,0 +1,210 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import landscape as ls
+from landscape.layers import QuantConv, QuantDense, QuantReLU
+
+
+@pytest.fixture(scope="module")
+def loss4(tiny_net, digits):
+    return ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+
+
+def test_sites_and_layout(loss4):
+    names = [s.name for s in loss4.sites]
+    # cnn(widths=(8, 16)): conv0_0 (first, FP32) ... fc (last, FP32); relu1_1 feeds fc (FP32).
+    assert names == ["relu0_0", "conv0_1", "relu0_1", "conv1_0", "relu1_0", "conv1_1"]
+    assert [s.kind for s in loss4.sites] == ["activation", "weight"] * 3
+    assert loss4.sites[1].shape == (3, 3, 8, 8)
+    assert loss4.n == 6 and len(loss4) == 6
+    assert "n=6" in repr(loss4)
+
+
+def test_loss_is_finite_positive_and_inf_for_bad_alpha(loss4):
+    alpha = loss4.init("max")
+    assert alpha.shape == (6,) and alpha.dtype == jnp.float32 and bool(jnp.all(alpha > 0))
+    value = float(loss4(alpha))
+    assert np.isfinite(value) and value > 0
+    for bad in (alpha.at[2].set(0.0), alpha.at[0].set(-1.0), alpha.at[1].set(jnp.nan),
+                alpha.at[3].set(jnp.inf)):
+        assert float(loss4(bad)) == np.inf
+    pair = np.asarray(loss4.batch(jnp.stack([alpha, -alpha])))
+    assert pair[0] == pytest.approx(value, rel=1e-5) and pair[1] == np.inf
+
+
+def test_one_compilation_per_clip_loss(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
+    alpha = loss.init("max")
+    for scale in np.linspace(0.5, 1.5, 7):
+        loss(alpha * scale)
+    loss(np.asarray(alpha))
+    loss.batch(jnp.stack([alpha] * 5))
+    loss.batch(jnp.stack([alpha] * 3))
+    assert loss.compilations["call"] == 1
+    assert loss.compilations["batch"] == 1
+
+
+def test_batch_equals_individual_calls(loss4):
+    rng = np.random.default_rng(0)
+    base = np.asarray(loss4.init("mse"))
+    alphas = base * rng.uniform(0.5, 1.5, size=(5, loss4.n)).astype(np.float32)
+    batched = np.asarray(loss4.batch(alphas))
+    single = np.array([float(loss4(a)) for a in alphas])
+    # vmapped convolutions may sum in another order: an element at a rounding boundary can
+    # flip one level, so agreement is to ~1e-4, not bitwise.
+    np.testing.assert_allclose(batched, single, rtol=1e-4)
+
+
+def test_loss_matches_manual_quantized_forward(tiny_net, digits):
+    """Quantizing by hand (weights and ReLU outputs) gives the same cross-entropy."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=None, a_bits=2, sites=["relu0_0"])
+    a = 1.3
+    params = tiny_net.variables
+
+    x = jnp.asarray(digits.calib.x)
+    with ls.sites.quantizing({"relu0_0": ls.sites.SiteSpec(2, "unsigned")}, {"relu0_0": jnp.float32(a)}):
+        ref_logits = tiny_net.model.apply(params, x)
+    ce = -jnp.mean(jax.nn.log_softmax(ref_logits)[jnp.arange(len(x)), digits.calib.y])
+    assert float(loss(jnp.array([a]))) == pytest.approx(float(ce), rel=1e-5)
+    assert loss.n == 1 and loss.sites[0].kind == "activation"
+
+
+def test_fp32_sites_reproduce_fp32_loss(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=16, a_bits=16)
+    logits = tiny_net.apply(digits.calib.x)
+    ce = -np.mean(np.asarray(jax.nn.log_softmax(logits))[np.arange(len(digits.calib)), digits.calib.y])
+    assert float(loss(loss.init("max"))) == pytest.approx(float(ce), rel=1e-3, abs=1e-5)
+
+
+def test_grad_and_hessian_are_ste_derivatives(loss4):
+    alpha = loss4.init("mse")
+    g = np.asarray(loss4.grad(alpha))
+    assert g.shape == (6,) and np.all(np.isfinite(g))
+    # ClipLoss composes with JAX transformations (hessian_spectrum relies on it).
+    np.testing.assert_allclose(g, np.asarray(jax.grad(loss4)(alpha)), rtol=1e-3, atol=1e-6)
+    h = np.asarray(loss4.hessian(alpha))
+    assert h.shape == (6, 6)
+    np.testing.assert_allclose(h, h.T, rtol=1e-3, atol=1e-5)
+
+
+def test_init_rules_and_stats_modes(loss4):
+    rules = {"max": {}, "percentile": {"q": 99.9}, "mse": {}, "lp": {"p": 3.0}, "aciq": {}, "kl": {}}
+    values = {}
+    for rule, kw in rules.items():
+        alpha = np.asarray(loss4.init(rule, **kw))
+        assert alpha.shape == (loss4.n,) and np.all(alpha > 0) and np.all(np.isfinite(alpha))
+        values[rule] = alpha
+    assert np.all(values["percentile"] <= values["max"] + 1e-6)
+    assert np.all(values["mse"] <= values["max"] + 1e-6)
+    # Weight sites do not depend on the statistics mode; activations downstream of a
+    # quantized site may.
+    fp32 = np.asarray(loss4.init("max", stats="fp32"))
+    weights = [i for i, s in enumerate(loss4.sites) if s.kind == "weight"]
+    np.testing.assert_allclose(fp32[weights], values["max"][weights])
+    with pytest.raises(ValueError, match="stats='x'"):
+        loss4.init("max", stats="x")
+    with pytest.raises(ValueError, match="unknown calibration rule"):
+        loss4.init("median")
+
+
+def test_accuracy_and_monotone_damage(tiny_net, digits):
+    fp = tiny_net.accuracy(digits.test)
+    l8 = ls.ClipLoss(tiny_net, digits.calib, w_bits=8, a_bits=8)
+    l2 = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=2)
+    acc8 = l8.accuracy(l8.init("max"), digits.test)
+    acc2 = l2.accuracy(l2.init("max"), digits.test)
+    assert abs(acc8 - fp) < 0.02
+    assert acc2 < acc8
+    assert float(l2(l2.init("max"))) > float(l8(l8.init("max")))
+
+
+def test_per_channel_bias_correction_and_fold(tiny_net, digits):
+    pc = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=None, per_channel=True)
+    assert pc.n == 8 + 16 + 16  # conv0_1, conv1_0, conv1_1 output channels
+    assert np.isfinite(float(pc(pc.init("max"))))
+    bc = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=None, bias_correction=True)
+    plain = bc.with_options(bias_correction=False)
+    alpha = bc.init("max")
+    assert float(bc(alpha)) != float(plain(alpha))
+    folded = ls.ClipLoss(tiny_net, digits.calib, w_bits=16, a_bits=None, fold_bn=True)
+    fp = ls.ClipLoss(tiny_net, digits.calib, w_bits=16, a_bits=None)
+    assert float(folded(folded.init("max"))) == pytest.approx(float(fp(fp.init("max"))), rel=1e-3)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"w_bits": 1, "a_bits": 4}, r"site 'conv0_1' \(weight\): bits=1"),
+    ({"w_bits": 4, "a_bits": 20}, r"site 'relu0_0' \(activation\): bits=20"),
+    ({"w_bits": 4, "a_bits": 4, "sites": ["nope"]}, "unknown sites"),
+    ({"w_bits": 4, "a_bits": 4, "weight_grid": "log"}, "grid='log'"),
+    ({"w_bits": 4, "a_bits": 4, "chunk": 0}, "chunk=0"),
+])
+def test_bad_construction(tiny_net, digits, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ls.ClipLoss(tiny_net, digits.calib, **kw)
+
+
+def test_bad_alpha_shape(loss4):
+    with pytest.raises(ValueError, match=r"shape \(3,\).*n = 6"):
+        loss4(jnp.ones(3))
+    with pytest.raises(ValueError, match=r"\(K, n\)"):
+        loss4.batch(jnp.ones(6))
+
+
+def test_user_model_from_quantizable_layers(digits):
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = QuantConv(4, name="c1")(x)
+            x = QuantReLU(name="r1")(x)
+            x = QuantConv(4, name="c2")(x)
+            x = QuantReLU(name="r2")(x)
+            x = QuantDense(10, name="head")(x.reshape(x.shape[0], -1))
+            return x
+
+    net = ls.train.fit(Tiny(), digits, epochs=1)
+    loss = ls.ClipLoss(net, digits.calib, w_bits=4, a_bits=4)
+    assert [s.name for s in loss.sites] == ["r1", "c2"]
+    assert np.isfinite(float(loss(loss.init("lp", p=2.5))))
+
+
+def test_sharded_calibration_matches_single_device(tmp_path):
+    script = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        import jax
+        import landscape as ls, models
+        data = ls.data.load("digits", calib_size=64, seed=0)
+        net = ls.train.fit(models.create("cnn", num_classes=10, widths=(4, 8)), data, epochs=1)
+        loss = ls.ClipLoss(net, data.calib, w_bits=3, a_bits=3)
+        a = loss.init("max")
+        out = dict(devices=len(jax.devices()), loss=float(loss(a)), batch=np.asarray(loss.batch(
+            np.stack([a, a * 1.1]))).tolist(), grad=np.asarray(loss.grad(a)).tolist(),
+            alpha=np.asarray(a).tolist(), mse=np.asarray(loss.init("mse")).tolist())
+        print(json.dumps(out))
+    """)
+    env = dict(os.environ, LANDSCAPE_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+    results = []
+    for flags in ("", "--xla_force_host_platform_device_count=4"):
+        env["XLA_FLAGS"] = flags
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        import json
+
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    one, four = results
+    assert one["devices"] == 1 and four["devices"] == 4
+    np.testing.assert_allclose(four["alpha"], one["alpha"], rtol=1e-6)
+    # A 1-D search over a sharded mean: same minimum up to the reduction order.
+    np.testing.assert_allclose(four["mse"], one["mse"], rtol=1e-3)
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    np.testing.assert_allclose(four["batch"], one["batch"], rtol=1e-5)
+    np.testing.assert_allclose(four["grad"], one["grad"], rtol=1e-4, atol=1e-6)

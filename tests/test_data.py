@@ -1,0 +1,91 @@
+import io
+import os
+
+import numpy as np
+import pytest
+
+import landscape as ls
+
+
+def test_digits_splits(digits):
+    assert digits.train.x.dtype == np.float32 and digits.train.x.ndim == 4
+    assert digits.train.x.shape[1:] == (8, 8, 1) and digits.num_classes == 10
+    assert digits.train.y.dtype == np.int32
+    assert len(digits.calib) == 256
+    # Calibration images come from the training split, by index.
+    np.testing.assert_array_equal(digits.calib.x, digits.train.x[digits.calib_index])
+    # Train and test are disjoint (no image appears in both).
+    train_rows = {r.tobytes() for r in digits.train.x}
+    assert not any(r.tobytes() in train_rows for r in digits.test.x)
+    assert len(digits.train) + len(digits.test) == 1797
+    assert abs(float(digits.train.x.mean())) < 1e-4 and abs(float(digits.train.x.std()) - 1) < 1e-4
+
+
+def test_calibration_seed_changes_sample_not_split():
+    a = ls.data.load("digits", calib_size=100, seed=0)
+    b = ls.data.load("digits", calib_size=100, seed=1)
+    c = ls.data.load("digits", calib_size=100, seed=0)
+    np.testing.assert_array_equal(a.test.x, b.test.x)
+    np.testing.assert_array_equal(a.calib_index, c.calib_index)
+    assert not np.array_equal(a.calib_index, b.calib_index)
+    d = a.with_calib(50, seed=3)
+    assert len(d.calib) == 50 and set(d.calib_index) <= set(range(len(a.train)))
+
+
+def test_bad_names_and_sizes():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'.*digits, mnist"):
+        ls.data.load("svhn")
+    with pytest.raises(ValueError, match="calib_size=5000"):
+        ls.data.load("digits", calib_size=5000)
+    with pytest.raises(ValueError, match="max_test=0"):
+        ls.data.load("digits", max_test=0)
+
+
+def _write_parquet(path, n, seed):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(28, 28), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+        labels.append(i % 10)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array(images, type=image_type), "label": pa.array(labels, pa.int64())})
+    pq.write_table(table, path)
+
+
+def test_local_parquet_copy(tmp_path):
+    d = tmp_path / "mnist"
+    d.mkdir()
+    _write_parquet(d / "train-00000-of-00001.parquet", 40, 0)
+    _write_parquet(d / "test-00000-of-00001.parquet", 12, 1)
+    data = ls.data.load("mnist", data_dir=str(d), calib_size=16, seed=0)
+    assert data.train.x.shape == (40, 28, 28, 1) and data.test.x.shape == (12, 28, 28, 1)
+    assert data.train.y.tolist() == [i % 10 for i in range(40)]
+    # Normalised with MNIST's constants: pixel 0 → −0.1307/0.3081.
+    assert data.train.x.min() == pytest.approx(-0.1307 / 0.3081, rel=1e-4)
+    again = ls.data.load("mnist", data_dir=str(d), calib_size=16, seed=0)  # from the .npz cache
+    np.testing.assert_array_equal(again.train.x, data.train.x)
+
+
+def test_missing_local_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ls.data.load("mnist", data_dir=str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"\*train\*.parquet"):
+        ls.data.load("mnist", data_dir=str(tmp_path / "empty"))
+
+
+def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConnectionError, match="data_dir="):
+        ls.data.load("cifar10")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -1,0 +1,92 @@
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import landscape as ls
+import models
+
+
+@pytest.mark.parametrize("name,shape,weights,acts", [
+    ("mlp", (2, 8, 8, 1), 4, 3),
+    ("cnn", (2, 8, 8, 1), 5, 4),
+    ("resnet8", (2, 8, 8, 1), 10, 7),
+    ("resnet20", (2, 28, 28, 1), 22, 19),
+    ("resnet20", (2, 32, 32, 3), 22, 19),
+    ("resnet18", (1, 64, 64, 3), 21, 17),
+    ("resnet50", (1, 64, 64, 3), 54, 49),
+])
+def test_zoo_shapes_and_sites(name, shape, weights, acts):
+    model = models.create(name, num_classes=7)
+    x = jnp.zeros(shape)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+    assert out.shape == (shape[0], 7)
+    all_sites, _ = ls.sites_of(model, variables, x)
+    kinds = [s.kind for s in all_sites]
+    assert kinds.count("weight") == weights and kinds.count("activation") == acts
+    assert len({s.name for s in all_sites}) == len(all_sites)
+    # Default FP32 layers: the stem, the classifier and the classifier's input.
+    default = ls.default_sites(all_sites, quantize_first_last=False)
+    assert len(default) == weights + acts - 3
+    assert all_sites[0].name not in {s.name for s in default}
+    assert ls.default_sites(all_sites, quantize_first_last=True) == all_sites
+
+
+def test_resnet20_matches_reference_layout():
+    model = models.create("resnet20", num_classes=10)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    all_sites, pairs = ls.sites_of(model, variables, x)
+    names = [s.name for s in all_sites]
+    # Network order interleaves weights and activations; every block has its own ReLUs.
+    assert names[:5] == ["conv1", "relu", "layer1_0/conv1", "layer1_0/relu1", "layer1_0/conv2"]
+    assert "layer2_0/downsample_0" in names and names[-1] == "fc"
+    assert len(pairs) == 21  # every conv is followed by a BN
+
+
+def test_unknown_model_and_bad_classes():
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*resnet20"):
+        models.create("vgg", num_classes=10)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        models.create("mlp", num_classes=1)
+
+
+def test_torchvision_import_roundtrip():
+    model = models.create("resnet18", num_classes=10)
+    x = jnp.ones((1, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+    # Build a torchvision-style state dict from our variables ...
+    state = {}
+    for key, v in flat.items():
+        coll, *mods, leaf = key.split("/")
+        tv = ".".join(m.replace("layer", "layer").replace("_", ".") for m in mods)
+        v = np.asarray(v)
+        if leaf == "kernel":
+            state[f"{tv}.weight"] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+        elif coll == "params":
+            state[f"{tv}.{'weight' if leaf == 'scale' else 'bias'}"] = v
+        else:
+            state[f"{tv}.running_{leaf}"] = v
+        state.setdefault("bn1.num_batches_tracked", np.array(0))
+    assert "layer1.0.downsample.0.weight" not in state and "layer2.0.downsample.0.weight" in state
+    # ... and import it back: identical outputs.
+    imported = models.import_torchvision(variables, state)
+    np.testing.assert_allclose(model.apply(imported, x), model.apply(variables, x), rtol=1e-6)
+    bad = dict(state)
+    bad["fc.weight"] = bad["fc.weight"][:, :5]
+    with pytest.raises(ValueError, match="fc.weight"):
+        models.import_torchvision(variables, bad)
+    with pytest.raises(ValueError, match="lacks"):
+        models.import_torchvision(variables, {k: v for k, v in state.items() if k != "fc.bias"})
+
+
+def test_fold_batchnorm_is_exact(tiny_net, digits):
+    x = jnp.asarray(digits.test.x[:32])
+    folded = ls.folding.fold_batchnorm(tiny_net.model, tiny_net.variables, x[:1])
+    ref = tiny_net.model.apply(tiny_net.variables, x)
+    np.testing.assert_allclose(tiny_net.model.apply(folded, x), ref, rtol=1e-4, atol=1e-4)
+    k0 = np.asarray(tiny_net.variables["params"]["conv0_0"]["kernel"])
+    assert not np.allclose(np.asarray(folded["params"]["conv0_0"]["kernel"]), k0)

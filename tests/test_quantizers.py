@@ -1,0 +1,104 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from landscape import quantizers as q
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_midrise_levels_exact(bits):
+    alpha = 1.0
+    x = jnp.linspace(-1.5, 1.5, 20001)
+    out = np.unique(np.asarray(q.quantize(x, alpha, bits, "midrise")))
+    expected = -1.0 + np.arange(2**bits) * 2.0 / (2**bits - 1)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert not np.any(np.isclose(out, 0.0, atol=1e-7)), "mid-rise grid has no zero level"
+    np.testing.assert_allclose(np.asarray(q.levels(alpha, bits, "midrise")), expected, atol=1e-6)
+
+
+def test_midrise_two_bit_levels_are_thirds():
+    out = np.unique(np.asarray(q.quantize(jnp.linspace(-3, 3, 1001), 2.0, 2, "midrise")))
+    np.testing.assert_allclose(out, [-2.0, -2 / 3, 2 / 3, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unsigned_levels_exact(bits):
+    x = jnp.linspace(-1.0, 3.0, 40001)
+    out = np.unique(np.asarray(q.quantize(x, 2.0, bits, "unsigned")))
+    np.testing.assert_allclose(out, np.arange(2**bits) * 2.0 / (2**bits - 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_midtread_levels_exact(bits):
+    top = 2 ** (bits - 1) - 1
+    out = np.unique(np.asarray(q.quantize(jnp.linspace(-2, 2, 20001), 1.0, bits, "midtread")))
+    np.testing.assert_allclose(out, np.arange(-top, top + 1) / top, atol=1e-6)
+
+
+def test_round_half_to_even():
+    # unsigned, Δ = 1: 0.5 → 0, 1.5 → 2, 2.5 → 2
+    x = jnp.array([0.5, 1.5, 2.5])
+    np.testing.assert_array_equal(np.asarray(q.quantize(x, 3.0, 2, "unsigned")), [0.0, 2.0, 2.0])
+    # midrise, α = 1.5 at 2 bits: Δ = 1, z = x + 1.5; x = 0 → z = 1.5 → 2 → +0.5 (half to even)
+    assert float(q.quantize(jnp.array(0.0), 1.5, 2, "midrise")) == pytest.approx(0.5)
+
+
+def test_delta_floor():
+    assert float(q.step_size(jnp.array(0.0), 4, "unsigned")) == pytest.approx(1e-8)
+    out = q.quantize(jnp.array([0.3, -0.2]), 0.0, 4, "midrise")
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize("grid", ["midrise", "unsigned", "midtread"])
+def test_ste_gradient_wrt_x_is_one_inside_zero_outside(grid):
+    x = jnp.array([-2.0, -0.3, 0.2, 0.7, 2.0])
+    g = jax.grad(lambda x: jnp.sum(q.quantize(x, 1.0, 3, grid)))(x)
+    lo = 0.0 if grid == "unsigned" else -1.0
+    inside = (np.asarray(x) > lo) & (np.asarray(x) < 1.0)
+    np.testing.assert_array_equal(np.asarray(g), inside.astype(np.float32))
+
+
+@pytest.mark.parametrize("grid", ["midrise", "unsigned", "midtread"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_ste_gradient_wrt_alpha_is_lsq_derivative(grid, bits):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=200).astype(np.float32) * 1.2)
+    alpha = 1.0
+    g = np.asarray(jax.vmap(jax.grad(lambda a, xi: q.quantize(xi, a, bits, grid), argnums=0),
+                            in_axes=(None, 0))(jnp.float32(alpha), x))
+    xn = np.asarray(x)
+    if grid == "midrise":
+        d_delta = 2.0 / (2**bits - 1)
+        z = (xn + alpha) / (d_delta * alpha)
+        expected = np.where(xn >= alpha, 1.0, np.where(xn <= -alpha, -1.0, (np.round(z) - z) * d_delta))
+    elif grid == "unsigned":
+        d_delta = 1.0 / (2**bits - 1)
+        z = xn / (d_delta * alpha)
+        expected = np.where(xn >= alpha, 1.0, np.where(xn <= 0, 0.0, (np.round(z) - z) * d_delta))
+    else:
+        top = 2 ** (bits - 1) - 1
+        z = xn / (alpha / top)
+        expected = np.where(xn >= alpha, 1.0, np.where(xn <= -alpha, -1.0, (np.round(z) - z) / top))
+    np.testing.assert_allclose(g, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [1, 17, 0, -3, 4.0, "4", True])
+def test_bad_bits(bad):
+    with pytest.raises(ValueError, match="bits="):
+        q.check_bits(bad, "site 'x'")
+
+
+def test_none_bits_is_fp32_and_bad_grid():
+    assert q.check_bits(None) is None
+    with pytest.raises(ValueError, match="grid='nope'"):
+        q.check_grid("nope")
+
+
+def test_bias_correct_matches_channel_means():
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)).astype(np.float32))
+    w_hat = q.quantize(w, 1.0, 2, "midrise")
+    corrected = q.bias_correct(w_hat, w)
+    np.testing.assert_allclose(np.asarray(corrected.mean(axis=(0, 1, 2))),
+                               np.asarray(w.mean(axis=(0, 1, 2))), atol=1e-6)

@@ -1,0 +1,60 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import landscape as ls
+import models
+
+
+def _params_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_default_resnet8_reaches_97_percent(digits_net, digits):
+    assert digits_net.accuracy(digits.test) >= 0.97
+    assert digits_net.history[-1]["test_acc"] >= 0.97
+
+
+def test_training_is_deterministic_for_a_seed(digits):
+    model = models.create("mlp", num_classes=10, hidden=(32,))
+    a = ls.train.fit(model, digits, epochs=2, seed=3, cache=False)
+    b = ls.train.fit(model, digits, epochs=2, seed=3, cache=False)
+    c = ls.train.fit(model, digits, epochs=2, seed=4, cache=False)
+    assert _params_equal(a.variables, b.variables)
+    assert not _params_equal(a.variables, c.variables)
+
+
+def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path))
+    model = models.create("cnn", num_classes=10, widths=(4,))
+    first = ls.train.fit(model, digits, epochs=1, seed=0)
+    assert first.path and os.path.exists(first.path + ".msgpack") and os.path.exists(first.path + ".json")
+    with open(first.path + ".msgpack", "rb") as f:
+        assert not f.read(2).startswith(b"\x80"), "checkpoints are msgpack, never pickle"
+    second = ls.train.fit(model, digits, epochs=1, seed=0)  # loaded, not retrained
+    assert second.path == first.path and second.config == first.config
+    assert _params_equal(first.variables, second.variables)
+    assert second.accuracy(digits.test) == pytest.approx(first.accuracy(digits.test))
+    loaded = ls.train.load_network(model, first.path)
+    assert _params_equal(loaded.variables, first.variables)
+    other = ls.train.fit(model, digits, epochs=1, seed=1)
+    assert other.path != first.path
+
+
+@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs=0"), ({"lr": -1.0}, "lr=-1.0"),
+                                      ({"batch_size": 2.5}, "batch_size=2.5"),
+                                      ({"weight_decay": -1}, "weight_decay=-1"), ({"seed": "a"}, "seed='a'")])
+def test_bad_training_arguments(digits, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ls.train.fit(models.create("mlp", num_classes=10), digits, **kw)
+
+
+def test_triangular_schedule():
+    s = ls.train.triangular_schedule(0.01, 0.1, 100)
+    assert float(s(0)) == pytest.approx(0.01)
+    assert float(s(50)) == pytest.approx(0.1)
+    assert float(s(100)) == pytest.approx(0.0, abs=1e-8)
+    assert float(s(25)) == pytest.approx(0.055)
