@@ -6,12 +6,39 @@ function of its clipping vector α. Data (:mod:`landscape.data`), training
 analyzers and optimizers consume it.
 """
 
-from landscape import calibration, data, folding, layers, quantizers, sites, train
+from landscape import (
+    calibration,
+    data,
+    folding,
+    layers,
+    luq,
+    quantizers,
+    sites,
+    sparsity,
+    spectrum,
+    surfaces,
+    train,
+)
+from landscape.clip_hessian import clip_hessian
 from landscape.clip_loss import ClipLoss, default_sites, sites_of
+from landscape.separability import (
+    anova_interaction,
+    flat_fraction,
+    gaussian_curvature,
+    separability,
+    separability_index,
+)
+from landscape.spectrum import HessianSpectrum, hessian_spectrum  # noqa: I001 (the function
+
+# `separability` shadows the module of the same name on purpose: ls.separability(H) is the API)
+from landscape.surfaces import loss_line, loss_surface, random_direction, weight_surface
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClipLoss", "calibration", "data", "default_sites", "folding", "layers", "quantizers", "sites",
-    "sites_of", "train",
+    "ClipLoss", "HessianSpectrum", "anova_interaction", "calibration", "clip_hessian", "data",
+    "default_sites", "flat_fraction", "folding", "gaussian_curvature", "hessian_spectrum", "layers",
+    "loss_line", "loss_surface", "luq", "quantizers", "random_direction", "separability",
+    "separability_index", "sites", "sites_of", "sparsity", "spectrum", "surfaces", "train",
+    "weight_surface",
 ]

@@ -329,6 +329,34 @@ class ClipLoss:
             self._init_cache[key] = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
         return self._init_cache[key]
 
+    def weight_loss(self, alpha=None):
+        """The calibration loss as a function of the network's *weights*: params → scalar.
+
+        Quantized at the fixed clipping vector ``alpha`` (straight-through in the weights),
+        or FP32 with ``alpha=None``. For weight-space analyses such as
+        ``landscape.hessian_spectrum(loss.weight_loss(alpha), net.variables["params"])``;
+        the calibration batches and the other collections (BN statistics) are closed over.
+        """
+        fixed = None if alpha is None else self._check_alpha(alpha)
+        others = {k: v for k, v in self.variables.items() if k != "params"}
+        xb, yb, wb = self._x, self._y, self._w
+        specs = self._layout.specs if fixed is not None else {}
+        alphas = self._layout.unflatten(fixed) if fixed is not None else {}
+        model = self.model
+
+        def f(params):
+            def batch_sum(args):
+                x, y, w = args
+                with sites.quantizing(specs, alphas):
+                    logits = model.apply({"params": params, **others}, x, train=False)
+                return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w)
+
+            if xb.shape[0] == 1:
+                return batch_sum((xb[0], yb[0], wb[0])) / jnp.sum(wb)
+            return jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb))) / jnp.sum(wb)
+
+        return f
+
     @property
     def calib(self) -> Split:
         """The calibration split this loss averages over."""

@@ -1,0 +1,86 @@
+"""The Hessian of the calibration loss with respect to the clipping values.
+
+Two curvatures exist and both matter (lapq.md §3b):
+
+* ``method="ste"`` — the Hessian of the straight-through surrogate, by forward-over-reverse
+  autodiff (``jax.hessian``) compiled once per ClipLoss. This is what the LAPQ authors
+  computed. Rounding is the identity in its derivative, so the surrogate is smooth in α.
+* ``method="fd"`` — the curvature of the true, piecewise-constant loss by central second
+  differences at a relative step h_i = step·α_i (default ``step=0.02``, i.e. 2% of each α;
+  the loss is flat between rounding events, so much smaller steps measure noise)::
+
+      H_ii = [L(α + h_i e_i) − 2L(α) + L(α − h_i e_i)] / h_i²
+      H_ij = [L(α+h_i e_i+h_j e_j) − L(α+h_i e_i) − L(α+h_j e_j) + 2L(α)
+              − L(α−h_i e_i) − L(α−h_j e_j) + L(α−h_i e_i−h_j e_j)] / (2 h_i h_j)
+
+  (second-order accurate; n² + n + 1 evaluations, all through ``loss.batch``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ("ste", "fd")
+DEFAULT_STEP = 0.02
+
+
+def clip_hessian(loss, alpha, *, method: str = "ste", step: float | None = None) -> np.ndarray:
+    """Symmetric (n, n) Hessian of ``loss`` at ``alpha`` (see module docstring).
+
+    Args:
+      loss: a :class:`landscape.ClipLoss` (``fd`` needs only ``.batch`` and ``.n``).
+      alpha: (n,) clipping values, all > 0.
+      method: "ste" (autodiff of the surrogate) or "fd" (true loss, finite differences).
+      step: relative step for "fd" (default 0.02); not used by "ste".
+    Returns:
+      (n, n) float64 numpy array, exactly symmetric.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed; use one of {METHODS}")
+    alpha = np.asarray(alpha, np.float64)
+    if alpha.shape != (loss.n,):
+        raise ValueError(f"alpha has shape {alpha.shape}; expected ({loss.n},)")
+    if not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
+        raise ValueError("alpha must be finite and > 0 everywhere to take a Hessian")
+    if method == "ste":
+        if step is not None:
+            raise ValueError("step applies to method='fd' only")
+        h = np.asarray(loss.hessian(alpha.astype(np.float32)), np.float64)
+        return 0.5 * (h + h.T)
+    step = DEFAULT_STEP if step is None else step
+    if not isinstance(step, int | float) or not 0 < step < 1:
+        raise ValueError(f"step={step!r} must be a relative step in (0, 1)")
+    return _finite_difference_hessian(loss, alpha, float(step))
+
+
+def fd_points(alpha: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation points of the FD Hessian: (n² + n + 1, n) and the steps h (n,).
+
+    Rows: α; α ± h_i e_i (2n); α + h_i e_i + h_j e_j and α − h_i e_i − h_j e_j (i < j).
+    """
+    n = alpha.shape[0]
+    h = step * alpha
+    eye = np.diag(h)
+    iu, ju = np.triu_indices(n, k=1)
+    pairs = eye[iu] + eye[ju]
+    points = np.concatenate([alpha[None], alpha + eye, alpha - eye, alpha + pairs, alpha - pairs])
+    return points, h
+
+
+def _finite_difference_hessian(loss, alpha, step):
+    n = alpha.shape[0]
+    points, h = fd_points(alpha, step)
+    values = np.asarray(loss.batch(points.astype(np.float32)), np.float64)
+    if not np.all(np.isfinite(values)):
+        raise FloatingPointError("non-finite loss at a finite-difference point; use a smaller step")
+    f0 = values[0]
+    fp, fm = values[1:n + 1], values[n + 1:2 * n + 1]
+    m = n * (n - 1) // 2
+    fpp, fmm = values[2 * n + 1:2 * n + 1 + m], values[2 * n + 1 + m:]
+    hess = np.empty((n, n))
+    hess[np.diag_indices(n)] = (fp - 2 * f0 + fm) / h**2
+    iu, ju = np.triu_indices(n, k=1)
+    off = (fpp - fp[iu] - fp[ju] + 2 * f0 - fm[iu] - fm[ju] + fmm) / (2 * h[iu] * h[ju])
+    hess[iu, ju] = off
+    hess[ju, iu] = off
+    return hess

@@ -1,0 +1,189 @@
+"""Loss surfaces and lines: in clip space (through ``loss.batch``) and in weight space.
+
+Clip space — 2-D slices over two sites with every other α fixed, and 1-D cuts::
+
+    surf = loss_surface(loss, alpha, sites=(i, j), span=(0.5, 1.5), num=51)
+    surf.x, surf.y      # (num,) absolute α of site i and site j
+    surf.z              # (num, num), z[a, b] = L(α with α_i = x[b], α_j = y[a])
+
+Weight space — filter-normalised random directions (Li et al., 2018): each direction is
+Gaussian, then every filter (an output channel of a conv kernel, a column of a dense
+kernel) is rescaled to the norm of the same filter of the weights; biases and batch-norm
+parameters get no direction ("biasbn" ignored, as the loss-landscape default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Surface:
+    """A 2-D grid of losses: ``z[a, b]`` is the loss at (``x[b]``, ``y[a]``)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    sites: tuple
+    center: np.ndarray
+
+    def __repr__(self) -> str:
+        return (f"Surface(sites={self.sites}, grid={self.z.shape}, "
+                f"min={np.nanmin(self.z):.4g}, max={np.nanmax(self.z):.4g})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """Losses ``values`` along ``points = start + t·direction``."""
+
+    t: np.ndarray
+    values: np.ndarray
+    points: np.ndarray
+
+    def __repr__(self) -> str:
+        return f"Line(num={len(self.t)}, min={np.min(self.values):.4g}, max={np.max(self.values):.4g})"
+
+
+def _site_index(loss, site) -> int:
+    if isinstance(site, str):
+        names = [s.name for s in loss.sites]
+        if site not in names:
+            raise ValueError(f"unknown site {site!r}; the loss's sites are {names}")
+        slices = loss.site_slices()[site]
+        if slices.stop - slices.start != 1:
+            raise ValueError(f"site {site!r} has {slices.stop - slices.start} α (per-channel); pick an index")
+        return slices.start
+    if not isinstance(site, int | np.integer) or not 0 <= site < loss.n:
+        raise ValueError(f"site index {site!r} must be an integer in [0, {loss.n})")
+    return int(site)
+
+
+def _axis(center: float, span, num: int) -> np.ndarray:
+    lo, hi = span
+    if not 0 < lo < hi:
+        raise ValueError(f"span={span!r} must be (lo, hi) with 0 < lo < hi (relative to α)")
+    return np.linspace(lo * center, hi * center, num)
+
+
+def loss_surface(loss, alpha, *, sites: Sequence = (0, 1), span=(0.5, 1.5), num: int = 51,
+                 x=None, y=None) -> Surface:
+    """Loss over a 2-D grid of two sites' α, the rest fixed at ``alpha``.
+
+    Args:
+      loss: a ClipLoss (anything with ``.batch``, ``.n``, ``.sites``).
+      alpha: (n,) the point the slice passes through.
+      sites: two site indices or names.
+      span: the grid covers [lo·α_i, hi·α_i] (relative), unless ``x``/``y`` give the
+        absolute α values directly.
+      num: points per axis.
+    """
+    if len(sites) != 2:
+        raise ValueError(f"sites={sites!r} must name exactly two sites")
+    i, j = (_site_index(loss, s) for s in sites)
+    if i == j:
+        raise ValueError("the two sites must differ")
+    if not isinstance(num, int) or num < 2:
+        raise ValueError(f"num={num!r} must be an integer >= 2")
+    center = np.asarray(alpha, np.float64)
+    xs = _axis(center[i], span, num) if x is None else np.asarray(x, np.float64)
+    ys = _axis(center[j], span, num) if y is None else np.asarray(y, np.float64)
+    gx, gy = np.meshgrid(xs, ys)
+    points = np.repeat(center[None], gx.size, axis=0)
+    points[:, i] = gx.ravel()
+    points[:, j] = gy.ravel()
+    z = np.asarray(loss.batch(points.astype(np.float32)), np.float64).reshape(gx.shape)
+    return Surface(xs, ys, z, (i, j), center)
+
+
+def loss_line(loss, start, direction, *, t=None, num: int = 51) -> Line:
+    """Loss along ``start + t·direction`` (default t ∈ [−0.2, 0.5], ``num`` points).
+
+    With ``direction = start`` this is the scaling line t ↦ (1 + t)·α used for the
+    quadratic-near-the-optimum check (lapq.md §3d: α*·[0.8, 1.5]).
+    """
+    start = np.asarray(start, np.float64)
+    direction = np.asarray(direction, np.float64)
+    if start.shape != (loss.n,) or direction.shape != (loss.n,):
+        raise ValueError(f"start and direction must have shape ({loss.n},); got {start.shape}, "
+                         f"{direction.shape}")
+    ts = np.linspace(-0.2, 0.5, num) if t is None else np.asarray(t, np.float64)
+    points = start[None] + ts[:, None] * direction[None]
+    values = np.asarray(loss.batch(points.astype(np.float32)), np.float64)
+    return Line(ts, values, points)
+
+
+# --------------------------------------------------------------------------- weight space
+
+
+def _is_filter_kernel(path) -> bool:
+    return getattr(path[-1], "key", None) == "kernel"
+
+
+def _norm(a, axes):
+    return jnp.sqrt(jnp.sum(a * a, axis=axes, keepdims=True))
+
+
+def random_direction(params, seed: int = 0, *, norm: str = "filter"):
+    """A random direction in weight space, shaped like ``params`` (a pytree).
+
+    norm="filter": each output filter (last axis of a kernel) rescaled to the norm of the
+    same filter of ``params`` (Li et al.'s filter normalisation); "layer": whole kernels
+    rescaled; "none": raw Gaussian. Non-kernel leaves (biases, BN scale/bias) get zeros.
+    """
+    if norm not in ("filter", "layer", "none"):
+        raise ValueError(f"norm={norm!r} is not allowed; use 'filter', 'layer' or 'none'")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = []
+    for (path, w), key in zip(leaves, keys, strict=True):
+        w = jnp.asarray(w)
+        if not _is_filter_kernel(path):
+            out.append(jnp.zeros_like(w))
+            continue
+        d = jax.random.normal(key, w.shape, w.dtype)
+        if norm == "filter":
+            axes = tuple(range(w.ndim - 1))
+            scale = _norm(w, axes) / (_norm(d, axes) + 1e-10)
+            d = d * scale
+        elif norm == "layer":
+            d = d * jnp.linalg.norm(w) / (jnp.linalg.norm(d) + 1e-10)
+        out.append(d)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0), num: int = 21,
+                   chunk: int = 16):
+    """f(params + a·d₁ [+ b·d₂]) over a grid: a 1-D :class:`Line` or a 2-D :class:`Surface`.
+
+    ``f``: pytree → scalar (e.g. ``loss.weight_loss(alpha)``); ``directions``: one or two
+    pytrees shaped like ``params`` (see :func:`random_direction`). Evaluated with ``vmap``
+    in chunks of ``chunk`` grid points, one compile.
+    """
+    if len(directions) not in (1, 2):
+        raise ValueError("directions must hold one (line) or two (surface) pytrees")
+    coords = np.linspace(span[0], span[1], num)
+    if len(directions) == 1:
+        grid = coords[:, None]
+    else:
+        ga, gb = np.meshgrid(coords, coords)
+        grid = np.stack([ga.ravel(), gb.ravel()], axis=1)
+
+    def at(c):
+        shifted = params
+        for k, d in enumerate(directions):
+            shifted = jax.tree.map(lambda p, v, k=k: p + c[k] * v, shifted, d)
+        return f(shifted)
+
+    fn = jax.jit(jax.vmap(at))
+    pad = (-len(grid)) % chunk
+    padded = np.concatenate([grid, np.repeat(grid[:1], pad, axis=0)]).astype(np.float32)
+    values = np.concatenate([np.asarray(fn(padded[s:s + chunk])) for s in range(0, len(padded), chunk)])
+    values = values[: len(grid)].astype(np.float64)
+    if len(directions) == 1:
+        return Line(coords, values, grid)
+    return Surface(coords, coords, values.reshape(num, num), ("d1", "d2"), np.zeros(2))

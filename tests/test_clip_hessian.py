@@ -1,0 +1,113 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import landscape as ls
+from landscape.clip_hessian import clip_hessian, fd_points
+from landscape.surfaces import loss_line, loss_surface, random_direction, weight_surface
+
+
+class Quadratic:
+    """A smooth stand-in with the ClipLoss interface: L(α) = ½(α−c)ᵀA(α−c) + 1."""
+
+    def __init__(self, A, c):
+        self.A, self.c, self.n = np.asarray(A), np.asarray(c), len(c)
+        self.sites = [ls.sites.Site(f"s{i}", "activation", (1,), i) for i in range(self.n)]
+
+    def _f(self, a):
+        d = a - self.c
+        return 0.5 * jnp.einsum("...i,ij,...j->...", d, self.A, d) + 1.0
+
+    def __call__(self, a):
+        return self._f(jnp.asarray(a, jnp.float32))
+
+    def batch(self, alphas):
+        return self._f(jnp.asarray(alphas, jnp.float32))
+
+    def hessian(self, a):
+        return jnp.asarray(self.A, jnp.float32)
+
+    def site_slices(self):
+        return {s.name: slice(i, i + 1) for i, s in enumerate(self.sites)}
+
+
+def _spd(n, seed):
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(n, n))
+    return m @ m.T / n + np.eye(n)
+
+
+def test_fd_equals_ste_on_a_smooth_quadratic():
+    A = _spd(5, 0)
+    q = Quadratic(A, c=np.full(5, 2.0))
+    alpha = np.linspace(1.0, 3.0, 5)
+    fd = clip_hessian(q, alpha, method="fd", step=0.01)
+    ste = clip_hessian(q, alpha, method="ste")
+    np.testing.assert_allclose(fd, A, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(ste, A, rtol=1e-6)
+    np.testing.assert_array_equal(fd, fd.T)
+
+
+def test_fd_point_layout():
+    pts, h = fd_points(np.array([1.0, 2.0, 4.0]), 0.1)
+    assert pts.shape == (3 * 3 + 3 + 1, 3)
+    np.testing.assert_allclose(h, [0.1, 0.2, 0.4])
+    np.testing.assert_allclose(pts[0], [1, 2, 4])
+    # the last row is α − h_1 e_1 − h_2 e_2 (pairs in triu order: (0,1), (0,2), (1,2))
+    np.testing.assert_allclose(pts[-1], [1.0, 1.8, 3.6])
+
+
+def test_clip_hessians_of_a_network_are_symmetric(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
+    alpha = np.asarray(loss.init("mse"))
+    ste = clip_hessian(loss, alpha, method="ste")
+    fd = clip_hessian(loss, alpha, method="fd")
+    for h in (ste, fd):
+        assert h.shape == (loss.n, loss.n) and np.all(np.isfinite(h))
+        np.testing.assert_array_equal(h, h.T)
+    assert np.trace(ste) != 0
+
+
+@pytest.mark.parametrize("kw,match", [({"method": "x"}, "method='x'"),
+                                      ({"method": "fd", "step": 2.0}, "step=2.0"),
+                                      ({"method": "ste", "step": 0.1}, "method='fd' only")])
+def test_clip_hessian_bad_input(kw, match):
+    q = Quadratic(np.eye(2), np.zeros(2))
+    with pytest.raises(ValueError, match=match):
+        clip_hessian(q, np.ones(2), **kw)
+    with pytest.raises(ValueError, match="> 0"):
+        clip_hessian(q, np.array([1.0, -1.0]))
+
+
+def test_loss_surface_and_line_on_quadratic():
+    A = np.array([[2.0, 0.5], [0.5, 1.0]])
+    q = Quadratic(A, c=np.array([1.0, 1.0]))
+    surf = loss_surface(q, np.array([1.0, 1.0]), sites=(0, "s1"), span=(0.5, 1.5), num=11)
+    assert surf.z.shape == (11, 11) and surf.sites == (0, 1)
+    gx, gy = np.meshgrid(surf.x, surf.y)
+    dx, dy = gx - 1, gy - 1
+    expected = 0.5 * (A[0, 0] * dx**2 + 2 * A[0, 1] * dx * dy + A[1, 1] * dy**2) + 1
+    np.testing.assert_allclose(surf.z, expected, rtol=1e-5)
+    line = loss_line(q, np.array([1.0, 1.0]), np.array([1.0, 1.0]), t=np.linspace(-0.2, 0.5, 8))
+    np.testing.assert_allclose(line.values, 0.5 * A.sum() * line.t**2 + 1, rtol=1e-5)
+    with pytest.raises(ValueError, match="exactly two"):
+        loss_surface(q, np.ones(2), sites=(0,))
+    with pytest.raises(ValueError, match="unknown site"):
+        loss_surface(q, np.ones(2), sites=(0, "zz"))
+
+
+def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
+    params = tiny_net.variables["params"]
+    d = random_direction(params, seed=0)
+    k, dk = np.asarray(params["conv0_1"]["kernel"]), np.asarray(d["conv0_1"]["kernel"])
+    np.testing.assert_allclose(np.linalg.norm(dk.reshape(-1, dk.shape[-1]), axis=0),
+                               np.linalg.norm(k.reshape(-1, k.shape[-1]), axis=0), rtol=1e-4)
+    assert not np.any(np.asarray(d["bn0_0"]["scale"])) and not np.any(np.asarray(d["fc"]["bias"]))
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    f = loss.weight_loss()  # FP32 weight-space loss
+    line = weight_surface(f, params, [d], span=(-0.5, 0.5), num=5)
+    mid = float(f(params))
+    assert line.values[2] == pytest.approx(mid, rel=1e-5)
+    assert line.values.min() >= mid - 1e-3  # a trained minimum along a random line
+    fq = loss.weight_loss(loss.init("max"))
+    assert float(fq(params)) == pytest.approx(float(loss(loss.init("max"))), rel=1e-5)
