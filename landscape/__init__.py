@@ -21,6 +21,8 @@ from landscape import (
 )
 from landscape.clip_hessian import clip_hessian
 from landscape.clip_loss import ClipLoss, default_sites, sites_of
+
+# The function `separability` shadows the module of that name on purpose: ls.separability(H).
 from landscape.separability import (
     anova_interaction,
     flat_fraction,
@@ -28,9 +30,7 @@ from landscape.separability import (
     separability,
     separability_index,
 )
-from landscape.spectrum import HessianSpectrum, hessian_spectrum  # noqa: I001 (the function
-
-# `separability` shadows the module of the same name on purpose: ls.separability(H) is the API)
+from landscape.spectrum import HessianSpectrum, hessian_spectrum
 from landscape.surfaces import loss_line, loss_surface, random_direction, weight_surface
 
 __version__ = "0.1.0"
