@@ -13,11 +13,12 @@ import weakref
 from pathlib import Path
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from landscape.spectrum import _OPERATORS, DENSE_MAX_DIM, HessianSpectrum, hessian_spectrum
+from landscape.spectrum import _HVP, _OPERATORS, DENSE_MAX_DIM, HessianSpectrum, hessian_spectrum
 
 SHAPES_5000 = {"conv": (10, 5, 4, 4), "dense": (4000,), "bias": (200,)}
 
@@ -30,7 +31,8 @@ def householder_quadratic(lam, shapes, *, reflections=6, seed=0):
     """f(x) = ½ xᵀ A x with A = Q diag(λ) Qᵀ, Q a product of Householder reflections, x a dict.
 
     Applying Qᵀ costs O(reflections · n), so n = 5000 stays cheap, and the spectrum is exactly λ.
-    Returns f, a random x0 shaped by `shapes`, and apply_q (coordinates → flat eigenvector)."""
+    Returns f, a random x0 shaped by `shapes`, and apply_q(c, transpose=False) = Q c (or Qᵀ c), in
+    f's coordinate order (the keys of `shapes` in the order given)."""
     lam = np.asarray(lam, np.float64)
     n = lam.size
     assert sum(int(np.prod(s)) for s in shapes.values()) == n
@@ -47,9 +49,9 @@ def householder_quadratic(lam, shapes, *, reflections=6, seed=0):
         y = jax.lax.scan(reflect, _leaves_concat(x, names), U_j)[0]  # Qᵀ x = H_r ⋯ H_1 x
         return 0.5 * jnp.sum(lam_j * y * y)
 
-    def apply_q(c):  # Q c = H_1 ⋯ H_r c
+    def apply_q(c, transpose=False):  # Q c = H_1 ⋯ H_r c, or Qᵀ c = H_r ⋯ H_1 c
         y = np.asarray(c, np.float64)
-        for u in U[::-1]:
+        for u in U if transpose else U[::-1]:
             y = y - 2.0 * u * (u @ y)
         return y
 
@@ -68,6 +70,25 @@ def spectrum_with_gap(kind, n, seed=0):
     bulk = rng.uniform(0.1, 10.0, n - 5) if kind == "spd" else rng.uniform(-30.0, 10.0, n - 5)
     lam = np.concatenate([[100.0, 90.0, 80.0, 70.0, 60.0], bulk])
     return rng.permutation(lam)
+
+
+def test_block_hvps_equal_dense_ground_truth():
+    # Trace and density use vmapped HVPs. jaxlib 0.10.2's XLA:CPU miscompiles some batched
+    # reduce fusions (jax-ml/jax#39103; workaround XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce,
+    # set before jax starts): this catches it, or anything like it, on the path we depend on.
+    n = 5000
+    lam = spectrum_with_gap("spd", n, seed=20)
+    f, x0, apply_q = householder_quadratic(lam, {"a": (n,)}, reflections=2, seed=21)
+    V = np.random.default_rng(22).choice([-1.0, 1.0], size=(16, n))
+    leaves, treedef = jax.tree_util.tree_flatten(x0)
+    flat_x, unravel = jax.flatten_util.ravel_pytree(x0)
+    op = _HVP(f, unravel, flat_x, (treedef, tuple((v.shape, v.dtype) for v in leaves)))
+    got = np.asarray(op.matmat(jnp.asarray(V, jnp.float32), "test"), np.float64)
+    exact = np.stack([apply_q(lam * apply_q(v, transpose=True)) for v in V])  # A v = Q Λ Qᵀ v
+    assert np.max(np.abs(got - exact)) <= 1e-4 * np.max(np.abs(exact)), (
+        "batched HVPs are wrong: on jaxlib 0.10.2 CPU set "
+        "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce before importing jax"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +347,8 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 def test_sharded_data_gives_the_single_device_result():
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
