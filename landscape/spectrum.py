@@ -7,9 +7,14 @@ products
     H v = d/dε ∇f(x0 + ε v) |_{ε=0}          (forward-over-reverse: ``jax.jvp`` of ``jax.grad``)
 
 on the flattened vector (``jax.flatten_util.ravel_pytree``); only ``method="dense"`` forms H, and only
-for small n. Two compiled HVP programs exist per call, one for a single vector (Lanczos) and one for
-a block of ``probe_batch`` vectors (``vmap``: trace probes, density runs, dense columns); the
-algorithms around them are small jitted kernels shared between calls.
+for small n. Two HVP programs are compiled per (f, structure of x0) and cached weakly on f, so calling
+again compiles nothing: a Lanczos step (one HVP fused with its reorthogonalisation) and a block of
+``probe_batch`` HVPs (``vmap``: trace probes, density runs, dense columns). The algorithms around them
+are small jitted kernels shared between calls.
+
+Known issue: jaxlib 0.10.2's XLA:CPU miscompiles some batched reductions (jax-ml/jax#39103), which
+silently corrupts vmapped HVPs on CPU; start such processes with
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` (GPUs are not affected).
 
 Algorithms
 ----------
@@ -53,8 +58,8 @@ __all__ = ["DENSE_MAX_DIM", "HessianSpectrum", "hessian_spectrum"]
 
 #: ``method="auto"`` forms the full Hessian (n HVPs, O(n²) memory, exact ``eigh``) up to this
 #: dimension and uses Lanczos / Hutch++ / SLQ above it. At n = 512 the dense Hessian costs 512 HVPs
-#: and 1 MiB, which is still cheap next to the exactness it buys; clip vectors (n ≤ ~100) are
-#: always dense, network weights always iterative.
+#: and 2 MiB, still cheap next to the exactness it buys (and next to the ~100–1000 HVPs of a Lanczos
+#: + Hutch++ + SLQ run); clip vectors (n ≤ ~100) are always dense, network weights always iterative.
 DENSE_MAX_DIM = 512
 
 _METHODS = ("auto", "dense", "lanczos")
@@ -82,7 +87,8 @@ class HessianSpectrum:
         n_hvp: Hessian-vector products evaluated in total.
         hvp_counts: the same, split by task ("dense", "lanczos", "trace", "density").
         seconds: wall-clock seconds of the call, compilation included.
-        info: further details (Lanczos restarts, trace probes, density runs and σ, ...).
+        info: further details (Lanczos basis size and restarts, trace method and HVPs, density runs,
+            steps and σ, the dense Hessian's relative asymmetry).
     """
 
     eigenvalues: np.ndarray
@@ -532,6 +538,8 @@ def hessian_spectrum(
     Note:
         Single-vector Lanczos finds one copy of an exactly repeated eigenvalue per invariant
         subspace; for exactly degenerate spectra, "dense" (small n) is the reliable choice.
+        The compiled HVP programs are cached per (f, structure of x0), like ``jax.jit``: f is
+        assumed pure, and data it closes over are captured when it is first traced.
     """
     start = time.perf_counter()
     if method not in _METHODS:
