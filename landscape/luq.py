@@ -560,15 +560,34 @@ def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forwar
 @jax.jit
 def _shift_add(a, sign, exponent):
     # Σ_k ±(a[m, k] << e[k, n]): shifts, a conditional negation and an integer sum.
+    a, sign, exponent = (t.astype(jnp.int32) for t in (a, sign, exponent))
     terms = jnp.left_shift(a[:, :, None], exponent[None, :, :])
     terms = jnp.where(sign[None] > 0, terms, jnp.where(sign[None] < 0, -terms, 0))
     return jnp.sum(terms, axis=1, dtype=jnp.int32)
 
 
-def _check_no_overflow(a, exponent, nonzero):
-    if not _is_concrete(a, exponent, nonzero):
+@jax.jit
+def _decompose_pow2(g):
+    """g = sign·2^(rel + e_min) for entries 0 or ±2^e; also whether every entry is of that form."""
+    mant, ex = jnp.frexp(jnp.abs(g))
+    nonzero = g != 0
+    e = ex - 1
+    e_min = jnp.min(jnp.where(nonzero, e, jnp.iinfo(jnp.int32).max))
+    e_min = jnp.where(jnp.any(nonzero), e_min, 0)
+    rel = jnp.where(nonzero, e - e_min, 0)
+    return jnp.sign(g).astype(jnp.int32), rel, e_min, jnp.all(~nonzero | (mant == 0.5))
+
+
+@jax.jit
+def _shift_add_scaled(a, sign, rel, e_min):
+    # int32 → float32 is exact below 2^24; the scaling by 2^e_min is an exponent add
+    return _shift_add(a, sign, rel).astype(jnp.float32) * _pow2(e_min)
+
+
+def _check_no_overflow(a, sign, exponent):
+    if not _is_concrete(a, sign, exponent):
         return
-    weights = np.where(np.asarray(nonzero), 2.0 ** np.asarray(exponent, np.float64), 0.0)
+    weights = np.where(np.asarray(sign) != 0, 2.0 ** np.asarray(exponent, np.float64), 0.0)
     bound = np.abs(np.asarray(a, np.float64)) @ weights
     if bound.size and bound.max() >= 2.0**31:
         raise ValueError(f"shift-add sum may overflow int32 (bound {bound.max():.3g} ≥ 2^31)")
@@ -602,7 +621,6 @@ def shift_add_matmul(a_int, g_fp4):
         raise ValueError(f"a_int must be an integer array, got dtype {a.dtype}")
     if a.ndim != 2:
         raise ValueError(f"a_int must have shape (M, K), got {a.shape}")
-    a = a.astype(jnp.int32)
     if isinstance(g_fp4, tuple | list):
         if len(g_fp4) != 2:
             raise ValueError(f"g_fp4 as a tuple must be (sign, exponent), got {len(g_fp4)} items")
@@ -613,29 +631,22 @@ def shift_add_matmul(a_int, g_fp4):
         if sign.shape != exponent.shape or sign.ndim != 2 or sign.shape[0] != a.shape[1]:
             raise ValueError(f"sign/exponent must both have shape ({a.shape[1]}, N), "
                              f"got {sign.shape} and {exponent.shape}")
-        sign, exponent = sign.astype(jnp.int32), exponent.astype(jnp.int32)
         if _is_concrete(sign, exponent):
-            if not bool(jnp.all(jnp.abs(sign) <= 1)):
+            if not np.all(np.abs(np.asarray(sign)) <= 1):
                 raise ValueError("sign entries must be -1, 0 or 1")
-            if not bool(jnp.all(exponent >= 0)):
-                raise ValueError(f"exponent entries must be ≥ 0, got min {int(exponent.min())}")
-        _check_no_overflow(a, exponent, sign != 0)
+            if not np.all(np.asarray(exponent) >= 0):
+                raise ValueError(f"exponent entries must be ≥ 0, got min {int(np.min(exponent))}")
+        _check_no_overflow(a, sign, exponent)
         return _shift_add(a, sign, exponent)
 
     g = _check_float_array("g_fp4", g_fp4).astype(jnp.float32)
     if g.ndim != 2 or g.shape[0] != a.shape[1]:
         raise ValueError(f"g_fp4 must have shape ({a.shape[1]}, N), got {g.shape}")
-    mant, ex = jnp.frexp(jnp.abs(g))
-    nonzero = g != 0
-    if _is_concrete(g) and not bool(jnp.all(~nonzero | (mant == 0.5))):
+    sign, rel, e_min, exact = _decompose_pow2(g)
+    if _is_concrete(g) and not bool(exact):
         raise ValueError("g_fp4 entries must be 0 or ±2^e (a zero-mantissa FP value)")
-    e = ex - 1
-    e_min = jnp.min(jnp.where(nonzero, e, jnp.iinfo(jnp.int32).max))
-    e_min = jnp.where(jnp.any(nonzero), e_min, 0)
-    rel = jnp.where(nonzero, e - e_min, 0)
-    _check_no_overflow(a, rel, nonzero)
-    acc = _shift_add(a, jnp.sign(g).astype(jnp.int32), rel)
-    return acc.astype(jnp.float32) * _pow2(e_min)  # exact: int → float (< 2^24), then 2^e_min
+    _check_no_overflow(a, sign, rel)
+    return _shift_add_scaled(a, sign, rel, e_min)
 
 
 # --------------------------------------------------------------------------------------------
