@@ -407,13 +407,15 @@ def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, key):
     low_rank = 0.0
     Qt = None
     if method == "hutch++":
-        sketch = _round_up(num_probes // 3, block)
+        sketch = _round_up(min(num_probes // 3, n), block)
         mc = _round_up(max(num_probes - 2 * (num_probes // 3), 2), block)
         S = jax.random.rademacher(k_sketch, (sketch, n), dtype=dtype)
         Y = _apply_blocks(op, S, block, "trace")
         Qt = jnp.linalg.qr(Y.T)[0].T  # (min(sketch, n), n) orthonormal rows
         HQ = _apply_blocks(op, Qt, block, "trace")
         low_rank = float(np.sum(np.asarray(Qt, np.float64) * np.asarray(HQ, np.float64)))
+        if Qt.shape[0] >= n:  # the sketch spans everything: tr(QᵀHQ) is the exact trace
+            return low_rank, 0.0, op.counts["trace"]
     else:
         mc = _round_up(max(num_probes, 2), block)
     samples = []

@@ -77,7 +77,10 @@ def test_bad_hessians():
         separability(np.array([[1.0, np.nan], [np.nan, 1.0]]))
     with pytest.raises(ValueError, match="not symmetric"):
         separability(np.array([[1.0, 0.5], [0.0, 1.0]]))
-    separability(np.array([[1.0, 0.5], [0.5 + 1e-7, 1.0]]))  # autodiff-level asymmetry is fine
+    rep = separability(np.array([[1.0, 0.5], [0.5 + 1e-4, 1.0]]))  # float32-autodiff-level asymmetry is fine
+    assert rep.asymmetry == pytest.approx(1e-4) and rep.coupling[0, 1] == pytest.approx(0.50005)
+    with pytest.raises(ValueError, match="not symmetric"):
+        separability(np.array([[1.0, 0.5], [0.5 + 1e-4, 1.0]]), sym_tol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

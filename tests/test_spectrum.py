@@ -215,8 +215,9 @@ def test_lanczos_path_on_a_small_problem_is_exact():
     f, x0, _ = householder_quadratic(lam, {"a": (5, 6)}, seed=11)
     res = hessian_spectrum(f, x0, top_k=4, method="lanczos", trace=True)
     np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[::-1][:4], rtol=1e-4)
-    # The Hutch++ sketch (32 ≥ n) captures all of H: the trace is exact, its stderr ~0.
-    assert res.trace == pytest.approx(lam.sum(), rel=1e-4)
+    # The Hutch++ sketch (32 ≥ n) captures all of H: the trace is exact, no Monte-Carlo part runs.
+    assert res.trace == pytest.approx(lam.sum(), rel=1e-4) and res.trace_stderr == 0.0
+    assert res.hvp_counts["trace"] == 64
 
 
 # ------------------------------------------------------------------------------------------------ density
