@@ -18,7 +18,7 @@ Pieces (all pure, jit-compatible and vmappable; integer/str options are static):
 * :func:`quantize_gradient` — the LUQ quantizer Q_FP, with SMP (``samples`` > 1);
   :func:`round_gradient` — the biased round-to-nearest FP4 baseline in the same format;
   :func:`gradient_alpha`, :func:`gradient_variance` — its underflow threshold α and the
-  exact per-element variance of one draw.
+  closed-form per-element variance of one draw.
 * :func:`sawb` — the INT4 forward quantizer (straight-through); :func:`sawb_codes` — its
   integer codes and scale.
 * :func:`luq_identity` — identity in the forward pass, Q_FP(cotangent) in the backward pass;
@@ -35,7 +35,7 @@ Discrepancies between the paper, its reference code and the project notes, settl
 
 1. **α and the format.** The paper's eq. (11), α = max|δ| / 2^(2^(b−1)) "with b = 3", gives
    only five magnitudes and is inconsistent with its own FP4 claim; the reference code uses
-   α = max(δ)/2^7, whose nine magnitudes {0, α, …, 2^7 α} (17 signed values) need five bits.
+   α = max(δ)/2^7, whose nine magnitudes {0, α, 2α, …, 2^7 α} (17 signed values) need 5 bits.
    Default (``max_mode="abs"``): α = max|δ| / 2^(2^(b−1) − 2), i.e. for b = 4 the 2^(b−1) = 8
    exponent codes per sign hold zero and the seven magnitudes α·2^k, k = 0..6, with the
    largest equal to max|δ| — a strict [1, 3, 0] code. ``max_mode="signed"`` reproduces the
@@ -69,7 +69,7 @@ bracket), U drawn as 32 random bits — rather than with the paper's "add noise,
 the nearest power with a 4/3 factor" (eqs. 13–14). The two have the same distribution; the
 direct form needs no log2 of noisy values and is exact at powers of two (exponents come from
 ``frexp``, never from a float log2). Probabilities are resolved to 2^-32, so each element's
-bias is below 2^-32·α.
+bias is below 2^-32 of the width of its bracket.
 """
 
 from __future__ import annotations
@@ -177,7 +177,6 @@ class _Bracket:
         # |g|/m ∈ [0, 1] then an exact power-of-two scaling: x = |g| / α.
         x = jnp.abs(g32) / safe_m * _pow2(span)
         mant, ex = jnp.frexp(x)
-        self.dtype = g.dtype
         self.m, self.span, self.sign = m, span, jnp.sign(g32)
         self.below = x < 1.0
         self.frac = jnp.where(self.below, x, 2.0 * mant - 1.0)
@@ -212,7 +211,7 @@ def _alpha_kernel(g, bits, max_mode):
 
 
 def gradient_variance(g, *, bits=4, max_mode="abs"):
-    """Exact per-element variance of one LUQ draw, same shape as ``g``.
+    """Per-element variance of one LUQ draw (closed form), same shape as ``g``.
 
     Stochastic rounding between adjacent levels lo < |g| < hi has variance
     (|g| − lo)(hi − |g|): α|g| − g² below α (lo = 0, hi = α) and
@@ -244,8 +243,9 @@ def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs"):
 
     so E[Q(g)] = g element-wise (variance: :func:`gradient_variance`). The largest level is
     max|g| itself (``"abs"``): nothing is clipped, levels are fixed points, signs are kept,
-    Q(c·g) = c·Q(g) for c > 0 with the same key, and an all-zero ``g`` gives zeros. A
-    non-finite ``g`` gives an all-NaN result.
+    Q(c·g) = c·Q(g) for c > 0 with the same key (bit-exact for powers of two, otherwise up
+    to the float rounding of |g|/max|g|), and an all-zero ``g`` gives zeros. A non-finite
+    ``g`` gives an all-NaN result.
 
     Args:
       g: float array, any shape (e.g. δ of shape (batch, features) or (N, H, W, C)).
@@ -253,7 +253,8 @@ def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs"):
       bits: total bits of the sign/exponent format [1, bits − 1, 0], 2..7 (static).
       samples: N ≥ 1 (static). N > 1 averages N independent draws (SMP): variance ÷ N, still
         unbiased; the average is no longer on the FP4 grid (by linearity, averaging δ before
-        the GEMMs equals averaging the GEMM outputs, as the paper describes).
+        the GEMMs equals averaging the GEMM outputs, as the paper describes). The draws are
+        materialised together: N × ``g.size`` random words.
       max_mode: ``"abs"`` (strict b-bit, default) or ``"signed"`` (the reference code's
         signed max and α = max/2^7 at 4 bits; 9 magnitudes, not a 4-bit code).
 
@@ -307,7 +308,8 @@ def _sawb_args(bits, signed, coeffs):
                 "pass coeffs=(c1, c2) for other widths"
             )
         coeffs = SAWB_COEFFS_4BIT
-    if len(coeffs) != 2 or not all(np.isfinite(c) for c in coeffs):
+    ok = isinstance(coeffs, tuple | list) and len(coeffs) == 2
+    if not ok or not all(isinstance(c, int | float) and np.isfinite(c) for c in coeffs):
         raise ValueError(f"coeffs must be two finite numbers (c1, c2), got {coeffs!r}")
     return bits, signed, (float(coeffs[0]), float(coeffs[1]))
 
@@ -390,8 +392,8 @@ def sawb(x, *, bits=4, signed=None, coeffs=None):
     Args:
       x: float array, any shape.
       bits: code width b, 2..8 (static). (c1, c2) = (12.1, 12.2) are built in for b = 4 only.
-      signed: None picks the grid from the data (min x < 0); True/False force it (weights:
-        True, as the reference code does).
+      signed: None picks the grid from the data (min x < 0); True forces the signed grid
+        (weights, as in the reference code); False the unsigned one (negatives clip to 0).
       coeffs: optional (c1, c2) SAWB regression coefficients.
 
     Returns:
@@ -488,14 +490,15 @@ def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
     ``gemm`` is any bilinear callable ``gemm(x, w) -> z`` (``jnp.dot``, or a convolution with
     fixed strides/padding). With both operands quantized it runs on the integer codes,
     z = gemm(c_x, c_w)·(Δ_x Δ_w) (:func:`sawb_codes`), as INT4 hardware does; bilinearity
-    makes this gemm(Q_INT(x), Q_INT(w)). The integer sums are exact in float32 while
-    |Σ c_x c_w| < 2^24 (over 10^5 terms of 15·7), so they do not depend on the summation
-    order (the SAWB scales, being reductions, may differ by an ulp between compilations, which
-    moves no zero and no sign). Autodiff of
-    ``gemm`` then computes the activation gradient from c_w and the weight gradient from c_x —
-    the tensors saved by the forward — both from the same sample Q_FP(δ) of
-    :func:`luq_identity` (MF-BPROP form: :func:`shift_add_matmul`). Straight-through for x
-    and w, with the SAWB scales held constant.
+    makes this gemm(Q_INT(x), Q_INT(w)). The codes are exact even in TF32/bf16 matmul inputs
+    and their sums are exact in float32 while |Σ c_x c_w| < 2^24 (over 10^5 terms of 15·7),
+    so z does not depend on the summation order up to the rescale (the SAWB scales, being
+    reductions, may differ by an ulp between compilations, which moves no zero and no sign).
+
+    Autodiff of ``gemm`` then computes the activation gradient from c_w and the weight
+    gradient from c_x — the tensors saved by the forward — both from the same sample
+    Q_FP(δ) of :func:`luq_identity` (in MF-BPROP form: :func:`shift_add_matmul`).
+    Straight-through for x and w, with the SAWB scales held constant.
 
     Args:
       x: layer input; ``sawb`` with the grid chosen from the data (unsigned after a ReLU).
