@@ -550,3 +550,222 @@ def test_bad_mask_diversity_arguments():
 def test_empty_matrix():
     assert sp.transposable_mask(np.zeros((0, 5)), keep=2, block=4).shape == (0, 5)
     assert sp.transposable_mask(np.zeros((5, 0)), keep=2, block=4, method="greedy").shape == (5, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse training: Recipe, ste_mask, effective weights (tiny CNN on digits, one epoch)
+
+EVERY = 5  # mask updates in the schedule test: steps 5, 10, 15, 20 of one 22-step epoch
+
+
+def _tiny_cnn():
+    import models
+
+    return models.create("cnn", num_classes=10, widths=(8, 16))
+
+
+class _RecordingRecipe(sp.Recipe):
+    """The recipe, with a log of the masks and weights it saw (same repr, so the same cache key)."""
+
+    def init_variables(self, model, variables, x):
+        out = super().init_variables(model, variables, x)
+        self.log.append((0, _np_tree(out["params"]), _np_tree(out["masks"])))
+        return out
+
+    def after_step(self, step, variables):
+        out = super().after_step(step, variables)
+        self.log.append((step, _np_tree(variables["params"]), _np_tree(out["masks"])))
+        return out
+
+
+def _np_tree(tree):
+    import flax
+
+    return {"/".join(k): np.array(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _recording(**kw):
+    recipe = _RecordingRecipe(**kw)
+    object.__setattr__(recipe, "log", [])  # frozen dataclass: the log is not part of the config
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def sparse_run(digits):
+    import landscape as ls
+
+    recipe = _recording(keep=4, block=8, transposable=True, update_every=EVERY)
+    net = ls.train.fit(_tiny_cnn(), digits, epochs=1, batch_size=64, recipe=recipe)
+    return net, recipe
+
+
+def test_recipe_masks_change_only_at_update_steps_and_follow_the_weights(sparse_run):
+    net, recipe = sparse_run
+    log = recipe.log
+    assert [s for s, _, _ in log] == list(range(len(log))) and len(log) == 1 + len(net.history) * 22
+    # init: exact masks of the initial kernels
+    _, params0, masks0 = log[0]
+    assert set(masks0) == {"conv0_1/kernel", "conv1_0/kernel", "conv1_1/kernel"}
+    for name, mask in masks0.items():
+        np.testing.assert_array_equal(mask, recipe.layer_mask(params0[name], "exact"))
+    changed_at = []
+    for (_, _, before), (step, params, after) in itertools.pairwise(log):
+        same = all(np.array_equal(before[k], after[k]) for k in after)
+        if step % EVERY:
+            assert same, f"mask changed at step {step}"
+        else:
+            for name, mask in after.items():  # greedy masks of the weights after this step
+                np.testing.assert_array_equal(mask, recipe.layer_mask(params[name], "greedy"))
+            if not same:
+                changed_at.append(step)
+    assert len(changed_at) >= 2  # the weights move enough for the greedy masks to change
+
+
+def test_recipe_evaluates_with_masked_weights(sparse_run, digits):
+    import jax.numpy as jnp
+
+    net, recipe = sparse_run
+    x = digits.test.x[:64]
+    plain = {**{k: v for k, v in net.variables.items() if k != "masks"},
+             "params": sp.effective_params(net.variables)}
+    want = net.model.apply(plain, jnp.asarray(x), train=False)
+    # net.apply is jitted and this reference is not: equal up to float reassociation
+    np.testing.assert_allclose(np.asarray(net.apply(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    dense = {**plain, "params": net.variables["params"]}
+    assert not np.allclose(np.asarray(net.model.apply(dense, jnp.asarray(x), train=False)), np.asarray(want))
+    for name, kernel in _np_tree(plain["params"]).items():
+        if name.endswith("kernel") and name.split("/")[0] in ("conv0_1", "conv1_0", "conv1_1"):
+            m = sp.gemm_matrix(kernel) != 0
+            assert sp.is_transposable(m, keep=4, block=8)
+            assert sp.is_transposable(m.T, keep=4, block=8)
+            assert sp.is_nm(m, keep=4, block=8, axis=0) and sp.is_nm(m, keep=4, block=8, axis=1)
+            assert 0.45 <= sp.density(m) <= 0.5
+        elif name.endswith("kernel"):  # first and last layers: dense
+            assert np.all(kernel != 0)
+
+
+def test_recipe_network_is_cached_with_its_masks(sparse_run, digits):
+    import landscape as ls
+
+    net, _ = sparse_run
+    again = ls.train.fit(_tiny_cnn(), digits, epochs=1, batch_size=64,
+                         recipe=sp.Recipe(keep=4, block=8, transposable=True, update_every=EVERY))
+    assert again.path is not None and again.path == net.path
+    for name, mask in _np_tree(net.variables["masks"]).items():
+        np.testing.assert_array_equal(_np_tree(again.variables["masks"])[name], mask)
+    assert again.accuracy(digits.test) == net.accuracy(digits.test)
+
+
+def test_recipe_plain_nm_training_gives_nm_kernels(digits):
+    import landscape as ls
+
+    # 1437 // 128 = 11 steps: the last update follows the last step, so masks match final weights
+    recipe = sp.Recipe(keep=2, block=4, transposable=False, update_every=11, dense_first_last=False)
+    net = ls.train.fit(_tiny_cnn(), digits, epochs=1, batch_size=128, recipe=recipe, cache=False)
+    masks = _np_tree(net.variables["masks"])
+    assert set(masks) == {f"{n}/kernel" for n in ("conv0_0", "conv0_1", "conv1_0", "conv1_1", "fc")}
+    for name, mask in masks.items():
+        assert sp.is_nm(sp.gemm_matrix(mask), keep=2, block=4, axis=0, exact=True), name
+        kernel = _np_tree(net.variables["params"])[name]
+        np.testing.assert_array_equal(mask, recipe.layer_mask(kernel, "exact"))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_recipe_gradient_is_straight_through_plus_decay_on_pruned(digits, decay):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from landscape import layers
+
+    model = _tiny_cnn()
+    x, y = jnp.asarray(digits.train.x[:32]), jnp.asarray(digits.train.y[:32])
+    recipe = sp.Recipe(keep=2, block=4, decay=decay)
+    variables = recipe.init_variables(model, dict(model.init(jax.random.key(0), x, train=False)), x)
+    # arbitrary masks, not magnitude ones: the rule must not depend on how a mask was chosen
+    rng = np.random.default_rng(1)
+    masks = jax.tree.map(lambda m: jnp.asarray(rng.random(m.shape) < 0.5), variables["masks"])
+    state = {"batch_stats": variables["batch_stats"], "masks": masks}
+
+    def loss(params, hook):
+        with layers.gemm_hook(hook):
+            logits, _ = model.apply({"params": params, **state}, x, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+    (_, logits_ste), g_ste = jax.value_and_grad(loss, has_aux=True)(variables["params"],
+                                                                     recipe.gemm_hook("train"))
+    masked = sp.effective_params({"params": variables["params"], "masks": masks})
+    (_, logits_ref), g_ref = jax.value_and_grad(loss, has_aux=True)(masked, None)
+    np.testing.assert_array_equal(np.asarray(logits_ste), np.asarray(logits_ref))  # forward: W * m
+    w, m = _np_tree(variables["params"]), _np_tree(masks)
+    g_ste, g_ref = _np_tree(g_ste), _np_tree(g_ref)
+    for name in w:
+        if name in m:
+            want = g_ref[name] + decay * np.where(m[name], 0.0, w[name])
+            np.testing.assert_array_equal(g_ste[name][m[name]], g_ref[name][m[name]])  # kept: exact STE
+            np.testing.assert_allclose(g_ste[name], want, rtol=1e-6, atol=1e-9)
+            assert np.abs(g_ste[name][~m[name]]).sum() > 0  # pruned weights get a gradient too
+        else:
+            np.testing.assert_array_equal(g_ste[name], g_ref[name])
+
+
+def test_ste_mask_gradient():
+    import jax
+    import jax.numpy as jnp
+
+    w = jnp.asarray([1.0, -2.0, 3.0, -4.0])
+    m = jnp.asarray([True, False, True, False])
+    c = jnp.asarray([0.5, 0.25, -1.0, 2.0])
+    np.testing.assert_array_equal(np.asarray(sp.ste_mask(w, m, decay=0.1)), [1.0, 0.0, 3.0, 0.0])
+    g = jax.grad(lambda v: jnp.sum(c * sp.ste_mask(v, m, decay=0.1)))(w)
+    np.testing.assert_allclose(np.asarray(g), [0.5, 0.25 - 0.2, -1.0, 2.0 - 0.4], rtol=1e-6)
+    with pytest.raises(ValueError, match="decay must be a finite number >= 0, got -1"):
+        sp.ste_mask(w, m, decay=-1)
+
+
+def test_recipe_layers_first_last_dense_by_default():
+    import jax
+    import jax.numpy as jnp
+
+    model = _tiny_cnn()
+    x = jnp.zeros((2, 8, 8, 1))
+    variables = dict(model.init(jax.random.key(0), x, train=False))
+    layers = sp.gemm_layers(model, variables, x)
+    assert [layer.name for layer in layers] == ["conv0_0", "conv0_1", "conv1_0", "conv1_1", "fc"]
+    assert layers[1].shape == (3, 3, 8, 8) and layers[-1].shape == (16, 10)
+    default = sp.Recipe().init_variables(model, variables, x)["masks"]
+    assert sorted(default) == ["conv0_1", "conv1_0", "conv1_1"]
+    every = sp.Recipe(dense_first_last=False).init_variables(model, variables, x)["masks"]
+    assert sorted(every) == ["conv0_0", "conv0_1", "conv1_0", "conv1_1", "fc"]
+    assert [la.name for la in sp.select_layers(layers, names=["fc", "conv0_0"])] == ["conv0_0", "fc"]
+    with pytest.raises(ValueError, match="unknown layer name"):
+        sp.select_layers(layers, names=["conv9"])
+    two = __import__("models").create("mlp", num_classes=10, hidden=(16,))
+    v2 = dict(two.init(jax.random.key(0), x, train=False))
+    with pytest.raises(ValueError, match="leaves no layer to sparsify"):
+        sp.Recipe().init_variables(two, v2, x)
+
+
+def test_recipe_config_key_and_validation():
+    a = sp.Recipe()
+    assert a == sp.Recipe(keep=4, block=8, transposable=True, update_every=40, decay=2e-4)
+    assert a.key() == sp.Recipe().key() and a.structure == "T-4:8"
+    keys = {r.key() for r in (a, sp.Recipe(keep=2, block=4), sp.Recipe(transposable=False),
+                              sp.Recipe(update_every=20), sp.Recipe(decay=0.0),
+                              sp.Recipe(dense_first_last=False), sp.Recipe(init_method="greedy"))}
+    assert len(keys) == 7 and all(k.startswith("sparsity.Recipe(") for k in keys)
+    assert "keep=4, block=8, transposable=True, update_every=40" in repr(a)
+    with pytest.raises(ValueError, match="keep must satisfy"):
+        sp.Recipe(keep=8, block=8)
+    with pytest.raises(ValueError, match="update_every must be an integer >= 1, got 0"):
+        sp.Recipe(update_every=0)
+    with pytest.raises(ValueError, match="decay must be a finite number"):
+        sp.Recipe(decay=float("nan"))
+    with pytest.raises(ValueError, match="init_method"):
+        sp.Recipe(init_method="lp")
+    with pytest.raises(ValueError, match="transposable must be True or False"):
+        sp.Recipe(transposable=1)
+    with pytest.raises(ValueError, match="phase must be 'train' or 'eval'"):
+        a.gemm_hook("test")
+    with pytest.raises(TypeError):
+        sp.Recipe(4, 8)  # keyword-only
