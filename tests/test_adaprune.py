@@ -1,0 +1,148 @@
+"""Tests for landscape.adaprune: per-layer re-fit with a fixed mask, BN re-estimation, conversion."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from landscape import adaprune as ap
+from landscape import sparsity as sp
+
+SPARSE = ("conv0_1", "conv1_0", "conv1_1")  # tiny CNN layers between the first and the last
+
+
+def flat(tree) -> dict:
+    return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_net, digits):
+    # 1:4 (75% sparse): magnitude pruning alone wrecks the tiny CNN, so recovery is measurable.
+    return ap.adaprune(tiny_net, digits.calib, keep=1, block=4, iterations=150, test=digits.test)
+
+
+def test_adaprune_masks_fixed_pruned_exactly_zero_and_nm(converted, tiny_net):
+    before = flat(tiny_net.variables["params"])
+    params = flat(converted.network.variables["params"])
+    masks = flat(converted.network.variables["masks"])
+    assert sorted(masks) == [f"{n}/kernel" for n in SPARSE]
+    for name, mask in masks.items():
+        assert sp.is_nm(sp.gemm_matrix(mask), keep=1, block=4, axis=0, exact=True)
+        np.testing.assert_array_equal(mask, sp.layer_mask(before[name], keep=1, block=4,
+                                                          transposable=False, method="exact"))
+        assert np.all(params[name][~mask] == 0.0)
+        assert not np.allclose(params[name][mask], before[name][mask])  # kept weights were re-fitted
+    assert [r.name for r in converted.layers] == list(SPARSE)
+    assert all(r.density == 0.25 for r in converted.layers)
+    assert converted.structure == "1:4" and converted.network.recipe.structure == "1:4"
+
+
+def test_adaprune_reduces_calibration_mse_per_layer(converted):
+    for r in converted.layers:
+        assert r.mse_after <= 0.8 * r.mse_before, r
+
+
+def test_adaprune_leaves_skipped_layers_untouched(converted, tiny_net):
+    before = flat(tiny_net.variables["params"])
+    after = flat(converted.network.variables["params"])
+    assert set(before) == set(after)
+    for name in before:
+        if name.split("/")[0] not in SPARSE and not name.startswith("bn"):
+            np.testing.assert_array_equal(after[name], before[name])  # conv0_0 and fc: untouched
+    stats_before = flat(tiny_net.variables["batch_stats"])
+    stats_after = flat(converted.network.variables["batch_stats"])
+    assert any(not np.allclose(stats_after[k], stats_before[k]) for k in stats_before)  # re-estimated
+
+
+def test_adaprune_accuracy_recovers_over_magnitude_pruning(converted, digits):
+    acc = converted.accuracy
+    assert acc.final >= acc.magnitude + 0.05
+    assert acc.final == converted.network.accuracy(digits.test)
+    assert acc.dense > acc.magnitude
+    assert "adaprune+BN" in repr(converted) and "conv1_0" in repr(converted)
+
+
+def test_adaprune_explicit_layer_keeps_everything_else(tiny_net, digits):
+    res = ap.adaprune(tiny_net, digits.calib.x[:64], keep=2, block=4, transposable=True,
+                      layers=["conv1_0"], iterations=10, recalibrate_bn=False)
+    before, after = flat(tiny_net.variables), flat(res.network.variables)
+    assert sorted(flat(res.network.variables["masks"])) == ["conv1_0/kernel"]
+    mask = flat(res.network.variables["masks"])["conv1_0/kernel"]
+    assert sp.is_transposable(sp.gemm_matrix(mask), keep=2, block=4, exact=True)
+    for name, value in before.items():
+        if name != "params/conv1_0/kernel":
+            np.testing.assert_array_equal(after[name], value)
+    assert res.accuracy is None and res.structure == "T-2:4"
+
+
+def test_prune_layer_reaches_least_squares_optimum():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((400, 32)) @ rng.standard_normal((32, 32)) * 0.3).astype(np.float32)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    y = x @ w
+    mask = sp.nm_mask(w, keep=2, block=4, axis=0)
+    # the optimum with the mask fixed: one least-squares problem per output column
+    best = 0.0
+    for j in range(w.shape[1]):
+        rows = np.flatnonzero(mask[:, j])
+        sol = np.linalg.lstsq(x[:, rows].astype(np.float64), y[:, j], rcond=None)[0]
+        best += float(np.sum((x[:, rows] @ sol - y[:, j]) ** 2))
+    best /= y.size
+    fit = ap.prune_layer(x, y, w, mask, jnp.dot, iterations=300, lr=1e-2, key=jax.random.key(3))
+    assert fit.mse_before == pytest.approx(float(np.mean((x @ (w * mask) - y) ** 2)), rel=1e-5)
+    assert best <= fit.mse_after <= 1.05 * best < 0.6 * fit.mse_before
+    assert np.all(fit.kernel[~mask] == 0.0) and np.all(fit.bias_delta == 0.0)
+    assert len(fit.history) == 10
+
+
+def test_prune_layer_bias_correction_absorbs_an_offset():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((256, 16)) + 1.0).astype(np.float32)  # non-zero mean inputs
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    mask = sp.nm_mask(w, keep=1, block=4, axis=0)
+    without = ap.prune_layer(x, x @ w, w, mask, jnp.dot, iterations=300, lr=1e-2)
+    with_bias = ap.prune_layer(x, x @ w, w, mask, jnp.dot, bias=True, iterations=300, lr=1e-2)
+    assert with_bias.mse_after < without.mse_after
+    assert np.any(with_bias.bias_delta != 0.0)
+
+
+def test_absorb_mean_preserves_group_sums():
+    rng = np.random.default_rng(2)
+    for shape, M in (((3, 3, 8, 16), 4), ((3, 3, 3, 8), 4), ((20, 6), 8)):  # 27 and 20 rows: padding
+        w = rng.standard_normal(shape).astype(np.float32)
+        mask = sp.layer_mask(w, keep=M // 2, block=M, transposable=False)
+        out = ap.absorb_mean(w, mask, block=M)
+        assert out.shape == w.shape and np.all(out[~mask] == 0.0)
+        gw, go = sp.gemm_matrix(w), sp.gemm_matrix(out)
+        for start in range(0, gw.shape[0], M):
+            np.testing.assert_allclose(go[start:start + M].sum(0), gw[start:start + M].sum(0), atol=1e-5)
+
+
+def test_recalibrated_running_statistics_equal_batch_statistics(tiny_net, digits):
+    x = digits.calib.x[:128]
+    model, variables = tiny_net.model, tiny_net.variables
+    new = ap.recalibrate_batchnorm(model, variables, x)
+    train_mode, _ = model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    eval_mode = model.apply(new, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(np.asarray(eval_mode), np.asarray(train_mode), rtol=1e-4, atol=1e-4)
+    old_eval = model.apply(variables, jnp.asarray(x), train=False)
+    assert not np.allclose(np.asarray(old_eval), np.asarray(train_mode), atol=1e-3)
+
+
+def test_adaprune_bad_arguments(tiny_net, digits):
+    with pytest.raises(ValueError, match="keep must satisfy"):
+        ap.adaprune(tiny_net, digits.calib, keep=4, block=4)
+    with pytest.raises(ValueError, match="unknown layer name"):
+        ap.adaprune(tiny_net, digits.calib, layers=["nope"])
+    with pytest.raises(ValueError, match="no layer to prune"):
+        ap.adaprune(tiny_net, digits.calib, layers=[])
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+        ap.prune_layer(np.ones((4, 2)), np.ones((4, 2)), np.ones((2, 2)), np.ones((2, 2), bool), jnp.dot,
+                       iterations=0)
+    with pytest.raises(ValueError, match="boolean array of the kernel's shape"):
+        ap.absorb_mean(np.ones((4, 2)), np.ones((4, 2)), block=2)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        ap.adaprune(tiny_net, np.zeros((0, 8, 8, 1)))
