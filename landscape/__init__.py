@@ -6,6 +6,8 @@ function of its clipping vector α. Data (:mod:`landscape.data`), training
 analyzers and optimizers consume it.
 """
 
+# First: guards XLA:CPU before any JAX computation (see landscape/_xla_flags.py).
+from landscape import _xla_flags  # noqa: F401  isort: skip
 from landscape import (
     calibration,
     data,

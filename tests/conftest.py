@@ -13,6 +13,8 @@ os.environ.setdefault("LANDSCAPE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import landscape  # noqa: E402,F401  (sets the XLA:CPU guard flag before any JAX computation)
+
 
 @pytest.fixture(scope="session")
 def digits():
