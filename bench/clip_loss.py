@@ -4,18 +4,22 @@ resnet20 (CIFAR-style), N images of 32×32×3, W4A4 with α from ``loss.init(rul
 
 * seconds per ``loss(α)`` and per α inside ``loss.batch`` of K rows (ours, JAX/XLA);
 * seconds per quantized forward + cross-entropy in PyTorch eager (``torch.no_grad``,
-  fake-quant written the obvious way: ``bench/torch_models.py``), single α and a loop over
-  the same K rows — eager PyTorch has no batched-α path, so its per-α cost is one forward;
+  fake-quant written the obvious way: ``bench/torch_models.py``) with as many threads as
+  XLA uses, and once more with one thread; eager PyTorch has no batched-α path, so its
+  per-α cost is one forward (the median over the same K rows);
 * ratios torch/ours (target ≥ 1.5 for a single evaluation);
-* a correctness check, our loss vs PyTorch's on the same weights, data and α;
-* the peak resident memory of the process.
+* correctness: our loss vs PyTorch's on the same weights, data and α, in float64 (identical
+  semantics must agree to rounding) and in float32 (where a 4-bit grid turns accumulation-
+  order differences into occasional one-level flips), and the unquantized logits;
+* the peak resident memory of the process (and of the accelerator, if any).
 
 The network is random-initialised (seeded); BatchNorm statistics and affine parameters are
 randomised too, so that a layout or ε mismatch would show in the correctness check. Images
 are standard-normal noise and labels uniform (the cost does not depend on the content).
 Timings are medians over repeats after a warm-up call (which also compiles). Both
-frameworks run on all the CPU cores this process may use. Without torch installed the
-comparison is skipped and the script still exits 0.
+frameworks run on all the CPU cores this process may use; on a GPU JAX backend PyTorch runs
+on CUDA when it can. Without torch installed the comparison is skipped and the script
+still exits 0.
 
     python bench/clip_loss.py [--n 512] [--k 16] [--repeats 5] [--init max]
 """
@@ -23,6 +27,7 @@ comparison is skipped and the script still exits 0.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import resource
@@ -39,12 +44,14 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
 
 TARGET_RATIO = 1.5  # torch / ours, single evaluation (issue 2, item 8)
-REL_TOL = 1e-4  # our loss vs torch's, relative
+REL_TOL = 1e-4  # our loss vs torch's, relative, float32 (see the float32-vs-float64 line)
+REL_TOL_F64 = 1e-9  # the same in float64: identical semantics leave only rounding
 
 
 def parse_args(argv=None):
@@ -113,6 +120,111 @@ def peak_rss_mib() -> float:
     return rss / 1024**2 if platform.system() == "Darwin" else rss / 1024
 
 
+def ours_float64(loss, x, y, alpha) -> float:
+    """Our quantized loss recomputed in float64: the same site contexts and model code as
+    ``ClipLoss`` (which is float32 by design), for the exact-semantics check."""
+    slices = loss.site_slices()
+    a64 = np.asarray(alpha, np.float64)
+    alphas = {name: a64[sl] if sl.stop - sl.start > 1 else a64[sl.start] for name, sl in slices.items()}
+    with jax.enable_x64(True):
+        variables = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(loss.variables))
+
+        def f(variables, x, y, alphas):
+            with ls.sites.quantizing(loss.specs, alphas):
+                logits = loss.model.apply(variables, x, train=False)
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+        return float(jax.jit(f)(variables, np.asarray(x, np.float64), y, alphas))
+
+
+def compare_torch(args, net, loss, x, y, alpha, alphas, timings, threads):
+    """The PyTorch half: timings, ratios and the correctness checks. Returns False if torch
+    is not installed."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return False
+    from torch_models import from_flax, nchw
+
+    on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    torch.set_num_threads(threads)
+    twin = from_flax(net.model, jax.device_get(loss.variables)).quantize(loss.specs).to(device)
+    ours_order = [s.name for s in loss.sites]
+    if twin.active_sites != ours_order:
+        raise SystemExit(f"site order differs: torch {twin.active_sites} vs ours {ours_order}")
+    xt, yt = nchw(x).to(device), torch.from_numpy(y.astype(np.int64)).to(device)
+
+    def torch_loss(model, a, inputs=xt):
+        model.set_alpha(a)
+        with torch.no_grad():
+            return float(F.cross_entropy(model(inputs), yt))  # float() waits for the device
+
+    alpha_np, alphas_np = np.asarray(alpha), np.asarray(alphas)
+    theirs = torch_loss(twin, alpha_np)  # warm-up
+    t_torch, times = timed(lambda: torch_loss(twin, alpha_np), args.repeats)
+    where = f"{torch.get_num_threads()} intra-op threads" if device.type == "cpu" else "CUDA"
+    print(f"torch  eager forward+CE:   {t_torch:.4f} s  (median of {args.repeats} {fmt_times(times)}; "
+          f"torch {torch.__version__}, {where}, no_grad, NCHW)")
+    t_torch1 = None
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+        torch_loss(twin, alpha_np)
+        t_torch1, times = timed(lambda: torch_loss(twin, alpha_np), args.repeats)
+        torch.set_num_threads(threads)
+        print(f"torch  same, 1 thread:     {t_torch1:.4f} s  (median of {args.repeats} {fmt_times(times)}; "
+              "OpenMP threads spin and suffer most when the cores are shared)")
+
+    # Eager PyTorch has no batched-α path: its per-α cost is one forward. Each of the K rows
+    # is timed separately and the median taken; the K losses also check loss.batch.
+    theirs_batch, row_times = np.zeros(args.k), []
+    for i, a in enumerate(alphas_np):
+        t0 = time.perf_counter()
+        theirs_batch[i] = torch_loss(twin, a)
+        row_times.append(time.perf_counter() - t0)
+    t_row = statistics.median(row_times)
+    print(f"torch  loop over K={args.k}:    {t_row:.4f} s per alpha  (median over the {args.k} rows, "
+          f"{sum(row_times):.2f} s in all)")
+
+    ratio = t_torch / timings["single"]
+    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    print(f"ratio  torch/ours single:  {ratio:.2f}x  ({verdict} target >= {TARGET_RATIO}; "
+          "equal thread counts)")
+    if t_torch1 is not None:
+        print(f"ratio  torch(1 thread)/ours single: {t_torch1 / timings['single']:.2f}x")
+    print(f"ratio  torch/ours per alpha in batch of {args.k}: {t_row / timings['per_alpha']:.2f}x")
+
+    # Correctness. float64 first: same weights, data and α, so any semantic difference
+    # (padding, BN ε, rounding, layout) shows; float32 then differs only by accumulation
+    # order, which a 4-bit grid amplifies wherever a value sits on a rounding boundary.
+    twin64 = copy.deepcopy(twin).double()
+    theirs64 = torch_loss(twin64, alpha_np, xt.double())
+    ours64 = ours_float64(loss, x, y, alpha)
+    rel64 = abs(ours64 - theirs64) / abs(theirs64)
+    ok64 = "OK" if rel64 <= REL_TOL_F64 else "MISMATCH"
+    print(f"check  float64: ours {ours64:.12f} vs torch {theirs64:.12f}: rel diff {rel64:.1e}  "
+          f"({ok64}, tolerance {REL_TOL_F64:g})")
+    ours = timings["loss"]
+    rel = abs(ours - theirs) / abs(theirs)
+    rel_batch = float(np.max(np.abs(timings["batch_losses"] - theirs_batch) / np.abs(theirs_batch)))
+    ok32 = "within" if max(rel, rel_batch) <= REL_TOL else "above"
+    print(f"check  float32: ours {ours:.7f} vs torch {theirs:.7f}: rel diff {rel:.2e}; batch of {args.k}: "
+          f"max rel diff {rel_batch:.2e}  ({ok32} {REL_TOL:g})")
+    print(f"       float32 vs exact (float64): ours {abs(ours - ours64) / ours64:.2e}, torch "
+          f"{abs(theirs - theirs64) / theirs64:.2e}: float32 rounding moves values across the "
+          f"{args.bits}-bit grid's boundaries in both frameworks, differently")
+    with torch.no_grad():
+        twin.quantize(None)
+        fp32_torch = twin(xt[:64]).cpu().numpy()
+        twin.quantize(loss.specs)
+    fp32_ours = np.asarray(net.apply(x[:64]))
+    diff = np.max(np.abs(fp32_ours - fp32_torch))
+    print(f"check  FP32 (unquantized) logits, 64 images: max |ours - torch| = {diff:.2e} "
+          f"(max |logit| {np.max(np.abs(fp32_ours)):.2f})")
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -120,21 +232,20 @@ def main(argv=None) -> int:
     y = rng.integers(0, 10, args.n).astype(np.int32)
     net = random_network(args.seed, x)
     threads = cpu_threads()
+    dev = jax.devices()[0]
 
     print("ClipLoss benchmark: resnet20, random-init weights (seed "
           f"{args.seed}, randomised BN statistics), {args.n} images 32x32x3 (Gaussian noise), "
           f"W{args.bits}A{args.bits}, alpha from init({args.init!r})")
-    print(f"  jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())} "
-          f"({jax.devices()[0].device_kind}); CPU cores available: {threads}; "
+    print(f"  jax {jax.__version__} on {dev.platform} x{len(jax.devices())} ({dev.device_kind}); "
+          f"CPU cores available (= XLA:CPU threads): {threads}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     t0 = time.perf_counter()
     loss = ls.ClipLoss(net, (x, y), w_bits=args.bits, a_bits=args.bits)
     alpha = jax.block_until_ready(loss.init(args.init))
-    t_init = time.perf_counter() - t0
-    print(f"  {loss!r}; init({args.init!r}) incl. construction {t_init:.2f} s")
+    print(f"  {loss!r}; init({args.init!r}) incl. construction {time.perf_counter() - t0:.2f} s")
 
-    # ---------------------------------------------------------------- ours: single α
     t0 = time.perf_counter()
     ours = float(jax.block_until_ready(loss(alpha)))
     t_compile = time.perf_counter() - t0
@@ -142,11 +253,10 @@ def main(argv=None) -> int:
     print(f"ours   loss(alpha):        {t_single:.4f} s  (median of {args.repeats} "
           f"{fmt_times(times)}; first call incl. compile {t_compile:.2f} s)")
 
-    # ---------------------------------------------------------------- ours: batched α
     scales = rng.uniform(0.7, 1.3, (args.k, loss.n)).astype(np.float32)
     alphas = jnp.asarray(np.asarray(alpha)[None, :] * scales)
     t0 = time.perf_counter()
-    ours_batch = np.asarray(jax.block_until_ready(loss.batch(alphas)))
+    batch_losses = np.asarray(jax.block_until_ready(loss.batch(alphas)))
     t_bcompile = time.perf_counter() - t0
     t_batch, times = timed(lambda: jax.block_until_ready(loss.batch(alphas)), args.batch_repeats)
     per_alpha = t_batch / args.k
@@ -154,68 +264,17 @@ def main(argv=None) -> int:
           f"chunk={loss.chunk}; median of {args.batch_repeats} {fmt_times(times)}; first call incl. "
           f"compile {t_bcompile:.2f} s)")
 
-    # ---------------------------------------------------------------- PyTorch eager
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if torch is None:
+    timings = dict(single=t_single, per_alpha=per_alpha, loss=ours, batch_losses=batch_losses)
+    rss_ours = peak_rss_mib()
+    if not compare_torch(args, net, loss, x, y, alpha, alphas, timings, threads):
         print("torch  not installed: PyTorch comparison skipped "
               "(pip install torch==2.13.0, or the 'bench' extra)")
-    else:
-        import torch.nn.functional as F
-        from torch_models import from_flax, nchw
 
-        torch.set_num_threads(threads)
-        twin = from_flax(net.model, jax.device_get(loss.variables)).quantize(loss.specs)
-        ours_order = [s.name for s in loss.sites]
-        if twin.active_sites != ours_order:
-            raise SystemExit(f"site order differs: torch {twin.active_sites} vs ours {ours_order}")
-        xt, yt = nchw(x), torch.from_numpy(y.astype(np.int64))
-
-        def torch_loss(a):
-            twin.set_alpha(a)
-            with torch.no_grad():
-                return float(F.cross_entropy(twin(xt), yt))
-
-        alpha_np = np.asarray(alpha)
-        theirs = torch_loss(alpha_np)  # warm-up
-        t_torch, times = timed(lambda: torch_loss(alpha_np), args.repeats)
-        print(f"torch  eager forward+CE:   {t_torch:.4f} s  (median of {args.repeats} {fmt_times(times)}; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, no_grad, NCHW)")
-
-        alphas_np = np.asarray(alphas)
-        theirs_batch = np.zeros(args.k)
-
-        def torch_loop():
-            for i, a in enumerate(alphas_np):
-                theirs_batch[i] = torch_loss(a)
-
-        t_tloop, times = timed(torch_loop, args.batch_repeats)
-        print(f"torch  loop over K={args.k}:    {t_tloop / args.k:.4f} s per alpha  "
-              f"({t_tloop:.3f} s per loop; median of {args.batch_repeats} {fmt_times(times)})")
-
-        ratio = t_torch / t_single
-        ratio_batch = (t_tloop / args.k) / per_alpha
-        verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
-        print(f"ratio  torch/ours single:  {ratio:.2f}x  ({verdict} target >= {TARGET_RATIO})")
-        print(f"ratio  torch/ours per alpha in batch of {args.k}: {ratio_batch:.2f}x")
-
-        rel = abs(ours - theirs) / abs(theirs)
-        rel_batch = float(np.max(np.abs(ours_batch - theirs_batch) / np.abs(theirs_batch)))
-        ok = "OK" if max(rel, rel_batch) <= REL_TOL else "MISMATCH"
-        print(f"check  loss ours {ours:.7f} vs torch {theirs:.7f}: rel diff {rel:.2e}; batch of {args.k}: "
-              f"max rel diff {rel_batch:.2e}  ({ok}, tolerance {REL_TOL:g})")
-        with torch.no_grad():
-            twin.quantize(None)
-            fp32_torch = twin(xt[:64]).numpy()
-            twin.quantize(loss.specs)
-        fp32_ours = np.asarray(net.apply(x[:64]))
-        diff = np.max(np.abs(fp32_ours - fp32_torch))
-        print(f"check  FP32 logits (64 images) max |ours - torch| = {diff:.2e} "
-              f"(max |logit| {np.max(np.abs(fp32_ours)):.2f})")
-
-    print(f"memory peak RSS of this process: {peak_rss_mib():.0f} MiB")
+    print(f"memory peak RSS of this process: {rss_ours:.0f} MiB after our timings (before torch is "
+          f"imported), {peak_rss_mib():.0f} MiB at exit")
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"memory peak {dev.platform} memory in use: {stats['peak_bytes_in_use'] / 1024**2:.0f} MiB")
     return 0
 
 

@@ -233,9 +233,11 @@ class QuantNet(nn.Module):
     def set_alpha(self, alpha):
         """Set every active site's α from a flat vector in ``active_sites`` order, (n,).
 
-        A per-channel weight site takes ``out_channels`` consecutive entries.
+        A per-channel weight site takes ``out_channels`` consecutive entries. α takes the
+        dtype and device of the twin's parameters: call this after ``.double()`` / ``.to()``.
         """
-        alpha = torch.tensor(np.asarray(alpha, np.float32))
+        ref = next(self.parameters())
+        alpha = torch.tensor(np.asarray(alpha), dtype=ref.dtype, device=ref.device)
         if alpha.shape != (self.n_alpha,):
             raise ValueError(f"alpha has shape {tuple(alpha.shape)}; expected ({self.n_alpha},) for "
                              f"{len(self.active_sites)} active sites")
