@@ -950,11 +950,15 @@ def ste_mask(w, mask, *, decay: float = 0.0):
     i.e. the dense gradient of the masked forward reaches every weight (pruned ones included, so
     they can re-enter when the mask is recomputed) and pruned weights decay towards zero.
     """
+    return _ste_mask(w, mask, _check_decay(decay))
+
+
+def _check_decay(decay) -> float:
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (
         math.isfinite(decay) and decay >= 0
     ):
         raise ValueError(f"decay must be a finite number >= 0, got {decay!r}")
-    return _ste_mask(w, mask, float(decay))
+    return float(decay)
 
 
 def _flat(tree) -> dict:
@@ -1011,13 +1015,12 @@ class Recipe(train.Recipe):
         every = _check_int(self.update_every, "update_every")
         if every < 1:
             raise ValueError(f"update_every must be an integer >= 1, got {every}")
-        ste_mask(jnp.zeros(()), jnp.ones((), bool), decay=self.decay)  # validates decay
         if self.init_method not in ("exact", "greedy"):
             raise ValueError(f"init_method must be 'exact' or 'greedy', got {self.init_method!r}")
         object.__setattr__(self, "keep", K)
         object.__setattr__(self, "block", M)
         object.__setattr__(self, "update_every", every)
-        object.__setattr__(self, "decay", float(self.decay))
+        object.__setattr__(self, "decay", _check_decay(self.decay))
 
     @property
     def structure(self) -> str:
