@@ -15,6 +15,7 @@ from landscape import (
     layers,
     luq,
     quantizers,
+    runtime,
     sites,
     sparsity,
     spectrum,
@@ -23,6 +24,7 @@ from landscape import (
 )
 from landscape.clip_hessian import clip_hessian
 from landscape.clip_loss import ClipLoss, default_sites, sites_of
+from landscape.runtime import enable_compilation_cache
 
 # The function `separability` shadows the module of that name on purpose: ls.separability(H).
 from landscape.separability import (
@@ -39,8 +41,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipLoss", "HessianSpectrum", "anova_interaction", "calibration", "clip_hessian", "data",
-    "default_sites", "flat_fraction", "folding", "gaussian_curvature", "hessian_spectrum", "layers",
-    "loss_line", "loss_surface", "luq", "quantizers", "random_direction", "separability",
-    "separability_index", "sites", "sites_of", "sparsity", "spectrum", "surfaces", "train",
-    "weight_surface",
+    "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature",
+    "hessian_spectrum", "layers", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",
+    "runtime", "separability", "separability_index", "sites", "sites_of", "sparsity", "spectrum",
+    "surfaces", "train", "weight_surface",
 ]

@@ -266,6 +266,17 @@ _RULE_FNS = {
 }
 
 
+# Options that may be traced arrays (one compiled program serves every value, e.g. the
+# LAPQ sweep over p); the others shape the program and are static.
+TRACED_OPTIONS = {"lp": ("p",)}
+
+
+def bind_rule(name: str, **opts):
+    """The rule function with its options bound, unvalidated (options may be tracers)."""
+    fn, defaults = _RULE_FNS[name]
+    return functools.partial(fn, **{**defaults, **opts})
+
+
 def make_rule(name: str, **kw):
     """A calibration rule ``(x, spec, kind) -> α`` by name, with validated options.
 
@@ -288,7 +299,7 @@ def make_rule(name: str, **kw):
         raise ValueError(f"aciq distribution={opts['distribution']!r}; use 'laplace' or 'gauss'")
     if name == "kl" and not (isinstance(opts["bins"], int) and opts["bins"] >= 16):
         raise ValueError(f"kl bins={opts['bins']!r} must be an integer >= 16")
-    return functools.partial(fn, **opts)
+    return bind_rule(name, **opts)
 
 
 def clip_value(x, rule: str, *, bits: int, grid: str = "midrise", **kw) -> float:

@@ -126,6 +126,7 @@ class ClipLoss:
         self._jit_hvp = jax.jit(self._traced("hvp", self._hvp))
         self._jit_predict = jax.jit(self._traced("predict", self._predict))
         self._init_cache: dict = {}
+        self._init_programs: dict = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -340,23 +341,32 @@ class ClipLoss:
         """
         if stats not in ("quantized", "fp32"):
             raise ValueError(f"stats={stats!r} is not allowed; use 'quantized' or 'fp32'")
-        rule_fn = calibration.make_rule(rule, **kw)
-        key = (rule, tuple(sorted(kw.items())), stats, stats_size)
-        if key not in self._init_cache:
-            x = self._calib_host[0][:stats_size]
+        calibration.make_rule(rule, **kw)  # validates the rule name and options
+        traced_names = calibration.TRACED_OPTIONS.get(rule, ())
+        static = tuple(sorted((k, v) for k, v in kw.items() if k not in traced_names))
+        traced = {k: jnp.float32(v) for k, v in kw.items() if k in traced_names}
+        result_key = (rule, tuple(sorted(kw.items())), stats, stats_size)
+        if result_key in self._init_cache:
+            return self._init_cache[result_key]
+        program_key = (rule, static, stats, stats_size)
+        if program_key not in self._init_programs:
             specs = self._layout.specs
 
-            def calibrate(variables, x):
+            def calibrate(variables, x, traced):
+                rule_fn = calibration.bind_rule(rule, **dict(static), **traced)
                 with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized") as ctx:
                     self.model.apply(variables, x, train=False)
                 return ctx.alphas
 
-            x = jax.device_put(x, NamedSharding(self.mesh, P("data"))) if len(x) % len(
-                jax.devices()) == 0 else x
-            alphas = jax.jit(calibrate)(self.variables, x)
-            flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
-            self._init_cache[key] = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
-        return self._init_cache[key]
+            self._init_programs[program_key] = jax.jit(self._traced(f"init:{rule}", calibrate))
+        x = self._calib_host[0][:stats_size]
+        if len(x) % len(jax.devices()) == 0:
+            x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
+        alphas = self._init_programs[program_key](self.variables, x, traced)
+        flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
+        alpha = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
+        self._init_cache[result_key] = jax.device_put(alpha, self._replicated)
+        return self._init_cache[result_key]
 
     def weight_loss(self, alpha=None):
         """The calibration loss as a function of the network's *weights*: params → scalar.

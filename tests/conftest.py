@@ -13,7 +13,9 @@ os.environ.setdefault("LANDSCAPE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import landscape  # noqa: E402,F401  (sets the XLA:CPU guard flag before any JAX computation)
+import landscape  # noqa: E402  (sets the XLA:CPU guard flag before any JAX computation)
+
+landscape.enable_compilation_cache()  # identical programs across tests compile once
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,27 @@
+"""Process-level settings: JAX's persistent compilation cache.
+
+Every ClipLoss compiles its own programs, but programs for the same network, site layout
+and data shapes are identical, so a persistent cache turns the second and later compiles
+(another calibration seed, a resumed run) into a disk read: on 2 CPU cores, resnet8's
+calibration program drops from ~3 s to ~0.3 s. The CLIs (``paper_repro.py``,
+``python -m landscape.lapq``) and the test suite enable it; a library import does not
+change global JAX configuration on its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from landscape.data import cache_dir
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Store compiled XLA programs under ``path`` (default ``$LANDSCAPE_CACHE/xla``)."""
+    path = path or os.path.join(cache_dir(), "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
