@@ -105,6 +105,7 @@ of SR-STE, Zhou et al. 2021):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ __all__ = [
     "GemmLayer",
     "MaskDiversity",
     "Recipe",
+    "apply_masks",
     "density",
     "effective_params",
     "gemm_layers",
@@ -978,6 +980,18 @@ def effective_params(variables) -> dict:
             raise ValueError(f"mask {'/'.join(path)} has no matching parameter")
         params[path] = params[path] * jnp.asarray(mask, dtype=params[path].dtype)
     return flax.traverse_util.unflatten_dict(params)
+
+
+def apply_masks(net: train.Network) -> train.Network:
+    """The same network with every masked kernel stored as ``kernel * mask`` (masks kept).
+
+    A network trained with :class:`Recipe` keeps dense kernels (the straight-through weights) and
+    applies its masks in its GEMM hook, which only ``Network.apply``/``accuracy`` use. Tools that
+    apply the model without the recipe's hook (``ClipLoss``, BN folding, weight-space spectra) see
+    the sparse network after this call.
+    """
+    variables = {**flax.core.unfreeze(net.variables), "params": effective_params(net.variables)}
+    return dataclasses.replace(net, variables=variables, path=None)
 
 
 @dataclass(frozen=True, repr=False, kw_only=True)

@@ -644,6 +644,20 @@ def test_recipe_evaluates_with_masked_weights(sparse_run, digits):
             assert np.all(kernel != 0)
 
 
+def test_apply_masks_bakes_the_masks_into_the_kernels(sparse_run, digits):
+    import jax.numpy as jnp
+
+    net, _ = sparse_run
+    baked = sp.apply_masks(net)
+    x = jnp.asarray(digits.test.x[:64])
+    plain = baked.model.apply({k: v for k, v in baked.variables.items() if k != "masks"}, x, train=False)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(net.apply(x)), rtol=1e-5, atol=1e-5)
+    masks, params = _np_tree(baked.variables["masks"]), _np_tree(baked.variables["params"])
+    assert all(np.all(params[name][~mask] == 0.0) for name, mask in masks.items())
+    assert baked.accuracy(digits.test) == net.accuracy(digits.test)
+    assert np.any(_np_tree(net.variables["params"])["conv1_0/kernel"][~masks["conv1_0/kernel"]] != 0.0)
+
+
 def test_recipe_network_is_cached_with_its_masks(sparse_run, digits):
     import landscape as ls
 
