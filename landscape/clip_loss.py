@@ -182,6 +182,8 @@ class ClipLoss:
         self._calib_host = (x, y)
 
     def _default_chunk(self) -> int:
+        if jax.default_backend() == "cpu":  # a sequential map: memory does not grow with the chunk
+            return 32
         per_example = sum(int(np.prod(s.shape)) for s in self.all_sites if s.kind == "activation")
         per_alpha = 4 * 4 * per_example * self.batch_size  # ~4 live tensors per site, float32
         return int(np.clip(_MEMORY_BUDGET // max(per_alpha, 1), 1, 32))

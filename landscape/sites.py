@@ -160,6 +160,42 @@ def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, 
     return rec.sites, rec.bn_pairs
 
 
+# --------------------------------------------------------------------------- capturing
+
+
+class _Capturer:
+    def __init__(self, names):
+        self.names = set(names)
+        self.values: dict[str, jax.Array] = {}
+
+    def weight(self, name, w):
+        if name in self.names:
+            self.values[name] = w
+        return w
+
+    def activation(self, name, x):
+        if name in self.names:
+            self.values[name] = x
+        return x
+
+
+def capture(apply_fn: Callable, names, *args) -> dict[str, jax.Array]:
+    """The FP32 tensors at the named sites during ``apply_fn(*args)`` (one jitted pass)."""
+    names = tuple(names)
+
+    def run(*a):
+        cap = _Capturer(names)
+        with _active(cap):
+            apply_fn(*a)
+        return cap.values
+
+    values = jax.jit(run)(*args)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ValueError(f"sites {missing} were not reached by the forward pass")
+    return values
+
+
 # --------------------------------------------------------------------------- quantizing
 
 

@@ -1,0 +1,212 @@
+"""What every figure module shares: presets, the run context, the result cache, claims.
+
+A figure module (``figures/f1_contours.py`` …) defines::
+
+    NAME = "F1"                  # the paper figure/table it reproduces
+    SLUG = "f1_contours"         # file stem of its outputs
+    TITLE = "…"                  # one line
+    EST_SECONDS = 40             # rough cost on the small preset (progress bar / ETA)
+    def compute(ctx) -> dict     # the data behind the figure (JSON-able), via ctx.cached(...)
+    def render(data, ctx) -> list[Path]   # PNG + PDF files written under ctx.out
+    def claims(data, ctx) -> list[Claim]  # the lapq.md §6 claims it can test (may be empty)
+
+``compute`` stores every expensive step with :meth:`Context.cached`, keyed by a hash of
+its configuration and written atomically, so a killed run resumes where it stopped and
+a finished figure is never recomputed. Thresholds of the claims live in
+:mod:`figures.claims`, fixed in code before any run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One configuration of the reproduction. ``tiny`` is the smoke test's."""
+
+    name: str
+    model: str
+    data: str
+    model_kw: tuple = ()
+    data_dir: str | None = None
+    calib_size: int = 512
+    train_epochs: int | None = None   # None: the dataset default of landscape.train
+    bits: tuple[int, ...] = (2, 3, 4, 8)            # W = A bit widths of the headline figures
+    sweep_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)  # F3
+    seeds: int = 3                    # calibration-sampling seeds for tables
+    table_configs: tuple = (("W8A8", 8, 8), ("W4A4", 4, 4), ("W4A32", 4, None), ("W32A4", None, 4),
+                            ("W3A3", 3, 3), ("W2A4", 2, 4))
+    grid: int = 41                    # points per axis of 2-D surfaces
+    p_points: int = 50                # F4: p ∈ linspace(2, 4.5, p_points)
+    calib_sizes: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    lapq_maxiter: int = 2
+    spectrum: dict = dataclasses.field(default_factory=lambda: dict(top_k=5, num_probes=48,
+                                                                   density_runs=4, density_steps=40))
+    spectrum_batch: int = 256         # T2: calibration images in the weight-space loss
+    separability_samples: int = 100   # F3: γ/T sampling test
+
+    def config(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model_kw"] = dict(self.model_kw)
+        return d
+
+
+PRESETS = {
+    "small": Preset("small", "resnet8", "digits"),
+    "mnist": Preset("mnist", "resnet20", "mnist", calib_sizes=(32, 64, 128, 256, 512, 1024)),
+    "cifar10": Preset("cifar10", "resnet20", "cifar10"),
+    # The smoke test's configuration: every figure, in seconds.
+    "tiny": Preset("tiny", "cnn", "digits", model_kw=(("widths", (4, 8)),), calib_size=64,
+                   train_epochs=2, bits=(2, 4), sweep_bits=(2, 4, 8), seeds=1,
+                   table_configs=(("W4A4", 4, 4), ("W2A4", 2, 4)), grid=7, p_points=6,
+                   calib_sizes=(32, 64), lapq_maxiter=1,
+                   spectrum=dict(top_k=2, num_probes=8, density_runs=2, density_steps=10),
+                   spectrum_batch=64, separability_samples=12),
+}
+
+# --------------------------------------------------------------------------- claims
+
+
+@dataclasses.dataclass
+class Claim:
+    """One row of the claims report: a quantity of ours against a fixed threshold."""
+
+    id: str
+    claim: str
+    quantity: str
+    paper: str
+    threshold: str
+    ours: str
+    passed: bool
+    figure: str
+    note: str = ""
+
+    def row(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"| {self.id} | {self.claim} | {self.quantity} | {self.paper} | {self.threshold} | "
+                f"{self.ours} | **{verdict}** | {self.figure} |")
+
+
+# --------------------------------------------------------------------------- JSON helpers
+
+
+def to_jsonable(obj: Any):
+    """numpy / jax arrays and scalars → lists and floats (NaN/inf as strings)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "__array__") and not isinstance(obj, str | bytes):
+        arr = np.asarray(obj)
+        return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    return obj
+
+
+def from_json_float(x) -> float:
+    return float(x) if not isinstance(x, str) else float(x.replace("Infinity", "inf"))
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def config_hash(config) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- context
+
+
+class Context:
+    """Shared state of one reproduction run: the preset, data, trained network, ClipLosses,
+    and a resumable cache of every expensive step."""
+
+    def __init__(self, preset: Preset, out: Path, *, progress: bool = True, log: Callable = print):
+        self.preset = preset
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = self.out / ".cache"
+        self.progress = progress
+        self.log = log
+        self._base = None
+        self._data: dict = {}
+        self._net = None
+        self._losses: dict = {}
+        self.timings: dict[str, float] = {}
+
+    # data and network ---------------------------------------------------------
+    def data(self, seed: int = 0, calib_size: int | None = None):
+        """The dataset with calibration sample ``seed`` of size ``calib_size`` (train split)."""
+        import landscape as ls
+
+        if self._base is None:
+            self._base = ls.data.load(self.preset.data, data_dir=self.preset.data_dir, calib_size=1)
+        size = min(calib_size or self.preset.calib_size, len(self._base.train))
+        key = (seed, size)
+        if key not in self._data:
+            self._data[key] = self._base.with_calib(size, seed)
+        return self._data[key]
+
+    @property
+    def net(self):
+        """The FP32 network (trained once, then loaded from the landscape training cache)."""
+        if self._net is None:
+            import landscape as ls
+            import models
+
+            data = self.data()
+            model = models.create(self.preset.model, num_classes=data.num_classes,
+                                  **dict(self.preset.model_kw))
+            self._net = ls.train.fit(model, data, epochs=self.preset.train_epochs, progress=self.progress)
+        return self._net
+
+    @property
+    def test(self):
+        return self.data().test
+
+    def loss(self, w_bits, a_bits, *, seed: int = 0, calib_size: int | None = None, **options):
+        """A memoised ClipLoss on calibration sample ``seed``."""
+        import landscape as ls
+
+        key = (w_bits, a_bits, seed, calib_size, tuple(sorted(options.items())))
+        if key not in self._losses:
+            data = self.data(seed, calib_size)
+            self._losses[key] = ls.ClipLoss(self.net, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
+        return self._losses[key]
+
+    # caching --------------------------------------------------------------------
+    def cached(self, name: str, config: dict, compute: Callable[[], dict]) -> dict:
+        """``compute()`` once per (name, config, preset): stored as JSON, atomically."""
+        network = {k: v for k, v in self.net.config.items() if k != "seconds"}
+        full = {"name": name, "config": config, "preset": self.preset.config(), "network": network}
+        path = self.cache_dir / f"{name}-{config_hash(full)}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t0 = time.time()
+        value = to_jsonable(compute())
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+        write_json(path, value)
+        return value
