@@ -29,6 +29,14 @@ Pieces (all pure, jit-compatible and vmappable; integer/str options are static):
   shifts and adds.
 * :func:`finetune_schedule` — the triangular learning rate of the high-precision fine-tuning
   phase (FNT).
+* :class:`Recipe` — the whole method for :func:`landscape.train.fit`, every zoo model, no
+  per-model code: INT4 forward and LUQ backward on all conv/dense layers but the first and
+  last, SMP, then the FNT phase (:class:`FinetuneRecipe`); evaluation with the INT4 forward.
+  Ablation modes: FP4 round-to-nearest backward, INT4 forward only, FP32.
+* :func:`gradient_error` — the whole-network gradient under a recipe against the FP32 backward
+  of the same forward, averaged over S draws (unbiased: error ∝ 1/√S).
+* :func:`hash_bits` — the counter-based random bits behind ``prng="hash"``: the recipe's
+  default source, about 4× cheaper than threefry on CPU, fused into the rounding kernel.
 
 Discrepancies between the paper, its reference code and the project notes, settled here
 (``reference/luq_nm.md`` §5):
@@ -74,19 +82,30 @@ bias is below 2^-32 of the width of its bracket.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from landscape import layers, sparsity, train
+
 __all__ = [
+    "LAYERS_COLLECTION",
     "SAWB_COEFFS_4BIT",
+    "FinetuneRecipe",
+    "GradientError",
+    "Recipe",
     "finetune_schedule",
     "gradient_alpha",
+    "gradient_error",
     "gradient_variance",
+    "hash_bits",
     "layer_hook",
     "luq_gemm",
     "luq_identity",
@@ -99,6 +118,7 @@ __all__ = [
 
 MAX_MODES = ("abs", "signed")
 MODES = ("luq", "rdn", "none")
+PRNGS = ("jax", "hash")
 SAWB_COEFFS_4BIT = (12.1, 12.2)
 """The SAWB regression coefficients (c1, c2) for 4 bits, as hard-coded in the LUQ code."""
 
@@ -229,7 +249,7 @@ def _variance_kernel(g, bits, max_mode):
     return (width * width * b.frac * (1.0 - b.frac)).astype(g.dtype)
 
 
-def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs"):
+def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs", prng="jax"):
     """LUQ: logarithmic unbiased quantization of a neural gradient (per tensor).
 
     Levels {0, ±α·2^k : 0 ≤ k ≤ E} with α from :func:`gradient_alpha`. Each element is
@@ -257,23 +277,70 @@ def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs"):
         materialised together: N × ``g.size`` random words.
       max_mode: ``"abs"`` (strict b-bit, default) or ``"signed"`` (the reference code's
         signed max and α = max/2^7 at 4 bits; 9 magnitudes, not a 4-bit code).
+      prng: where the 32 random bits per element and sample come from (static):
+        ``"jax"`` — ``jax.random.bits(key, …)`` with the key's own implementation
+        (threefry by default); ``"hash"`` — :func:`hash_bits`, a counter-based integer hash
+        keyed by 64 bits drawn from ``key``, computed inside the rounding kernel. Same
+        distribution for every purpose here (tests check both); on CPU ``"hash"`` costs
+        about as much as the rounding itself, threefry about 4× more (see
+        ``bench/luq_overhead.py``).
 
     Returns:
       array of ``g``'s shape and dtype.
     """
     bits, max_mode = _check_gradient_args(bits, max_mode)
     samples = _check_int("samples", samples, 1, 1 << 16)
-    return _luq_kernel(_check_float_array("g", g), key, bits, samples, max_mode)
+    prng = _check_choice("prng", prng, PRNGS)
+    return _luq_kernel(_check_float_array("g", g), key, bits, samples, max_mode, prng)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _luq_kernel(g, key, bits, samples, max_mode):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _luq_kernel(g, key, bits, samples, max_mode, prng):
     b = _Bracket(g, bits, max_mode)
     # Round up iff U < frac with U uniform on the 2^32 integers; frac·2^32 < 2^32 is exact.
-    bits_u = jax.random.bits(key, (samples,) + g.shape, jnp.uint32)
+    shape = (samples,) + g.shape
+    bits_u = jax.random.bits(key, shape, jnp.uint32) if prng == "jax" else _hash_kernel(key, shape)
     threshold = (b.frac * _TWO_POW_32).astype(jnp.uint32)
     draws = b.value(bits_u < threshold)
     return jnp.mean(draws, axis=0).astype(g.dtype)
+
+
+# Multipliers of "lowbias32" (C. Wellons, hash-prospector): a bijective 32-bit mixer whose
+# output bits each flip with probability ≈ 1/2 (bias 0.17%) when any input bit flips.
+_MIX = (0x7FEB352D, 0x846CA68B)
+
+
+def _mix32(h):
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(_MIX[0])
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(_MIX[1])
+    return h ^ (h >> 16)
+
+
+def _hash_kernel(key, shape):
+    size = math.prod(shape)
+    if size > 1 << 32:
+        raise ValueError(f"hash_bits numbers elements with uint32 counters: at most 2^32, got {size}")
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    counter = lax.iota(jnp.uint32, size).reshape(shape)
+    # Two keyed rounds: with one, another seed would only re-index the same sequence.
+    return _mix32(_mix32(counter ^ seed[..., 0]) ^ seed[..., 1])
+
+
+def hash_bits(key, shape):
+    """Random uint32 words of ``shape`` from a counter-based hash (the ``prng="hash"`` source).
+
+    word[i] = h(h(i ⊕ s₀) ⊕ s₁) for the flat index i, with (s₀, s₁) = ``jax.random.bits(key,
+    (2,))`` and h the bijective mixer "lowbias32". Elementwise integer arithmetic (two
+    multiplies per round) that XLA fuses into the consumer, where threefry costs ~20 rounds
+    per pair of words and a round trip through memory. Not a cryptographic generator: it is
+    meant for stochastic rounding, where only the uniformity of each word and the
+    independence of words at different indices and keys matter (both tested). Works under
+    vmap over keys; at most 2^32 words per call.
+    """
+    shape = tuple(_check_int("shape entry", d, 0, 1 << 32) for d in shape)
+    return _hash_kernel(key, shape)
 
 
 def round_gradient(g, *, bits=4, max_mode="abs"):
@@ -408,18 +475,19 @@ def sawb(x, *, bits=4, signed=None, coeffs=None):
 # the backward op and the quantized product
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _luq_identity(z, key, bits, samples, max_mode):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _luq_identity(z, key, bits, samples, max_mode, prng):
     return z
 
 
-def _luq_identity_fwd(z, key, bits, samples, max_mode):
+def _luq_identity_fwd(z, key, bits, samples, max_mode, prng):
     return z, key
 
 
-def _luq_identity_bwd(bits, samples, max_mode, key, ct):
+def _luq_identity_bwd(bits, samples, max_mode, prng, key, ct):
     # The key is an integer primal: its cotangent is None (a symbolic zero).
-    return quantize_gradient(ct, key, bits=bits, samples=samples, max_mode=max_mode), None
+    q = quantize_gradient(ct, key, bits=bits, samples=samples, max_mode=max_mode, prng=prng)
+    return q, None
 
 
 _luq_identity.defvjp(_luq_identity_fwd, _luq_identity_bwd)
@@ -450,11 +518,11 @@ def _check_backward_args(bits, samples, max_mode, mode):
     return bits, samples, max_mode, mode
 
 
-def luq_identity(z, key, *, bits=4, samples=1, max_mode="abs", mode="luq"):
+def luq_identity(z, key, *, bits=4, samples=1, max_mode="abs", mode="luq", prng="jax"):
     """Identity in the forward pass; quantizes the cotangent in the backward pass.
 
     ``mode="luq"``: the cotangent δ becomes ``quantize_gradient(δ, key, bits=…, samples=…,
-    max_mode=…)``; ``"rdn"``: ``round_gradient(δ, …)`` (biased baseline, ``key`` unused and
+    max_mode=…, prng=…)``; ``"rdn"``: ``round_gradient(δ, …)`` (biased baseline, ``key`` unused and
     may be None); ``"none"``: plain identity. Place it on a GEMM output and both backward
     GEMMs receive the same quantized δ. The key is a primal input (custom_vjp), so the op
     works under jit, vmap (also over keys) and inside Flax modules.
@@ -467,6 +535,7 @@ def luq_identity(z, key, *, bits=4, samples=1, max_mode="abs", mode="luq"):
       ``z`` unchanged.
     """
     bits, samples, max_mode, mode = _check_backward_args(bits, samples, max_mode, mode)
+    prng = _check_choice("prng", prng, PRNGS)
     z = _check_float_array("z", z)
     if mode == "none":
         return z
@@ -474,7 +543,7 @@ def luq_identity(z, key, *, bits=4, samples=1, max_mode="abs", mode="luq"):
         return _rdn_identity(z, bits, max_mode)
     if key is None:
         raise ValueError("mode='luq' needs a PRNG key, got key=None")
-    return _luq_identity(z, key, bits, samples, max_mode)
+    return _luq_identity(z, key, bits, samples, max_mode, prng)
 
 
 def _check_quantize_forward(value):
@@ -484,7 +553,7 @@ def _check_quantize_forward(value):
 
 
 def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
-             quantize_forward=True, forward_bits=4):
+             quantize_forward=True, forward_bits=4, prng="jax"):
     """One 4-bit layer product: z = gemm(Q_INT(x), Q_INT(w)), backward through Q_FP.
 
     ``gemm`` is any bilinear callable ``gemm(x, w) -> z`` (``jnp.dot``, or a convolution with
@@ -505,7 +574,7 @@ def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
       w: kernel; ``sawb`` on the signed grid.
       key: PRNG key for the backward draw (None allowed unless ``mode="luq"``).
       gemm: bilinear callable.
-      bits, samples, max_mode, mode: backward quantizer, as in :func:`luq_identity`.
+      bits, samples, max_mode, mode, prng: backward quantizer, as in :func:`luq_identity`.
       quantize_forward: True (x and w to INT), ``"weights"`` (w only: the fine-tuning phase),
         False (full-precision forward).
       forward_bits: INT width of the forward quantizer (SAWB coefficients built in for 4).
@@ -531,11 +600,11 @@ def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
         z = gemm(x, sawb(w, bits=forward_bits, signed=True))
     else:
         z = gemm(x, w)
-    return luq_identity(z, key, bits=bits, samples=samples, max_mode=max_mode, mode=mode)
+    return luq_identity(z, key, bits=bits, samples=samples, max_mode=max_mode, mode=mode, prng=prng)
 
 
 def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forward=True,
-               forward_bits=4, collection="luq") -> Callable:
+               forward_bits=4, prng="jax", collection="luq") -> Callable:
     """:func:`luq_gemm` as a GEMM hook ``hook(module, x, kernel, gemm) -> y``.
 
     For ``mode="luq"`` the key is ``module.make_rng(collection)``, so every layer and every
@@ -543,6 +612,7 @@ def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forwar
     are validated here, once.
     """
     _check_backward_args(bits, samples, max_mode, mode)
+    _check_choice("prng", prng, PRNGS)
     _check_quantize_forward(quantize_forward)
     _sawb_args(forward_bits, None, None)
     if not isinstance(collection, str) or not collection:
@@ -551,7 +621,8 @@ def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forwar
     def hook(module, x, kernel, gemm):
         key = module.make_rng(collection) if mode == "luq" else None
         return luq_gemm(x, kernel, key, gemm, bits=bits, samples=samples, max_mode=max_mode,
-                        mode=mode, quantize_forward=quantize_forward, forward_bits=forward_bits)
+                        mode=mode, quantize_forward=quantize_forward, forward_bits=forward_bits,
+                        prng=prng)
 
     return hook
 
@@ -679,3 +750,301 @@ def finetune_schedule(start, peak, steps, end=0.0):
         return jnp.interp(jnp.asarray(count, jnp.float32), knots, values)
 
     return schedule
+
+
+# --------------------------------------------------------------------------------------------
+# the training recipe
+
+LAYERS_COLLECTION = "luq_layers"
+"""Variable collection marking the 4-bit layers: ``variables[LAYERS_COLLECTION][path]["index"]``
+(the layer's position in call order) exists exactly for the layers the recipe quantizes."""
+
+RECIPE_MODES = ("luq", "rdn", "none", "fp32")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _marked(module) -> bool:
+    return module.has_variable(LAYERS_COLLECTION, "index")
+
+
+def _only_marked(hook):
+    """``hook`` on the marked layers, the plain FP32 product on the others."""
+    if hook is None:
+        return None
+
+    def selective(module, x, kernel, gemm):
+        return hook(module, x, kernel, gemm) if _marked(module) else gemm(x, kernel)
+
+    return selective
+
+
+def _check_phase(phase):
+    return _check_choice("phase", phase, ("train", "eval"))
+
+
+@dataclasses.dataclass(frozen=True, repr=False, kw_only=True)
+class Recipe(train.Recipe):
+    """LUQ 4-bit training for :func:`landscape.train.fit`, any network built from the library layers.
+
+    ``fit(model, data, recipe=Recipe())`` trains with, on every selected conv/dense layer::
+
+        forward   z = Q_INT(W) · Q_INT(a)                       (:func:`luq_gemm`, INT4 SAWB)
+        backward  ∂C/∂a = Q_INT(W)ᵀ · Q_FP(δ),  ∂C/∂W = Q_FP(δ) · Q_INT(a)ᵀ
+
+    with one sample Q_FP(δ) (the mean of ``samples`` draws: SMP) feeding both backward GEMMs,
+    drawn from the ``"luq"`` PRNG stream that ``fit`` passes each step (fresh per layer and
+    step, reproducible from ``fit``'s seed). Then, with ``finetune_epochs`` > 0, the
+    high-precision fine-tuning phase (FNT, paper §5.2): weights stay INT4, activations and
+    gradients are FP32, and the learning rate follows the triangle of
+    :func:`landscape.train.triangular_schedule` from the last learning rate of the 4-bit phase
+    (0 under ``fit``'s cosine schedule) up to ``finetune_lr`` at mid-phase and back to 0.
+
+    **Evaluation** (``Network.apply`` / ``accuracy`` of the trained network, and the per-epoch
+    test accuracy of both phases) uses the INT4 forward: Q_INT(W)·Q_INT(a) on the selected
+    layers, for every mode but ``"fp32"``.
+
+    Layer selection: :meth:`init_variables` traces the network's conv/dense products in call
+    order (abstractly, :func:`landscape.sparsity.gemm_layers`) and marks the selected ones in
+    the ``"luq_layers"`` collection (:data:`LAYERS_COLLECTION`), so a trained or cached
+    network carries its selection. With ``quantize_first_last=False`` (default) the first
+    and the last product (stem and classifier) stay FP32 in every phase — forward and
+    backward — as usual for 4-bit networks (the LUQ paper's main text leaves this open; its
+    code wraps every layer: ``quantize_first_last=True``). Unmarked layers are FP32.
+
+    Args:
+      bits: width of the backward gradient format [1, bits − 1, 0] (4: FP4).
+      samples: SMP draws averaged per step (mode ``"luq"`` only); default 2 for ``"luq"``,
+        1 otherwise.
+      finetune_epochs: epochs of the FNT phase (0: none).
+      quantize_first_last: also quantize the first and last layer.
+      mode: ``"luq"`` (INT4 forward, LUQ backward), ``"rdn"`` (INT4 forward, biased FP4
+        round-to-nearest backward, :func:`round_gradient`), ``"none"`` (INT4 forward only,
+        FP32 backward) or ``"fp32"`` (no quantization: plain training under this interface).
+      max_mode: the gradient format's maximum, see :func:`quantize_gradient`.
+      forward_bits: INT width of the forward (SAWB coefficients are built in for 4).
+      finetune_lr: peak learning rate of the FNT phase.
+      prng: random bits of the LUQ draws, ``"hash"`` (default: cheap on CPU) or ``"jax"``
+        (the stream key's threefry); see :func:`quantize_gradient`.
+
+    ``repr`` lists every field: it is the recipe's identity in ``fit``'s training cache.
+    """
+
+    bits: int = 4
+    samples: int | None = None
+    finetune_epochs: int = 1
+    quantize_first_last: bool = False
+    mode: str = "luq"
+    max_mode: str = "abs"
+    forward_bits: int = 4
+    finetune_lr: float = 0.01
+    prng: str = "hash"
+
+    def __post_init__(self):
+        mode = _check_choice("mode", self.mode, RECIPE_MODES)
+        samples = (2 if mode == "luq" else 1) if self.samples is None else self.samples
+        bits, samples, max_mode, _ = _check_backward_args(
+            self.bits, samples, self.max_mode, "none" if mode == "fp32" else mode)
+        _sawb_args(self.forward_bits, None, None)
+        lr = self.finetune_lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not (np.isfinite(lr) and lr > 0):
+            raise ValueError(f"finetune_lr must be a finite learning rate > 0, got {lr!r}")
+        fields = dict(bits=bits, samples=samples, max_mode=max_mode, finetune_lr=float(lr),
+                      finetune_epochs=_check_int("finetune_epochs", self.finetune_epochs, 0, 1 << 20),
+                      quantize_first_last=_check_bool("quantize_first_last", self.quantize_first_last),
+                      prng=_check_choice("prng", self.prng, PRNGS))
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    # -- the train.Recipe protocol
+
+    @property
+    def rng_streams(self) -> tuple[str, ...]:
+        return ("luq",) if self.mode == "luq" else ()
+
+    @property
+    def finetune(self):
+        if self.finetune_epochs == 0:
+            return None
+        return FinetuneRecipe(self), self.finetune_epochs, self.finetune_lr
+
+    def init_variables(self, model, variables, x):
+        """``variables`` with the ``"luq_layers"`` marks of the layers this recipe quantizes.
+
+        ``x`` is an example batch (one image is enough): the products are traced, not run.
+        Raises ValueError when the selection is empty for a quantizing mode.
+        """
+        variables = {k: v for k, v in variables.items() if k != LAYERS_COLLECTION}
+        if self.mode == "fp32":
+            return variables
+        found = sparsity.gemm_layers(model, variables, jnp.asarray(x)[:1])
+        chosen = found if self.quantize_first_last else found[1:-1]
+        if not chosen:
+            raise ValueError(
+                f"{self!r} quantizes no layer: the model has {len(found)} conv/dense layer(s) "
+                "and the first and last stay FP32 (pass quantize_first_last=True)"
+            )
+        marks = {layer.path + ("index",): jnp.asarray(layer.index, jnp.int32) for layer in chosen}
+        return {**variables, LAYERS_COLLECTION: flax.traverse_util.unflatten_dict(marks)}
+
+    def gemm_hook(self, phase: str):
+        """The GEMM hook of ``phase``: ``"train"`` (4-bit forward and backward) or ``"eval"``
+        (the INT4 forward). None in mode ``"fp32"``."""
+        phase = _check_phase(phase)
+        if self.mode == "fp32":
+            return None
+        if phase == "eval":
+            return _only_marked(layer_hook(mode="none", forward_bits=self.forward_bits))
+        return _only_marked(layer_hook(
+            bits=self.bits, samples=self.samples, max_mode=self.max_mode, mode=self.mode,
+            forward_bits=self.forward_bits, prng=self.prng, collection="luq"))
+
+    # -- helpers
+
+    @staticmethod
+    def quantized_layers(variables) -> tuple[str, ...]:
+        """Names ("/"-joined module paths) of the marked layers of ``variables``, in call order."""
+        flat = flax.traverse_util.flatten_dict(dict(variables.get(LAYERS_COLLECTION, {})))
+        order = sorted((int(v), "/".join(path[:-1])) for path, v in flat.items())
+        return tuple(name for _, name in order)
+
+    def __repr__(self) -> str:
+        return (
+            f"luq.Recipe(mode={self.mode!r}, bits={self.bits}, samples={self.samples}, "
+            f"max_mode={self.max_mode!r}, forward_bits={self.forward_bits}, prng={self.prng!r}, "
+            f"quantize_first_last={self.quantize_first_last}, "
+            f"finetune_epochs={self.finetune_epochs}, finetune_lr={self.finetune_lr!r})"
+        )
+
+
+class FinetuneRecipe(train.Recipe):
+    """The FNT phase of a :class:`Recipe` (``Recipe.finetune``): the marked layers compute
+    x · Q_INT(W) with FP32 activations and an FP32 backward (straight-through for W); the
+    evaluation hook is the parent's INT4 forward. No random stream."""
+
+    def __init__(self, parent: Recipe):
+        if not isinstance(parent, Recipe):
+            raise ValueError(f"parent must be a luq.Recipe, got {parent!r}")
+        self.parent = parent
+
+    def gemm_hook(self, phase: str):
+        phase = _check_phase(phase)
+        p = self.parent
+        if phase == "eval" or p.mode == "fp32":
+            return p.gemm_hook(phase)
+        return _only_marked(layer_hook(mode="none", quantize_forward="weights",
+                                       forward_bits=p.forward_bits))
+
+    def __repr__(self) -> str:
+        return f"{self.parent!r}.finetune"
+
+
+# --------------------------------------------------------------------------------------------
+# whole-network gradient bias
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GradientError:
+    """Relative error of a recipe's whole-network gradient, averaged over S draws.
+
+    Attributes:
+      samples: the S values, ascending.
+      rel_error: (len(samples),) ‖mean of S draws − g‖ / ‖g‖ (root mean square over groups),
+        with g the gradient of the same INT4 forward with an FP32 backward.
+      draws: draws computed (split into ``draws // S`` disjoint groups for each S).
+      recipe: repr of the recipe.
+    """
+
+    samples: tuple[int, ...]
+    rel_error: np.ndarray
+    draws: int
+    recipe: str
+
+    @property
+    def slope(self) -> float:
+        """Least-squares slope of log(rel_error) against log(S): −1/2 for an unbiased
+        quantizer (pure variance), → 0 for a biased one."""
+        if len(self.samples) < 2 or not np.all(self.rel_error > 0):
+            return float("nan")
+        return float(np.polyfit(np.log(self.samples), np.log(self.rel_error), 1)[0])
+
+    def __repr__(self) -> str:
+        errs = ", ".join(f"S={s}: {e:.4g}" for s, e in zip(self.samples, self.rel_error, strict=True))
+        return f"GradientError({errs}; slope={self.slope:.3f}, draws={self.draws}, recipe={self.recipe})"
+
+
+def gradient_error(model, variables, x, y, *, recipe, samples=(1, 16, 256), draws=None, seed=0,
+                   batch_size=16) -> GradientError:
+    """How far the gradient under ``recipe`` is from the FP32 backward of the same forward.
+
+    For draws k = 1..K with independent ``"luq"`` keys, ĝ_k is the gradient of the mean
+    cross-entropy of ``model.apply(variables, x, train=True)`` (batch statistics) with
+    respect to every parameter, under ``recipe.gemm_hook("train")``; g is the same with the
+    backward quantizer off (mode ``"none"``: the same INT4 forward, an FP32 backward). For
+    each S::
+
+        rel_error(S) = sqrt(mean_groups ‖(1/S) Σ_{k ∈ group} ĝ_k − g‖²) / ‖g‖
+
+    over K // S disjoint groups. Unbiased backward (LUQ): rel_error ∝ 1/√S; a biased one
+    (``mode="rdn"``) keeps a floor — the paper's argument (eq. 8) at network level. BN and
+    ReLU backward are linear in the upstream cotangent, so unbiasedness per layer carries
+    through the network (tower property).
+
+    Args:
+      model, variables: a network (``variables`` as from ``model.init``; the recipe's layer
+        marks are (re)computed here).
+      x, y: one batch, (N, H, W, C) and (N,) int.
+      recipe: a :class:`Recipe`; deterministic modes are evaluated once.
+      samples: S values (positive integers).
+      draws: K (default 2·max(samples)); must be ≥ max(samples).
+      seed: seed of the draws.
+      batch_size: draws computed at once (memory: that many gradients' activations).
+    """
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe must be a luq.Recipe, got {recipe!r}")
+    samples = tuple(sorted(_check_int("samples entry", s, 1, 1 << 20) for s in samples))
+    if not samples:
+        raise ValueError("samples must name at least one S")
+    draws = 2 * samples[-1] if draws is None else _check_int("draws", draws, 1, 1 << 24)
+    if draws < samples[-1]:
+        raise ValueError(f"draws must be >= max(samples) = {samples[-1]}, got {draws}")
+    batch_size = _check_int("batch_size", batch_size, 1, 1 << 20)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    variables = recipe.init_variables(model, dict(variables), x[:1])
+    reference = recipe if recipe.mode == "fp32" else dataclasses.replace(recipe, mode="none", samples=1)
+
+    def flat_grad(hook, variables, x, y, key):
+        def loss(p):
+            with layers.gemm_hook(hook):
+                logits, _ = model.apply({**variables, "params": p}, x, train=True,
+                                        mutable=["batch_stats"], rngs={"luq": key})
+            log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+            return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
+
+        grads = jax.grad(loss)(variables["params"])
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+
+    # Data and variables are arguments, not closed-over constants, which XLA would try to fold.
+    @jax.jit
+    def deviations(variables, x, y, keys):
+        g = flat_grad(reference.gemm_hook("train"), variables, x, y, keys[0])
+        hook = recipe.gemm_hook("train")
+        d = lax.map(lambda k: flat_grad(hook, variables, x, y, k) - g, keys,
+                    batch_size=min(batch_size, keys.shape[0]))
+        return d, jnp.linalg.norm(g)
+
+    k = draws if recipe.mode == "luq" else 1
+    d, norm = deviations(variables, x, y, jax.random.split(jax.random.key(seed), k))
+    d = np.asarray(d, np.float64)
+    errs = []
+    for s in samples:
+        if k == 1:  # deterministic: every average is the one gradient
+            errs.append(np.linalg.norm(d[0]))
+            continue
+        groups = d[: (k // s) * s].reshape(k // s, s, -1).mean(1)
+        errs.append(np.sqrt(np.mean(np.sum(groups**2, axis=1))))
+    return GradientError(samples, np.asarray(errs) / float(norm), k, repr(recipe))

@@ -30,16 +30,16 @@ def normal(seed, shape):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _draws(g, key, count, bits, samples, max_mode):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _draws(g, key, count, bits, samples, max_mode, prng):
     keys = jax.random.split(key, count)
-    q = lambda k: luq.quantize_gradient(g, k, bits=bits, samples=samples, max_mode=max_mode)
+    q = lambda k: luq.quantize_gradient(g, k, bits=bits, samples=samples, max_mode=max_mode, prng=prng)
     return jax.vmap(q)(keys)
 
 
-def draws(g, seed, count, *, bits=4, samples=1, max_mode="abs"):
+def draws(g, seed, count, *, bits=4, samples=1, max_mode="abs", prng="jax"):
     """count independent LUQ draws of g (each an SMP average of ``samples``), on axis 0."""
-    return np.asarray(_draws(g, jax.random.key(seed), count, bits, samples, max_mode), np.float64)
+    return np.asarray(_draws(g, jax.random.key(seed), count, bits, samples, max_mode, prng), np.float64)
 
 
 def bracket(x, alpha):
@@ -55,11 +55,11 @@ def bracket(x, alpha):
 # the gradient quantizer
 
 
-@pytest.mark.parametrize("max_mode", ["abs", "signed"])
-def test_unbiased_zscores_variance_and_support(max_mode):
+@pytest.mark.parametrize("max_mode,prng", [("abs", "jax"), ("signed", "jax"), ("abs", "hash")])
+def test_unbiased_zscores_variance_and_support(max_mode, prng):
     g = heavy_tailed(0)
     S = 4000
-    q = draws(g, 1, S, max_mode=max_mode)
+    q = draws(g, 1, S, max_mode=max_mode, prng=prng)
     alpha = float(luq.gradient_alpha(g, max_mode=max_mode))
     g64 = np.asarray(g, np.float64)
     lo, hi = bracket(g64, alpha)
@@ -162,12 +162,13 @@ def test_scale_equivariance_with_same_key():
         np.testing.assert_allclose(np.asarray(luq.quantize_gradient(c * g, key)), c * q, rtol=1e-6)
 
 
-def test_smp_variance_falls_as_one_over_n():
+@pytest.mark.parametrize("prng", ["jax", "hash"])
+def test_smp_variance_falls_as_one_over_n(prng):
     g = heavy_tailed(0)
     total = float(jnp.sum(luq.gradient_variance(g)))
     g64 = np.asarray(g, np.float64)
     for n, count in ((1, 4000), (2, 2000), (8, 2000)):
-        q = draws(g, 10 + n, count, samples=n)
+        q = draws(g, 10 + n, count, samples=n, prng=prng)
         assert abs(q.var(0).sum() * n / total - 1) < 0.06, n
         # bias unchanged: the summed mean error is within 4 standard errors of zero
         assert abs((q.mean(0) - g64).sum()) < 4 * np.sqrt(total / n / count)
@@ -202,6 +203,39 @@ def test_vmap_and_key_types():
     raw = jax.random.PRNGKey(0)  # raw uint32 keys work too
     assert luq.quantize_gradient(g, raw).shape == g.shape
     assert luq.quantize_gradient(g, jax.random.key(0, impl="rbg")).shape == g.shape
+
+
+def test_hash_bits_uniform_independent_and_keyed():
+    n = 1 << 16
+    key = jax.random.key(40)
+    w = np.asarray(luq.hash_bits(key, (n,)), np.uint64)
+    assert np.array_equal(w, np.asarray(luq.hash_bits(key, (n,))))  # deterministic per key
+    assert np.array_equal(np.asarray(luq.hash_bits(key, (4, n // 4))).ravel(), w)  # flat index
+    # chi-square over 256 bins, for the top, middle and low byte: 255 dof, mean 255, sd 22.6
+    for shift in (24, 12, 0):
+        counts = np.bincount(((w >> shift) & 255).astype(np.int64), minlength=256)
+        chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum()
+        assert 150 < chi2 < 370, (shift, chi2)
+    u = w / 2.0**32
+    assert abs(u.mean() - 0.5) < 4 * np.sqrt(1 / 12 / n)
+    # neighbours in the index, and the same index under another key, are uncorrelated
+    other = np.asarray(luq.hash_bits(jax.random.key(41), (n,)), np.uint64) / 2.0**32
+    for a, b in ((u[:-1], u[1:]), (u[::2], u[1::2]), (u, other)):
+        assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(len(a))
+    # vmap over keys equals one call per key
+    keys = jax.random.split(key, 3)
+    batched = jax.vmap(lambda k: luq.hash_bits(k, (5,)))(keys)
+    assert np.array_equal(batched[1], luq.hash_bits(keys[1], (5,)))
+
+
+def test_hash_rounding_probabilities():
+    # P(up) equals the linear fraction inside the bracket (binomial tolerance, 4 sd)
+    g = jnp.array([64.0, 0.25, 0.75, 1.5, 3.0, 5.0, 40.0], jnp.float32)  # α = 1
+    p_up = np.array([0.25, 0.75, 0.5, 0.5, 0.25, 0.25])
+    low = np.array([0.0, 0.0, 1.0, 2.0, 4.0, 32.0])
+    q = draws(g, 42, 20000, prng="hash")
+    freq = (q[:, 1:] > low).mean(0)
+    assert np.all(np.abs(freq - p_up) < 4 * np.sqrt(p_up * (1 - p_up) / 20000))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +515,10 @@ def test_bad_inputs():
         (lambda: luq.sawb(g, bits=1), "bits"),
         (lambda: luq.sawb(g, signed="yes"), "signed"),
         (lambda: luq.sawb(g, bits=3, coeffs=(1.0,)), "coeffs"),
+        (lambda: luq.quantize_gradient(g, key, prng="threefry"), "prng"),
+        (lambda: luq.layer_hook(prng=None), "prng"),
+        (lambda: luq.hash_bits(key, (-1,)), "shape"),
+        (lambda: luq.hash_bits(key, (1 << 20, 1 << 13)), "2\\^32"),
         (lambda: luq.luq_identity(g, key, mode="sr"), "mode"),
         (lambda: luq.luq_identity(g, None), "key"),
         (lambda: luq.luq_identity(g, None, mode="rdn", samples=2), "samples"),
