@@ -13,8 +13,9 @@ again compiles nothing: a Lanczos step (one HVP fused with its reorthogonalisati
 are small jitted kernels shared between calls.
 
 Known issue: jaxlib 0.10.2's XLA:CPU miscompiles some batched reductions (jax-ml/jax#39103), which
-silently corrupts vmapped HVPs on CPU; start such processes with
-``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` (GPUs are not affected).
+silently corrupts vmapped HVPs on CPU; ``import landscape`` sets
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` before JAX starts its CPU backend
+(landscape/_xla_flags.py), so import landscape before running any JAX computation.
 
 Algorithms
 ----------
