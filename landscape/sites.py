@@ -200,15 +200,19 @@ def capture(apply_fn: Callable, names, *args) -> dict[str, jax.Array]:
 
 
 class _Quantizer:
-    def __init__(self, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array]):
+    def __init__(self, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array], bits):
         self.specs = specs
         self.alphas = alphas
+        self.bits = bits or {}
+
+    def _bits(self, name, spec):
+        return self.bits.get(name, spec.bits)
 
     def weight(self, name, w):
         spec = self.specs.get(name)
         if spec is None:
             return w
-        w_hat = quantizers.quantize(w, self.alphas[name], spec.bits, spec.grid)
+        w_hat = quantizers.quantize(w, self.alphas[name], self._bits(name, spec), spec.grid)
         if spec.bias_correction:
             w_hat = quantizers.bias_correct(w_hat, w)
         return w_hat
@@ -217,16 +221,18 @@ class _Quantizer:
         spec = self.specs.get(name)
         if spec is None:
             return x
-        return quantizers.quantize(x, self.alphas[name], spec.bits, spec.grid)
+        return quantizers.quantize(x, self.alphas[name], self._bits(name, spec), spec.grid)
 
 
-def quantizing(specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array]):
+def quantizing(specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
+               bits: Mapping[str, jax.Array] | None = None):
     """Context that fake-quantizes every site in ``specs`` with ``alphas[name]``.
 
     ``alphas[name]`` is a scalar, or (C,) for a per-channel weight site. Sites absent from
-    ``specs`` stay FP32.
+    ``specs`` stay FP32. ``bits`` optionally overrides ``spec.bits`` per site with (traced)
+    values, so one compiled program serves every bit width.
     """
-    return _active(_Quantizer(specs, alphas))
+    return _active(_Quantizer(specs, alphas, bits))
 
 
 # --------------------------------------------------------------------------- calibrating
