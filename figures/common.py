@@ -53,9 +53,9 @@ class Preset:
     p_points: int = 50                # F4: p ∈ linspace(2, 4.5, p_points)
     calib_sizes: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
     lapq_maxiter: int = 2
-    spectrum: dict = dataclasses.field(default_factory=lambda: dict(top_k=5, num_probes=48,
-                                                                   density_runs=4, density_steps=40))
-    spectrum_batch: int = 256         # T2: calibration images in the weight-space loss
+    spectrum: dict = dataclasses.field(default_factory=lambda: dict(top_k=5, tol=1e-3, num_probes=32,
+                                                                   density_runs=4, density_steps=30))
+    spectrum_batch: int = 128         # T2: calibration images in the weight-space loss
     separability_samples: int = 100   # F3: γ/T sampling test
 
     def config(self) -> dict:
@@ -73,7 +73,7 @@ PRESETS = {
                    train_epochs=2, bits=(2, 4), sweep_bits=(2, 4, 8), seeds=1,
                    table_configs=(("W4A4", 4, 4), ("W2A4", 2, 4)), grid=7, p_points=6,
                    calib_sizes=(32, 64), lapq_maxiter=1,
-                   spectrum=dict(top_k=2, num_probes=8, density_runs=2, density_steps=10),
+                   spectrum=dict(top_k=2, tol=1e-2, num_probes=8, density_runs=2, density_steps=10),
                    spectrum_batch=64, separability_samples=12),
 }
 
@@ -129,6 +129,15 @@ def write_json(path: Path, obj) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(to_jsonable(obj), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write text atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 

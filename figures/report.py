@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 
 from figures import claims as claim_specs
-from figures.common import write_json
+from figures.common import write_json, write_text
 
 
 def claims_table(claims) -> str:
@@ -46,9 +46,7 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx) -> None:
     for name, info in results.items():
         lines.append(f"| {name} | {info['seconds']} | {', '.join(files[name])} |")
     lines += ["", "## Configuration", "", "```", repr(preset), "```", ""]
-    tmp = out / f".REPORT.md.tmp{os.getpid()}"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out / "REPORT.md")
+    write_text(out / "REPORT.md", "\n".join(lines))
     write_json(out / "report.json", {
         "preset": preset.config(), "wall_seconds": round(wall, 1),
         "fp32_test_accuracy": net.accuracy(ctx.test),

@@ -1,0 +1,95 @@
+"""T2 — the weight-space Hessian spectrum of the FP32 network and of the quantized network.
+
+``landscape.hessian_spectrum`` on the calibration cross-entropy as a function of the
+weights: FP32, and quantized at W4A4 and W2A2 with α fixed at the layer-wise MSE init
+(straight-through in the weights, so these are STE Hessians). Top eigenvalues by Lanczos,
+the trace by Hutch++ (± standard error), the spectral density by stochastic Lanczos
+quadrature. Quantization sharpens the weight-space landscape: larger top eigenvalues and
+trace at fewer bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NAME = "T2"
+SLUG = "t2_spectrum"
+TITLE = "Weight-space Hessian spectrum: FP32 vs W4A4 vs W2A2 (top-k, trace, density)"
+EST_SECONDS = 120
+
+CONFIGS = (("FP32", None), ("W4A4", 4), ("W2A2", 2))
+
+
+def spectrum(ctx, bits) -> dict:
+    from landscape import hessian_spectrum
+
+    opts = dict(ctx.preset.spectrum)
+    loss = ctx.loss(4 if bits is None else bits, 4 if bits is None else bits,
+                    calib_size=ctx.preset.spectrum_batch)
+    f = loss.weight_loss(None if bits is None else loss.init("mse"))
+    params = loss.variables["params"]
+    spec = hessian_spectrum(f, params, top_k=opts["top_k"], tol=opts["tol"], trace=True, density=True,
+                            num_probes=opts["num_probes"], density_runs=opts["density_runs"],
+                            density_steps=opts["density_steps"], seed=0)
+    grid, values = spec.density
+    return {"eigenvalues": spec.eigenvalues, "trace": spec.trace, "trace_stderr": spec.trace_stderr,
+            "grid": grid, "density": values, "n_hvp": spec.n_hvp, "hvp_counts": spec.hvp_counts,
+            "seconds": spec.seconds,
+            "method": spec.method, "dimension": int(sum(np.size(p) for p in _leaves(params))),
+            "loss": float(f(params))}
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def compute(ctx) -> dict:
+    return {label: ctx.cached(f"{SLUG}-{label}", {"bits": bits, "spectrum": ctx.preset.spectrum,
+                                                  "batch": ctx.preset.spectrum_batch},
+                              lambda bits=bits: spectrum(ctx, bits))
+            for label, bits in CONFIGS}
+
+
+def table(data) -> str:
+    rows = ["| network | loss | top eigenvalues | trace ± s.e. | HVPs |", "|---|---|---|---|---|"]
+    for label, _ in CONFIGS:
+        d = data[label]
+        eig = ", ".join(f"{float(e):.4g}" for e in d["eigenvalues"])
+        rows.append(f"| {label} | {float(d['loss']):.4f} | {eig} | {float(d['trace']):.4g} ± "
+                    f"{float(d['trace_stderr']):.2g} | {d['n_hvp']} |")
+    return "\n".join(rows)
+
+
+def render(data, ctx):
+    from matplotlib.figure import Figure
+
+    from landscape import plots
+
+    fig = Figure(figsize=(12, 4.5), constrained_layout=True)
+    ax, ax2 = fig.subplots(1, 2)
+    for k, (label, _) in enumerate(CONFIGS):
+        d = data[label]
+        grid, dens = np.asarray(d["grid"], float), np.asarray(d["density"], float)
+        ax.semilogy(grid, np.maximum(dens, 1e-8), color=f"C{k}",
+                    label=f"{label} (trace {float(d['trace']):.3g})")
+        ax2.plot(range(1, len(d["eigenvalues"]) + 1), np.asarray(d["eigenvalues"], float), "o-",
+                 color=f"C{k}", label=label)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("spectral density (SLQ)")
+    ax.set_title("weight-space Hessian spectral density")
+    ax.legend(fontsize=8)
+    ax2.set_yscale("symlog")
+    ax2.set_xlabel("rank")
+    ax2.set_ylabel("eigenvalue")
+    ax2.set_title("top eigenvalues (Lanczos)")
+    ax2.legend(fontsize=8)
+    files = plots.save_figure(fig, ctx.out / SLUG)
+    from figures.common import write_text
+
+    return files + [write_text(ctx.out / f"{SLUG}.md", table(data) + "\n")]
+
+
+def claims(data, ctx):
+    return []
