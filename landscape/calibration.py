@@ -269,6 +269,9 @@ _RULE_FNS = {
 # Options that may be traced arrays (one compiled program serves every value, e.g. the
 # LAPQ sweep over p); the others shape the program and are static.
 TRACED_OPTIONS = {"lp": ("p",)}
+# Rules whose program depends on the bit width itself (host-computed ACIQ constants, KL's
+# number of quantization bins); the others accept it as a traced value.
+STATIC_BITS_RULES = ("aciq", "kl")
 
 
 def bind_rule(name: str, **opts):

@@ -359,17 +359,24 @@ class ClipLoss:
         if program_key not in self._init_programs:
             specs = self._layout.specs
 
-            def calibrate(variables, x, traced):
+            # Bits as data where the rule's program does not depend on them (one compile for
+            # every bit width); ACIQ's constants and KL's bin count are bit-width-specific.
+            traced_bits = rule not in calibration.STATIC_BITS_RULES
+
+            def calibrate(state, x, traced):
                 rule_fn = calibration.bind_rule(rule, **dict(static), **traced)
-                with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized") as ctx:
-                    self.model.apply(variables, x, train=False)
+                bits = ({s.name: state["bits"][i] for i, s in enumerate(self._layout.sites)}
+                        if traced_bits else None)
+                with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized",
+                                       bits=bits) as ctx:
+                    self.model.apply(state["variables"], x, train=False)
                 return ctx.alphas
 
             self._init_programs[program_key] = jax.jit(self._traced(f"init:{rule}", calibrate))
         x = self._calib_host[0][:stats_size]
         if len(x) % len(jax.devices()) == 0:
             x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
-        alphas = self._init_programs[program_key](self.variables, x, traced)
+        alphas = self._init_programs[program_key](self._state, x, traced)
         flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
         alpha = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
         self._init_cache[result_key] = jax.device_put(alpha, self._replicated)

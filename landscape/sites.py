@@ -241,11 +241,18 @@ Rule = Callable[[jax.Array, SiteSpec, str], jax.Array]
 
 
 class _Calibrator:
-    def __init__(self, specs, rule: Rule, quantize_upstream: bool):
+    def __init__(self, specs, rule: Rule, quantize_upstream: bool, bits):
         self.specs = specs
         self.rule = rule
         self.quantize_upstream = quantize_upstream
+        self.bits = bits or {}
         self.alphas: dict[str, jax.Array] = {}
+
+    def _spec(self, name):
+        spec = self.specs.get(name)
+        if spec is not None and name in self.bits:
+            spec = dataclasses.replace(spec, bits=self.bits[name])
+        return spec
 
     def _alpha(self, x, spec, kind):
         if kind == "weight" and spec.per_channel:
@@ -254,7 +261,7 @@ class _Calibrator:
         return self.rule(x, spec, kind)
 
     def weight(self, name, w):
-        spec = self.specs.get(name)
+        spec = self._spec(name)
         if spec is None:
             return w
         alpha = self._alpha(w, spec, "weight")
@@ -265,7 +272,7 @@ class _Calibrator:
         return w_hat
 
     def activation(self, name, x):
-        spec = self.specs.get(name)
+        spec = self._spec(name)
         if spec is None:
             return x
         alpha = self._alpha(x, spec, "activation")
@@ -275,12 +282,14 @@ class _Calibrator:
         return quantizers.quantize(x, alpha, spec.bits, spec.grid)
 
 
-def calibrating(specs: Mapping[str, SiteSpec], rule: Rule, *, quantize_upstream: bool = True):
+def calibrating(specs: Mapping[str, SiteSpec], rule: Rule, *, quantize_upstream: bool = True,
+                bits: Mapping[str, jax.Array] | None = None):
     """Context that sets each site's α = rule(tensor, spec, kind), in call order.
 
     With ``quantize_upstream`` the tensor is quantized with its new α before it flows on,
     so every activation's statistics are taken with all upstream sites quantized (the
     LAPQ reference's online initialisation); otherwise statistics are FP32. After the
-    traced call, ``ctx.alphas`` maps site name → α.
+    traced call, ``ctx.alphas`` maps site name → α. ``bits`` optionally overrides ``spec.bits``
+    with traced values (for rules whose program does not depend on the bit width).
     """
-    return _active(_Calibrator(specs, rule, quantize_upstream))
+    return _active(_Calibrator(specs, rule, quantize_upstream, bits))
