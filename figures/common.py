@@ -73,7 +73,7 @@ PRESETS = {
                    train_epochs=2, bits=(2, 4), sweep_bits=(2, 4, 8), seeds=1,
                    table_configs=(("W4A4", 4, 4), ("W2A4", 2, 4)), grid=7, p_points=6,
                    calib_sizes=(32, 64), lapq_maxiter=1,
-                   spectrum=dict(top_k=2, tol=1e-2, num_probes=8, density_runs=2, density_steps=10),
+                   spectrum=dict(top_k=2, tol=1e-2, num_probes=8, density_runs=2, density_steps=8),
                    spectrum_batch=64, separability_samples=12),
 }
 
@@ -205,6 +205,49 @@ class Context:
             data = self.data(seed, calib_size)
             self._losses[key] = ls.ClipLoss(self.net, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
         return self._losses[key]
+
+    def aggressive_config(self) -> tuple[str, int | None, int | None]:
+        """The most aggressive table configuration (the last of ``preset.table_configs``)."""
+        return tuple(self.preset.table_configs[-1])
+
+    def lapq_run(self, w_bits, a_bits, *, seed: int = 0, method: str = "powell", init=None,
+                 calib_size: int | None = None, maxiter: int | None = None,
+                 iteration_accuracy: bool = False) -> dict:
+        """``landscape.lapq`` on calibration sample ``seed`` (bias correction on), cached.
+
+        ``init``: None (Lp sweep → p*), a rule name, or ("lp", p). With
+        ``iteration_accuracy`` the test accuracy after every iteration is recorded too.
+        """
+        from landscape.lapq import lapq
+
+        maxiter = maxiter or self.preset.lapq_maxiter
+        config = {"w": w_bits, "a": a_bits, "seed": seed, "method": method, "init": init,
+                  "calib": calib_size or self.preset.calib_size, "maxiter": maxiter,
+                  "iteration_accuracy": iteration_accuracy}
+
+        def run():
+            loss = self.loss(w_bits, a_bits, seed=seed, calib_size=calib_size, bias_correction=True)
+            start = None
+            if isinstance(init, list | tuple):
+                start = loss.init(init[0], p=float(init[1]))
+            elif init is not None:
+                start = loss.init(init)
+            alphas = []
+            callback = (lambda info: alphas.append(np.asarray(info["alpha"]))) if iteration_accuracy else None
+            res = lapq(loss, method=method, maxiter=maxiter, init=start, callback=callback)
+            out = {"alpha": res.alpha, "loss": res.loss, "p_star": res.p_star,
+                   "p_rule": res.p_selection.rule if res.p_selection else None,
+                   "init_alpha": res.init_alpha, "init_loss": res.init_loss, "n_evals": res.n_evals,
+                   "seconds": res.seconds,
+                   "history": [{k: v for k, v in h.items() if k != "alpha"} for h in res.history],
+                   "test_acc": loss.accuracy(res.alpha, self.test),
+                   "init_acc": loss.accuracy(res.init_alpha, self.test)}
+            if iteration_accuracy:
+                out["iteration_acc"] = [out["init_acc"]] + [loss.accuracy(a, self.test) for a in alphas]
+                out["iteration_loss"] = [res.init_loss] + [float(loss(a)) for a in alphas]
+            return out
+
+        return self.cached("lapq", config, run)
 
     # caching --------------------------------------------------------------------
     def cached(self, name: str, config: dict, compute: Callable[[], dict]) -> dict:

@@ -17,7 +17,9 @@ SLUG = "t2_spectrum"
 TITLE = "Weight-space Hessian spectrum: FP32 vs W4A4 vs W2A2 (top-k, trace, density)"
 EST_SECONDS = 120
 
-CONFIGS = (("FP32", None), ("W4A4", 4), ("W2A2", 2))
+def configs(ctx):
+    """FP32 and W = A at every preset bit width up to 4 (small preset: FP32, W4A4, W2A2)."""
+    return [("FP32", None)] + [(f"W{b}A{b}", b) for b in sorted(ctx.preset.bits, reverse=True) if b <= 4]
 
 
 def spectrum(ctx, bits) -> dict:
@@ -49,13 +51,12 @@ def compute(ctx) -> dict:
     return {label: ctx.cached(f"{SLUG}-{label}", {"bits": bits, "spectrum": ctx.preset.spectrum,
                                                   "batch": ctx.preset.spectrum_batch},
                               lambda bits=bits: spectrum(ctx, bits))
-            for label, bits in CONFIGS}
+            for label, bits in configs(ctx)}
 
 
 def table(data) -> str:
     rows = ["| network | loss | top eigenvalues | trace ± s.e. | HVPs |", "|---|---|---|---|---|"]
-    for label, _ in CONFIGS:
-        d = data[label]
+    for label, d in data.items():
         eig = ", ".join(f"{float(e):.4g}" for e in d["eigenvalues"])
         rows.append(f"| {label} | {float(d['loss']):.4f} | {eig} | {float(d['trace']):.4g} ± "
                     f"{float(d['trace_stderr']):.2g} | {d['n_hvp']} |")
@@ -69,8 +70,7 @@ def render(data, ctx):
 
     fig = Figure(figsize=(12, 4.5), constrained_layout=True)
     ax, ax2 = fig.subplots(1, 2)
-    for k, (label, _) in enumerate(CONFIGS):
-        d = data[label]
+    for k, (label, d) in enumerate(data.items()):
         grid, dens = np.asarray(d["grid"], float), np.asarray(d["density"], float)
         ax.semilogy(grid, np.maximum(dens, 1e-8), color=f"C{k}",
                     label=f"{label} (trace {float(d['trace']):.3g})")
