@@ -70,7 +70,7 @@ PRESETS = {
     "cifar10": Preset("cifar10", "resnet20", "cifar10"),
     # The smoke test's configuration: every figure, in seconds.
     "tiny": Preset("tiny", "cnn", "digits", model_kw=(("widths", (4, 8)),), calib_size=64,
-                   train_epochs=2, bits=(2, 4), sweep_bits=(2, 4, 8), seeds=1,
+                   train_epochs=2, bits=(2,), sweep_bits=(2, 4, 8), seeds=1,
                    table_configs=(("W4A4", 4, 4), ("W2A4", 2, 4)), grid=7, p_points=6,
                    calib_sizes=(32, 64), lapq_maxiter=1,
                    spectrum=dict(top_k=2, tol=1e-2, num_probes=8, density_runs=2, density_steps=8),
