@@ -28,7 +28,7 @@ TITLE = "Separability and curvature vs bit width (Hessians, γ/T, ANOVA, flat fr
 EST_SECONDS = 200
 
 FLAT_TOL = 0.05
-SURFACE_POINTS = 21
+SURFACE_POINTS = 15
 
 
 def _reports(H) -> dict:

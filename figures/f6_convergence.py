@@ -18,7 +18,7 @@ EST_SECONDS = 90
 
 STARTS = {"L2": ("lp", 2.0), "L3": ("lp", 3.0), "max": "max"}
 METHODS = ("cd", "powell", "batched")
-MAXITER = 3
+MAXITER = 2
 
 
 def compute(ctx) -> dict:

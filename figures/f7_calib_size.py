@@ -20,7 +20,7 @@ def compute(ctx) -> dict:
     name, w, a = ctx.aggressive_config()
     n_train = len(ctx.data().train)
     sizes = [s for s in ctx.preset.calib_sizes if s <= n_train]
-    seeds = list(range(ctx.preset.seeds))
+    seeds = list(range(ctx.preset.calib_size_seeds))
     acc = {str(s): [ctx.lapq_run(w, a, seed=k, calib_size=s)["test_acc"] for k in seeds] for s in sizes}
     init = {str(s): [ctx.lapq_run(w, a, seed=k, calib_size=s)["init_acc"] for k in seeds] for s in sizes}
     return {"config": name, "sizes": sizes, "seeds": seeds, "lapq_acc": acc, "init_acc": init}

@@ -180,14 +180,18 @@ def aciq_constant(bits: int, distribution: str) -> float:
     raise ValueError(f"aciq distribution={distribution!r} is not allowed; use 'laplace' or 'gauss'")
 
 
+@functools.cache
+def aciq_table(distribution: str) -> np.ndarray:
+    """c_M for M = 0 … 17 (index M), so a traced bit width can look its constant up."""
+    return np.array([aciq_constant(m, distribution) for m in range(18)], np.float32)
+
+
 def aciq_rule(x, spec, kind, *, distribution: str = "laplace"):
     x = jnp.ravel(x).astype(jnp.float32)
-    if _signed(spec):
-        c = aciq_constant(spec.bits, distribution)
-        weights = jnp.ones_like(x)
-    else:  # the reference: statistics of the non-zero entries, and c_{M+1}
-        c = aciq_constant(spec.bits + 1, distribution)
-        weights = (x > 0).astype(jnp.float32)
+    # The unsigned grid uses c_{M+1} and the statistics of the non-zero entries (the reference).
+    index = jnp.asarray(spec.bits, jnp.int32) + (0 if _signed(spec) else 1)
+    c = jnp.asarray(aciq_table(distribution))[index]
+    weights = jnp.ones_like(x) if _signed(spec) else (x > 0).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(weights), 1.0)
     if distribution == "laplace":
         scale = jnp.sum(jnp.abs(x) * weights) / count
@@ -201,18 +205,20 @@ def kl_levels(spec) -> int:
     return 2**spec.bits - 1 if spec.grid == "unsigned" else 2 ** (spec.bits - 1)
 
 
-def kl_divergences(hist, n_q: int):
-    """KL(P_i ‖ Q_i) for every threshold bin i = n_q … len(hist) (TensorRT's algorithm).
+def kl_divergences(hist, n_q):
+    """KL(P_i ‖ Q_i) for every threshold bin i = 1 … len(hist) (TensorRT's algorithm);
+    +inf for i < n_q. ``n_q`` may be traced (one program for every bit width).
 
     P_i: the first i bins, with the outliers beyond i added to bin i−1. Q_i: the first i
     bins merged into n_q chunks of i // n_q bins (the last chunk takes the remainder),
     each chunk's mass spread evenly over its non-empty bins. Both are smoothed with
-    ε = 1e-4 on empty bins (as MXNet's calibrator) and normalised. Returns (len − n_q + 1,).
+    ε = 1e-4 on empty bins (as MXNet's calibrator) and normalised. Returns (len(hist),).
     """
     hist = jnp.asarray(hist, jnp.float32)
     bins = hist.shape[0]
     j = jnp.arange(bins)
     csum = jnp.cumsum(hist)
+    n_q = jnp.asarray(n_q, jnp.int32)
 
     def kl_at(i):
         inside = j < i
@@ -221,14 +227,15 @@ def kl_divergences(hist, n_q: int):
         width = jnp.maximum(i // n_q, 1)
         chunk = jnp.minimum(j // width, n_q - 1)
         nonzero = (inside & (hist > 0)).astype(jnp.float32)
-        mass = jax.ops.segment_sum(jnp.where(inside, hist, 0.0), chunk, num_segments=n_q)
-        count = jax.ops.segment_sum(nonzero, chunk, num_segments=n_q)
+        # At most `bins` chunks exist (n_q < bins); unused segments stay empty.
+        mass = jax.ops.segment_sum(jnp.where(inside, hist, 0.0), chunk, num_segments=bins)
+        count = jax.ops.segment_sum(nonzero, chunk, num_segments=bins)
         q = nonzero * mass[chunk] / jnp.maximum(count[chunk], 1.0)
         p, q = _smooth(p, inside), _smooth(q, inside)
         terms = jnp.where(inside & (p > 0), p * (jnp.log(p) - jnp.log(jnp.maximum(q, _TINY))), 0.0)
-        return jnp.sum(terms)
+        return jnp.where(i >= n_q, jnp.sum(terms), jnp.inf)
 
-    return jax.lax.map(kl_at, jnp.arange(n_q, bins + 1))
+    return jax.lax.map(kl_at, jnp.arange(1, bins + 1))
 
 
 def _smooth(dist, inside, eps: float = 1e-4):
@@ -246,14 +253,14 @@ def _smooth(dist, inside, eps: float = 1e-4):
 def kl_rule(x, spec, kind, *, bins: int = KL_BINS):
     mag = _magnitude(x, spec)
     top = jnp.maximum(jnp.max(mag), _TINY)
-    n_q = kl_levels(spec)
-    if n_q >= bins:  # at ≥ 12 bits the threshold search is empty: the max is optimal
-        return _safe_alpha(top, x)
+    bits = jnp.asarray(spec.bits, jnp.int32)
+    n_q = jnp.where(spec.grid == "unsigned", 2**bits - 1, 2 ** (bits - 1))
     hist = jnp.histogram(mag, bins=bins, range=(0.0, top))[0].astype(jnp.float32)
     if not _signed(spec):  # post-ReLU zeros would dominate bin 0 (TensorRT drops them too)
         hist = hist.at[0].add(-jnp.sum(mag == 0))
-    i = jnp.argmin(kl_divergences(hist, n_q)) + n_q
-    return _safe_alpha(i * top / bins, x)
+    i = jnp.argmin(kl_divergences(hist, jnp.minimum(n_q, bins))) + 1
+    # At ≥ 12 bits the threshold search is empty (n_q ≥ bins): the max is optimal.
+    return _safe_alpha(jnp.where(n_q >= bins, top, i * top / bins), x)
 
 
 _RULE_FNS = {
@@ -269,9 +276,9 @@ _RULE_FNS = {
 # Options that may be traced arrays (one compiled program serves every value, e.g. the
 # LAPQ sweep over p); the others shape the program and are static.
 TRACED_OPTIONS = {"lp": ("p",)}
-# Rules whose program depends on the bit width itself (host-computed ACIQ constants, KL's
-# number of quantization bins); the others accept it as a traced value.
-STATIC_BITS_RULES = ("aciq", "kl")
+# Rules whose program depends on the bit width itself; every built-in rule accepts it as a
+# traced value (ACIQ looks its constant up in a table, KL masks thresholds below n_q).
+STATIC_BITS_RULES: tuple[str, ...] = ()
 
 
 def bind_rule(name: str, **opts):

@@ -359,8 +359,8 @@ class ClipLoss:
         if program_key not in self._init_programs:
             specs = self._layout.specs
 
-            # Bits as data where the rule's program does not depend on them (one compile for
-            # every bit width); ACIQ's constants and KL's bin count are bit-width-specific.
+            # Bits as data where the rule allows it (all built-in rules): one compile per rule
+            # for every bit width of these sites.
             traced_bits = rule not in calibration.STATIC_BITS_RULES
 
             def calibrate(state, x, traced):
