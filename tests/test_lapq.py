@@ -1,0 +1,232 @@
+"""LAPQ: p* selection, the three joint optimizers, bias correction, interruption, bad input,
+and the paper's ordering on the digits resnet8 (layer-wise < Lp(p*) < joint)."""
+
+import types
+
+import numpy as np
+import pytest
+
+import landscape as ls
+from landscape import lapq as lq
+from landscape import quantizers, sites
+
+COARSE = np.linspace(2.0, 4.0, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_loss(tiny_net, digits):
+    return ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3, bias_correction=True)
+
+
+class Interrupting:
+    """A ClipLoss stand-in that raises KeyboardInterrupt instead of its k-th evaluation (a
+    batch of K counts K) and keeps every α it evaluated."""
+
+    def __init__(self, loss, k):
+        self._loss, self.k, self.seen = loss, k, []
+
+    def __getattr__(self, name):
+        return getattr(self._loss, name)
+
+    def _evaluate(self, alphas, fn):
+        rows = np.atleast_2d(np.asarray(alphas))
+        if len(self.seen) + len(rows) >= self.k:
+            raise KeyboardInterrupt
+        out = fn(alphas)
+        self.seen.extend(rows)
+        return out
+
+    def __call__(self, alpha):
+        return self._evaluate(alpha, self._loss)
+
+    def batch(self, alphas):
+        return self._evaluate(alphas, self._loss.batch)
+
+
+# --------------------------------------------------------------------------- p* selection
+
+
+def test_select_p_convex_vertex_inside():
+    ps = np.linspace(2, 4, 10)
+    sel = lq.select_p(ps, 0.7 * (ps - 3.3) ** 2 + 1.0)
+    assert sel.rule == "vertex" and sel.used_fit
+    assert sel.p_star == pytest.approx(3.3, abs=1e-9)
+    a, b, c = sel.coeffs
+    assert a == pytest.approx(0.7) and -b / (2 * a) == pytest.approx(3.3)
+    assert sel.best_grid_p == pytest.approx(ps[np.argmin(np.abs(ps - 3.3))])
+
+
+def test_select_p_concave_fit_takes_best_grid_point():
+    ps = np.linspace(2, 4, 10)
+    losses = -((ps - 3.0) ** 2) + 5.0  # a maximum at 3: the vertex is not a minimum
+    losses[0] -= 0.5  # the lowest grid loss is at p = 2
+    sel = lq.select_p(ps, losses)
+    assert sel.rule == "concave" and not sel.used_fit
+    assert sel.coeffs[0] < 0
+    assert sel.p_star == 2.0 == sel.best_grid_p
+
+
+def test_select_p_vertex_outside_grid_takes_best_grid_point():
+    ps = np.linspace(2, 4, 10)
+    sel = lq.select_p(ps, (ps - 6.0) ** 2)  # convex, but its minimum p = 6 lies right of the grid
+    assert sel.rule == "outside" and sel.coeffs[0] > 0
+    assert sel.p_star == 4.0
+    sel = lq.select_p(ps, (ps - 1.2) ** 2)
+    assert sel.rule == "outside" and sel.p_star == 2.0
+
+
+def test_select_p_ignores_non_finite_losses():
+    ps = np.linspace(2, 4, 6)
+    losses = (ps - 3.0) ** 2
+    losses[0] = np.inf
+    sel = lq.select_p(ps, losses)
+    assert sel.rule == "vertex" and sel.p_star == pytest.approx(3.0)
+    sel = lq.select_p(ps[:3], [np.inf, 1.0, np.nan])
+    assert sel.rule == "degenerate" and sel.p_star == ps[1]
+    with pytest.raises(ValueError, match="non-finite"):
+        lq.select_p(ps[:3], [np.inf] * 3)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("grid, match", [
+    ([2.0, 3.0], "at least 3"),
+    ([0.5, 2.0, 3.0], r"\(1, 8\)"),
+    ([1.0, 2.0, 3.0], r"\(1, 8\)"),
+    ([2.0, 4.0, 8.0], r"\(1, 8\)"),
+    ([2.0, np.nan, 3.0], r"\(1, 8\)"),
+    ([2.0, 3.0, 3.0], "distinct"),
+])
+def test_bad_p_grid(tiny_loss, grid, match):
+    with pytest.raises(ValueError, match=match):
+        lq.lapq(tiny_loss, p_grid=grid)
+
+
+def test_bad_method_maxiter_init_and_fp32_loss(tiny_net, digits, tiny_loss):
+    with pytest.raises(ValueError, match="method='nelder-mead'"):
+        lq.lapq(tiny_loss, method="nelder-mead")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="maxiter"):
+            lq.lapq(tiny_loss, maxiter=bad)
+    with pytest.raises(ValueError, match="no quantized sites"):
+        lq.lapq(ls.ClipLoss(tiny_net, digits.calib, w_bits=None, a_bits=None))
+    good = np.asarray(tiny_loss.init("max"))
+    with pytest.raises(ValueError, match="shape"):
+        lq.lapq(tiny_loss, init=good[:-1])
+    with pytest.raises(ValueError, match="positive"):
+        lq.lapq(tiny_loss, init=np.where(np.arange(len(good)) == 2, -1.0, good))
+
+
+# --------------------------------------------------------------------------- bias correction
+
+
+def test_bias_correction_matches_channel_means():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 3, 4, 6)).astype(np.float32) * rng.uniform(0.1, 1, 6).astype(np.float32)
+    w += rng.normal(0, 0.2, 6).astype(np.float32)  # per-channel offsets the grid cannot represent
+    w_hat = quantizers.quantize(w, 0.8, 2, "midrise")
+    axes = (0, 1, 2)
+    assert np.max(np.abs(w_hat.mean(axes) - w.mean(axes))) > 1e-2  # the grid moved the means
+    corrected = np.asarray(quantizers.bias_correct(w_hat, w))
+    np.testing.assert_allclose(corrected.mean(axes), w.mean(axes), atol=1e-6)
+    # Mean only: within a channel, the corrected weights are the grid values plus one offset.
+    shift = corrected - np.asarray(w_hat)
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[:1, :1, :1], shift.shape), atol=1e-6)
+
+
+def test_bias_correction_inside_the_site_context():
+    """What a layer receives inside ClipLoss's evaluation context has the FP32 channel means."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 5)).astype(np.float32) + np.arange(5, dtype=np.float32) * 0.1
+    module = types.SimpleNamespace(path=("block", "dense"))
+    for correct in (False, True):
+        spec = sites.SiteSpec(2, "midrise", bias_correction=correct)
+        with sites.quantizing({"block/dense": spec}, {"block/dense": np.float32(1.5)}):
+            seen = np.asarray(sites.weight_site(module, w))
+        gap = np.max(np.abs(seen.mean(0) - w.mean(0)))
+        assert (gap < 1e-6) if correct else (gap > 1e-2)
+
+
+def test_lapq_switches_bias_correction_on(tiny_net, digits):
+    plain = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3, bias_correction=False)
+    res = lq.lapq(plain, p_grid=COARSE, method="batched", maxiter=1)
+    assert res.bias_correction
+    corrected = plain.with_options(bias_correction=True)
+    assert res.loss == pytest.approx(float(corrected(res.alpha)), rel=1e-5)
+    off = lq.lapq(plain, init=res.init_alpha, method="batched", maxiter=1, bias_correction=False)
+    assert not off.bias_correction
+    assert off.init_loss == pytest.approx(float(plain(res.init_alpha)), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize("method", lq.METHODS)
+def test_methods_keep_alpha_positive_and_do_not_lose_to_start(tiny_loss, method):
+    start = np.asarray(tiny_loss.init("lp", p=3.0))
+    res = lq.lapq(tiny_loss, method=method, maxiter=1, init=start)
+    assert res.alpha.shape == (tiny_loss.n,) and res.alpha.dtype == np.float32
+    assert np.all(res.alpha > 0) and np.all(np.isfinite(res.alpha))
+    assert res.loss == pytest.approx(float(tiny_loss(res.alpha)), rel=1e-5)
+    if method != "cd":  # CD may end worse than its start, as in the reference
+        assert res.loss <= res.init_loss
+    assert res.n_evals > tiny_loss.n and res.p_star is None
+    assert [h["iteration"] for h in res.history] == list(range(len(res.history)))
+    assert np.all(np.diff([h["n_evals"] for h in res.history]) > 0)
+    assert method in repr(res) and "loss:" in repr(res)
+
+
+def test_batched_only_evaluates_positive_alpha(tiny_loss):
+    spy = Interrupting(tiny_loss, k=10**9)
+    res = lq.lapq(spy, method="batched", maxiter=2, init=np.asarray(tiny_loss.init("mse")))
+    seen = np.asarray(spy.seen)
+    assert len(seen) == res.n_evals
+    assert np.all(seen > 0) and np.all(np.isfinite(seen))
+
+
+@pytest.mark.parametrize("method", lq.METHODS)
+def test_keyboard_interrupt_returns_best_so_far(tiny_loss, method):
+    start = np.asarray(tiny_loss.init("lp", p=3.0))
+    k = 25
+    spy = Interrupting(tiny_loss, k=k)
+    res = lq.lapq(spy, method=method, maxiter=2, init=start)
+    assert res.interrupted and "interrupt" in res.message
+    assert res.n_evals == len(spy.seen) < k  # the k-th evaluation never returned
+    values = np.asarray(tiny_loss.batch(np.asarray(spy.seen)))
+    assert res.loss == pytest.approx(float(values.min()), rel=1e-5)
+    assert res.loss <= res.init_loss and np.all(res.alpha > 0)
+    assert "interrupted: True" in repr(res)
+
+
+def test_callback_sees_iterations_and_can_stop(tiny_loss):
+    calls = []
+    res = lq.lapq(tiny_loss, method="powell", maxiter=3, init=np.asarray(tiny_loss.init("mse")),
+                  callback=lambda info: calls.append(info) or True)
+    assert len(calls) == 1 and calls[0]["iteration"] == 1
+    assert set(calls[0]) >= {"iteration", "loss", "n_evals", "seconds", "alpha"}
+    assert not res.interrupted and "callback" in res.message
+    assert res.loss <= calls[0]["loss"] + 1e-7
+
+
+# --------------------------------------------------------------------------- the paper's claim
+
+
+@pytest.fixture(scope="module")
+def digits_w2a2(digits, digits_net):
+    return ls.ClipLoss(digits_net, digits.calib, w_bits=2, a_bits=2, bias_correction=True)
+
+
+def test_lapq_beats_layerwise_on_digits_w2a2(digits, digits_net, digits_w2a2):
+    """At W2A2 layer-wise clipping loses ≥ 5 points; Lp(p*) beats MSE and max, and joint
+    Powell beats Lp(p*) in calibration loss and every layer-wise rule in test accuracy."""
+    loss = digits_w2a2
+    res = lq.lapq(loss, p_grid=COARSE, method="powell", maxiter=1)
+    rules = {r: loss.init(r) for r in ("max", "percentile", "mse", "aciq", "kl")}
+    rules["Lp(p*)"] = res.init_alpha
+    calib = {r: float(loss(a)) for r, a in rules.items()}
+    acc = {r: loss.accuracy(a, digits.test) for r, a in rules.items()}
+    fp32 = digits_net.accuracy(digits.test)
+    assert max(acc.values()) <= fp32 - 0.05, (fp32, acc)  # a bit width where clipping matters
+    assert res.loss < calib["Lp(p*)"] < min(calib["mse"], calib["max"]), (res.loss, calib)
+    assert loss.accuracy(res.alpha, digits.test) >= max(acc.values()), acc
