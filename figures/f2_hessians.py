@@ -88,3 +88,15 @@ def claims(data, ctx):
     fd_adj, fd_dist = coupling_by_distance(np.asarray(data[str(min(BITS))]["fd"], float))
     note = f"FD curvature: adjacent {fd_adj:.3f} vs distant {fd_dist:.3f}"
     return [C.make("C6", ours, passed, NAME, note=note)]
+
+
+PAPER = ("The 15×15 activation-site STE Hessian of ResNet-18 grows about 65× in trace from 4 to 2 bits "
+         "and its off-diagonal mass doubles; adjacent layers couple, distant ones barely.")
+
+
+def summary(data, ctx) -> str:
+    t = {b: float(np.trace(np.asarray(data[str(b)]["ste"], float))) for b in BITS}
+    fd = {b: float(np.trace(np.asarray(data[str(b)]["fd"], float))) for b in BITS}
+    return (f"Ours ({len(data[str(BITS[0])]['sites'])} activation sites): STE trace {t[4]:.3g} at 4 bits vs "
+            f"{t[2]:.3g} at 2 bits; the true-loss FD trace is {fd[4]:.3g} vs {fd[2]:.3g} — the "
+            "piecewise-constant loss has curvature of both signs at a 2% step.")

@@ -73,3 +73,14 @@ def claims(data, ctx):
                                             for s in STARTS) for m in METHODS)
     return [C.make("C10", f"worst Powell {100 * worst['powell']:.1f}% vs worst CD {100 * worst['cd']:.1f}% "
                           f"({data['config']})", worst["powell"] >= worst["cd"], NAME, note=finals)]
+
+
+PAPER = ("From the same starts Powell improves steadily while coordinate descent can collapse "
+         "(ResNet-18 W3A32 from L3: CD 0.7% vs Powell 40.7%).")
+
+
+def summary(data, ctx) -> str:
+    runs = data["runs"]
+    best = min(runs, key=lambda k: runs[k]["loss"])
+    return (f"Ours ({data['config']}): final accuracies " + "; ".join(
+        f"{k} {100 * v['test_acc']:.1f}%" for k, v in runs.items()) + f"; lowest loss: {best}.")

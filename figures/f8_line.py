@@ -62,3 +62,10 @@ def claims(data, ctx):
 
     r2 = float(data["r2"])
     return [C.make("C12", f"R² {r2:.3f} ({data['config']})", r2 >= C.spec("C12")["min_r2"], NAME)]
+
+
+PAPER = "Along the line 0.8·α* → 1.5·α* the loss is well fitted by a quadratic: a local quadratic model holds."
+
+
+def summary(data, ctx) -> str:
+    return f"Ours ({data['config']}): quadratic fit R² = {float(data['r2']):.3f} over 51 points."
