@@ -1,43 +1,116 @@
-"""Reproduce the LAPQ paper's analysis in one command (offline by default).
+"""Reproduce every figure and table of the LAPQ paper in one command, with a claims report.
 
-    python paper_repro.py            # bundled digits, the default resnet8
+    python paper_repro.py                         # --preset small: bundled digits, offline
+    python paper_repro.py --preset mnist --data-dir ../shared/data/mnist
+    python paper_repro.py --list
+    python paper_repro.py --only F1,T1 --bits 2,4 --seeds 2
 
-This first version trains (or loads from cache) the default model and prints the test
-accuracy per bit width under layer-wise max and MSE clipping.
+Each figure module in figures/ computes its data (cached by configuration, written
+atomically, so a killed run resumes), writes PNG + PDF + the JSON behind it, and checks
+the claims of lapq.md §6 it can test. The run ends with REPORT.md and report.json in the
+output directory (for the small preset: figures/, next to the modules).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", help="small (default), mnist, cifar10, tiny")
+    parser.add_argument("--data-dir", default=None, help="local parquet copy (mnist/cifar10 presets)")
+    parser.add_argument("--list", action="store_true", help="list the figures and exit")
+    parser.add_argument("--only", default=None, help="comma-separated figure names (F1,T1) or slugs")
+    parser.add_argument("--out", default=None, help="output directory (default figures/ for small, "
+                                                   "figures/<preset>/ otherwise)")
+    parser.add_argument("--bits", default=None, help="W = A bit widths of the headline figures, e.g. 2,3,4,8")
+    parser.add_argument("--seeds", type=int, default=None, help="calibration seeds for the tables")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet8")
-    parser.add_argument("--data", default="digits")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--bits", default="2,3,4,8", help="comma-separated bit widths (W = A)")
-    parser.add_argument("--calib-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = _parse(argv)
+    import figures
+    from figures import common
 
+    modules = figures.select(args.only)
+    if args.list:
+        for m in figures.load_all():
+            print(f"{m.NAME:4s} {m.SLUG:18s} {m.TITLE}")
+        return 0
+    if args.preset not in common.PRESETS:
+        raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(common.PRESETS)}")
+    preset = common.PRESETS[args.preset]
+    changes = {}
+    if args.data_dir:
+        changes["data_dir"] = args.data_dir
+    if args.bits:
+        try:
+            bits = tuple(int(b) for b in args.bits.split(","))
+        except ValueError:
+            raise SystemExit(f"--bits {args.bits!r}: use comma-separated integers such as 2,3,4,8") from None
+        if any(not 2 <= b <= 16 for b in bits):
+            raise SystemExit(f"--bits {args.bits!r}: every bit width must be in [2, 16]")
+        changes["bits"] = bits
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit(f"--seeds {args.seeds}: need at least one calibration seed")
+        changes["seeds"] = args.seeds
+    preset = dataclasses.replace(preset, **changes)
+    if preset.data in ("mnist", "cifar10") and preset.data_dir is None and preset.name == "mnist":
+        raise SystemExit("--preset mnist needs --data-dir PATH (a local parquet copy of MNIST)")
+    out = Path(args.out) if args.out else (ROOT / "figures" if preset.name == "small"
+                                           else ROOT / "figures" / preset.name)
+    return run(preset, modules, out, progress=not args.no_progress)
+
+
+def run(preset, modules, out: Path, *, progress: bool = True) -> int:
+    import figures
     import landscape as ls
-    import models
+    from figures import common, report
 
-    bits = [int(b) for b in args.bits.split(",")]
+    ls.enable_compilation_cache()
     t0 = time.time()
-    data = ls.data.load(args.data, data_dir=args.data_dir, calib_size=args.calib_size, seed=args.seed)
-    net = ls.train.fit(models.create(args.model, num_classes=data.num_classes), data, seed=args.seed)
-    print(f"{args.model} on {args.data}: FP32 test accuracy {net.accuracy(data.test):.4f}")
-    print("\n| W/A bits | max clipping | MSE clipping |\n|---|---|---|")
-    for b in bits:
-        loss = ls.ClipLoss(net, data.calib, w_bits=b, a_bits=b)
-        row = [f"{loss.accuracy(loss.init(rule), data.test):.4f}" for rule in ("max", "mse")]
-        print(f"| W{b}A{b} | " + " | ".join(row) + " |")
-    print(f"\n({time.time() - t0:.1f} s)")
+    ctx = common.Context(preset, out, progress=progress)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(m.EST_SECONDS for m in modules), unit="s(est)", desc="paper_repro",
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est-s [{elapsed}<{remaining}] {postfix}")
+    ctx.log = (bar.write if bar is not None else print)
+    ctx.log(f"preset {preset.name}: {preset.model} on {preset.data} → {out}")
+    results, claims, files, datas = {}, [], {}, {}
+    for m in modules:
+        if bar is not None:
+            bar.set_postfix_str(f"{m.NAME} {m.TITLE[:40]}")
+        start = time.time()
+        data = datas[m.NAME] = m.compute(ctx)
+        common.write_json(out / f"{m.SLUG}.json", data)
+        files[m.NAME] = [str(p.relative_to(out)) for p in m.render(data, ctx)] + [f"{m.SLUG}.json"]
+        found = m.claims(data, ctx)
+        claims.extend(found)
+        results[m.NAME] = {"seconds": round(time.time() - start, 1), "claims": [c.id for c in found]}
+        ctx.log(f"{m.NAME} done in {time.time() - start:.1f} s: {', '.join(files[m.NAME])}")
+        if bar is not None:
+            bar.update(m.EST_SECONDS)
+    if bar is not None:
+        bar.close()
+    wall = time.time() - t0
+    report.write(out, preset, claims, results, files, wall, ctx)
+    if {m.NAME for m in modules} == {m.NAME for m in figures.load_all()}:
+        report.gallery(out, preset, modules, datas, ctx)
+    print(report.claims_table(claims))
+    print(f"\nwall time {wall / 60:.1f} min; report: {out / 'REPORT.md'}")
     return 0
 
 

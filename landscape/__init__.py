@@ -24,6 +24,9 @@ from landscape import (
 )
 from landscape.clip_hessian import clip_hessian
 from landscape.clip_loss import ClipLoss, default_sites, sites_of
+
+# Like `separability`, the function `lapq` shadows its module on purpose: ls.lapq(loss).
+from landscape.lapq import LAPQResult, MethodComparison, compare_methods, lapq
 from landscape.runtime import enable_compilation_cache
 
 # The function `separability` shadows the module of that name on purpose: ls.separability(H).
@@ -40,7 +43,8 @@ from landscape.surfaces import loss_line, loss_surface, random_direction, weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClipLoss", "HessianSpectrum", "anova_interaction", "calibration", "clip_hessian", "data",
+    "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "anova_interaction", "calibration",
+    "clip_hessian", "compare_methods", "data", "lapq",
     "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature",
     "hessian_spectrum", "layers", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",
     "runtime", "separability", "separability_index", "sites", "sites_of", "sparsity", "spectrum",
