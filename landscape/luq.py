@@ -69,8 +69,11 @@ Discrepancies between the paper, its reference code and the project notes, settl
    implements the intended triangle (linear up from the last 4-bit LR to a peak over T/2
    steps, then linear down to ``end``).
 6. **First/last layers.** Not stated in the paper's main text; the reference wrappers replace
-   every conv/linear layer. This module quantizes whatever GEMM it is given; which layers get
-   the hook is the training recipe's choice.
+   every conv/linear layer. The quantizers take whatever GEMM they are given; :class:`Recipe`
+   keeps the first and last product (call order) FP32 by default, like the LAPQ reference and
+   most 4-bit work, and quantizes them too with ``quantize_first_last=True``.
+7. **SMP placement.** The mean of the N draws of δ feeds both backward GEMMs, as in the code
+   (by linearity the same as averaging the N weight gradients, the paper's description).
 
 Stochastic rounding is implemented directly — round up iff U < (linear fraction inside the
 bracket), U drawn as 32 random bits — rather than with the paper's "add noise, then round to
