@@ -271,59 +271,70 @@ class ClipLoss:
                 zip(self._layout.sites, self._layout.offsets, self._layout.sizes, strict=True)}
 
     def _check_alpha(self, alpha, batched: bool = False):
-        alpha = jnp.asarray(alpha, jnp.float32)
+        traced = isinstance(alpha, jax.core.Tracer)  # called inside a user's transformation
+        # Host-side conversion: an eager jnp op would compile a small XLA program for every new
+        # input shape, and a long run (optimizers evaluate batches of many sizes) would pile up
+        # thousands of them.
+        alpha = jnp.asarray(alpha, jnp.float32) if traced else np.asarray(alpha, np.float32)
         want = (self.n,)
         got = alpha.shape[1:] if batched else alpha.shape
         if (batched and alpha.ndim != 2) or got != want:
             shape = "(K, n)" if batched else "(n,)"
             raise ValueError(f"alpha has shape {alpha.shape}; expected {shape} with n = {self.n} "
                              f"({len(self.sites)} sites)")
-        if isinstance(alpha, jax.core.Tracer):  # called inside a user's transformation
+        return alpha
+
+    def _place(self, alpha):
+        if isinstance(alpha, jax.core.Tracer):
             return alpha
         # One placement for every input (numpy, jax, any device): one compilation.
         return jax.device_put(alpha, self._replicated)
 
     def __call__(self, alpha) -> jax.Array:
         """L(α): mean cross-entropy over the calibration set; +inf for α ≤ 0 or non-finite."""
-        return self._jit_call(self._check_alpha(alpha), self._state, self._x, self._y, self._w)
+        return self._jit_call(self._place(self._check_alpha(alpha)), self._state, self._x, self._y, self._w)
 
     def batch(self, alphas) -> jax.Array:
         """(K, n) → (K,) losses in one compiled call per chunk of ``self.chunk`` rows (one
-        compile): vmapped on accelerators, a compiled sequential map on CPU."""
+        compile): vmapped on accelerators, a compiled sequential map on CPU. K is padded to
+        a multiple of the chunk on the host, so any K reuses the same program."""
         alphas = self._check_alpha(alphas, batched=True)
         k = alphas.shape[0]
+        xp = jnp if isinstance(alphas, jax.core.Tracer) else np
         if k == 0:
             return jnp.zeros((0,), jnp.float32)
         pad = (-k) % self.chunk
         if pad:
-            alphas = jnp.concatenate([alphas, jnp.repeat(alphas[:1], pad, axis=0)])
-        out = [self._jit_batch(alphas[i:i + self.chunk], self._state, self._x, self._y, self._w)
+            alphas = xp.concatenate([alphas, xp.repeat(alphas[:1], pad, axis=0)])
+        out = [self._jit_batch(self._place(alphas[i:i + self.chunk]), self._state, self._x, self._y, self._w)
                for i in range(0, alphas.shape[0], self.chunk)]
-        return jnp.concatenate(out)[:k]
+        if xp is jnp:
+            return jnp.concatenate(out)[:k]
+        return jax.device_put(np.concatenate([np.asarray(o) for o in out])[:k])
 
     def grad(self, alpha) -> jax.Array:
         """∇L(α) of the straight-through surrogate, (n,)."""
-        return self._jit_grad(self._check_alpha(alpha), self._state, self._x, self._y, self._w)
+        return self._jit_grad(self._place(self._check_alpha(alpha)), self._state, self._x, self._y, self._w)
 
     def hvp(self, alpha, v) -> jax.Array:
         """∇²L(α)·v of the straight-through surrogate (forward-over-reverse), (n,)."""
-        return self._jit_hvp(self._check_alpha(alpha), self._check_alpha(v), self._state, self._x,
-                             self._y, self._w)
+        return self._jit_hvp(self._place(self._check_alpha(alpha)), self._place(self._check_alpha(v)), self._state,
+                             self._x, self._y, self._w)
 
     def hessian(self, alpha) -> jax.Array:
         """∇²L(α) of the straight-through surrogate, (n, n): n forward-over-reverse HVPs with
         the basis vectors (one compile), symmetrised. On CPU this is ~2x faster than
         ``jax.hessian``, whose vmapped tangents batch the convolution kernels."""
-        alpha = self._check_alpha(alpha)
-        eye = jnp.eye(self.n, dtype=jnp.float32)
-        cols = [self._jit_hvp(alpha, self._check_alpha(eye[i]), self._state, self._x, self._y, self._w)
+        alpha = self._place(self._check_alpha(alpha))
+        eye = np.eye(self.n, dtype=np.float32)
+        cols = [self._jit_hvp(alpha, self._place(eye[i]), self._state, self._x, self._y, self._w)
                 for i in range(self.n)]
         h = jnp.stack(cols, axis=1) if cols else jnp.zeros((0, 0), jnp.float32)
         return 0.5 * (h + h.T)
 
     def accuracy(self, alpha, split, batch_size: int = 500) -> float:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
-        alpha = self._check_alpha(alpha)
+        alpha = self._place(self._check_alpha(alpha))
         x, y = (split.x, split.y) if isinstance(split, Split) else split
         x, y = np.asarray(x, np.float32), np.asarray(y)
         bs = min(batch_size, len(x))

@@ -52,6 +52,29 @@ def test_one_compilation_per_clip_loss(tiny_net, digits):
     assert loss.compilations["batch"] == 1
 
 
+def test_no_xla_program_per_input_shape_or_type(loss4):
+    """Optimizers evaluate batches of every size K and α of any dtype: after warm-up none of
+    that may compile anything (each XLA:CPU executable costs memory mappings, and a long run
+    would exhaust the process's limit)."""
+    events = []
+
+    def listener(name, *args, **kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    alpha = np.asarray(loss4.init("max"))
+    alpha_jax = jnp.asarray(alpha)  # (jnp.asarray itself compiles a tiny program: not ours)
+    loss4(alpha), loss4.batch(alpha[None]), loss4.grad(alpha)  # warm-up: the real programs
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for k in (2, 3, 5, 7, 33):
+            loss4.batch(np.repeat(alpha[None].astype(np.float64), k, axis=0))
+        loss4(alpha.astype(np.float64)), loss4(alpha_jax), loss4.grad(list(alpha))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert events == []
+
+
 def test_batch_equals_individual_calls(loss4):
     rng = np.random.default_rng(0)
     base = np.asarray(loss4.init("mse"))
