@@ -101,6 +101,7 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
         claims.extend(found)
         results[m.NAME] = {"seconds": round(time.time() - start, 1), "claims": [c.id for c in found]}
         ctx.log(f"{m.NAME} done in {time.time() - start:.1f} s: {', '.join(files[m.NAME])}")
+        ctx.release()  # compiled programs are per module: free them (see Context.loss)
         if bar is not None:
             bar.update(m.EST_SECONDS)
     if bar is not None:

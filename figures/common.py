@@ -19,6 +19,7 @@ a finished figure is never recomputed. Thresholds of the claims live in
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -154,6 +155,8 @@ class Context:
     """Shared state of one reproduction run: the preset, data, trained network, ClipLosses,
     and a resumable cache of every expensive step."""
 
+    MAX_LIVE_LOSSES = 6
+
     def __init__(self, preset: Preset, out: Path, *, progress: bool = True, log: Callable = print):
         self.preset = preset
         self.out = Path(out)
@@ -202,10 +205,26 @@ class Context:
         import landscape as ls
 
         key = (w_bits, a_bits, seed, calib_size, tuple(sorted(options.items())))
-        if key not in self._losses:
-            data = self.data(seed, calib_size)
-            self._losses[key] = ls.ClipLoss(self.net, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
+        if key in self._losses:
+            self._losses[key] = self._losses.pop(key)  # most recently used last
+            return self._losses[key]
+        if len(self._losses) >= self.MAX_LIVE_LOSSES:
+            # Every live ClipLoss holds its compiled programs, and each XLA:CPU executable holds
+            # memory mappings; a whole preset's worth of them exceeds the kernel's per-process
+            # limit (vm.max_map_count, 65530 by default) and LLVM fails. Drop the oldest loss.
+            self._losses.pop(next(iter(self._losses)))
+            gc.collect()
+        data = self.data(seed, calib_size)
+        self._losses[key] = ls.ClipLoss(self.net, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
         return self._losses[key]
+
+    def release(self):
+        """Drop every memoised ClipLoss and JAX's compiled programs (between figure modules)."""
+        import jax
+
+        self._losses.clear()
+        gc.collect()
+        jax.clear_caches()
 
     def aggressive_config(self) -> tuple[str, int | None, int | None]:
         """The most aggressive table configuration (the last of ``preset.table_configs``)."""

@@ -120,7 +120,10 @@ def render(data, ctx):
         f"flat fraction (≤ min + {FLAT_TOL})": _series(data, "flat_fraction"),
         "toy matmul interaction": np.asarray([data[str(b)]["toy"]["interaction"] for b in bits]),
     }
-    fig = plots.bit_curves(bits, metrics, ncols=4)
+    # Curvature scales span orders of magnitude across bit widths: log axes where the values are positive.
+    logy = [k for k in ("trace (A, STE)", "trace (W+A, STE)", "condition number (A, STE)")
+            if np.all(np.asarray(metrics[k]) > 0)]
+    fig = plots.bit_curves(bits, metrics, ncols=4, logy=logy)
     return plots.save_figure(fig, ctx.out / SLUG)
 
 
