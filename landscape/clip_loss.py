@@ -11,7 +11,8 @@ minimise it. Design points:
   reuses it (``loss.compilations`` counts traces per entry point).
 * **Many α at once.** ``loss.batch(alphas)`` evaluates (K, n) clipping vectors in one
   compiled call per chunk of ``chunk`` rows: ``vmap``-ed on accelerators, a compiled
-  sequential ``lax.map`` on CPU (where vmapped convolution kernels are slower per α).
+  sequential loop on CPU (where vmapped convolution kernels are slower per α) that runs
+  only the real rows, so a batch of K costs K evaluations whatever the padding.
 * **Safe for derivative-free optimizers.** α ≤ 0 or non-finite α gives +inf, never NaN.
 * **Data on device once**, sharded over ``jax.devices()`` along the batch axis when there
   are several (data parallel; the mean is reduced by XLA).
@@ -222,16 +223,22 @@ class ClipLoss:
             total = jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb)))
         return jnp.where(valid, total / jnp.sum(wb), jnp.inf)
 
-    def _batched_loss(self, alphas, state, xb, yb, wb):
+    def _batched_loss(self, alphas, count, state, xb, yb, wb):
+        """Losses of the first ``count`` rows of ``alphas`` (chunk, n); the padding rows give +inf."""
         def one(alpha):
             return self._loss(alpha, state, xb, yb, wb)
 
         # Convolutions whose kernels carry a vmapped axis become grouped convolutions, which
         # XLA's CPU backend runs 2-3x slower per α than a plain one (measured on resnet8):
-        # on CPU the chunk is a compiled sequential map, on accelerators a vmap.
+        # on CPU the chunk is a compiled sequential loop that stops after the ``count`` real
+        # rows (a traced bound, so the padding costs nothing and one program serves every K);
+        # on accelerators a vmap, where the padding rows run in parallel.
         if jax.default_backend() == "cpu":
-            return jax.lax.map(one, alphas)
-        return jax.vmap(one)(alphas)
+            def body(i, out):
+                return out.at[i].set(one(alphas[i]))
+
+            return jax.lax.fori_loop(0, count, body, jnp.full(alphas.shape[:1], jnp.inf, jnp.float32))
+        return jnp.where(jnp.arange(alphas.shape[0]) < count, jax.vmap(one)(alphas), jnp.inf)
 
     def _hvp(self, alpha, v, state, xb, yb, wb):
         """Hessian-vector product of the STE surrogate, forward-over-reverse."""
@@ -297,7 +304,8 @@ class ClipLoss:
     def batch(self, alphas) -> jax.Array:
         """(K, n) → (K,) losses in one compiled call per chunk of ``self.chunk`` rows (one
         compile): vmapped on accelerators, a compiled sequential map on CPU. K is padded to
-        a multiple of the chunk on the host, so any K reuses the same program."""
+        a multiple of the chunk on the host, so any K reuses the same program; on CPU the
+        padding rows are never evaluated."""
         alphas = self._check_alpha(alphas, batched=True)
         k = alphas.shape[0]
         xp = jnp if isinstance(alphas, jax.core.Tracer) else np
@@ -306,7 +314,8 @@ class ClipLoss:
         pad = (-k) % self.chunk
         if pad:
             alphas = xp.concatenate([alphas, xp.repeat(alphas[:1], pad, axis=0)])
-        out = [self._jit_batch(self._place(alphas[i:i + self.chunk]), self._state, self._x, self._y, self._w)
+        out = [self._jit_batch(self._place(alphas[i:i + self.chunk]), self._place(np.int32(min(self.chunk, k - i))),
+                               self._state, self._x, self._y, self._w)
                for i in range(0, alphas.shape[0], self.chunk)]
         if xp is jnp:
             return jnp.concatenate(out)[:k]
