@@ -49,7 +49,7 @@ timing, the oracle stop); its code is not copied. Without torch or pyhessian ins
 comparison is skipped and the script exits 0.
 
     python bench/hessian.py [--n 128] [--clip-n 512] [--weights trained|random] [--seed 0]
-                            [--skip-clip] [--skip-reference]
+                            [--skip-clip | --only-clip] [--skip-reference]
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--max-probes", type=int, default=1000, help="probe cap for either trace (default 1000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     p.add_argument("--skip-clip", action="store_true", help="skip the clip-Hessian timings")
+    p.add_argument("--only-clip", action="store_true", help="only the clip-Hessian timings")
     p.add_argument("--skip-reference", action="store_true",
                    help="skip the tight reference eigenvalue (our tol=1e-3 answer is the reference then)")
     args = p.parse_args(argv)
@@ -423,6 +424,9 @@ def main(argv=None) -> int:
     print(f"  jax {jax.__version__} on {dev.platform} ({dev.device_kind}); CPU cores {cpu_threads()}; "
           f"load average {os.getloadavg()[0]:.1f}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"  ours: loss {float(jax.jit(f)(params)):.6f}")
+    if args.only_clip:
+        bench_clip_hessian(args, net)
+        return 0
 
     found = import_pyhessian()
     pyh = None
