@@ -244,7 +244,7 @@ def test_lapq_beats_layerwise_on_digits_w2a2(digits_net, digits_w2a2):
 
     Accuracy against MSE and Lp(p*) is within the noise of 359 test images: across
     calibration samples (256/512 images, seeds 0/1) LAPQ measured 92.5–95.3 % against
-    92.5–95.8 % for the better of the two, while the calibration-loss ordering held on every
+    94.2–95.8 % for the better of the two, while the calibration-loss ordering held on every
     sample (LAPQ 0.04–0.08 nats, Lp(p*) 0.15–0.16, MSE 0.21–0.27, max 4.4–6.4).
     """
     data, loss = digits_w2a2
