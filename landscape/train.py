@@ -142,6 +142,14 @@ def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
 # --------------------------------------------------------------------------- caching
 
 
+def numerics() -> str:
+    """The library build and XLA flags that a trained network's exact floats depend on."""
+    import jaxlib
+
+    return (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, {jax.default_backend()}, "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
 def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -221,6 +229,9 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         "data_fingerprint": data.fingerprint(), "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
         "recipe": recipe.key(),
+        # Float results depend on the library build and XLA flags (the XLA:CPU guard changed
+        # reduction order): a checkpoint trained under other numerics is not this run's network.
+        "numerics": numerics(),
     }
     path = os.path.join(data_lib.cache_dir(), "networks",
                         f"{type(model).__name__.lower()}-{config_key(config)}")
