@@ -29,7 +29,7 @@ Claims are checked against thresholds fixed below, before the run. Results go to
 ``results/luq.json`` (one record per run; a rerun resumes, and ``fit`` caches trained networks
 under ``$LANDSCAPE_CACHE``) and ``results/luq.md``, both written atomically after every run.
 
-    python bench/luq.py [--quick] [--seeds 0 1 2] [--datasets digits mnist] [--mnist-epochs 2]
+    python bench/luq.py [--quick] [--seeds 0 1 2] [--datasets digits mnist] [--mnist-epochs 3]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--datasets", nargs="+", default=None, choices=["digits", "mnist"])
     p.add_argument("--mnist-dir", default="/work/shared/data/mnist")
     p.add_argument("--digits-epochs", type=int, default=None, help="default 30 (quick: 3)")
-    p.add_argument("--mnist-epochs", type=int, default=2)
+    p.add_argument("--mnist-epochs", type=int, default=3, help="default 3 (fit's MNIST default)")
     p.add_argument("--bias-batch", type=int, default=64, help="images in the gradient-bias batch")
     p.add_argument("--out", default=None, help="Markdown report (JSON beside it)")
     args = p.parse_args(argv)
@@ -149,6 +149,8 @@ def training_runs(name, data, epochs, seeds, store, save):
             run_id = f"{name}/{label}/seed{seed}"
             recipe = luq.Recipe(**kw)
             needed = label == "LUQ+SMP(2)" and seed == seeds[0]
+            if store["runs"].get(run_id, {}).get("epochs", epochs) != epochs:
+                del store["runs"][run_id]  # a record of another training length is not this run's
             done = run_id in store["runs"] and "batch_stats_acc" in store["runs"][run_id]
             if done and not needed:
                 continue

@@ -875,6 +875,10 @@ class Recipe(train.Recipe):
             return None
         return FinetuneRecipe(self), self.finetune_epochs, self.finetune_lr
 
+    def main_phase(self) -> Recipe:
+        """This recipe without its FNT phase (``fit`` trains and caches that network first)."""
+        return dataclasses.replace(self, finetune_epochs=0)
+
     def init_variables(self, model, variables, x):
         """``variables`` with the ``"luq_layers"`` marks of the layers this recipe quantizes.
 

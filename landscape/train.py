@@ -55,7 +55,9 @@ class Recipe:
     * ``transform(tx)``: wrap the optimizer (e.g. decay on pruned weights);
     * ``after_step(step, variables)``: host-side update between steps (e.g. mask refresh);
     * ``finetune``: ``None`` or (recipe, epochs, lr_peak) for a second phase with a
-      triangular learning rate (LUQ's high-precision fine-tuning).
+      triangular learning rate (LUQ's high-precision fine-tuning);
+    * ``main_phase()``: the same recipe without its fine-tuning phase (``fit`` trains, caches
+      and reuses that network, so a fine-tuned run costs only its extra epochs).
     """
 
     rng_streams: tuple[str, ...] = ()
@@ -72,6 +74,9 @@ class Recipe:
 
     def after_step(self, step: int, variables):
         return variables
+
+    def main_phase(self) -> Recipe:
+        return self
 
     def key(self) -> str:
         """Identity of the recipe in cache keys."""
@@ -238,40 +243,57 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     if cache and os.path.exists(path + ".msgpack"):
         return load_network(model, path, recipe)
 
-    t0 = time.time()
-    key = jax.random.key(seed)
-    init_key, key = jax.random.split(key)
-    x0 = jnp.asarray(data.train.x[:batch_size])
-    variables = model.init(init_key, x0, train=False)
-    variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
-
-    steps_per_epoch = len(data.train) // batch_size
-    total = epochs * steps_per_epoch
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=max(1, total // 20), decay_steps=total, end_value=0.0)
-    tx = optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
-        optax.sgd(schedule, momentum=0.9, nesterov=True),
-    )
-    tx = recipe.transform(tx)
-    history: list[dict[str, Any]] = []
-    variables = _run_phase(model, data, variables, tx, recipe, recipe.gemm_hook("train"),
-                           epochs, batch_size, seed, key, history, progress, "train")
     if recipe.finetune is not None:
+        # The main phase does not depend on the fine-tuning that follows it: train (or load)
+        # it as its own cached network, then run only the extra epochs.
+        main = fit(model, data, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                   seed=seed, recipe=recipe.main_phase(), cache=cache, progress=progress)
+        t0 = time.time()
+        history = [dict(h) for h in main.history]
         ft_recipe, ft_epochs, ft_lr = recipe.finetune
+        steps_per_epoch = len(data.train) // batch_size
         ft_total = ft_epochs * steps_per_epoch
+        main_end_lr = _schedule(lr, epochs * steps_per_epoch)(epochs * steps_per_epoch)
         tx_ft = ft_recipe.transform(optax.chain(
             optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
-            optax.sgd(triangular_schedule(schedule(total), ft_lr, ft_total), momentum=0.9, nesterov=True),
+            optax.sgd(triangular_schedule(main_end_lr, ft_lr, ft_total), momentum=0.9, nesterov=True),
         ))
-        variables = _run_phase(model, data, variables, tx_ft, ft_recipe, ft_recipe.gemm_hook("train"),
-                               ft_epochs, batch_size, seed + 1, jax.random.fold_in(key, 1), history,
-                               progress, "finetune")
-    config["seconds"] = round(time.time() - t0, 2)
+        ft_key = jax.random.fold_in(_phase_keys(seed)[1], 1)
+        variables = _run_phase(model, data, main.variables, tx_ft, ft_recipe, ft_recipe.gemm_hook("train"),
+                               ft_epochs, batch_size, seed + 1, ft_key, history, progress, "finetune")
+        config["seconds"] = round(main.config["seconds"] + time.time() - t0, 2)
+        config["main_phase_seconds"] = main.config["seconds"]
+    else:
+        t0 = time.time()
+        init_key, key = _phase_keys(seed)
+        x0 = jnp.asarray(data.train.x[:batch_size])
+        variables = model.init(init_key, x0, train=False)
+        variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
+        steps_per_epoch = len(data.train) // batch_size
+        tx = optax.chain(
+            optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+            optax.sgd(_schedule(lr, epochs * steps_per_epoch), momentum=0.9, nesterov=True),
+        )
+        tx = recipe.transform(tx)
+        history: list[dict[str, Any]] = []
+        variables = _run_phase(model, data, variables, tx, recipe, recipe.gemm_hook("train"),
+                               epochs, batch_size, seed, key, history, progress, "train")
+        config["seconds"] = round(time.time() - t0, 2)
     net = Network(model, variables, config, history, recipe, path if cache else None)
     if cache:
         save_network(net, path)
     return net
+
+
+def _phase_keys(seed: int):
+    """(initialisation key, main-phase key) of a seed; the fine-tuning phase folds in 1."""
+    return tuple(jax.random.split(jax.random.key(seed)))
+
+
+def _schedule(lr: float, total: int):
+    """The main phase's learning rate: linear warm-up over 5% of the steps, cosine to 0."""
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(1, total // 20),
+                                              decay_steps=total, end_value=0.0)
 
 
 def triangular_schedule(lr_start: float, lr_peak: float, steps: int) -> Callable:

@@ -228,3 +228,24 @@ def test_fit_with_the_recipe_is_deterministic_and_cached(digits, tmp_path, monke
     assert _leaves_equal(c.variables, a.variables)
     assert luq.Recipe.quantized_layers(c.variables) == MIDDLE
     assert c.accuracy(digits.test) == a.accuracy(digits.test)
+
+
+def test_finetuned_fit_reuses_the_cached_main_phase(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path))
+    model = tiny_cnn()
+    kw = dict(epochs=1, batch_size=128, seed=3)
+    fnt = luq.Recipe(samples=2, finetune_epochs=1)
+    assert fnt.main_phase() == luq.Recipe(samples=2, finetune_epochs=0) and fnt.main_phase().finetune is None
+    main = ls.train.fit(model, digits, recipe=fnt.main_phase(), **kw)
+    # the fine-tuned fit starts from that checkpoint: its first phase is the cached network's
+    calls = []
+    original = ls.train.load_network
+    monkeypatch.setattr(ls.train, "load_network", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    tuned = ls.train.fit(model, digits, recipe=fnt, **kw)
+    assert calls == [main.path]
+    assert tuned.history[0] == main.history[0] and [h["phase"] for h in tuned.history] == ["train", "finetune"]
+    assert tuned.config["main_phase_seconds"] == main.config["seconds"]
+    assert not _leaves_equal(tuned.variables["params"], main.variables["params"])
+    # and equals a fine-tuned run trained from scratch without any cache
+    fresh = ls.train.fit(model, digits, recipe=fnt, cache=False, **kw)
+    assert _leaves_equal(fresh.variables, tuned.variables)
