@@ -260,3 +260,41 @@ def test_lapq_beats_layerwise_on_digits_w2a2(digits_net, digits_w2a2):
     lapq_acc = loss.accuracy(res.alpha, data.test)
     assert lapq_acc > max(acc[r] for r in ("max", "percentile", "aciq", "kl")), (lapq_acc, acc)
     assert lapq_acc >= max(acc.values()) - 0.03, (lapq_acc, acc)
+
+
+class LogQuadratic:
+    """L(α) = Σ_i s_i (log α_i − c_i)² with its exact gradient: a smooth stand-in for a ClipLoss."""
+
+    def __init__(self, c, s):
+        self.c, self.s = np.asarray(c, np.float64), np.asarray(s, np.float64)
+
+    def __call__(self, alpha):
+        return float(np.sum(self.s * (np.log(np.asarray(alpha, np.float64)) - self.c) ** 2))
+
+    def batch(self, alphas):
+        return np.array([self(a) for a in np.asarray(alphas)])
+
+    def grad(self, alpha):
+        a = np.asarray(alpha, np.float64)
+        return 2 * self.s * (np.log(a) - self.c) / a
+
+
+def test_batched_gradient_step_follows_the_surrogate_then_coordinates_finish():
+    fake = LogQuadratic(c=[0.5, -1.0, 2.0], s=[1.0, 3.0, 0.5])
+    tracker = lq._Tracker(fake, 0.0, None)
+    u0 = np.zeros(3)
+    f0 = fake(np.exp(u0))
+    u1, f1, improved = lq._gradient_step(tracker, u0, f0, np.array([0.0625, 0.125, 0.25, 0.5, 1.0]))
+    assert improved and f1 < f0 and tracker.n_grads == 1 and tracker.n_evals == 5
+    g = tracker.grad_log(u0)  # ∂L/∂u = 2 s (u − c)
+    np.testing.assert_allclose(g, 2 * fake.s * (u0 - fake.c), rtol=1e-6)
+    step = u1 - u0  # along −g, largest move one of the ladder's lengths
+    np.testing.assert_allclose(step / np.max(np.abs(step)), -g / np.max(np.abs(g)), atol=1e-6)
+    # at the minimum the gradient is zero: no step, no evaluation
+    flat = lq._Tracker(LogQuadratic(c=np.zeros(3), s=fake.s), 0.0, None)
+    assert lq._gradient_step(flat, u0, 0.0, np.array([0.5, 1.0])) == (u0, 0.0, False)
+    assert flat.n_evals == 0 and flat.n_grads == 1
+    # the whole optimizer gets close to the minimum of the smooth problem
+    alpha, value, _ = lq._batched(lq._Tracker(fake, 0.0, None), np.ones(3, np.float32), f0, 8)
+    assert value < 1e-2 * f0 and np.all(alpha > 0)
+    np.testing.assert_allclose(np.log(alpha), fake.c, atol=0.15)
