@@ -179,7 +179,7 @@ class _HVP:
     def __init__(self, f, unravel, x, structure):
         self._x = x
         self.counts: dict[str, int] = {}
-        self._step, self._matmat = _compiled_operator(f, unravel, structure)
+        self._step, self._matmat, self._single = _compiled_operator(f, unravel, structure)
 
     def lanczos_step(self, Q, j, spare, counter):
         """(Q, h, β) after one step from basis row j; see :func:`_extend_core`."""
@@ -187,8 +187,11 @@ class _HVP:
         return self._step(self._x, Q, j, spare, counter)
 
     def matmat(self, V, task):
-        """H applied to each row of V (b, n)."""
+        """H applied to each row of V (b, n). A single row takes the un-vmapped HVP: a vmapped
+        one, even over one vector, turns the convolutions into grouped ones (slower on CPU)."""
         self.counts[task] = self.counts.get(task, 0) + V.shape[0]
+        if V.shape[0] == 1:
+            return self._single(self._x, V)
         return self._matmat(self._x, V)
 
 
@@ -218,6 +221,7 @@ def _compiled_operator(f, unravel, structure):
         per_f[structure] = (
             jax.jit(lanczos_step, donate_argnums=1),
             jax.jit(jax.vmap(hvp, in_axes=(None, 0))),
+            jax.jit(lambda point, V: hvp(point, V[0])[None]),
         )
     return per_f[structure]
 
@@ -382,19 +386,21 @@ def _smooth_density(nodes, weights, num_grid, sigma):
 
 def _apply_blocks(op, V, block, task, *, n_rows=None, n=None, dtype=None):
     """H applied to the rows of V (k, n), in vmapped blocks of `block` rows (zero-padded).
-    With V None, to the rows of the (n_rows, n) identity, built one block at a time."""
-    k, n, dtype = (V.shape + (V.dtype,)) if V is not None else (n_rows, n, dtype)
-    out = []
+    With V None, to the rows of the (n_rows, n) identity, built one block at a time.
+
+    The blocks are cut and padded on the host (numpy) and the result comes back as a numpy
+    (k, n) array: eager jnp slicing would compile a small XLA program per offset and shape."""
+    k, n, dtype = (V.shape + (V.dtype,)) if V is not None else (n_rows, n, np.dtype(dtype))
+    out = np.empty((k, n), dtype)
     for s in range(0, k, block):
+        rows = min(block, k - s)
+        chunk = np.zeros((block, n), dtype)
         if V is None:
-            chunk = jax.nn.one_hot(jnp.arange(s, min(s + block, k)), n, dtype=dtype)
+            chunk[np.arange(rows), np.arange(s, s + rows)] = 1
         else:
-            chunk = V[s : s + block]
-        pad = block - chunk.shape[0]
-        if pad:
-            chunk = jnp.concatenate([chunk, jnp.zeros((pad, n), dtype)])
-        out.append(op.matmat(chunk, task)[: block - pad])
-    return jnp.concatenate(out)
+            chunk[:rows] = V[s : s + rows]
+        out[s : s + rows] = np.asarray(op.matmat(chunk, task))[:rows]
+    return out
 
 
 def _round_up(count, block):
@@ -404,17 +410,23 @@ def _round_up(count, block):
 def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, key):
     """Hutch++ or Hutchinson trace with its standard error; extends the Monte-Carlo part in blocks
     until stderr ≤ rtol·|trace| when rtol is given."""
-    k_sketch, k_mc = jax.random.split(key)
+    # The probes and the sketch algebra live on the host (numpy, seeded from the key): only the
+    # HVP program is compiled, whatever the probe counts.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    dtype = np.dtype(dtype)
+
+    def rademacher(rows):
+        return (2.0 * rng.integers(0, 2, (rows, n)) - 1.0).astype(dtype)
+
     low_rank = 0.0
     Qt = None
     if method == "hutch++":
         sketch = _round_up(min(num_probes // 3, n), block)
         mc = _round_up(max(num_probes - 2 * (num_probes // 3), 2), block)
-        S = jax.random.rademacher(k_sketch, (sketch, n), dtype=dtype)
-        Y = _apply_blocks(op, S, block, "trace")
-        Qt = jnp.linalg.qr(Y.T)[0].T  # (min(sketch, n), n) orthonormal rows
-        HQ = _apply_blocks(op, Qt, block, "trace")
-        low_rank = float(np.sum(np.asarray(Qt, np.float64) * np.asarray(HQ, np.float64)))
+        Y = _apply_blocks(op, rademacher(sketch), block, "trace")
+        Qt = np.linalg.qr(Y.T.astype(np.float64))[0].T  # (min(sketch, n), n) orthonormal rows
+        HQ = _apply_blocks(op, Qt.astype(dtype), block, "trace")
+        low_rank = float(np.sum(Qt * HQ.astype(np.float64)))
         if Qt.shape[0] >= n:  # the sketch spans everything: tr(QᵀHQ) is the exact trace
             return low_rank, 0.0, op.counts["trace"]
     else:
@@ -422,12 +434,11 @@ def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, key):
     samples = []
     drawn = 0
     while True:
-        G = jax.random.rademacher(jax.random.fold_in(k_mc, drawn), (mc if drawn == 0 else block, n),
-                                  dtype=dtype)
+        G = rademacher(mc if drawn == 0 else block).astype(np.float64)
         if Qt is not None:
             G = G - (G @ Qt.T) @ Qt
-        HG = _apply_blocks(op, G, block, "trace")
-        samples.append(np.sum(np.asarray(G, np.float64) * np.asarray(HG, np.float64), axis=1))
+        HG = _apply_blocks(op, G.astype(dtype), block, "trace")
+        samples.append(np.sum(G * HG.astype(np.float64), axis=1))
         drawn += G.shape[0]
         values = np.concatenate(samples)
         estimate = low_rank + values.mean()

@@ -378,3 +378,26 @@ def test_programs_are_cached_per_function_and_released_with_it(spd1000):
     del g
     gc.collect()
     assert ref() is None  # the cache holds f weakly: its data can be freed
+
+
+def test_trace_compiles_nothing_beyond_the_hvp_programs(spd1000):
+    """Hutch++'s probes, projections and blocks are host work: after one call, another call with
+    other probe counts, seeds and tolerances (same block size) compiles no XLA program at all."""
+    f, x0, lam = spd1000
+    hessian_spectrum(f, x0, top_k=1, trace=True, trace_method="hutch++", num_probes=12, seed=0,
+                     probe_batch=4)
+    compiled = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for probes, seed, rtol in ((12, 1, None), (21, 2, 0.05), (30, 3, None)):
+            res = hessian_spectrum(f, x0, top_k=1, trace=True, trace_method="hutch++", num_probes=probes,
+                                   seed=seed, trace_rtol=rtol, probe_batch=4)
+            assert abs(res.trace - lam.sum()) <= 4 * res.trace_stderr + 1e-6 * abs(lam.sum())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiled == []
