@@ -98,24 +98,24 @@ def benchmark(args):
         res = lq.lapq(loss, method=method, maxiter=args.maxiter, init=start)
         results[method] = res
         grads = f" + {res.n_grads} gradients" if res.n_grads else ""
-        print(f"  {method:8s} loss {res.loss:.5f}  evals {res.n_evals:5d}{grads}  {res.seconds:8.1f} s", flush=True)
+        print(f"  {method:8s} loss {res.loss:.4g}  evals {res.n_evals:5d}{grads}  {res.seconds:8.1f} s", flush=True)
     # The target is time to Powell's loss: batched iterations are cheaper, so it may take more
     # of them; it stops at the first iteration whose loss is ≤ Powell's (or after --to-target-iter).
     target = results["powell"].loss
     res = lq.lapq(loss, method="batched", maxiter=args.to_target_iter, init=start,
                   callback=lambda entry: entry["loss"] <= target)
     results["batched → Powell's loss"] = res
-    print(f"  batched to Powell's loss: loss {res.loss:.5f}  evals {res.n_evals:5d} + {res.n_grads} gradients  "
+    print(f"  batched to Powell's loss: loss {res.loss:.4g}  evals {res.n_evals:5d} + {res.n_grads} gradients  "
           f"{res.seconds:8.1f} s  "
           f"({len(res.history) - 1} iterations; {res.message})", flush=True)
 
     print()
     print("| method | calibration loss | evaluations | wall seconds | test accuracy |")
     print("|---|---|---|---|---|")
-    print(f"| Lp(p*) start | {results['powell'].init_loss:.5f} | – | – | "
+    print(f"| Lp(p*) start | {results['powell'].init_loss:.4g} | – | – | "
           f"{100 * loss.accuracy(start, data.test):.2f} |")
     for method, res in results.items():
-        print(f"| {method} | {res.loss:.5f} | {res.n_evals} | {res.seconds:.1f} | "
+        print(f"| {method} | {res.loss:.4g} | {res.n_evals} | {res.seconds:.1f} | "
               f"{100 * loss.accuracy(res.alpha, data.test):.2f} |")
     powell, batched = results["powell"], results["batched"]
     print()
@@ -125,7 +125,7 @@ def benchmark(args):
         relation = "≤" if run.loss <= powell.loss else ">"
         verdict = "meets" if ratio >= 3 and run.loss <= powell.loss else "MISSES"
         print(f"{label}: wall seconds powell / batched = {ratio:.2f}; batched loss {relation} powell's "
-              f"({run.loss:.5f} vs {powell.loss:.5f}); evaluations powell / batched = "
+              f"({run.loss:.4g} vs {powell.loss:.4g}); evaluations powell / batched = "
               f"{powell.n_evals / run.n_evals:.2f}  ({verdict} the target: ratio ≥ 3 with loss ≤ Powell's)")
 
 
