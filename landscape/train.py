@@ -254,10 +254,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         steps_per_epoch = len(data.train) // batch_size
         ft_total = ft_epochs * steps_per_epoch
         main_end_lr = _schedule(lr, epochs * steps_per_epoch)(epochs * steps_per_epoch)
-        tx_ft = ft_recipe.transform(optax.chain(
-            optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
-            optax.sgd(triangular_schedule(main_end_lr, ft_lr, ft_total), momentum=0.9, nesterov=True),
-        ))
+        tx_ft = ft_recipe.transform(_sgd(triangular_schedule(main_end_lr, ft_lr, ft_total), weight_decay))
         ft_key = jax.random.fold_in(_phase_keys(seed)[1], 1)
         variables = _run_phase(model, data, main.variables, tx_ft, ft_recipe, ft_recipe.gemm_hook("train"),
                                ft_epochs, batch_size, seed + 1, ft_key, history, progress, "finetune")
@@ -270,11 +267,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         variables = model.init(init_key, x0, train=False)
         variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
         steps_per_epoch = len(data.train) // batch_size
-        tx = optax.chain(
-            optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
-            optax.sgd(_schedule(lr, epochs * steps_per_epoch), momentum=0.9, nesterov=True),
-        )
-        tx = recipe.transform(tx)
+        tx = recipe.transform(_sgd(_schedule(lr, epochs * steps_per_epoch), weight_decay))
         history: list[dict[str, Any]] = []
         variables = _run_phase(model, data, variables, tx, recipe, recipe.gemm_hook("train"),
                                epochs, batch_size, seed, key, history, progress, "train")
@@ -288,6 +281,12 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
 def _phase_keys(seed: int):
     """(initialisation key, main-phase key) of a seed; the fine-tuning phase folds in 1."""
     return tuple(jax.random.split(jax.random.key(seed)))
+
+
+def _sgd(schedule, weight_decay: float):
+    """SGD with Nesterov momentum 0.9 and decoupled weight decay on the kernels."""
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+                       optax.sgd(schedule, momentum=0.9, nesterov=True))
 
 
 def _schedule(lr: float, total: int):
