@@ -354,9 +354,9 @@ def _batched(tracker: _Tracker, alpha0: np.ndarray, f0: float, maxiter: int, *,
     narrow = np.asarray(narrow_ladder, np.float64)
     u = np.log(np.asarray(alpha0, np.float64))
     f = f0
-    scale = 1.0
+    steps = np.asarray(gradient_ladder, np.float64)
     for _ in range(gradient_steps):
-        u, f, improved = _gradient_step(tracker, u, f, scale * np.asarray(gradient_ladder, np.float64))
+        u, f, improved = _gradient_step(tracker, u, f, steps)
         if not improved:
             break
     w = np.full(len(u), float(width))
