@@ -38,6 +38,9 @@ PyHessian's (a) includes its setup (one forward and a backward with create_graph
 seconds of the STE and the FD clip Hessian of resnet20 at W4A4 on ``--clip-n`` (512) images
 (``clip_hessian(loss, alpha, method="ste" | "fd")``, α from ``loss.init("max")``, compile included).
 
+On a GPU, PyHessian runs on CUDA (``--torch-device``) and both sides compute in full float32
+(TF32 off in cuDNN and cuBLAS, JAX's matmul precision 'highest').
+
 On a CPU backend our probes run one at a time (``--probe-batch 1``): vmapping HVPs of a conv net
 over probe vectors turns its convolutions into grouped ones, which XLA:CPU compiles for minutes and
 runs slower per vector than single HVPs (measured on resnet20, 128 images: compile 43 s / 120 s and
@@ -94,6 +97,8 @@ def parse_args(argv=None):
                    help="our HVPs per vmapped call (default: 1 on CPU, 16 on accelerators)")
     p.add_argument("--max-probes", type=int, default=1000, help="probe cap for either trace (default 1000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
+    p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="PyHessian's device (auto: CUDA when JAX runs on a GPU and torch sees one)")
     p.add_argument("--skip-clip", action="store_true", help="skip the clip-Hessian timings")
     p.add_argument("--only-clip", action="store_true", help="only the clip-Hessian timings")
     p.add_argument("--skip-reference", action="store_true",
@@ -411,6 +416,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = args.threads or cpu_threads()
     dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")  # float32, not TF32
     probe_batch = args.probe_batch or (1 if dev.platform == "cpu" else 16)
     x, y = make_batch(args.n, args.seed)
     with Clock() as clock:
@@ -422,7 +429,8 @@ def main(argv=None) -> int:
           f"cross-entropy, float32, BN in eval mode, n = {dim:,} parameters")
     print(f"  weights: {note}; BN statistics of the batch ({clock.wall:.1f} s)")
     print(f"  jax {jax.__version__} on {dev.platform} ({dev.device_kind}); CPU cores {cpu_threads()}; "
-          f"load average {os.getloadavg()[0]:.1f}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"load average {os.getloadavg()[0]:.1f}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+          + ("" if dev.platform == "cpu" else "; matmul/conv precision 'highest' (float32, no TF32)"))
     print(f"  ours: loss {float(jax.jit(f)(params)):.6f}")
     if args.only_clip:
         bench_clip_hessian(args, net)
@@ -438,12 +446,21 @@ def main(argv=None) -> int:
         from torch_models import from_flax, nchw
 
         torch.set_num_threads(threads)
-        twin = from_flax(net.model, net.variables)
+        cuda = args.torch_device == "cuda" or (
+            args.torch_device == "auto" and dev.platform == "gpu" and torch.cuda.is_available())
+        where = "cuda" if cuda else "cpu"
+        if cuda:
+            # Full float32 on both sides: cuDNN convolutions default to TF32 in torch, and so do
+            # XLA's on a GPU unless the precision is raised.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        twin = from_flax(net.model, net.variables).to(where)
         n_torch = sum(p.numel() for p in twin.parameters() if p.requires_grad)
-        xt, yt = nchw(x), torch.from_numpy(y.astype(np.int64))
+        xt, yt = nchw(x).to(where), torch.from_numpy(y.astype(np.int64)).to(where)
         with torch.no_grad():
             theirs = float(torch.nn.functional.cross_entropy(twin(xt), yt))
-        print(f"  torch {torch.__version__} ({torch.get_num_threads()} threads), PyHessian 0.1: "
+        device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+        print(f"  torch {torch.__version__} ({device}), PyHessian 0.1: "
               f"loss {theirs:.6f}, n = {n_torch:,} parameters")
         if n_torch != dim:
             raise SystemExit(f"parameter counts differ: torch {n_torch} vs ours {dim}")
@@ -451,7 +468,7 @@ def main(argv=None) -> int:
         # cycle on every torch 2.x; the warning is about memory, not results.
         with warnings.catch_warnings(), Clock() as setup:
             warnings.simplefilter("ignore", UserWarning)
-            h = module.hessian(twin, torch.nn.CrossEntropyLoss(), data=(xt, yt), cuda=False)
+            h = module.hessian(twin, torch.nn.CrossEntropyLoss(), data=(xt, yt), cuda=cuda)
         print(f"  PyHessian setup (forward + backward with create_graph): wall {setup.wall:.2f} s")
         pyh = (torch, module, h, setup)
 
