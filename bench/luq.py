@@ -107,14 +107,6 @@ def parse_args(argv=None):
 # storage
 
 
-def write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def load_store(path: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
@@ -330,8 +322,8 @@ def main(argv=None) -> int:
     store = load_store(json_path)
 
     def save():
-        write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
-        write_atomic(args.out, render(store, args))
+        ls.runtime.write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
+        ls.runtime.write_atomic(args.out, render(store, args))
 
     for name in args.datasets:
         if name == "mnist":

@@ -36,13 +36,13 @@ sys.path.insert(0, str(HERE.parent))  # the repository, when the package is not 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import landscape  # noqa: E402,F401  (sets the XLA:CPU guard before any JAX computation)
 import models  # noqa: E402
-from landscape import layers, luq  # noqa: E402
+from landscape import luq, train  # noqa: E402
 
 TARGET = 1.5  # LUQ step / FP32 step on CPU (issue 6, item 7)
+WEIGHT_DECAY = 5e-4  # fit's default
 
 CONFIGS = [
     ("FP32", None),
@@ -56,26 +56,11 @@ CONFIGS = [
 
 
 def make_step(model, recipe):
-    """fit's training step (train.py ``_run_phase``), jitted."""
+    """fit's training step (``train.train_step``) and optimizer at a constant learning rate."""
     hook = recipe.gemm_hook("train") if recipe is not None else None
     streams = recipe.rng_streams if recipe is not None else ()
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
-
-    @jax.jit
-    def step(params, state, opt_state, x, y, key):
-        rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(streams)}
-
-        def loss_fn(p):
-            with layers.gemm_hook(hook):
-                logits, updates = model.apply({"params": p, **state}, x, train=True,
-                                              mutable=["batch_stats"], rngs=rngs)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
-
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        upd, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, upd), {**state, **updates}, opt_state, loss
-
-    return step, tx
+    tx = train.sgd(0.1, WEIGHT_DECAY)
+    return train.train_step(model, tx, hook, streams), tx
 
 
 def main(argv=None) -> int:
@@ -118,7 +103,7 @@ def main(argv=None) -> int:
             params, state, opt_state = states[label]
             t0 = time.perf_counter()
             for i in range(args.steps):
-                params, state, opt_state, loss = steps[label](
+                params, state, opt_state, loss, _ = steps[label](
                     params, state, opt_state, x, y, jax.random.key(r * args.steps + i))
             jax.block_until_ready(loss)
             times[label].append((time.perf_counter() - t0) / args.steps)

@@ -115,14 +115,6 @@ def parse_args(argv=None):
 # storage
 
 
-def write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def load_store(path: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
@@ -419,8 +411,8 @@ def main(argv=None) -> int:
 
     def save():
         store["meta"] = meta
-        write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
-        write_atomic(args.out, render(store, meta)[0])
+        ls.runtime.write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
+        ls.runtime.write_atomic(args.out, render(store, meta)[0])
 
     sources = {"Gaussian": [np.random.default_rng(0).standard_normal((320, 400))]}
     for name in args.datasets:

@@ -744,19 +744,8 @@ def main(argv: Sequence[str] | None = None) -> MethodComparison:
     print()
     print(table)
     if args.json:
-        write_atomic(args.json, json.dumps(table.to_dict(), indent=1))
+        landscape.runtime.write_atomic(args.json, json.dumps(table.to_dict(), indent=1))
     return table
-
-
-def write_atomic(path: str, text: str):
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    import os
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Process-level settings: JAX's persistent compilation cache.
+"""Process-level helpers: JAX's persistent compilation cache and atomic result files.
 
 Every ClipLoss compiles its own programs, but programs for the same network, site layout
 and data shapes are identical, so a persistent cache turns the second and later compiles
@@ -25,3 +25,18 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so that an interrupted
+    run leaves either the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -254,7 +254,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         steps_per_epoch = len(data.train) // batch_size
         ft_total = ft_epochs * steps_per_epoch
         main_end_lr = _schedule(lr, epochs * steps_per_epoch)(epochs * steps_per_epoch)
-        tx_ft = ft_recipe.transform(_sgd(triangular_schedule(main_end_lr, ft_lr, ft_total), weight_decay))
+        tx_ft = ft_recipe.transform(sgd(triangular_schedule(main_end_lr, ft_lr, ft_total), weight_decay))
         ft_key = jax.random.fold_in(_phase_keys(seed)[1], 1)
         variables = _run_phase(model, data, main.variables, tx_ft, ft_recipe, ft_recipe.gemm_hook("train"),
                                ft_epochs, batch_size, seed + 1, ft_key, history, progress, "finetune")
@@ -267,7 +267,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         variables = model.init(init_key, x0, train=False)
         variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
         steps_per_epoch = len(data.train) // batch_size
-        tx = recipe.transform(_sgd(_schedule(lr, epochs * steps_per_epoch), weight_decay))
+        tx = recipe.transform(sgd(_schedule(lr, epochs * steps_per_epoch), weight_decay))
         history: list[dict[str, Any]] = []
         variables = _run_phase(model, data, variables, tx, recipe, recipe.gemm_hook("train"),
                                epochs, batch_size, seed, key, history, progress, "train")
@@ -283,7 +283,7 @@ def _phase_keys(seed: int):
     return tuple(jax.random.split(jax.random.key(seed)))
 
 
-def _sgd(schedule, weight_decay: float):
+def sgd(schedule, weight_decay: float):
     """SGD with Nesterov momentum 0.9 and decoupled weight decay on the kernels."""
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
                        optax.sgd(schedule, momentum=0.9, nesterov=True))
@@ -309,16 +309,17 @@ def triangular_schedule(lr_start: float, lr_peak: float, steps: int) -> Callable
     return schedule
 
 
-def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, seed, key, history,
-               progress, phase):
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-    opt_state = tx.init(params)
-    streams = recipe.rng_streams
+def train_step(model, tx, hook=None, rng_streams=()):
+    """``fit``'s jitted training step: one optimizer update on a batch, BatchNorm statistics
+    updated, every conv/dense product under ``hook`` (a recipe's ``gemm_hook("train")``).
+
+    ``step(params, state, opt_state, x, y, key) -> (params, state, opt_state, loss, acc)``, with
+    state the non-parameter collections (batch_stats) and key split into one stream per name
+    in ``rng_streams`` (the recipe's random-number streams)."""
 
     @jax.jit
     def step(params, state, opt_state, x, y, key):
-        rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(streams)}
+        rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(rng_streams)}
 
         def loss_fn(p):
             with layers.gemm_hook(hook):
@@ -332,6 +333,16 @@ def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, see
         state = {**state, **updates}
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
         return params, state, opt_state, loss, acc
+
+    return step
+
+
+def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, seed, key, history,
+               progress, phase):
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    opt_state = tx.init(params)
+    step = train_step(model, tx, hook, recipe.rng_streams)
 
     n = len(data.train)
     steps_per_epoch = n // batch_size

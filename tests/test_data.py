@@ -89,3 +89,15 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch, tmp_path):
     with pytest.raises(ConnectionError, match="data_dir="):
         ls.data.load("cifar10")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_write_atomic_replaces_whole_files_only(tmp_path):
+    path = tmp_path / "sub" / "table.md"
+    ls.runtime.write_atomic(str(path), "old\n")
+    assert path.read_text() == "old\n"
+    ls.runtime.write_atomic(str(path), "new\n")
+    assert path.read_text() == "new\n"
+    with pytest.raises(TypeError):
+        ls.runtime.write_atomic(str(path), b"bytes are not text")  # fails while writing the temp file
+    assert path.read_text() == "new\n"  # the old content survives a failed write
+    assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]  # no temp file left
