@@ -1,4 +1,5 @@
-"""Process-level helpers: JAX's persistent compilation cache and atomic result files.
+"""Process-level helpers: JAX's persistent compilation cache, atomic result files, and the
+matmul precision levels the compiled programs accept.
 
 Every ClipLoss compiles its own programs, but programs for the same network, site layout
 and data shapes are identical, so a persistent cache turns the second and later compiles
@@ -40,3 +41,15 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# jax.default_matmul_precision's named levels (it also takes dot-algorithm names, not offered here).
+# "highest" is true float32; "default" is the backend's fast path (TF32 on recent NVIDIA GPUs).
+PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
+
+
+def check_precision(precision, where: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming ``where``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where}: precision={precision!r}; allowed: {', '.join(map(repr, PRECISIONS))}")
+    return precision

@@ -13,8 +13,17 @@ os.environ.setdefault("LANDSCAPE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# On a GPU the tests hold to what they hold on CPU: reproducible runs (no atomics-based
+# reductions) and true float32 products (the numerical tests compare with float64 references,
+# which TF32's 10-bit mantissa cannot meet). Neither setting changes anything on CPU.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+
+import jax  # noqa: E402
+
 import landscape  # noqa: E402  (sets the XLA:CPU guard flag before any JAX computation)
 
+if jax.default_backend() != "cpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
 landscape.enable_compilation_cache()  # identical programs across tests compile once
 
 

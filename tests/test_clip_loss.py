@@ -168,6 +168,7 @@ def test_per_channel_bias_correction_and_fold(tiny_net, digits):
     ({"w_bits": 4, "a_bits": 4, "sites": ["nope"]}, "unknown sites"),
     ({"w_bits": 4, "a_bits": 4, "weight_grid": "log"}, "grid='log'"),
     ({"w_bits": 4, "a_bits": 4, "chunk": 0}, "chunk=0"),
+    ({"w_bits": 4, "a_bits": 4, "precision": "fp64"}, "precision='fp64'; allowed: 'highest'"),
 ])
 def test_bad_construction(tiny_net, digits, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -231,3 +232,38 @@ def test_sharded_calibration_matches_single_device(tmp_path):
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
     np.testing.assert_allclose(four["batch"], one["batch"], rtol=1e-5)
     np.testing.assert_allclose(four["grad"], one["grad"], rtol=1e-4, atol=1e-6)
+
+
+def _product_precisions(jaxpr):
+    """The precision of every dot_general / convolution in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _product_precisions(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _product_precisions(sub)
+    return found
+
+
+def test_products_run_at_the_requested_precision(tiny_net, digits):
+    """True float32 by default: on GPUs the backend default is TF32, which moves values across
+    quantization boundaries (see the module docstring)."""
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    params = tiny_net.variables["params"]
+    for precision in ("highest", "default"):
+        loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, precision=precision)
+        alpha = loss.init("max")
+        programs = [(loss, alpha), (loss.batch, jnp.stack([alpha, alpha])), (loss.grad, alpha),
+                    (loss.weight_loss(alpha), params), (loss.weight_loss(), params)]
+        for fn, x in programs:
+            found = _product_precisions(jax.make_jaxpr(fn)(x).jaxpr)
+            assert len(found) >= 3  # the network's convolutions and its dense layer
+            if precision == "highest":
+                assert all(p == highest for p in found), (fn, set(found))
+            else:
+                assert not any(p == highest for p in found), (fn, set(found))
+        assert loss.with_options(w_bits=2).precision == precision

@@ -297,6 +297,8 @@ def test_bad_inputs_raise_clear_errors():
         hessian_spectrum(f, x0, method="power")
     with pytest.raises(ValueError, match="which"):
         hessian_spectrum(f, x0, which="LA")
+    with pytest.raises(ValueError, match="precision='tf32'; allowed"):
+        hessian_spectrum(f, x0, precision="tf32")
     with pytest.raises(ValueError, match="trace_method"):
         hessian_spectrum(f, x0, trace_method="xtrace")
     with pytest.raises(ValueError, match="floating"):
@@ -401,3 +403,22 @@ def test_trace_compiles_nothing_beyond_the_hvp_programs(spd1000):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert compiled == []
+
+
+def test_hvps_are_traced_at_the_requested_precision():
+    """The HVP programs trace f under jax.default_matmul_precision(precision): true float32 by
+    default (TF32 HVPs on a GPU would blur a 1e-3 eigenvalue), cached per precision."""
+    seen = []
+    A = jnp.asarray(np.diag(np.arange(1.0, 601.0)), jnp.float32)
+
+    def f(x):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return 0.5 * x @ (A @ x)
+
+    x0 = jnp.ones(600)
+    for precision, traced in (("highest", True), ("default", True), ("highest", False)):
+        seen.clear()
+        res = hessian_spectrum(f, x0, top_k=1, trace=False, method="lanczos", precision=precision)
+        np.testing.assert_allclose(res.eigenvalues[0], 600.0, rtol=1e-4)
+        # None: the input check's evaluation of f(x0), outside the HVP programs
+        assert set(seen) <= {precision, None} and (precision in seen) == traced, (precision, seen)
