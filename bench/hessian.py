@@ -32,8 +32,10 @@ a_bits=None).weight_loss()`` (FP32), a pure function params → scalar.
 
 For each: HVP counts, seconds per HVP, wall seconds, CPU seconds (all threads of the process, more
 robust than wall time when the cores are shared), and the ratio PyHessian/ours. Ours "cold"
-includes XLA compilation (the first call on a fresh loss function; (b) reuses (a)'s function, so
-only the trace's HVP program is compiled there), "warm" is a second call with another seed.
+includes XLA compilation (the first call on a fresh loss function; (b) reuses (a)'s function and
+its compiled programs: with the linearized HVP, ``hvp="auto"``'s choice here, the trace compiles
+no new HVP program), "warm" is a second call with another seed. Ours linearizes the gradient at
+the point once per call (PyHessian likewise keeps its autograd graph): that time is included.
 PyHessian's (a) includes its setup (one forward and a backward with create_graph). Finally, the
 seconds of the STE and the FD clip Hessian of resnet20 at W4A4 on ``--clip-n`` (512) images
 (``clip_hessian(loss, alpha, method="ste" | "fd")``, α from ``loss.init("max")``, compile included).
@@ -316,7 +318,7 @@ def bench_eigenvalue(args, f, params, pyh, reference):
     lam = float(spec.eigenvalues[0])
     report("ours (cold)", "Lanczos, incl. compile", spec.n_hvp, ours_cold,
            f"   lambda_max {lam:.6g}  (residual/lambda {spec.residuals[0] / abs(lam):.1e}"
-           f"{ours_cold.compiled()})")
+           f"{ours_cold.compiled()}; hvp={spec.info['hvp']!r})")
     with Clock() as ours_warm:
         warm = ls.hessian_spectrum(f, params, top_k=1, trace=False, tol=EIG_TOL, seed=args.seed + 1)
     report("ours (warm)", "Lanczos, compiled", warm.n_hvp, ours_warm,

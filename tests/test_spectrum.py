@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from landscape import spectrum
 from landscape.spectrum import _HVP, _OPERATORS, DENSE_MAX_DIM, HessianSpectrum, hessian_spectrum
 
 SHAPES_5000 = {"conv": (10, 5, 4, 4), "dense": (4000,), "bias": (200,)}
@@ -72,7 +73,8 @@ def spectrum_with_gap(kind, n, seed=0):
     return rng.permutation(lam)
 
 
-def test_block_hvps_equal_dense_ground_truth():
+@pytest.mark.parametrize("mode", ["linearize", "recompute"])
+def test_block_hvps_equal_dense_ground_truth(mode):
     # Trace and density use vmapped HVPs. jaxlib 0.10.2's XLA:CPU miscompiles some batched
     # reduce fusions (jax-ml/jax#39103; workaround XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce,
     # set before jax starts): this catches it, or anything like it, on the path we depend on.
@@ -82,7 +84,8 @@ def test_block_hvps_equal_dense_ground_truth():
     V = np.random.default_rng(22).choice([-1.0, 1.0], size=(16, n))
     leaves, treedef = jax.tree_util.tree_flatten(x0)
     flat_x, unravel = jax.flatten_util.ravel_pytree(x0)
-    op = _HVP(f, unravel, flat_x, (treedef, tuple((v.shape, v.dtype) for v in leaves)))
+    op = _HVP(f, unravel, flat_x, (treedef, tuple((v.shape, v.dtype) for v in leaves)), mode=mode)
+    assert op.mode == mode
     got = np.asarray(op.matmat(jnp.asarray(V, jnp.float32), "test"), np.float64)
     exact = np.stack([apply_q(lam * apply_q(v, transpose=True)) for v in V])  # A v = Q Λ Qᵀ v
     assert np.max(np.abs(got - exact)) <= 1e-4 * np.max(np.abs(exact)), (
@@ -299,6 +302,8 @@ def test_bad_inputs_raise_clear_errors():
         hessian_spectrum(f, x0, which="LA")
     with pytest.raises(ValueError, match="precision='tf32'; allowed"):
         hessian_spectrum(f, x0, precision="tf32")
+    with pytest.raises(ValueError, match="unknown hvp 'reverse'; allowed: auto, linearize, recompute"):
+        hessian_spectrum(f, x0, hvp="reverse")
     with pytest.raises(ValueError, match="trace_method"):
         hessian_spectrum(f, x0, trace_method="xtrace")
     with pytest.raises(ValueError, match="floating"):
@@ -394,11 +399,13 @@ def test_trace_compiles_nothing_beyond_the_hvp_programs(spd1000):
         if event == "/jax/core/compile/backend_compile_duration":
             compiled.append(event)
 
+    moved = jax.tree.map(lambda a: a + 0.5, x0)  # a quadratic: the same Hessian everywhere
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        for probes, seed, rtol in ((12, 1, None), (21, 2, 0.05), (30, 3, None)):
-            res = hessian_spectrum(f, x0, top_k=1, trace=True, trace_method="hutch++", num_probes=probes,
+        for probes, seed, rtol, point in ((12, 1, None, x0), (21, 2, 0.05, moved), (30, 3, None, x0)):
+            res = hessian_spectrum(f, point, top_k=1, trace=True, trace_method="hutch++", num_probes=probes,
                                    seed=seed, trace_rtol=rtol, probe_batch=4)
+            assert res.info["hvp"] == "linearize"  # a new point is linearized by the compiled programs
             assert abs(res.trace - lam.sum()) <= 4 * res.trace_stderr + 1e-6 * abs(lam.sum())
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
@@ -422,3 +429,41 @@ def test_hvps_are_traced_at_the_requested_precision():
         np.testing.assert_allclose(res.eigenvalues[0], 600.0, rtol=1e-4)
         # None: the input check's evaluation of f(x0), outside the HVP programs
         assert set(seen) <= {precision, None} and (precision in seen) == traced, (precision, seen)
+
+
+def _mlp_loss(seed=0):
+    """Cross-entropy of a one-hidden-layer tanh MLP on fixed data: a non-quadratic f of 930 weights."""
+    rng = np.random.default_rng(seed)
+    X = jnp.asarray(rng.standard_normal((64, 20)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 64))
+
+    def f(p):
+        logits = jnp.tanh(X @ p["w1"] + p["b1"]) @ p["w2"]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0])
+
+    x0 = {"w1": jnp.asarray(rng.standard_normal((20, 30)) / 4, jnp.float32), "b1": jnp.zeros(30),
+          "w2": jnp.asarray(rng.standard_normal((30, 10)) / 5, jnp.float32)}
+    return f, x0
+
+
+def test_linearized_and_recomputed_hvps_give_the_same_spectrum(monkeypatch):
+    """hvp="linearize" stores f's forward/backward values at x0 and applies only the tangent pass;
+    it must be the same operator as recomputing everything (same probes: same numbers), and "auto"
+    falls back to recomputing when the stored values would exceed LINEARIZE_MAX_BYTES."""
+    f, x0 = _mlp_loss()
+    kw = dict(top_k=3, trace=True, density=True, method="lanczos", num_probes=24, density_runs=4,
+              density_steps=30, probe_batch=4, seed=5)
+    lin = hessian_spectrum(f, x0, hvp="linearize", **kw)
+    rec = hessian_spectrum(f, x0, hvp="recompute", **kw)
+    assert (lin.info["hvp"], rec.info["hvp"]) == ("linearize", "recompute")
+    assert lin.hvp_counts == rec.hvp_counts
+    np.testing.assert_allclose(lin.eigenvalues, rec.eigenvalues, rtol=1e-4)
+    assert lin.trace == pytest.approx(rec.trace, rel=1e-4)
+    np.testing.assert_allclose(lin.density[1], rec.density[1], rtol=1e-3, atol=1e-3 * rec.density[1].max())
+    # both against the dense Hessian of the same function
+    flat_x0, unravel = jax.flatten_util.ravel_pytree(x0)
+    H = np.asarray(jax.hessian(lambda u: f(unravel(u)))(flat_x0), np.float64)
+    np.testing.assert_allclose(lin.eigenvalues, np.sort(np.linalg.eigvalsh(H))[::-1][:3], rtol=1e-3)
+    assert hessian_spectrum(f, x0, top_k=1, trace=False).info["hvp"] == "linearize"  # small: auto stores
+    monkeypatch.setattr(spectrum, "LINEARIZE_MAX_BYTES", 0)
+    assert hessian_spectrum(f, x0, top_k=1, trace=False).info["hvp"] == "recompute"
