@@ -318,7 +318,9 @@ def bench_eigenvalue(args, f, params, pyh, reference):
     lam = float(spec.eigenvalues[0])
     report("ours (cold)", "Lanczos, incl. compile", spec.n_hvp, ours_cold,
            f"   lambda_max {lam:.6g}  (residual/lambda {spec.residuals[0] / abs(lam):.1e}"
-           f"{ours_cold.compiled()}; hvp={spec.info['hvp']!r})")
+           f"{ours_cold.compiled()}; hvp={spec.info['hvp']!r}"
+           + (f", {spec.info['hvp_stored_bytes'] / 1e9:.2f} GB stored" if spec.info["hvp_stored_bytes"] else "")
+           + ")")
     with Clock() as ours_warm:
         warm = ls.hessian_spectrum(f, params, top_k=1, trace=False, tol=EIG_TOL, seed=args.seed + 1)
     report("ours (warm)", "Lanczos, compiled", warm.n_hvp, ours_warm,

@@ -200,6 +200,8 @@ class _HVP:
         if mode == "auto":
             mode = "linearize" if _residual_bytes(programs, x) <= LINEARIZE_MAX_BYTES else "recompute"
         self.mode = mode
+        # bytes held by the linearization (None when every HVP recomputes)
+        self.stored_bytes = _residual_bytes(programs, x) if mode == "linearize" else None
         self._lin = jax.linearize(programs["grad"], x)[1] if mode == "linearize" else None
 
     def lanczos_step(self, Q, j, spare, counter):
@@ -596,7 +598,8 @@ def hessian_spectrum(
             part: each HVP skips f's forward and backward pass, ~25% faster on a conv net, at the
             cost of storing their values), "recompute" (every HVP reruns them: memory of one
             gradient) or "auto" (linearize when the stored values take at most
-            ``LINEARIZE_MAX_BYTES`` = 2 GiB).
+            ``LINEARIZE_MAX_BYTES`` = 2 GiB). ``info["hvp"]`` says which ran and
+            ``info["hvp_stored_bytes"]`` what it stored.
         seed: PRNG seed; the same seed gives the same result.
 
     Returns:
@@ -648,7 +651,7 @@ def hessian_spectrum(
     structure = (treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves))
     op = _HVP(f, unravel, flat, structure, precision, hvp)
     key_lanczos, key_trace, key_density = jax.random.split(jax.random.PRNGKey(seed), 3)
-    info: dict[str, Any] = {"hvp": op.mode}
+    info: dict[str, Any] = {"hvp": op.mode, "hvp_stored_bytes": op.stored_bytes}
     trace_value = trace_stderr = None
     density_out = nodes_out = None
 

@@ -456,6 +456,8 @@ def test_linearized_and_recomputed_hvps_give_the_same_spectrum(monkeypatch):
     lin = hessian_spectrum(f, x0, hvp="linearize", **kw)
     rec = hessian_spectrum(f, x0, hvp="recompute", **kw)
     assert (lin.info["hvp"], rec.info["hvp"]) == ("linearize", "recompute")
+    # it stores at least the 64×30 hidden activations and the gradient; nothing when recomputing
+    assert lin.info["hvp_stored_bytes"] >= 4 * (64 * 30 + 930) and rec.info["hvp_stored_bytes"] is None
     assert lin.hvp_counts == rec.hvp_counts
     np.testing.assert_allclose(lin.eigenvalues, rec.eigenvalues, rtol=1e-4)
     assert lin.trace == pytest.approx(rec.trace, rel=1e-4)
