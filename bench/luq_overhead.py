@@ -42,7 +42,6 @@ import models  # noqa: E402
 from landscape import luq, train  # noqa: E402
 
 TARGET = 1.5  # LUQ step / FP32 step on CPU (issue 6, item 7)
-WEIGHT_DECAY = 5e-4  # fit's default
 
 CONFIGS = [
     ("FP32", None),
@@ -59,7 +58,7 @@ def make_step(model, recipe):
     """fit's training step (``train.train_step``) and optimizer at a constant learning rate."""
     hook = recipe.gemm_hook("train") if recipe is not None else None
     streams = recipe.rng_streams if recipe is not None else ()
-    tx = train.sgd(0.1, WEIGHT_DECAY)
+    tx = train.sgd(0.1, train.DEFAULTS["cifar10"]["weight_decay"])  # fit's 32×32×3 recipe, constant lr
     return train.train_step(model, tx, hook, streams), tx
 
 

@@ -120,7 +120,6 @@ class ClipLoss:
                             sites=None if sites is None else tuple(sites), weight_grid=weight_grid,
                             per_channel=per_channel, bias_correction=bias_correction, fold_bn=fold_bn,
                             batch_size=batch_size, chunk=chunk, precision=precision)
-        self.precision = precision
         variables = net.variables
         if fold_bn:
             variables = folding.fold_batchnorm(self.model, variables, x[:1])
@@ -445,6 +444,11 @@ class ClipLoss:
             return jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb))) / jnp.sum(wb)
 
         return f
+
+    @property
+    def precision(self) -> str:
+        """The matmul/convolution precision of this loss's compiled programs."""
+        return self.options["precision"]
 
     @property
     def calib(self) -> Split:
