@@ -181,6 +181,29 @@ def test_lanczos_top5_and_trace_n5000(kind):
           f"(exact {lam.sum():.1f}), {res.seconds:.2f}s")
 
 
+@pytest.mark.parametrize("kind", ["spd", "indefinite"])
+def test_eigenvalue_tolerance_needs_fewer_hvps_for_the_same_eigenvalue_accuracy(kind):
+    # tol_on="eigenvalue" stops on min(r, r²/δ): the eigenvalues converge quadratically, the
+    # residuals linearly, so it stops earlier; its estimates must still bound the true errors here.
+    # Top five close to a bulk reaching 60, so that convergence takes a while (like resnet20's).
+    rng = np.random.default_rng(11)
+    bulk = rng.uniform(0.1, 60.0, 4995) if kind == "spd" else rng.uniform(-180.0, 60.0, 4995)
+    lam = rng.permutation(np.concatenate([[100.0, 95.0, 90.0, 85.0, 80.0], bulk]))
+    f, x0, _ = householder_quadratic(lam, SHAPES_5000, seed=12)
+    top = np.sort(lam)[::-1][:5]
+    kw = dict(top_k=5, trace=False, tol=1e-3, seed=1)
+    by_residual = hessian_spectrum(f, x0, tol_on="residual", **kw)
+    by_value = hessian_spectrum(f, x0, tol_on="eigenvalue", **kw)
+    assert by_value.info["tol_on"] == "eigenvalue" and np.all(by_value.converged)
+    assert by_value.n_hvp < by_residual.n_hvp
+    true_errors = np.abs(by_value.eigenvalues - top)
+    assert np.all(true_errors <= 1e-3 * top[0])
+    assert np.all(true_errors <= by_value.errors * (1 + 1e-3) + 1e-4)  # the estimate is not optimistic
+    assert np.all(by_value.errors <= by_value.residuals)
+    assert np.all(by_residual.errors <= by_residual.residuals)
+    assert np.max(by_value.residuals) > 1e-3 * top[0]  # stopped before the residuals got there
+
+
 def test_thick_restart_converges_with_a_small_basis():
     # Clustered top eigenvalues next to a bulk: needs more than a 12-vector Krylov basis.
     rng = np.random.default_rng(5)
@@ -304,6 +327,8 @@ def test_bad_inputs_raise_clear_errors():
         hessian_spectrum(f, x0, precision="tf32")
     with pytest.raises(ValueError, match="unknown hvp 'reverse'; allowed: auto, linearize, recompute"):
         hessian_spectrum(f, x0, hvp="reverse")
+    with pytest.raises(ValueError, match="unknown tol_on 'value'; allowed: residual, eigenvalue"):
+        hessian_spectrum(f, x0, tol_on="value")
     with pytest.raises(ValueError, match="trace_method"):
         hessian_spectrum(f, x0, trace_method="xtrace")
     with pytest.raises(ValueError, match="floating"):
