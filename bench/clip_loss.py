@@ -13,6 +13,10 @@ resnet20 (CIFAR-style), N images of 32×32×3, W4A4 with α from ``loss.init(rul
   order differences into occasional one-level flips), and the unquantized logits;
 * the peak resident memory of the process (and of the accelerator, if any).
 
+On a GPU both sides run at the same precision: ``--precision highest`` (default) is true float32
+(ClipLoss's default; PyTorch with TF32 switched off for cuDNN and matmuls), ``--precision
+default`` lets both use TF32 products (PyTorch's cuDNN default). On CPU the flag changes nothing.
+
 The network is random-initialised (seeded); BatchNorm statistics and affine parameters are
 randomised too, so that a layout or ε mismatch would show in the correctness check. Images
 are standard-normal noise and labels uniform (the cost does not depend on the content).
@@ -21,7 +25,7 @@ frameworks run on all the CPU cores this process may use; on a GPU JAX backend P
 on CUDA when it can. Without torch installed the comparison is skipped and the script
 still exits 0.
 
-    python bench/clip_loss.py [--n 512] [--k 16] [--repeats 5] [--init max]
+    python bench/clip_loss.py [--n 512] [--k 16] [--repeats 5] [--init max] [--precision highest]
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default="max", choices=("max", "mse"), help="α initialisation rule")
     p.add_argument("--bits", type=int, default=4, help="weight and activation bits (default 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="highest", choices=("highest", "default"),
+                   help="products on a GPU: true float32 on both sides (default) or TF32 on both")
     args = p.parse_args(argv)
     for name in ("n", "k", "repeats", "batch_repeats"):
         if getattr(args, name) < 1:
@@ -149,6 +155,9 @@ def compare_torch(args, net, loss, x, y, alpha, alphas, timings, threads):
 
     on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu:  # the same products as ours: true float32, or TF32 (cuDNN's default) for "default"
+        torch.backends.cudnn.allow_tf32 = args.precision != "highest"
+        torch.backends.cuda.matmul.allow_tf32 = args.precision != "highest"
     torch.set_num_threads(threads)
     twin = from_flax(net.model, jax.device_get(loss.variables)).quantize(loss.specs).to(device)
     ours_order = [s.name for s in loss.sites]
@@ -239,10 +248,12 @@ def main(argv=None) -> int:
           f"W{args.bits}A{args.bits}, alpha from init({args.init!r})")
     print(f"  jax {jax.__version__} on {dev.platform} x{len(jax.devices())} ({dev.device_kind}); "
           f"CPU cores available (= XLA:CPU threads): {threads}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+          + ("" if dev.platform == "cpu" else f"; precision {args.precision!r} on both sides "
+             f"({'float32' if args.precision == 'highest' else 'TF32 products'})"))
 
     t0 = time.perf_counter()
-    loss = ls.ClipLoss(net, (x, y), w_bits=args.bits, a_bits=args.bits)
+    loss = ls.ClipLoss(net, (x, y), w_bits=args.bits, a_bits=args.bits, precision=args.precision)
     alpha = jax.block_until_ready(loss.init(args.init))
     print(f"  {loss!r}; init({args.init!r}) incl. construction {time.perf_counter() - t0:.2f} s")
 
