@@ -204,6 +204,15 @@ def test_eigenvalue_tolerance_needs_fewer_hvps_for_the_same_eigenvalue_accuracy(
     assert np.max(by_value.residuals) > 1e-3 * top[0]  # stopped before the residuals got there
 
 
+def test_eigenvalue_error_estimate_is_the_smaller_of_residual_and_kato_temple():
+    theta = np.array([5.0, 5.0, 3.0, 1.0])
+    res = np.array([1e-3, 2e-3, 1e-1, 4.0])
+    err = spectrum._eigenvalue_errors(theta, res)
+    # equal Ritz values (gap 0): only the residual bound; gap 2: r²/2; a huge residual: r itself
+    np.testing.assert_allclose(err, [1e-3, 2e-3, 1e-2 / 2, 4.0])
+    np.testing.assert_allclose(spectrum._eigenvalue_errors(np.array([2.0]), np.array([0.5])), [0.5])
+
+
 def test_thick_restart_converges_with_a_small_basis():
     # Clustered top eigenvalues next to a bulk: needs more than a 12-vector Krylov basis.
     rng = np.random.default_rng(5)
