@@ -17,6 +17,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # reductions) and true float32 products (the numerical tests compare with float64 references,
 # which TF32's 10-bit mantissa cannot meet). Neither setting changes anything on CPU.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+# Several test processes (pytest -n) share one GPU: each takes memory as it needs it instead of
+# preallocating 75% of it, which makes the second worker run out of memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 
