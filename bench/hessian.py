@@ -40,7 +40,10 @@ before it, so the reference run compiles nothing for it; (b) reuses (a)'s functi
 its compiled programs: with the linearized HVP, ``hvp="auto"``'s choice here, the trace compiles
 no new HVP program), "warm" is a second call with another seed. Ours linearizes the gradient at
 the point once per call (PyHessian likewise keeps its autograd graph): that time is included.
-PyHessian's (a) includes its setup (one forward and a backward with create_graph). Finally, the
+PyHessian's (a) includes its setup (one forward and a backward with create_graph). Then (a) once
+more, cold, in each of two new processes sharing ``ls.enable_compilation_cache(dir)``: the second
+loads the programs the first compiled — what a researcher's next session pays (not compared,
+``--skip-cache-check`` skips it). Finally, the
 seconds of the STE and the FD clip Hessian of resnet20 at W4A4 on ``--clip-n`` (512) images
 (``clip_hessian(loss, alpha, method="ste" | "fd")``, α from ``loss.init("max")``, compile included).
 
@@ -65,8 +68,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -109,6 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--only-clip", action="store_true", help="only the clip-Hessian timings")
     p.add_argument("--skip-reference", action="store_true",
                    help="skip the tight reference eigenvalue (our tol=1e-3 answer is the reference then)")
+    p.add_argument("--skip-cache-check", action="store_true",
+                   help="skip (a) in two new processes sharing a persistent compilation cache")
+    p.add_argument("--cache-probe", metavar="DIR", help=argparse.SUPPRESS)  # internal: one such process
     args = p.parse_args(argv)
     for name in ("n", "clip_n", "max_probes"):
         if getattr(args, name) < 1:
@@ -428,8 +437,38 @@ def bench_clip_hessian(args, net):
               f"(max|H_ij| {np.max(np.abs(H)):.3g}, trace {np.trace(H):.4g}{clock.compiled()})")
 
 
+def cache_probe(args) -> int:
+    """Internal (``--cache-probe DIR``): (a)'s cold call in this new process, with the persistent
+    compilation cache at DIR; prints one JSON line."""
+    ls.enable_compilation_cache(args.cache_probe)
+    x, y = make_batch(args.n, args.seed)
+    net, _ = make_network(x, y, args.seed, args.weights)
+    params = jax.device_put(net.variables["params"])
+    with Clock() as clock:
+        spec = ls.hessian_spectrum(fresh_loss(net, x, y), params, top_k=1, trace=False, tol=EIG_TOL,
+                                   tol_on="eigenvalue", seed=args.seed)
+    print(json.dumps({"wall": clock.wall, "compile": clock.compile, "programs": clock.programs,
+                      "n_hvp": spec.n_hvp}))
+    return 0
+
+
+def bench_cache(args):
+    """(a) cold in two fresh processes sharing one compilation cache directory."""
+    print("\n(a) in new processes with ls.enable_compilation_cache(dir) (not compared)")
+    cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--seed", str(args.seed),
+           "--weights", args.weights]
+    with tempfile.TemporaryDirectory(prefix="hessian-xla-cache-") as cache:
+        for label in ("first process (fills the cache)", "second process (loads it)"):
+            done = subprocess.run(cmd + ["--cache-probe", cache], capture_output=True, text=True, check=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"  ours (cold)          {label:<38} HVPs {r['n_hvp']:>4}  wall {r['wall']:8.2f} s  "
+                  f"(tracing, lowering, compiling or loading {r['compile']:.1f} s; {r['programs']} XLA programs)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cache_probe:
+        return cache_probe(args)
     threads = args.threads or cpu_threads()
     dev = jax.devices()[0]
     if dev.platform != "cpu":
@@ -505,6 +544,8 @@ def main(argv=None) -> int:
         same = f", same accuracy {res_a['ratio_same']:.2f}x" if "ratio_same" in res_a else ""
         print(f"\nsummary: PyHessian/ours wall-time ratio, ours incl. compile: (a) {res_a['ratio']:.2f}x{same}; "
               f"(b) {res_b['ratio']:.2f}x  (target >= {TARGET_RATIO:g})")
+    if not args.skip_cache_check:
+        bench_cache(args)
     if not args.skip_clip:
         bench_clip_hessian(args, net)
     return 0
