@@ -6,7 +6,7 @@ products
 
     H v = d/dε ∇f(x0 + ε v) |_{ε=0}          (forward-over-reverse: ``jax.jvp`` of ``jax.grad``)
 
-on the flattened vector (``jax.flatten_util.ravel_pytree``); only ``method="dense"`` forms H, and only
+on the flattened vector (as ``jax.flatten_util.ravel_pytree`` orders it); only ``method="dense"`` forms H, and only
 for small n. The HVP programs are compiled per (f, structure of x0, precision) and cached weakly on f,
 so calling again compiles nothing: a Lanczos step (one HVP fused with its reorthogonalisation) and a
 block of ``probe_batch`` HVPs (``vmap``: trace probes, density runs, dense columns). The algorithms
@@ -64,7 +64,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from landscape import runtime
 
@@ -215,28 +214,31 @@ class _HVP:
         self.stored_bytes = _residual_bytes(programs, x) if mode == "linearize" else None
         self._lin = jax.linearize(programs["grad"], x)[1] if mode == "linearize" else None
 
-    def lanczos_step(self, Q, j, spare, counter):
-        """(Q, h, β) after one step from basis row j; see :func:`_extend_core`."""
-        self.counts["lanczos"] = self.counts.get("lanczos", 0) + 1
+    def lanczos_step(self, Q, q, j, task="lanczos"):
+        """(Q, h, β, q_{j+1}) after one step from q = row j of Q; see :func:`_extend_core`."""
+        self.counts[task] = self.counts.get(task, 0) + 1
         if self._lin is not None:
-            return _extend(Q, self._lin(_row(Q, j)), j, spare, counter)
-        return self._step(self._x, Q, j, spare, counter)
+            return _extend(Q, self._lin(q), j)
+        return self._step(self._x, Q, q, j)
+
+    def lanczos_block(self, Q, q, j, task):
+        """:meth:`lanczos_step` for a block of independent bases Q (b, m+1, n), rows q (b, n)."""
+        self.counts[task] = self.counts.get(task, 0) + q.shape[0]
+        W = jax.vmap(self._lin)(q) if self._lin is not None else self._matmat(self._x, q)
+        return _extend_batch(Q, W, j)
 
     def matmat(self, V, task):
-        """H applied to each row of V (b, n). A single row takes the un-vmapped HVP: a vmapped
-        one, even over one vector, turns the convolutions into grouped ones (slower on CPU)."""
+        """H applied to each row of V (b, n), as a host (numpy) array. A single row takes the
+        un-vmapped HVP: a vmapped one, even over one vector, turns the convolutions into grouped
+        ones (slower on CPU)."""
         self.counts[task] = self.counts.get(task, 0) + V.shape[0]
         if self._lin is not None:
             if V.shape[0] == 1:
-                return _as_row(self._lin(V[0]))
-            return jax.vmap(self._lin)(V)
+                return np.asarray(self._lin(V[0]))[None]
+            return np.asarray(jax.vmap(self._lin)(V))
         if V.shape[0] == 1:
-            return self._single(self._x, V)
-        return self._matmat(self._x, V)
-
-
-_row = jax.jit(lambda Q, j: jax.lax.dynamic_index_in_dim(Q, j, axis=0, keepdims=False))
-_as_row = jax.jit(lambda v: v[None])
+            return np.asarray(self._single(self._x, V))
+        return np.asarray(self._matmat(self._x, V))
 
 
 def _residual_bytes(programs, x):
@@ -271,9 +273,8 @@ def _compiled_operator(f, unravel, structure, precision):
         def hvp(point, v):
             return jax.jvp(grad_flat, (point,), (v,))[1]
 
-        def lanczos_step(point, Q, j, spare, counter):
-            w = hvp(point, jax.lax.dynamic_index_in_dim(Q, j, axis=0, keepdims=False))
-            return _extend_core(Q, w, j, spare, counter)
+        def lanczos_step(point, Q, q, j):
+            return _extend_core(Q, hvp(point, q), j)
 
         per_f[key] = {
             "grad": jax.jit(grad_flat),
@@ -288,17 +289,18 @@ def _compiled_operator(f, unravel, structure, precision):
 # Lanczos kernels (pure, jitted once per shape and shared by all calls)
 
 
-def _extend_core(Q, w, j, spare, counter):
+def _extend_core(Q, w, j):
     """One Lanczos step with full reorthogonalisation.
 
-    Q: (m+1, n) basis rows, rows 0..j filled; w = H q_j (n,). Returns Q with row j+1 set, the
-    coefficients h = Q w (rows > j zeroed) which form column j of T, and β = ‖w − Qᵀh‖.
-    spare: (n,) random vector, the source of a fresh direction after a breakdown (rolled by
-    `counter`, so the kernel needs no PRNG of its own: threefry would dominate its compile time).
+    Q: (m+1, n) basis rows, rows 0..j filled; w = H q_j (n,). Returns (Q with row j+1 set, h, β,
+    q_{j+1}): h = Q w (rows > j zeroed) is column j of T, and q_{j+1} = w'/β with w' = w − Qᵀh and
+    β = ‖w'‖. When β ≤ 100·eps·‖w‖ the basis spans an invariant subspace (a breakdown): β is
+    returned as exactly 0 and row j+1 as zeros, and the caller continues from a fresh direction
+    (:func:`_fresh_direction`). Handling that rare case outside keeps this kernel branch-free and
+    cheap to compile (a ``lax.cond`` here became a select under vmap, paying for both branches).
     """
     rows = Q.shape[0]
     mask = (jnp.arange(rows) <= j).astype(Q.dtype)
-    eps = jnp.finfo(Q.dtype).eps
     w_norm = jnp.linalg.norm(w)
     # Classical Gram–Schmidt twice ("twice is enough", Giraud et al. 2005) keeps the basis
     # orthogonal to working precision, which single-vector Lanczos loses after a few Ritz pairs converge.
@@ -306,36 +308,40 @@ def _extend_core(Q, w, j, spare, counter):
     w = w - h @ Q
     h2 = (Q @ w) * mask
     w = w - h2 @ Q
-    h = h + h2
     beta = jnp.linalg.norm(w)
-    broke = beta <= 100.0 * eps * w_norm
-
-    def fresh_direction(_):
-        # An invariant subspace was found: continue with a random vector orthogonal to the basis,
-        # decoupled from T (β = 0), so Lanczos can go on finding eigenvalues outside it.
-        r = jnp.roll(spare, 7919 * (counter + 1))
-        r = r - ((Q @ r) * mask) @ Q
-        r = r - ((Q @ r) * mask) @ Q
-        return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(Q.dtype).tiny)
-
-    q_next = jax.lax.cond(broke, fresh_direction, lambda _: w / jnp.where(broke, 1.0, beta), None)
+    broke = beta <= 100.0 * jnp.finfo(Q.dtype).eps * w_norm
     beta = jnp.where(broke, 0.0, beta)
+    q_next = jnp.where(broke, 0.0, w / jnp.where(broke, 1.0, beta))
     Q = jax.lax.dynamic_update_index_in_dim(Q, q_next, j + 1, axis=0)
-    return Q, h, beta
+    return Q, h + h2, beta, q_next
+
+
+def _fresh_direction_core(Q, r, j, replace):
+    """Row j+1 of Q ← r orthogonalised (twice) against rows 0..j and normalised, where `replace`;
+    returns (Q, that row). r (n,) comes from the caller's seeded generator."""
+    mask = (jnp.arange(Q.shape[0]) <= j).astype(Q.dtype)
+    r = r - ((Q @ r) * mask) @ Q
+    r = r - ((Q @ r) * mask) @ Q
+    r = r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(Q.dtype).tiny)
+    row = jnp.where(replace, r, Q[j + 1])
+    return jax.lax.dynamic_update_index_in_dim(Q, row, j + 1, axis=0), row
 
 
 _extend = jax.jit(_extend_core, donate_argnums=0)
-_extend_batch = jax.jit(jax.vmap(_extend_core, in_axes=(0, 0, None, 0, None)), donate_argnums=0)
+_extend_batch = jax.jit(jax.vmap(_extend_core, in_axes=(0, 0, None)), donate_argnums=0)
+_fresh_direction = jax.jit(_fresh_direction_core, donate_argnums=0)
+_fresh_direction_batch = jax.jit(jax.vmap(_fresh_direction_core, in_axes=(0, 0, None, 0)), donate_argnums=0)
 
 
 @partial(jax.jit, static_argnums=(2,))
 def _restart_basis(Q, S_keep, m):
-    """Thick restart: rows 0..p-1 ← Ritz vectors S_keepᵀ Q[:m], row p ← q_{m}, the rest zero."""
+    """Thick restart: rows 0..p-1 ← Ritz vectors S_keepᵀ Q[:m], row p ← q_m, the rest zero.
+    Returns (the new basis, its row p)."""
     p = S_keep.shape[1]
     Y = S_keep.T.astype(Q.dtype) @ Q[:m]
     Q_new = jnp.zeros_like(Q)
     Q_new = Q_new.at[:p].set(Y)
-    return Q_new.at[p].set(Q[m])
+    return Q_new.at[p].set(Q[m]), Q[m]
 
 
 def _order(theta, which):
@@ -346,9 +352,14 @@ def _order(theta, which):
     return np.argsort(-np.abs(theta), kind="stable")
 
 
-def _unit(key, n, dtype):
-    v = jax.random.normal(key, (n,), dtype)
-    return v / jnp.linalg.norm(v)
+def _start_basis(rows, first):
+    """first (..., n) → (a basis (..., rows, n) with row 0 = first/‖first‖ and zeros elsewhere, that
+    row), on the device. Built on the host and moved with device_put: eager jnp.zeros, .at[].set
+    and even jnp.asarray compile a small XLA program for every new shape."""
+    first = first / np.linalg.norm(first, axis=-1, keepdims=True)
+    Q = np.zeros(first.shape[:-1] + (rows, first.shape[-1]), first.dtype)
+    Q[..., 0, :] = first
+    return jax.device_put(Q), jax.device_put(first)
 
 
 def _eigenvalue_errors(theta, res):
@@ -363,27 +374,28 @@ def _eigenvalue_errors(theta, res):
     return np.minimum(res, quadratic)
 
 
-def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, key):
-    """Thick-restart Lanczos. Returns eigenvalues, Ritz coefficient matrix S (j, k), basis Q,
-    active size j, residuals, eigenvalue error estimates, converged flags and the number of
-    restarts."""
-    k_start, k_spare = jax.random.split(key)
-    spare = jax.random.normal(k_spare, (n,), dtype)
-    Q = jnp.zeros((m + 1, n), dtype)
-    Q = Q.at[0].set(_unit(k_start, n, dtype))
+def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng):
+    """Thick-restart Lanczos from a Gaussian start vector drawn from `rng` (a numpy Generator).
+    Returns eigenvalues, Ritz coefficient matrix S (j, k), basis Q, active size j, residuals,
+    eigenvalue error estimates, converged flags and the number of restarts."""
+    dtype = np.dtype(dtype)
+    Q, q = _start_basis(m + 1, rng.standard_normal(n).astype(dtype))
     T = np.zeros((m + 1, m + 1))
     keep = min(k + max((m - k) // 2, 1), m - 1) if m < n else k
     j = 0  # number of basis vectors whose H q has been taken
-    step = 0
     restarts = 0
     while True:
         while j < m:
-            Q, h, beta = op.lanczos_step(Q, j, spare, step)
+            Q, h, beta, q = op.lanczos_step(Q, q, j)
             h = np.asarray(h, dtype=np.float64)
-            step += 1
+            beta = float(beta)
+            if beta == 0.0:
+                # An invariant subspace was found: go on from a random direction orthogonal to the
+                # basis, decoupled from T (β = 0), so Lanczos can find eigenvalues outside it.
+                Q, q = _fresh_direction(Q, rng.standard_normal(n).astype(dtype), j, True)
             T[: j + 1, j] = h[: j + 1]
             T[j, : j + 1] = h[: j + 1]
-            T[j + 1, j] = T[j, j + 1] = float(beta)
+            T[j + 1, j] = T[j, j + 1] = beta
             j += 1
             if j < k:
                 continue
@@ -400,7 +412,7 @@ def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, key):
         # Keep the `keep` wanted Ritz pairs and the residual direction; T becomes an arrowhead whose
         # coupling column is recomputed by the next step's reorthogonalisation.
         sel = idx[:keep]
-        Q = _restart_basis(Q, jnp.asarray(S[:, sel]), m)
+        Q, q = _restart_basis(Q, S[:, sel], m)
         T = np.zeros_like(T)
         T[np.arange(keep), np.arange(keep)] = theta[sel]
         j = keep
@@ -409,26 +421,34 @@ def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, key):
     return theta[sel], S[:, sel], Q, j, res[sel], err[sel], done, restarts
 
 
-def _slq_nodes(op, n, dtype, runs, steps, block, key):
+def _slq_nodes(op, n, dtype, runs, steps, block, rng):
     """Stochastic Lanczos quadrature: nodes and weights (runs, steps), runs processed in vmapped
-    blocks of `block` (the run count is rounded up to a multiple of it; every run is used)."""
+    blocks of `block` (the run count is rounded up to a multiple of it; every run is used).
+    Rademacher start vectors and breakdown directions are drawn from `rng` (a numpy Generator)."""
+    dtype = np.dtype(dtype)
     n_blocks = -(-runs // block)
     nodes, weights = [], []
-    for b in range(n_blocks):
-        kb = jax.random.fold_in(key, b)
-        k_start, k_spare = jax.random.split(kb)
-        signs = jax.random.rademacher(k_start, (block, n), dtype=dtype)
-        spare = jax.random.normal(k_spare, (block, n), dtype)
-        Q = jnp.zeros((block, steps + 1, n), dtype)
-        Q = Q.at[:, 0].set(signs / np.sqrt(n))
+    single = block == 1  # un-vmapped HVPs and kernels (see _HVP.matmat)
+    for _ in range(n_blocks):
+        signs = (2.0 * rng.integers(0, 2, (block, n)) - 1.0).astype(dtype)
+        Q, q = _start_basis(steps + 1, signs[0] if single else signs)
         columns = []
         for j in range(steps):
-            W = op.matmat(Q[:, j], "density")
-            Q, h, _ = _extend_batch(Q, W, j, spare, j)
-            columns.append(h[:, :steps])
+            if single:
+                Q, h, beta, q = op.lanczos_step(Q, q, j, task="density")
+            else:
+                Q, h, beta, q = op.lanczos_block(Q, q, j, "density")
+            broke = np.atleast_1d(np.asarray(beta) == 0.0)
+            if broke.any() and j + 1 < steps:  # breakdown: see _lanczos_top_k
+                fresh = rng.standard_normal((block, n)).astype(dtype)
+                if single:
+                    Q, q = _fresh_direction(Q, fresh[0], j, True)
+                else:
+                    Q, q = _fresh_direction_batch(Q, fresh, j, broke)
+            columns.append(np.asarray(h, np.float64).reshape(block, -1)[:, :steps])
         # (block, steps, steps) with [r, i, j] = q_iᵀ H q_j for i ≤ j; the off-diagonal β_j appears
         # as the next column's reorthogonalisation coefficient, so T is its symmetrised upper part.
-        h = np.asarray(jnp.stack(columns, axis=-1), dtype=np.float64)
+        h = np.stack(columns, axis=-1)
         for r in range(block):
             T = np.triu(h[r])
             theta, S = np.linalg.eigh(T + np.triu(T, 1).T)
@@ -480,12 +500,11 @@ def _round_up(count, block):
     return -(-count // block) * block
 
 
-def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, key):
+def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, rng):
     """Hutch++ or Hutchinson trace with its standard error; extends the Monte-Carlo part in blocks
-    until stderr ≤ rtol·|trace| when rtol is given."""
-    # The probes and the sketch algebra live on the host (numpy, seeded from the key): only the
-    # HVP program is compiled, whatever the probe counts.
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    until stderr ≤ rtol·|trace| when rtol is given. Probes come from `rng` (a numpy Generator)."""
+    # The probes and the sketch algebra live on the host: only the HVP program is compiled,
+    # whatever the probe counts.
     dtype = np.dtype(dtype)
 
     def rademacher(rows):
@@ -532,17 +551,18 @@ def _check_positive_int(name, value, minimum=1):
 
 
 def _flatten_and_check(f, x0):
-    leaves = jax.tree_util.tree_leaves(x0)
+    """(x0 as one host vector, the traceable inverse, the host inverse) after checking x0 and f(x0)."""
+    leaves, treedef = jax.tree_util.tree_flatten(x0)
     if not leaves:
         raise ValueError("x0 has no array leaves; pass a pytree of floating-point arrays")
     for leaf in leaves:
         dt = jnp.result_type(leaf)
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"every leaf of x0 must be a floating-point array, got dtype {dt}")
-    flat, unravel = ravel_pytree(x0)
+    flat, unravel, unravel_host = _ravel_on_host(leaves, treedef)
     if flat.size == 0:
         raise ValueError("x0 has zero elements; the Hessian of an empty problem is undefined")
-    finite = np.asarray(jnp.isfinite(flat))
+    finite = np.isfinite(flat)
     if not finite.all():
         bad = int(np.size(finite) - np.count_nonzero(finite))
         raise ValueError(f"x0 contains {bad} NaN/inf value(s); the Hessian needs a finite point")
@@ -555,7 +575,30 @@ def _flatten_and_check(f, x0):
         raise ValueError(f"f must return a scalar, got output of shape {shape}; reduce it (e.g. mean)")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"f must return a real floating-point scalar, got dtype {out.dtype}")
-    return flat, unravel
+    return flat, unravel, unravel_host
+
+
+def _ravel_on_host(leaves, treedef):
+    """The leaves as one host vector of their common dtype, as ``ravel_pytree`` would give, with
+    its inverse for traced vectors (used inside the compiled programs) and for host vectors.
+    Done with numpy: eager jnp concatenation and slicing compile small XLA programs per structure,
+    most of a first call's time on a small problem."""
+    dtype = np.dtype(jnp.result_type(*leaves))
+    shapes = [np.shape(leaf) for leaf in leaves]
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    cuts = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+    flat = np.concatenate([np.asarray(leaf).astype(dtype).ravel() for leaf in leaves])
+
+    def unravel(v):
+        parts = jnp.split(v, cuts)
+        return treedef.unflatten([p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)])
+
+    def unravel_host(v):
+        parts = np.split(np.asarray(v), cuts)
+        leaves = [jax.device_put(p.reshape(s).astype(d)) for p, s, d in zip(parts, shapes, dtypes, strict=True)]
+        return treedef.unflatten(leaves)
+
+    return flat, unravel, unravel_host
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,7 +676,8 @@ def hessian_spectrum(
             gradient) or "auto" (linearize when the stored values take at most
             ``LINEARIZE_MAX_BYTES`` = 2 GiB). ``info["hvp"]`` says which ran and
             ``info["hvp_stored_bytes"]`` what it stored.
-        seed: PRNG seed; the same seed gives the same result.
+        seed: non-negative integer seeding every random draw (start vectors, probes); the
+            same seed gives the same result.
 
     Returns:
         :class:`HessianSpectrum`.
@@ -672,8 +716,9 @@ def hessian_spectrum(
     density_steps = _check_positive_int("density_steps", density_steps)
     density_grid = _check_positive_int("density_grid", density_grid, minimum=2)
     num_probes = _check_positive_int("num_probes", num_probes, minimum=4 if trace_method == "hutch++" else 2)
+    seed = _check_positive_int("seed", seed, minimum=0)
 
-    flat, unravel = _flatten_and_check(f, x0)
+    flat, unravel, unravel_host = _flatten_and_check(f, x0)
     n = int(flat.size)
     dtype = flat.dtype
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
@@ -684,8 +729,9 @@ def hessian_spectrum(
 
     leaves, treedef = jax.tree_util.tree_flatten(x0)
     structure = (treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves))
-    op = _HVP(f, unravel, flat, structure, precision, hvp)
-    key_lanczos, key_trace, key_density = jax.random.split(jax.random.PRNGKey(seed), 3)
+    op = _HVP(f, unravel, jax.device_put(flat), structure, precision, hvp)
+    # Host generators, one stream per task: jax.random would compile a sampler per vector length.
+    rng_lanczos, rng_trace, rng_density = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     info: dict[str, Any] = {"hvp": op.mode, "hvp_stored_bytes": op.stored_bytes}
     trace_value = trace_stderr = None
     density_out = nodes_out = None
@@ -716,7 +762,7 @@ def hessian_spectrum(
         if m < n and m < top_k + 2:
             raise ValueError(f"lanczos_steps must be at least top_k + 2 = {top_k + 2} (or >= n), got {m}")
         values, S, Q, j, residuals, errors, converged, restarts = _lanczos_top_k(
-            op, n, dtype, top_k, m, which, tol, tol_on, max_restarts, key_lanczos
+            op, n, dtype, top_k, m, which, tol, tol_on, max_restarts, rng_lanczos
         )
         info.update(lanczos_steps=m, lanczos_restarts=restarts, tol=tol, tol_on=tol_on)
         if not np.all(converged):
@@ -728,7 +774,7 @@ def hessian_spectrum(
             )
         vec_rows = None
         if eigenvectors:
-            vec_rows = np.asarray(jnp.asarray(S.T, dtype) @ Q[:j], np.float64)
+            vec_rows = S.T @ np.asarray(Q, np.float64)[:j]
         groups = []
         if trace:
             groups += [num_probes // 3, num_probes - 2 * (num_probes // 3)] if trace_method == "hutch++" \
@@ -739,12 +785,12 @@ def hessian_spectrum(
         if trace:
             limit = max_probes if max_probes is not None else 10 * num_probes
             trace_value, trace_stderr, used = _trace(
-                op, n, dtype, trace_method, num_probes, block, trace_rtol, limit, key_trace
+                op, n, dtype, trace_method, num_probes, block, trace_rtol, limit, rng_trace
             )
             info.update(trace_method=trace_method, trace_hvp=used)
         if density:
             steps = min(density_steps, n)
-            nodes_out = _slq_nodes(op, n, dtype, density_runs, steps, block, key_density)
+            nodes_out = _slq_nodes(op, n, dtype, density_runs, steps, block, rng_density)
             info.update(density_runs=nodes_out[0].shape[0], density_steps=steps)
     if nodes_out is not None:
         grid, dens, sigma = _smooth_density(*nodes_out, density_grid, density_sigma)
@@ -753,7 +799,7 @@ def hessian_spectrum(
 
     vecs = None
     if eigenvectors:
-        vecs = [unravel(jnp.asarray(row, dtype)) for row in vec_rows]
+        vecs = [unravel_host(row.astype(dtype)) for row in vec_rows]
     counts = dict(op.counts)
     return HessianSpectrum(
         eigenvalues=np.asarray(values, np.float64),

@@ -348,6 +348,8 @@ def test_bad_inputs_raise_clear_errors():
         hessian_spectrum(lambda x: jnp.sum(x**2), jnp.ones(600), top_k=5, lanczos_steps=6)
     with pytest.raises(ValueError, match="num_probes"):
         hessian_spectrum(f, x0, num_probes=3)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        hessian_spectrum(f, x0, seed=-1)
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -444,6 +446,37 @@ def test_trace_compiles_nothing_beyond_the_hvp_programs(spd1000):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert compiled == []
+
+
+def test_a_first_call_compiles_only_the_hvp_programs_and_the_lanczos_kernels():
+    """Flattening, input checks, start vectors, probes and basis set-up are host work: a first call
+    on a new problem compiles f's HVP programs and the Lanczos kernels, and none of the small eager
+    programs (jnp.asarray, concatenate, PRNG samplers, ...) that once took most of a first call on
+    a small problem, again for every new size."""
+    n = 1357  # no other test uses this size: every kernel compiles here
+    lam = spectrum_with_gap("indefinite", n, seed=30)
+    f, x0, apply_q = householder_quadratic(lam, {"a": (1000,), "b": (7, 51)}, seed=31)
+    names = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        res = hessian_spectrum(f, x0, top_k=3, trace=True, density=True, eigenvectors=True, lanczos_steps=12,
+                               max_restarts=60, num_probes=12, density_runs=4, density_steps=20,
+                               probe_batch=4, seed=3)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    kernels = {"jit(grad_flat)", "jit(_extend_core)", "jit(_restart_basis)", "jit(_fresh_direction_core)"}
+    assert "jit(grad_flat)" in names and "jit(_extend_core)" in names
+    assert set(names) <= kernels, sorted(set(names) - kernels)
+    np.testing.assert_allclose(res.eigenvalues, [100.0, 90.0, 80.0], rtol=1e-4)
+    assert res.info["lanczos_restarts"] > 0  # the restart kernel ran too
+    v = flat(res.eigenvectors[0], ["a", "b"])
+    exact = apply_q(lam * apply_q(v, transpose=True))
+    assert np.linalg.norm(exact - 100.0 * v) <= 1e-3 * 100.0
 
 
 def test_hvps_are_traced_at_the_requested_precision():
