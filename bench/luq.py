@@ -104,17 +104,6 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# storage
-
-
-def load_store(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"runs": {}, "bias": {}, "datasets": {}}
-
-
-# --------------------------------------------------------------------------------------------------
 # runs
 
 
@@ -319,7 +308,7 @@ def render(store, args) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     json_path = os.path.splitext(args.out)[0] + ".json"
-    store = load_store(json_path)
+    store = ls.runtime.read_json(json_path, {"runs": {}, "bias": {}, "datasets": {}})
 
     def save():
         ls.runtime.write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))

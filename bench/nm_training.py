@@ -111,17 +111,6 @@ def parse_args(argv=None):
     return args
 
 
-# --------------------------------------------------------------------------------------------------
-# storage
-
-
-def load_store(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"runs": {}, "retained": {}}
-
-
 class TimedRecipe(sp.Recipe):
     """The recipe, timing the host-side mask updates (same repr, hence the same training cache key)."""
 
@@ -403,7 +392,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("LANDSCAPE_PROGRESS", "0")
     json_path = os.path.splitext(args.out)[0] + ".json"
-    store = load_store(json_path)
+    store = ls.runtime.read_json(json_path, {"runs": {}, "retained": {}})
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     meta = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "jax": jax.__version__,
             "cores": cores, "datasets": [], "data": {},

@@ -1,4 +1,4 @@
-"""Process-level helpers: JAX's persistent compilation cache, atomic result files, and the
+"""Process-level helpers: JAX's persistent compilation cache, atomic (resumable) result files, and the
 matmul precision levels the compiled programs accept.
 
 Every ClipLoss compiles its own programs, but programs for the same network, site layout
@@ -11,6 +11,7 @@ change global JAX configuration on its own.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -41,6 +42,19 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def read_json(path: str, default: dict) -> dict:
+    """The JSON object at ``path`` (an earlier, possibly interrupted run's results, written by
+    :func:`write_atomic`), or a fresh copy of ``default`` when there is no file yet: how the
+    resumable scripts pick up where they stopped."""
+    if not os.path.exists(path):
+        return json.loads(json.dumps(default))  # a deep copy: the caller fills it in
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); move it away to start afresh") from err
 
 
 # jax.default_matmul_precision's named levels (it also takes dot-algorithm names, not offered here).

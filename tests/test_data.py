@@ -1,4 +1,5 @@
 import io
+import json
 import os
 
 import numpy as np
@@ -101,3 +102,17 @@ def test_write_atomic_replaces_whole_files_only(tmp_path):
         ls.runtime.write_atomic(str(path), b"bytes are not text")  # fails while writing the temp file
     assert path.read_text() == "new\n"  # the old content survives a failed write
     assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]  # no temp file left
+
+
+def test_read_json_resumes_a_store_or_starts_from_a_fresh_default(tmp_path):
+    path = str(tmp_path / "runs.json")
+    default = {"runs": {}}
+    store = ls.runtime.read_json(path, default)
+    assert store == {"runs": {}}
+    store["runs"]["a"] = 1.5
+    assert default == {"runs": {}}  # a copy: filling the store leaves the default alone
+    ls.runtime.write_atomic(path, json.dumps(store))
+    assert ls.runtime.read_json(path, default) == {"runs": {"a": 1.5}}
+    (tmp_path / "broken.json").write_text('{"runs": {')
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
+        ls.runtime.read_json(str(tmp_path / "broken.json"), default)
