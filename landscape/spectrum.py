@@ -6,11 +6,14 @@ products
 
     H v = d/dε ∇f(x0 + ε v) |_{ε=0}          (forward-over-reverse: ``jax.jvp`` of ``jax.grad``)
 
-on the flattened vector (as ``jax.flatten_util.ravel_pytree`` orders it); only ``method="dense"`` forms H, and only
-for small n. The HVP programs are compiled per (f, structure of x0, precision) and cached weakly on f,
+on the flattened vector (as ``jax.flatten_util.ravel_pytree`` orders it); only ``method="dense"``
+forms H, and only for small n. The HVP programs are compiled per (f, structure of x0, precision) and cached weakly on f,
 so calling again compiles nothing: a Lanczos step (one HVP fused with its reorthogonalisation) and a
-block of ``probe_batch`` HVPs (``vmap``: trace probes, density runs, dense columns). The algorithms
-around them are small jitted kernels shared between calls.
+block of ``probe_batch`` HVPs (``vmap``: trace probes, density runs, dense columns). Around them,
+one jitted kernel per basis shape (a Lanczos step's reorthogonalisation, shared between calls);
+flattening, input checks, random draws and the small dense algebra run on the host with numpy, so a
+first call compiles little beyond f's own programs (eager jnp operations would each compile a small
+XLA program per new shape: once most of a first call's time on a small problem).
 
 **Linearize once.** An HVP recomputes f's forward and backward pass at x0 before it propagates the
 tangent. With ``hvp="linearize"`` (chosen by ``"auto"`` when the stored values take at most
