@@ -7,13 +7,14 @@ products
     H v = d/dε ∇f(x0 + ε v) |_{ε=0}          (forward-over-reverse: ``jax.jvp`` of ``jax.grad``)
 
 on the flattened vector (as ``jax.flatten_util.ravel_pytree`` orders it); only ``method="dense"``
-forms H, and only for small n. The HVP programs are compiled per (f, structure of x0, precision) and cached weakly on f,
-so calling again compiles nothing: a Lanczos step (one HVP fused with its reorthogonalisation) and a
-block of ``probe_batch`` HVPs (``vmap``: trace probes, density runs, dense columns). Around them,
-one jitted kernel per basis shape (a Lanczos step's reorthogonalisation, shared between calls);
-flattening, input checks, random draws and the small dense algebra run on the host with numpy, so a
-first call compiles little beyond f's own programs (eager jnp operations would each compile a small
-XLA program per new shape: once most of a first call's time on a small problem).
+forms H, and only for small n. The HVP programs are compiled per (f, structure of x0, precision) and
+cached weakly on f, so calling again compiles nothing: a Lanczos step (one HVP fused with its
+reorthogonalisation) and a block of ``probe_batch`` HVPs (``vmap``: trace probes, density runs,
+dense columns). Around them, one jitted kernel per basis shape (a Lanczos step's
+reorthogonalisation, shared between calls); flattening, input checks, random draws and the small
+dense algebra run on the host with numpy, so a first call compiles little beyond f's own programs
+(eager jnp operations would each compile a small XLA program per new shape: once most of a first
+call's time on a small problem).
 
 **Linearize once.** An HVP recomputes f's forward and backward pass at x0 before it propagates the
 tangent. With ``hvp="linearize"`` (chosen by ``"auto"`` when the stored values take at most
@@ -598,8 +599,8 @@ def _ravel_on_host(leaves, treedef):
 
     def unravel_host(v):
         parts = np.split(np.asarray(v), cuts)
-        leaves = [jax.device_put(p.reshape(s).astype(d)) for p, s, d in zip(parts, shapes, dtypes, strict=True)]
-        return treedef.unflatten(leaves)
+        arrays = [jax.device_put(p.reshape(s).astype(d)) for p, s, d in zip(parts, shapes, dtypes, strict=True)]
+        return treedef.unflatten(arrays)
 
     return flat, unravel, unravel_host
 
@@ -777,7 +778,7 @@ def hessian_spectrum(
             )
         vec_rows = None
         if eigenvectors:
-            vec_rows = S.T @ np.asarray(Q, np.float64)[:j]
+            vec_rows = S.T.astype(dtype) @ np.asarray(Q)[:j]  # in the basis' precision, as it was built
         groups = []
         if trace:
             groups += [num_probes // 3, num_probes - 2 * (num_probes // 3)] if trace_method == "hutch++" \
@@ -802,7 +803,7 @@ def hessian_spectrum(
 
     vecs = None
     if eigenvectors:
-        vecs = [unravel_host(row.astype(dtype)) for row in vec_rows]
+        vecs = [unravel_host(row) for row in vec_rows]
     counts = dict(op.counts)
     return HessianSpectrum(
         eigenvalues=np.asarray(values, np.float64),
