@@ -286,6 +286,62 @@ def test_density_integrates_to_one_and_peaks_at_isolated_eigenvalues(method, n):
     assert res.eigenvalues[0] == pytest.approx(8.0, rel=1e-4)
 
 
+def _four_eigenvalues(n=600):
+    """f = ½ Σ d_i x_i² with d ∈ {10 (once), 5, 3, 1 (the rest in thirds)}: every Krylov space has
+    dimension ≤ 4, so Lanczos breaks down (β = 0) after four steps from any start vector."""
+    d = np.concatenate([[10.0], np.repeat([5.0, 3.0, 1.0], [200, 200, n - 401])])
+    d_j = jnp.asarray(d, jnp.float32)
+    return (lambda x: 0.5 * jnp.sum(d_j * x["a"] ** 2)), {"a": jnp.zeros(n, jnp.float32)}, d
+
+
+def test_lanczos_continues_after_breakdowns_to_repeated_eigenvalues():
+    """After an invariant subspace Lanczos goes on from a fresh random direction orthogonal to the
+    basis. Top-5 of a spectrum with four distinct values: the first Krylov block gives 10, 5, 3, 1,
+    the second (5, 3, 1 again) the other two pairs, exact (residual 0), so it stops there — one copy
+    of a repeated eigenvalue per block, the documented limit ("dense" for degenerate spectra)."""
+    f, x0, _ = _four_eigenvalues()
+    res = hessian_spectrum(f, x0, top_k=5, trace=False, eigenvectors=True, seed=2)
+    assert np.all(res.converged) and res.n_hvp == 7  # two blocks: 4 + 3 steps
+    np.testing.assert_allclose(res.eigenvalues, [10.0, 5.0, 5.0, 3.0, 3.0], rtol=1e-5)
+    assert np.all(res.residuals <= 1e-5)
+    V = np.stack([np.asarray(v["a"], np.float64) for v in res.eigenvectors])
+    np.testing.assert_allclose(V @ V.T, np.eye(5), atol=1e-5)  # two independent copies of 5 and of 3
+    assert np.abs(V[1:3, 1:201]).sum(axis=1).min() > 0.99 * np.abs(V[1:3]).sum(axis=1).min()
+
+
+@pytest.mark.parametrize("probe_batch", [1, 3])
+def test_slq_weights_are_exact_through_breakdowns(probe_batch):
+    """With a diagonal H and Rademacher start vectors each run's quadrature is exact: weight
+    multiplicity/n at each distinct eigenvalue. Its 20 steps break down after four and go on in
+    blocks from fresh directions, which must leave the weights exact (the last, unfinished block's
+    Ritz values are not eigenvalues, and carry no weight)."""
+    f, x0, d = _four_eigenvalues()
+    res = hessian_spectrum(f, x0, top_k=1, trace=False, density=True, density_runs=3, density_steps=20,
+                           probe_batch=probe_batch, seed=4)
+    nodes, weights = res.density_nodes
+    assert nodes.shape == (3, 20)
+    for value, count in ((10.0, 1), (5.0, 200), (3.0, 200), (1.0, 199)):
+        mass = np.where(np.abs(nodes - value) < 1e-4, weights, 0.0).sum(axis=1)
+        np.testing.assert_allclose(mass, count / d.size, atol=1e-6)
+    off = np.min(np.abs(nodes[..., None] - np.array([10.0, 5.0, 3.0, 1.0])), axis=-1) > 1e-4
+    assert off.any() and weights[off].sum() < 1e-5
+
+
+def test_fresh_direction_kernel_replaces_only_the_runs_that_broke_down():
+    rng = np.random.default_rng(0)
+    Q = np.zeros((2, 4, 50), np.float32)
+    Q[:, :2] = np.linalg.qr(rng.standard_normal((50, 2)))[0].T  # rows 0, 1 orthonormal in both runs
+    Q[1, 2] = 7.0  # run 1's row 2, which must survive
+    r = rng.standard_normal((2, 50)).astype(np.float32)
+    out, rows = spectrum._fresh_direction_batch(jnp.asarray(Q), r, 1, np.array([True, False]))
+    out, rows = np.asarray(out), np.asarray(rows)
+    np.testing.assert_allclose(out[0, :2] @ out[0, 2], 0.0, atol=1e-6)
+    assert np.linalg.norm(out[0, 2]) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_array_equal(out[1, 2], Q[1, 2])
+    np.testing.assert_array_equal(rows, out[:, 2])
+    np.testing.assert_array_equal(out[:, :2], Q[:, :2])
+
+
 # ------------------------------------------------------------------------------------------------ API
 
 
