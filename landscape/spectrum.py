@@ -555,7 +555,8 @@ def _check_positive_int(name, value, minimum=1):
 
 
 def _flatten_and_check(f, x0):
-    """(x0 as one host vector, the traceable inverse, the host inverse) after checking x0 and f(x0)."""
+    """(x0 as one host vector, the traceable inverse, the host inverse, x0's structure) after
+    checking x0 and f(x0); see :func:`_ravel_on_host`."""
     leaves, treedef = jax.tree_util.tree_flatten(x0)
     if not leaves:
         raise ValueError("x0 has no array leaves; pass a pytree of floating-point arrays")
@@ -563,7 +564,7 @@ def _flatten_and_check(f, x0):
         dt = jnp.result_type(leaf)
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"every leaf of x0 must be a floating-point array, got dtype {dt}")
-    flat, unravel, unravel_host = _ravel_on_host(leaves, treedef)
+    flat, unravel, unravel_host, structure = _ravel_on_host(leaves, treedef)
     if flat.size == 0:
         raise ValueError("x0 has zero elements; the Hessian of an empty problem is undefined")
     finite = np.isfinite(flat)
@@ -579,12 +580,13 @@ def _flatten_and_check(f, x0):
         raise ValueError(f"f must return a scalar, got output of shape {shape}; reduce it (e.g. mean)")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"f must return a real floating-point scalar, got dtype {out.dtype}")
-    return flat, unravel, unravel_host
+    return flat, unravel, unravel_host, structure
 
 
 def _ravel_on_host(leaves, treedef):
     """The leaves as one host vector of their common dtype, as ``ravel_pytree`` would give, with
-    its inverse for traced vectors (used inside the compiled programs) and for host vectors.
+    its inverse for traced vectors (used inside the compiled programs) and for host vectors, and
+    the structure (treedef, ((shape, dtype), ...)) that keys the compiled programs.
     Done with numpy: eager jnp concatenation and slicing compile small XLA programs per structure,
     most of a first call's time on a small problem."""
     dtype = np.dtype(jnp.result_type(*leaves))
@@ -602,7 +604,7 @@ def _ravel_on_host(leaves, treedef):
         arrays = [jax.device_put(p.reshape(s).astype(d)) for p, s, d in zip(parts, shapes, dtypes, strict=True)]
         return treedef.unflatten(arrays)
 
-    return flat, unravel, unravel_host
+    return flat, unravel, unravel_host, (treedef, tuple(zip(shapes, dtypes, strict=True)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -722,7 +724,7 @@ def hessian_spectrum(
     num_probes = _check_positive_int("num_probes", num_probes, minimum=4 if trace_method == "hutch++" else 2)
     seed = _check_positive_int("seed", seed, minimum=0)
 
-    flat, unravel, unravel_host = _flatten_and_check(f, x0)
+    flat, unravel, unravel_host, structure = _flatten_and_check(f, x0)
     n = int(flat.size)
     dtype = flat.dtype
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
@@ -731,8 +733,6 @@ def hessian_spectrum(
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_DIM else "lanczos"
 
-    leaves, treedef = jax.tree_util.tree_flatten(x0)
-    structure = (treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves))
     op = _HVP(f, unravel, jax.device_put(flat), structure, precision, hvp)
     # Host generators, one stream per task: jax.random would compile a sampler per vector length.
     rng_lanczos, rng_trace, rng_density = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
