@@ -404,6 +404,7 @@ def bench_trace(args, f, params, pyh, probe_batch):
         report(name, what, sp.n_hvp, clock, f"   trace {sp.trace:.6g} ± {sp.trace_stderr:.3g} "
                f"({sp.trace_stderr / abs(sp.trace):.2%}){clock.compiled()}")
     print(f"  ours: HVPs by task, cold {spec.hvp_counts}, warm {warm.hvp_counts}; probe_batch {probe_batch}")
+    print_leaf_traces(spec, warm)
     out = {"ours": spec.trace}
     if pyh is None:
         return out
@@ -422,6 +423,24 @@ def bench_trace(args, f, params, pyh, probe_batch):
     out["ratio"] = ratio("(b) ours cold", theirs, ours_cold)
     ratio("(b) ours warm", theirs, ours_warm)
     return out
+
+
+def print_leaf_traces(spec, other):
+    """Per-layer traces (``trace_per_leaf``, no extra HVPs) of the cold run, kernels one per line
+    with HAWQ's average trace, and how two runs with different seeds agree leaf by leaf."""
+    rows, again = spec.leaf_traces(), other.leaf_traces()
+    kernels = [r for r in rows if r[0].endswith("['kernel']")]
+    rest = [r for r in rows if not r[0].endswith("['kernel']")]
+    print(f"  ours, per layer (trace_per_leaf of the cold run, same HVPs): {len(rows)} leaves, "
+          f"sum {sum(r[2] for r in rows):.6g}")
+    print(f"    {'kernel':<44} {'size':>6} {'tr H_bb':>10} {'± stderr':>9} {'tr/size':>10}")
+    for path, size, value, err in kernels:
+        print(f"    {path:<44} {size:>6} {value:>10.4g} {err:>9.2g} {value / size:>10.3g}")
+    print(f"    {'all BatchNorm scales and biases, dense bias':<44} {sum(r[1] for r in rest):>6} "
+          f"{sum(r[2] for r in rest):>10.4g} {np.sqrt(sum(r[3] ** 2 for r in rest)):>9.2g}")
+    z = [abs(a[2] - b[2]) / np.hypot(a[3], b[3]) for a, b in zip(rows, again, strict=True) if a[1] and a[3] + b[3] > 0]
+    print(f"  cold vs warm run (other seed), leaf by leaf: median |difference| {np.median(z):.2f}, "
+          f"max {np.max(z):.2f} combined standard errors over {len(z)} leaves")
 
 
 def bench_clip_hessian(args, net):

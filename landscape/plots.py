@@ -14,6 +14,8 @@ registered globally, no display is needed (Agg-safe), and a figure is freed when
 ``surface_contour``    filled contours of a :class:`~landscape.surfaces.Surface`, marked points
 ``surface_3d``         the same surface as a 3-D view, marked points lifted onto it
 ``spectral_density``   one or several Hessian spectral densities (log-y by default)
+``leaf_traces``        per-layer Hessian traces (``trace_per_leaf``) as bars with error bars, raw
+                       or per entry (HAWQ's average trace), one bar per spectrum in each group
 ``bit_curves``         metrics against the bit width, one panel per metric
 ``save_figure``        PNG + PDF, each written to a temporary file and renamed into place
 ``site_labels``        short tick labels for the α entries of a ClipLoss
@@ -36,6 +38,7 @@ __all__ = [
     "compare_hessians",
     "coupling_heatmap",
     "hessian_heatmap",
+    "leaf_traces",
     "save_figure",
     "site_labels",
     "spectral_density",
@@ -448,6 +451,72 @@ def spectral_density(spectra, *, ax=None, log: bool = True, mark_top: bool = Tru
         ax.set_yscale("log")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
+    ax.legend(frameon=False, fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def _leaf_label(path: str) -> list[str]:
+    """"['params']['conv1']['kernel']" → ["params", "conv1", "kernel"] (keystr's keys, unquoted)."""
+    parts = [p.strip("'\"") for p in path.replace("]", "").split("[") if p]
+    return [p.lstrip(".") for p in parts] or [path]
+
+
+def leaf_traces(spectra, *, per_entry: bool = True, select: str | None = None, ax=None,
+                log: bool | None = None, title: str | None = None):
+    """Per-leaf (per-layer) Hessian traces as grouped bars with ±1 standard-error bars.
+
+    Args:
+        spectra: a :class:`landscape.HessianSpectrum` computed with ``trace=True``, or a dict
+            label → HessianSpectrum over the same pytree structure (e.g. FP32 and W4A4 weights).
+        per_entry: divide each block trace tr H_bb by the leaf's size (HAWQ-V2's average trace,
+            comparable across layers of different sizes); False plots tr H_bb itself.
+        select: keep only leaves whose path contains this string (e.g. "kernel").
+        ax: Axes to draw on (default: a new figure, wide enough for the leaves).
+        log: log-scaled y; default: when every plotted value is positive.
+        title: decoration.
+
+    Returns:
+        The Axes (one BarContainer per spectrum, labelled; tick labels are the leaf paths without
+        the components every leaf shares).
+    """
+    items = dict(spectra) if isinstance(spectra, Mapping) else {None: spectra}
+    if not items:
+        raise ValueError("spectra is empty; pass a HessianSpectrum or a dict label -> HessianSpectrum")
+    tables = {}
+    for label, spec in items.items():
+        rows = spec.leaf_traces() if hasattr(spec, "leaf_traces") else []
+        if not rows:
+            raise ValueError(f"spectrum {label!r} has no per-leaf traces; call hessian_spectrum(..., trace=True)")
+        tables[label] = [r for r in rows if r[1] > 0 and (select is None or select in r[0])]
+    paths = [[r[0] for r in rows] for rows in tables.values()]
+    if any(p != paths[0] for p in paths):
+        raise ValueError("the spectra have different leaves; compare spectra of the same pytree structure")
+    if not paths[0]:
+        example = next(iter(items.values())).leaf_traces()[0][0]
+        raise ValueError(f"no leaf path contains {select!r}; leaf paths look like {example}")
+    values = np.array([[r[2] / (r[1] if per_entry else 1) for r in rows] for rows in tables.values()])
+    errors = np.array([[r[3] / (r[1] if per_entry else 1) for r in rows] for rows in tables.values()])
+    if log is None:
+        log = bool(np.all(values > 0))
+    parts = [_leaf_label(p) for p in paths[0]]
+    shared = 0
+    while len(parts) > 1 and all(len(q) > shared + 1 for q in parts) and len({q[shared] for q in parts}) == 1:
+        shared += 1
+    names = ["/".join(q[shared:]) for q in parts]
+    k, m = values.shape
+    ax = _axes(ax, figsize=(max(5.0, 0.28 * k * m + 1.5), 3.8))
+    width = 0.8 / k
+    x = np.arange(m)
+    for i, (label, spec) in enumerate(items.items()):
+        name = label if label is not None else f"{spec.method}, n = {spec.dim}"
+        ax.bar(x + (i - (k - 1) / 2) * width, values[i], width, yerr=errors[i], color=f"C{i % 10}",
+               error_kw=dict(lw=0.7, capsize=1.5), label=str(name))
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(x, names, rotation=90, fontsize=6)
+    ax.set_ylabel("tr H_bb / size" if per_entry else "tr H_bb")
     ax.legend(frameon=False, fontsize=8)
     if title:
         ax.set_title(title)

@@ -105,6 +105,11 @@ class HessianSpectrum:
             (``tol_on="eigenvalue"``) ≤ tol · max|λ| (always True for "dense").
         trace: tr H (exact for "dense", estimated otherwise), or None.
         trace_stderr: standard error of ``trace`` (0.0 for "dense"), or None.
+        trace_per_leaf: a pytree shaped like x0 holding, for each leaf b, tr H_bb — the trace of
+            the Hessian block of that leaf's entries, from the same HVPs as ``trace`` (exact for
+            "dense"); the leaves sum to ``trace``. Divided by the leaf's size it is the average
+            curvature HAWQ-V2 ranks layers by for mixed-precision bit allocation. None without trace.
+        trace_per_leaf_stderr: the same pytree of standard errors, or None.
         density: (grid, values) of the smoothed spectral density, integrating to 1, or None.
         density_nodes: (nodes, weights), each (runs, steps), the quadrature behind ``density``.
         method: "dense" or "lanczos".
@@ -114,7 +119,7 @@ class HessianSpectrum:
         hvp_counts: the same, split by task ("dense", "lanczos", "trace", "density").
         seconds: wall-clock seconds of the call, compilation included.
         info: further details (Lanczos basis size and restarts, trace method and HVPs, density runs,
-            steps and σ, the dense Hessian's relative asymmetry).
+            steps and σ, the dense Hessian's relative asymmetry, the leaf sizes of x0).
     """
 
     eigenvalues: np.ndarray
@@ -124,6 +129,8 @@ class HessianSpectrum:
     converged: np.ndarray
     trace: float | None
     trace_stderr: float | None
+    trace_per_leaf: Any
+    trace_per_leaf_stderr: Any
     density: tuple[np.ndarray, np.ndarray] | None
     density_nodes: tuple[np.ndarray, np.ndarray] | None
     method: str
@@ -147,6 +154,7 @@ class HessianSpectrum:
             how = "exact" if self.method == "dense" else (
                 f"{self.info.get('trace_method')}, {self.info.get('trace_hvp')} HVPs")
             lines.append(f"        trace: {self.trace:.6g} ± {self.trace_stderr:.3g} ({how})")
+            lines += self._leaf_trace_lines()
         if self.density is not None:
             grid = self.density[0]
             lines.append(
@@ -158,6 +166,27 @@ class HessianSpectrum:
         lines.append(f"        n_hvp: {self.n_hvp} ({parts})")
         lines.append(f"      seconds: {self.seconds:.3f}")
         return "\n".join(lines)
+
+    def leaf_traces(self) -> list[tuple[str, int, float, float]]:
+        """(path, size, trace, stderr) of each leaf of x0, in pytree order: the rows of
+        ``trace_per_leaf`` with readable paths (``jax.tree_util.keystr``). Empty without trace."""
+        if self.trace_per_leaf is None:
+            return []
+        paths = jax.tree_util.tree_flatten_with_path(self.trace_per_leaf)[0]
+        errs = jax.tree_util.tree_leaves(self.trace_per_leaf_stderr)
+        sizes = self.info["leaf_sizes"]
+        return [(jax.tree_util.keystr(path) or "x0", size, value, err)
+                for (path, value), err, size in zip(paths, errs, sizes, strict=True)]
+
+    def _leaf_trace_lines(self, most: int = 5) -> list[str]:
+        rows = self.leaf_traces()
+        if len(rows) < 2:
+            return []
+        order = sorted((r for r in rows if r[1] > 0), key=lambda r: -abs(r[2]))[:most]
+        width = max(len(r[0]) for r in order)
+        head = f"     per leaf: {len(rows)} leaves; largest |tr H_bb|"
+        return [head] + [f"       {p:<{width}}  {v:.6g} ± {e:.3g}  ({v / s:.4g} per entry, size {s})"
+                         for p, s, v, e in order]
 
     def plot(self, ax=None, *, log: bool = True):
         """Plot the spectral density (log-scaled y by default) with the top eigenvalues marked, or
@@ -504,9 +533,31 @@ def _round_up(count, block):
     return -(-count // block) * block
 
 
-def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, rng):
+def _leaf_sums(values, sizes):
+    """values (rows, n) → (rows, leaves): the sum over each leaf's slice of the columns, leaves of
+    the given sizes in order (a zero-size leaf sums to 0, which np.add.reduceat would not give)."""
+    out = np.zeros((values.shape[0], len(sizes)))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    filled = np.asarray(sizes) > 0
+    if filled.any():
+        out[:, filled] = np.add.reduceat(values, starts[filled], axis=1)
+    return out
+
+
+def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, rng, sizes):
     """Hutch++ or Hutchinson trace with its standard error; extends the Monte-Carlo part in blocks
-    until stderr ≤ rtol·|trace| when rtol is given. Probes come from `rng` (a numpy Generator)."""
+    until stderr ≤ rtol·|trace| when rtol is given. Probes come from `rng` (a numpy Generator).
+
+    Also returns the trace of each diagonal block H_bb, b a leaf of x0 with ``sizes[b]`` entries,
+    from the same HVPs, and its standard error. With D_b the 0/1 diagonal selecting block b and
+    P = QQᵀ the Hutch++ sketch projector, tr(D_b H) = tr(D_b HP) + tr(D_b H(I−P)): the first
+    term is exact, Σ_{i∈b} Σ_k Q_ik (HQ)_ik, and the second is the expectation of the Monte-Carlo
+    sample gᵀ(I−P) D_b H(I−P)g restricted to the block, since tr((I−P) D_b H (I−P)) =
+    tr(D_b H (I−P)) by cyclicity. (tr(D_b PHP), the block's share of tr(QᵀHQ), would be biased:
+    the cross terms tr(D_b PH(I−P)) vanish only summed over all blocks.) The block estimates sum
+    exactly to the global one.
+
+    Returns (trace, stderr, HVPs used, block traces (leaves,), their standard errors (leaves,))."""
     # The probes and the sketch algebra live on the host: only the HVP program is compiled,
     # whatever the probe counts.
     dtype = np.dtype(dtype)
@@ -515,33 +566,41 @@ def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, rng):
         return (2.0 * rng.integers(0, 2, (rows, n)) - 1.0).astype(dtype)
 
     low_rank = 0.0
+    low_rank_leaf = np.zeros(len(sizes))
     Qt = None
     if method == "hutch++":
         sketch = _round_up(min(num_probes // 3, n), block)
         mc = _round_up(max(num_probes - 2 * (num_probes // 3), 2), block)
         Y = _apply_blocks(op, rademacher(sketch), block, "trace")
         Qt = np.linalg.qr(Y.T.astype(np.float64))[0].T  # (min(sketch, n), n) orthonormal rows
-        HQ = _apply_blocks(op, Qt.astype(dtype), block, "trace")
-        low_rank = float(np.sum(Qt * HQ.astype(np.float64)))
+        HQ = _apply_blocks(op, Qt.astype(dtype), block, "trace").astype(np.float64)
+        diag = np.sum(Qt * HQ, axis=0)  # diag(HP); sums to tr(QᵀHQ)
+        low_rank = float(diag.sum())
+        low_rank_leaf = _leaf_sums(diag[None], sizes)[0]
         if Qt.shape[0] >= n:  # the sketch spans everything: tr(QᵀHQ) is the exact trace
-            return low_rank, 0.0, op.counts["trace"]
+            return low_rank, 0.0, op.counts["trace"], low_rank_leaf, np.zeros(len(sizes))
     else:
         mc = _round_up(max(num_probes, 2), block)
-    samples = []
+    samples, leaf_samples = [], []
     drawn = 0
     while True:
         G = rademacher(mc if drawn == 0 else block).astype(np.float64)
         if Qt is not None:
             G = G - (G @ Qt.T) @ Qt
         HG = _apply_blocks(op, G.astype(dtype), block, "trace")
-        samples.append(np.sum(G * HG.astype(np.float64), axis=1))
+        products = G * HG.astype(np.float64)
+        samples.append(np.sum(products, axis=1))
+        leaf_samples.append(_leaf_sums(products, sizes))
         drawn += G.shape[0]
         values = np.concatenate(samples)
         estimate = low_rank + values.mean()
         stderr = values.std(ddof=1) / np.sqrt(values.size)
         if rtol is None or stderr <= rtol * abs(estimate) or op.counts["trace"] + block > max_probes:
             break
-    return float(estimate), float(stderr), op.counts["trace"]
+    per_leaf = np.concatenate(leaf_samples)
+    leaf_estimate = low_rank_leaf + per_leaf.mean(axis=0)
+    leaf_stderr = per_leaf.std(axis=0, ddof=1) / np.sqrt(per_leaf.shape[0])
+    return float(estimate), float(stderr), op.counts["trace"], leaf_estimate, leaf_stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,7 +704,8 @@ def hessian_spectrum(
             data — which may be sharded over several devices —, any function).
         x0: the point, any pytree of floating-point arrays; n = total number of elements.
         top_k: number of eigenpairs, 1 ≤ top_k ≤ n.
-        trace: estimate tr H (Hutch++/Hutchinson for "lanczos", exact for "dense").
+        trace: estimate tr H (Hutch++/Hutchinson for "lanczos", exact for "dense"), and the trace
+            of each leaf's diagonal block from the same HVPs (``trace_per_leaf``).
         density: compute the spectral density (SLQ for "lanczos", exact eigenvalues for "dense").
         method: "auto" (dense if n ≤ ``DENSE_MAX_DIM`` = 512, else "lanczos"), "dense" or "lanczos".
         which: "largest" (algebraic, returned descending), "smallest" (ascending) or "magnitude"
@@ -737,8 +797,10 @@ def hessian_spectrum(
     # Host generators, one stream per task: jax.random would compile a sampler per vector length.
     rng_lanczos, rng_trace, rng_density = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     info: dict[str, Any] = {"hvp": op.mode, "hvp_stored_bytes": op.stored_bytes}
-    trace_value = trace_stderr = None
+    trace_value = trace_stderr = leaf_trace = leaf_stderr = None
     density_out = nodes_out = None
+    sizes = [int(np.prod(shape)) for shape, _ in structure[1]]
+    info["leaf_sizes"] = sizes
 
     if method == "dense":
         # Blocks of near-equal size, so that zero padding wastes fewer than one HVP per block.
@@ -758,6 +820,7 @@ def hessian_spectrum(
         vec_rows = vectors.T
         if trace:
             trace_value, trace_stderr = float(np.trace(H)), 0.0
+            leaf_trace, leaf_stderr = _leaf_sums(np.diag(H)[None], sizes)[0], np.zeros(len(sizes))
         if density:
             nodes_out = (evals[None, :], np.full((1, n), 1.0 / n))
     else:
@@ -788,8 +851,8 @@ def hessian_spectrum(
         block = min(probe_batch, max(groups)) if groups else probe_batch
         if trace:
             limit = max_probes if max_probes is not None else 10 * num_probes
-            trace_value, trace_stderr, used = _trace(
-                op, n, dtype, trace_method, num_probes, block, trace_rtol, limit, rng_trace
+            trace_value, trace_stderr, used, leaf_trace, leaf_stderr = _trace(
+                op, n, dtype, trace_method, num_probes, block, trace_rtol, limit, rng_trace, sizes
             )
             info.update(trace_method=trace_method, trace_hvp=used)
         if density:
@@ -804,6 +867,11 @@ def hessian_spectrum(
     vecs = None
     if eigenvectors:
         vecs = [unravel_host(row) for row in vec_rows]
+    per_leaf = per_leaf_err = None
+    if leaf_trace is not None:
+        treedef = structure[0]
+        per_leaf = treedef.unflatten([float(v) for v in leaf_trace])
+        per_leaf_err = treedef.unflatten([float(v) for v in leaf_stderr])
     counts = dict(op.counts)
     return HessianSpectrum(
         eigenvalues=np.asarray(values, np.float64),
@@ -813,6 +881,8 @@ def hessian_spectrum(
         converged=np.asarray(converged, bool),
         trace=trace_value,
         trace_stderr=trace_stderr,
+        trace_per_leaf=per_leaf,
+        trace_per_leaf_stderr=per_leaf_err,
         density=density_out,
         density_nodes=nodes_out,
         method=method,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import jax.flatten_util
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import pytest
+from matplotlib.container import BarContainer
 from matplotlib.contour import ContourSet
 from matplotlib.figure import Figure
 
@@ -279,3 +281,50 @@ def test_site_labels_from_a_loss_like_object():
 
     assert plots.site_labels(LossLike()) == ["W layer1_0/conv1[0]", "W layer1_0/conv1[1]",
                                              "A layer1_0/relu1"]
+
+
+def _block_quadratic(scale):
+    """f over {"net": {"a": {"kernel", "bias"}, "b": {"kernel"}}} with a known diagonal-block trace."""
+    rng = np.random.default_rng(40)
+    M = rng.standard_normal((26, 26))
+    A = scale * (M @ M.T) / 26
+    A_j = jnp.asarray(A, jnp.float32)
+    x0 = {"net": {"a": {"bias": jnp.zeros(2), "kernel": jnp.zeros((3, 4))}, "b": {"kernel": jnp.zeros(12)}}}
+    flat = lambda x: jax.flatten_util.ravel_pytree(x)[0]
+    f = lambda x: 0.5 * flat(x) @ A_j @ flat(x)
+    d = np.diag(A)  # ravel order: a/bias (2), a/kernel (12), b/kernel (12)
+    return hessian_spectrum(f, x0, top_k=1, method="dense"), {"a/bias": d[:2].sum(), "a/kernel": d[2:14].sum(),
+                                                               "b/kernel": d[14:].sum()}
+
+
+def test_leaf_traces_bars_are_the_per_entry_block_traces():
+    spec, exact = _block_quadratic(1.0)
+    other, _ = _block_quadratic(3.0)
+    ax = plots.leaf_traces({"fp32": spec, "w4": other})
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a/bias", "a/kernel", "b/kernel"]  # "net" shared
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "tr H_bb / size"
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 2
+    fp32, w4 = bars
+    heights = [bar.get_height() for bar in fp32.patches]
+    per_entry = [exact["a/bias"] / 2, exact["a/kernel"] / 12, exact["b/kernel"] / 12]
+    np.testing.assert_allclose(heights, per_entry, rtol=1e-5)
+    np.testing.assert_allclose([bar.get_height() for bar in w4.patches], 3 * np.asarray(heights), rtol=1e-5)
+    assert [c.get_label() for c in bars] == ["fp32", "w4"]
+    ax = plots.leaf_traces(spec, per_entry=False, select="kernel", log=False)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a/kernel", "b/kernel"]
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    np.testing.assert_allclose([bar.get_height() for bar in bars.patches],
+                               [exact["a/kernel"], exact["b/kernel"]], rtol=1e-5)
+
+
+def test_leaf_traces_rejects_what_it_cannot_draw():
+    spec, _ = _block_quadratic(1.0)
+    with pytest.raises(ValueError, match="no per-leaf traces"):
+        plots.leaf_traces(hessian_spectrum(lambda v: jnp.sum(v**2), jnp.ones(3), top_k=1, trace=False))
+    with pytest.raises(ValueError, match="different leaves"):
+        plots.leaf_traces({"a": spec, "b": hessian_spectrum(lambda v: jnp.sum(v**2), jnp.ones(3), top_k=1)})
+    with pytest.raises(ValueError, match="no leaf path contains 'conv'"):
+        plots.leaf_traces(spec, select="conv")
+    with pytest.raises(ValueError, match="empty"):
+        plots.leaf_traces({})
