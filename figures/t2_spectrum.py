@@ -5,7 +5,9 @@ weights: FP32, and quantized at W4A4 and W2A2 with α fixed at the layer-wise MS
 (straight-through in the weights, so these are STE Hessians). Top eigenvalues by Lanczos,
 the trace by Hutch++ (± standard error), the spectral density by stochastic Lanczos
 quadrature. Quantization sharpens the weight-space landscape: larger top eigenvalues and
-trace at fewer bits.
+trace at fewer bits. The third panel splits the trace by layer (``trace_per_leaf``, from the
+same Hutch++ products): the average curvature per weight of each conv/dense kernel, which shows
+where the sharpening sits.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def spectrum(ctx, bits) -> dict:
     grid, values = spec.density
     return {"eigenvalues": spec.eigenvalues, "trace": spec.trace, "trace_stderr": spec.trace_stderr,
             "grid": grid, "density": values, "n_hvp": spec.n_hvp, "hvp_counts": spec.hvp_counts,
-            "seconds": spec.seconds,
+            "seconds": spec.seconds, "leaf_traces": spec.leaf_traces(),
             "method": spec.method, "dimension": int(sum(np.size(p) for p in _leaves(params))),
             "loss": float(f(params))}
 
@@ -49,7 +51,7 @@ def _leaves(tree):
 
 def compute(ctx) -> dict:
     return {label: ctx.cached(f"{SLUG}-{label}", {"bits": bits, "spectrum": ctx.preset.spectrum,
-                                                  "batch": ctx.preset.spectrum_batch},
+                                                  "batch": ctx.preset.spectrum_batch, "per_leaf": True},
                               lambda bits=bits: spectrum(ctx, bits))
             for label, bits in configs(ctx)}
 
@@ -60,7 +62,19 @@ def table(data) -> str:
         eig = ", ".join(f"{float(e):.4g}" for e in d["eigenvalues"])
         rows.append(f"| {label} | {float(d['loss']):.4f} | {eig} | {float(d['trace']):.4g} ± "
                     f"{float(d['trace_stderr']):.2g} | {d['n_hvp']} |")
+    labels = list(data)
+    kernels = {label: _kernels(d) for label, d in data.items()}
+    rows += ["", "Per layer: tr H_bb / size of each kernel block (± standard error), from the same probes.", "",
+             "| kernel | size | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for i, (path, size, _, _) in enumerate(kernels[labels[0]]):
+        cells = [f"{k[i][2] / size:.3g} ± {k[i][3] / size:.2g}" for k in kernels.values()]
+        rows.append(f"| {path} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _kernels(d) -> list:
+    """The (path, size, trace, stderr) rows of the conv/dense kernels, in network order."""
+    return [tuple(r) for r in d["leaf_traces"] if str(r[0]).endswith("['kernel']")]
 
 
 def render(data, ctx):
@@ -68,8 +82,8 @@ def render(data, ctx):
 
     from landscape import plots
 
-    fig = Figure(figsize=(12, 4.5), constrained_layout=True)
-    ax, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(17, 4.8), constrained_layout=True)
+    ax, ax2, ax3 = fig.subplots(1, 3, width_ratios=(1, 1, 1.4))
     for k, (label, d) in enumerate(data.items()):
         grid, dens = np.asarray(d["grid"], float), np.asarray(d["density"], float)
         ax.semilogy(grid, np.maximum(dens, 1e-8), color=f"C{k}",
@@ -85,6 +99,8 @@ def render(data, ctx):
     ax2.set_ylabel("eigenvalue")
     ax2.set_title("top eigenvalues (Lanczos)")
     ax2.legend(fontsize=8)
+    plots.leaf_traces({label: _kernels(d) for label, d in data.items()}, ax=ax3,
+                      title="per-layer curvature: tr H_bb / size of each kernel (± s.e.)")
     files = plots.save_figure(fig, ctx.out / SLUG)
     from figures.common import write_text
 
@@ -100,5 +116,14 @@ PAPER = ("(Not in the LAPQ paper; PyHessian-style analysis.) Quantization sharpe
 
 
 def summary(data, ctx) -> str:
-    return "Ours: " + "; ".join(f"{k} λ_max {float(v['eigenvalues'][0]):.3g}, trace {float(v['trace']):.3g}"
+    text = "Ours: " + "; ".join(f"{k} λ_max {float(v['eigenvalues'][0]):.3g}, trace {float(v['trace']):.3g}"
                                 for k, v in data.items()) + "."
+    labels = list(data)
+    if len(labels) > 1:
+        low, base = _kernels(data[labels[-1]]), _kernels(data[labels[0]])
+        growth = [(b[0], a[2] / b[2]) for a, b in zip(low, base, strict=True) if b[2] > 0]
+        if growth:
+            path, most = max(growth, key=lambda g: g[1])
+            text += (f" Per layer, {labels[-1]} / {labels[0]} trace ratios range from "
+                     f"{min(g[1] for g in growth):.3g} to {most:.3g} (largest: {path}).")
+    return text

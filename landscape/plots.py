@@ -470,6 +470,8 @@ def leaf_traces(spectra, *, per_entry: bool = True, select: str | None = None, a
     Args:
         spectra: a :class:`landscape.HessianSpectrum` computed with ``trace=True``, or a dict
             label → HessianSpectrum over the same pytree structure (e.g. FP32 and W4A4 weights).
+            In place of a spectrum, its ``leaf_traces()`` rows (path, size, trace, stderr) also
+            work, e.g. as stored in a JSON file.
         per_entry: divide each block trace tr H_bb by the leaf's size (HAWQ-V2's average trace,
             comparable across layers of different sizes); False plots tr H_bb itself.
         select: keep only leaves whose path contains this string (e.g. "kernel").
@@ -484,17 +486,18 @@ def leaf_traces(spectra, *, per_entry: bool = True, select: str | None = None, a
     items = dict(spectra) if isinstance(spectra, Mapping) else {None: spectra}
     if not items:
         raise ValueError("spectra is empty; pass a HessianSpectrum or a dict label -> HessianSpectrum")
-    tables = {}
+    every = {}
     for label, spec in items.items():
-        rows = spec.leaf_traces() if hasattr(spec, "leaf_traces") else []
-        if not rows:
+        every[label] = spec.leaf_traces() if hasattr(spec, "leaf_traces") else list(spec or [])
+        if not every[label]:
             raise ValueError(f"spectrum {label!r} has no per-leaf traces; call hessian_spectrum(..., trace=True)")
-        tables[label] = [r for r in rows if r[1] > 0 and (select is None or select in r[0])]
+    tables = {label: [r for r in rows if r[1] > 0 and (select is None or select in r[0])]
+              for label, rows in every.items()}
     paths = [[r[0] for r in rows] for rows in tables.values()]
     if any(p != paths[0] for p in paths):
         raise ValueError("the spectra have different leaves; compare spectra of the same pytree structure")
     if not paths[0]:
-        example = next(iter(items.values())).leaf_traces()[0][0]
+        example = next(iter(every.values()))[0][0]
         raise ValueError(f"no leaf path contains {select!r}; leaf paths look like {example}")
     values = np.array([[r[2] / (r[1] if per_entry else 1) for r in rows] for rows in tables.values()])
     errors = np.array([[r[3] / (r[1] if per_entry else 1) for r in rows] for rows in tables.values()])
@@ -510,7 +513,7 @@ def leaf_traces(spectra, *, per_entry: bool = True, select: str | None = None, a
     width = 0.8 / k
     x = np.arange(m)
     for i, (label, spec) in enumerate(items.items()):
-        name = label if label is not None else f"{spec.method}, n = {spec.dim}"
+        name = label if label is not None else f"{getattr(spec, 'method', 'trace')}, n = {getattr(spec, 'dim', '?')}"
         ax.bar(x + (i - (k - 1) / 2) * width, values[i], width, yerr=errors[i], color=f"C{i % 10}",
                error_kw=dict(lw=0.7, capsize=1.5), label=str(name))
     if log:
