@@ -86,7 +86,9 @@ class ClipLoss:
       net: a trained network (anything with ``.model`` and ``.variables``, e.g. the result
         of :func:`landscape.train.fit`).
       calib: the calibration :class:`~landscape.data.Split` (or an ``(x, y)`` pair).
-      w_bits, a_bits: bit widths of weight / activation sites, in [2, 16], or None (FP32).
+      w_bits, a_bits: bit widths of weight / activation sites, in [2, 16], or None (FP32); or,
+        for mixed precision, a mapping site name → bits (or None) over the chosen sites of that
+        kind, those not named staying FP32 (see :func:`landscape.bit_allocation.allocate_bits`).
       quantize_first_last: also quantize the first and last layers (default FP32).
       sites: names of the sites to quantize (overrides the first/last rule); others FP32.
       weight_grid: "midrise" (reference, no zero level) or "midtread" (signed with zero).
@@ -101,7 +103,8 @@ class ClipLoss:
         "default" (the backend's fast path: TF32 on recent NVIDIA GPUs, bf16 passes on TPU).
     """
 
-    def __init__(self, net, calib, *, w_bits: int | None, a_bits: int | None,
+    def __init__(self, net, calib, *, w_bits: int | Mapping[str, int | None] | None,
+                 a_bits: int | Mapping[str, int | None] | None,
                  quantize_first_last: bool = False, sites: Iterable[str] | None = None,
                  weight_grid: str = "midrise", per_channel: bool = False,
                  bias_correction: bool = False, fold_bn: bool = False,
@@ -116,6 +119,7 @@ class ClipLoss:
             raise ValueError(f"calibration data must be non-empty with matching lengths; got x {x.shape}, "
                              f"y {y.shape}")
         quantizers.check_grid(weight_grid, "ClipLoss weight_grid")
+        w_bits, a_bits = _frozen_bits(w_bits), _frozen_bits(a_bits)
         self.options = dict(w_bits=w_bits, a_bits=a_bits, quantize_first_last=quantize_first_last,
                             sites=None if sites is None else tuple(sites), weight_grid=weight_grid,
                             per_channel=per_channel, bias_correction=bias_correction, fold_bn=fold_bn,
@@ -152,9 +156,20 @@ class ClipLoss:
             if unknown:
                 raise ValueError(f"unknown sites {unknown}; the network's sites are {list(known)}")
             chosen = [s for s in self.all_sites if s.name in set(names)]
+        for kind, given in (("weight", w_bits), ("activation", a_bits)):
+            if isinstance(given, Mapping):
+                eligible = [s.name for s in chosen if s.kind == kind]
+                stray = [k for k in given if k not in eligible]
+                if stray:
+                    raise ValueError(
+                        f"{kind[0]}_bits names {stray}, which are not quantizable {kind} sites here; the "
+                        f"{kind} sites are {eligible} (first and last layers need quantize_first_last=True "
+                        "or sites=...)")
         active, specs = [], {}
         for site in chosen:
             bits = w_bits if site.kind == "weight" else a_bits
+            if isinstance(bits, Mapping):
+                bits = bits.get(site.name)
             if bits is None:
                 continue
             quantizers.check_bits(bits, f"site {site.name!r} ({site.kind})")
@@ -463,12 +478,31 @@ class ClipLoss:
             raise ValueError(f"unknown ClipLoss options {sorted(unknown)}; allowed: {sorted(self.options)}")
         return ClipLoss(self.net, self.calib if calib is None else calib, **{**self.options, **changes})
 
+    @property
+    def bits(self) -> dict[str, int]:
+        """Bit width of each quantized site, in network order."""
+        return {s.name: self._layout.specs[s.name].bits for s in self.sites}
+
     def __repr__(self) -> str:
         kinds = collections.Counter(s.kind for s in self.sites)
-        bits = {k: self.options["w_bits" if k == "weight" else "a_bits"] for k in kinds}
-        desc = ", ".join(f"{kinds[k]} {k} @ {bits[k]}b" for k in ("weight", "activation") if k in kinds)
+        widths = {k: sorted({self._layout.specs[s.name].bits for s in self.sites if s.kind == k}) for k in kinds}
+        label = {k: f"{v[0]}b" if len(v) == 1 else f"{v[0]}–{v[-1]}b mixed" for k, v in widths.items()}
+        desc = ", ".join(f"{kinds[k]} {k} @ {label[k]}" for k in ("weight", "activation") if k in kinds)
         return (f"ClipLoss({type(self.model).__name__}, n={self.n} ({desc or 'all FP32'}), "
                 f"calib={self.n_calib}, devices={len(jax.devices())})")
+
+
+def _frozen_bits(bits):
+    """An int/None bit width unchanged; a mapping as a validated dict copy in site-name order, so
+    that ``options`` stays a stable (and JSON-serialisable) description of the loss."""
+    if not isinstance(bits, Mapping):
+        return bits
+    out = {}
+    for name in sorted(bits):
+        if not isinstance(name, str):
+            raise ValueError(f"bit-width mappings are keyed by site name (str), got key {name!r}")
+        out[name] = quantizers.check_bits(bits[name], f"site {name!r}")
+    return out
 
 
 def sites_of(model, variables, x) -> tuple[list[sites.Site], list]:

@@ -50,7 +50,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.optimize
@@ -562,6 +562,11 @@ OPTIMIZER_ROWS = (("CD", "cd"), ("LAPQ (Powell)", "powell"), ("batched", "batche
 ALL_ROWS = ("FP32",) + tuple(r for r, _ in RULE_ROWS) + ("Lp(p*)",) + tuple(r for r, _ in OPTIMIZER_ROWS)
 
 
+def _width(bits) -> str:
+    """A bit-width option as printed in "W4A4": the int, None, or "(mixed)" for a per-site dict."""
+    return "(mixed)" if isinstance(bits, Mapping) else str(bits)
+
+
 @dataclasses.dataclass
 class MethodComparison:
     """Calibration loss and test accuracy of every method over calibration-sampling seeds.
@@ -597,7 +602,7 @@ class MethodComparison:
 
     def to_markdown(self) -> str:
         s = self.setting
-        head = (f"{s.get('network', '')} W{s.get('w_bits')}A{s.get('a_bits')}, calibration "
+        head = (f"{s.get('network', '')} W{_width(s.get('w_bits'))}A{_width(s.get('a_bits'))}, calibration "
                 f"{s.get('calib_size')} images × {len(self.seeds)} seeds {list(self.seeds)}, "
                 f"bias correction {'on' if s.get('bias_correction') else 'off'}, maxiter {s.get('maxiter')}; "
                 f"p* = {', '.join(f'{p:.2f} ({r})' for p, r in zip(self.p_star, self.p_rule, strict=True))}")

@@ -162,6 +162,43 @@ def test_per_channel_bias_correction_and_fold(tiny_net, digits):
     assert float(folded(folded.init("max"))) == pytest.approx(float(fp(fp.init("max"))), rel=1e-3)
 
 
+def test_per_site_bit_widths(tiny_net, digits, loss4):
+    """A mapping names each site's bits: the same widths as an int give the same loss, changing
+    one site's width changes it, and unnamed sites stay FP32."""
+    uniform = {s.name: 4 for s in loss4.sites if s.kind == "weight"}
+    acts = {s.name: 4 for s in loss4.sites if s.kind == "activation"}
+    mixed = ls.ClipLoss(tiny_net, digits.calib, w_bits=uniform, a_bits=acts)
+    alpha = loss4.init("max")
+    assert float(mixed(alpha)) == pytest.approx(float(loss4(alpha)), rel=1e-6)
+    assert mixed.bits == loss4.bits and set(loss4.bits.values()) == {4}
+    assert repr(mixed) == repr(loss4)
+
+    two = ls.ClipLoss(tiny_net, digits.calib, w_bits={**uniform, "conv1_0": 2}, a_bits=acts)
+    assert two.bits["conv1_0"] == 2 and two.bits["conv0_1"] == 4
+    assert "weight @ 2–4b mixed" in repr(two)
+    assert float(two(alpha)) != pytest.approx(float(loss4(alpha)), rel=1e-3)
+
+    only = ls.ClipLoss(tiny_net, digits.calib, w_bits={"conv1_1": 3}, a_bits=None)
+    assert [s.name for s in only.sites] == ["conv1_1"] and only.bits == {"conv1_1": 3}
+    manual = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=None, sites=["conv1_1"])
+    a = manual.init("mse")
+    assert float(only(a)) == pytest.approx(float(manual(a)), rel=1e-6)
+    # options keep the mapping (a copy, in site-name order), and with_options goes through it
+    assert only.options["w_bits"] == {"conv1_1": 3}
+    assert only.with_options(w_bits={"conv1_1": 2}).bits == {"conv1_1": 2}
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"w_bits": {"relu0_0": 4}, "a_bits": 4}, r"w_bits names \['relu0_0'\], which are not quantizable weight"),
+    ({"w_bits": {"conv0_0": 4}, "a_bits": None}, r"quantize_first_last=True"),
+    ({"w_bits": 4, "a_bits": {"relu0_1": 1}}, r"site 'relu0_1': bits=1"),
+    ({"w_bits": {3: 4}, "a_bits": None}, r"keyed by site name"),
+])
+def test_bad_per_site_bits(tiny_net, digits, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ls.ClipLoss(tiny_net, digits.calib, **kw)
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"w_bits": 1, "a_bits": 4}, r"site 'conv0_1' \(weight\): bits=1"),
     ({"w_bits": 4, "a_bits": 20}, r"site 'relu0_0' \(activation\): bits=20"),
