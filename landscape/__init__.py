@@ -9,6 +9,7 @@ analyzers and optimizers consume it.
 # First: guards XLA:CPU before any JAX computation (see landscape/_xla_flags.py).
 from landscape import _xla_flags  # noqa: F401  isort: skip
 from landscape import (
+    bit_allocation,
     calibration,
     data,
     folding,
@@ -22,6 +23,7 @@ from landscape import (
     surfaces,
     train,
 )
+from landscape.bit_allocation import allocate_bits, weight_sensitivity
 from landscape.clip_hessian import clip_hessian
 from landscape.clip_loss import ClipLoss, default_sites, sites_of
 
@@ -43,10 +45,11 @@ from landscape.surfaces import loss_line, loss_surface, random_direction, weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "anova_interaction", "calibration",
+    "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "allocate_bits", "anova_interaction",
+    "bit_allocation", "calibration",
     "clip_hessian", "compare_methods", "data", "lapq",
     "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature",
     "hessian_spectrum", "layers", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",
     "runtime", "separability", "separability_index", "sites", "sites_of", "sparsity", "spectrum",
-    "surfaces", "train", "weight_surface",
+    "surfaces", "train", "weight_sensitivity", "weight_surface",
 ]

@@ -1,0 +1,106 @@
+"""Mixed-precision allocation: the exact knapsack against brute force, HAWQ-V2 sensitivities
+against their definition, and the allocation feeding a ClipLoss."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import landscape as ls
+from landscape import quantizers
+from landscape.bit_allocation import Sensitivity, allocate_bits
+
+
+def synthetic(seed, layers=5, bits=(2, 3, 4, 8)):
+    """Random sizes and Ω decreasing in the width (as ‖Q_b(W) − W‖² does, roughly 4^−b)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([16, 48, 96, 160, 432], layers)
+    curvature = rng.lognormal(0.0, 1.5, layers)
+    error = sizes[:, None] * 4.0 ** -np.asarray(bits)[None, :] * rng.uniform(0.5, 2.0, (layers, len(bits)))
+    omega = curvature[:, None] * error
+    names = tuple(f"l{i}" for i in range(layers))
+    return Sensitivity(names, sizes, tuple(bits), curvature * sizes, np.zeros(layers), error, omega, "synthetic")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_the_brute_force_optimum(seed):
+    s = synthetic(seed)
+    total = int(s.sizes.sum())
+    choices = list(itertools.product(range(len(s.bits)), repeat=len(s.sites)))
+    cost = np.array([sum(s.sizes[i] * s.bits[c] for i, c in enumerate(ch)) for ch in choices])
+    value = np.array([sum(s.omega[i, c] for i, c in enumerate(ch)) for ch in choices])
+    for average in (2.0, 2.3, 2.5, 3.0, 3.7, 5.0, 8.0):
+        budget = int(np.floor(average * total + 1e-9))
+        best = value[cost <= budget].min()
+        got = allocate_bits(s, average_bits=average)
+        assert got.omega == pytest.approx(best, rel=1e-12)
+        assert got.size_bits <= budget == got.budget_bits
+        assert got.size_bits == sum(s.sizes[i] * got.bits[name] for i, name in enumerate(s.sites))
+        assert got.omega == pytest.approx(sum(s.omega[i, s.bits.index(got.bits[n])] for i, n in enumerate(s.sites)))
+        # The front: sizes increasing, Σ Ω strictly decreasing, every point feasible and optimal
+        # for its own size.
+        front = got.front
+        assert np.all(np.diff(front[:, 0]) > 0) and np.all(np.diff(front[:, 1]) < 0)
+        for size, omega in front:
+            assert omega == pytest.approx(value[cost <= size].min(), rel=1e-12)
+    assert allocate_bits(s, budget_bits=total * 8).bits == dict.fromkeys(s.sites, 8)
+    assert allocate_bits(s, budget_bits=total * 2).bits == dict.fromkeys(s.sites, 2)
+
+
+def test_allocation_rejects_bad_budgets():
+    s = synthetic(0)
+    total = int(s.sizes.sum())
+    with pytest.raises(ValueError, match="exactly one"):
+        allocate_bits(s)
+    with pytest.raises(ValueError, match="exactly one"):
+        allocate_bits(s, average_bits=3.0, budget_bits=3 * total)
+    with pytest.raises(ValueError, match=r"below the .* bits of every site at 2 bits"):
+        allocate_bits(s, average_bits=1.9)
+    with pytest.raises(ValueError, match="average_bits must be a positive number"):
+        allocate_bits(s, average_bits=float("nan"))
+
+
+@pytest.fixture(scope="module")
+def sensitivity(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    return loss, ls.weight_sensitivity(loss, bits=(4, 2, 3), num_probes=30, seed=1)
+
+
+def test_sensitivity_is_hawq_v2_omega(sensitivity, tiny_net, digits):
+    loss, s = sensitivity
+    assert s.sites == ("conv0_1", "conv1_0", "conv1_1") and s.bits == (2, 3, 4)
+    assert list(s.sizes) == [3 * 3 * 8 * 8, 3 * 3 * 8 * 16, 3 * 3 * 16 * 16]
+    # tr H_ii is the spectrum's per-leaf trace of that kernel.
+    params = s.spectrum.trace_per_leaf
+    assert s.trace[2] == params["conv1_1"]["kernel"] and s.trace_stderr[2] > 0
+    np.testing.assert_allclose(s.omega, (s.trace / s.sizes)[:, None] * s.error)
+    assert np.all(np.diff(s.error, axis=1) < 0)  # more bits, smaller perturbation
+    # The perturbation is the loss's own quantizer at that width's MSE α.
+    single = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=None, sites=["conv1_0"])
+    alpha = float(single.init("mse")[0])
+    w = np.asarray(tiny_net.variables["params"]["conv1_0"]["kernel"], np.float32)
+    w_hat = np.asarray(quantizers.quantize(w, alpha, 3, "midrise"), np.float64)
+    assert s.error[1, 1] == pytest.approx(float(np.sum((w_hat - w) ** 2)), rel=1e-5)
+    assert "conv1_1" in repr(s) and "Ω(2)" in repr(s)
+
+
+def test_sensitivity_reuses_a_spectrum_and_feeds_clip_loss(sensitivity, tiny_net, digits):
+    loss, s = sensitivity
+    again = ls.weight_sensitivity(loss, bits=(2, 3, 4), spectrum=s.spectrum)
+    assert again.spectrum is s.spectrum
+    np.testing.assert_allclose(again.omega, s.omega)
+    allocation = ls.allocate_bits(s, average_bits=3.0)
+    assert set(allocation.bits) == set(s.sites) and allocation.average_bits <= 3.0
+    mixed = ls.ClipLoss(tiny_net, digits.calib, w_bits=allocation.bits, a_bits=None)
+    assert mixed.bits == allocation.bits
+    assert np.isfinite(float(mixed(mixed.init("mse"))))
+    no_trace = ls.hessian_spectrum(loss.weight_loss(None), loss.variables["params"], top_k=1, trace=False,
+                                   tol=1e-1)
+    with pytest.raises(ValueError, match="no per-leaf traces"):
+        ls.weight_sensitivity(loss, spectrum=no_trace)
+    with pytest.raises(ValueError, match="no quantized weight sites"):
+        ls.weight_sensitivity(loss.with_options(w_bits=None))
+    with pytest.raises(ValueError, match="bits=1"):
+        ls.weight_sensitivity(loss, bits=(1, 4), spectrum=s.spectrum)
