@@ -119,7 +119,7 @@ class ClipLoss:
             raise ValueError(f"calibration data must be non-empty with matching lengths; got x {x.shape}, "
                              f"y {y.shape}")
         quantizers.check_grid(weight_grid, "ClipLoss weight_grid")
-        w_bits, a_bits = _frozen_bits(w_bits), _frozen_bits(a_bits)
+        w_bits, a_bits = _checked_bits(w_bits), _checked_bits(a_bits)
         self.options = dict(w_bits=w_bits, a_bits=a_bits, quantize_first_last=quantize_first_last,
                             sites=None if sites is None else tuple(sites), weight_grid=weight_grid,
                             per_channel=per_channel, bias_correction=bias_correction, fold_bn=fold_bn,
@@ -492,7 +492,7 @@ class ClipLoss:
                 f"calib={self.n_calib}, devices={len(jax.devices())})")
 
 
-def _frozen_bits(bits):
+def _checked_bits(bits):
     """An int/None bit width unchanged; a mapping as a validated dict copy in site-name order, so
     that ``options`` stays a stable (and JSON-serialisable) description of the loss."""
     if not isinstance(bits, Mapping):
