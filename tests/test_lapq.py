@@ -162,6 +162,21 @@ def test_lapq_switches_bias_correction_on(tiny_net, digits):
     assert off.init_loss == pytest.approx(float(plain(res.init_alpha)), rel=1e-5)
 
 
+def test_lapq_on_mixed_widths_uses_each_sites_bits(tiny_net, digits):
+    """A per-site ClipLoss goes through the whole pipeline (Lp sweep at each site's width, joint
+    step), and the result is the loss at those widths."""
+    widths = {"conv0_1": 2, "conv1_0": 4, "conv1_1": 3}
+    mixed = ls.ClipLoss(tiny_net, digits.calib, w_bits=widths, a_bits={"relu0_0": 4, "relu1_0": 2})
+    res = lq.lapq(mixed, p_grid=COARSE, method="batched", maxiter=1)
+    assert res.loss <= res.init_loss
+    corrected = mixed.with_options(bias_correction=True)
+    assert corrected.bits == {"relu0_0": 4, "conv0_1": 2, "conv1_0": 4, "conv1_1": 3, "relu1_0": 2}
+    assert res.loss == pytest.approx(float(corrected(res.alpha)), rel=1e-5)
+    # The Lp start differs from the uniform-width one: each site's α follows its own grid.
+    uniform = mixed.with_options(w_bits=3, a_bits=3, sites=list(mixed.bits))
+    assert not np.allclose(mixed.init("lp", p=3.0), uniform.init("lp", p=3.0))
+
+
 # --------------------------------------------------------------------------- optimizers
 
 
