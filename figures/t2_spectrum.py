@@ -16,7 +16,7 @@ import numpy as np
 
 NAME = "T2"
 SLUG = "t2_spectrum"
-TITLE = "Weight-space Hessian spectrum: FP32 vs W4A4 vs W2A2 (top-k, trace, density)"
+TITLE = "Weight-space Hessian spectrum: FP32 vs W4A4 vs W2A2 (top-k, trace, density, per-layer trace)"
 EST_SECONDS = 120
 
 def configs(ctx):
