@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
-# Before anything caches: a per-session cache directory and no progress bars.
-os.environ.setdefault("LANDSCAPE_CACHE", tempfile.mkdtemp(prefix="landscape-test-cache-"))
+# Before anything caches: a per-session cache directory (removed when the session ends; a
+# LANDSCAPE_CACHE given by the caller is the caller's and stays) and no progress bars.
+if "LANDSCAPE_CACHE" not in os.environ:
+    os.environ["LANDSCAPE_CACHE"] = tempfile.mkdtemp(prefix="landscape-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LANDSCAPE_CACHE"], ignore_errors=True)
 os.environ.setdefault("LANDSCAPE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
