@@ -133,10 +133,24 @@ def main(argv=None) -> int:
             found[method] = acc
             rows.append(dict(budget=budget, method=method, average_bits=alloc.average_bits, calib_loss=calib_loss,
                              test_acc=acc, hawq_omega=hawq_omega, widths=alloc.bits))
+        # The same curvature under a compute budget instead: the BOPs of uniform `budget`-bit
+        # weights (HAWQ-V3's constraint; activations one width, so their width cancels out).
+        a_for_bops = args.a_bits or 32
+        alloc = ls.allocate_bits(sens, budget_bops=int(budget * sens.bops(dict.fromkeys(sens.sites, 1), a_for_bops)),
+                                 a_bits=a_for_bops)
+        calib_loss, acc = evaluate(net, data, alloc.bits, cache, f"hawq (BOPs) @ {budget}")
+        hawq_omega = float(sum(sens.omega[i, BITS.index(alloc.bits[n])] for i, n in enumerate(sens.sites)))
+        rows.append(dict(budget=budget, method="hawq (BOPs)", average_bits=alloc.average_bits, calib_loss=calib_loss,
+                         test_acc=acc, hawq_omega=hawq_omega, widths=alloc.bits))
         shuffled = float(np.mean([v for k, v in found.items() if k.startswith("shuffled")]))
         holds = found["hawq"] >= found["perturbation only"] and found["hawq"] >= shuffled
         verdicts.append(dict(budget=budget, hawq=found["hawq"], perturbation_only=found["perturbation only"],
                              shuffled_mean=shuffled, holds=holds))
+
+    total = float(np.sum(sens.sizes))
+
+    def mac_bits(widths):
+        return sens.bops(widths, 1) / float(np.sum(sens.macs))
 
     lapq_rows, lapq_verdicts = [], []
     if args.a_bits:
@@ -151,6 +165,9 @@ def main(argv=None) -> int:
             hawq = next(r for r in rows if r["budget"] == budget and r["method"] == "hawq")
             row = calibrate(net, data, hawq["widths"], args.a_bits, args.lapq_method, f"hawq @ {budget}")
             lapq_rows.append(dict(budget=budget, **row))
+            by_bops = next(r for r in rows if r["budget"] == budget and r["method"] == "hawq (BOPs)")
+            lapq_rows.append(dict(budget=budget, **calibrate(net, data, by_bops["widths"], args.a_bits,
+                                                             args.lapq_method, f"hawq (BOPs) @ {budget}")))
             lapq_verdicts.append(dict(budget=budget, hawq_lapq=row["lapq_acc"], hawq_mse=row["mse_acc"],
                                       uniform_lapq=uniform[floor]["lapq_acc"], uniform_bits=floor,
                                       holds=row["lapq_acc"] > row["mse_acc"]
@@ -163,14 +180,17 @@ def main(argv=None) -> int:
              f"Weights only (activations FP32), first and last layers FP32, per-tensor α from the MSE rule at "
              f"each site's width, {args.calib_size} calibration images, 10,000 test images. Per-layer traces: "
              f"{spec.n_hvp} HVPs, trace {spec.trace:.4g} ± {spec.trace_stderr:.2g}.", "",
-             "| budget (avg bits) | allocation | avg bits | Σ Ω (HAWQ) | calibration loss | test accuracy (%) | "
-             "widths, network order |", "|---|---|---|---|---|---|---|"]
+             "`hawq (BOPs)` allocates under the bit operations of uniform widths at the budget (Σ MACs_i·b_i "
+             "≤ budget·Σ MACs_i, activations one width) instead of their size; MAC-weighted bits = "
+             "Σ MACs_i·b_i / Σ MACs_i, the compute analogue of the average.", "",
+             "| budget (avg bits) | allocation | avg bits | MAC-weighted bits | Σ Ω (HAWQ) | calibration loss | "
+             "test accuracy (%) | widths, network order |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         widths = " ".join(str(v) for v in r["widths"].values())
         omega = f"{r['hawq_omega']:.4g}" if "hawq_omega" in r else "–"
         lines.append(f"| {r['budget'] if r['budget'] is not None else '–'} | {r['method']} | "
-                     f"{r['average_bits']:.3f} | {omega} | {r['calib_loss']:.4f} | {100 * r['test_acc']:.2f} | "
-                     f"{widths} |")
+                     f"{r['average_bits']:.3f} | {mac_bits(r['widths']):.3f} | {omega} | {r['calib_loss']:.4f} | "
+                     f"{100 * r['test_acc']:.2f} | {widths} |")
     lines += ["", "Claim (threshold fixed before the run): at each budget, hawq's test accuracy ≥ that of "
               "'perturbation only' and ≥ the mean of the shuffled controls.", ""]
     for v in verdicts:
@@ -181,11 +201,13 @@ def main(argv=None) -> int:
         lines += ["", f"## The allocation, then LAPQ: weights as allocated, activations at {args.a_bits} bits", "",
                   f"Per-channel weight bias correction on; α layer-wise (MSE) or joint (`lapq`, method "
                   f"{args.lapq_method!r}, one sweep, p grid linspace(2, 4, 5)); same calibration and test sets.", "",
-                  "| budget (avg bits) | weights | calibration loss, MSE α | test accuracy, MSE α (%) | p* | "
-                  "calibration loss, LAPQ | test accuracy, LAPQ (%) | evaluations | seconds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| budget (avg bits) | weights | avg bits | MAC-weighted bits | calibration loss, MSE α | "
+                  "test accuracy, MSE α (%) | p* | calibration loss, LAPQ | test accuracy, LAPQ (%) | evaluations | "
+                  "seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in lapq_rows:
-            lines.append(f"| {r['budget'] if r['budget'] is not None else '–'} | {r['method']} | {r['mse_loss']:.4f} | "
+            avg = sum(n * r["widths"][name] for n, name in zip(sens.sizes, sens.sites, strict=True)) / total
+            lines.append(f"| {r['budget'] if r['budget'] is not None else '–'} | {r['method']} | "
+                         f"{avg:.3f} | {mac_bits(r['widths']):.3f} | {r['mse_loss']:.4f} | "
                          f"{100 * r['mse_acc']:.2f} | {r['p_star']:.2f} | {r['lapq_loss']:.4f} | "
                          f"{100 * r['lapq_acc']:.2f} | {r['n_evals']} | {r['seconds']:.0f} |")
         lines += ["", "Claims (thresholds fixed before the run): at each budget, LAPQ on the hawq widths beats "

@@ -7,7 +7,8 @@ Which layers can take fewer bits? HAWQ-V2 (Dong et al., NeurIPS 2020) ranks weig
 the average curvature of the loss along layer i's n_i weights times the squared quantization
 perturbation at b bits: the second-order loss increase of quantizing that layer alone, if the
 perturbation were isotropic. It then picks one width per layer to minimise Σ_i Ω_i(b_i) under a
-size budget Σ_i n_i b_i ≤ B.
+size budget Σ_i n_i b_i ≤ B, or (as HAWQ-V3 does) a compute budget in bit operations,
+BOPs = Σ_i MACs_i · b_i · a_i with a_i the width of layer i's input activations.
 
 * :func:`weight_sensitivity` measures Ω for the quantized weight sites of a
   :class:`~landscape.ClipLoss`: tr H_ii from one :func:`~landscape.hessian_spectrum` call on the
@@ -47,6 +48,8 @@ class Sensitivity:
         omega: (L, B) Ω_i(b) = trace / sizes · error.
         rule: the calibration rule that set each site's α at each width.
         spectrum: the :class:`~landscape.HessianSpectrum` behind ``trace``.
+        macs: (L,) multiply-accumulates per example of each site's layer (:attr:`Site.macs`), for
+            BOPs budgets; None when a layer does not report them.
     """
 
     sites: tuple[str, ...]
@@ -58,16 +61,53 @@ class Sensitivity:
     omega: np.ndarray
     rule: str
     spectrum: object = dataclasses.field(repr=False, default=None)
+    macs: np.ndarray | None = None
+
+    def bops(self, widths: Mapping[str, int], a_bits: int | Mapping[str, int]) -> int:
+        """Σ_i MACs_i · b_i · a_i per example: the bit operations of the weight widths ``widths``
+        (site → bits, every site) with input activations at ``a_bits`` (one width, or site → the
+        width of that layer's input)."""
+        missing = [n for n in self.sites if n not in widths]
+        if missing:
+            raise ValueError(f"widths has no entry for sites {missing}")
+        return int(np.sum(self._bops_per_bit(a_bits) * np.array([int(widths[n]) for n in self.sites])))
+
+    def _bops_per_bit(self, a_bits) -> np.ndarray:
+        """(L,) MACs_i · a_i, int64: the BOPs of each site per bit of its weights."""
+        if self.macs is None or any(m is None for m in self.macs):
+            raise ValueError("these sensitivities carry no MACs (a layer did not report its output "
+                             "through landscape.sites.note_output); a BOPs budget needs them")
+        if isinstance(a_bits, Mapping):
+            stray = sorted(set(a_bits) - set(self.sites))
+            missing = [n for n in self.sites if n not in a_bits]
+            if stray or missing:
+                raise ValueError(f"a_bits must map every weight site to its input width: unknown {stray}, "
+                                 f"missing {missing}")
+            widths = [_activation_width(a_bits[n], f"a_bits[{n!r}]") for n in self.sites]
+        else:
+            widths = [_activation_width(a_bits, "a_bits")] * len(self.sites)
+        return np.asarray(self.macs, np.int64) * np.asarray(widths, np.int64)
+
 
     def __repr__(self) -> str:
         head = f"Sensitivity({len(self.sites)} weight sites, bits {list(self.bits)}, α by {self.rule!r})"
         width = max(len(s) for s in self.sites)
         cols = "  ".join(f"{'Ω(' + str(b) + ')':>9}" for b in self.bits)
-        lines = [head, f"  {'site':<{width}} {'size':>7} {'tr H_ii/n_i':>11}  {cols}"]
+        macs = self.macs is not None
+        lines = [head, f"  {'site':<{width}} {'size':>7}{'  MACs/example' if macs else ''} {'tr H_ii/n_i':>11}  {cols}"]
         for i, name in enumerate(self.sites):
             row = "  ".join(f"{v:>9.3g}" for v in self.omega[i])
-            lines.append(f"  {name:<{width}} {self.sizes[i]:>7} {self.trace[i] / self.sizes[i]:>11.3g}  {row}")
+            mac = f"  {self.macs[i]:>12}" if macs else ""
+            lines.append(f"  {name:<{width}} {self.sizes[i]:>7}{mac} {self.trace[i] / self.sizes[i]:>11.3g}  {row}")
         return "\n".join(lines)
+
+
+def _activation_width(bits, where: str) -> int:
+    """An input activation width for a BOPs count: an integer in [1, 32] (32: FP32 inputs)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 32:
+        raise ValueError(f"{where}={bits!r} is not an activation width; use an integer in [1, 32] "
+                         "(32 for FP32 inputs)")
+    return int(bits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,22 +119,28 @@ class Allocation:
         omega: Σ_i Ω_i(b_i) of this choice.
         size_bits: Σ_i n_i b_i.
         average_bits: size_bits / Σ_i n_i.
-        budget_bits: the budget B it was chosen under.
-        front: (K, 2) the Pareto front of (size_bits, omega) over all choices within the budget,
-            by increasing size; the allocation is its last point.
+        constraint: "size" (Σ_i n_i b_i ≤ budget) or "bops" (Σ_i MACs_i b_i a_i ≤ budget).
+        budget: the budget it was chosen under, in bits ("size") or bit operations per example
+            ("bops").
+        cost: the choice's Σ_i n_i b_i ("size") or BOPs ("bops").
+        front: (K, 2) the Pareto front of (cost, omega) over all choices within the budget, by
+            increasing cost; the allocation is its last point.
     """
 
     bits: dict[str, int]
     omega: float
     size_bits: int
     average_bits: float
-    budget_bits: int
+    constraint: str
+    budget: int
+    cost: int
     front: np.ndarray
 
     def __repr__(self) -> str:
         widths = ", ".join(f"{k} {v}" for k, v in self.bits.items())
-        return (f"Allocation(average {self.average_bits:.3f} bits, {self.size_bits} of {self.budget_bits} "
-                f"budget bits, Σ Ω {self.omega:.4g}; {widths})")
+        unit = "budget bits" if self.constraint == "size" else "budget BOPs"
+        return (f"Allocation(average {self.average_bits:.3f} bits, {self.cost} of {self.budget} {unit}, "
+                f"Σ Ω {self.omega:.4g}; {widths})")
 
 
 def _at_kernel(tree, name):
@@ -158,6 +204,7 @@ def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = 
     trace = np.array([_at_kernel(trace_of, s.name) for s in weight_sites], np.float64)
     trace_stderr = np.array([_at_kernel(err_of, s.name) for s in weight_sites], np.float64)
     sizes = np.array([int(np.prod(s.shape)) for s in weight_sites])
+    macs = None if any(s.macs is None for s in weight_sites) else np.array([s.macs for s in weight_sites], np.int64)
 
     error = np.zeros((len(weight_sites), len(bits)))
     names = [s.name for s in weight_sites]
@@ -174,60 +221,76 @@ def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = 
                 w_hat = quantizers.bias_correct(w_hat, w)
             error[i, j] = float(np.sum((np.asarray(w_hat, np.float64) - w) ** 2))
     omega = (trace / sizes)[:, None] * error
-    return Sensitivity(tuple(names), sizes, bits, trace, trace_stderr, error, omega, rule, spectrum)
+    return Sensitivity(tuple(names), sizes, bits, trace, trace_stderr, error, omega, rule, spectrum, macs)
 
 
 def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None,
-                  budget_bits: int | None = None) -> Allocation:
-    """The widths minimising Σ_i Ω_i(b_i) subject to Σ_i n_i b_i ≤ budget, exactly.
+                  budget_bits: int | None = None, budget_bops: int | None = None,
+                  a_bits: int | Mapping[str, int] | None = None) -> Allocation:
+    """The widths minimising Σ_i Ω_i(b_i) under a size or a compute budget, exactly.
 
-    Give the budget either as ``average_bits`` (per weight of the ranked sites) or as
-    ``budget_bits``. The search merges the layers one at a time into the Pareto front of
-    (size, Σ Ω) — a choice is kept only if no other choice is both smaller and better — so the
-    optimum is exact; the front stays small because sizes are few distinct multiples.
+    Give exactly one budget:
+
+    * ``average_bits`` (per weight of the ranked sites) or ``budget_bits``: Σ_i n_i b_i ≤ budget;
+    * ``budget_bops`` with ``a_bits``: Σ_i MACs_i · b_i · a_i ≤ budget, bit operations per
+      example, a_i the width of layer i's input activations (one width, or site → width).
+      ``sensitivity.bops(widths, a_bits)`` prices a configuration, e.g. uniform 4-bit weights.
+
+    The search merges the layers one at a time into the Pareto front of (cost, Σ Ω) — a choice
+    is kept only if no other choice is both cheaper and better — so the optimum is exact; the
+    front stays small because the costs are few distinct multiples.
 
     Returns:
         :class:`Allocation`; ``allocation.bits`` maps each site to its width.
 
     Raises:
-        ValueError: no budget, both budgets, or a budget below the smallest width everywhere.
+        ValueError: no budget or two, ``a_bits`` missing or given without ``budget_bops``, or a
+        budget below the smallest width everywhere.
     """
     s = sensitivity
-    if (average_bits is None) == (budget_bits is None):
-        raise ValueError("give exactly one of average_bits and budget_bits")
+    if sum(b is not None for b in (average_bits, budget_bits, budget_bops)) != 1:
+        raise ValueError("give exactly one of average_bits, budget_bits and budget_bops")
+    if (budget_bops is None) != (a_bits is None):
+        raise ValueError("a_bits (the input activations' width) goes with budget_bops, and only with it")
     total = int(np.sum(s.sizes))
-    if budget_bits is None:
-        if not np.isfinite(average_bits) or average_bits <= 0:
-            raise ValueError(f"average_bits must be a positive number, got {average_bits!r}")
-        budget_bits = int(np.floor(average_bits * total + 1e-9))
-    budget_bits = int(budget_bits)
-    floor = int(total * min(s.bits))
-    if budget_bits < floor:
-        raise ValueError(f"budget of {budget_bits} bits (average {budget_bits / total:.3f}) is below the "
-                         f"{floor} bits of every site at {min(s.bits)} bits; allowed: ≥ {floor}")
-    # Front entries: (size, omega, choice index per layer so far); kept sorted by size with
+    if budget_bops is not None:
+        constraint, per_bit, budget = "bops", s._bops_per_bit(a_bits), budget_bops
+        unit = "BOPs"
+    else:
+        constraint, per_bit, unit = "size", np.asarray(s.sizes, np.int64), "bits"
+        if budget_bits is None:
+            if not np.isfinite(average_bits) or average_bits <= 0:
+                raise ValueError(f"average_bits must be a positive number, got {average_bits!r}")
+            budget_bits = int(np.floor(average_bits * total + 1e-9))
+        budget = budget_bits
+    budget = int(budget)
+    floor = int(np.sum(per_bit)) * min(s.bits)
+    if budget < floor:
+        raise ValueError(f"budget of {budget} {unit} is below the {floor} {unit} of every site at "
+                         f"{min(s.bits)} bits; allowed: ≥ {floor}")
+    # Front entries: (cost, omega, choice index per layer so far); kept sorted by cost with
     # strictly decreasing omega.
-    sizes_so_far = np.zeros(1, np.int64)
+    cost_so_far = np.zeros(1, np.int64)
     omega_so_far = np.zeros(1)
     choice = np.zeros((1, 0), np.int64)
+    widths = np.asarray(s.bits, np.int64)
     for i in range(len(s.sites)):
-        cand_size = (sizes_so_far[:, None] + s.sizes[i] * np.asarray(s.bits)[None, :]).ravel()
+        cand_cost = (cost_so_far[:, None] + per_bit[i] * widths[None, :]).ravel()
         cand_omega = (omega_so_far[:, None] + s.omega[i][None, :]).ravel()
-        parent = np.repeat(np.arange(len(sizes_so_far)), len(s.bits))
-        pick = np.tile(np.arange(len(s.bits)), len(sizes_so_far))
+        parent = np.repeat(np.arange(len(cost_so_far)), len(s.bits))
+        pick = np.tile(np.arange(len(s.bits)), len(cost_so_far))
         # The remaining layers need at least their smallest width: prune what cannot fit.
-        rest = int(np.sum(s.sizes[i + 1:])) * min(s.bits)
-        fits = cand_size + rest <= budget_bits
-        cand_size, cand_omega, parent, pick = cand_size[fits], cand_omega[fits], parent[fits], pick[fits]
-        order = np.lexsort((cand_omega, cand_size))
+        rest = int(np.sum(per_bit[i + 1:])) * min(s.bits)
+        fits = cand_cost + rest <= budget
+        cand_cost, cand_omega, parent, pick = cand_cost[fits], cand_omega[fits], parent[fits], pick[fits]
+        order = np.lexsort((cand_omega, cand_cost))
         best = np.minimum.accumulate(cand_omega[order])
         keep = order[np.concatenate([[True], cand_omega[order][1:] < best[:-1]])]
-        sizes_so_far, omega_so_far = cand_size[keep], cand_omega[keep]
+        cost_so_far, omega_so_far = cand_cost[keep], cand_omega[keep]
         choice = np.concatenate([choice[parent[keep]], pick[keep][:, None]], axis=1)
     k = int(np.argmin(omega_so_far))
-    widths = {name: int(s.bits[c]) for name, c in zip(s.sites, choice[k], strict=True)}
-    front = np.stack([sizes_so_far.astype(np.float64), omega_so_far], axis=1)
-    return Allocation(widths, float(omega_so_far[k]), int(sizes_so_far[k]), float(sizes_so_far[k]) / total,
-                      budget_bits, front)
-
-
+    chosen = {name: int(s.bits[c]) for name, c in zip(s.sites, choice[k], strict=True)}
+    size = int(sum(n * chosen[name] for n, name in zip(s.sizes, s.sites, strict=True)))
+    front = np.stack([cost_so_far.astype(np.float64), omega_so_far], axis=1)
+    return Allocation(chosen, float(omega_so_far[k]), size, size / total, constraint, budget,
+                      int(cost_so_far[k]), front)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -47,12 +48,18 @@ class Site:
       index: position in network (call) order.
       channels: size of the output-channel axis (the last one) — the α count of a
         per-channel weight site.
+      macs: weight sites: multiply-accumulates per example of the product the kernel takes part
+        in, Σ over its applications of size(kernel) · (output positions), e.g. H_out·W_out·kh·kw·
+        C_in·C_out for a convolution, in·out for a dense layer on (batch, in) — the MACs of a
+        BOPs count (MACs · weight bits · activation bits). None for activation sites and for
+        layers that do not report their output (:func:`note_output`).
     """
 
     name: str
     kind: str
     shape: tuple[int, ...]
     index: int
+    macs: int | None = None
 
     @property
     def channels(self) -> int:
@@ -93,6 +100,14 @@ def activation_site(module, x):
     return x if ctx is None else ctx.activation(site_name(module), x)
 
 
+def note_output(module, y):
+    """Quantizable layers report their product's output (batch axis first): its positions give
+    the weight site's MACs (:attr:`Site.macs`)."""
+    ctx = _CONTEXT.get()
+    if isinstance(ctx, _Recorder):
+        ctx.outputs.setdefault(site_name(module), []).append(tuple(int(d) for d in y.shape))
+
+
 def note_conv_output(module, y):
     """Conv layers report their output so that BN folding can pair conv → BN."""
     ctx = _CONTEXT.get()
@@ -126,6 +141,7 @@ class _Recorder:
         self._seen: set[str] = set()
         self.conv_outputs: list = []
         self.bn_pairs: list[tuple[str, str, float]] = []
+        self.outputs: dict[str, list[tuple[int, ...]]] = {}
 
     def _add(self, name, kind, shape):
         if name in self._seen:  # a module applied twice shares one α
@@ -157,7 +173,15 @@ def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, 
             return apply_fn(*a)
 
     jax.eval_shape(run, *args)
-    return rec.sites, rec.bn_pairs
+    return [_with_macs(s, rec.outputs.get(s.name)) for s in rec.sites], rec.bn_pairs
+
+
+def _with_macs(site: Site, outputs) -> Site:
+    """The site with its MACs per example, from the output shapes its layer reported."""
+    if site.kind != "weight" or not outputs:
+        return site
+    size = math.prod(site.shape)
+    return dataclasses.replace(site, macs=sum(size * math.prod(shape[1:-1]) for shape in outputs))
 
 
 # --------------------------------------------------------------------------- capturing

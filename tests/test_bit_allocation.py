@@ -3,8 +3,12 @@ against their definition, and the allocation feeding a ClipLoss."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -36,7 +40,7 @@ def test_allocation_is_the_brute_force_optimum(seed):
         best = value[cost <= budget].min()
         got = allocate_bits(s, average_bits=average)
         assert got.omega == pytest.approx(best, rel=1e-12)
-        assert got.size_bits <= budget == got.budget_bits
+        assert got.size_bits == got.cost <= budget == got.budget and got.constraint == "size"
         assert got.size_bits == sum(s.sizes[i] * got.bits[name] for i, name in enumerate(s.sites))
         assert got.omega == pytest.approx(sum(s.omega[i, s.bits.index(got.bits[n])] for i, n in enumerate(s.sites)))
         # The front: sizes increasing, Σ Ω strictly decreasing, every point feasible and optimal
@@ -47,6 +51,59 @@ def test_allocation_is_the_brute_force_optimum(seed):
             assert omega == pytest.approx(value[cost <= size].min(), rel=1e-12)
     assert allocate_bits(s, budget_bits=total * 8).bits == dict.fromkeys(s.sites, 8)
     assert allocate_bits(s, budget_bits=total * 2).bits == dict.fromkeys(s.sites, 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bops_allocation_is_the_brute_force_optimum(seed):
+    s = synthetic(seed)
+    rng = np.random.default_rng(100 + seed)
+    s = dataclasses.replace(s, macs=s.sizes * rng.choice([1, 4, 16, 64], len(s.sites)))
+    a_bits = {name: int(b) for name, b in zip(s.sites, rng.choice([4, 8], len(s.sites)), strict=True)}
+    choices = list(itertools.product(range(len(s.bits)), repeat=len(s.sites)))
+    bops = np.array([sum(s.macs[i] * s.bits[c] * a_bits[n] for (i, c), n in zip(enumerate(ch), s.sites, strict=True))
+                     for ch in choices])
+    value = np.array([sum(s.omega[i, c] for i, c in enumerate(ch)) for ch in choices])
+    uniform = {b: s.bops(dict.fromkeys(s.sites, b), a_bits) for b in (2, 3, 4, 8)}
+    assert uniform[4] == 2 * uniform[2] == int(sum(s.macs[i] * 4 * a_bits[n] for i, n in enumerate(s.sites)))
+    for budget in np.linspace(uniform[2], uniform[8], 9).astype(np.int64):
+        got = allocate_bits(s, budget_bops=int(budget), a_bits=a_bits)
+        assert got.constraint == "bops" and got.budget == budget
+        assert got.omega == pytest.approx(value[bops <= budget].min(), rel=1e-12)
+        assert got.cost == s.bops(got.bits, a_bits) <= budget
+        assert got.size_bits == sum(s.sizes[i] * got.bits[n] for i, n in enumerate(s.sites))
+        for cost, omega in got.front:
+            assert omega == pytest.approx(value[bops <= cost].min(), rel=1e-12)
+    # One activation width for every layer: the same as the mapping with that width everywhere.
+    one = allocate_bits(s, budget_bops=uniform[3] * 2, a_bits=8)
+    assert one.bits == allocate_bits(s, budget_bops=uniform[3] * 2, a_bits=dict.fromkeys(s.sites, 8)).bits
+    assert "budget BOPs" in repr(one)
+
+
+def test_bops_budget_errors():
+    s = synthetic(0)
+    with pytest.raises(ValueError, match="carry no MACs"):
+        allocate_bits(s, budget_bops=10**9, a_bits=8)
+    s = dataclasses.replace(s, macs=s.sizes * 4)
+    floor = s.bops(dict.fromkeys(s.sites, 2), 8)
+    with pytest.raises(ValueError, match="a_bits .* goes with budget_bops"):
+        allocate_bits(s, budget_bops=floor)
+    with pytest.raises(ValueError, match="a_bits .* goes with budget_bops"):
+        allocate_bits(s, average_bits=3.0, a_bits=8)
+    with pytest.raises(ValueError, match="exactly one"):
+        allocate_bits(s, average_bits=3.0, budget_bops=floor, a_bits=8)
+    with pytest.raises(ValueError, match=rf"below the {floor} BOPs of every site at 2 bits"):
+        allocate_bits(s, budget_bops=floor - 1, a_bits=8)
+    with pytest.raises(ValueError, match=r"missing \['l4'\]"):
+        allocate_bits(s, budget_bops=floor, a_bits={n: 8 for n in s.sites[:-1]})
+    with pytest.raises(ValueError, match=r"unknown \['x'\]"):
+        allocate_bits(s, budget_bops=floor, a_bits={**dict.fromkeys(s.sites, 8), "x": 8})
+    for bad in (0, 33, 4.0, None):
+        with pytest.raises(ValueError, match=rf"a_bits={bad}.* integer in \[1, 32\]"):
+            s.bops(dict.fromkeys(s.sites, 2), bad)
+    with pytest.raises(ValueError, match=r"a_bits\['l1'\]=0 is not an activation width"):
+        allocate_bits(s, budget_bops=floor, a_bits={**dict.fromkeys(s.sites, 8), "l1": 0})
+    with pytest.raises(ValueError, match="no entry for sites"):
+        s.bops({"l0": 2}, 8)
 
 
 def test_allocation_rejects_bad_budgets():
@@ -84,6 +141,13 @@ def test_sensitivity_is_hawq_v2_omega(sensitivity, tiny_net, digits):
     w_hat = np.asarray(quantizers.quantize(w, alpha, 3, "midrise"), np.float64)
     assert s.error[1, 1] == pytest.approx(float(np.sum((w_hat - w) ** 2)), rel=1e-5)
     assert "conv1_1" in repr(s) and "Ω(2)" in repr(s)
+    # MACs per example: kernel size × output positions, the positions from Flax's own record of
+    # each module's output.
+    _, inter = jax.eval_shape(lambda x: tiny_net.model.apply(tiny_net.variables, x, train=False,
+                                                               capture_intermediates=True, mutable=["intermediates"]),
+                              jnp.zeros((1,) + digits.calib.x.shape[1:], jnp.float32))
+    out = {name: inter["intermediates"][name]["__call__"][0].shape for name in s.sites}
+    assert list(s.macs) == [n * math.prod(out[name][1:-1]) for n, name in zip(s.sizes, s.sites, strict=True)]
 
 
 def test_sensitivity_reuses_a_spectrum_and_feeds_clip_loss(sensitivity, tiny_net, digits):

@@ -44,6 +44,31 @@ def test_resnet20_matches_reference_layout():
     assert names[:5] == ["conv1", "relu", "layer1_0/conv1", "layer1_0/relu1", "layer1_0/conv2"]
     assert "layer2_0/downsample_0" in names and names[-1] == "fc"
     assert len(pairs) == 21  # every conv is followed by a BN
+    # MACs per example, by hand: stem 3·3·3·16·32², stage 1 six 3·3·16·16·32², stage 2
+    # 3·3·16·32·16² + five 3·3·32·32·16² + a 1×1 16·32·16² shortcut, stage 3 likewise at 8², and
+    # fc 64·10: 40.8 M, the figure usually quoted for resnet20 with 1×1 shortcuts.
+    macs = {s.name: s.macs for s in all_sites if s.kind == "weight"}
+    assert macs["conv1"] == 3 * 3 * 3 * 16 * 32 * 32 and macs["fc"] == 64 * 10
+    assert macs["layer2_0/downsample_0"] == 16 * 32 * 16 * 16
+    assert sum(macs.values()) == 40_813_184
+    assert all(s.macs is None for s in all_sites if s.kind == "activation")
+
+
+def test_macs_count_every_application_of_a_shared_layer():
+    class Twice(flax.linen.Module):
+        @flax.linen.compact
+        def __call__(self, x, train=False):
+            conv = ls.layers.QuantConv(4, kernel_size=(3, 3), strides=(2, 2))
+            dense = ls.layers.QuantDense(4)
+            y = conv(x)  # (B, 5, 5, 4) from 9×9
+            return dense(dense(y.reshape(y.shape[0], 25, 4))).sum((1, 2))
+
+    model = Twice()
+    x = jnp.zeros((2, 9, 9, 3))
+    variables = model.init(jax.random.key(0), x)
+    macs = {s.name: s.macs for s in ls.sites_of(model, variables, x)[0]}
+    assert macs["QuantConv_0"] == 3 * 3 * 3 * 4 * 5 * 5
+    assert macs["QuantDense_0"] == 2 * 25 * 4 * 4  # applied twice to (B, 25, 4)
 
 
 def test_unknown_model_and_bad_classes():
