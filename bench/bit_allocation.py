@@ -27,7 +27,10 @@ each budget, LAPQ on the ``hawq`` widths beats MSE α on them, and beats LAPQ on
     python bench/bit_allocation.py --budgets 2.25,2.5,2.75 --data-dir PATH
     python bench/bit_allocation.py --a-bits 3 --lapq-method powell
 
-Writes results/bit_allocation.md and .json (atomically).
+Writes results/bit_allocation.md and .json (atomically). Every finished step (the sensitivities,
+each evaluation, each LAPQ run) is kept in results/bit_allocation.progress.json as it completes, so
+an interrupted run resumes where it stopped when rerun with the same settings; the file is removed
+once the results are written.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
 from landscape import runtime  # noqa: E402
+from landscape.bit_allocation import Sensitivity  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
@@ -67,27 +71,72 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def evaluate(net, data, widths, cache, label):
-    """(calibration loss, test accuracy, average bits) of weights at ``widths`` with MSE α."""
-    key = repr(sorted(widths.items()))
-    if key not in cache:
+class Progress:
+    """The finished steps of a run, by key, in a JSON file rewritten atomically after each one;
+    a rerun with the same configuration takes them from there instead of recomputing."""
+
+    def __init__(self, path: str, config: dict):
+        self.path, self.config, self.steps = path, config, {}
+        if os.path.exists(path):
+            with open(path) as fh:
+                saved = json.load(fh)
+            if saved.get("config") == config:
+                self.steps = saved["steps"]
+                print(f"resuming: {len(self.steps)} finished steps from {path}", flush=True)
+            else:
+                print(f"{path} is from other settings; starting over", flush=True)
+
+    def get(self, key: str, compute):
+        if key not in self.steps:
+            self.steps[key] = compute()
+            runtime.write_atomic(self.path, json.dumps({"config": self.config, "steps": self.steps}) + "\n")
+        return self.steps[key]
+
+    def finish(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def sensitivities(loss, args) -> dict:
+    """HAWQ-V2 sensitivities of ``loss``'s weight sites, as JSON-able arrays and the figures of
+    the Hutch++ run behind them."""
+    t = time.perf_counter()
+    sens = ls.weight_sensitivity(loss, bits=BITS, num_probes=args.num_probes, seed=0)
+    spec = sens.spectrum
+    return dict(sites=list(sens.sites), sizes=sens.sizes.tolist(), trace=sens.trace.tolist(),
+                trace_stderr=sens.trace_stderr.tolist(), error=sens.error.tolist(), macs=sens.macs.tolist(),
+                n_hvp=int(spec.n_hvp), total_trace=float(spec.trace), total_stderr=float(spec.trace_stderr),
+                lambda_max=float(spec.eigenvalues[0]), seconds=time.perf_counter() - t)
+
+
+def evaluate(net, data, widths, progress, label):
+    """(calibration loss, test accuracy) of weights at ``widths`` with MSE α."""
+
+    def run():
         loss = ls.ClipLoss(net, data.calib, w_bits=dict(widths), a_bits=None)
         alpha = loss.init("mse")
-        cache[key] = (float(loss(alpha)), float(loss.accuracy(alpha, data.test)))
-        print(f"  {label:<28} {loss!r}: test accuracy {100 * cache[key][1]:.2f} %", flush=True)
-    return cache[key]
+        found = [float(loss(alpha)), float(loss.accuracy(alpha, data.test))]
+        print(f"  {label:<28} {loss!r}: test accuracy {100 * found[1]:.2f} %", flush=True)
+        return found
+
+    return tuple(progress.get("mse " + repr(sorted(widths.items())), run))
 
 
-def calibrate(net, data, widths, a_bits, method, label):
+def calibrate(net, data, widths, a_bits, method, label, progress):
     """Weights at ``widths`` and activations at ``a_bits`` (bias correction on): test accuracy of
     MSE α and of ``lapq``'s joint α, with LAPQ's calibration loss, evaluations and seconds."""
+    key = f"lapq a{a_bits} {method} " + repr(sorted(widths.items()))
+    return dict(progress.get(key, lambda: _calibrate(net, data, widths, a_bits, method)), method=label)
+
+
+def _calibrate(net, data, widths, a_bits, method):
     loss = ls.ClipLoss(net, data.calib, w_bits=dict(widths), a_bits=a_bits, bias_correction=True)
     mse = loss.init("mse")
     res = ls.lapq(loss, method=method, maxiter=1, p_grid=np.linspace(2.0, 4.0, 5))
-    row = dict(method=label, mse_loss=float(loss(mse)), mse_acc=float(loss.accuracy(mse, data.test)),
+    row = dict(mse_loss=float(loss(mse)), mse_acc=float(loss.accuracy(mse, data.test)),
                p_star=res.p_star, lapq_loss=float(res.loss), lapq_acc=float(loss.accuracy(res.alpha, data.test)),
                n_evals=int(res.n_evals), seconds=float(res.seconds), widths=dict(widths))
-    print(f"  {label:<28} {loss!r}: MSE α {100 * row['mse_acc']:.2f} %, LAPQ ({method}) "
+    print(f"  {loss!r}: MSE α {100 * row['mse_acc']:.2f} %, LAPQ ({method}) "
           f"{100 * row['lapq_acc']:.2f} % in {res.seconds:.0f} s", flush=True)
     return row
 
@@ -105,11 +154,16 @@ def main(argv=None) -> int:
     fp32 = float(net.accuracy(data.test))
     print(f"{loss!r} on MNIST; FP32 test accuracy {100 * fp32:.2f} %", flush=True)
 
-    t = time.perf_counter()
-    sens = ls.weight_sensitivity(loss, bits=BITS, num_probes=args.num_probes, seed=0)
-    spec = sens.spectrum
-    print(f"sensitivities in {time.perf_counter() - t:.1f} s ({spec.n_hvp} HVPs; trace {spec.trace:.4g} ± "
-          f"{spec.trace_stderr:.2g}; λ_max {spec.eigenvalues[0]:.4g})\n{sens}\n", flush=True)
+    config = dict(network=os.path.abspath(args.network), data_dir=os.path.abspath(args.data_dir),
+                  calib_size=args.calib_size, num_probes=args.num_probes, bits=list(BITS),
+                  numerics=ls.train.numerics())
+    progress = Progress(args.out + ".progress.json", config)
+    spec = progress.get("sensitivity", lambda: sensitivities(loss, args))
+    trace, error = np.array(spec["trace"]), np.array(spec["error"])
+    sens = Sensitivity(tuple(spec["sites"]), np.array(spec["sizes"]), BITS, trace, np.array(spec["trace_stderr"]),
+                       error, (trace / np.array(spec["sizes"]))[:, None] * error, "mse", None, np.array(spec["macs"]))
+    print(f"sensitivities in {spec['seconds']:.1f} s ({spec['n_hvp']} HVPs; trace {spec['total_trace']:.4g} ± "
+          f"{spec['total_stderr']:.2g}; λ_max {spec['lambda_max']:.4g})\n{sens}\n", flush=True)
 
     sizes = sens.sizes
     controls = {"perturbation only": dataclasses.replace(sens, omega=sens.error)}
@@ -118,9 +172,9 @@ def main(argv=None) -> int:
         curvature = (sens.trace / sizes)[perm]
         controls[f"shuffled curvature {seed}"] = dataclasses.replace(sens, omega=curvature[:, None] * sens.error)
 
-    cache, rows = {}, []
+    rows = []
     for b in (2, 3, 4):
-        calib_loss, acc = evaluate(net, data, dict.fromkeys(sens.sites, b), cache, f"uniform {b}")
+        calib_loss, acc = evaluate(net, data, dict.fromkeys(sens.sites, b), progress, f"uniform {b}")
         rows.append(dict(budget=None, method=f"uniform {b}", average_bits=float(b), calib_loss=calib_loss,
                          test_acc=acc, widths=dict.fromkeys(sens.sites, b)))
     verdicts = []
@@ -128,7 +182,7 @@ def main(argv=None) -> int:
         found = {}
         for method, s in [("hawq", sens)] + list(controls.items()):
             alloc = ls.allocate_bits(s, average_bits=budget)
-            calib_loss, acc = evaluate(net, data, alloc.bits, cache, f"{method} @ {budget}")
+            calib_loss, acc = evaluate(net, data, alloc.bits, progress, f"{method} @ {budget}")
             hawq_omega = float(sum(sens.omega[i, BITS.index(alloc.bits[n])] for i, n in enumerate(sens.sites)))
             found[method] = acc
             rows.append(dict(budget=budget, method=method, average_bits=alloc.average_bits, calib_loss=calib_loss,
@@ -138,7 +192,7 @@ def main(argv=None) -> int:
         a_for_bops = args.a_bits or 32
         alloc = ls.allocate_bits(sens, budget_bops=int(budget * sens.bops(dict.fromkeys(sens.sites, 1), a_for_bops)),
                                  a_bits=a_for_bops)
-        calib_loss, acc = evaluate(net, data, alloc.bits, cache, f"hawq (BOPs) @ {budget}")
+        calib_loss, acc = evaluate(net, data, alloc.bits, progress, f"hawq (BOPs) @ {budget}")
         hawq_omega = float(sum(sens.omega[i, BITS.index(alloc.bits[n])] for i, n in enumerate(sens.sites)))
         rows.append(dict(budget=budget, method="hawq (BOPs)", average_bits=alloc.average_bits, calib_loss=calib_loss,
                          test_acc=acc, hawq_omega=hawq_omega, widths=alloc.bits))
@@ -160,14 +214,14 @@ def main(argv=None) -> int:
             floor = int(np.floor(budget))
             if floor not in uniform:
                 uniform[floor] = calibrate(net, data, dict.fromkeys(sens.sites, max(floor, min(BITS))),
-                                           args.a_bits, args.lapq_method, f"uniform {floor}")
+                                           args.a_bits, args.lapq_method, f"uniform {floor}", progress)
                 lapq_rows.append(dict(budget=None, **uniform[floor]))
             hawq = next(r for r in rows if r["budget"] == budget and r["method"] == "hawq")
-            row = calibrate(net, data, hawq["widths"], args.a_bits, args.lapq_method, f"hawq @ {budget}")
+            row = calibrate(net, data, hawq["widths"], args.a_bits, args.lapq_method, f"hawq @ {budget}", progress)
             lapq_rows.append(dict(budget=budget, **row))
             by_bops = next(r for r in rows if r["budget"] == budget and r["method"] == "hawq (BOPs)")
             lapq_rows.append(dict(budget=budget, **calibrate(net, data, by_bops["widths"], args.a_bits,
-                                                             args.lapq_method, f"hawq (BOPs) @ {budget}")))
+                                                             args.lapq_method, f"hawq (BOPs) @ {budget}", progress)))
             lapq_verdicts.append(dict(budget=budget, hawq_lapq=row["lapq_acc"], hawq_mse=row["mse_acc"],
                                       uniform_lapq=uniform[floor]["lapq_acc"], uniform_bits=floor,
                                       holds=row["lapq_acc"] > row["mse_acc"]
@@ -179,7 +233,7 @@ def main(argv=None) -> int:
              f"`{os.path.basename(args.network)}` (FP32 test accuracy {100 * fp32:.2f} %). "
              f"Weights only (activations FP32), first and last layers FP32, per-tensor α from the MSE rule at "
              f"each site's width, {args.calib_size} calibration images, 10,000 test images. Per-layer traces: "
-             f"{spec.n_hvp} HVPs, trace {spec.trace:.4g} ± {spec.trace_stderr:.2g}.", "",
+             f"{spec['n_hvp']} HVPs, trace {spec['total_trace']:.4g} ± {spec['total_stderr']:.2g}.", "",
              "`hawq (BOPs)` allocates under the bit operations of uniform widths at the budget (Σ MACs_i·b_i "
              "≤ budget·Σ MACs_i, activations one width) instead of their size; MAC-weighted bits = "
              "Σ MACs_i·b_i / Σ MACs_i, the compute analogue of the average.", "",
@@ -225,6 +279,7 @@ def main(argv=None) -> int:
                   fp32_test_acc=fp32, a_bits=args.a_bits, lapq_method=args.lapq_method, lapq_rows=lapq_rows,
                   lapq_verdicts=lapq_verdicts)
     runtime.write_atomic(args.out + ".json", json.dumps(record, indent=1) + "\n")
+    progress.finish()
     print("\n" + text)
     return 0
 
