@@ -120,6 +120,10 @@ def bias_correct(w_hat, w, channel_axis: int = -1):
     Ŵ_c ← Ŵ_c − (mean(Ŵ_c) − mean(W_c)), means over every axis but ``channel_axis``
     (the reference's data-free bias correction, applied inside every loss evaluation).
     """
+    return w_hat - bias_shift(w_hat, w, channel_axis)
+
+
+def bias_shift(w_hat, w, channel_axis: int = -1):
+    """mean(Ŵ_c) − mean(W_c) per output channel, keeping w's rank (size 1 on every other axis)."""
     axes = tuple(i for i in range(w.ndim) if i != channel_axis % w.ndim)
-    shift = jnp.mean(w_hat, axis=axes, keepdims=True) - jnp.mean(w, axis=axes, keepdims=True)
-    return w_hat - shift
+    return jnp.mean(w_hat, axis=axes, keepdims=True) - jnp.mean(w, axis=axes, keepdims=True)

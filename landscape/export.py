@@ -1,0 +1,244 @@
+"""A calibrated network as integer codes and scales, saved and loaded without pickle.
+
+Calibration (a rule or :func:`landscape.lapq`) ends with a clipping vector α for a
+:class:`~landscape.ClipLoss`; a deployment runtime wants what that α means per tensor: the
+bit width, the grid, the step Δ, and the weights as integers. :func:`quantize_network` turns
+(loss, α) into a :class:`QuantizedNetwork` holding, for every quantized site,
+
+    weights:      Ŵ = Δ · q + offset − shift,  q integer codes (int8 when they fit)
+    activations:  x̂ = Δ · round(clip(x / Δ, ...)) at inference, Δ and α stored
+
+with, per grid (see :mod:`landscape.quantizers`), offset = −α for "midrise" (codes 0..2^M − 1)
+and 0 for "unsigned" (0..2^M − 1) and "midtread" (−(2^(M−1) − 1)..2^(M−1) − 1); shift is the
+per-channel bias correction (zero without it). Δ, offset and shift have one entry per output
+channel (per-tensor α repeats). ``qnet.apply(x)`` runs the network from these integers and
+reproduces the loss's quantized forward pass; :func:`save` / :func:`load` store it as JSON
+(the per-site table) and NumPy ``.npz`` (codes and the other variables), read back with
+``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from landscape import quantizers, runtime, sites
+
+__all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteQuantization:
+    """How one site is quantized.
+
+    Attributes:
+        kind: "weight" or "activation".
+        bits, grid: the width M and the grid ("midrise", "unsigned", "midtread").
+        alpha: (C,) clipping values (C = output channels for a per-channel weight site, else 1).
+        scale: Δ(α) of each entry of ``alpha``, as the quantizer computes it (floored at 1e-8).
+        offset: (C,) −α for "midrise", else zeros; weights only (activations: zeros).
+        shift: (C,) the per-channel bias-correction shift subtracted after dequantization
+            (zeros without bias correction or for activations).
+        per_channel: one α per output channel.
+        bias_correction: whether ``shift`` comes from bias correction.
+    """
+
+    kind: str
+    bits: int
+    grid: str
+    alpha: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    shift: np.ndarray
+    per_channel: bool
+    bias_correction: bool
+
+    def code_range(self) -> tuple[int, int]:
+        """The smallest and largest integer code of the grid."""
+        if self.grid == "midtread":
+            top = 2 ** (self.bits - 1) - 1
+            return -top, top
+        return 0, 2**self.bits - 1
+
+    def to_json(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> SiteQuantization:
+        arrays = {k: np.asarray(d[k], np.float32) for k in ("alpha", "scale", "offset", "shift")}
+        return cls(kind=d["kind"], bits=int(d["bits"]), grid=d["grid"], per_channel=bool(d["per_channel"]),
+                   bias_correction=bool(d["bias_correction"]), **arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedNetwork:
+    """A network whose quantized weights are integer codes with per-site scales.
+
+    Attributes:
+        model: the Flax module.
+        variables: the network's variables with every quantized kernel replaced by its
+            dequantized value Δ·q + offset − shift (BatchNorm already folded when the loss folded
+            it); FP32 sites keep their weights.
+        sites: site name → :class:`SiteQuantization`, network order.
+        codes: weight site name → integer codes, the kernel's shape.
+    """
+
+    model: object
+    variables: dict
+    sites: dict[str, SiteQuantization]
+    codes: dict[str, np.ndarray]
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """Ŵ = Δ · q + offset − shift for weight site ``name`` (float32)."""
+        if name not in self.codes:
+            raise ValueError(f"{name!r} is not a quantized weight site; those are {list(self.codes)}")
+        s = self.sites[name]
+        q = self.codes[name].astype(np.float32)
+        return ((q * s.scale + s.offset) - s.shift).astype(np.float32)
+
+    def apply(self, x) -> jax.Array:
+        """Logits of ``x`` (batch first): the dequantized weights, activations quantized at their
+        sites with the stored α — the forward pass the loss evaluated at this α."""
+        return self._forward(self.variables, jnp.asarray(x, jnp.float32))
+
+    def accuracy(self, split, batch_size: int = 500) -> float:
+        """Top-1 accuracy on a :class:`~landscape.data.Split` (or an (x, y) pair)."""
+        x, y = (split.x, split.y) if hasattr(split, "x") else split
+        x, y = np.asarray(x, np.float32), np.asarray(y)
+        hits = 0
+        for i in range(0, len(x), batch_size):
+            hits += int(np.sum(np.argmax(np.asarray(self.apply(x[i:i + batch_size])), -1) == y[i:i + batch_size]))
+        return hits / len(x)
+
+    @functools.cached_property
+    def _forward(self):
+        specs = {n: sites.SiteSpec(s.bits, s.grid) for n, s in self.sites.items() if s.kind == "activation"}
+        alphas = {n: float(s.alpha[0]) for n, s in self.sites.items() if s.kind == "activation"}
+
+        def forward(variables, x):
+            with sites.quantizing(specs, alphas):  # entered while tracing, as ClipLoss does
+                return self.model.apply(variables, x, train=False)
+
+        return jax.jit(forward)
+
+    def __repr__(self) -> str:
+        w = [f"{n} {s.bits}b" for n, s in self.sites.items() if s.kind == "weight"]
+        a = [f"{n} {s.bits}b" for n, s in self.sites.items() if s.kind == "activation"]
+        return (f"QuantizedNetwork({type(self.model).__name__}, {len(w)} integer weight sites, "
+                f"{len(a)} quantized activation sites)")
+
+
+def _code_dtype(lo: int, hi: int):
+    for dtype in (np.int8, np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    raise AssertionError((lo, hi))  # 16-bit codes fit int32
+
+
+def _kernel_path(name: str) -> tuple[str, ...]:
+    return ("params", *name.split("/"), "kernel")
+
+
+def quantize_network(loss, alpha) -> QuantizedNetwork:
+    """The network of ``loss`` quantized at ``alpha``: integer weight codes and per-site scales.
+
+    Args:
+        loss: a :class:`~landscape.ClipLoss` (its sites, widths, grid, per-channel and bias
+            correction settings, and BN folding are what gets exported).
+        alpha: (n,) clipping vector, positive and finite (e.g. ``lapq(loss).alpha``).
+
+    Returns:
+        :class:`QuantizedNetwork`; ``qnet.apply(x)`` gives the logits the loss computes at α.
+    """
+    alpha = np.asarray(alpha, np.float32)
+    if alpha.shape != (loss.n,):
+        raise ValueError(f"alpha has shape {alpha.shape}; expected ({loss.n},), one entry per α of {loss!r}")
+    if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0)):
+        bad = int(np.flatnonzero(~(np.isfinite(alpha) & (alpha > 0)))[0])
+        raise ValueError(f"alpha[{bad}] = {alpha[bad]} is not a clipping value; every entry must be positive "
+                         "and finite")
+    flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, jax.device_get(loss.variables)))
+    slices = loss.site_slices()
+    table, codes = {}, {}
+    for site in loss.sites:
+        spec = loss.specs[site.name]
+        a = alpha[slices[site.name]]
+        channels = site.channels if site.kind == "weight" else 1
+        a_full = np.broadcast_to(a, (channels,)).astype(np.float32)
+        scale = np.asarray(quantizers.step_size(jnp.asarray(a_full), spec.bits, spec.grid), np.float32)
+        offset = -a_full if spec.grid == "midrise" else np.zeros_like(a_full)
+        shift = np.zeros_like(a_full)
+        if site.kind == "weight":
+            key = _kernel_path(site.name)
+            if key not in flat:
+                raise ValueError(f"weight site {site.name!r} has no variable {'/'.join(key)}; export needs the "
+                                 "quantizable layers' 'kernel' parameters")
+            w = jnp.asarray(flat[key], jnp.float32)
+            s = SiteQuantization(site.kind, spec.bits, spec.grid, a_full, scale, offset, shift, spec.per_channel,
+                                 spec.bias_correction)
+            lo, hi = s.code_range()
+            # The quantizer's own arithmetic: z = clip((w − offset)/Δ, lo, hi), q = round(z).
+            q = jnp.round(jnp.clip((w - jnp.asarray(offset)) / jnp.asarray(scale), lo, hi))
+            w_hat = q * jnp.asarray(scale) + jnp.asarray(offset)
+            if spec.bias_correction:
+                shift = np.asarray(quantizers.bias_shift(w_hat, w), np.float32).reshape(channels)
+            codes[site.name] = np.asarray(q).astype(_code_dtype(lo, hi))
+            table[site.name] = dataclasses.replace(s, shift=shift)
+            flat[key] = np.asarray(w_hat - jnp.asarray(shift), np.float32)
+        else:
+            table[site.name] = SiteQuantization(site.kind, spec.bits, spec.grid, a_full, scale, np.zeros_like(a_full),
+                                                shift, False, False)
+    variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    return QuantizedNetwork(loss.model, variables, table, codes)
+
+
+def save(qnet: QuantizedNetwork, path: str) -> str:
+    """Write ``path``.json (the per-site table) and ``path``.npz (codes and the variables that
+    are not quantized kernels), each atomically. Returns ``path``."""
+    flat = traverse_util.flatten_dict(jax.device_get(qnet.variables))
+    quantized = {_kernel_path(n) for n in qnet.codes}
+    arrays = {"code/" + n: c for n, c in qnet.codes.items()}
+    arrays |= {"var/" + "/".join(k): np.asarray(v) for k, v in flat.items() if k not in quantized}
+    meta = {"format": FORMAT_VERSION, "model": repr(qnet.model),
+            "sites": {n: s.to_json() for n, s in qnet.sites.items()},
+            "kernels": {n: "/".join(_kernel_path(n)) for n in qnet.codes}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.npz.tmp{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path + ".npz")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    runtime.write_atomic(path + ".json", json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def load(model, path: str) -> QuantizedNetwork:
+    """Read what :func:`save` wrote (``allow_pickle=False``) for ``model``, the same Flax module."""
+    with open(path + ".json") as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}.json has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+    if meta["model"] != repr(model):
+        raise ValueError(f"{path} was saved for the model\n{meta['model']}\nnot\n{model!r}")
+    table = {n: SiteQuantization.from_json(d) for n, d in meta["sites"].items()}
+    with np.load(path + ".npz", allow_pickle=False) as data:
+        codes = {k[len("code/"):]: data[k] for k in data.files if k.startswith("code/")}
+        flat = {tuple(k[len("var/"):].split("/")): data[k] for k in data.files if k.startswith("var/")}
+    qnet = QuantizedNetwork(model, {}, table, codes)
+    for name in codes:
+        flat[_kernel_path(name)] = qnet.dequantize(name)
+    variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    return dataclasses.replace(qnet, variables=variables)
