@@ -170,35 +170,37 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
                          "and finite")
     flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, jax.device_get(loss.variables)))
     slices = loss.site_slices()
+    alphas = {s.name: alpha[slices[s.name]] if loss.specs[s.name].per_channel else alpha[slices[s.name]][0]
+              for s in loss.sites}
+    # The grid values as the loss's own quantizer computes them inside a compiled pass: a
+    # re-derivation (another program, another rounding of (w + α)/Δ) can land a weight sitting
+    # on a rounding tie one level away.
+    grid_values = sites.quantized_weights(lambda v, x: loss.model.apply(v, x, train=False), loss.specs,
+                                          {k: jnp.asarray(v) for k, v in alphas.items()}, loss.variables,
+                                          jnp.asarray(loss.calib.x[:1]))
     table, codes = {}, {}
     for site in loss.sites:
         spec = loss.specs[site.name]
-        a = alpha[slices[site.name]]
         channels = site.channels if site.kind == "weight" else 1
-        a_full = np.broadcast_to(a, (channels,)).astype(np.float32)
+        a_full = np.broadcast_to(alpha[slices[site.name]], (channels,)).astype(np.float32)
         scale = np.asarray(quantizers.step_size(jnp.asarray(a_full), spec.bits, spec.grid), np.float32)
         offset = -a_full if spec.grid == "midrise" else np.zeros_like(a_full)
-        shift = np.zeros_like(a_full)
-        if site.kind == "weight":
-            key = _kernel_path(site.name)
-            if key not in flat:
-                raise ValueError(f"weight site {site.name!r} has no variable {'/'.join(key)}; export needs the "
-                                 "quantizable layers' 'kernel' parameters")
-            w = jnp.asarray(flat[key], jnp.float32)
-            s = SiteQuantization(site.kind, spec.bits, spec.grid, a_full, scale, offset, shift, spec.per_channel,
-                                 spec.bias_correction)
-            lo, hi = s.code_range()
-            # The quantizer's own arithmetic: z = clip((w − offset)/Δ, lo, hi), q = round(z).
-            q = jnp.round(jnp.clip((w - jnp.asarray(offset)) / jnp.asarray(scale), lo, hi))
-            w_hat = q * jnp.asarray(scale) + jnp.asarray(offset)
-            if spec.bias_correction:
-                shift = np.asarray(quantizers.bias_shift(w_hat, w), np.float32).reshape(channels)
-            codes[site.name] = np.asarray(q).astype(_code_dtype(lo, hi))
-            table[site.name] = dataclasses.replace(s, shift=shift)
-            flat[key] = np.asarray(w_hat - jnp.asarray(shift), np.float32)
-        else:
+        if site.kind == "activation":
             table[site.name] = SiteQuantization(site.kind, spec.bits, spec.grid, a_full, scale, np.zeros_like(a_full),
-                                                shift, False, False)
+                                                np.zeros_like(a_full), False, False)
+            continue
+        key = _kernel_path(site.name)
+        if key not in flat:
+            raise ValueError(f"weight site {site.name!r} has no variable {'/'.join(key)}; export needs the "
+                             "quantizable layers' 'kernel' parameters")
+        w_hat, shift = (np.asarray(v, np.float32) for v in grid_values[site.name])
+        s = SiteQuantization(site.kind, spec.bits, spec.grid, a_full, scale, offset, shift.reshape(channels),
+                             spec.per_channel, spec.bias_correction)
+        lo, hi = s.code_range()
+        # w_hat is on the grid, so (w_hat − offset)/Δ is an integer up to rounding error.
+        codes[site.name] = np.clip(np.rint((w_hat - offset) / scale), lo, hi).astype(_code_dtype(lo, hi))
+        table[site.name] = s
+        flat[key] = w_hat - shift  # exactly the weights the loss uses
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return QuantizedNetwork(loss.model, variables, table, codes)
 

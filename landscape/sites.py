@@ -237,9 +237,12 @@ class _Quantizer:
         if spec is None:
             return w
         w_hat = quantizers.quantize(w, self.alphas[name], self._bits(name, spec), spec.grid)
-        if spec.bias_correction:
-            w_hat = quantizers.bias_correct(w_hat, w)
-        return w_hat
+        shift = quantizers.bias_shift(w_hat, w) if spec.bias_correction else None
+        self._seen_weight(name, w_hat, shift)
+        return w_hat if shift is None else w_hat - shift
+
+    def _seen_weight(self, name, w_hat, shift):
+        """Hook for :func:`quantized_weights`: the grid value and the bias-correction shift."""
 
     def activation(self, name, x):
         spec = self.specs.get(name)
@@ -257,6 +260,32 @@ def quantizing(specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
     values, so one compiled program serves every bit width.
     """
     return _active(_Quantizer(specs, alphas, bits))
+
+
+class _WeightRecorder(_Quantizer):
+    def __init__(self, specs, alphas):
+        super().__init__(specs, alphas, None)
+        self.values: dict[str, tuple] = {}
+
+    def _seen_weight(self, name, w_hat, shift):
+        if shift is None:
+            shift = jnp.zeros((1,) * (w_hat.ndim - 1) + w_hat.shape[-1:], w_hat.dtype)
+        self.values[name] = (w_hat, shift)
+
+
+def quantized_weights(apply_fn: Callable, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
+                      *args) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Weight site → (Q(W) on the grid, bias-correction shift) as a jitted quantized pass of
+    ``apply_fn(*args)`` computes them (the values the network uses are Q(W) − shift; the shift
+    has W's rank, size 1 on every axis but the last, and is zero without bias correction)."""
+
+    def run(alphas, *a):
+        rec = _WeightRecorder(specs, alphas)
+        with _active(rec):
+            apply_fn(*a)
+        return rec.values
+
+    return jax.jit(run)(alphas, *args)
 
 
 # --------------------------------------------------------------------------- calibrating
