@@ -12,6 +12,7 @@ from landscape import (
     bit_allocation,
     calibration,
     data,
+    equalization,
     export,
     folding,
     layers,
@@ -47,7 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "allocate_bits", "anova_interaction",
-    "bit_allocation", "calibration", "export",
+    "bit_allocation", "calibration", "equalization", "export",
     "clip_hessian", "compare_methods", "data", "lapq",
     "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature",
     "hessian_spectrum", "layers", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",

@@ -68,7 +68,7 @@ class QuantDense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         kernel = sites.weight_site(self, kernel)
         y = _product(self, x, kernel, lambda a, w: jnp.dot(a, w))
-        sites.note_output(self, y)
+        sites.note_output(self, y, x)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y
@@ -110,7 +110,7 @@ class QuantConv(nn.Module):
         y = _product(self, x, kernel, conv_general(self.strides, ((ph, ph), (pw, pw))))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        sites.note_output(self, y)
+        sites.note_output(self, y, x)
         sites.note_conv_output(self, y)
         return y
 

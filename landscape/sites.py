@@ -100,12 +100,16 @@ def activation_site(module, x):
     return x if ctx is None else ctx.activation(site_name(module), x)
 
 
-def note_output(module, y):
-    """Quantizable layers report their product's output (batch axis first): its positions give
-    the weight site's MACs (:attr:`Site.macs`)."""
+def note_output(module, y, x=None):
+    """Quantizable layers report their product's output ``y`` (batch axis first) and input
+    ``x``: the output's positions give the weight site's MACs (:attr:`Site.macs`); the input
+    tells which activation site, if any, feeds the layer directly (:func:`direct_inputs`)."""
     ctx = _CONTEXT.get()
     if isinstance(ctx, _Recorder):
-        ctx.outputs.setdefault(site_name(module), []).append(tuple(int(d) for d in y.shape))
+        name = site_name(module)
+        ctx.outputs.setdefault(name, []).append(tuple(int(d) for d in y.shape))
+        if x is not None:
+            ctx.inputs.setdefault(name, []).append(x)
 
 
 def note_conv_output(module, y):
@@ -142,6 +146,8 @@ class _Recorder:
         self.conv_outputs: list = []
         self.bn_pairs: list[tuple[str, str, float]] = []
         self.outputs: dict[str, list[tuple[int, ...]]] = {}
+        self.inputs: dict[str, list] = {}
+        self.activation_values: list[tuple[str, object]] = []
 
     def _add(self, name, kind, shape):
         if name in self._seen:  # a module applied twice shares one α
@@ -155,6 +161,7 @@ class _Recorder:
 
     def activation(self, name, x):
         self._add(name, "activation", x.shape[1:])
+        self.activation_values.append((name, x))
         return x
 
 
@@ -174,6 +181,25 @@ def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, 
 
     jax.eval_shape(run, *args)
     return [_with_macs(s, rec.outputs.get(s.name)) for s in rec.sites], rec.bn_pairs
+
+
+def direct_inputs(apply_fn: Callable, *args) -> dict[str, str]:
+    """Weight site → the activation site whose output is exactly that layer's input (every
+    application of the layer), by abstract tracing; layers fed through anything else (pooling,
+    a reshape, a sum) are absent."""
+    rec = _Recorder()
+
+    def run(*a):
+        with _active(rec):
+            return apply_fn(*a)
+
+    jax.eval_shape(run, *args)
+    found = {}
+    for name, xs in rec.inputs.items():
+        sources = {next((act for act, v in rec.activation_values if v is x), None) for x in xs}
+        if len(sources) == 1 and None not in sources:
+            found[name] = sources.pop()
+    return found
 
 
 def _with_macs(site: Site, outputs) -> Site:

@@ -1,0 +1,81 @@
+"""Cross-layer equalization: the function is unchanged, the paired channel ranges end equal,
+and exactly the pairs without another reader of their activation are equalized."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import landscape as ls
+import models
+from landscape.equalization import cross_layer_equalization
+
+
+def ranges(kernel, axis):
+    axes = tuple(i for i in range(kernel.ndim) if i != axis % kernel.ndim)
+    return np.max(np.abs(np.asarray(kernel)), axis=axes)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model = models.create("resnet20", num_classes=10)
+    x = jax.random.normal(jax.random.key(1), (16, 12, 12, 3))
+    variables = model.init(jax.random.key(0), x[:1])
+    # Every parameter nonzero (the initialisation zeroes the classifier and the blocks' last BN
+    # scales, which would hide any change of the function) and BN statistics away from the
+    # identity, so that folding moves the kernels.
+    leaves, tree = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.key(2), len(leaves) + 1)
+    noisy = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=False)]
+    params = jax.tree.unflatten(tree, noisy)
+    stats = jax.tree.map(lambda v: v + jax.random.uniform(keys[-1], v.shape, minval=0.2, maxval=1.5),
+                         variables["batch_stats"])
+    return model, {"params": params, "batch_stats": stats}, x
+
+
+def test_equalization_keeps_the_function_and_balances_the_pairs(resnet20):
+    model, variables, x = resnet20
+    eq = cross_layer_equalization(model, variables, x[:8])
+    # Exactly the in-block pairs conv1 → conv2: every other candidate feeds a skip connection too.
+    blocks = [f"layer{s}_{b}" for s in (1, 2, 3) for b in range(3)]
+    assert eq.pairs == tuple((f"{blk}/conv1", f"{blk}/conv2") for blk in blocks)
+    assert len(eq.rejected) > 0 and all(p not in eq.pairs for p in eq.rejected)
+    # Same logits on inputs the search never saw, within float rounding.
+    before = model.apply(variables, x[8:], train=False)
+    after = model.apply(eq.variables, x[8:], train=False)
+    scale = float(jnp.abs(before).max())
+    assert scale > 0.1
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4, atol=1e-4 * scale)
+    assert eq.max_logit_change < 1e-4 * scale
+    # Each equalized channel has the same range in both kernels, and the ranges did change.
+    folded = ls.folding.fold_batchnorm(model, variables, x[:1])
+    for a, b in eq.pairs:
+        pa, pb = eq.variables["params"], folded["params"]
+        ka = pa[a.split("/")[0]][a.split("/")[1]]["kernel"]
+        kb = pa[b.split("/")[0]][b.split("/")[1]]["kernel"]
+        np.testing.assert_allclose(ranges(ka, -1), ranges(kb, -2), rtol=1e-5)
+        ka0 = pb[a.split("/")[0]][a.split("/")[1]]["kernel"]
+        np.testing.assert_allclose(ranges(ka, -1) * eq.scales[(a, b)], ranges(ka0, -1), rtol=1e-5)
+        assert np.std(np.log(eq.scales[(a, b)])) > 0.05
+    assert "pairs" in repr(eq)
+
+
+def test_equalized_network_quantizes_through_clip_loss(tiny_net, digits):
+    eq = cross_layer_equalization(tiny_net.model, tiny_net.variables, digits.calib.x[:32])
+    net = dataclasses.replace(tiny_net, variables=eq.variables)
+    loss = ls.ClipLoss(net, digits.calib, w_bits=8, a_bits=None)
+    folded = ls.ClipLoss(tiny_net, digits.calib, w_bits=8, a_bits=None, fold_bn=True)
+    # At 8 bits quantization barely matters: both losses are the FP32 network's.
+    assert float(loss(loss.init("max"))) == pytest.approx(float(folded(folded.init("max"))), rel=2e-2)
+
+
+def test_equalization_errors(resnet20):
+    model, variables, x = resnet20
+    with pytest.raises(ValueError, match="tol=0"):
+        cross_layer_equalization(model, variables, x, tol=0)
+    with pytest.raises(ValueError, match="max_rounds=0"):
+        cross_layer_equalization(model, variables, x, max_rounds=0)
