@@ -29,9 +29,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from landscape import quantizers
+from landscape import quantizers, sites
 
-__all__ = ["Allocation", "Sensitivity", "allocate_bits", "weight_sensitivity"]
+__all__ = ["Allocation", "Sensitivity", "allocate_bits", "input_widths", "weight_sensitivity"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +164,20 @@ def _kernel(params, site):
     return node
 
 
+def input_widths(loss, default: int = 32) -> dict[str, int]:
+    """Weight site → the width of the activations it multiplies in ``loss``, for BOPs budgets.
+
+    A layer that reads a quantized activation site directly gets that site's width; one fed by
+    an FP32 site, by the input data or through anything else (pooling, a reshape, a sum) gets
+    ``default`` (32: FP32). Covers every quantized weight site of ``loss``.
+    """
+    width = _activation_width(default, "default")
+    feeds = sites.direct_inputs(lambda v, x: loss.model.apply(v, x, train=False), loss.variables,
+                                np.asarray(loss.calib.x[:1]))
+    bits = {s.name: loss.specs[s.name].bits for s in loss.sites if s.kind == "activation"}
+    return {s.name: bits.get(feeds.get(s.name), width) for s in loss.sites if s.kind == "weight"}
+
+
 def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = "mse",
                        rule_kw: Mapping | None = None, spectrum=None, seed: int = 0,
                        **spectrum_kw) -> Sensitivity:
@@ -233,7 +247,8 @@ def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None
 
     * ``average_bits`` (per weight of the ranked sites) or ``budget_bits``: Σ_i n_i b_i ≤ budget;
     * ``budget_bops`` with ``a_bits``: Σ_i MACs_i · b_i · a_i ≤ budget, bit operations per
-      example, a_i the width of layer i's input activations (one width, or site → width).
+      example, a_i the width of layer i's input activations (one width, or site → width, e.g.
+      :func:`input_widths` of a ClipLoss with the activation widths to deploy).
       ``sensitivity.bops(widths, a_bits)`` prices a configuration, e.g. uniform 4-bit weights.
 
     The search merges the layers one at a time into the Pareto front of (cost, Σ Ω) — a choice

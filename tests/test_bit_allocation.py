@@ -168,3 +168,21 @@ def test_sensitivity_reuses_a_spectrum_and_feeds_clip_loss(sensitivity, tiny_net
         ls.weight_sensitivity(loss.with_options(w_bits=None))
     with pytest.raises(ValueError, match="bits=1"):
         ls.weight_sensitivity(loss, bits=(1, 4), spectrum=s.spectrum)
+
+
+def test_input_widths_follow_the_activation_sites(digits):
+    import models
+
+    model = models.create("resnet8", num_classes=10)
+    net = ls.train.Network(model, model.init(jax.random.key(0), digits.calib.x[:1]), {}, [])
+    loss = ls.ClipLoss(net, digits.calib, w_bits=4, a_bits={"layer1_0/relu1": 3, "layer2_0/relu1": 5})
+    widths = ls.bit_allocation.input_widths(loss)
+    assert set(widths) == {s.name for s in loss.sites if s.kind == "weight"}
+    # conv2 of a block reads its relu1; everything else reads an FP32 activation here.
+    assert widths["layer1_0/conv2"] == 3 and widths["layer2_0/conv2"] == 5
+    assert all(v == 32 for k, v in widths.items() if k not in ("layer1_0/conv2", "layer2_0/conv2"))
+    assert ls.bit_allocation.input_widths(loss, default=8)["layer1_0/conv1"] == 8
+    uniform = ls.ClipLoss(net, digits.calib, w_bits=4, a_bits=4)
+    assert set(ls.bit_allocation.input_widths(uniform).values()) == {4}
+    with pytest.raises(ValueError, match="default=0 is not an activation width"):
+        ls.bit_allocation.input_widths(loss, default=0)
