@@ -77,14 +77,12 @@ class Progress:
 
     def __init__(self, path: str, config: dict):
         self.path, self.config, self.steps = path, config, {}
-        if os.path.exists(path):
-            with open(path) as fh:
-                saved = json.load(fh)
-            if saved.get("config") == config:
-                self.steps = saved["steps"]
-                print(f"resuming: {len(self.steps)} finished steps from {path}", flush=True)
-            else:
-                print(f"{path} is from other settings; starting over", flush=True)
+        saved = runtime.read_json(path, {})
+        if saved.get("config") == config:
+            self.steps = saved["steps"]
+            print(f"resuming: {len(self.steps)} finished steps from {path}", flush=True)
+        elif saved:
+            print(f"{path} is from other settings; starting over", flush=True)
 
     def get(self, key: str, compute):
         if key not in self.steps:
