@@ -1,7 +1,7 @@
 """Cross-layer equalization (Nagel et al., ICCV 2019, "Data-free quantization").
 
 Per-tensor weight quantization suffers when one output channel of a kernel spans a much wider
-range than the others. For two layers a → BN → ReLU → b, with nothing else reading the ReLU's
+range than the others. For two layers a → (BN →) ReLU → b, with nothing else reading the ReLU's
 output, ReLU(x / s) = ReLU(x) / s for s > 0 lets channel c move between them:
 
     W_a[..., c] ← W_a[..., c] / s_c,   bias_a[c] ← bias_a[c] / s_c,   W_b[..., c, :] ← W_b[..., c, :] · s_c
@@ -12,7 +12,7 @@ max |W_b[..., c, :]|, the choice s_c = √(r_a,c / r_b,c) gives both channels th
 
 :func:`cross_layer_equalization` folds BatchNorm first (the BN's scale must be in the kernel),
 finds candidate pairs by tracing (b reads an activation site's output directly; a is the last
-weight layer before that site and has a BN), keeps only the pairs whose rescaling leaves the
+weight layer before that site, with or without a BN after it), keeps only the pairs whose rescaling leaves the
 logits on the given batch unchanged (a skip connection reading the same activation would not),
 and rescales until the scales stop moving.
 """
@@ -68,7 +68,7 @@ def _rescale(flat, a, b, bn, s):
     channel of layer b multiplied by it."""
     out = dict(flat)
     out[f"params/{a}/kernel"] = flat[f"params/{a}/kernel"] / s
-    for key in (f"params/{a}/bias", f"params/{bn}/bias"):
+    for key in (f"params/{a}/bias", f"params/{bn}/bias" if bn else None):
         if key in flat:
             out[key] = flat[key] / s
     shape = [1] * flat[f"params/{b}/kernel"].ndim
@@ -85,7 +85,7 @@ def _scales(flat, a, b):
 
 
 def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_rounds: int = 20) -> Equalization:
-    """Fold BatchNorm, then equalize every a → BN → ReLU → b pair of ``model``.
+    """Fold BatchNorm, then equalize every a → (BN →) ReLU → b pair of ``model``.
 
     Args:
         model: a Flax module built from :mod:`landscape.layers`.
@@ -120,7 +120,7 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
         if b.name not in direct:
             continue
         before = [s for s in weights if s.index < index[direct[b.name]]]
-        if not before or before[-1].name not in bn_of or len(b.shape) < 2:
+        if not before or len(b.shape) < 2:
             continue
         a = before[-1]
         if a.shape[-1] == b.shape[-2]:
@@ -136,7 +136,7 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     bound = tol * max(float(np.max(np.abs(reference))), 1e-12)
     pairs, rejected = [], []
     for a, b in candidates:
-        trial = _rescale(flat, a, b, bn_of[a], _scales(flat, a, b))
+        trial = _rescale(flat, a, b, bn_of.get(a), _scales(flat, a, b))
         (pairs if np.max(np.abs(logits(trial) - reference)) <= bound else rejected).append((a, b))
 
     scales = {p: np.ones(flat[f"params/{p[0]}/kernel"].shape[-1], np.float32) for p in pairs}
@@ -145,7 +145,7 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
         moved = 0.0
         for a, b in pairs:
             s = _scales(flat, a, b)
-            flat = _rescale(flat, a, b, bn_of[a], s)
+            flat = _rescale(flat, a, b, bn_of.get(a), s)
             scales[(a, b)] = scales[(a, b)] * s
             moved = max(moved, float(np.max(np.abs(np.log(s)))))
         if moved < 1e-6:

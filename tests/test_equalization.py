@@ -79,3 +79,19 @@ def test_equalization_errors(resnet20):
         cross_layer_equalization(model, variables, x, tol=0)
     with pytest.raises(ValueError, match="max_rounds=0"):
         cross_layer_equalization(model, variables, x, max_rounds=0)
+
+
+def test_equalization_without_batchnorm():
+    # The zoo's MLP: dense → ReLU → dense → ReLU → dense, biases and no BN.
+    model = models.create("mlp", num_classes=10)
+    x = jax.random.normal(jax.random.key(3), (24, 8, 8, 1))
+    variables = model.init(jax.random.key(4), x[:1])
+    eq = cross_layer_equalization(model, variables, x[:12])
+    names = [s.name for s in ls.sites_of(model, variables, x[:1])[0] if s.kind == "weight"]
+    assert eq.pairs == tuple(zip(names[:-1], names[1:], strict=True)) and not eq.rejected
+    before = np.asarray(model.apply(variables, x[12:], train=False))
+    after = np.asarray(model.apply(eq.variables, x[12:], train=False))
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5 * np.abs(before).max())
+    for a, b in eq.pairs:
+        np.testing.assert_allclose(ranges(eq.variables["params"][a]["kernel"], -1),
+                                   ranges(eq.variables["params"][b]["kernel"], -2), rtol=1e-3)
