@@ -71,6 +71,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def omega_of(sens, widths) -> float:
+    """Σ_i Ω_i(b_i) of ``widths`` under the HAWQ sensitivities ``sens``."""
+    return float(sum(sens.omega[i, BITS.index(widths[n])] for i, n in enumerate(sens.sites)))
+
+
 class Progress:
     """The finished steps of a run, by key, in a JSON file rewritten atomically after each one;
     a rerun with the same configuration takes them from there instead of recomputing."""
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
         for method, s in [("hawq", sens)] + list(controls.items()):
             alloc = ls.allocate_bits(s, average_bits=budget)
             calib_loss, acc = evaluate(net, data, alloc.bits, progress, f"{method} @ {budget}")
-            hawq_omega = float(sum(sens.omega[i, BITS.index(alloc.bits[n])] for i, n in enumerate(sens.sites)))
+            hawq_omega = omega_of(sens, alloc.bits)
             found[method] = acc
             rows.append(dict(budget=budget, method=method, average_bits=alloc.average_bits, calib_loss=calib_loss,
                              test_acc=acc, hawq_omega=hawq_omega, widths=alloc.bits))
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
         alloc = ls.allocate_bits(sens, budget_bops=int(budget * sens.bops(dict.fromkeys(sens.sites, 1), a_for_bops)),
                                  a_bits=a_for_bops)
         calib_loss, acc = evaluate(net, data, alloc.bits, progress, f"hawq (BOPs) @ {budget}")
-        hawq_omega = float(sum(sens.omega[i, BITS.index(alloc.bits[n])] for i, n in enumerate(sens.sites)))
+        hawq_omega = omega_of(sens, alloc.bits)
         rows.append(dict(budget=budget, method="hawq (BOPs)", average_bits=alloc.average_bits, calib_loss=calib_loss,
                          test_acc=acc, hawq_omega=hawq_omega, widths=alloc.bits))
         shuffled = float(np.mean([v for k, v in found.items() if k.startswith("shuffled")]))

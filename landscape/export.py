@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from landscape import quantizers, runtime, sites
+from landscape import quantizers, runtime, sites, train
 
 __all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
 
@@ -114,11 +114,7 @@ class QuantizedNetwork:
     def accuracy(self, split, batch_size: int = 500) -> float:
         """Top-1 accuracy on a :class:`~landscape.data.Split` (or an (x, y) pair)."""
         x, y = (split.x, split.y) if hasattr(split, "x") else split
-        x, y = np.asarray(x, np.float32), np.asarray(y)
-        hits = 0
-        for i in range(0, len(x), batch_size):
-            hits += int(np.sum(np.argmax(np.asarray(self.apply(x[i:i + batch_size])), -1) == y[i:i + batch_size]))
-        return hits / len(x)
+        return float(np.mean(train.predict(self, np.asarray(x, np.float32), batch_size) == np.asarray(y)))
 
     @functools.cached_property
     def _forward(self):

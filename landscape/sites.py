@@ -170,9 +170,8 @@ def recording():
     return _active(_Recorder())
 
 
-def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, str, float]]]:
-    """Sites (call order) and (conv, batchnorm, ε) triples of ``apply_fn(*args)``, by abstract
-    tracing (no computation)."""
+def _record(apply_fn: Callable, *args) -> _Recorder:
+    """What a :class:`_Recorder` sees during ``apply_fn(*args)``, by abstract tracing."""
     rec = _Recorder()
 
     def run(*a):
@@ -180,6 +179,13 @@ def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, 
             return apply_fn(*a)
 
     jax.eval_shape(run, *args)
+    return rec
+
+
+def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, str, float]]]:
+    """Sites (call order) and (conv, batchnorm, ε) triples of ``apply_fn(*args)``, by abstract
+    tracing (no computation)."""
+    rec = _record(apply_fn, *args)
     return [_with_macs(s, rec.outputs.get(s.name)) for s in rec.sites], rec.bn_pairs
 
 
@@ -187,13 +193,7 @@ def direct_inputs(apply_fn: Callable, *args) -> dict[str, str]:
     """Weight site → the activation site whose output is exactly that layer's input (every
     application of the layer), by abstract tracing; layers fed through anything else (pooling,
     a reshape, a sum) are absent."""
-    rec = _Recorder()
-
-    def run(*a):
-        with _active(rec):
-            return apply_fn(*a)
-
-    jax.eval_shape(run, *args)
+    rec = _record(apply_fn, *args)
     found = {}
     for name, xs in rec.inputs.items():
         sources = {next((act for act, v in rec.activation_values if v is x), None) for x in xs}
