@@ -167,9 +167,11 @@ def _kernel(params, site):
 def input_widths(loss, default: int = 32) -> dict[str, int]:
     """Weight site → the width of the activations it multiplies in ``loss``, for BOPs budgets.
 
-    A layer that reads a quantized activation site directly gets that site's width; one fed by
-    an FP32 site, by the input data or through anything else (pooling, a reshape, a sum) gets
-    ``default`` (32: FP32). Covers every quantized weight site of ``loss``.
+    A layer that multiplies a quantized activation site's values, directly or through
+    value-preserving operations (a reshape, max-pooling: :func:`landscape.sites.direct_inputs`),
+    gets that site's width; one fed by an FP32 site, by the input data or through anything else
+    (average pooling, a sum) gets ``default`` (32: FP32). Covers every quantized weight site of
+    ``loss``.
     """
     width = _activation_width(default, "default")
     feeds = sites.direct_inputs(lambda v, x: loss.model.apply(v, x, train=False), loss.variables,

@@ -11,10 +11,11 @@ max |W_b[..., c, :]|, the choice s_c = √(r_a,c / r_b,c) gives both channels th
 √(r_a,c · r_b,c), which equalizes the per-channel ranges of both kernels as far as one scale can.
 
 :func:`cross_layer_equalization` folds BatchNorm first (the BN's scale must be in the kernel),
-finds candidate pairs by tracing (b reads an activation site's output directly; a is the last
-weight layer before that site, with or without a BN after it), keeps only the pairs whose rescaling leaves the
-logits on the given batch unchanged (a skip connection reading the same activation would not),
-and rescales until the scales stop moving.
+finds candidate pairs by tracing (b reads an activation site's output, directly or through
+max-pooling, which a positive per-channel scale passes as it passes ReLU; a is the last weight
+layer before that site, with or without a BN after it), keeps only the pairs whose rescaling
+leaves the logits on the given batch unchanged (a skip connection reading the same activation
+would not), and rescales until the scales stop moving.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
         return model.apply(v, xb, train=False)
 
     all_sites, bn_pairs = sites.trace_sites(apply, folded, x[:1])
-    direct = sites.direct_inputs(apply, folded, x[:1])
+    # a per-channel positive scale passes ReLU and max-pooling unchanged (both positively
+    # homogeneous per channel); reshapes and transposes would move the channel axis
+    direct = sites.direct_inputs(apply, folded, x[:1], through=frozenset({"reduce_window_max"}))
     bn_of = {conv: bn for conv, bn, _ in bn_pairs}
     index = {s.name: s.index for s in all_sites}
     weights = [s for s in all_sites if s.kind == "weight"]

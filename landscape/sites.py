@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 
 from landscape import quantizers
@@ -189,17 +190,84 @@ def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, 
     return [_with_macs(s, rec.outputs.get(s.name)) for s in rec.sites], rec.bn_pairs
 
 
-def direct_inputs(apply_fn: Callable, *args) -> dict[str, str]:
-    """Weight site → the activation site whose output is exactly that layer's input (every
-    application of the layer), by abstract tracing; layers fed through anything else (pooling,
-    a reshape, a sum) are absent."""
-    rec = _record(apply_fn, *args)
+#: Primitives whose every output value is one of its (first) operand's values: a layer reading a
+#: quantized activation through them still multiplies numbers on that activation's grid. Max-pooling
+#: is here; average pooling, sums and padding with constants are not.
+VALUE_PRESERVING = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
+                              "reduce_window_max", "reduce_max", "slice", "rev", "copy", "copy_p"})
+
+
+def direct_inputs(apply_fn: Callable, *args, through: frozenset[str] = VALUE_PRESERVING
+                  ) -> dict[str, str]:
+    """Weight site → the activation site whose values that layer multiplies, on every application.
+
+    Found from the jaxpr of ``apply_fn(*args)``: each layer's input is followed back through the
+    primitives named in ``through`` (default :data:`VALUE_PRESERVING`: reshapes, max-pooling, ...;
+    an empty set asks for the activation itself) and nested jitted calls to the first value an
+    activation site produced. Layers whose input passes through anything else (average pooling, a
+    sum, arithmetic) or starts at the data are absent.
+    """
+    rec = _Recorder()
+
+    def run(*a):
+        with _active(rec):
+            apply_fn(*a)
+        return [v for _, v in rec.activation_values], [x for xs in rec.inputs.values() for x in xs]
+
+    closed = jax.make_jaxpr(run)(*args)
+    n_act = len(rec.activation_values)
+    outvars = closed.jaxpr.outvars
+    # the activation sites' vars; a var two sites produced (one applied twice) maps to the last
+    produced_by = {v: name for (name, _), v in zip(rec.activation_values, outvars[:n_act], strict=True)
+                   if isinstance(v, jex.core.Var)}
+    input_vars = iter(outvars[n_act:])
     found = {}
     for name, xs in rec.inputs.items():
-        sources = {next((act for act, v in rec.activation_values if v is x), None) for x in xs}
+        sources = {_source_site(closed.jaxpr, next(input_vars), produced_by, through) for _ in xs}
         if len(sources) == 1 and None not in sources:
             found[name] = sources.pop()
     return found
+
+
+def _source_site(jaxpr, var, produced_by, through):
+    """The activation site at the start of var's value-preserving chain in ``jaxpr``, or None."""
+    scopes = []  # (outer jaxpr, call equation) of each nested call entered, to climb back out
+    while isinstance(var, jex.core.Var):
+        if not scopes and var in produced_by:
+            return produced_by[var]
+        eqn, index = _producer(jaxpr, var)
+        if eqn is None:  # an input (or constant) of this jaxpr: leave the call through its operand
+            if not scopes or var not in jaxpr.invars:
+                return None
+            jaxpr, call = scopes.pop()
+            var = call.invars[_inner(call).invars.index(var)]
+        elif _inner(eqn) is not None and len(_inner(eqn).outvars) == len(eqn.outvars):
+            scopes.append((jaxpr, eqn))
+            jaxpr = _inner(eqn)
+            var = jaxpr.outvars[index]
+        elif eqn.primitive.name in through:
+            var = eqn.invars[0]
+        else:
+            return None
+    return None
+
+
+def _producer(jaxpr, var):
+    """(equation, output index) that defines var in jaxpr, or (None, None)."""
+    for eqn in jaxpr.eqns:
+        for i, out in enumerate(eqn.outvars):
+            if out is var:
+                return eqn, i
+    return None, None
+
+
+def _inner(eqn):
+    """The jaxpr of a call-like equation (jit, custom_jvp/vjp calls), or None."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        inner = eqn.params.get(key)
+        if inner is not None:
+            return getattr(inner, "jaxpr", inner)
+    return None
 
 
 def _with_macs(site: Site, outputs) -> Site:

@@ -186,3 +186,10 @@ def test_input_widths_follow_the_activation_sites(digits):
     assert set(ls.bit_allocation.input_widths(uniform).values()) == {4}
     with pytest.raises(ValueError, match="default=0 is not an activation width"):
         ls.bit_allocation.input_widths(loss, default=0)
+
+
+def test_input_widths_pass_max_pooling(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, (digits.calib.x[:16], digits.calib.y[:16]), w_bits=4,
+                       a_bits={"relu0_0": 5, "relu0_1": 3, "relu1_0": 6})
+    # conv1_0 reads relu0_1 through the max-pool between the stages; fc reads a global average.
+    assert ls.bit_allocation.input_widths(loss) == {"conv0_1": 5, "conv1_0": 3, "conv1_1": 6}

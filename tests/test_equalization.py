@@ -66,6 +66,13 @@ def test_equalization_keeps_the_function_and_balances_the_pairs(resnet20):
 
 def test_equalized_network_quantizes_through_clip_loss(tiny_net, digits):
     eq = cross_layer_equalization(tiny_net.model, tiny_net.variables, digits.calib.x[:32])
+    # The cnn's chain conv → BN → ReLU (→ max-pool) → conv: the pair across the pooling counts,
+    # a per-channel positive scale passes max-pooling as it passes ReLU.
+    assert eq.pairs == (("conv0_0", "conv0_1"), ("conv0_1", "conv1_0"), ("conv1_0", "conv1_1"))
+    before = tiny_net.model.apply(tiny_net.variables, digits.calib.x[32:96], train=False)
+    after = tiny_net.model.apply(eq.variables, digits.calib.x[32:96], train=False)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(before).max()))
     net = dataclasses.replace(tiny_net, variables=eq.variables)
     loss = ls.ClipLoss(net, digits.calib, w_bits=8, a_bits=None)
     folded = ls.ClipLoss(tiny_net, digits.calib, w_bits=8, a_bits=None, fold_bn=True)

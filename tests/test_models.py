@@ -71,6 +71,41 @@ def test_macs_count_every_application_of_a_shared_layer():
     assert macs["QuantDense_0"] == 2 * 25 * 4 * 4  # applied twice to (B, 25, 4)
 
 
+def test_direct_inputs_follow_value_preserving_paths():
+    relu = ls.layers.QuantReLU
+
+    class Paths(flax.linen.Module):
+        @flax.linen.compact
+        def __call__(self, x, train=False):
+            a = relu(name="a")(ls.layers.QuantConv(4, name="c0")(x))          # (B, 8, 8, 4)
+            pooled = jax.jit(lambda t: flax.linen.max_pool(t, (2, 2), strides=(2, 2)))(a)
+            y = relu(name="b")(ls.layers.QuantConv(4, name="c1")(pooled))     # through a nested jit
+            flat = ls.layers.QuantDense(8, name="d0")(y.reshape(y.shape[0], -1))  # through a reshape
+            avg = flax.linen.avg_pool(relu(name="c")(flat)[:, None, :, None], (1, 2), strides=(1, 2))
+            z = ls.layers.QuantDense(3, name="d1")(avg.reshape(avg.shape[0], -1))  # averaged: no grid
+            s = ls.layers.QuantDense(3, name="d2")(y.reshape(y.shape[0], -1) + 1.0)  # arithmetic
+            return z + s + ls.layers.QuantDense(3, name="d3")(jnp.mean(a, (1, 2)))
+
+    model = Paths()
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+    def apply(v, x):
+        return model.apply(v, x, train=False)
+
+    assert ls.sites.direct_inputs(apply, variables, x) == {"c1": "a", "d0": "b"}
+    assert ls.sites.direct_inputs(apply, variables, x, through=frozenset({"reshape"})) == {"d0": "b"}
+    assert ls.sites.direct_inputs(apply, variables, x, through=frozenset()) == {}
+    # The zoo: the cnn's second stage reads the first through max-pooling, resnet18's first
+    # block reads the stem's ReLU through its max-pool.
+    for name, layer, source in (("cnn", "conv1_0", "relu0_1"), ("resnet18", "layer1_0/conv1", "relu")):
+        m = models.create(name, num_classes=10)
+        xz = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # abstract: tracing needs no values
+        found = ls.sites.direct_inputs(lambda v, x, m=m: m.apply(v, x, train=False),
+                                       jax.eval_shape(m.init, jax.random.key(0), xz), xz)
+        assert found[layer] == source
+
+
 def test_unknown_model_and_bad_classes():
     with pytest.raises(ValueError, match="unknown model 'vgg'.*resnet20"):
         models.create("vgg", num_classes=10)
