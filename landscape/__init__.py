@@ -25,6 +25,9 @@ from landscape import (
     surfaces,
     train,
 )
+
+# Like `lapq`, the function `adaround` shadows its module: ls.adaround(loss, alpha).
+from landscape.adaround import AdaRoundResult, adaround
 from landscape.bit_allocation import allocate_bits, weight_sensitivity
 from landscape.clip_hessian import clip_hessian
 from landscape.clip_loss import ClipLoss, default_sites, sites_of
@@ -47,7 +50,8 @@ from landscape.surfaces import loss_line, loss_surface, random_direction, weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "allocate_bits", "anova_interaction",
+    "AdaRoundResult", "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "adaround", "allocate_bits",
+    "anova_interaction",
     "bit_allocation", "calibration", "equalization", "export",
     "clip_hessian", "compare_methods", "data", "lapq",
     "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature",
