@@ -5,8 +5,10 @@ Every configuration folds BN, quantizes per tensor (first and last layers FP32),
 the layer-wise MSE rule and, for the ``--lapq`` configurations, also from ``lapq`` (our "batched"
 optimizer, one sweep, 5-point p grid, bias correction off), and then runs
 ``ls.adaround(loss, α)`` on 256 of the 512 calibration images (1000 Adam steps per layer, lr
-1e-2, λ = 0.01, full batch). Rounding to nearest is the loss's own quantization at α (its test accuracy is
-the loss's). Test accuracy on the 10,000 test images. Each finished step is kept in
+1e-2, λ = 0.01, full batch). "Nearest" is the exported network with the loss's own
+round-to-nearest codes at α (``result.nearest``); its accuracy can differ from ``loss.accuracy``
+by a few test images whose activations sit on a rounding boundary, since the two programs
+accumulate in different orders. Test accuracy on the 10,000 test images. Each finished step is kept in
 ``results/adaround.progress.json`` (atomically), so a killed run resumes; the file is removed at
 the end. No claim is tested: the table reports what AdaRound does here.
 

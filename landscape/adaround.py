@@ -290,7 +290,8 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
         alpha: (n,) clipping vector, e.g. ``loss.init("mse")`` or ``lapq(loss).alpha``.
         num_images: calibration images recorded (the first ``num_images`` of the loss's set).
         inputs: "quantized" (each layer's input from the network rounded so far, activations
-            quantized at α; the paper's choice) or "float" (the float network's inputs).
+            quantized at α; the paper's choice) or "float" (the float network's inputs). A layer
+            applied more than once is fitted on its first application.
         **round_kw: passed to :func:`round_layer` (iterations, reg, beta, warmup, lr).
 
     Returns:
@@ -329,7 +330,7 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
             node = node[part]
         return node["kernel"]
 
-    current = jax.tree.map(lambda v: v, loss.variables)  # float kernels, replaced as layers finish
+    current = loss.variables  # float kernels, replaced (in new dicts) as layers finish
     codes, fits = dict(nearest.codes), {}
     for name in names:
         site = nearest.sites[name]
@@ -337,8 +338,7 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
         y = gemms[name](float_inputs[name], w)
         xq = quantized_inputs(current, x)[name] if inputs == "quantized" else float_inputs[name]
         lo, hi = site.code_range()
-        fit = round_layer(xq, y, w, site.scale, site.offset, lo, hi, gemms[name],
-                          **round_kw)
+        fit = round_layer(xq, y, w, site.scale, site.offset, lo, hi, gemms[name], **round_kw)
         fits[name] = fit
         codes[name] = fit.codes.astype(nearest.codes[name].dtype)
         current = _with_kernel(current, name, jnp.asarray(fit.codes * site.scale + site.offset, jnp.float32))
