@@ -30,68 +30,52 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import mnist_resnet20  # noqa: E402
+from mnist_resnet20 import Progress  # noqa: E402
+
 import landscape as ls  # noqa: E402
-import models  # noqa: E402
 from landscape import runtime  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
-NETWORK = os.path.join(ROOT, "results", "networks", "cifarresnet-8888f8fd66902a057f7b")
-
-
-def parse_config(text: str) -> tuple[int, int | None]:
-    """"W:A" → (w_bits, a_bits), an empty A meaning FP32 activations."""
-    try:
-        w, a = text.split(":")
-        return int(w), (int(a) if a else None)
-    except ValueError:
-        raise SystemExit(f"config {text!r}: use W:A such as 4:4, or 4: for FP32 activations") from None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=MNIST_DIR)
-    p.add_argument("--network", default=NETWORK)
+    mnist_resnet20.add_arguments(p)
     p.add_argument("--configs", default="4:,3:,2:,4:4,3:4")
     p.add_argument("--lapq", default="4:4,3:4", help="configs also calibrated with LAPQ ('' for none)")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "adaround"))
     args = p.parse_args(argv)
-    if not os.path.isdir(args.data_dir):
-        raise SystemExit(f"--data-dir {args.data_dir!r} does not exist: pass a local parquet copy of MNIST")
-    configs = [parse_config(c) for c in args.configs.split(",")]
-    lapq_configs = {parse_config(c) for c in args.lapq.split(",") if c}
-    data = ls.data.load("mnist", data_dir=args.data_dir, calib_size=512, seed=0)
-    net = ls.train.load_network(models.create("resnet20", num_classes=10), args.network)
+    configs = [mnist_resnet20.parse_config(c) for c in args.configs.split(",")]
+    lapq_configs = {mnist_resnet20.parse_config(c) for c in args.lapq.split(",") if c}
+    data, net = mnist_resnet20.load(args)
     round_kw = dict(num_images=256, iterations=args.iterations, lr=1e-2, reg=0.01)
     settings = dict(configs=args.configs, lapq=args.lapq, network=os.path.basename(args.network), **round_kw)
-    progress_path = args.out + ".progress.json"
-    saved = runtime.read_json(progress_path, {})
-    done = saved.get("rows", {}) if saved.get("settings") == settings else {}
-    rows = []
-    for w_bits, a_bits in configs:
-        loss = ls.ClipLoss(net, data.calib, w_bits=w_bits, a_bits=a_bits, fold_bn=True)
-        starts = [("MSE", None)] + ([("LAPQ", None)] if (w_bits, a_bits) in lapq_configs else [])
-        for rule, _ in starts:
-            key = f"W{w_bits}A{a_bits or 32} {rule}"
-            if key not in done:
-                t = time.perf_counter()
-                if rule == "MSE":
-                    alpha = loss.init("mse")
-                else:
-                    alpha = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5),
-                                    bias_correction=False).alpha
-                alpha_seconds = time.perf_counter() - t
-                res = ls.adaround(loss, alpha, **round_kw)
-                layers = res.layers.values()
-                done[key] = dict(
-                    w_bits=w_bits, a_bits=a_bits, rule=rule, alpha_seconds=alpha_seconds,
+    progress = Progress(args.out + ".progress.json", settings)
+
+    def run(loss, rule, w_bits, a_bits):
+        t = time.perf_counter()
+        if rule == "MSE":
+            alpha = loss.init("mse")
+        else:
+            alpha = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5),
+                            bias_correction=False).alpha
+        alpha_seconds = time.perf_counter() - t
+        res = ls.adaround(loss, alpha, **round_kw)
+        layers = res.layers.values()
+        return dict(w_bits=w_bits, a_bits=a_bits, rule=rule, alpha_seconds=alpha_seconds,
                     nearest_acc=res.nearest.accuracy(data.test), adaround_acc=res.network.accuracy(data.test),
                     mse_nearest=sum(f.mse_nearest for f in layers), mse=sum(f.mse for f in layers),
                     flipped=float(np.mean([f.flipped for f in layers])),
                     kept_nearest=sum(not f.adaround_kept for f in layers), seconds=res.seconds)
-                runtime.write_atomic(progress_path, json.dumps(dict(settings=settings, rows=done)) + "\n")
-            r = done[key]
+
+    rows = []
+    for w_bits, a_bits in configs:
+        loss = ls.ClipLoss(net, data.calib, w_bits=w_bits, a_bits=a_bits, fold_bn=True)
+        for rule in ["MSE"] + (["LAPQ"] if (w_bits, a_bits) in lapq_configs else []):
+            key = f"W{w_bits}A{a_bits or 32} {rule}"
+            r = progress.get(key, lambda loss=loss, rule=rule, w=w_bits, a=a_bits: run(loss, rule, w, a))
             rows.append(r)
             print(f"  {key:<12} nearest {100 * r['nearest_acc']:.2f} %  AdaRound {100 * r['adaround_acc']:.2f} %  "
                   f"({r['seconds']:.0f} s)", flush=True)
@@ -114,8 +98,7 @@ def main(argv=None) -> int:
     runtime.write_atomic(args.out + ".md", text)
     runtime.write_atomic(args.out + ".json", json.dumps(dict(rows=rows, fp32_test_acc=fp32, settings=settings),
                                                         indent=1) + "\n")
-    if os.path.exists(progress_path):
-        os.remove(progress_path)
+    progress.finish()
     print("\n" + text)
     return 0
 

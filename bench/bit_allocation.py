@@ -46,22 +46,21 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import mnist_resnet20  # noqa: E402
+from mnist_resnet20 import Progress  # noqa: E402
+
 import landscape as ls  # noqa: E402
-import models  # noqa: E402
 from landscape import runtime  # noqa: E402
 from landscape.bit_allocation import Sensitivity  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
-NETWORK = os.path.join(ROOT, "results", "networks", "cifarresnet-8888f8fd66902a057f7b")
 BITS = (2, 3, 4, 8)
 SHUFFLES = 3
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=MNIST_DIR, help="MNIST in the hub's parquet layout")
-    p.add_argument("--network", default=NETWORK, help="resnet20 checkpoint (msgpack + json)")
+    mnist_resnet20.add_arguments(p)
     p.add_argument("--calib-size", type=int, default=512)
     p.add_argument("--budgets", default="2.5,3.0", help="average bits per quantized weight")
     p.add_argument("--num-probes", type=int, default=48, help="Hutch++ probes for the per-layer traces")
@@ -74,30 +73,6 @@ def parse_args(argv=None):
 def omega_of(sens, widths) -> float:
     """Σ_i Ω_i(b_i) of ``widths`` under the HAWQ sensitivities ``sens``."""
     return float(sum(sens.omega[i, BITS.index(widths[n])] for i, n in enumerate(sens.sites)))
-
-
-class Progress:
-    """The finished steps of a run, by key, in a JSON file rewritten atomically after each one;
-    a rerun with the same configuration takes them from there instead of recomputing."""
-
-    def __init__(self, path: str, config: dict):
-        self.path, self.config, self.steps = path, config, {}
-        saved = runtime.read_json(path, {})
-        if saved.get("config") == config:
-            self.steps = saved["steps"]
-            print(f"resuming: {len(self.steps)} finished steps from {path}", flush=True)
-        elif saved:
-            print(f"{path} is from other settings; starting over", flush=True)
-
-    def get(self, key: str, compute):
-        if key not in self.steps:
-            self.steps[key] = compute()
-            runtime.write_atomic(self.path, json.dumps({"config": self.config, "steps": self.steps}) + "\n")
-        return self.steps[key]
-
-    def finish(self):
-        if os.path.exists(self.path):
-            os.remove(self.path)
 
 
 def sensitivities(loss, args) -> dict:
@@ -148,11 +123,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.a_bits != 0:
         ls.quantizers.check_bits(args.a_bits, "--a-bits")
-    if not os.path.isdir(args.data_dir):
-        raise SystemExit(f"--data-dir {args.data_dir!r} does not exist: pass a local parquet copy of MNIST")
     budgets = [float(b) for b in args.budgets.split(",")]
-    data = ls.data.load("mnist", data_dir=args.data_dir, calib_size=args.calib_size, seed=0)
-    net = ls.train.load_network(models.create("resnet20", num_classes=10), args.network)
+    data, net = mnist_resnet20.load(args, args.calib_size)
     loss = ls.ClipLoss(net, data.calib, w_bits=4, a_bits=None)
     fp32 = float(net.accuracy(data.test))
     print(f"{loss!r} on MNIST; FP32 test accuracy {100 * fp32:.2f} %", flush=True)

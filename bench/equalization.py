@@ -28,37 +28,23 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import mnist_resnet20  # noqa: E402
+
 import landscape as ls  # noqa: E402
-import models  # noqa: E402
 from landscape import runtime  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
-NETWORK = os.path.join(ROOT, "results", "networks", "cifarresnet-8888f8fd66902a057f7b")
-
-
-def parse_config(text: str) -> tuple[int, int | None]:
-    """"W:A" → (w_bits, a_bits), an empty A meaning FP32 activations."""
-    try:
-        w, a = text.split(":")
-        return int(w), (int(a) if a else None)
-    except ValueError:
-        raise SystemExit(f"--configs entry {text!r}: use W:A such as 4:4, or 4: for FP32 activations") from None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=MNIST_DIR)
-    p.add_argument("--network", default=NETWORK)
+    mnist_resnet20.add_arguments(p)
     p.add_argument("--configs", default="4:,3:,2:,4:4,3:4")
     p.add_argument("--lapq", default="4:4,3:4", help="configs also calibrated with LAPQ ('' for none)")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "equalization"))
     args = p.parse_args(argv)
-    if not os.path.isdir(args.data_dir):
-        raise SystemExit(f"--data-dir {args.data_dir!r} does not exist: pass a local parquet copy of MNIST")
-    configs = [parse_config(c) for c in args.configs.split(",")]
-    data = ls.data.load("mnist", data_dir=args.data_dir, calib_size=512, seed=0)
-    net = ls.train.load_network(models.create("resnet20", num_classes=10), args.network)
+    configs = [mnist_resnet20.parse_config(c) for c in args.configs.split(",")]
+    data, net = mnist_resnet20.load(args)
     t = time.perf_counter()
     eq = ls.equalization.cross_layer_equalization(net.model, net.variables, data.calib.x[:64])
     seconds = time.perf_counter() - t
@@ -82,7 +68,7 @@ def main(argv=None) -> int:
             print(f"  W{w_bits}A{a_bits or 32} {label:<30} test accuracy {100 * row['test_acc']:.2f} % "
                   f"(bias-corrected {100 * row['test_acc_bc']:.2f} %)", flush=True)
     lapq_rows = []
-    for w_bits, a_bits in [parse_config(c) for c in args.lapq.split(",") if c]:
+    for w_bits, a_bits in [mnist_resnet20.parse_config(c) for c in args.lapq.split(",") if c]:
         for label, network, options in variants[:2]:
             loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
             res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5), bias_correction=False)

@@ -1,0 +1,66 @@
+"""What the MNIST resnet20 benchmarks share: the data and checkpoint, their command-line
+options, "W:A" configurations, and a resumable record of finished steps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import landscape as ls  # noqa: E402
+import models  # noqa: E402
+from landscape import runtime  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
+NETWORK = os.path.join(ROOT, "results", "networks", "cifarresnet-8888f8fd66902a057f7b")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-dir and --network, defaulting to the shared MNIST copy and the committed checkpoint."""
+    parser.add_argument("--data-dir", default=MNIST_DIR, help="MNIST in the hub's parquet layout")
+    parser.add_argument("--network", default=NETWORK, help="resnet20 checkpoint (msgpack + json)")
+
+
+def load(args, calib_size: int = 512):
+    """(data, network) from the parsed --data-dir and --network (calibration seed 0)."""
+    if not os.path.isdir(args.data_dir):
+        raise SystemExit(f"--data-dir {args.data_dir!r} does not exist: pass a local parquet copy of MNIST")
+    data = ls.data.load("mnist", data_dir=args.data_dir, calib_size=calib_size, seed=0)
+    return data, ls.train.load_network(models.create("resnet20", num_classes=10), args.network)
+
+
+def parse_config(text: str) -> tuple[int, int | None]:
+    """"W:A" → (w_bits, a_bits), an empty A meaning FP32 activations."""
+    try:
+        w, a = text.split(":")
+        return int(w), (int(a) if a else None)
+    except ValueError:
+        raise SystemExit(f"config {text!r}: use W:A such as 4:4, or 4: for FP32 activations") from None
+
+
+class Progress:
+    """The finished steps of a run, by key, in a JSON file rewritten atomically after each one;
+    a rerun with the same configuration takes them from there instead of recomputing."""
+
+    def __init__(self, path: str, config: dict):
+        self.path, self.config, self.steps = path, config, {}
+        saved = runtime.read_json(path, {})
+        if saved.get("config") == config:
+            self.steps = saved["steps"]
+            print(f"resuming: {len(self.steps)} finished steps from {path}", flush=True)
+        elif saved:
+            print(f"{path} is from other settings; starting over", flush=True)
+
+    def get(self, key: str, compute):
+        if key not in self.steps:
+            self.steps[key] = compute()
+            runtime.write_atomic(self.path, json.dumps({"config": self.config, "steps": self.steps}) + "\n")
+        return self.steps[key]
+
+    def finish(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
