@@ -122,3 +122,20 @@ def test_input_statistics_give_the_reconstruction_error_of_a_conv():
     wg = jnp.ones((3, 3, 1, 3))
     with pytest.raises(ValueError, match="grouped"):
         input_statistics(x, conv(x, wg, 3), wg.shape, lambda a, b: conv(a, b, 3))
+
+
+def test_adaround_per_channel_midtread_folded(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=None, per_channel=True, weight_grid="midtread",
+                       fold_bn=True)
+    alpha = loss.init("mse")
+    res = adaround(loss, alpha, num_images=64, iterations=100, inputs="float")
+    for name, fit in res.layers.items():
+        site = res.network.sites[name]
+        assert site.per_channel and site.grid == "midtread" and np.unique(site.scale).size > 1
+        lo, hi = site.code_range()
+        codes = res.network.codes[name]
+        assert (lo, hi) == (-3, 3) and codes.min() >= lo and codes.max() <= hi
+        assert fit.mse <= fit.mse_nearest
+        np.testing.assert_allclose(np.asarray(res.network.variables["params"][name]["kernel"]),
+                                   codes * site.scale, rtol=1e-6, atol=1e-7)  # midtread: no offset
+    assert sum(f.mse for f in res.layers.values()) < sum(f.mse_nearest for f in res.layers.values())
