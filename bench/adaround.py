@@ -26,29 +26,23 @@ import os
 import sys
 import time
 
+import mnist_resnet20  # first: puts the repository on sys.path for the imports below
 import numpy as np
+from mnist_resnet20 import Progress
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import mnist_resnet20  # noqa: E402
-from mnist_resnet20 import Progress  # noqa: E402
-
-import landscape as ls  # noqa: E402
-from landscape import runtime  # noqa: E402
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+import landscape as ls
+from landscape import runtime
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mnist_resnet20.add_arguments(p)
-    p.add_argument("--configs", default="4:,3:,2:,4:4,3:4")
-    p.add_argument("--lapq", default="4:4,3:4", help="configs also calibrated with LAPQ ('' for none)")
+    mnist_resnet20.add_config_arguments(p)
     p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "adaround"))
+    p.add_argument("--out", default=os.path.join(mnist_resnet20.ROOT, "results", "adaround"))
     args = p.parse_args(argv)
-    configs = [mnist_resnet20.parse_config(c) for c in args.configs.split(",")]
-    lapq_configs = {mnist_resnet20.parse_config(c) for c in args.lapq.split(",") if c}
+    configs = mnist_resnet20.parse_configs(args.configs)
+    lapq_configs = set(mnist_resnet20.parse_configs(args.lapq))
     data, net = mnist_resnet20.load(args)
     round_kw = dict(num_images=256, iterations=args.iterations, lr=1e-2, reg=0.01)
     settings = dict(configs=args.configs, lapq=args.lapq, network=os.path.basename(args.network), **round_kw)

@@ -24,26 +24,20 @@ import os
 import sys
 import time
 
+import mnist_resnet20  # first: puts the repository on sys.path for the imports below
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import mnist_resnet20  # noqa: E402
-
-import landscape as ls  # noqa: E402
-from landscape import runtime  # noqa: E402
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+import landscape as ls
+from landscape import runtime
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mnist_resnet20.add_arguments(p)
-    p.add_argument("--configs", default="4:,3:,2:,4:4,3:4")
-    p.add_argument("--lapq", default="4:4,3:4", help="configs also calibrated with LAPQ ('' for none)")
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "equalization"))
+    mnist_resnet20.add_config_arguments(p)
+    p.add_argument("--out", default=os.path.join(mnist_resnet20.ROOT, "results", "equalization"))
     args = p.parse_args(argv)
-    configs = [mnist_resnet20.parse_config(c) for c in args.configs.split(",")]
+    configs = mnist_resnet20.parse_configs(args.configs)
     data, net = mnist_resnet20.load(args)
     t = time.perf_counter()
     eq = ls.equalization.cross_layer_equalization(net.model, net.variables, data.calib.x[:64])
@@ -68,7 +62,7 @@ def main(argv=None) -> int:
             print(f"  W{w_bits}A{a_bits or 32} {label:<30} test accuracy {100 * row['test_acc']:.2f} % "
                   f"(bias-corrected {100 * row['test_acc_bc']:.2f} %)", flush=True)
     lapq_rows = []
-    for w_bits, a_bits in [mnist_resnet20.parse_config(c) for c in args.lapq.split(",") if c]:
+    for w_bits, a_bits in mnist_resnet20.parse_configs(args.lapq):
         for label, network, options in variants[:2]:
             loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
             res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5), bias_correction=False)

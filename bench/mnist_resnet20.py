@@ -33,6 +33,17 @@ def load(args, calib_size: int = 512):
     return data, ls.train.load_network(models.create("resnet20", num_classes=10), args.network)
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--configs (W:A list) and --lapq (the configs also calibrated with LAPQ)."""
+    parser.add_argument("--configs", default="4:,3:,2:,4:4,3:4")
+    parser.add_argument("--lapq", default="4:4,3:4", help="configs also calibrated with LAPQ ('' for none)")
+
+
+def parse_configs(text: str) -> list[tuple[int, int | None]]:
+    """"4:,4:4" → [(4, None), (4, 4)]; an empty string gives none."""
+    return [parse_config(c) for c in text.split(",") if c]
+
+
 def parse_config(text: str) -> tuple[int, int | None]:
     """"W:A" → (w_bits, a_bits), an empty A meaning FP32 activations."""
     try:

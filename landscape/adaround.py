@@ -45,6 +45,7 @@ import optax
 
 from landscape import export, sites
 from landscape import layers as qlayers
+from landscape.adaprune import record_layers
 
 __all__ = ["AdaRoundResult", "RoundingFit", "adaround", "input_statistics", "round_layer", "soft_rounding"]
 
@@ -315,14 +316,8 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
     act_alphas = {n: float(s.alpha[0]) for n, s in act.items()}
     float_inputs = _layer_inputs(loss.model, names, {}, {})(loss.variables, x)
     quantized_inputs = _layer_inputs(loss.model, names, act_specs, act_alphas)
-    gemms = {}
-
-    def grab(module, inputs, kernel, gemm):
-        gemms.setdefault("/".join(module.path), gemm)
-        return gemm(inputs, kernel)
-
-    with qlayers.gemm_hook(grab):  # the layers' own products, strides and padding bound
-        loss.model.apply(loss.variables, x[:1], train=False)
+    # the layers' own products, strides and padding bound (one example suffices)
+    gemms = {n: gemm for n, (_, _, gemm) in record_layers(loss.model, loss.variables, x[:1], names).items()}
 
     def kernel_of(variables, name):
         node = variables["params"]
