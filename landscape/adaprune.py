@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from landscape import layers as qlayers
-from landscape import sparsity, train
+from landscape import runtime, sparsity, train
 from landscape.data import Split
 
 __all__ = [
@@ -210,13 +210,16 @@ def absorb_mean(kernel, mask, *, block: int) -> np.ndarray:
     return out.reshape(-1, out.shape[-1])[:R].reshape(w.shape)
 
 
-def record_layers(model, variables, x, names) -> dict[str, tuple[jax.Array, jax.Array, object]]:
+def record_layers(model, variables, x, names, *, precision: str = "highest"
+                  ) -> dict[str, tuple[jax.Array, jax.Array, object]]:
     """Inputs X, outputs Y = gemm(X, W) and the GEMM callable of the named layers.
 
     One eager forward pass of ``model`` (evaluation mode, no hook otherwise) over ``x`` with a
     recording GEMM hook; returns ``{name: (X, Y, gemm)}`` ("/"-joined module paths). ``gemm`` is
     the layer's own bilinear product (pure: a conv's strides and padding are bound in it).
+    ``precision`` is the pass's matmul/convolution precision ("highest": true float32).
     """
+    runtime.check_precision(precision, "record_layers")
     wanted = set(names)
     store: dict[str, tuple] = {}
 
@@ -227,7 +230,7 @@ def record_layers(model, variables, x, names) -> dict[str, tuple[jax.Array, jax.
             store[name] = (inputs, y, gemm)
         return y
 
-    with qlayers.gemm_hook(record):
+    with qlayers.gemm_hook(record), jax.default_matmul_precision(precision):
         model.apply(variables, jnp.asarray(x), train=False)
     missing = wanted - set(store)
     if missing:
@@ -244,7 +247,8 @@ def _chunked_mse(gemm, x, y, w, b, chunk: int = 256) -> float:
 
 
 def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iterations: int = 1000,
-                lr: float = 1e-3, bias_lr: float = 1e-2, batch_size: int = 50, key=None) -> LayerFit:
+                lr: float = 1e-3, bias_lr: float = 1e-2, batch_size: int = 50, key=None,
+                precision: str = "highest") -> LayerFit:
     """Re-fit one layer's kept weights with the mask fixed (the AdaPrune step).
 
     Args:
@@ -256,6 +260,7 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
       iterations, lr, bias_lr, batch_size: Adam on mini-batches of recorded examples drawn without
         replacement.
       key: PRNG key of the mini-batch draws (default ``jax.random.key(0)``).
+      precision: matmul/convolution precision of ``gemm`` ("highest": true float32).
 
     Returns a :class:`LayerFit`; the kept result is the candidate (S ⊙ W, init, Adam result) with
     the lowest MSE on the whole of ``x``.
@@ -264,6 +269,7 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
     batch_size = _positive_int(batch_size, "batch_size")
     lr = _positive_float(lr, "lr")
     bias_lr = _positive_float(bias_lr, "bias_lr")
+    runtime.check_precision(precision, "prune_layer")
     w = jnp.asarray(kernel, jnp.float32)
     m = np.asarray(mask)
     if m.dtype != bool or m.shape != w.shape:
@@ -307,24 +313,27 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
         p, _, _, hist = jax.lax.fori_loop(0, iterations, body, (p, tx.init(p), key, hist))
         return p, hist
 
-    p, hist = run({"w": w_init, "b": zero_b}, x, y, key)
-    candidates = [(w_mag, zero_b), (w_init, zero_b), (p["w"] * maskf, p["b"])]
-    errors = [_chunked_mse(gemm, x, y, cw, cb) for cw, cb in candidates]
+    with jax.default_matmul_precision(precision):  # read while tracing, and part of jit's key
+        p, hist = run({"w": w_init, "b": zero_b}, x, y, key)
+        candidates = [(w_mag, zero_b), (w_init, zero_b), (p["w"] * maskf, p["b"])]
+        errors = [_chunked_mse(gemm, x, y, cw, cb) for cw, cb in candidates]
     best = int(np.argmin(errors))
     cw, cb = candidates[best]
     return LayerFit(np.asarray(cw), np.asarray(cb), errors[0], errors[best],
                     tuple(float(h) for h in np.asarray(hist)))
 
 
-def recalibrate_batchnorm(model, variables, x, *, hook=None) -> dict:
+def recalibrate_batchnorm(model, variables, x, *, hook=None, precision: str = "highest") -> dict:
     """``variables`` with every BatchNorm's running statistics re-estimated on the images ``x``.
 
     One training-mode forward pass over all of ``x`` (so each BN normalises with the statistics of
     the whole set and later BNs see consistently normalised inputs); each
     :class:`landscape.layers.BatchNorm` input h (N, ..., C) is intercepted and its running
     statistics become ``mean(h)`` and the biased ``var(h)`` over all axes but the last. ``hook``
-    is a GEMM hook active during the pass (e.g. a sparsity recipe's ``gemm_hook("eval")``).
+    is a GEMM hook active during the pass (e.g. a sparsity recipe's ``gemm_hook("eval")``);
+    ``precision`` the pass's matmul/convolution precision.
     """
+    runtime.check_precision(precision, "recalibrate_batchnorm")
     stats: dict[tuple[str, ...], tuple] = {}
 
     def intercept(next_fun, args, kwargs, context):
@@ -336,7 +345,7 @@ def recalibrate_batchnorm(model, variables, x, *, hook=None) -> dict:
                              (mean, jnp.mean(jnp.square(h - mean), axis=axes)))
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(intercept), qlayers.gemm_hook(hook):
+    with nn.intercept_methods(intercept), qlayers.gemm_hook(hook), jax.default_matmul_precision(precision):
         model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
     for path, (mean, var) in stats.items():
@@ -352,7 +361,8 @@ def recalibrate_batchnorm(model, variables, x, *, hook=None) -> dict:
 def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transposable: bool = False,
              layers=None, dense_first_last: bool = True, iterations: int = 1000, lr: float = 1e-3,
              bias_lr: float = 1e-2, batch_size: int = 50, absorb_mean_init: bool = False,
-             recalibrate_bn: bool = True, test: Split | None = None, seed: int = 0) -> AdaPruneResult:
+             recalibrate_bn: bool = True, test: Split | None = None, seed: int = 0,
+             precision: str = "highest") -> AdaPruneResult:
     """Convert a trained network to K:M (or transposable K:M) sparsity with a calibration set.
 
     Args:
@@ -369,6 +379,8 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
       recalibrate_bn: re-estimate BatchNorm statistics on ``calib`` afterwards.
       test: optional evaluation split for :class:`Accuracy`.
       seed: mini-batch draws.
+      precision: matmul/convolution precision of every pass ("highest": true float32; a GPU's
+        default TF32 products would record and fit 10-bit-mantissa activations).
 
     Returns an :class:`AdaPruneResult`.
     """
@@ -380,6 +392,7 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    runtime.check_precision(precision, "adaprune")
     x = _calibration_images(calib)
     model = net.model
     base = {k: v for k, v in flax.core.unfreeze(net.variables).items() if k != "masks"}
@@ -389,7 +402,7 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
     if not chosen:
         raise ValueError("no layer to prune: the selection is empty (a model with two conv/dense layers "
                          "and dense_first_last=True, or layers=[])")
-    io = record_layers(model, base, x, [layer.name for layer in chosen])
+    io = record_layers(model, base, x, [layer.name for layer in chosen], precision=precision)
 
     params = flax.traverse_util.flatten_dict(base["params"])
     pruned, magnitude, masks = dict(params), dict(params), {}
@@ -403,7 +416,7 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
         fit = prune_layer(inputs, outputs, w, mask, gemm,
                           init=absorb_mean(w, mask, block=M) if absorb_mean_init else None,
                           bias=bpath in params, iterations=iterations, lr=lr, bias_lr=bias_lr,
-                          batch_size=batch_size, key=jax.random.fold_in(key, layer.index))
+                          batch_size=batch_size, key=jax.random.fold_in(key, layer.index), precision=precision)
         masks[kpath] = jnp.asarray(mask)
         magnitude[kpath] = jnp.asarray(w * mask)
         pruned[kpath] = jnp.asarray(fit.kernel)
@@ -419,17 +432,19 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
     ada_vars = {**base, "params": unflat(pruned), "masks": mask_tree}
     mag_vars = {**base, "params": unflat(magnitude), "masks": mask_tree}
     has_bn = recalibrate_bn and "batch_stats" in base
-    final_vars = recalibrate_batchnorm(model, ada_vars, x) if has_bn else ada_vars
+    final_vars = recalibrate_batchnorm(model, ada_vars, x, precision=precision) if has_bn else ada_vars
 
     accuracy = None
     if test is not None:
         def acc(variables, rec):
-            return train.Network(model, variables, {}, [], rec).accuracy(test)
+            with jax.default_matmul_precision(precision):
+                return train.Network(model, variables, {}, [], rec).accuracy(test)
 
         accuracy = Accuracy(
             dense=acc(base, train.Recipe()),
             magnitude=acc(mag_vars, recipe),
-            magnitude_bn=acc(recalibrate_batchnorm(model, mag_vars, x), recipe) if has_bn else None,
+            magnitude_bn=acc(recalibrate_batchnorm(model, mag_vars, x, precision=precision), recipe)
+            if has_bn else None,
             adaprune=acc(ada_vars, recipe),
             adaprune_bn=acc(final_vars, recipe) if has_bn else None,
         )
@@ -437,6 +452,6 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
         "keep": K, "block": M, "transposable": transposable, "layers": [r.name for r in reports],
         "iterations": iterations, "lr": lr, "bias_lr": bias_lr, "batch_size": batch_size,
         "absorb_mean_init": absorb_mean_init, "recalibrate_bn": recalibrate_bn, "calib_size": len(x),
-        "seed": int(seed)}}
+        "seed": int(seed), "precision": precision}}
     network = train.Network(model, final_vars, config, list(net.history), recipe, None)
     return AdaPruneResult(network, recipe.structure, tuple(reports), accuracy, time.time() - t0)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from landscape import export, sites
+from landscape import export, runtime, sites
 from landscape import layers as qlayers
 from landscape.adaprune import record_layers
 
@@ -145,7 +145,7 @@ def _output_mse(gemm, x, y, w, chunk: int = 256) -> float:
     return total / y.size
 
 
-def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32):
+def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32, precision: str = "highest"):
     """The layer's reconstruction error as a quadratic form in its kernel.
 
     With P the layer's input patches (M rows: examples × output positions; K = the kernel's size
@@ -155,11 +155,18 @@ def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32):
         G = PᵀP / M (K, K),   B = PᵀY / M (K, C),   t = ‖Y‖² / M.
 
     P comes from the layer's own product with an identity kernel (K output channels), so any
-    layer whose output channel c depends only on W[..., c] (dense, convolution) works.
+    layer whose output channel c depends only on W[..., c] (dense, convolution) works. That
+    product runs at ``precision`` ("highest": a GPU's TF32 would round the patches to 10 bits).
 
     Returns:
         (G, B, t) as float64 numpy arrays and a float.
     """
+    runtime.check_precision(precision, "input_statistics")
+    with jax.default_matmul_precision(precision):  # read while tracing, and part of jit's key
+        return _input_statistics(x, y, kernel_shape, gemm, chunk)
+
+
+def _input_statistics(x, y, kernel_shape, gemm, chunk):
     k = int(np.prod(kernel_shape[:-1]))
     eye = jnp.eye(k, dtype=jnp.float32).reshape(*kernel_shape[:-1], k)
     patches = jax.jit(lambda xb: gemm(xb, eye).reshape(-1, k))
@@ -182,7 +189,7 @@ def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32):
 
 def round_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, iterations: int = 1000,
                 reg: float = 0.01, beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
-                lr: float = 1e-2) -> RoundingFit:
+                lr: float = 1e-2, precision: str = "highest") -> RoundingFit:
     """Learn one layer's rounding (the AdaRound step; see the module docstring).
 
     The reconstruction error is evaluated exactly over all of ``x`` through the input statistics
@@ -198,15 +205,24 @@ def round_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, iteratio
         iterations, lr: Adam steps (full batch).
         reg, beta, warmup: λ, the (start, end) of β and the fraction of steps without the
             regulariser.
+        precision: matmul/convolution precision of the layer's products ("highest": true
+            float32; a ``jax.default_matmul_precision`` value).
 
     Returns:
         :class:`RoundingFit`.
     """
-    iterations, reg, (b_start, b_end), warmup, lr = _checked_options(iterations, reg, beta, warmup, lr)
+    options = _checked_options(iterations, reg, beta, warmup, lr)
+    runtime.check_precision(precision, "round_layer")
+    with jax.default_matmul_precision(precision):
+        return _round_layer(x, y, kernel, scale, offset, lo, hi, gemm, *options, precision)
+
+
+def _round_layer(x, y, kernel, scale, offset, lo, hi, gemm, iterations, reg, beta, warmup, lr, precision):
+    b_start, b_end = beta
     w = jnp.asarray(kernel, jnp.float32)
     scale, offset = jnp.asarray(scale, jnp.float32), jnp.asarray(offset, jnp.float32)
     x, y = jnp.asarray(x), jnp.asarray(y)
-    G, B, t = input_statistics(x, y, w.shape, gemm)
+    G, B, t = input_statistics(x, y, w.shape, gemm, precision=precision)
     G, B = jnp.asarray(G, jnp.float32), jnp.asarray(B, jnp.float32)
     k, channels = G.shape[0], w.shape[-1]
     z = (w - offset) / scale
@@ -293,7 +309,8 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
         inputs: "quantized" (each layer's input from the network rounded so far, activations
             quantized at α; the paper's choice) or "float" (the float network's inputs). A layer
             applied more than once is fitted on its first application.
-        **round_kw: passed to :func:`round_layer` (iterations, reg, beta, warmup, lr).
+        **round_kw: passed to :func:`round_layer` (iterations, reg, beta, warmup, lr); every
+            product runs at the loss's ``precision``.
 
     Returns:
         :class:`AdaRoundResult`; ``result.network.accuracy(data.test)`` evaluates it.
@@ -305,11 +322,19 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
     if inputs not in INPUTS:
         raise ValueError(f"inputs={inputs!r} is not allowed; use one of {INPUTS}")
     num_images = _check_number(num_images, "num_images", integer=True)
+    if "precision" in round_kw:
+        raise ValueError(f"adaround runs at the loss's precision ({loss.precision!r}); build the ClipLoss with "
+                         "precision=... instead of passing it here")
     _checked_options(**round_kw)  # bad options fail here, before any recording
     nearest = export.quantize_network(loss, alpha)  # checks α; the loss's own round-to-nearest
     names = [n for n, s in nearest.sites.items() if s.kind == "weight"]
     if not names:
         raise ValueError(f"{loss!r} quantizes no weight site: nothing to round")
+    with jax.default_matmul_precision(loss.precision):  # the loss's products, read while tracing
+        return _adaround(loss, nearest, names, num_images, inputs, round_kw, t0)
+
+
+def _adaround(loss, nearest, names, num_images, inputs, round_kw, t0):
     x = jnp.asarray(np.asarray(loss.calib.x[:num_images], np.float32))
     act = {n: s for n, s in nearest.sites.items() if s.kind == "activation"}
     act_specs = {n: sites.SiteSpec(s.bits, s.grid) for n, s in act.items()}
@@ -317,7 +342,8 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
     float_inputs = _layer_inputs(loss.model, names, {}, {})(loss.variables, x)
     quantized_inputs = _layer_inputs(loss.model, names, act_specs, act_alphas)
     # the layers' own products, strides and padding bound (one example suffices)
-    gemms = {n: gemm for n, (_, _, gemm) in record_layers(loss.model, loss.variables, x[:1], names).items()}
+    gemms = {n: gemm for n, (_, _, gemm) in
+             record_layers(loss.model, loss.variables, x[:1], names, precision=loss.precision).items()}
 
     def kernel_of(variables, name):
         node = variables["params"]
@@ -333,7 +359,8 @@ def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", *
         y = gemms[name](float_inputs[name], w)
         xq = quantized_inputs(current, x)[name] if inputs == "quantized" else float_inputs[name]
         lo, hi = site.code_range()
-        fit = round_layer(xq, y, w, site.scale, site.offset, lo, hi, gemms[name], **round_kw)
+        fit = round_layer(xq, y, w, site.scale, site.offset, lo, hi, gemms[name], precision=loss.precision,
+                          **round_kw)
         fits[name] = fit
         codes[name] = fit.codes.astype(nearest.codes[name].dtype)
         current = _with_kernel(current, name, jnp.asarray(fit.codes * site.scale + site.offset, jnp.float32))

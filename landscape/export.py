@@ -91,12 +91,16 @@ class QuantizedNetwork:
             it); FP32 sites keep their weights.
         sites: site name → :class:`SiteQuantization`, network order.
         codes: weight site name → integer codes, the kernel's shape.
+        precision: matmul/convolution precision of :meth:`apply` (the loss's; "highest", true
+            float32, unless the loss asked otherwise: a GPU's default TF32 products would
+            evaluate another network than the one calibrated).
     """
 
     model: object
     variables: dict
     sites: dict[str, SiteQuantization]
     codes: dict[str, np.ndarray]
+    precision: str = "highest"
 
     def dequantize(self, name: str) -> np.ndarray:
         """Ŵ = Δ · q + offset − shift for weight site ``name`` (float32)."""
@@ -122,7 +126,8 @@ class QuantizedNetwork:
         alphas = {n: float(s.alpha[0]) for n, s in self.sites.items() if s.kind == "activation"}
 
         def forward(variables, x):
-            with sites.quantizing(specs, alphas):  # entered while tracing, as ClipLoss does
+            # both contexts are read while tracing, as in ClipLoss
+            with sites.quantizing(specs, alphas), jax.default_matmul_precision(self.precision):
                 return self.model.apply(variables, x, train=False)
 
         return jax.jit(forward)
@@ -171,9 +176,10 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
     # The grid values as the loss's own quantizer computes them inside a compiled pass: a
     # re-derivation (another program, another rounding of (w + α)/Δ) can land a weight sitting
     # on a rounding tie one level away.
-    grid_values = sites.quantized_weights(lambda v, x: loss.model.apply(v, x, train=False), loss.specs,
-                                          {k: jnp.asarray(v) for k, v in alphas.items()}, loss.variables,
-                                          jnp.asarray(loss.calib.x[:1]))
+    with jax.default_matmul_precision(loss.precision):
+        grid_values = sites.quantized_weights(lambda v, x: loss.model.apply(v, x, train=False), loss.specs,
+                                              {k: jnp.asarray(v) for k, v in alphas.items()}, loss.variables,
+                                              jnp.asarray(loss.calib.x[:1]))
     table, codes = {}, {}
     for site in loss.sites:
         spec = loss.specs[site.name]
@@ -198,7 +204,7 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
         table[site.name] = s
         flat[key] = w_hat - shift  # exactly the weights the loss uses
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
-    return QuantizedNetwork(loss.model, variables, table, codes)
+    return QuantizedNetwork(loss.model, variables, table, codes, loss.precision)
 
 
 def save(qnet: QuantizedNetwork, path: str) -> str:
@@ -210,7 +216,7 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     arrays |= {"var/" + "/".join(k): np.asarray(v) for k, v in flat.items() if k not in quantized}
     meta = {"format": FORMAT_VERSION, "model": repr(qnet.model),
             "sites": {n: s.to_json() for n, s in qnet.sites.items()},
-            "kernels": {n: "/".join(_kernel_path(n)) for n in qnet.codes}}
+            "kernels": {n: "/".join(_kernel_path(n)) for n in qnet.codes}, "precision": qnet.precision}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.npz.tmp{os.getpid()}.npz"
     try:
@@ -235,7 +241,9 @@ def load(model, path: str) -> QuantizedNetwork:
     with np.load(path + ".npz", allow_pickle=False) as data:
         codes = {k[len("code/"):]: data[k] for k in data.files if k.startswith("code/")}
         flat = {tuple(k[len("var/"):].split("/")): data[k] for k in data.files if k.startswith("var/")}
-    qnet = QuantizedNetwork(model, {}, table, codes)
+    # files written before the precision was stored were evaluated at the default, "highest"
+    precision = runtime.check_precision(meta.get("precision", "highest"), f"{path}.json")
+    qnet = QuantizedNetwork(model, {}, table, codes, precision)
     for name in codes:
         flat[_kernel_path(name)] = qnet.dequantize(name)
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
