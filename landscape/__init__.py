@@ -18,6 +18,7 @@ from landscape import (
     layers,
     luq,
     quantizers,
+    rounding,
     runtime,
     sites,
     sparsity,
@@ -26,14 +27,16 @@ from landscape import (
     train,
 )
 
-# Like `lapq`, the function `adaround` shadows its module: ls.adaround(loss, alpha).
-from landscape.adaround import AdaRoundResult, adaround
+# Like `lapq`, the functions `adaround` and `gptq` shadow their modules: ls.adaround(loss, alpha).
+from landscape.adaround import adaround
 from landscape.bit_allocation import allocate_bits, weight_sensitivity
 from landscape.clip_hessian import clip_hessian
 from landscape.clip_loss import ClipLoss, default_sites, sites_of
+from landscape.gptq import gptq
 
 # Like `separability`, the function `lapq` shadows its module on purpose: ls.lapq(loss).
 from landscape.lapq import LAPQResult, MethodComparison, compare_methods, lapq
+from landscape.rounding import RoundingResult
 from landscape.runtime import enable_compilation_cache
 
 # The function `separability` shadows the module of that name on purpose: ls.separability(H).
@@ -50,12 +53,12 @@ from landscape.surfaces import loss_line, loss_surface, random_direction, weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaRoundResult", "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "adaround", "allocate_bits",
+    "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "RoundingResult", "adaround", "allocate_bits",
     "anova_interaction",
     "bit_allocation", "calibration", "equalization", "export",
     "clip_hessian", "compare_methods", "data", "lapq",
-    "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature",
+    "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature", "gptq",
     "hessian_spectrum", "layers", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",
-    "runtime", "separability", "separability_index", "sites", "sites_of", "sparsity", "spectrum",
+    "rounding", "runtime", "separability", "separability_index", "sites", "sites_of", "sparsity", "spectrum",
     "surfaces", "train", "weight_sensitivity", "weight_surface",
 ]

@@ -11,7 +11,8 @@ import pytest
 
 import landscape as ls
 from landscape import quantizers
-from landscape.adaround import _inverse_soft_rounding, adaround, input_statistics, round_layer, soft_rounding
+from landscape.adaround import _inverse_soft_rounding, adaround, round_layer, soft_rounding
+from landscape.rounding import input_statistics
 
 
 def test_soft_rounding_reaches_both_ends_and_inverts():

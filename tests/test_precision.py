@@ -117,3 +117,13 @@ def test_adaprune_records_and_fits_in_true_float32(tiny_net, digits, tmp_path):
     assert products and all(highest(products))
     with pytest.raises(ValueError, match="record_layers: precision='low'"):
         adaprune.record_layers(tiny_net.model, tiny_net.variables, x, ["conv0"], precision="low")
+
+
+def test_gptq_runs_at_the_loss_precision(tiny_net, digits, tmp_path):
+    calib = ls.data.Split(digits.calib.x[:64], digits.calib.y[:64])
+    for precision in ("highest", "default"):
+        loss = ls.ClipLoss(tiny_net, calib, w_bits=3, a_bits=4, precision=precision)
+        with compiled_products(tmp_path / precision) as products:
+            result = ls.gptq(loss, loss.init("mse"), num_images=16)
+        assert result.network.precision == precision
+        assert products and all(h == (precision == "highest") for h in highest(products))

@@ -1,0 +1,260 @@
+"""Layer-by-layer rounding on a fixed grid: what AdaRound and GPTQ share.
+
+A clipping vector α fixes every weight site's grid (step Δ, offset, integer code range); a
+rounding rule then chooses each weight's code to reconstruct the layer's output, layer by layer
+in network order. The layer is linear in its kernel, so its reconstruction error over all
+recorded examples is a quadratic form in the kernel. With P the layer's input patches (M rows:
+examples × output positions; K the kernel's fan-in) and Y the float network's output,
+
+    mean over rows of ‖P W̃ − Y‖²  =  Σ_c (w̃_cᵀ G w̃_c − 2 w̃_cᵀ B_c) + t,
+    G = PᵀP / M (K, K),   B = PᵀY / M (K, C),   t = ‖Y‖² / M
+
+(:func:`input_statistics`). A rule is a function ``rule(x, y, kernel, scale, offset, lo, hi,
+gemm) → RoundingFit`` over one layer's recorded inputs ``x`` and float outputs ``y``;
+:func:`round_network` records the inputs (from the network rounded so far, activations
+quantized at α: asymmetric reconstruction; or from the float network), calls the rule per
+layer, and assembles a :class:`~landscape.export.QuantizedNetwork`. Rules here:
+:func:`landscape.adaround` (learnt rounding) and :func:`landscape.gptq` (error-compensating
+greedy rounding). Each layer keeps round-to-nearest when the rule reconstructs worse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from landscape import export, runtime, sites
+from landscape import layers as qlayers
+from landscape.adaprune import record_layers
+
+__all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "layer_mse",
+           "round_network"]
+
+INPUTS = ("quantized", "float")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundingFit:
+    """One layer's rounding by a rule.
+
+    Attributes:
+        codes: the integer codes, the kernel's shape (int32 array).
+        mse_nearest: output MSE of round-to-nearest on the recorded examples.
+        mse: output MSE of ``codes`` (≤ ``mse_nearest``).
+        flipped: fraction of weights whose code differs from round-to-nearest.
+        kept: False when round-to-nearest was kept (the rule's rounding reconstructed worse).
+        history: the rule's progress (AdaRound: output MSE of the hard rounding every
+            ``iterations // 10`` steps; empty for a one-pass rule).
+    """
+
+    codes: np.ndarray
+    mse_nearest: float
+    mse: float
+    flipped: float
+    kept: bool
+    history: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundingResult:
+    """What :func:`round_network` (and so ``adaround``, ``gptq``) returns.
+
+    Attributes:
+        method: the rule's name ("adaround", "gptq").
+        network: the :class:`~landscape.export.QuantizedNetwork` with the rule's codes (its
+            ``accuracy``, ``apply``, ``save`` as for :func:`~landscape.export.quantize_network`).
+        nearest: the same network rounded to nearest (the loss's own quantization at α).
+        layers: weight site name → :class:`RoundingFit`, network order.
+        seconds: wall time.
+    """
+
+    method: str
+    network: export.QuantizedNetwork
+    nearest: export.QuantizedNetwork
+    layers: dict[str, RoundingFit]
+    seconds: float
+
+    def __repr__(self) -> str:
+        width = max([len(n) for n in self.layers] + [5])
+        lines = [f"RoundingResult({self.method}, {len(self.layers)} layers, seconds={self.seconds:.1f})",
+                 f"  {'layer':<{width}}  mse_nearest         mse  flipped"]
+        for name, f in self.layers.items():
+            lines.append(f"  {name:<{width}}  {f.mse_nearest:11.3e}  {f.mse:10.3e}  {f.flipped:7.3f}"
+                         + ("" if f.kept else "  (nearest kept)"))
+        return "\n".join(lines)
+
+
+def check_number(value, name: str, *, integer: bool = False, allow_zero: bool = False):
+    """``value`` as an int or float if it is a finite positive (or zero) number, else a ValueError."""
+    valid = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+             and (value > 0 or (allow_zero and value == 0)))
+    if not valid or (integer and not isinstance(value, numbers.Integral)):
+        sign = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name}={value!r} must be a {sign} {'integer' if integer else 'number'}")
+    return int(value) if integer else float(value)
+
+
+def layer_mse(gemm, x, y, w, chunk: int = 256) -> float:
+    """mean over rows of ‖gemm(x, w) − y‖² / C: the output MSE of kernel ``w`` (chunked)."""
+    total = 0.0
+    for start in range(0, x.shape[0], chunk):
+        d = gemm(x[start:start + chunk], w) - y[start:start + chunk]
+        total += float(jnp.sum(jnp.square(d)))
+    return total / y.size
+
+
+def keep_better(x, y, gemm, codes, nearest, scale, offset, history=()) -> RoundingFit:
+    """The :class:`RoundingFit` of ``codes``, or of ``nearest`` where that reconstructs better."""
+    mse_nearest = layer_mse(gemm, x, y, nearest * scale + offset)
+    mse = layer_mse(gemm, x, y, codes * scale + offset)
+    kept = mse <= mse_nearest
+    chosen = codes if kept else nearest
+    return RoundingFit(np.asarray(chosen, np.int32), mse_nearest, min(mse, mse_nearest),
+                       float(jnp.mean(chosen != nearest)), bool(kept), tuple(history))
+
+
+def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32, precision: str = "highest"):
+    """The layer's reconstruction error as a quadratic form in its kernel (module docstring).
+
+    P comes from the layer's own product with an identity kernel (K output channels), so any
+    layer whose output channel c depends only on W[..., c] (dense, convolution) works. That
+    product runs at ``precision`` ("highest": a GPU's TF32 would round the patches to 10 bits).
+
+    Returns:
+        (G, B, t) as float64 numpy arrays (K, K), (K, C) and a float.
+    """
+    runtime.check_precision(precision, "input_statistics")
+    with jax.default_matmul_precision(precision):  # read while tracing, and part of jit's key
+        return _input_statistics(x, y, kernel_shape, gemm, chunk)
+
+
+def _input_statistics(x, y, kernel_shape, gemm, chunk):
+    k = int(np.prod(kernel_shape[:-1]))
+    eye = jnp.eye(k, dtype=jnp.float32).reshape(*kernel_shape[:-1], k)
+    patches = jax.jit(lambda xb: gemm(xb, eye).reshape(-1, k))
+    probe = np.asarray(jax.random.normal(jax.random.key(0), kernel_shape), np.float32)
+    direct = np.asarray(gemm(x[:1], probe)).reshape(-1, kernel_shape[-1])
+    via = np.asarray(patches(x[:1])) @ probe.reshape(k, -1)
+    if not np.allclose(direct, via, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(direct).max()))):
+        raise ValueError(f"the layer's product is not P · W for a kernel of shape {kernel_shape} (a grouped "
+                         "convolution?): layer-wise rounding here needs each output channel to read only its "
+                         "own kernel")
+    G, B, t, rows = np.zeros((k, k)), np.zeros((k, kernel_shape[-1])), 0.0, 0
+    for start in range(0, x.shape[0], chunk):
+        P = np.asarray(patches(x[start:start + chunk]), np.float64)
+        Y = np.asarray(y[start:start + chunk], np.float64).reshape(P.shape[0], -1)
+        G += P.T @ P
+        B += P.T @ Y
+        t += float(np.sum(Y * Y))
+        rows += P.shape[0]
+    return G / rows, B / rows, t / rows
+
+
+def _layer_inputs(model, names, act_specs, act_alphas):
+    """A jitted ``(variables, x) → {name: the layer's input}`` with the activation sites in
+    ``act_specs`` quantized at ``act_alphas`` (none: the float network)."""
+    wanted = set(names)
+
+    def run(variables, x):
+        store = {}
+
+        def record(module, inputs, kernel, gemm):
+            name = "/".join(module.path)
+            if name in wanted and name not in store:
+                store[name] = inputs
+            return gemm(inputs, kernel)
+
+        with qlayers.gemm_hook(record), sites.quantizing(act_specs, act_alphas):
+            model.apply(variables, x, train=False)
+        return store
+
+    return jax.jit(run)
+
+
+def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str, num_images: int = 256,
+                  inputs: str = "quantized") -> RoundingResult:
+    """Round every quantized weight site of ``loss`` with ``rule``, layer by layer.
+
+    Args:
+        loss: a :class:`~landscape.ClipLoss` without bias correction (its sites, widths, grid,
+            per-channel α and BN folding are used; its calibration images are the data).
+        alpha: (n,) clipping vector, e.g. ``loss.init("mse")`` or ``lapq(loss).alpha``.
+        rule: ``rule(x, y, kernel, scale, offset, lo, hi, gemm) → RoundingFit`` for one layer
+            (see the module docstring); called with the loss's precision active.
+        method: the rule's name, for messages and the result.
+        num_images: calibration images recorded (the first ``num_images`` of the loss's set).
+        inputs: "quantized" (each layer's input from the network rounded so far, activations
+            quantized at α) or "float" (the float network's inputs). A layer applied more than
+            once is fitted on its first application.
+
+    Returns:
+        :class:`RoundingResult`; ``result.network.accuracy(data.test)`` evaluates it.
+    """
+    t0 = time.perf_counter()
+    if loss.options.get("bias_correction"):
+        raise ValueError(f"{method} needs a ClipLoss built with bias_correction=False: the rounding fits the "
+                         "per-channel error itself, and the codes would not be the loss's grid")
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs={inputs!r} is not allowed; use one of {INPUTS}")
+    num_images = check_number(num_images, "num_images", integer=True)
+    nearest = export.quantize_network(loss, alpha)  # checks α; the loss's own round-to-nearest
+    names = [n for n, s in nearest.sites.items() if s.kind == "weight"]
+    if not names:
+        raise ValueError(f"{loss!r} quantizes no weight site: nothing to round")
+    with jax.default_matmul_precision(loss.precision):  # the loss's products, read while tracing
+        fits, codes = _round_layers(loss, nearest, names, rule, num_images, inputs)
+    variables = nearest.variables
+    for name in names:
+        s = nearest.sites[name]
+        variables = _with_kernel(variables, name, jnp.asarray(codes[name].astype(np.float32) * s.scale + s.offset))
+    network = dataclasses.replace(nearest, variables=variables, codes=codes)
+    return RoundingResult(method, network, nearest, fits, time.perf_counter() - t0)
+
+
+def _round_layers(loss, nearest, names, rule, num_images, inputs):
+    x = jnp.asarray(np.asarray(loss.calib.x[:num_images], np.float32))
+    act = {n: s for n, s in nearest.sites.items() if s.kind == "activation"}
+    act_specs = {n: sites.SiteSpec(s.bits, s.grid) for n, s in act.items()}
+    act_alphas = {n: float(s.alpha[0]) for n, s in act.items()}
+    float_inputs = _layer_inputs(loss.model, names, {}, {})(loss.variables, x)
+    quantized_inputs = _layer_inputs(loss.model, names, act_specs, act_alphas)
+    # the layers' own products, strides and padding bound (one example suffices)
+    gemms = {n: gemm for n, (_, _, gemm) in
+             record_layers(loss.model, loss.variables, x[:1], names, precision=loss.precision).items()}
+
+    def kernel_of(variables, name):
+        node = variables["params"]
+        for part in name.split("/"):
+            node = node[part]
+        return node["kernel"]
+
+    current = loss.variables  # float kernels, replaced (in new dicts) as layers finish
+    codes, fits = dict(nearest.codes), {}
+    for name in names:
+        site = nearest.sites[name]
+        w = kernel_of(loss.variables, name)
+        y = gemms[name](float_inputs[name], w)
+        xq = quantized_inputs(current, x)[name] if inputs == "quantized" else float_inputs[name]
+        lo, hi = site.code_range()
+        fit = rule(xq, y, w, site.scale, site.offset, lo, hi, gemms[name])
+        fits[name] = fit
+        codes[name] = fit.codes.astype(nearest.codes[name].dtype)
+        current = _with_kernel(current, name, jnp.asarray(fit.codes * site.scale + site.offset, jnp.float32))
+    return fits, codes
+
+
+def _with_kernel(variables, name: str, kernel):
+    """``variables`` with the kernel of layer ``name`` replaced (new dicts along the path)."""
+    def set_in(node, path):
+        node = dict(node)
+        node[path[0]] = set_in(node[path[0]], path[1:]) if len(path) > 1 else kernel
+        return node
+
+    return set_in(variables, ["params", *name.split("/"), "kernel"])

@@ -1,0 +1,111 @@
+"""GPTQ: the Cholesky update against the explicit least-squares re-solve it stands for, the
+float-input case against the published algorithm's fixed point, and the rounded network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import landscape as ls
+from landscape import quantizers
+from landscape.gptq import gptq_layer, gptq_rows
+
+
+def quadratic(k=12, c=3, seed=0):
+    """An SPD H with correlated rows (as a layer's input moments) and an optimum W*."""
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=(200, 4)) @ rng.normal(size=(4, k)) + 0.1 * rng.normal(size=(200, k))
+    H = p.T @ p / 200 + 1e-3 * np.eye(k)
+    return H, rng.normal(size=(k, c))
+
+
+def resolve_rows(w_star, H, scale, offset, lo, hi, order):
+    """Reference: round rows in ``order``; after each, set the rows not yet rounded to the
+    exact minimiser of (Ŵ − W*)ᵀ H (Ŵ − W*) given every row rounded so far (a fresh solve)."""
+    w = np.array(w_star, np.float64)
+    codes = np.zeros_like(w)
+    done = []
+    for i in order:
+        codes[i] = np.clip(np.round((w[i] - offset) / scale), lo, hi)
+        done.append(i)
+        free = [j for j in range(len(w)) if j not in done]
+        if free:
+            fixed_delta = (codes[done] * scale + offset) - w_star[done]
+            w[free] = w_star[free] - np.linalg.solve(H[np.ix_(free, free)], H[np.ix_(free, done)] @ fixed_delta)
+    return codes.astype(np.int32)
+
+
+def error(H, w_star, w):
+    d = w - w_star
+    return float(np.einsum("kc,kl,lc->", d, H, d))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cholesky_update_equals_the_explicit_re_solve(seed):
+    H, w_star = quadratic(seed=seed)
+    scale, offset, lo, hi = 0.4, -1.4, 0, 7  # 3-bit midrise grid over [-1.4, 1.4]
+    order = np.random.default_rng(seed).permutation(len(H))
+    codes = gptq_rows(w_star, H, scale, offset, lo, hi, order)
+    np.testing.assert_array_equal(codes, resolve_rows(w_star, H, scale, offset, lo, hi, order))
+    nearest = np.clip(np.round((w_star - offset) / scale), lo, hi)
+    assert not np.array_equal(codes, nearest)  # the feedback moved some codes
+    # error feedback lowers the quadratic error against rounding each weight on its own
+    assert error(H, w_star, codes * scale + offset) < error(H, w_star, nearest * scale + offset)
+
+
+def test_uncorrelated_inputs_give_round_to_nearest():
+    rng = np.random.default_rng(3)
+    H = np.diag(rng.uniform(0.5, 2.0, 10))  # no coupling between rows: nothing to compensate
+    w_star = rng.normal(size=(10, 4))
+    codes = gptq_rows(w_star, H, 0.25, 0.0, -7, 7)
+    np.testing.assert_array_equal(codes, np.clip(np.round(w_star / 0.25), -7, 7))
+    with pytest.raises(ValueError, match="permutation"):
+        gptq_rows(w_star, H, 0.25, 0.0, -7, 7, order=[0] * 10)
+
+
+def test_gptq_layer_improves_output_error_and_keeps_nearest_when_worse():
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(512, 3)) @ rng.normal(size=(3, 16)) + 0.05 * rng.normal(size=(512, 16))).astype(np.float32)
+    w = rng.normal(size=(16, 4)).astype(np.float32)
+    alpha = float(np.abs(w).max())
+    scale = float(quantizers.step_size(alpha, 3, "midrise"))
+    fit = gptq_layer(x, x @ w, w, scale, -alpha, 0, 7, lambda a, b: a @ b)
+    assert fit.kept and fit.mse < 0.5 * fit.mse_nearest and fit.flipped > 0
+    assert fit.history == ()
+    direct = float(np.mean((x @ (fit.codes * scale - alpha) - x @ w) ** 2))
+    assert direct == pytest.approx(fit.mse, rel=1e-4)
+    # weights already on the grid: nearest is exact, and GPTQ (damped) cannot beat an error of 0
+    on_grid = (np.clip(np.round((w + alpha) / scale), 0, 7) * scale - alpha).astype(np.float32)
+    exact = gptq_layer(x, x @ on_grid, on_grid, scale, -alpha, 0, 7, lambda a, b: a @ b)
+    assert exact.mse == exact.mse_nearest == pytest.approx(0.0, abs=1e-10)
+    assert exact.flipped == 0.0
+    with pytest.raises(ValueError, match="damp=0"):
+        gptq_layer(x, x @ w, w, scale, -alpha, 0, 7, lambda a, b: a @ b, damp=0)
+    with pytest.raises(ValueError, match="act_order=1"):
+        gptq_layer(x, x @ w, w, scale, -alpha, 0, 7, lambda a, b: a @ b, act_order=1)
+
+
+def test_gptq_network(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=4)
+    alpha = loss.init("mse")
+    res = ls.gptq(loss, alpha, num_images=128)
+    assert res.method == "gptq" and "gptq" in repr(res)
+    weights = [s.name for s in loss.sites if s.kind == "weight"]
+    assert list(res.layers) == weights
+    assert res.nearest.accuracy(digits.test) == pytest.approx(float(loss.accuracy(alpha, digits.test)), abs=1e-9)
+    for name in weights:
+        fit, codes = res.layers[name], res.network.codes[name]
+        lo, hi = res.network.sites[name].code_range()
+        assert fit.mse <= fit.mse_nearest and codes.min() >= lo and codes.max() <= hi
+        np.testing.assert_array_equal(np.asarray(res.network.variables["params"][name]["kernel"]),
+                                      res.network.dequantize(name))
+    assert sum(f.mse for f in res.layers.values()) < 0.9 * sum(f.mse_nearest for f in res.layers.values())
+    again = ls.gptq(loss, alpha, num_images=128)
+    for name in weights:
+        np.testing.assert_array_equal(res.network.codes[name], again.network.codes[name])  # deterministic
+    floats = ls.gptq(loss, alpha, num_images=64, inputs="float", act_order=False)
+    assert set(floats.layers) == set(weights)
+    with pytest.raises(ValueError, match="gptq needs a ClipLoss built with bias_correction=False"):
+        ls.gptq(loss.with_options(bias_correction=True), alpha)
+    with pytest.raises(ValueError, match="damp=-1"):
+        ls.gptq(loss, alpha, damp=-1)
