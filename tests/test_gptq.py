@@ -47,6 +47,8 @@ def test_cholesky_update_equals_the_explicit_re_solve(seed):
     order = np.random.default_rng(seed).permutation(len(H))
     codes = gptq_rows(w_star, H, scale, offset, lo, hi, order)
     np.testing.assert_array_equal(codes, resolve_rows(w_star, H, scale, offset, lo, hi, order))
+    # the lazy batch update (blocks of 5 rows: two boundaries inside K = 12) gives the same codes
+    np.testing.assert_array_equal(gptq_rows(w_star, H, scale, offset, lo, hi, order, block=5), codes)
     nearest = np.clip(np.round((w_star - offset) / scale), lo, hi)
     assert not np.array_equal(codes, nearest)  # the feedback moved some codes
     # error feedback lowers the quadratic error against rounding each weight on its own
