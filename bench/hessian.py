@@ -17,7 +17,8 @@ a_bits=None).weight_loss()`` (FP32), a pure function params → scalar.
     is no accuracy guarantee: with a small spectral gap it stops early, far from λ_max). Ours:
     ``hessian_spectrum(f, params, top_k=1, trace=False, tol=1e-3, tol_on="eigenvalue")`` (Lanczos;
     stops when the eigenvalue error estimate min(r, r²/δ) ≤ 1e-3·|θ|, r the Ritz residual
-    ‖Hv − θv‖ and δ the gap to the next Ritz value). For reference, a warm run with
+    ‖Hv − θv‖ and δ the gap to the next Ritz value; its default ``start="auto"`` starts Lanczos
+    from the gradient, which the linearized HVP computes anyway). For reference, a warm run with
     ``tol_on="residual"`` (r ≤ 1e-3·|θ|, a guaranteed bound, 1–2 more HVPs) is shown but not
     compared. The two answers must agree within 1%.
     Both are compared with a tight reference (our Lanczos at tol 1e-6, not timed); if PyHessian's
