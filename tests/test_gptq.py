@@ -111,3 +111,31 @@ def test_gptq_network(tiny_net, digits):
         ls.gptq(loss.with_options(bias_correction=True), alpha)
     with pytest.raises(ValueError, match="damp=-1"):
         ls.gptq(loss, alpha, damp=-1)
+
+
+def test_float_inputs_give_published_gptq_centred_on_the_float_kernel():
+    """With y = x W (the float network's own inputs), B = G W, so W* = W: gptq_layer is GPTQ on W
+    with H = G + λI, as published (act-order: rows by decreasing H_kk)."""
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(400, 4)) @ rng.normal(size=(4, 10)) + 0.1 * rng.normal(size=(400, 10))).astype(np.float32)
+    w = rng.normal(size=(10, 3)).astype(np.float32)
+    scale, offset = 0.3, -1.05  # 3-bit midrise over [-1.05, 1.05]
+    fit = gptq_layer(x, x @ w, w, scale, offset, 0, 7, lambda a, b: a @ b, damp=0.01)
+    G = x.astype(np.float64).T @ x.astype(np.float64) / len(x)
+    H = G + 0.01 * np.mean(np.diag(G)) * np.eye(10)
+    published = gptq_rows(w, H, scale, offset, 0, 7, np.argsort(-np.diag(H), kind="stable"))
+    assert fit.kept
+    np.testing.assert_array_equal(fit.codes, published)
+
+
+def test_gptq_per_channel_midtread_folded(tiny_net, digits):
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=None, per_channel=True, weight_grid="midtread",
+                       fold_bn=True)
+    res = ls.gptq(loss, loss.init("mse"), num_images=64, inputs="float")
+    for name, fit in res.layers.items():
+        site, codes = res.network.sites[name], res.network.codes[name]
+        assert site.per_channel and np.unique(site.scale).size > 1
+        assert codes.min() >= -3 and codes.max() <= 3 and fit.mse <= fit.mse_nearest
+        np.testing.assert_allclose(np.asarray(res.network.variables["params"][name]["kernel"]),
+                                   codes * site.scale, rtol=1e-6, atol=1e-7)  # midtread: no offset
+    assert sum(f.mse for f in res.layers.values()) < sum(f.mse_nearest for f in res.layers.values())
