@@ -80,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="digits only, one seed, 3 epochs, few draws")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--datasets", nargs="+", default=None, choices=["digits", "mnist"])
-    p.add_argument("--mnist-dir", default="/work/shared/data/mnist")
+    p.add_argument("--mnist-dir", default=str(HERE.parent.parent / "shared" / "data" / "mnist"),
+                   help="MNIST in the hub's parquet layout (default: ../shared/data/mnist beside the checkout)")
     p.add_argument("--digits-epochs", type=int, default=None, help="default 30 (quick: 3)")
     p.add_argument("--mnist-epochs", type=int, default=3, help="default 3 (fit's MNIST default)")
     p.add_argument("--bias-batch", type=int, default=64, help="images in the gradient-bias batch")

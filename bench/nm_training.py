@@ -89,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="digits only, one seed, few epochs (a minute)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
     p.add_argument("--datasets", nargs="+", default=None, choices=["digits", "mnist"])
-    p.add_argument("--mnist-dir", default="/work/shared/data/mnist")
+    p.add_argument("--mnist-dir", default=str(HERE.parent.parent / "shared" / "data" / "mnist"),
+                   help="MNIST in the hub's parquet layout (default: ../shared/data/mnist beside the checkout)")
     p.add_argument("--digits-epochs", type=int, default=None, help="default 30 (quick: 3)")
     p.add_argument("--mnist-epochs", type=int, default=1)
     p.add_argument("--iterations", type=int, default=None,
