@@ -81,6 +81,12 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
     return out.astype(np.int32)
 
 
+def _checked_options(damp, act_order) -> float:
+    if not isinstance(act_order, bool):
+        raise ValueError(f"act_order={act_order!r} must be True or False")
+    return check_number(damp, "damp")
+
+
 def gptq_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, damp: float = 0.01,
                act_order: bool = True, precision: str = "highest") -> RoundingFit:
     """Round one layer by GPTQ (see the module docstring).
@@ -97,9 +103,7 @@ def gptq_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, damp: flo
     Returns:
         :class:`~landscape.rounding.RoundingFit` (round-to-nearest kept if GPTQ reconstructs worse).
     """
-    damp = check_number(damp, "damp")
-    if not isinstance(act_order, bool):
-        raise ValueError(f"act_order={act_order!r} must be True or False")
+    damp = _checked_options(damp, act_order)
     runtime.check_precision(precision, "gptq_layer")
     w = np.asarray(kernel, np.float64)
     G, B, _ = input_statistics(x, y, w.shape, gemm, precision=precision)
@@ -132,8 +136,6 @@ def gptq(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", damp:
     Returns:
         :class:`~landscape.rounding.RoundingResult` (``method="gptq"``).
     """
-    check_number(damp, "damp")
-    if not isinstance(act_order, bool):
-        raise ValueError(f"act_order={act_order!r} must be True or False")
+    _checked_options(damp, act_order)  # before any recording
     rule = functools.partial(gptq_layer, damp=damp, act_order=act_order, precision=loss.precision)
     return round_network(loss, alpha, rule, method="gptq", num_images=num_images, inputs=inputs)
