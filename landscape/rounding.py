@@ -111,7 +111,7 @@ def layer_mse(gemm, x, y, w, chunk: int = 256) -> float:
 
 
 def keep_better(x, y, gemm, codes, nearest, scale, offset, history=()) -> RoundingFit:
-    """The :class:`RoundingFit` of ``codes``, or of ``nearest`` where that reconstructs better."""
+    """The :class:`RoundingFit` of ``codes``, or of ``nearest`` when that reconstructs the layer better."""
     mse_nearest = layer_mse(gemm, x, y, nearest * scale + offset)
     mse = layer_mse(gemm, x, y, codes * scale + offset)
     kept = mse <= mse_nearest
