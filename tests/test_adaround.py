@@ -12,7 +12,6 @@ import pytest
 import landscape as ls
 from landscape import quantizers
 from landscape.adaround import _inverse_soft_rounding, adaround, round_layer, soft_rounding
-from landscape.rounding import input_statistics
 
 
 def test_soft_rounding_reaches_both_ends_and_inverts():
@@ -102,30 +101,6 @@ def test_adaround_errors(tiny_net, digits):
         adaround(loss, alpha[:-1])
     with pytest.raises(ValueError, match="quantizes no weight site"):
         adaround(loss.with_options(w_bits=None, a_bits=4), loss.with_options(w_bits=None, a_bits=4).init("max"))
-
-
-def test_input_statistics_give_the_reconstruction_error_of_a_conv():
-    import jax
-
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(6, 7, 7, 3)), jnp.float32)
-    w, w2 = (jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32) for _ in range(2))
-
-    def conv(inputs, kernel, groups=1):
-        return jax.lax.conv_general_dilated(inputs, kernel, (2, 2), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=groups, precision="highest")
-
-    y = conv(x, w)
-    G, B, t = input_statistics(x, y, w.shape, conv, chunk=4)  # two chunks
-    wm = np.asarray(w2, np.float64).reshape(27, 4)
-    quadratic = float(np.sum(wm * (G @ wm - 2.0 * B)) + t)
-    direct = float(np.mean(np.sum(np.square(np.asarray(conv(x, w2)) - np.asarray(y)), axis=-1)))
-    assert quadratic == pytest.approx(direct, rel=1e-4)
-    # a grouped convolution is not P · W: refused
-    wg = jnp.ones((3, 3, 1, 3))
-    with pytest.raises(ValueError, match="grouped"):
-        input_statistics(x, conv(x, wg, 3), wg.shape, lambda a, b: conv(a, b, 3))
 
 
 def test_adaround_per_channel_midtread_folded(tiny_net, digits):

@@ -1,0 +1,67 @@
+"""The layer-wise rounding machinery that AdaRound and GPTQ share: the quadratic form of a
+layer's reconstruction error, and round_network driving a rule of one's own."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import landscape as ls
+from landscape.rounding import RoundingFit, input_statistics, keep_better, round_network
+
+
+def test_input_statistics_give_the_reconstruction_error_of_a_conv():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(6, 7, 7, 3)), jnp.float32)
+    w, w2 = (jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32) for _ in range(2))
+
+    def conv(inputs, kernel, groups=1):
+        return jax.lax.conv_general_dilated(inputs, kernel, (2, 2), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups, precision="highest")
+
+    y = conv(x, w)
+    G, B, t = input_statistics(x, y, w.shape, conv, chunk=4)  # two chunks
+    wm = np.asarray(w2, np.float64).reshape(27, 4)
+    quadratic = float(np.sum(wm * (G @ wm - 2.0 * B)) + t)
+    direct = float(np.mean(np.sum(np.square(np.asarray(conv(x, w2)) - np.asarray(y)), axis=-1)))
+    assert quadratic == pytest.approx(direct, rel=1e-4)
+    # a grouped convolution is not P · W: refused
+    wg = jnp.ones((3, 3, 1, 3))
+    with pytest.raises(ValueError, match="grouped"):
+        input_statistics(x, conv(x, wg, 3), wg.shape, lambda a, b: conv(a, b, 3))
+
+
+def test_round_network_drives_a_rule_of_ones_own(tiny_net, digits):
+    """A new rule is one function: here round-to-nearest, then every code pushed one level up
+    (clipped): the first reproduces the loss's own network, the second reconstructs worse, so
+    every layer keeps nearest."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=4)
+    alpha = loss.init("mse")
+    calls = []
+
+    def nearest_rule(x, y, kernel, scale, offset, lo, hi, gemm):
+        calls.append(x.shape)
+        codes = jnp.clip(jnp.round((jnp.asarray(kernel) - offset) / scale), lo, hi)
+        return keep_better(x, y, gemm, codes, codes, scale, offset)
+
+    def shifted_rule(x, y, kernel, scale, offset, lo, hi, gemm):
+        nearest = jnp.clip(jnp.round((jnp.asarray(kernel) - offset) / scale), lo, hi)
+        return keep_better(x, y, gemm, jnp.clip(nearest + 1, lo, hi), nearest, scale, offset)
+
+    same = round_network(loss, alpha, nearest_rule, method="nearest", num_images=32)
+    weights = [s.name for s in loss.sites if s.kind == "weight"]
+    assert same.method == "nearest" and list(same.layers) == weights and len(calls) == len(weights)
+    assert all(shape[0] == 32 for shape in calls)  # the first num_images calibration images
+    for name in weights:
+        np.testing.assert_array_equal(same.network.codes[name], same.nearest.codes[name])
+        assert isinstance(same.layers[name], RoundingFit) and same.layers[name].flipped == 0.0
+
+    worse = round_network(loss, alpha, shifted_rule, method="shifted", num_images=32, inputs="float")
+    assert not any(f.kept for f in worse.layers.values())
+    for name in weights:
+        np.testing.assert_array_equal(worse.network.codes[name], worse.nearest.codes[name])
+    with pytest.raises(ValueError, match="num_images=0"):
+        round_network(loss, alpha, nearest_rule, method="nearest", num_images=0)
