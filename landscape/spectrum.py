@@ -419,6 +419,17 @@ def _eigenvalue_errors(theta, res):
     return np.minimum(res, quadratic)
 
 
+def _gradient_start(op, rng):
+    """∇f/‖∇f‖ plus a random unit vector times START_NOISE (so Lanczos still sees eigenvectors
+    orthogonal to the gradient), or None when the gradient is zero or not finite."""
+    g = op.gradient().astype(np.float64)
+    norm = float(np.linalg.norm(g))
+    if not (np.isfinite(norm) and norm > 0):
+        return None
+    r = rng.standard_normal(g.size)
+    return g / norm + START_NOISE * r / np.linalg.norm(r)
+
+
 def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng, v0=None):
     """Thick-restart Lanczos from ``v0`` (default: a Gaussian vector drawn from `rng`, a numpy
     Generator). Returns eigenvalues, Ritz coefficient matrix S (j, k), basis Q, active size j,
@@ -851,18 +862,10 @@ def hessian_spectrum(
         m = _check_positive_int("lanczos_steps", m)
         if m < n and m < top_k + 2:
             raise ValueError(f"lanczos_steps must be at least top_k + 2 = {top_k + 2} (or >= n), got {m}")
-        v0 = None
         if start == "auto":
             start = "gradient" if which in ("largest", "magnitude") else "random"
-        info["start"] = start
-        if start == "gradient":
-            g = op.gradient().astype(np.float64)
-            norm = float(np.linalg.norm(g))
-            if np.isfinite(norm) and norm > 0:
-                r = rng_lanczos.standard_normal(n)
-                # a small random part: Lanczos still sees eigenvectors orthogonal to the gradient
-                v0 = g / norm + START_NOISE * r / np.linalg.norm(r)
-            info["start"] = "gradient" if v0 is not None else "random (zero or non-finite gradient)"
+        v0 = _gradient_start(op, rng_lanczos) if start == "gradient" else None
+        info["start"] = "random (zero or non-finite gradient)" if start == "gradient" and v0 is None else start
         values, S, Q, j, residuals, errors, converged, restarts = _lanczos_top_k(
             op, n, dtype, top_k, m, which, tol, tol_on, max_restarts, rng_lanczos, v0
         )
