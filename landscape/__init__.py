@@ -16,6 +16,7 @@ from landscape import (
     export,
     folding,
     layers,
+    layerwise,
     luq,
     quantizers,
     rounding,
@@ -58,7 +59,7 @@ __all__ = [
     "bit_allocation", "calibration", "equalization", "export",
     "clip_hessian", "compare_methods", "data", "lapq",
     "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature", "gptq",
-    "hessian_spectrum", "layers", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",
+    "hessian_spectrum", "layers", "layerwise", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",
     "rounding", "runtime", "separability", "separability_index", "sites", "sites_of", "sparsity", "spectrum",
     "surfaces", "train", "weight_sensitivity", "weight_surface",
 ]

@@ -40,6 +40,7 @@ import optax
 from landscape import layers as qlayers
 from landscape import runtime, sparsity, train
 from landscape.data import Split
+from landscape.layerwise import layer_mse, record_layers
 
 __all__ = [
     "Accuracy",
@@ -50,7 +51,6 @@ __all__ = [
     "adaprune",
     "prune_layer",
     "recalibrate_batchnorm",
-    "record_layers",
 ]
 
 
@@ -210,42 +210,6 @@ def absorb_mean(kernel, mask, *, block: int) -> np.ndarray:
     return out.reshape(-1, out.shape[-1])[:R].reshape(w.shape)
 
 
-def record_layers(model, variables, x, names, *, precision: str = "highest"
-                  ) -> dict[str, tuple[jax.Array, jax.Array, object]]:
-    """Inputs X, outputs Y = gemm(X, W) and the GEMM callable of the named layers.
-
-    One eager forward pass of ``model`` (evaluation mode, no hook otherwise) over ``x`` with a
-    recording GEMM hook; returns ``{name: (X, Y, gemm)}`` ("/"-joined module paths). ``gemm`` is
-    the layer's own bilinear product (pure: a conv's strides and padding are bound in it).
-    ``precision`` is the pass's matmul/convolution precision ("highest": true float32).
-    """
-    runtime.check_precision(precision, "record_layers")
-    wanted = set(names)
-    store: dict[str, tuple] = {}
-
-    def record(module, inputs, kernel, gemm):
-        y = gemm(inputs, kernel)
-        name = "/".join(module.path)
-        if name in wanted and name not in store:
-            store[name] = (inputs, y, gemm)
-        return y
-
-    with qlayers.gemm_hook(record), jax.default_matmul_precision(precision):
-        model.apply(variables, jnp.asarray(x), train=False)
-    missing = wanted - set(store)
-    if missing:
-        raise ValueError(f"layers {sorted(missing)} were not called by the model")
-    return store
-
-
-def _chunked_mse(gemm, x, y, w, b, chunk: int = 256) -> float:
-    total = 0.0
-    for start in range(0, x.shape[0], chunk):
-        d = gemm(x[start:start + chunk], w) + b - y[start:start + chunk]
-        total += float(jnp.sum(jnp.square(d)))
-    return total / y.size
-
-
 def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iterations: int = 1000,
                 lr: float = 1e-3, bias_lr: float = 1e-2, batch_size: int = 50, key=None,
                 precision: str = "highest") -> LayerFit:
@@ -316,7 +280,7 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
     with jax.default_matmul_precision(precision):  # read while tracing, and part of jit's key
         p, hist = run({"w": w_init, "b": zero_b}, x, y, key)
         candidates = [(w_mag, zero_b), (w_init, zero_b), (p["w"] * maskf, p["b"])]
-        errors = [_chunked_mse(gemm, x, y, cw, cb) for cw, cb in candidates]
+        errors = [layer_mse(gemm, x, y, cw, cb) for cw, cb in candidates]
     best = int(np.argmin(errors))
     cw, cb = candidates[best]
     return LayerFit(np.asarray(cw), np.asarray(cb), errors[0], errors[best],

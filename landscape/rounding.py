@@ -31,11 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from landscape import export, runtime, sites
-from landscape import layers as qlayers
-from landscape.adaprune import record_layers
+from landscape.layerwise import layer_inputs, layer_mse, record_layers
 
-__all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "layer_mse",
-           "round_network"]
+__all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "round_network"]
 
 INPUTS = ("quantized", "float")
 
@@ -101,15 +99,6 @@ def check_number(value, name: str, *, integer: bool = False, allow_zero: bool = 
     return int(value) if integer else float(value)
 
 
-def layer_mse(gemm, x, y, w, chunk: int = 256) -> float:
-    """mean over rows of ‖gemm(x, w) − y‖² / C: the output MSE of kernel ``w`` (chunked)."""
-    total = 0.0
-    for start in range(0, x.shape[0], chunk):
-        d = gemm(x[start:start + chunk], w) - y[start:start + chunk]
-        total += float(jnp.sum(jnp.square(d)))
-    return total / y.size
-
-
 def keep_better(x, y, gemm, codes, nearest, scale, offset, history=()) -> RoundingFit:
     """The :class:`RoundingFit` of ``codes``, or of ``nearest`` when that reconstructs the layer better."""
     mse_nearest = layer_mse(gemm, x, y, nearest * scale + offset)
@@ -157,27 +146,6 @@ def _input_statistics(x, y, kernel_shape, gemm, chunk):
     return G / rows, B / rows, t / rows
 
 
-def _layer_inputs(model, names, act_specs, act_alphas):
-    """A jitted ``(variables, x) → {name: the layer's input}`` with the activation sites in
-    ``act_specs`` quantized at ``act_alphas`` (none: the float network)."""
-    wanted = set(names)
-
-    def run(variables, x):
-        store = {}
-
-        def record(module, inputs, kernel, gemm):
-            name = "/".join(module.path)
-            if name in wanted and name not in store:
-                store[name] = inputs
-            return gemm(inputs, kernel)
-
-        with qlayers.gemm_hook(record), sites.quantizing(act_specs, act_alphas):
-            model.apply(variables, x, train=False)
-        return store
-
-    return jax.jit(run)
-
-
 def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str, num_images: int = 256,
                   inputs: str = "quantized") -> RoundingResult:
     """Round every quantized weight site of ``loss`` with ``rule``, layer by layer.
@@ -223,8 +191,8 @@ def _round_layers(loss, nearest, names, rule, num_images, inputs):
     act = {n: s for n, s in nearest.sites.items() if s.kind == "activation"}
     act_specs = {n: sites.SiteSpec(s.bits, s.grid) for n, s in act.items()}
     act_alphas = {n: float(s.alpha[0]) for n, s in act.items()}
-    float_inputs = _layer_inputs(loss.model, names, {}, {})(loss.variables, x)
-    quantized_inputs = _layer_inputs(loss.model, names, act_specs, act_alphas)
+    float_inputs = layer_inputs(loss.model, names, {}, {})(loss.variables, x)
+    quantized_inputs = layer_inputs(loss.model, names, act_specs, act_alphas)
     # the layers' own products, strides and padding bound (one example suffices)
     gemms = {n: gemm for n, (_, _, gemm) in
              record_layers(loss.model, loss.variables, x[:1], names, precision=loss.precision).items()}

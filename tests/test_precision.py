@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import landscape as ls
-from landscape import adaprune, equalization, export
+from landscape import adaprune, equalization, export, layerwise
 from landscape.adaround import adaround
 
 PRODUCT = re.compile(r"stablehlo\.(convolution|dot_general)\b")
@@ -116,7 +116,7 @@ def test_adaprune_records_and_fits_in_true_float32(tiny_net, digits, tmp_path):
     assert res.network.config["adaprune"]["precision"] == "highest"
     assert products and all(highest(products))
     with pytest.raises(ValueError, match="record_layers: precision='low'"):
-        adaprune.record_layers(tiny_net.model, tiny_net.variables, x, ["conv0"], precision="low")
+        layerwise.record_layers(tiny_net.model, tiny_net.variables, x, ["conv0"], precision="low")
 
 
 def test_gptq_runs_at_the_loss_precision(tiny_net, digits, tmp_path):

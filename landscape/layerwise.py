@@ -1,0 +1,91 @@
+"""Layer-wise reconstruction: what AdaPrune, AdaRound and GPTQ record and measure.
+
+Each of these post-training methods changes one layer's kernel W at a time so that the layer's
+output over a calibration set stays close to the original's. This module holds the two pieces they
+share: recording a layer's inputs X and outputs Y = X ⊛ W (⊛ the layer's own bilinear product, the
+bias excluded, through the GEMM hook of :mod:`landscape.layers`), and the output error of a
+candidate kernel W̃ (and bias shift Δb),
+
+    MSE(W̃, Δb) = mean over (rows, outputs) of ( X ⊛ W̃ + Δb − Y )².
+
+A new layer-wise rule records with :func:`record_layers` or :func:`layer_inputs` and scores its
+candidates with :func:`layer_mse`. A layer applied more than once is recorded at its first
+application.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from landscape import layers as qlayers
+from landscape import runtime, sites
+
+__all__ = ["layer_inputs", "layer_mse", "record_layers"]
+
+
+def record_layers(model, variables, x, names, *, precision: str = "highest"
+                  ) -> dict[str, tuple[jax.Array, jax.Array, object]]:
+    """Inputs X, outputs Y = gemm(X, W) and the GEMM callable of the named layers.
+
+    One eager forward pass of ``model`` (evaluation mode, no hook otherwise) over ``x`` with a
+    recording GEMM hook; returns ``{name: (X, Y, gemm)}`` ("/"-joined module paths). ``gemm`` is
+    the layer's own bilinear product (pure: a conv's strides and padding are bound in it).
+    ``precision`` is the pass's matmul/convolution precision ("highest": true float32).
+    """
+    runtime.check_precision(precision, "record_layers")
+    wanted = set(names)
+    store: dict[str, tuple] = {}
+
+    def record(module, inputs, kernel, gemm):
+        y = gemm(inputs, kernel)
+        name = "/".join(module.path)
+        if name in wanted and name not in store:
+            store[name] = (inputs, y, gemm)
+        return y
+
+    with qlayers.gemm_hook(record), jax.default_matmul_precision(precision):
+        model.apply(variables, jnp.asarray(x), train=False)
+    missing = wanted - set(store)
+    if missing:
+        raise ValueError(f"layers {sorted(missing)} were not called by the model")
+    return store
+
+
+def layer_inputs(model, names, act_specs=None, act_alphas=None):
+    """A jitted ``(variables, x) → {name: the layer's input X}`` for the named layers.
+
+    With ``act_specs`` ({site: :class:`~landscape.sites.SiteSpec`}) and ``act_alphas`` ({site: α})
+    those activation sites are quantized on the way (the inputs the quantized network feeds each
+    layer); without, the float network's. Evaluation mode; the caller's matmul precision applies.
+    """
+    wanted = set(names)
+    act_specs, act_alphas = act_specs or {}, act_alphas or {}
+
+    def run(variables, x):
+        store = {}
+
+        def record(module, inputs, kernel, gemm):
+            name = "/".join(module.path)
+            if name in wanted and name not in store:
+                store[name] = inputs
+            return gemm(inputs, kernel)
+
+        with qlayers.gemm_hook(record), sites.quantizing(act_specs, act_alphas):
+            model.apply(variables, x, train=False)
+        missing = wanted - set(store)
+        if missing:
+            raise ValueError(f"layers {sorted(missing)} were not called by the model")
+        return store
+
+    return jax.jit(run)
+
+
+def layer_mse(gemm, x, y, w, b=0.0, chunk: int = 256) -> float:
+    """mean of (gemm(x, w) + b − y)² over all entries of y: the output MSE of kernel ``w`` with
+    bias shift ``b`` ((C,) or a scalar), in chunks of ``chunk`` rows (bounded memory)."""
+    total = 0.0
+    for start in range(0, x.shape[0], chunk):
+        d = gemm(x[start:start + chunk], w) + b - y[start:start + chunk]
+        total += float(jnp.sum(jnp.square(d)))
+    return total / y.size
