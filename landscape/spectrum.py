@@ -230,93 +230,133 @@ class HessianSpectrum:
 class _HVP:
     """The Hessian of the flattened problem as an operator, counting the products it evaluates.
 
-    ``mode="recompute"``: two programs are compiled, lazily and once each: a Lanczos step (one HVP
-    fused with its reorthogonalisation, see :func:`_extend_core`) and a block HVP over
-    ``probe_batch`` vectors; each HVP reruns f's forward and backward pass at x.
-    ``mode="linearize"``: ``jax.linearize`` of the compiled gradient at x, once; every product then
-    runs only the tangent part (the linearized program is compiled once per (f, structure)).
-    Like ``jax.jit`` the programs are cached per (f, structure of x0, precision), so calling again
-    with the same f — at any point — compiles nothing; as with ``jax.jit``, f is assumed pure.
+    Without batches, H = ∇²f(x). With ``batches`` [(w_b, batch_b), ...], H = Σ_b w_b ∇²f(x, batch_b),
+    one HVP per batch summed on the device (memory of one batch's passes at a time).
+
+    ``mode="recompute"``: the programs are compiled lazily and once each: a Lanczos step (one HVP
+    fused with its reorthogonalisation, see :func:`_extend_core`; with batches, the batch HVPs and
+    then the reorthogonalisation) and a block HVP over ``probe_batch`` vectors; each HVP reruns f's
+    forward and backward pass at x.
+    ``mode="linearize"``: ``jax.linearize`` of the compiled gradient at x, once (per batch); every
+    product then runs only the tangent part (the linearized program is compiled once per (f,
+    structure)). Like ``jax.jit`` the programs are cached per (f, structure of x0, precision), so
+    calling again with the same f — at any point — compiles nothing; as with ``jax.jit``, f is
+    assumed pure.
     """
 
-    def __init__(self, f, unravel, x, structure, precision="highest", mode="auto"):
+    def __init__(self, f, unravel, x, structure, precision="highest", mode="auto", batches=None):
         self._x = x
         self.counts: dict[str, int] = {}
-        programs = _compiled_operator(f, unravel, structure, precision)
-        self._step, self._matmat, self._single = programs["step"], programs["matmat"], programs["single"]
-        if mode == "auto":
-            mode = "linearize" if _residual_bytes(programs, x) <= LINEARIZE_MAX_BYTES else "recompute"
-        self.mode = mode
-        # bytes held by the linearization (None when every HVP recomputes)
-        self.stored_bytes = _residual_bytes(programs, x) if mode == "linearize" else None
+        programs = _compiled_operator(f, unravel, structure, precision, batched=batches is not None)
         self._programs = programs
-        self._grad, self._lin = jax.linearize(programs["grad"], x) if mode == "linearize" else (None, None)
+        # The terms of H = Σ_b w_b H_b: (w_b, the extra arguments of f); one term without batches.
+        self._terms = [(None, ())] if batches is None else [(w, (b,)) for w, b in batches]
+        stored = sum(_residual_bytes(programs, x, args) for _, args in self._terms)
+        if mode == "auto":
+            mode = "linearize" if stored <= LINEARIZE_MAX_BYTES else "recompute"
+        self.mode = mode
+        self.stored_bytes = stored if mode == "linearize" else None  # None when every HVP recomputes
+        self._grad, self._lins = None, None
+        if mode == "linearize":
+            pairs = [jax.linearize(_bound(programs["grad"], args), x) for _, args in self._terms]
+            self._grad = self._combine([g for g, _ in pairs])
+            self._lins = [lin for _, lin in pairs]
+
+    def _combine(self, parts):
+        """Σ_b w_b parts[b] (parts[0] itself without batches), on the device."""
+        if self._terms[0][0] is None:
+            return parts[0]
+        total = None
+        for (w, _), part in zip(self._terms, parts, strict=True):
+            total = _axpy(total if total is not None else jnp.zeros_like(part), w, part)
+        return total
+
+    def _hvp(self, v):
+        """H v for one vector v (n,) on the device."""
+        if self._lins is not None:
+            return self._combine([lin(v) for lin in self._lins])
+        return self._combine([self._programs["single"](self._x, v[None], *args)[0] for _, args in self._terms])
+
+    def _hvp_block(self, V):
+        """H applied to each row of V (b, n), on the device."""
+        if self._lins is not None:
+            return self._combine([jax.vmap(lin)(V) for lin in self._lins])
+        return self._combine([self._programs["matmat"](self._x, V, *args) for _, args in self._terms])
 
     def gradient(self) -> np.ndarray:
-        """∇f(x) as a host array: the linearization's primal output when there is one (free),
-        else one compiled gradient evaluation."""
+        """∇f(x) (with batches Σ_b w_b ∇f(x, batch_b)) as a host array: the linearization's
+        primal output when there is one (free), else compiled gradient evaluations."""
         if self._grad is None:
-            self._grad = self._programs["grad"](self._x)
+            self._grad = self._combine([self._programs["grad"](self._x, *args) for _, args in self._terms])
         return np.asarray(self._grad)
 
     def lanczos_step(self, Q, q, j, task="lanczos"):
         """(Q, h, β, q_{j+1}) after one step from q = row j of Q; see :func:`_extend_core`."""
         self.counts[task] = self.counts.get(task, 0) + 1
-        if self._lin is not None:
-            return _extend(Q, self._lin(q), j)
-        return self._step(self._x, Q, q, j)
+        if self._lins is None and self._terms[0][0] is None:
+            return self._programs["step"](self._x, Q, q, j)  # the HVP and its reorthogonalisation fused
+        return _extend(Q, self._hvp(q), j)
 
     def lanczos_block(self, Q, q, j, task):
         """:meth:`lanczos_step` for a block of independent bases Q (b, m+1, n), rows q (b, n)."""
         self.counts[task] = self.counts.get(task, 0) + q.shape[0]
-        W = jax.vmap(self._lin)(q) if self._lin is not None else self._matmat(self._x, q)
-        return _extend_batch(Q, W, j)
+        return _extend_batch(Q, self._hvp_block(q), j)
 
     def matmat(self, V, task):
         """H applied to each row of V (b, n), as a host (numpy) array. A single row takes the
         un-vmapped HVP: a vmapped one, even over one vector, turns the convolutions into grouped
         ones (slower on CPU)."""
         self.counts[task] = self.counts.get(task, 0) + V.shape[0]
-        if self._lin is not None:
-            if V.shape[0] == 1:
-                return np.asarray(self._lin(V[0]))[None]
-            return np.asarray(jax.vmap(self._lin)(V))
         if V.shape[0] == 1:
-            return np.asarray(self._single(self._x, V))
-        return np.asarray(self._matmat(self._x, V))
+            return np.asarray(self._hvp(V[0]))[None]
+        return np.asarray(self._hvp_block(V))
 
 
-def _residual_bytes(programs, x):
-    """Bytes ``jax.linearize`` would store at x (abstract evaluation, cached per operator)."""
-    if "residual_bytes" not in programs:
-        shapes = jax.eval_shape(lambda u: jax.linearize(programs["grad"], u)[1], x)
-        programs["residual_bytes"] = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-                                         for a in jax.tree.leaves(shapes))
-    return programs["residual_bytes"]
+def _bound(program, args):
+    """u ↦ program(u, *args) (the program itself without extra arguments)."""
+    return program if not args else (lambda u: program(u, *args))
+
+
+@jax.jit
+def _axpy(acc, w, y):
+    """acc + w·y (one small program per shape, shared by all calls)."""
+    return acc + w * y
+
+
+def _residual_bytes(programs, x, args=()):
+    """Bytes ``jax.linearize`` would store at x (abstract evaluation, cached per operator and
+    batch shape)."""
+    key = tuple((tuple(np.shape(a)), str(jnp.result_type(a))) for a in jax.tree.leaves(args))
+    cache = programs.setdefault("residual_bytes", {})
+    if key not in cache:
+        shapes = jax.eval_shape(lambda u, *a: jax.linearize(_bound(programs["grad"], a), u)[1], x, *args)
+        cache[key] = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(shapes))
+    return cache[key]
 
 
 _OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compiled_operator(f, unravel, structure, precision):
+def _compiled_operator(f, unravel, structure, precision, batched=False):
     """The jitted programs for f at points of the given pytree structure, f traced under
     ``jax.default_matmul_precision(precision)``: a dict with the gradient ("grad"), the fused
-    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("single")."""
+    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("single"). With
+    ``batched``, f is f(x, batch) and every program takes the batch as its last argument."""
     try:
         per_f, f_ref = _OPERATORS.setdefault(f, {}), weakref.ref(f)
     except TypeError:  # f not weak-referenceable or not hashable: compile for this call only
         per_f, f_ref = {}, (lambda: f)
-    key = (structure, precision)
+    key = (structure, precision, batched)
     if key not in per_f:
         # The programs hold f only weakly: a strong reference from the cached value would keep its
         # key (and the data f closes over) alive forever. Tracing happens inside a call, f alive.
 
-        def grad_flat(u):
+        def grad_flat(u, *batch):
             with jax.default_matmul_precision(precision):  # read when the programs are traced
-                return jax.grad(lambda v: f_ref()(unravel(v)))(u)
+                return jax.grad(lambda v: f_ref()(unravel(v), *batch))(u)
 
-        def hvp(point, v):
-            return jax.jvp(grad_flat, (point,), (v,))[1]
+        def hvp(point, v, *batch):
+            return jax.jvp(lambda u: grad_flat(u, *batch), (point,), (v,))[1]
 
         def lanczos_step(point, Q, q, j):
             return _extend_core(Q, hvp(point, q), j)
@@ -324,8 +364,8 @@ def _compiled_operator(f, unravel, structure, precision):
         per_f[key] = {
             "grad": jax.jit(grad_flat),
             "step": jax.jit(lanczos_step, donate_argnums=1),
-            "matmat": jax.jit(jax.vmap(hvp, in_axes=(None, 0))),
-            "single": jax.jit(lambda point, V: hvp(point, V[0])[None]),
+            "matmat": jax.jit(jax.vmap(hvp, in_axes=(None, 0) + (None,) * batched)),
+            "single": jax.jit(lambda point, V, *batch: hvp(point, V[0], *batch)[None]),
         }
     return per_f[key]
 
@@ -636,9 +676,9 @@ def _check_positive_int(name, value, minimum=1):
     return int(value)
 
 
-def _flatten_and_check(f, x0):
+def _flatten_and_check(f, x0, args=()):
     """(x0 as one host vector, the traceable inverse, the host inverse, x0's structure) after
-    checking x0 and f(x0); see :func:`_ravel_on_host`."""
+    checking x0 and f(x0, *args); see :func:`_ravel_on_host`."""
     leaves, treedef = jax.tree_util.tree_flatten(x0)
     if not leaves:
         raise ValueError("x0 has no array leaves; pass a pytree of floating-point arrays")
@@ -654,15 +694,38 @@ def _flatten_and_check(f, x0):
         bad = int(np.size(finite) - np.count_nonzero(finite))
         raise ValueError(f"x0 contains {bad} NaN/inf value(s); the Hessian needs a finite point")
     try:
-        out = jax.eval_shape(f, x0)
+        out = jax.eval_shape(f, x0, *args)
     except Exception as err:  # surface tracing failures with the offending call named
-        raise ValueError(f"f(x0) could not be traced by JAX: {err}") from err
+        call = "f(x0, batches[0])" if args else "f(x0)"
+        raise ValueError(f"{call} could not be traced by JAX: {err}") from err
     if not hasattr(out, "shape") or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(f"f must return a scalar, got output of shape {shape}; reduce it (e.g. mean)")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"f must return a real floating-point scalar, got dtype {out.dtype}")
     return flat, unravel, unravel_host, structure
+
+
+def _check_batches(batches):
+    """[(n_b / N, batch_b), ...] from a sequence of batches, checking each has leaves with one
+    common, non-zero leading size."""
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise ValueError("batches must be a sequence of data batches (pytrees of arrays), got "
+                         f"{type(batches).__name__}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty; pass at least one batch, or batches=None for f(x)")
+    sizes = []
+    for i, batch in enumerate(batches):
+        leaves = jax.tree.leaves(batch)
+        leading = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+        if not leaves or None in leading or len(leading) != 1 or 0 in leading:
+            shapes = [np.shape(leaf) for leaf in leaves]
+            raise ValueError(f"batches[{i}] must be a pytree of arrays sharing one non-zero leading (example) "
+                             f"axis, got leaf shapes {shapes}")
+        sizes.append(leading.pop())
+    total = float(sum(sizes))
+    return [(n / total, batch) for n, batch in zip(sizes, batches, strict=True)]
 
 
 def _ravel_on_host(leaves, treedef):
@@ -719,6 +782,7 @@ def hessian_spectrum(
     precision: str = "highest",
     hvp: str = "auto",
     start: str = "auto",
+    batches=None,
     seed: int = 0,
 ) -> HessianSpectrum:
     """Top eigenpairs, trace and spectral density of H = ∇²f(x0), from Hessian-vector products.
@@ -774,6 +838,14 @@ def hessian_spectrum(
             benchmark's resnet20, cos(∇f, v₁) = 0.79), so the top eigenvalue to 1e-3 takes 3
             HVPs instead of 4–6. Free with ``hvp="linearize"`` (the linearization's primal
             output); one gradient evaluation otherwise. ``info["start"]`` says which was used.
+        batches: a sequence of data batches (pytrees whose leaves share a leading example axis)
+            for a Hessian over more data than one forward and backward pass can hold. f is then
+            called as f(x, batch), and H = Σ_b (n_b / N) ∇²f(x0, batch_b), n_b the examples of batch b
+            and N = Σ n_b: the Hessian of the mean loss over all examples when f(x, batch) is the
+            mean over its batch (PyHessian's ``dataloader`` mode). Each HVP runs one product per
+            batch; memory is that of one batch, plus with ``hvp="linearize"`` the stored values
+            of every batch (``"auto"`` sums them against the same budget). f's programs compile
+            once per batch shape (equal batches, or a smaller last one: two compiles).
         seed: non-negative integer seeding every random draw (start vectors, probes); the
             same seed gives the same result.
 
@@ -818,7 +890,8 @@ def hessian_spectrum(
     num_probes = _check_positive_int("num_probes", num_probes, minimum=4 if trace_method == "hutch++" else 2)
     seed = _check_positive_int("seed", seed, minimum=0)
 
-    flat, unravel, unravel_host, structure = _flatten_and_check(f, x0)
+    terms = None if batches is None else _check_batches(batches)
+    flat, unravel, unravel_host, structure = _flatten_and_check(f, x0, () if terms is None else (terms[0][1],))
     n = int(flat.size)
     dtype = flat.dtype
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
@@ -827,10 +900,12 @@ def hessian_spectrum(
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_DIM else "lanczos"
 
-    op = _HVP(f, unravel, jax.device_put(flat), structure, precision, hvp)
+    op = _HVP(f, unravel, jax.device_put(flat), structure, precision, hvp, terms)
     # Host generators, one stream per task: jax.random would compile a sampler per vector length.
     rng_lanczos, rng_trace, rng_density = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     info: dict[str, Any] = {"hvp": op.mode, "hvp_stored_bytes": op.stored_bytes}
+    if terms is not None:
+        info["batches"] = len(terms)
     trace_value = trace_stderr = leaf_trace = leaf_stderr = None
     density_out = nodes_out = None
     sizes = [int(np.prod(shape)) for shape, _ in structure[1]]
