@@ -266,16 +266,16 @@ class _HVP:
         """Σ_b w_b parts[b] (parts[0] itself without batches), on the device."""
         if self._terms[0][0] is None:
             return parts[0]
-        total = None
-        for (w, _), part in zip(self._terms, parts, strict=True):
-            total = _axpy(total if total is not None else jnp.zeros_like(part), w, part)
+        total = _scale(self._terms[0][0], parts[0])
+        for (w, _), part in zip(self._terms[1:], parts[1:], strict=True):
+            total = _axpy(total, w, part)
         return total
 
     def _hvp(self, v):
         """H v for one vector v (n,) on the device."""
         if self._lins is not None:
             return self._combine([lin(v) for lin in self._lins])
-        return self._combine([self._programs["single"](self._x, v[None], *args)[0] for _, args in self._terms])
+        return self._combine([self._programs["hvp"](self._x, v, *args) for _, args in self._terms])
 
     def _hvp_block(self, V):
         """H applied to each row of V (b, n), on the device."""
@@ -318,8 +318,14 @@ def _bound(program, args):
 
 
 @jax.jit
+def _scale(w, y):
+    """w·y (one small program per shape, shared by all calls, as :func:`_axpy`)."""
+    return w * y
+
+
+@jax.jit
 def _axpy(acc, w, y):
-    """acc + w·y (one small program per shape, shared by all calls)."""
+    """acc + w·y."""
     return acc + w * y
 
 
@@ -340,7 +346,7 @@ _OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _compiled_operator(f, unravel, structure, precision, batched=False):
     """The jitted programs for f at points of the given pytree structure, f traced under
     ``jax.default_matmul_precision(precision)``: a dict with the gradient ("grad"), the fused
-    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("single"). With
+    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("hvp"). With
     ``batched``, f is f(x, batch) and every program takes the batch as its last argument."""
     try:
         per_f, f_ref = _OPERATORS.setdefault(f, {}), weakref.ref(f)
@@ -365,7 +371,7 @@ def _compiled_operator(f, unravel, structure, precision, batched=False):
             "grad": jax.jit(grad_flat),
             "step": jax.jit(lanczos_step, donate_argnums=1),
             "matmat": jax.jit(jax.vmap(hvp, in_axes=(None, 0) + (None,) * batched)),
-            "single": jax.jit(lambda point, V, *batch: hvp(point, V[0], *batch)[None]),
+            "hvp": jax.jit(hvp),
         }
     return per_f[key]
 
