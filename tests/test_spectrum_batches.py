@@ -92,3 +92,21 @@ def test_f_without_a_batch_argument_is_reported():
     _, params, batches, _ = _problem()
     with pytest.raises(ValueError, match=r"f\(x0, batches\[0\]\) could not be traced"):
         hessian_spectrum(lambda p: jnp.sum(p["a"] ** 2), params, batches=batches)
+
+
+def test_batched_equals_one_batch_of_all_the_data_for_the_same_seed():
+    """Same seed, same random draws: trace (Hutch++), per-leaf traces and the SLQ density from the
+    batched operator match those of f on all the data at once, up to float rounding."""
+    f, params, batches, _ = _problem(seed=2)
+    X = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    kw = dict(method="lanczos", top_k=2, trace=True, density=True, num_probes=12, density_runs=4,
+              density_steps=10, probe_batch=4, seed=3)
+    batched = hessian_spectrum(f, params, batches=batches, **kw)
+    whole = hessian_spectrum(lambda p: f(p, (X, y)), params, **kw)
+    np.testing.assert_allclose(batched.eigenvalues, whole.eigenvalues, rtol=1e-4)
+    assert batched.trace == pytest.approx(whole.trace, rel=1e-4)
+    np.testing.assert_allclose(jax.tree.leaves(batched.trace_per_leaf), jax.tree.leaves(whole.trace_per_leaf),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(batched.density_nodes[0], whole.density_nodes[0], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(batched.density[1], whole.density[1], rtol=1e-3, atol=1e-5 * whole.density[1].max())
