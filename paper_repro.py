@@ -93,13 +93,14 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     for m in modules:
         if bar is not None:
             bar.set_postfix_str(f"{m.NAME} {m.TITLE[:40]}")
-        start = time.time()
+        start, steps = time.time(), dict(ctx.steps)
         data = datas[m.NAME] = m.compute(ctx)
         common.write_json(out / f"{m.SLUG}.json", data)
         files[m.NAME] = [str(p.relative_to(out)) for p in m.render(data, ctx)] + [f"{m.SLUG}.json"]
         found = m.claims(data, ctx)
         claims.extend(found)
-        results[m.NAME] = {"seconds": round(time.time() - start, 1), "claims": [c.id for c in found]}
+        results[m.NAME] = {"seconds": round(time.time() - start, 1), "claims": [c.id for c in found],
+                           **{k: ctx.steps[k] - steps[k] for k in ("computed", "loaded")}}
         ctx.log(f"{m.NAME} done in {time.time() - start:.1f} s: {', '.join(files[m.NAME])}")
         ctx.release()  # compiled programs are per module: free them (see Context.loss)
         if bar is not None:

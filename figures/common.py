@@ -169,6 +169,10 @@ class Context:
         self._net = None
         self._losses: dict = {}
         self.timings: dict[str, float] = {}
+        # cached steps of this run: computed now, or loaded from an earlier run's cache (a step
+        # computed earlier in this run and asked for again counts once, as computed)
+        self.steps = {"computed": 0, "loaded": 0}
+        self._computed_now: set[Path] = set()
 
     # data and network ---------------------------------------------------------
     def data(self, seed: int = 0, calib_size: int | None = None):
@@ -276,9 +280,12 @@ class Context:
         full = {"name": name, "config": config, "preset": self.preset.config(), "network": network}
         path = self.cache_dir / f"{name}-{config_hash(full)}.json"
         if path.exists():
+            self.steps["loaded"] += path not in self._computed_now
             return json.loads(path.read_text())
         t0 = time.time()
         value = to_jsonable(compute())
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
         write_json(path, value)
+        self.steps["computed"] += 1
+        self._computed_now.add(path)
         return value

@@ -7,6 +7,7 @@ import os
 import platform
 from pathlib import Path
 
+import figures
 from figures import claims as claim_specs
 from figures.common import write_json, write_text
 
@@ -35,13 +36,19 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx) -> None:
     untested = [cid for cid in claim_specs.CLAIMS if cid not in tested]
     passed = sum(c.passed for c in claims)
     net = ctx.net
+    everything = [m.NAME for m in figures.load_all()]
+    partial = [name for name in everything if name in results] != everything
+    loaded = sum(info["loaded"] for info in results.values())
+    steps = loaded + sum(info["computed"] for info in results.values())
+    provenance = (f" {loaded} of the {steps} cached steps were loaded from an earlier run's `.cache/`, so their "
+                  "compute time is not in this wall time." if loaded else "")
     lines = [
         f"# LAPQ reproduction report — preset `{preset.name}`",
         "",
         f"{preset.model} on {preset.data}, FP32 test accuracy {net.accuracy(ctx.test):.4f}; "
         f"{len(claims)} claims tested, **{passed} PASS, {len(claims) - passed} FAIL**; "
         f"wall time {wall / 60:.1f} min on {os.cpu_count()} CPU core(s) "
-        f"({platform.processor() or platform.machine()}).",
+        f"({platform.processor() or platform.machine()}).{provenance}",
         "",
         "Every threshold was fixed in `figures/claims.py` before the run; a FAIL is reported as measured.",
         "Curvatures: 'STE' is the Hessian of the straight-through surrogate (autodiff), 'FD' the",
@@ -54,10 +61,13 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx) -> None:
     if notes:
         lines += ["## Notes", ""] + [f"* **{c.id}** — {c.note}" for c in notes] + [""]
     if untested:
-        lines += [f"Not tested by this preset: {', '.join(untested)}.", ""]
-    lines += ["## Figures", "", "| figure | seconds | files |", "|---|---|---|"]
+        scope = (f"this run (figures {', '.join(results)} of {', '.join(everything)})" if partial
+                 else "this preset")
+        lines += [f"Not tested by {scope}: {', '.join(untested)}.", ""]
+    lines += ["## Figures", "", "| figure | seconds | cached steps computed / loaded | files |", "|---|---|---|---|"]
     for name, info in results.items():
-        lines.append(f"| {name} | {info['seconds']} | {', '.join(files[name])} |")
+        lines.append(f"| {name} | {info['seconds']} | {info['computed']} / {info['loaded']} | "
+                     f"{', '.join(files[name])} |")
     lines += ["", "## Configuration", "", "```", repr(preset), "```", ""]
     write_text(out / "REPORT.md", "\n".join(lines))
     write_json(out / "report.json", {

@@ -27,6 +27,10 @@ def test_every_figure_writes_png_pdf_and_json(tiny_run):
 
 def test_report_lists_claims_with_verdicts(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
+    # a fresh run computes every step itself (a step reused within the run is not "loaded")
+    assert all(info["loaded"] == 0 for info in report["figures"].values())
+    assert sum(info["computed"] for info in report["figures"].values()) >= 10
+    assert "earlier run" not in (tiny_run / "REPORT.md").read_text()
     ids = [c["id"] for c in report["claims"]]
     assert len(ids) == len(set(ids)) >= 8
     assert all(isinstance(c["passed"], bool) and c["threshold"] and c["ours"] for c in report["claims"])
@@ -64,3 +68,17 @@ def test_cli_list_and_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit, match="data-dir"):
         paper_repro.main(["--preset", "mnist", "--out", str(tmp_path)])
     assert not os.listdir(tmp_path)
+
+
+def test_report_says_what_came_from_the_cache_and_what_was_not_run(tiny_run):
+    """The rerun above (--only F4,T1) loaded every step: its report says so, and names the
+    figures it ran rather than blaming the preset for the claims it did not test."""
+    report = json.loads((tiny_run / "report.json").read_text())
+    if set(report["figures"]) != {"F4", "T1"}:  # test order: make the partial rerun here if needed
+        assert paper_repro.main(["--preset", "tiny", "--out", str(tiny_run), "--no-progress", "--only", "F4,T1"]) == 0
+        report = json.loads((tiny_run / "report.json").read_text())
+    assert all(info["computed"] == 0 and info["loaded"] > 0 for info in report["figures"].values())
+    text = (tiny_run / "REPORT.md").read_text()
+    loaded = sum(info["loaded"] for info in report["figures"].values())
+    assert f"{loaded} of the {loaded} cached steps were loaded from an earlier run" in text
+    assert "Not tested by this run (figures F4, T1 of F1," in text
