@@ -140,6 +140,7 @@ class ClipLoss:
         self._jit_grad = jax.jit(self._traced("grad", jax.grad(self._loss)))
         self._jit_hvp = jax.jit(self._traced("hvp", self._hvp))
         self._jit_predict = jax.jit(self._traced("predict", self._predict))
+        self._jit_logits = jax.jit(self._traced("logits", self._logits))
         self._init_cache: dict = {}
         self._init_programs: dict = {}
 
@@ -366,6 +367,12 @@ class ClipLoss:
                 for i in range(self.n)]
         h = jnp.stack(cols, axis=1) if cols else jnp.zeros((0, 0), jnp.float32)
         return 0.5 * (h + h.T)
+
+    def logits(self, alpha, x) -> jax.Array:
+        """(N, classes) logits of the quantized network at ``alpha`` for images ``x`` (N, ...):
+        the forward pass the loss averages over, in one compiled call."""
+        alpha = self._place(self._check_alpha(alpha))
+        return self._jit_logits(alpha, self._state, jnp.asarray(x, jnp.float32))
 
     def accuracy(self, alpha, split, batch_size: int = 500) -> float:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""

@@ -53,16 +53,19 @@ def record_layers(model, variables, x, names, *, precision: str = "highest"
 
 
 def layer_inputs(model, names, act_specs=None, act_alphas=None):
-    """A jitted ``(variables, x) → {name: the layer's input X}`` for the named layers.
+    """A compiled ``(variables, x) → {name: the layer's input X}`` for the named layers.
 
     With ``act_specs`` ({site: :class:`~landscape.sites.SiteSpec`}) and ``act_alphas`` ({site: α})
     those activation sites are quantized on the way (the inputs the quantized network feeds each
     layer); without, the float network's. Evaluation mode; the caller's matmul precision applies.
     """
     wanted = set(names)
-    act_specs, act_alphas = act_specs or {}, act_alphas or {}
+    act_specs = act_specs or {}
+    # α and widths enter as arguments, as in ClipLoss (see landscape.sites.quantizing)
+    alphas = {k: jnp.asarray(v, jnp.float32) for k, v in (act_alphas or {}).items()}
+    widths = sites.traced_widths(act_specs)
 
-    def run(variables, x):
+    def run(variables, x, act_alphas, widths):
         store = {}
 
         def record(module, inputs, kernel, gemm):
@@ -71,14 +74,15 @@ def layer_inputs(model, names, act_specs=None, act_alphas=None):
                 store[name] = inputs
             return gemm(inputs, kernel)
 
-        with qlayers.gemm_hook(record), sites.quantizing(act_specs, act_alphas):
+        with qlayers.gemm_hook(record), sites.quantizing(act_specs, act_alphas, widths):
             model.apply(variables, x, train=False)
         missing = wanted - set(store)
         if missing:
             raise ValueError(f"layers {sorted(missing)} were not called by the model")
         return store
 
-    return jax.jit(run)
+    jitted = jax.jit(run)
+    return lambda variables, x: jitted(variables, x, alphas, widths)
 
 
 def layer_mse(gemm, x, y, w, b=0.0, chunk: int = 256) -> float:

@@ -352,13 +352,23 @@ def quantizing(specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
     ``alphas[name]`` is a scalar, or (C,) for a per-channel weight site. Sites absent from
     ``specs`` stay FP32. ``bits`` optionally overrides ``spec.bits`` per site with (traced)
     values, so one compiled program serves every bit width.
+
+    To reproduce a ClipLoss's forward pass to the last bit, pass α and the widths as traced
+    float32 values as it does (:func:`traced_widths`): with constants, XLA folds and rewrites
+    the quantizer's arithmetic (Δ = α/(2^M − 1), x/Δ), and a last-bit difference before a
+    rounding moves a value one level.
     """
     return _active(_Quantizer(specs, alphas, bits))
 
 
+def traced_widths(specs: Mapping[str, SiteSpec]) -> dict[str, jax.Array]:
+    """Site → its bit width as a float32 array, the form ClipLoss passes to :func:`quantizing`."""
+    return {name: jnp.asarray(spec.bits, jnp.float32) for name, spec in specs.items()}
+
+
 class _WeightRecorder(_Quantizer):
-    def __init__(self, specs, alphas):
-        super().__init__(specs, alphas, None)
+    def __init__(self, specs, alphas, bits=None):
+        super().__init__(specs, alphas, bits)
         self.values: dict[str, tuple] = {}
 
     def _seen_weight(self, name, w_hat, shift):
@@ -368,18 +378,19 @@ class _WeightRecorder(_Quantizer):
 
 
 def quantized_weights(apply_fn: Callable, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
-                      *args) -> dict[str, tuple[jax.Array, jax.Array]]:
+                      *args, bits: Mapping[str, jax.Array] | None = None) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Weight site → (Q(W) on the grid, bias-correction shift) as a jitted quantized pass of
     ``apply_fn(*args)`` computes them (the values the network uses are Q(W) − shift; the shift
-    has W's rank, size 1 on every axis but the last, and is zero without bias correction)."""
+    has W's rank, size 1 on every axis but the last, and is zero without bias correction).
+    ``bits`` as in :func:`quantizing` (traced widths, as ClipLoss passes them)."""
 
-    def run(alphas, *a):
-        rec = _WeightRecorder(specs, alphas)
+    def run(alphas, bits, *a):
+        rec = _WeightRecorder(specs, alphas, bits)
         with _active(rec):
             apply_fn(*a)
         return rec.values
 
-    return jax.jit(run)(alphas, *args)
+    return jax.jit(run)(alphas, bits, *args)
 
 
 # --------------------------------------------------------------------------- calibrating
