@@ -106,7 +106,7 @@ def main(argv=None) -> int:
              f"{100 * fp32:.2f} %). BN folded, {granularity} α, first and last layers FP32, 512 calibration "
              f"images for α, {NUM_IMAGES} of them for the rounding (inputs from the network rounded so far). "
              f"GPTQ: 1 % damping, act-order; \"GPTQ, float inputs\" is GPTQ as published, from the float "
-             "network's inputs. AdaRound: {args.iterations} full-batch Adam steps per layer, "
+             f"network's inputs. AdaRound: {args.iterations} full-batch Adam steps per layer, "
              "lr 1e-2, λ = 0.01. 10,000 test images. Output MSE: the per-layer reconstruction error summed "
              "over the layers, of round-to-nearest → the rule's rounding (each layer's inputs come from the "
              "network that rule rounded so far, so the nearest figure differs between the rules); flipped: "
