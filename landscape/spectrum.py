@@ -251,7 +251,7 @@ class _HVP:
         self._programs = programs
         # The terms of H = Σ_b w_b H_b: (w_b, the extra arguments of f); one term without batches.
         self._terms = [(None, ())] if batches is None else [(w, (b,)) for w, b in batches]
-        stored = sum(_residual_bytes(programs, x, args) for _, args in self._terms)
+        stored = sum(_residual_bytes(programs, x, args) for _, args in self._terms) if mode != "recompute" else None
         if mode == "auto":
             mode = "linearize" if stored <= LINEARIZE_MAX_BYTES else "recompute"
         self.mode = mode
