@@ -13,7 +13,7 @@ damped objective is
 network's inputs (``inputs="float"``) B = G W, so W* = W and this is GPTQ as published. With
 inputs from the network rounded so far (the default, as in AdaRound), W* also corrects the
 error the earlier layers and the activation quantizers left in the inputs: on the MNIST resnet20
-(``bench/rounding.py``) that is 99.11 % against 89.54 % at W2A4, 98.99 % against 85.02 % at W3A3,
+(``bench/rounding.py``) that is 99.18 % against 89.53 % at W2A4, 98.95 % against 85.02 % at W3A3,
 and 99.44 % against 98.96 % at W2 with FP32 activations.
 
 The K input rows of the kernel (K = fan-in, W as (K, C)) are rounded in turn. Rounding row k to
