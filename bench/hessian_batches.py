@@ -6,16 +6,17 @@ eval mode on both sides, mean cross-entropy, float32, the Hessian with respect t
 trainable parameters), but over ``--batches`` (4) batches of ``--n`` (128) images: H is the Hessian
 of the mean loss over all the images, Σ_b (n_b / N) H_b.
 
-PyHessian: ``hessian(model, criterion, dataloader=..., cuda=False).eigenvalues(maxIter=100,
-tol=1e-3)``; every power-iteration step runs, for each batch, a forward pass, a backward pass with
-create_graph and the double backward. Ours: ``hessian_spectrum(f, params, batches=[...], top_k=1,
-trace=False, tol=1e-3, tol_on="eigenvalue")`` with f(params, (x, y)) the batch's mean loss; each
-Lanczos step runs one HVP per batch, with ``hvp="auto"`` (here "recompute": the four
-linearizations would store more than ``LINEARIZE_MAX_BYTES``) and with ``hvp="linearize"`` (the
-gradient of each batch linearized once, then only tangent passes). "cold" includes compilation (a
-new function, ``jax.clear_caches()`` first), "warm" is the same call again with another seed.
-HVP counts are full-data products (each is one product per batch). The two answers must agree
-within 1%, and both are compared with a tight reference (ours at tol 1e-6, not timed).
+PyHessian: ``hessian(model, criterion, dataloader=...).eigenvalues(maxIter=100, tol=1e-3)`` (on
+CUDA when JAX runs on a GPU, both sides in full float32); every power-iteration step runs, for each
+batch, a forward pass, a backward pass with create_graph and the double backward. Ours:
+``hessian_spectrum(f, params, batches=[...], top_k=1, trace=False, tol=1e-3, tol_on="eigenvalue")``
+with f(params, (x, y)) the batch's mean loss; each Lanczos step runs one HVP per batch, with
+``hvp="auto"`` (here "recompute": the four linearizations would store more than
+``LINEARIZE_MAX_BYTES``) and with ``hvp="linearize"`` (the gradient of each batch linearized once,
+then only tangent passes). "cold" includes compilation (a new function, ``jax.clear_caches()``
+first), "warm" is the same call again with another seed. HVP counts are full-data products (each is
+one product per batch). The two answers must agree within 1%, and both are compared with a tight
+reference (ours at tol 1e-6, not timed).
 
     python bench/hessian_batches.py [--batches 4] [--n 128] [--seed 0] [--skip-reference]
 """
@@ -126,11 +127,18 @@ def main(argv=None) -> int:
     from torch_models import from_flax, nchw
 
     torch.set_num_threads(args.threads or cpu_threads())
-    twin = from_flax(net.model, net.variables)
+    # On a GPU, PyHessian runs on CUDA too, in full float32 as ours (TF32 off)
+    cuda = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    if cuda:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    where = "cuda" if cuda else "cpu"
+    twin = from_flax(net.model, net.variables).to(where)
     loader = [(nchw(np.asarray(bx)), torch.from_numpy(np.asarray(by).astype(np.int64))) for bx, by in batches]
+    print(f"  torch {torch.__version__} on {where}, PyHessian 0.1 (dataloader mode)")
     with warnings.catch_warnings(), Clock() as setup:
         warnings.simplefilter("ignore", UserWarning)  # create_graph's reference-cycle warning
-        h = module.hessian(twin, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=False)
+        h = module.hessian(twin, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=cuda)
     # Its dataloader mode calls torch.autograd.grad itself: count the full-data products.
     products = []
     full_data_product = h.dataloader_hv_product
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
         print(f"  relative error vs the tight reference ({reference:.7g}): ours {err:.1e}, PyHessian {err_p:.1e}")
     for hvp, (cold, warm, _) in ours.items():
         for label, clock in (("cold", cold), ("warm", warm)):
-            print(f"  ratio PyHessian/ours hvp={hvp!r} {label:<12} wall {theirs.wall / clock.wall:6.2f}x  "
+            print(f"  ratio PyHessian/ours {f'hvp={hvp!r} {label}':<22} wall {theirs.wall / clock.wall:6.2f}x  "
                   f"cpu {theirs.cpu / clock.cpu:6.2f}x")
     return 0
 
