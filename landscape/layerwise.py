@@ -34,22 +34,11 @@ def record_layers(model, variables, x, names, *, precision: str = "highest"
     ``precision`` is the pass's matmul/convolution precision ("highest": true float32).
     """
     runtime.check_precision(precision, "record_layers")
-    wanted = set(names)
     store: dict[str, tuple] = {}
-
-    def record(module, inputs, kernel, gemm):
-        y = gemm(inputs, kernel)
-        name = "/".join(module.path)
-        if name in wanted and name not in store:
-            store[name] = (inputs, y, gemm)
-        return y
-
-    with qlayers.gemm_hook(record), jax.default_matmul_precision(precision):
+    with qlayers.gemm_hook(_recorder(names, store, lambda x, y, gemm: (x, y, gemm))), \
+            jax.default_matmul_precision(precision):
         model.apply(variables, jnp.asarray(x), train=False)
-    missing = wanted - set(store)
-    if missing:
-        raise ValueError(f"layers {sorted(missing)} were not called by the model")
-    return store
+    return _all_called(names, store)
 
 
 def layer_inputs(model, names, act_specs=None, act_alphas=None):
@@ -59,7 +48,6 @@ def layer_inputs(model, names, act_specs=None, act_alphas=None):
     those activation sites are quantized on the way (the inputs the quantized network feeds each
     layer); without, the float network's. Evaluation mode; the caller's matmul precision applies.
     """
-    wanted = set(names)
     act_specs = act_specs or {}
     # α and widths enter as arguments, as in ClipLoss (see landscape.sites.quantizing)
     alphas = {k: jnp.asarray(v, jnp.float32) for k, v in (act_alphas or {}).items()}
@@ -67,22 +55,36 @@ def layer_inputs(model, names, act_specs=None, act_alphas=None):
 
     def run(variables, x, act_alphas, widths):
         store = {}
-
-        def record(module, inputs, kernel, gemm):
-            name = "/".join(module.path)
-            if name in wanted and name not in store:
-                store[name] = inputs
-            return gemm(inputs, kernel)
-
-        with qlayers.gemm_hook(record), sites.quantizing(act_specs, act_alphas, widths):
+        with qlayers.gemm_hook(_recorder(names, store, lambda x, y, gemm: x)), \
+                sites.quantizing(act_specs, act_alphas, widths):
             model.apply(variables, x, train=False)
-        missing = wanted - set(store)
-        if missing:
-            raise ValueError(f"layers {sorted(missing)} were not called by the model")
-        return store
+        return _all_called(names, store)
 
     jitted = jax.jit(run)
     return lambda variables, x: jitted(variables, x, alphas, widths)
+
+
+def _recorder(names, store, entry):
+    """A GEMM hook that stores ``entry(X, Y, gemm)`` under the name of each wanted layer at its
+    first call (the layer's output Y is computed as usual)."""
+    wanted = set(names)
+
+    def record(module, inputs, kernel, gemm):
+        y = gemm(inputs, kernel)
+        name = "/".join(module.path)
+        if name in wanted and name not in store:
+            store[name] = entry(inputs, y, gemm)
+        return y
+
+    return record
+
+
+def _all_called(names, store):
+    """``store``, after checking that every named layer was recorded."""
+    missing = set(names) - set(store)
+    if missing:
+        raise ValueError(f"layers {sorted(missing)} were not called by the model")
+    return store
 
 
 def layer_mse(gemm, x, y, w, b=0.0, chunk: int = 256) -> float:

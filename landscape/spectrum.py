@@ -251,6 +251,7 @@ class _HVP:
         self._programs = programs
         # The terms of H = Σ_b w_b H_b: (w_b, the extra arguments of f); one term without batches.
         self._terms = [(None, ())] if batches is None else [(w, (b,)) for w, b in batches]
+        self._batched = batches is not None
         stored = sum(_residual_bytes(programs, x, args) for _, args in self._terms) if mode != "recompute" else None
         if mode == "auto":
             mode = "linearize" if stored <= LINEARIZE_MAX_BYTES else "recompute"
@@ -264,7 +265,7 @@ class _HVP:
 
     def _combine(self, parts):
         """Σ_b w_b parts[b] (parts[0] itself without batches), on the device."""
-        if self._terms[0][0] is None:
+        if not self._batched:
             return parts[0]
         total = _scale(self._terms[0][0], parts[0])
         for (w, _), part in zip(self._terms[1:], parts[1:], strict=True):
@@ -293,7 +294,7 @@ class _HVP:
     def lanczos_step(self, Q, q, j, task="lanczos"):
         """(Q, h, β, q_{j+1}) after one step from q = row j of Q; see :func:`_extend_core`."""
         self.counts[task] = self.counts.get(task, 0) + 1
-        if self._lins is None and self._terms[0][0] is None:
+        if self._lins is None and not self._batched:
             return self._programs["step"](self._x, Q, q, j)  # the HVP and its reorthogonalisation fused
         return _extend(Q, self._hvp(q), j)
 
