@@ -441,31 +441,72 @@ class ClipLoss:
         Quantized at the fixed clipping vector ``alpha`` (straight-through in the weights),
         or FP32 with ``alpha=None``. For weight-space analyses such as
         ``landscape.hessian_spectrum(loss.weight_loss(alpha), net.variables["params"])``;
-        the calibration batches and the other collections (BN statistics) are closed over.
+        the calibration batches and the other collections (BN statistics) are closed over,
+        so one call differentiates through all of them at once: its memory grows with the
+        calibration set. :meth:`weight_loss_batches` takes one batch at a time.
         """
-        fixed = None if alpha is None else self._check_alpha(alpha)
-        others = {k: v for k, v in self.variables.items() if k != "params"}
+        batch_sum = self._weight_batch_sum(alpha)
         xb, yb, wb = self._x, self._y, self._w
-        specs = self._layout.specs if fixed is not None else {}
-        alphas = self._layout.unflatten(fixed) if fixed is not None else {}
-        model, precision = self.model, self.precision
+        precision = self.precision
 
         def f(params):
             with jax.default_matmul_precision(precision):
-                return _mean_loss(params)
-
-        def _mean_loss(params):
-            def batch_sum(args):
-                x, y, w = args
-                with sites.quantizing(specs, alphas):
-                    logits = model.apply({"params": params, **others}, x, train=False)
-                return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w)
-
-            if xb.shape[0] == 1:
-                return batch_sum((xb[0], yb[0], wb[0])) / jnp.sum(wb)
-            return jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb))) / jnp.sum(wb)
+                if xb.shape[0] == 1:
+                    return batch_sum(params, xb[0], yb[0], wb[0]) / jnp.sum(wb)
+                sums = jax.lax.map(lambda args: batch_sum(params, *args), (xb, yb, wb))
+                return jnp.sum(sums) / jnp.sum(wb)
 
         return f
+
+    def weight_loss_batches(self, alpha=None, batch_size: int | None = None):
+        """``(f, batches)``: :meth:`weight_loss` one calibration batch at a time.
+
+        ``f(params, batch)`` is the mean cross-entropy over ``batch = {"x": (b, ...), "y": (b,)}``
+        and ``batches`` splits the calibration set in order into batches of ``batch_size``
+        examples (default: this loss's ``batch_size``), the last one possibly smaller. Since
+        ``hessian_spectrum(f, params, batches=batches)`` weights batch b by n_b / N, it computes
+        the Hessian of the same loss as ``weight_loss(alpha)`` with the memory of one batch (a
+        smaller last batch compiles its own programs once). The batches are placed on the
+        devices once, split over them where the batch size allows.
+        """
+        n = self.n_calib
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (at most the "
+                             f"{n} calibration examples)")
+        batch_sum = self._weight_batch_sum(alpha)
+        precision = self.precision
+
+        def f(params, batch):
+            x, y = batch["x"], batch["y"]
+            with jax.default_matmul_precision(precision):
+                return batch_sum(params, x, y, jnp.ones(y.shape, jnp.float32)) / y.shape[0]
+
+        x, y = self._calib_host
+        nd = self.mesh.devices.size
+        batches = []
+        for start in range(0, n, int(batch_size)):
+            xs, ys = x[start:start + batch_size], y[start:start + batch_size]
+            where = (NamedSharding(self.mesh, P("data")) if len(ys) % nd == 0
+                     else NamedSharding(self.mesh, P()))
+            batches.append({"x": jax.device_put(xs, where), "y": jax.device_put(ys, where)})
+        return f, batches
+
+    def _weight_batch_sum(self, alpha):
+        """(params, x, y, w) → Σ_i w_i · CE_i over one batch, quantized at the fixed ``alpha``
+        (or FP32 with ``alpha=None``), the other collections of the network closed over."""
+        fixed = None if alpha is None else self._check_alpha(alpha)
+        others = {k: v for k, v in self.variables.items() if k != "params"}
+        specs = self._layout.specs if fixed is not None else {}
+        alphas = self._layout.unflatten(fixed) if fixed is not None else {}
+        model = self.model
+
+        def batch_sum(params, x, y, w):
+            with sites.quantizing(specs, alphas):
+                logits = model.apply({"params": params, **others}, x, train=False)
+            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w)
+
+        return batch_sum
 
     @property
     def precision(self) -> str:

@@ -249,6 +249,10 @@ def test_sharded_calibration_matches_single_device(tmp_path):
         out = dict(devices=len(jax.devices()), loss=float(loss(a)), batch=np.asarray(loss.batch(
             np.stack([a, a * 1.1]))).tolist(), grad=np.asarray(loss.grad(a)).tolist(),
             alpha=np.asarray(a).tolist(), mse=np.asarray(loss.init("mse")).tolist())
+        f, batches = loss.weight_loss_batches(a, batch_size=24)  # 24, 24, 16: each splits over 4
+        out["weight_batches"] = sum(len(b["y"]) / 64 * float(f(loss.variables["params"], b)) for b in batches)
+        out["weight_full"] = float(loss.weight_loss(a)(loss.variables["params"]))
+        out["shards"] = [len(b["x"].sharding.device_set) for b in batches]
         print(json.dumps(out))
     """)
     env = dict(os.environ, LANDSCAPE_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
@@ -269,6 +273,10 @@ def test_sharded_calibration_matches_single_device(tmp_path):
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
     np.testing.assert_allclose(four["batch"], one["batch"], rtol=1e-5)
     np.testing.assert_allclose(four["grad"], one["grad"], rtol=1e-4, atol=1e-6)
+    assert one["shards"] == [1, 1, 1] and four["shards"] == [4, 4, 4]
+    for run in (one, four):
+        assert run["weight_batches"] == pytest.approx(run["weight_full"], rel=1e-5)
+    assert four["weight_batches"] == pytest.approx(one["weight_batches"], rel=1e-5)
 
 
 def _product_precisions(jaxpr):
@@ -304,3 +312,34 @@ def test_products_run_at_the_requested_precision(tiny_net, digits):
             else:
                 assert not any(p == highest for p in found), (fn, set(found))
         assert loss.with_options(w_bits=2).precision == precision
+
+
+def test_weight_loss_batches_are_the_weight_loss_one_batch_at_a_time(tiny_net, digits):
+    """Batches of 100, 100 and 56 (padding only inside ClipLoss): weighted by n_b / N they give
+    weight_loss's value and gradient (FP32 and quantized) and its top Hessian eigenvalue."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, batch_size=100)
+    params = loss.variables["params"]
+    for alpha in (None, loss.init("max")):
+        full = loss.weight_loss(alpha)
+        f, batches = loss.weight_loss_batches(alpha)
+        sizes = [len(b["y"]) for b in batches]
+        assert sizes == [100, 100, 56]
+        np.testing.assert_array_equal(np.concatenate([np.asarray(b["y"]) for b in batches]), digits.calib.y)
+
+        def mean(p, f=f, batches=batches, sizes=sizes):
+            return sum(n / sum(sizes) * f(p, b) for n, b in zip(sizes, batches, strict=True))
+
+        (v, g), (w, h) = (jax.jit(jax.value_and_grad(fn))(params) for fn in (mean, full))
+        assert float(v) == pytest.approx(float(w), rel=1e-5)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(h), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The last (quantized) pair: the Hessian spectrum over the batches.
+    one = ls.hessian_spectrum(full, params, top_k=1, trace=False, method="lanczos", tol=1e-5)
+    many = ls.hessian_spectrum(f, params, top_k=1, trace=False, method="lanczos", tol=1e-5, batches=batches)
+    assert many.info["batches"] == 3
+    np.testing.assert_allclose(many.eigenvalues, one.eigenvalues, rtol=1e-4)
+    f, batches = loss.weight_loss_batches(batch_size=1000)
+    assert len(batches) == 1 and len(batches[0]["y"]) == 256
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
+            loss.weight_loss_batches(batch_size=bad)
