@@ -9,11 +9,14 @@ candidate kernel W̃ (and bias shift Δb),
     MSE(W̃, Δb) = mean over (rows, outputs) of ( X ⊛ W̃ + Δb − Y )².
 
 A new layer-wise rule records with :func:`record_layers` or :func:`layer_inputs` and scores its
-candidates with :func:`layer_mse`. A layer applied more than once is recorded at its first
-application.
+candidates with :func:`layer_mse`. A layer applied more than once (shared weights) is recorded
+at its first application, with a warning naming it: the rules then reconstruct that application
+only.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +38,11 @@ def record_layers(model, variables, x, names, *, precision: str = "highest"
     """
     runtime.check_precision(precision, "record_layers")
     store: dict[str, tuple] = {}
-    with qlayers.gemm_hook(_recorder(names, store, lambda x, y, gemm: (x, y, gemm))), \
+    calls: dict[str, int] = {}
+    with qlayers.gemm_hook(_recorder(names, store, calls, lambda x, y, gemm: (x, y, gemm))), \
             jax.default_matmul_precision(precision):
         model.apply(variables, jnp.asarray(x), train=False)
-    return _all_called(names, store)
+    return _all_called(names, store, calls)
 
 
 def layer_inputs(model, names, act_specs=None, act_alphas=None):
@@ -53,37 +57,45 @@ def layer_inputs(model, names, act_specs=None, act_alphas=None):
     alphas = {k: jnp.asarray(v, jnp.float32) for k, v in (act_alphas or {}).items()}
     widths = sites.traced_widths(act_specs)
 
-    def run(variables, x, act_alphas, widths):
-        store = {}
-        with qlayers.gemm_hook(_recorder(names, store, lambda x, y, gemm: x)), \
+    def run(variables, x, act_alphas, widths):  # the checks run once, when jit traces it
+        store, calls = {}, {}
+        with qlayers.gemm_hook(_recorder(names, store, calls, lambda x, y, gemm: x)), \
                 sites.quantizing(act_specs, act_alphas, widths):
             model.apply(variables, x, train=False)
-        return _all_called(names, store)
+        return _all_called(names, store, calls)
 
     jitted = jax.jit(run)
     return lambda variables, x: jitted(variables, x, alphas, widths)
 
 
-def _recorder(names, store, entry):
+def _recorder(names, store, calls, entry):
     """A GEMM hook that stores ``entry(X, Y, gemm)`` under the name of each wanted layer at its
-    first call (the layer's output Y is computed as usual)."""
+    first call and counts its calls in ``calls`` (the layer's output Y is computed as usual)."""
     wanted = set(names)
 
     def record(module, inputs, kernel, gemm):
         y = gemm(inputs, kernel)
         name = "/".join(module.path)
-        if name in wanted and name not in store:
-            store[name] = entry(inputs, y, gemm)
+        if name in wanted:
+            calls[name] = calls.get(name, 0) + 1
+            if name not in store:
+                store[name] = entry(inputs, y, gemm)
         return y
 
     return record
 
 
-def _all_called(names, store):
-    """``store``, after checking that every named layer was recorded."""
+def _all_called(names, store, calls):
+    """``store``, after checking that every named layer was recorded; warns about any layer
+    applied more than once."""
     missing = set(names) - set(store)
     if missing:
         raise ValueError(f"layers {sorted(missing)} were not called by the model")
+    shared = {name: n for name, n in calls.items() if n > 1}
+    if shared:
+        warnings.warn(f"layers applied more than once (calls per layer: {shared}) are recorded at their first "
+                      "application only; a rounding or pruning rule reconstructs that application's output",
+                      stacklevel=3)
     return store
 
 

@@ -160,7 +160,7 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
         num_images: calibration images recorded (the first ``num_images`` of the loss's set).
         inputs: "quantized" (each layer's input from the network rounded so far, activations
             quantized at α) or "float" (the float network's inputs). A layer applied more than
-            once is fitted on its first application.
+            once is fitted on its first application, with a warning naming it.
 
     Returns:
         :class:`RoundingResult`; ``result.network.accuracy(data.test)`` evaluates it.

@@ -58,3 +58,30 @@ def test_unknown_layers_are_named_in_the_error(tiny_net, digits):
         layerwise.record_layers(tiny_net.model, tiny_net.variables, x, ["conv0_0", "nope"])
     with pytest.raises(ValueError, match=r"\['nope'\] were not called"):
         layerwise.layer_inputs(tiny_net.model, ["nope"])(tiny_net.variables, jnp.asarray(x))
+
+
+def test_a_layer_applied_twice_is_named_in_a_warning():
+    import flax.linen as nn
+    import jax
+
+    from landscape.layers import QuantDense
+
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            dense = QuantDense(4, name="shared")
+            return QuantDense(2, name="head")(dense(jnp.tanh(dense(x))))
+
+    model = Shared()
+    x = np.ones((3, 4), np.float32)
+    variables = model.init(jax.random.key(0), x)
+    with pytest.warns(UserWarning, match=r"\{'shared': 2\}\) are recorded at their first application"):
+        io = layerwise.record_layers(model, variables, x, ["shared", "head"])
+    np.testing.assert_array_equal(np.asarray(io["shared"][0]), x)  # the first application's input
+    with pytest.warns(UserWarning, match=r"\{'shared': 2\}"):
+        layerwise.layer_inputs(model, ["shared"])(variables, jnp.asarray(x))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layer applied once is no warning
+        layerwise.record_layers(model, variables, x, ["head"])
