@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from landscape import calibration, folding, quantizers, runtime, sites
-from landscape.data import Split
+from landscape.data import Split, as_arrays
 
 _MEMORY_BUDGET = 2 * 1024**3  # bytes of activations one vmapped chunk may hold
 
@@ -113,11 +113,7 @@ class ClipLoss:
         runtime.check_precision(precision, "ClipLoss")
         self.net = net
         self.model = net.model
-        x, y = (calib.x, calib.y) if isinstance(calib, Split) else calib
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-        if x.ndim < 2 or len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"calibration data must be non-empty with matching lengths; got x {x.shape}, "
-                             f"y {y.shape}")
+        x, y = as_arrays(calib, "calib")
         quantizers.check_grid(weight_grid, "ClipLoss weight_grid")
         w_bits, a_bits = _checked_bits(w_bits), _checked_bits(a_bits)
         self.options = dict(w_bits=w_bits, a_bits=a_bits, quantize_first_last=quantize_first_last,
@@ -377,8 +373,7 @@ class ClipLoss:
     def accuracy(self, alpha, split, batch_size: int = 500) -> float:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
         alpha = self._place(self._check_alpha(alpha))
-        x, y = (split.x, split.y) if isinstance(split, Split) else split
-        x, y = np.asarray(x, np.float32), np.asarray(y)
+        x, y = as_arrays(split)
         bs = min(batch_size, len(x))
         correct = 0
         for start in range(0, len(x), bs):

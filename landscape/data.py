@@ -57,6 +57,25 @@ class Split:
         return Split(self.x[idx], self.y[idx])
 
 
+def as_arrays(split, what: str = "split") -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as float32 images and int32 labels from a :class:`Split` or an ``(x, y)`` pair,
+    checking that both are non-empty arrays of one length; ``what`` names the argument in errors."""
+    if isinstance(split, Split):
+        x, y = split.x, split.y
+    elif isinstance(split, (tuple, list)) and len(split) == 2:
+        x, y = split
+    else:
+        raise ValueError(f"{what} must be a landscape.data.Split or an (x, y) pair of arrays, got "
+                         f"{type(split).__name__} {split!r:.60}")
+    x, y = np.asarray(x, np.float32), np.asarray(y)
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"{what} needs images x (N, ...) and labels y (N,) with the same N >= 1; got x "
+                         f"{x.shape}, y {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: labels y must be integers, got dtype {y.dtype}")
+    return x, y.astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A dataset's splits. ``calib`` ⊂ ``train`` (a seeded sample); ``test`` is disjoint."""

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from landscape import quantizers, runtime, sites, train
+from landscape import data, quantizers, runtime, sites, train
 
 __all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
 
@@ -118,8 +118,8 @@ class QuantizedNetwork:
 
     def accuracy(self, split, batch_size: int = 500) -> float:
         """Top-1 accuracy on a :class:`~landscape.data.Split` (or an (x, y) pair)."""
-        x, y = (split.x, split.y) if hasattr(split, "x") else split
-        return float(np.mean(train.predict(self, np.asarray(x, np.float32), batch_size) == np.asarray(y)))
+        x, y = data.as_arrays(split)
+        return float(np.mean(train.predict(self, x, batch_size) == y))
 
     @functools.cached_property
     def _forward(self):
@@ -242,9 +242,9 @@ def load(model, path: str) -> QuantizedNetwork:
     if meta["model"] != repr(model):
         raise ValueError(f"{path} was saved for the model\n{meta['model']}\nnot\n{model!r}")
     table = {n: SiteQuantization.from_json(d) for n, d in meta["sites"].items()}
-    with np.load(path + ".npz", allow_pickle=False) as data:
-        codes = {k[len("code/"):]: data[k] for k in data.files if k.startswith("code/")}
-        flat = {tuple(k[len("var/"):].split("/")): data[k] for k in data.files if k.startswith("var/")}
+    with np.load(path + ".npz", allow_pickle=False) as archive:
+        codes = {k[len("code/"):]: archive[k] for k in archive.files if k.startswith("code/")}
+        flat = {tuple(k[len("var/"):].split("/")): archive[k] for k in archive.files if k.startswith("var/")}
     # files written before the precision was stored were evaluated at the default, "highest"
     precision = runtime.check_precision(meta.get("precision", "highest"), f"{path}.json")
     qnet = QuantizedNetwork(model, {}, table, codes, precision)

@@ -102,8 +102,10 @@ class Network:
         return _eval_fn(self.model, self.recipe, hook_phase)(self.variables, jnp.asarray(x))
 
     def accuracy(self, split: data_lib.Split, batch_size: int = 1000) -> float:
-        """Top-1 accuracy on a split, in fixed-size (padded) batches: one compilation."""
-        return float(np.mean(predict(self, split.x, batch_size) == split.y))
+        """Top-1 accuracy on a split (or an (x, y) pair), in fixed-size (padded) batches: one
+        compilation."""
+        x, y = data_lib.as_arrays(split)
+        return float(np.mean(predict(self, x, batch_size) == y))
 
     def __repr__(self) -> str:
         acc = self.history[-1].get("test_acc") if self.history else None

@@ -116,3 +116,28 @@ def test_read_json_resumes_a_store_or_starts_from_a_fresh_default(tmp_path):
     (tmp_path / "broken.json").write_text('{"runs": {')
     with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
         ls.runtime.read_json(str(tmp_path / "broken.json"), default)
+
+
+def test_splits_and_pairs_are_accepted_and_anything_else_is_named(digits, tiny_net):
+    x, y = ls.data.as_arrays(digits.test)
+    assert x.dtype == np.float32 and y.dtype == np.int32 and len(x) == len(y) == len(digits.test)
+    x2, y2 = ls.data.as_arrays((digits.test.x.astype(np.float64), digits.test.y.astype(np.int64)))
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(y2, y)
+    bad = [("test", r"split must be a landscape.data.Split or an \(x, y\) pair of arrays, got str 'test'"),
+           ((digits.test.x, digits.test.y[:5]), r"same N >= 1; got x \(\d+, 8, 8, 1\), y \(5,\)"),
+           ((digits.test.x[:0], digits.test.y[:0]), r"same N >= 1"),
+           ((digits.test.x, digits.test.y + 0.5), r"labels y must be integers, got dtype float64")]
+    for value, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ls.data.as_arrays(value)
+    # the public entry points that take a split say so too
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=None)
+    alpha = loss.init("max")
+    for call in (lambda: loss.accuracy(alpha, "test"), lambda: tiny_net.accuracy("test"),
+                 lambda: ls.export.quantize_network(loss, alpha).accuracy("test")):
+        with pytest.raises(ValueError, match="split must be a landscape.data.Split"):
+            call()
+    with pytest.raises(ValueError, match="calib must be a landscape.data.Split"):
+        ls.ClipLoss(tiny_net, digits.calib.x, w_bits=4, a_bits=4)
+    assert loss.accuracy(alpha, (digits.test.x, digits.test.y)) == loss.accuracy(alpha, digits.test)
