@@ -118,6 +118,8 @@ def calibration_index(n_train: int, calib_size: int, seed: int) -> np.ndarray:
     if not isinstance(calib_size, int | np.integer) or not 1 <= calib_size <= n_train:
         raise ValueError(f"calib_size={calib_size!r} must be an integer in [1, {n_train}] "
                          "(the size of the training split)")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xCA11B]))
     return np.sort(rng.choice(n_train, size=int(calib_size), replace=False))
 

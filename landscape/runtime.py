@@ -21,7 +21,9 @@ from landscape.data import cache_dir
 
 def enable_compilation_cache(path: str | None = None) -> str:
     """Store compiled XLA programs under ``path`` (default ``$LANDSCAPE_CACHE/xla``)."""
-    path = path or os.path.join(cache_dir(), "xla")
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise ValueError(f"path={path!r} must be a directory path (str or os.PathLike) or None")
+    path = os.fspath(path) if path else os.path.join(cache_dir(), "xla")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -289,7 +289,7 @@ def separability_index(
     declared = _declared_size(loss)
     if declared is not None and declared != n:
         raise ValueError(f"lo/hi have {n} entries but the loss has n = {declared} sites")
-    counts = (("n_samples", n_samples, 2), ("n_repeats", n_repeats, 1), ("batch", batch, 1))
+    counts = (("n_samples", n_samples, 2), ("n_repeats", n_repeats, 1), ("batch", batch, 1), ("seed", seed, 0))
     for name, value, minimum in counts:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

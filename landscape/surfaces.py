@@ -111,7 +111,11 @@ def loss_line(loss, start, direction, *, t=None, num: int = 51) -> Line:
     if start.shape != (loss.n,) or direction.shape != (loss.n,):
         raise ValueError(f"start and direction must have shape ({loss.n},); got {start.shape}, "
                          f"{direction.shape}")
+    if t is None and (not isinstance(num, int) or num < 2):
+        raise ValueError(f"num={num!r} must be an integer >= 2")
     ts = np.linspace(-0.2, 0.5, num) if t is None else np.asarray(t, np.float64)
+    if ts.ndim != 1 or ts.size == 0 or not np.all(np.isfinite(ts)):
+        raise ValueError(f"t must be a non-empty 1-D array of finite steps, got shape {ts.shape}")
     points = start[None] + ts[:, None] * direction[None]
     values = np.asarray(loss.batch(points.astype(np.float32)), np.float64)
     return Line(ts, values, points)

@@ -94,6 +94,11 @@ def test_loss_surface_and_line_on_quadratic():
         loss_surface(q, np.ones(2), sites=(0,))
     with pytest.raises(ValueError, match="unknown site"):
         loss_surface(q, np.ones(2), sites=(0, "zz"))
+    with pytest.raises(ValueError, match="num=1 must be an integer >= 2"):
+        loss_line(q, np.ones(2), np.ones(2), num=1)
+    for t in ([], [[0.0, 1.0]], [0.0, np.nan]):
+        with pytest.raises(ValueError, match="t must be a non-empty 1-D array of finite steps"):
+            loss_line(q, np.ones(2), np.ones(2), t=np.asarray(t))
 
 
 def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):

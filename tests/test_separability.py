@@ -148,6 +148,9 @@ def test_bad_sampling_inputs():
         separability_index(loss, np.zeros(3), np.array([1.0, np.inf, 1.0]))
     with pytest.raises(ValueError, match="n_samples"):
         separability_index(loss, np.zeros(3), np.ones(3), n_samples=1)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"seed must be an integer >= 0, got {seed!r}"):
+            separability_index(loss, np.zeros(3), np.ones(3), seed=seed)
     with pytest.raises(ValueError, match="batch"):
         separability_index(object(), np.zeros(3), np.ones(3))
     log_loss = _BatchLoss(lambda a: jnp.sum(jnp.log(a)), 3)
