@@ -42,7 +42,10 @@ def main(argv=None) -> int:
     import figures
     from figures import common
 
-    modules = figures.select(args.only)
+    try:
+        modules = figures.select(args.only)
+    except ValueError as err:
+        raise SystemExit(f"--only {args.only!r}: {err}") from None
     if args.list:
         for m in figures.load_all():
             print(f"{m.NAME:4s} {m.SLUG:18s} {m.TITLE}")
@@ -52,6 +55,9 @@ def main(argv=None) -> int:
     preset = common.PRESETS[args.preset]
     changes = {}
     if args.data_dir:
+        if not Path(args.data_dir).is_dir():
+            raise SystemExit(f"--data-dir {args.data_dir!r} is not a directory (expected a local parquet copy "
+                             "of the dataset in the hub's layout)")
         changes["data_dir"] = args.data_dir
     if args.bits:
         try:

@@ -59,7 +59,7 @@ def test_cli_list_and_bad_arguments(capsys, tmp_path):
     listing = capsys.readouterr().out
     for module in figures.load_all():
         assert module.NAME in listing and module.SLUG in listing
-    with pytest.raises(ValueError, match="unknown figure"):
+    with pytest.raises(SystemExit, match=r"--only 'F99': unknown figure\(s\) \['F99'\]; known: F1"):
         paper_repro.main(["--only", "F99", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown preset"):
         paper_repro.main(["--preset", "huge", "--out", str(tmp_path)])
@@ -67,6 +67,9 @@ def test_cli_list_and_bad_arguments(capsys, tmp_path):
         paper_repro.main(["--preset", "tiny", "--bits", "1,x", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="data-dir"):
         paper_repro.main(["--preset", "mnist", "--out", str(tmp_path)])
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match=f"--data-dir '{missing}' is not a directory"):
+        paper_repro.main(["--preset", "mnist", "--data-dir", missing, "--out", str(tmp_path)])
     assert not os.listdir(tmp_path)
 
 
