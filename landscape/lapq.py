@@ -711,8 +711,29 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
 
 
 def _bits(text: str) -> int | None:
-    value = int(text)
+    """A --w-bits / --a-bits value: 2..16, or 0 / 32 for FP32."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value not in (0, 32) and not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width: use an integer in [2, 16], or 0 or 32 "
+                                         "for FP32")
     return None if value in (0, 32) else value
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> MethodComparison:
@@ -727,17 +748,21 @@ def main(argv: Sequence[str] | None = None) -> MethodComparison:
     parser.add_argument("--data-dir", default=None, help="local parquet copy (mnist, cifar, imagenet)")
     parser.add_argument("--w-bits", type=_bits, default=4, help="weight bits (32 or 0: FP32)")
     parser.add_argument("--a-bits", type=_bits, default=4, help="activation bits (32 or 0: FP32)")
-    parser.add_argument("--calib-size", type=int, default=512)
-    parser.add_argument("--seeds", type=int, default=3, help="number of calibration seeds (0, 1, …)")
-    parser.add_argument("--maxiter", type=int, default=2)
-    parser.add_argument("--p-points", type=int, default=10, help="points of the p grid on [2, 4]")
+    parser.add_argument("--calib-size", type=_count(1), default=512)
+    parser.add_argument("--seeds", type=_count(1), default=3, help="number of calibration seeds (0, 1, …)")
+    parser.add_argument("--maxiter", type=_count(1), default=2)
+    parser.add_argument("--p-points", type=_count(3), default=10, help="points of the p grid on [2, 4]")
     parser.add_argument("--no-bias-correction", action="store_true")
-    parser.add_argument("--rows", nargs="+", default=list(ALL_ROWS), help=f"subset of {ALL_ROWS}")
+    parser.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=ALL_ROWS, metavar="ROW",
+                        help=f"subset of {ALL_ROWS}")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
     landscape.enable_compilation_cache()
 
-    data = landscape.data.load(args.data, data_dir=args.data_dir, calib_size=args.calib_size, seed=0)
+    try:
+        data = landscape.data.load(args.data, data_dir=args.data_dir, calib_size=args.calib_size, seed=0)
+    except (ValueError, OSError) as err:  # a missing local copy, an unreachable hub, a too-large calib set
+        parser.error(str(err))
     net = landscape.train.fit(models.create(args.model, num_classes=data.num_classes), data)
     bias_correction = not args.no_bias_correction
     loss = landscape.ClipLoss(net, data.calib, w_bits=args.w_bits, a_bits=args.a_bits,

@@ -242,6 +242,21 @@ def test_cli_prints_the_method_table(capsys, digits_net):
     assert " ± " in str(table) and table.to_dict()["setting"]["w_bits"] == 2
 
 
+def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
+    bad = [(["--w-bits", "1"], "'1' is not a bit width: use an integer in [2, 16], or 0 or 32"),
+           (["--a-bits", "four"], "'four' is not a bit width"),
+           (["--p-points", "2"], "'2' is not an integer >= 3"),
+           (["--seeds", "0"], "'0' is not an integer >= 1"),
+           (["--rows", "FP32", "Powell"], "invalid choice: 'Powell'"),
+           (["--data", "mnist", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+           (["--data", "digits", "--calib-size", "99999"], "calib_size=99999 must be an integer in")]
+    for argv, message in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            lq.main(argv)
+        assert exit_info.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
 # --------------------------------------------------------------------------- the paper's claim
 
 
