@@ -43,7 +43,15 @@ import numpy as np
 import optax
 
 from landscape import runtime
-from landscape.rounding import RoundingFit, RoundingResult, check_number, input_statistics, keep_better, round_network
+from landscape.rounding import (
+    RoundingFit,
+    RoundingResult,
+    check_number,
+    input_statistics,
+    keep_better,
+    nearest_codes,
+    round_network,
+)
 
 __all__ = ["adaround", "round_layer", "soft_rounding"]
 
@@ -108,18 +116,30 @@ def round_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, iteratio
 
 
 def _round_layer(x, y, kernel, scale, offset, lo, hi, gemm, iterations, reg, beta, warmup, lr, precision):
-    b_start, b_end = beta
-    w = jnp.asarray(kernel, jnp.float32)
-    scale, offset = jnp.asarray(scale, jnp.float32), jnp.asarray(offset, jnp.float32)
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    w = np.asarray(kernel, np.float32)
+    scale, offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
     G, B, t = input_statistics(x, y, w.shape, gemm, precision=precision)
-    G, B = jnp.asarray(G, jnp.float32), jnp.asarray(B, jnp.float32)
-    k, channels = G.shape[0], w.shape[-1]
+    schedule = dict(iterations=iterations, start_reg=int(warmup * iterations),
+                    report_every=max(1, iterations // 10))
+    # Every layer's data enter as arguments: layers of one shape share one compiled program.
+    f32 = np.float32
+    codes, nearest, hist = _optimize(w, G.astype(f32), B.astype(f32), f32(t), scale, offset, f32(lo), f32(hi),
+                                     f32(reg), f32(beta[0]), f32(beta[1]), f32(lr), **schedule)
+    return keep_better(x, y, gemm, np.asarray(codes), np.asarray(nearest), scale, offset,
+                       (float(h) for h in np.asarray(hist)))
+
+
+@functools.partial(jax.jit, static_argnames=("iterations", "start_reg", "report_every"))
+def _optimize(w, G, B, t, scale, offset, lo, hi, reg, b_start, b_end, lr, *, iterations, start_reg,
+              report_every):
+    """``iterations`` full-batch Adam steps on V from round-to-nearest's soft equivalent; returns
+    (the hard codes, round-to-nearest's codes, the reconstruction error of the hard rounding
+    every ``report_every`` steps)."""
     z = (w - offset) / scale
     base = jnp.floor(z)
-    nearest = jnp.clip(jnp.round(z), lo, hi)
-    start_reg = int(warmup * iterations)
-    report_every = max(1, iterations // 10)
+    nearest = nearest_codes(w, scale, offset, lo, hi)
+    v = _inverse_soft_rounding(z - base)
+    k, channels = G.shape[0], base.shape[-1]
     tx = optax.adam(lr)
 
     def weights(codes):
@@ -138,27 +158,22 @@ def _round_layer(x, y, kernel, scale, offset, lo, hi, gemm, iterations, reg, bet
         rec = reconstruction(weights(jnp.clip(base + h, lo, hi)))
         return rec + on * reg * jnp.sum(1.0 - jnp.abs(2.0 * h - 1.0) ** b)
 
-    @jax.jit
-    def run(v):
-        def body(i, carry):
-            v, s, hist = carry
-            progress = jnp.clip((i - start_reg) / max(iterations - start_reg, 1), 0.0, 1.0)
-            b = b_end + (b_start - b_end) * (1.0 - progress)  # β: start → end after the warm-up
-            on = (i >= start_reg).astype(jnp.float32)  # the regulariser is off during the warm-up
-            u, s = tx.update(jax.grad(objective)(v, b, on), s, v)
-            v = optax.apply_updates(v, u)
-            hist = jax.lax.cond((i + 1) % report_every == 0,
-                                lambda h: h.at[(i + 1) // report_every - 1].set(
-                                    (reconstruction(weights(hard(v))) + t) / channels),
-                                lambda h: h, hist)
-            return v, s, hist
+    def body(i, carry):
+        v, s, hist = carry
+        progress = jnp.clip((i - start_reg) / max(iterations - start_reg, 1), 0.0, 1.0)
+        b = b_end + (b_start - b_end) * (1.0 - progress)  # β: start → end after the warm-up
+        on = (i >= start_reg).astype(jnp.float32)  # the regulariser is off during the warm-up
+        u, s = tx.update(jax.grad(objective)(v, b, on), s, v)
+        v = optax.apply_updates(v, u)
+        hist = jax.lax.cond((i + 1) % report_every == 0,
+                            lambda h: h.at[(i + 1) // report_every - 1].set(
+                                (reconstruction(weights(hard(v))) + t) / channels),
+                            lambda h: h, hist)
+        return v, s, hist
 
-        hist = jnp.zeros((iterations // report_every,), jnp.float32)
-        v, _, hist = jax.lax.fori_loop(0, iterations, body, (v, tx.init(v), hist))
-        return v, hist
-
-    v, hist = run(_inverse_soft_rounding(z - base))
-    return keep_better(x, y, gemm, hard(v), nearest, scale, offset, (float(h) for h in np.asarray(hist)))
+    hist = jnp.zeros((iterations // report_every,), jnp.float32)
+    v, _, hist = jax.lax.fori_loop(0, iterations, body, (v, tx.init(v), hist))
+    return hard(v), nearest, hist
 
 
 def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", **round_kw) -> RoundingResult:

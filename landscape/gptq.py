@@ -37,11 +37,18 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from landscape import runtime
-from landscape.rounding import RoundingFit, RoundingResult, check_number, input_statistics, keep_better, round_network
+from landscape.rounding import (
+    RoundingFit,
+    RoundingResult,
+    check_number,
+    input_statistics,
+    keep_better,
+    nearest_codes,
+    round_network,
+)
 
 __all__ = ["gptq", "gptq_layer", "gptq_rows"]
 
@@ -116,11 +123,10 @@ def gptq_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, damp: flo
     w_star = np.linalg.solve(H, B + lam * wm)
     order = np.argsort(-np.diag(H), kind="stable") if act_order else None
     codes = gptq_rows(w_star, H, scale, offset, lo, hi, order).reshape(w.shape)
-    scale32, offset32 = jnp.asarray(scale, jnp.float32), jnp.asarray(offset, jnp.float32)
-    nearest = jnp.clip(jnp.round((jnp.asarray(kernel, jnp.float32) - offset32) / scale32), lo, hi)
+    scale32, offset32 = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+    nearest = nearest_codes(np.asarray(kernel, np.float32), scale32, offset32, np.float32(lo), np.float32(hi))
     with jax.default_matmul_precision(precision):
-        return keep_better(jnp.asarray(x), jnp.asarray(y), gemm, jnp.asarray(codes, jnp.float32), nearest,
-                           scale32, offset32)
+        return keep_better(x, y, gemm, np.asarray(codes, np.float32), np.asarray(nearest), scale32, offset32)
 
 
 def gptq(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", damp: float = 0.01,

@@ -16,6 +16,7 @@ only.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -102,8 +103,15 @@ def _all_called(names, store, calls):
 def layer_mse(gemm, x, y, w, b=0.0, chunk: int = 256) -> float:
     """mean of (gemm(x, w) + b − y)² over all entries of y: the output MSE of kernel ``w`` with
     bias shift ``b`` ((C,) or a scalar), in chunks of ``chunk`` rows (bounded memory)."""
+    if x.shape[0] <= chunk:  # no slicing: an eager slice of a device array compiles per shape
+        return float(_sum_of_squares(gemm, x, y, w, b)) / y.size
     total = 0.0
     for start in range(0, x.shape[0], chunk):
-        d = gemm(x[start:start + chunk], w) + b - y[start:start + chunk]
-        total += float(jnp.sum(jnp.square(d)))
+        total += float(_sum_of_squares(gemm, x[start:start + chunk], y[start:start + chunk], w, b))
     return total / y.size
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sum_of_squares(gemm, x, y, w, b):
+    """Σ (gemm(x, w) + b − y)²: one program per layer and chunk shape, not one per operation."""
+    return jnp.sum(jnp.square(gemm(x, w) + b - y))

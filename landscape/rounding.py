@@ -33,7 +33,8 @@ import numpy as np
 from landscape import export, runtime, sites
 from landscape.layerwise import layer_inputs, layer_mse, record_layers
 
-__all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "round_network"]
+__all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "nearest_codes",
+           "round_network"]
 
 INPUTS = ("quantized", "float")
 
@@ -99,6 +100,13 @@ def check_number(value, name: str, *, integer: bool = False, allow_zero: bool = 
     return int(value) if integer else float(value)
 
 
+@jax.jit
+def nearest_codes(kernel, scale, offset, lo, hi):
+    """Round-to-nearest codes clip(round((W − offset) / Δ), lo, hi), as the loss's quantizer
+    rounds (half to even); one compiled program per kernel shape."""
+    return jnp.clip(jnp.round((kernel - offset) / scale), lo, hi)
+
+
 def keep_better(x, y, gemm, codes, nearest, scale, offset, history=()) -> RoundingFit:
     """The :class:`RoundingFit` of ``codes``, or of ``nearest`` when that reconstructs the layer better."""
     mse_nearest = layer_mse(gemm, x, y, nearest * scale + offset)
@@ -106,7 +114,7 @@ def keep_better(x, y, gemm, codes, nearest, scale, offset, history=()) -> Roundi
     kept = mse <= mse_nearest
     chosen = codes if kept else nearest
     return RoundingFit(np.asarray(chosen, np.int32), mse_nearest, min(mse, mse_nearest),
-                       float(jnp.mean(chosen != nearest)), bool(kept), tuple(history))
+                       float(np.mean(np.asarray(chosen) != np.asarray(nearest))), bool(kept), tuple(history))
 
 
 def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32, precision: str = "highest"):
@@ -128,7 +136,8 @@ def _input_statistics(x, y, kernel_shape, gemm, chunk):
     k = int(np.prod(kernel_shape[:-1]))
     eye = jnp.eye(k, dtype=jnp.float32).reshape(*kernel_shape[:-1], k)
     patches = jax.jit(lambda xb: gemm(xb, eye).reshape(-1, k))
-    probe = np.asarray(jax.random.normal(jax.random.key(0), kernel_shape), np.float32)
+    x, y = np.asarray(x, np.float32), np.asarray(y)  # host slices: no eager program per chunk shape
+    probe = np.random.default_rng(0).standard_normal(kernel_shape).astype(np.float32)
     direct = np.asarray(gemm(x[:1], probe)).reshape(-1, kernel_shape[-1])
     via = np.asarray(patches(x[:1])) @ probe.reshape(k, -1)
     if not np.allclose(direct, via, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(direct).max()))):
@@ -214,7 +223,9 @@ def _round_layers(loss, nearest, names, rule, num_images, inputs):
         fit = rule(xq, y, w, site.scale, site.offset, lo, hi, gemms[name])
         fits[name] = fit
         codes[name] = fit.codes.astype(nearest.codes[name].dtype)
-        current = _with_kernel(current, name, jnp.asarray(fit.codes * site.scale + site.offset, jnp.float32))
+        # placed like the float kernel: same input types, so quantized_inputs compiles once
+        rounded = jax.device_put(np.asarray(fit.codes * site.scale + site.offset, np.float32), w.sharding)
+        current = _with_kernel(current, name, rounded)
     return fits, codes
 
 
