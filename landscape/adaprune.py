@@ -25,6 +25,7 @@ calibration set in one training-mode pass, rather than a momentum average over b
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import time
@@ -248,6 +249,24 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
     w_mag = w * maskf
     w_init = w_mag if init is None else jnp.asarray(init, jnp.float32) * maskf
 
+    with jax.default_matmul_precision(precision):  # read while tracing, and part of jit's key
+        # the layer's data are arguments: layers of one shape and product share one program
+        p, hist = _adam_prune({"w": w_init, "b": zero_b}, x, y, key, maskf, np.float32(lr), np.float32(bias_lr),
+                              gemm=gemm, batch_size=bs, iterations=iterations, bias=bool(bias))
+        candidates = [(w_mag, zero_b), (w_init, zero_b), (p["w"] * maskf, p["b"])]
+        errors = [layer_mse(gemm, x, y, cw, cb) for cw, cb in candidates]
+    best = int(np.argmin(errors))
+    cw, cb = candidates[best]
+    return LayerFit(np.asarray(cw), np.asarray(cb), errors[0], errors[best],
+                    tuple(float(h) for h in np.asarray(hist)))
+
+
+@functools.partial(jax.jit, static_argnames=("gemm", "batch_size", "iterations", "bias"))
+def _adam_prune(p, x, y, key, maskf, lr, bias_lr, *, gemm, batch_size, iterations, bias):
+    """``iterations`` Adam steps on mini-batches of ``batch_size`` rows of (x, y), the kernel
+    masked by ``maskf`` after every step; returns (params, the full-set MSE every tenth)."""
+    n = x.shape[0]
+    report_every = max(1, iterations // 10)
     tx = optax.multi_transform(
         {"w": optax.adam(lr), "b": optax.adam(bias_lr) if bias else optax.set_to_zero()},
         {"w": "w", "b": "b"},
@@ -256,35 +275,22 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
     def mse(p, xb, yb):
         return jnp.mean(jnp.square(gemm(xb, p["w"] * maskf) + p["b"] - yb))
 
-    report_every = max(1, iterations // 10)
+    def body(i, carry):
+        p, s, key, hist = carry
+        key, sub = jax.random.split(key)
+        idx = jax.random.choice(sub, n, (batch_size,), replace=False)
+        g = jax.grad(mse)(p, x[idx], y[idx])
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        p = {"w": p["w"] * maskf, "b": p["b"]}  # the mask is fixed: pruned weights stay 0
+        hist = jax.lax.cond((i + 1) % report_every == 0,
+                            lambda h: h.at[(i + 1) // report_every - 1].set(mse(p, x, y)),
+                            lambda h: h, hist)
+        return p, s, key, hist
 
-    @jax.jit
-    def run(p, x, y, key):
-        def body(i, carry):
-            p, s, key, hist = carry
-            key, sub = jax.random.split(key)
-            idx = jax.random.choice(sub, n, (bs,), replace=False)
-            g = jax.grad(mse)(p, x[idx], y[idx])
-            u, s = tx.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            p = {"w": p["w"] * maskf, "b": p["b"]}  # the mask is fixed: pruned weights stay 0
-            hist = jax.lax.cond((i + 1) % report_every == 0,
-                                lambda h: h.at[(i + 1) // report_every - 1].set(mse(p, x, y)),
-                                lambda h: h, hist)
-            return p, s, key, hist
-
-        hist = jnp.zeros((iterations // report_every,), jnp.float32)
-        p, _, _, hist = jax.lax.fori_loop(0, iterations, body, (p, tx.init(p), key, hist))
-        return p, hist
-
-    with jax.default_matmul_precision(precision):  # read while tracing, and part of jit's key
-        p, hist = run({"w": w_init, "b": zero_b}, x, y, key)
-        candidates = [(w_mag, zero_b), (w_init, zero_b), (p["w"] * maskf, p["b"])]
-        errors = [layer_mse(gemm, x, y, cw, cb) for cw, cb in candidates]
-    best = int(np.argmin(errors))
-    cw, cb = candidates[best]
-    return LayerFit(np.asarray(cw), np.asarray(cb), errors[0], errors[best],
-                    tuple(float(h) for h in np.asarray(hist)))
+    hist = jnp.zeros((iterations // report_every,), jnp.float32)
+    p, _, _, hist = jax.lax.fori_loop(0, iterations, body, (p, tx.init(p), key, hist))
+    return p, hist
 
 
 def recalibrate_batchnorm(model, variables, x, *, hook=None, precision: str = "highest") -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -67,20 +68,31 @@ class QuantDense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         kernel = sites.weight_site(self, kernel)
-        y = _product(self, x, kernel, lambda a, w: jnp.dot(a, w))
+        y = _product(self, x, kernel, dense_gemm)
         sites.note_output(self, y, x)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y
 
 
-def conv_general(strides: Sequence[int], padding: Sequence[tuple[int, int]]):
-    """The NHWC × HWIO convolution used by :class:`QuantConv`, as a bilinear callable."""
+def dense_gemm(x, w):
+    """x @ w: the product of :class:`QuantDense`, as a bilinear callable."""
+    return jnp.dot(x, w)
 
+
+def conv_general(strides: Sequence[int], padding: Sequence[tuple[int, int]]):
+    """The NHWC × HWIO convolution used by :class:`QuantConv`, as a bilinear callable.
+
+    One callable per (strides, padding): the layer-wise rules pass it to ``jax.jit`` as a static
+    argument, so layers of one configuration and shape share their compiled programs."""
+    return _conv_gemm(tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding))
+
+
+@functools.cache
+def _conv_gemm(strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]):
     def gemm(x, w):
         return jax.lax.conv_general_dilated(
-            x, w, window_strides=tuple(strides), padding=tuple(padding),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            x, w, window_strides=strides, padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
 
     return gemm

@@ -21,6 +21,7 @@ greedy rounding). Each layer keeps round-to-nearest when the rule reconstructs w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import time
@@ -135,7 +136,7 @@ def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32, precision: str =
 def _input_statistics(x, y, kernel_shape, gemm, chunk):
     k = int(np.prod(kernel_shape[:-1]))
     eye = jnp.eye(k, dtype=jnp.float32).reshape(*kernel_shape[:-1], k)
-    patches = jax.jit(lambda xb: gemm(xb, eye).reshape(-1, k))
+    patches = functools.partial(_patches, gemm, eye=eye)
     x, y = np.asarray(x, np.float32), np.asarray(y)  # host slices: no eager program per chunk shape
     probe = np.random.default_rng(0).standard_normal(kernel_shape).astype(np.float32)
     direct = np.asarray(gemm(x[:1], probe)).reshape(-1, kernel_shape[-1])
@@ -153,6 +154,12 @@ def _input_statistics(x, y, kernel_shape, gemm, chunk):
         t += float(np.sum(Y * Y))
         rows += P.shape[0]
     return G / rows, B / rows, t / rows
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _patches(gemm, xb, eye):
+    """The input patches P (rows, K) of ``xb``: the layer's product with an identity kernel."""
+    return gemm(xb, eye).reshape(-1, eye.shape[-1])
 
 
 def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str, num_images: int = 256,
