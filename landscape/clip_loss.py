@@ -467,8 +467,8 @@ class ClipLoss:
         n = self.n_calib
         batch_size = self.batch_size if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (at most the "
-                             f"{n} calibration examples)")
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (one batch holds all "
+                             f"{n} calibration examples from {n} up)")
         batch_sum = self._weight_batch_sum(alpha)
         precision = self.precision
 
