@@ -83,9 +83,9 @@ def test_adaround_and_its_network_run_at_the_loss_precision(tiny_net, digits, tm
     with compiled_products(tmp_path / "default") as products:
         result = adaround(fast, alpha, num_images=16, iterations=20)
     assert result.network.precision == "default"
-    # all but the Gram products G·W of the rounding step ("run"), which are HIGHEST by design
-    assert {name for name, h in products if h} and all("jit_run" in name for name, h in products if h)
-    assert not any(h for name, h in products if "jit_run" not in name)
+    # all but the Gram products G·W of the rounding loop ("_optimize"), which are HIGHEST by design
+    assert {name for name, h in products if h} and all("jit__optimize" in name for name, h in products if h)
+    assert not any(h for name, h in products if "jit__optimize" not in name)
     with pytest.raises(ValueError, match="loss's precision"):
         adaround(loss, alpha, precision="highest")
 
