@@ -118,3 +118,15 @@ def test_adaround_per_channel_midtread_folded(tiny_net, digits):
         np.testing.assert_allclose(np.asarray(res.network.variables["params"][name]["kernel"]),
                                    codes * site.scale, rtol=1e-6, atol=1e-7)  # midtread: no offset
     assert sum(f.mse for f in res.layers.values()) < sum(f.mse_nearest for f in res.layers.values())
+
+
+def test_layers_of_one_shape_share_the_compiled_rounding_loop(digits_net, digits):
+    """resnet8 repeats kernel shapes: the Adam loop compiles once per shape, not once per layer."""
+    from landscape.adaround import _optimize as loop
+
+    loss = ls.ClipLoss(digits_net, digits.calib, w_bits=3, a_bits=None)
+    loop.clear_cache()
+    result = adaround(loss, loss.init("max"), num_images=16, iterations=7)  # a step count no other test uses
+    shapes = {np.shape(codes) for codes in result.network.codes.values()}
+    assert len(result.layers) > len(shapes) >= 2  # some layers share a shape
+    assert loop._cache_size() == len(shapes)
