@@ -31,6 +31,17 @@ def gallery(out: Path, preset, modules, datas, ctx) -> Path:
     return write_text(out / "README.md", "\n".join(lines))
 
 
+def machine() -> str:
+    """Where the run computed: JAX's accelerator when it has one, else the CPU cores."""
+    import jax
+
+    cpu = f"{os.cpu_count()} CPU core(s) ({platform.processor() or platform.machine()})"
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        return cpu
+    return f"{len(devices)} × {devices[0].device_kind} ({devices[0].platform}) with {cpu}"
+
+
 def write(out: Path, preset, claims, results, files, wall: float, ctx) -> None:
     tested = {c.id for c in claims}
     untested = [cid for cid in claim_specs.CLAIMS if cid not in tested]
@@ -47,8 +58,7 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx) -> None:
         "",
         f"{preset.model} on {preset.data}, FP32 test accuracy {net.accuracy(ctx.test):.4f}; "
         f"{len(claims)} claims tested, **{passed} PASS, {len(claims) - passed} FAIL**; "
-        f"wall time {wall / 60:.1f} min on {os.cpu_count()} CPU core(s) "
-        f"({platform.processor() or platform.machine()}).{provenance}",
+        f"wall time {wall / 60:.1f} min on {machine()}.{provenance}",
         "",
         "Every threshold was fixed in `figures/claims.py` before the run; a FAIL is reported as measured.",
         "Curvatures: 'STE' is the Hessian of the straight-through surrogate (autodiff), 'FD' the",
