@@ -736,13 +736,13 @@ def _count(minimum: int):
     return parse
 
 
-def main(argv: Sequence[str] | None = None) -> MethodComparison:
-    """``python -m landscape.lapq --model resnet8 --data digits --w-bits 3 --a-bits 3``:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.lapq") -> MethodComparison:
+    """``python -m landscape lapq --model resnet8 --data digits --w-bits 3 --a-bits 3``:
     train (or load the cached) network, print the method table."""
     import landscape
     import models
 
-    parser = argparse.ArgumentParser(prog="python -m landscape.lapq", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet8", choices=models.NAMES)
     parser.add_argument("--data", default="digits", choices=landscape.data.NAMES)
     parser.add_argument("--data-dir", default=None, help="local parquet copy (mnist, cifar, imagenet)")

@@ -5,7 +5,7 @@ Every ClipLoss compiles its own programs, but programs for the same network, sit
 and data shapes are identical, so a persistent cache turns the second and later compiles
 (another calibration seed, a resumed run) into a disk read: on 2 CPU cores, resnet8's
 calibration program drops from ~3 s to ~0.3 s. The CLIs (``paper_repro.py``,
-``python -m landscape.lapq``) and the test suite enable it; a library import does not
+``python -m landscape lapq``) and the test suite enable it; a library import does not
 change global JAX configuration on its own.
 """
 

@@ -2,6 +2,9 @@
 and the paper's ordering on the digits resnet8 (layer-wise < Lp(p*) < joint)."""
 
 import importlib
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -328,3 +331,19 @@ def test_batched_gradient_step_follows_the_surrogate_then_coordinates_finish():
     alpha, value, _ = lq._batched(lq._Tracker(fake, 0.0, None), np.ones(3, np.float32), f0, 8)
     assert value < 1e-2 * f0 and np.all(alpha > 0)
     np.testing.assert_allclose(np.log(alpha), fake.c, atol=0.15)
+
+
+def test_python_m_landscape_dispatches_commands_without_runpy_warning(capsys):
+    from landscape import __main__ as cli
+
+    assert cli.main([]) == 0
+    assert "lapq" in capsys.readouterr().out
+    assert cli.main(["bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'bogus'" in err and "['lapq']" in err
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "landscape", "lapq", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m landscape lapq")
+    assert "RuntimeWarning" not in proc.stderr
