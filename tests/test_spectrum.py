@@ -680,6 +680,33 @@ def test_linearized_and_recomputed_hvps_give_the_same_spectrum(monkeypatch):
     assert hessian_spectrum(f, x0, top_k=1, trace=False).info["hvp"] == "recompute"
 
 
+def test_linearize_budget_grows_with_a_large_accelerator(monkeypatch):
+    """CPU: the fixed budget; an accelerator: a quarter of its free memory when that is larger; a
+    backend without statistics (None or raising): the fixed budget."""
+    assert spectrum.linearize_budget() == spectrum.LINEARIZE_MAX_BYTES  # the suite runs on CPU
+
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            if isinstance(self.stats, Exception):
+                raise self.stats
+            return self.stats
+
+    gib = 1024**3
+    assert spectrum.linearize_budget(Device({"bytes_limit": 140 * gib, "bytes_in_use": 20 * gib})) == 30 * gib
+    assert spectrum.linearize_budget(Device({"bytes_limit": 6 * gib, "bytes_in_use": 2 * gib})) == 2 * gib
+    assert spectrum.linearize_budget(Device(None)) == spectrum.LINEARIZE_MAX_BYTES
+    assert spectrum.linearize_budget(Device(RuntimeError("no stats"))) == spectrum.LINEARIZE_MAX_BYTES
+    # hessian_spectrum's "auto" asks it
+    f, x0 = _mlp_loss()
+    monkeypatch.setattr(spectrum, "linearize_budget", lambda device=None: 0)
+    assert hessian_spectrum(f, x0, top_k=1, trace=False).info["hvp"] == "recompute"
+
+
 def _point(flat_x, shapes):
     """The dict pytree of `shapes` (in f's key order) holding the flat vector `flat_x`."""
     out, i = {}, 0
