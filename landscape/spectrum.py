@@ -280,7 +280,8 @@ class _HVP:
         self._batched = batches is not None
         stored = sum(_residual_bytes(programs, x, args) for _, args in self._terms) if mode != "recompute" else None
         if mode == "auto":
-            mode = "linearize" if stored <= linearize_budget() else "recompute"
+            device = next(iter(x.devices())) if hasattr(x, "devices") else None  # where x lives
+            mode = "linearize" if stored <= linearize_budget(device) else "recompute"
         self.mode = mode
         self.stored_bytes = stored if mode == "linearize" else None  # None when every HVP recomputes
         self._grad, self._lins = None, None
