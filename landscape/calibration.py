@@ -66,7 +66,7 @@ def _sample(x, limit: int = SAMPLE_LIMIT):
 
 
 def _safe_alpha(alpha, x):
-    """Never return 0 (an all-zero tensor): fall back to 1e-8·(1 + max|x|)."""
+    """Never return 0 (an all-zero tensor): α ≥ 1e-8, as float32."""
     return jnp.maximum(alpha, 1e-8).astype(jnp.float32)
 
 
