@@ -149,12 +149,25 @@ def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
 # --------------------------------------------------------------------------- caching
 
 
+#: XLA flags that leave a training run's floats unchanged: virtual host devices (training runs on
+#: one device), dumps and the like. Flags of another backend are dropped as well (see numerics()).
+NUMERICS_NEUTRAL_FLAGS = ("xla_force_host_platform_device_count", "xla_dump_", "xla_cpu_enable_xprof_traceme")
+
+
 def numerics() -> str:
-    """The library build and XLA flags that a trained network's exact floats depend on."""
+    """The library build and XLA flags that a trained network's exact floats depend on.
+
+    The flags are sorted, and those that cannot change them are left out: the ones in
+    :data:`NUMERICS_NEUTRAL_FLAGS` and those of the other backend (``--xla_gpu_*`` when training runs
+    on the CPU, ``--xla_cpu_*`` off it). A network trained with four virtual CPU devices or with
+    ``--xla_gpu_deterministic_ops`` set on a CPU machine is therefore found in the cache again."""
     import jaxlib
 
-    return (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, {jax.default_backend()}, "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    backend = jax.default_backend()
+    foreign = "xla_gpu_" if backend == "cpu" else "xla_cpu_"
+    flags = sorted(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                   if not flag.lstrip("-").startswith((*NUMERICS_NEUTRAL_FLAGS, foreign)))
+    return f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, {backend}, XLA_FLAGS={' '.join(flags)!r}"
 
 
 def config_key(config: dict) -> str:

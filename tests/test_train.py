@@ -44,6 +44,25 @@ def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     assert other.path != first.path
 
 
+def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
+    """Virtual devices, dumps and the other backend's flags do not retrain a cached network; flag
+    order does not either; a flag that changes the arithmetic does."""
+    guard = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+    monkeypatch.setenv("XLA_FLAGS", guard)
+    base = ls.train.numerics()
+    assert guard in base and jax.default_backend() in base
+    foreign = "--xla_cpu_enable_fast_math=true" if jax.default_backend() != "cpu" else "--xla_gpu_deterministic_ops=true"
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {foreign} "
+                                    f"--xla_dump_to=/tmp/dump {guard}")
+    assert ls.train.numerics() == base
+    own = "--xla_cpu_enable_fast_math=true" if jax.default_backend() == "cpu" else "--xla_gpu_deterministic_ops=true"
+    monkeypatch.setenv("XLA_FLAGS", f"{own} {guard}")
+    changed = ls.train.numerics()
+    assert changed != base
+    monkeypatch.setenv("XLA_FLAGS", f"{guard} {own}")
+    assert ls.train.numerics() == changed
+
+
 @pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs=0"), ({"lr": -1.0}, "lr=-1.0"),
                                       ({"batch_size": 2.5}, "batch_size=2.5"),
                                       ({"weight_decay": -1}, "weight_decay=-1"), ({"seed": "a"}, "seed='a'")])
