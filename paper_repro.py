@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     preset = common.PRESETS[args.preset]
     changes = {}
     if args.data_dir:
+        if preset.data == "digits":
+            raise SystemExit(f"--data-dir: preset {preset.name!r} uses scikit-learn's bundled digits, which need no "
+                             "local copy; --data-dir is for the mnist and cifar10 presets")
         if not Path(args.data_dir).is_dir():
             raise SystemExit(f"--data-dir {args.data_dir!r} is not a directory (expected a local parquet copy "
                              "of the dataset in the hub's layout)")

@@ -176,6 +176,9 @@ def _calibration_images(calib) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"calibration images must be a non-empty batch (N, ...), got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"calibration images must be finite; {int(np.sum(~np.isfinite(x)))} of {x.size} "
+                         "values are NaN or infinite")
     return x
 
 

@@ -25,6 +25,8 @@ allocations of the same size on the MNIST resnet20.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -203,7 +205,10 @@ def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = 
     """
     from landscape.spectrum import hessian_spectrum
 
-    bits = tuple(sorted({quantizers.check_bits(int(b), "weight_sensitivity") for b in bits}))
+    if any(b is None for b in bits):
+        raise ValueError(f"bits={tuple(bits)!r}: every candidate width must be an integer in [2, 16] (None, "
+                         "FP32, is not a candidate)")
+    bits = tuple(sorted({quantizers.check_bits(b, "weight_sensitivity") for b in bits}))
     if not bits:
         raise ValueError("bits is empty; give the candidate widths, e.g. (2, 3, 4, 8)")
     weight_sites = [s for s in loss.sites if s.kind == "weight"]
@@ -270,14 +275,16 @@ def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None
     if (budget_bops is None) != (a_bits is None):
         raise ValueError("a_bits (the input activations' width) goes with budget_bops, and only with it")
     total = int(np.sum(s.sizes))
+    for name, value in (("average_bits", average_bits), ("budget_bits", budget_bits), ("budget_bops", budget_bops)):
+        if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value!r} must be a positive finite number")
     if budget_bops is not None:
         constraint, per_bit, budget = "bops", s._bops_per_bit(a_bits), budget_bops
         unit = "BOPs"
     else:
         constraint, per_bit, unit = "size", np.asarray(s.sizes, np.int64), "bits"
         if budget_bits is None:
-            if not np.isfinite(average_bits) or average_bits <= 0:
-                raise ValueError(f"average_bits must be a positive number, got {average_bits!r}")
             budget_bits = int(np.floor(average_bits * total + 1e-9))
         budget = budget_bits
     budget = int(budget)

@@ -111,6 +111,9 @@ class ClipLoss:
                  batch_size: int | None = None, chunk: int | None = None,
                  precision: str = "highest"):
         runtime.check_precision(precision, "ClipLoss")
+        for name, value in (("quantize_first_last", quantize_first_last), ("per_channel", per_channel),
+                            ("bias_correction", bias_correction), ("fold_bn", fold_bn)):
+            _check_flag(value, name)
         self.net = net
         self.model = net.model
         x, y = as_arrays(calib, "calib")
@@ -123,14 +126,16 @@ class ClipLoss:
         variables = net.variables
         if fold_bn:
             variables = folding.fold_batchnorm(self.model, variables, x[:1])
-        self.all_sites, _ = sites_of(self.model, variables, x[:1])
+        self.all_sites, _, logits = sites_of(self.model, variables, x[:1], output=True)
+        self.num_classes = int(logits.shape[-1])
+        as_arrays((x, y), "calib", self.num_classes)  # labels the logits can score
         self._layout = self._make_layout(sites, w_bits, a_bits, quantize_first_last, weight_grid,
                                          per_channel, bias_correction)
         self._traces: collections.Counter = collections.Counter()
+        if chunk is not None:
+            _check_positive_int(chunk, "chunk")
         self._place_data(variables, x, y, batch_size)
         self.chunk = self._default_chunk() if chunk is None else int(chunk)
-        if self.chunk < 1:
-            raise ValueError(f"chunk={chunk!r} must be a positive integer")
         self._jit_call = jax.jit(self._traced("call", self._loss))
         self._jit_batch = jax.jit(self._traced("batch", self._batched_loss))
         self._jit_grad = jax.jit(self._traced("grad", jax.grad(self._loss)))
@@ -186,9 +191,8 @@ class ClipLoss:
         n = len(x)
         if batch_size is None:
             batch_size = n if n <= 1024 else 512
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        bs = int(math.ceil(min(batch_size, n) / nd) * nd)
+        _check_positive_int(batch_size, "batch_size")
+        bs = int(math.ceil(min(int(batch_size), n) / nd) * nd)
         nb = int(math.ceil(n / bs))
         pad = nb * bs - n
         w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
@@ -300,7 +304,11 @@ class ClipLoss:
         return {s.name: slice(o, o + k) for s, o, k in
                 zip(self._layout.sites, self._layout.offsets, self._layout.sizes, strict=True)}
 
-    def _check_alpha(self, alpha, batched: bool = False):
+    def _check_alpha(self, alpha, batched: bool = False, positive: bool = False):
+        """α as float32 (host numpy, or jnp inside a user's transformation) of shape (n,) or
+        (K, n). With ``positive``, every entry must be finite and > 0: the loss itself is +inf
+        there (what optimizers expect), but a gradient, Hessian, logits or accuracy at such a
+        point would be silently meaningless."""
         traced = isinstance(alpha, jax.core.Tracer)  # called inside a user's transformation
         # Host-side conversion: an eager jnp op would compile a small XLA program for every new
         # input shape, and a long run (optimizers evaluate batches of many sizes) would pile up
@@ -312,6 +320,12 @@ class ClipLoss:
             shape = "(K, n)" if batched else "(n,)"
             raise ValueError(f"alpha has shape {alpha.shape}; expected {shape} with n = {self.n} "
                              f"({len(self.sites)} sites)")
+        if positive and not traced:
+            bad = np.flatnonzero(~(np.isfinite(alpha) & (alpha > 0)))
+            if bad.size:
+                name = next(n for n, sl in self.site_slices().items() if sl.start <= bad[0] < sl.stop)
+                raise ValueError(f"alpha must be finite and > 0 here; alpha[{bad[0]}] = {alpha[bad[0]]} "
+                                 f"(site {name!r}), {bad.size} such entr{'y' if bad.size == 1 else 'ies'}")
         return alpha
 
     def _place(self, alpha):
@@ -346,18 +360,20 @@ class ClipLoss:
 
     def grad(self, alpha) -> jax.Array:
         """∇L(α) of the straight-through surrogate, (n,)."""
-        return self._jit_grad(self._place(self._check_alpha(alpha)), self._state, self._x, self._y, self._w)
+        return self._jit_grad(self._place(self._check_alpha(alpha, positive=True)), self._state, self._x, self._y,
+                              self._w)
 
     def hvp(self, alpha, v) -> jax.Array:
         """∇²L(α)·v of the straight-through surrogate (forward-over-reverse), (n,)."""
-        return self._jit_hvp(self._place(self._check_alpha(alpha)), self._place(self._check_alpha(v)), self._state,
+        return self._jit_hvp(self._place(self._check_alpha(alpha, positive=True)), self._place(self._check_alpha(v)),
+                             self._state,
                              self._x, self._y, self._w)
 
     def hessian(self, alpha) -> jax.Array:
         """∇²L(α) of the straight-through surrogate, (n, n): n forward-over-reverse HVPs with
         the basis vectors (one compile), symmetrised. On CPU this is ~2x faster than
         ``jax.hessian``, whose vmapped tangents batch the convolution kernels."""
-        alpha = self._place(self._check_alpha(alpha))
+        alpha = self._place(self._check_alpha(alpha, positive=True))
         eye = np.eye(self.n, dtype=np.float32)
         cols = [self._jit_hvp(alpha, self._place(eye[i]), self._state, self._x, self._y, self._w)
                 for i in range(self.n)]
@@ -367,13 +383,14 @@ class ClipLoss:
     def logits(self, alpha, x) -> jax.Array:
         """(N, classes) logits of the quantized network at ``alpha`` for images ``x`` (N, ...):
         the forward pass the loss averages over, in one compiled call."""
-        alpha = self._place(self._check_alpha(alpha))
+        alpha = self._place(self._check_alpha(alpha, positive=True))
         return self._jit_logits(alpha, self._state, jnp.asarray(x, jnp.float32))
 
     def accuracy(self, alpha, split, batch_size: int = 500) -> float:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
-        alpha = self._place(self._check_alpha(alpha))
-        x, y = as_arrays(split)
+        alpha = self._place(self._check_alpha(alpha, positive=True))
+        x, y = as_arrays(split, "split", self.num_classes)
+        _check_positive_int(batch_size, "batch_size")
         bs = min(batch_size, len(x))
         correct = 0
         for start in range(0, len(x), bs):
@@ -396,6 +413,7 @@ class ClipLoss:
         """
         if stats not in ("quantized", "fp32"):
             raise ValueError(f"stats={stats!r} is not allowed; use 'quantized' or 'fp32'")
+        _check_positive_int(stats_size, "stats_size")
         calibration.make_rule(rule, **kw)  # validates the rule name and options
         traced_names = calibration.TRACED_OPTIONS.get(rule, ())
         static = tuple(sorted((k, v) for k, v in kw.items() if k not in traced_names))
@@ -490,7 +508,7 @@ class ClipLoss:
     def _weight_batch_sum(self, alpha):
         """(params, x, y, w) → Σ_i w_i · CE_i over one batch, quantized at the fixed ``alpha``
         (or FP32 with ``alpha=None``), the other collections of the network closed over."""
-        fixed = None if alpha is None else self._check_alpha(alpha)
+        fixed = None if alpha is None else self._check_alpha(alpha, positive=True)
         others = {k: v for k, v in self.variables.items() if k != "params"}
         specs = self._layout.specs if fixed is not None else {}
         alphas = self._layout.unflatten(fixed) if fixed is not None else {}
@@ -548,6 +566,18 @@ def _checked_bits(bits):
     return out
 
 
-def sites_of(model, variables, x) -> tuple[list[sites.Site], list]:
-    """All quantization sites of ``model`` (network order) and its conv→BN pairs."""
-    return sites.trace_sites(lambda v, x: model.apply(v, x, train=False), variables, jnp.asarray(x))
+def _check_flag(value, name: str) -> None:
+    """On/off options take a bool: a string such as "no" would otherwise count as on."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name}={value!r} must be True or False")
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def sites_of(model, variables, x, *, output: bool = False) -> tuple:
+    """All quantization sites of ``model`` (network order) and its conv→BN pairs; with ``output``
+    also the shape of the logits (a ``jax.ShapeDtypeStruct``), from the same abstract trace."""
+    return sites.trace_sites(lambda v, x: model.apply(v, x, train=False), variables, jnp.asarray(x), output=output)

@@ -57,9 +57,11 @@ class Split:
         return Split(self.x[idx], self.y[idx])
 
 
-def as_arrays(split, what: str = "split") -> tuple[np.ndarray, np.ndarray]:
+def as_arrays(split, what: str = "split", num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` as float32 images and int32 labels from a :class:`Split` or an ``(x, y)`` pair,
-    checking that both are non-empty arrays of one length; ``what`` names the argument in errors."""
+    checking that both are non-empty arrays of one length, and with ``num_classes`` (the model's
+    output width) that every label is in [0, num_classes): a label outside would make the
+    cross-entropy NaN and the accuracy silently 0. ``what`` names the argument in errors."""
     if isinstance(split, Split):
         x, y = split.x, split.y
     elif isinstance(split, (tuple, list)) and len(split) == 2:
@@ -73,6 +75,9 @@ def as_arrays(split, what: str = "split") -> tuple[np.ndarray, np.ndarray]:
                          f"{x.shape}, y {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{what}: labels y must be integers, got dtype {y.dtype}")
+    if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{what}: labels y must be in [0, {num_classes}) for a model with {num_classes} "
+                         f"outputs; got labels from {y.min()} to {y.max()}")
     return x, y.astype(np.int32)
 
 
@@ -140,6 +145,9 @@ def load(name: str, *, data_dir: str | None = None, calib_size: int = 512, seed:
     if name == "imagenet":
         max_train, max_test = max_train or 10_000, max_test or 10_000
     if name == "digits":
+        if data_dir is not None:  # bundled with scikit-learn: a directory here would be silently unused
+            raise ValueError(f"data_dir={data_dir!r} is not used by 'digits' (bundled with scikit-learn); "
+                             "leave it None")
         train, test, classes = _digits()
         train, test = _subset(train, max_train), _subset(test, max_test)
     else:

@@ -21,6 +21,7 @@ would not), and rescales until the scales stop moving.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import flax
 import jax
@@ -110,7 +111,13 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     if not (isinstance(max_rounds, int) and max_rounds >= 1):
         raise ValueError(f"max_rounds={max_rounds!r} must be a positive integer")
     runtime.check_precision(precision, "cross_layer_equalization")
-    x = jnp.asarray(x, jnp.float32)
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(f"variables must be the network's variables ({{'params': ..., 'batch_stats': ...}}, e.g. "
+                         f"net.variables), got {type(variables).__name__}")
+    x = np.asarray(x, np.float32)  # checked on the host: an eager jnp check compiles per shape
+    if x.ndim < 2 or x.shape[0] == 0 or not np.all(np.isfinite(x)):
+        raise ValueError(f"x must be a non-empty batch of finite images (N, ...), got shape {x.shape}")
+    x = jnp.asarray(x)
     folded = folding.fold_batchnorm(model, variables, x[:1])
     flat = {k: np.asarray(v, np.float32) for k, v in flax.traverse_util.flatten_dict(folded, sep="/").items()}
 

@@ -214,6 +214,10 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
 def save(qnet: QuantizedNetwork, path: str) -> str:
     """Write ``path``.json (the per-site table) and ``path``.npz (codes and the variables that
     are not quantized kernels), each atomically. Returns ``path``."""
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path) or os.fspath(path).endswith(os.sep):
+        raise ValueError(f"path={path!r} must name a file (the stem of {path!r}.json and .npz), not be "
+                         "empty or a directory")
+    path = os.fspath(path)
     flat = traverse_util.flatten_dict(jax.device_get(qnet.variables))
     quantized = {_kernel_path(n) for n in qnet.codes}
     arrays = {"code/" + n: c for n, c in qnet.codes.items()}

@@ -487,6 +487,8 @@ def _start_from(loss, init) -> np.ndarray:
 def with_bias_correction(loss, bias_correction: bool):
     """``loss`` itself, or a copy with the bias-correction option switched (only when it
     has weight sites, where the option changes anything)."""
+    if not isinstance(bias_correction, bool | np.bool_):
+        raise ValueError(f"bias_correction={bias_correction!r} must be True or False")
     has_weights = any(s.kind == "weight" for s in loss.sites)
     if not has_weights or bool(loss.options.get("bias_correction")) == bool(bias_correction):
         return loss
@@ -519,6 +521,8 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
     method = _check_method(method)
     maxiter = _check_maxiter(maxiter)
     grid = check_p_grid(p_grid)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r} must be a callable (called with a dict per iteration) or None")
     loss = with_bias_correction(loss, bias_correction)
     tracker = _Tracker(loss, t0, callback)
 
@@ -662,8 +666,14 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; allowed: {ALL_ROWS}")
+    if isinstance(seeds, int | np.integer) or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"seeds={seeds!r} must be a sequence of calibration-sampling seeds, e.g. range(3)")
+    seeds = tuple(seeds)
     if len(seeds) < 1:
         raise ValueError("seeds must name at least one calibration-sampling seed")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0]
+    if bad:
+        raise ValueError(f"seeds must be integers >= 0, got {bad[0]!r}")
     grid = check_p_grid(p_grid)
     maxiter = _check_maxiter(maxiter)
     rows = tuple(r for r in ALL_ROWS if r in rows)

@@ -15,6 +15,8 @@ This module measures that coupling four ways, all model-independent:
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -379,7 +381,7 @@ def flat_fraction(z, tol: float) -> float:
         ValueError: bad shape, NaN entries, no finite entry, or a negative/non-finite tol.
     """
     z = _grid(z, "z")
-    if not (np.isfinite(tol) and tol >= 0):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if np.any(np.isnan(z)):
         raise ValueError("z contains NaN")

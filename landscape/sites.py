@@ -149,6 +149,7 @@ class _Recorder:
         self.outputs: dict[str, list[tuple[int, ...]]] = {}
         self.inputs: dict[str, list] = {}
         self.activation_values: list[tuple[str, object]] = []
+        self.result = None  # what the traced function returned (shapes only)
 
     def _add(self, name, kind, shape):
         if name in self._seen:  # a module applied twice shares one α
@@ -179,15 +180,17 @@ def _record(apply_fn: Callable, *args) -> _Recorder:
         with _active(rec):
             return apply_fn(*a)
 
-    jax.eval_shape(run, *args)
+    rec.result = jax.eval_shape(run, *args)
     return rec
 
 
-def trace_sites(apply_fn: Callable, *args) -> tuple[list[Site], list[tuple[str, str, float]]]:
+def trace_sites(apply_fn: Callable, *args, output: bool = False):
     """Sites (call order) and (conv, batchnorm, ε) triples of ``apply_fn(*args)``, by abstract
-    tracing (no computation)."""
+    tracing (no computation); with ``output``, also the shape/dtype of what ``apply_fn`` returns
+    (a pytree of ``jax.ShapeDtypeStruct``, e.g. the logits)."""
     rec = _record(apply_fn, *args)
-    return [_with_macs(s, rec.outputs.get(s.name)) for s in rec.sites], rec.bn_pairs
+    found = [_with_macs(s, rec.outputs.get(s.name)) for s in rec.sites], rec.bn_pairs
+    return (*found, rec.result) if output else found
 
 
 #: Primitives whose every output value is one of its (first) operand's values: a layer reading a

@@ -58,6 +58,8 @@ dependency list short.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 import warnings
 import weakref
@@ -519,6 +521,8 @@ def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng, v0
             Q, h, beta, q = op.lanczos_step(Q, q, j)
             h = np.asarray(h, dtype=np.float64)
             beta = float(beta)
+            if not (np.all(np.isfinite(h)) and np.isfinite(beta)):
+                raise _not_finite(f"the Hessian-vector product of Lanczos step {j + 1}")
             if beta == 0.0:
                 # An invariant subspace was found: go on from a random direction orthogonal to the
                 # basis, decoupled from T (β = 0), so Lanczos can find eigenvalues outside it.
@@ -702,6 +706,16 @@ def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, rng, sizes
 
 # --------------------------------------------------------------------------------------------------
 # Validation
+
+
+def _positive_real(value) -> bool:
+    """A real, finite number > 0 (not a bool, not a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _not_finite(what: str) -> ValueError:
+    return ValueError(f"{what} are not finite (NaN or inf): f or its derivatives are not finite at x0; check "
+                      "that f(x0) is finite and x0 lies inside f's domain (e.g. no log or sqrt of a value <= 0)")
 
 
 def _check_positive_int(name, value, minimum=1):
@@ -911,11 +925,11 @@ def hessian_spectrum(
         raise ValueError(f"unknown trace_method {trace_method!r}; allowed: {', '.join(_TRACE_METHODS)}")
     if start not in _STARTS:
         raise ValueError(f"unknown start {start!r}; allowed: {', '.join(_STARTS)}")
-    if not (np.isfinite(tol) and tol > 0):
+    if not _positive_real(tol):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    if trace_rtol is not None and not (np.isfinite(trace_rtol) and trace_rtol > 0):
+    if trace_rtol is not None and not _positive_real(trace_rtol):
         raise ValueError(f"trace_rtol must be None or a positive number, got {trace_rtol!r}")
-    if density_sigma is not None and not (np.isfinite(density_sigma) and density_sigma > 0):
+    if density_sigma is not None and not _positive_real(density_sigma):
         raise ValueError(f"density_sigma must be None or a positive number, got {density_sigma!r}")
     probe_batch = _check_positive_int("probe_batch", probe_batch)
     max_restarts = _check_positive_int("max_restarts", max_restarts, minimum=0)
@@ -952,6 +966,8 @@ def hessian_spectrum(
         block = -(-n // n_blocks)
         H = _apply_blocks(op, None, block, "dense", n_rows=n, n=n, dtype=dtype)
         H = np.asarray(H, np.float64)
+        if not np.all(np.isfinite(H)):
+            raise _not_finite(f"{int(np.sum(~np.isfinite(H)))} of the {n}x{n} Hessian entries")
         norm = np.linalg.norm(H)
         info["asymmetry"] = float(np.linalg.norm(H - H.T) / norm) if norm > 0 else 0.0
         H = 0.5 * (H + H.T)  # rows are H e_i; symmetrise away the autodiff rounding

@@ -90,8 +90,15 @@ def loss_surface(loss, alpha, *, sites: Sequence = (0, 1), span=(0.5, 1.5), num:
     if not isinstance(num, int) or num < 2:
         raise ValueError(f"num={num!r} must be an integer >= 2")
     center = np.asarray(alpha, np.float64)
+    if center.shape != (loss.n,) or not np.all(np.isfinite(center) & (center > 0)):
+        shown = f"min {center.min():.4g}" if center.shape == (loss.n,) else f"shape {center.shape}"
+        raise ValueError(f"alpha must be a ({loss.n},) vector of finite α > 0, the point the slice passes "
+                         f"through; got {shown}")
     xs = _axis(center[i], span, num) if x is None else np.asarray(x, np.float64)
     ys = _axis(center[j], span, num) if y is None else np.asarray(y, np.float64)
+    for name, axis in (("x", xs), ("y", ys)):
+        if axis.ndim != 1 or axis.size == 0 or not np.all(np.isfinite(axis)):
+            raise ValueError(f"{name} must be a non-empty 1-D array of finite α values, got shape {axis.shape}")
     gx, gy = np.meshgrid(xs, ys)
     points = np.repeat(center[None], gx.size, axis=0)
     points[:, i] = gx.ravel()
@@ -141,6 +148,8 @@ def random_direction(params, seed: int = 0, *, norm: str = "filter"):
     """
     if norm not in ("filter", "layer", "none"):
         raise ValueError(f"norm={norm!r} is not allowed; use 'filter', 'layer' or 'none'")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     out = []
@@ -170,6 +179,11 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
     """
     if len(directions) not in (1, 2):
         raise ValueError("directions must hold one (line) or two (surface) pytrees")
+    for name, value, least in (("num", num, 2), ("chunk", chunk, 1)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ValueError(f"{name}={value!r} must be an integer >= {least}")
+    if len(span) != 2 or not all(np.isfinite(span)) or span[0] >= span[1]:
+        raise ValueError(f"span={span!r} must be (lo, hi) with finite lo < hi")
     coords = np.linspace(span[0], span[1], num)
     if len(directions) == 1:
         grid = coords[:, None]

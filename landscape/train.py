@@ -134,6 +134,8 @@ def _eval_fn(model, recipe, hook_phase):
 
 def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Argmax predictions (N,) in padded batches of ``batch_size``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     n = len(x)
     bs = min(batch_size, n)
     out = []
@@ -227,6 +229,11 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     ``$LANDSCAPE_CACHE/networks/<hash of the configuration>`` and reused.
     ``progress=None`` shows a bar unless ``$LANDSCAPE_PROGRESS=0``.
     """
+    if not isinstance(data, data_lib.Dataset):
+        raise ValueError(f"data must be a landscape.data.Dataset (from landscape.data.load), got "
+                         f"{type(data).__name__}")
+    if recipe is not None and not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe={recipe!r} must be a landscape.train.Recipe or None (FP32 training)")
     recipe = recipe or Recipe()
     d = DEFAULTS.get(data.name, DEFAULTS["cifar10"])
     epochs = d["epochs"] if epochs is None else epochs
@@ -238,8 +245,8 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     _check_positive("batch_size", batch_size, int)
     if not isinstance(weight_decay, int | float) or weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
-    if not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r} must be an integer")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
     batch_size = min(batch_size, len(data.train))
     if progress is None:
         progress = os.environ.get("LANDSCAPE_PROGRESS", "1") != "0"
@@ -280,6 +287,10 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         init_key, key = _phase_keys(seed)
         x0 = jnp.asarray(data.train.x[:batch_size])
         variables = model.init(init_key, x0, train=False)
+        # Labels beyond the logits would make the loss NaN one epoch later, hiding the cause.
+        width = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x0[:1]).shape[-1]
+        for name, split in (("data.train", data.train), ("data.test", data.test)):
+            data_lib.as_arrays(split, name, width)
         variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
         steps_per_epoch = len(data.train) // batch_size
         tx = recipe.transform(sgd(_schedule(lr, epochs * steps_per_epoch), weight_decay))

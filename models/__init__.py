@@ -36,6 +36,12 @@ def create(name: str, num_classes: int, **kw):
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
+    for key in ("widths", "hidden"):  # layer widths: a zero would fail deep inside an initializer
+        if key in kw:
+            value = kw[key]
+            if not isinstance(value, tuple | list) or not all(
+                    isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value):
+                raise ValueError(f"{key}={value!r} must be a tuple of positive integers (layer widths)")
     return _REGISTRY[name](num_classes, **kw)
 
 

@@ -146,3 +146,5 @@ def test_adaprune_bad_arguments(tiny_net, digits):
         ap.absorb_mean(np.ones((4, 2)), np.ones((4, 2)), block=2)
     with pytest.raises(ValueError, match="non-empty batch"):
         ap.adaprune(tiny_net, np.zeros((0, 8, 8, 1)))
+    with pytest.raises(ValueError, match="calibration images must be finite; 64 of"):
+        ap.adaprune(tiny_net, np.full((1, 8, 8, 1), np.nan))

@@ -115,8 +115,10 @@ def test_allocation_rejects_bad_budgets():
         allocate_bits(s, average_bits=3.0, budget_bits=3 * total)
     with pytest.raises(ValueError, match=r"below the .* bits of every site at 2 bits"):
         allocate_bits(s, average_bits=1.9)
-    with pytest.raises(ValueError, match="average_bits must be a positive number"):
-        allocate_bits(s, average_bits=float("nan"))
+    for name, bad in (("average_bits", float("nan")), ("average_bits", "3"), ("budget_bits", float("inf")),
+                      ("budget_bops", float("nan")), ("budget_bits", -5)):
+        with pytest.raises(ValueError, match=f"{name}={bad!r} must be a positive finite number"):
+            allocate_bits(s, **{name: bad}, **({"a_bits": 8} if name == "budget_bops" else {}))
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,10 @@ def test_sensitivity_reuses_a_spectrum_and_feeds_clip_loss(sensitivity, tiny_net
         ls.weight_sensitivity(loss.with_options(w_bits=None))
     with pytest.raises(ValueError, match="bits=1"):
         ls.weight_sensitivity(loss, bits=(1, 4), spectrum=s.spectrum)
+    with pytest.raises(ValueError, match="bits=2.7 is not allowed"):  # not cut down to 2
+        ls.weight_sensitivity(loss, bits=(2.7, 4), spectrum=s.spectrum)
+    with pytest.raises(ValueError, match=r"None, FP32, is not a candidate"):
+        ls.weight_sensitivity(loss, bits=(None, 4), spectrum=s.spectrum)
 
 
 def test_input_widths_follow_the_activation_sites(digits):

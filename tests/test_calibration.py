@@ -173,7 +173,17 @@ def test_large_tensors_are_sampled_and_still_accurate():
                                            ("lp", {"p": -1}, "p=-1"),
                                            ("percentile", {"q": 150}, "q=150"),
                                            ("aciq", {"distribution": "cauchy"}, "cauchy"),
+                                           ("lp", {"p": "3"}, "p='3' must be a number"),
+                                           ("lp", {"p": float("nan")}, "p=nan must be a number"),
                                            ("max", {"p": 2}, "unknown options")])
 def test_bad_rules(name, kw, match):
     with pytest.raises(ValueError, match=match):
         cal.make_rule(name, **kw)
+
+
+def test_numpy_scalars_are_numbers_for_rule_options():
+    """p and q from a numpy array (a sweep's grid) are accepted, as Python numbers are."""
+    x = np.random.default_rng(0).laplace(size=4096).astype(np.float32)
+    for kw in ({"p": np.float32(3.0)}, {"p": np.int64(2)}):
+        assert cal.clip_value(x, "lp", bits=4, **kw) == pytest.approx(cal.clip_value(x, "lp", bits=4, p=float(kw["p"])))
+    assert cal.clip_value(x, "percentile", bits=4, q=np.float64(99.0)) > 0

@@ -94,6 +94,11 @@ def test_loss_surface_and_line_on_quadratic():
         loss_surface(q, np.ones(2), sites=(0,))
     with pytest.raises(ValueError, match="unknown site"):
         loss_surface(q, np.ones(2), sites=(0, "zz"))
+    for bad in (np.array([1.0, -1.0]), np.array([np.nan, 1.0]), np.ones(3)):
+        with pytest.raises(ValueError, match=r"alpha must be a \(2,\) vector of finite α > 0"):
+            loss_surface(q, bad, sites=(0, 1), num=3)
+    with pytest.raises(ValueError, match=r"x must be a non-empty 1-D array of finite α values, got shape \(0,\)"):
+        loss_surface(q, np.ones(2), sites=(0, 1), x=[])
     with pytest.raises(ValueError, match="num=1 must be an integer >= 2"):
         loss_line(q, np.ones(2), np.ones(2), num=1)
     for t in ([], [[0.0, 1.0]], [0.0, np.nan]):
@@ -116,3 +121,9 @@ def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
     assert line.values.min() >= mid - 1e-3  # a trained minimum along a random line
     fq = loss.weight_loss(loss.init("max"))
     assert float(fq(params)) == pytest.approx(float(loss(loss.init("max"))), rel=1e-5)
+    for kw, match in (({"num": 0}, "num=0 must be an integer >= 2"), ({"chunk": 0}, "chunk=0 must be an integer >= 1"),
+                      ({"span": (1.0, -1.0)}, r"span=\(1.0, -1.0\) must be \(lo, hi\)")):
+        with pytest.raises(ValueError, match=match):
+            weight_surface(f, params, [d], **kw)
+    with pytest.raises(ValueError, match="seed='a' must be an integer >= 0"):
+        random_direction(params, seed="a")

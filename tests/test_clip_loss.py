@@ -205,7 +205,12 @@ def test_bad_per_site_bits(tiny_net, digits, kw, match):
     ({"w_bits": 4, "a_bits": 4, "sites": ["nope"]}, "unknown sites"),
     ({"w_bits": 4, "a_bits": 4, "weight_grid": "log"}, "grid='log'"),
     ({"w_bits": 4, "a_bits": 4, "chunk": 0}, "chunk=0"),
+    ({"w_bits": 4, "a_bits": 4, "chunk": 2.7}, "chunk=2.7 must be a positive integer"),
+    ({"w_bits": 4, "a_bits": 4, "batch_size": 0}, "batch_size=0 must be a positive integer"),
     ({"w_bits": 4, "a_bits": 4, "precision": "fp64"}, "precision='fp64'; allowed: 'highest'"),
+    ({"w_bits": 4, "a_bits": 4, "per_channel": "no"}, "per_channel='no' must be True or False"),
+    ({"w_bits": 4, "a_bits": 4, "bias_correction": "False"}, "bias_correction='False' must be True or False"),
+    ({"w_bits": 4, "a_bits": 4, "quantize_first_last": 1}, "quantize_first_last=1 must be True or False"),
 ])
 def test_bad_construction(tiny_net, digits, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -217,6 +222,37 @@ def test_bad_alpha_shape(loss4):
         loss4(jnp.ones(3))
     with pytest.raises(ValueError, match=r"\(K, n\)"):
         loss4.batch(jnp.ones(6))
+
+
+def test_derivatives_and_predictions_need_a_positive_finite_alpha(loss4, digits):
+    """The loss is +inf at α ≤ 0 (for optimizers); a gradient, Hessian, logits, accuracy or
+    weight loss there would be silently meaningless (zeros, chance accuracy), so they refuse."""
+    alpha = np.asarray(loss4.init("max"))
+    for bad, shown in ((np.where(np.arange(6) == 2, 0.0, alpha), r"alpha\[2\] = 0\.0 \(site 'relu0_1'\)"),
+                       (np.full(6, np.nan), r"alpha\[0\] = nan \(site 'relu0_0'\), 6 such entries")):
+        calls = (loss4.grad, loss4.hessian, lambda a: loss4.hvp(a, alpha), lambda a: loss4.logits(a, digits.test.x[:4]),
+                 lambda a: loss4.accuracy(a, digits.test), loss4.weight_loss, loss4.weight_loss_batches)
+        for call in calls:
+            with pytest.raises(ValueError, match="alpha must be finite and > 0 here; " + shown):
+                call(bad)
+    assert float(loss4(np.full(6, np.nan))) == np.inf  # the loss itself still answers
+    np.testing.assert_array_equal(np.asarray(loss4.hvp(alpha, -alpha)), -np.asarray(loss4.hvp(alpha, alpha)))
+
+
+def test_labels_outside_the_logits_and_bad_sizes_are_named(tiny_net, digits, loss4):
+    x, y = digits.calib.x, digits.calib.y
+    for labels in (y + 10, y - 20):
+        with pytest.raises(ValueError, match=r"calib: labels y must be in \[0, 10\) for a model with 10 outputs"):
+            ls.ClipLoss(tiny_net, (x, labels), w_bits=4, a_bits=4)
+    alpha = loss4.init("max")
+    outside = r"split: labels y must be in \[0, 10\) for a model with 10 outputs; got labels from 10 to 19"
+    with pytest.raises(ValueError, match=outside):
+        loss4.accuracy(alpha, (digits.test.x, digits.test.y + 10))
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
+            loss4.accuracy(alpha, digits.test, batch_size=bad)
+        with pytest.raises(ValueError, match=f"stats_size={bad!r} must be a positive integer"):
+            loss4.init("max", stats_size=bad)
 
 
 def test_user_model_from_quantizable_layers(digits):

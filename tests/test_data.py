@@ -40,6 +40,8 @@ def test_bad_names_and_sizes():
         ls.data.load("digits", calib_size=5000)
     with pytest.raises(ValueError, match="max_test=0"):
         ls.data.load("digits", max_test=0)
+    with pytest.raises(ValueError, match="data_dir='/somewhere' is not used by 'digits'"):
+        ls.data.load("digits", data_dir="/somewhere")
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         ls.data.load("digits", calib_size=10, seed=-1)
     with pytest.raises(ValueError, match="path=123 must be a directory path"):

@@ -86,6 +86,10 @@ def test_equalization_errors(resnet20):
         cross_layer_equalization(model, variables, x, tol=0)
     with pytest.raises(ValueError, match="max_rounds=0"):
         cross_layer_equalization(model, variables, x, max_rounds=0)
+    with pytest.raises(ValueError, match="variables must be the network's variables"):
+        cross_layer_equalization(model, variables["params"], x)
+    with pytest.raises(ValueError, match=r"non-empty batch of finite images \(N, ...\), got shape \(0, "):
+        cross_layer_equalization(model, variables, x[:0])
 
 
 def test_equalization_without_batchnorm():

@@ -82,6 +82,9 @@ def test_export_errors(tiny_net, digits, tmp_path):
     qnet = ls.export.quantize_network(loss, alpha)
     with pytest.raises(ValueError, match="not a quantized weight site"):
         qnet.dequantize("relu0_0")
+    for bad in ("", str(tmp_path) + "/", None):
+        with pytest.raises(ValueError, match="must name a file"):
+            ls.export.save(qnet, bad)
     ls.export.save(qnet, str(tmp_path / "q"))
     import models
 

@@ -122,6 +122,14 @@ def test_bad_method_maxiter_init_and_fp32_loss(tiny_net, digits, tiny_loss):
         lq.lapq(tiny_loss, init=good[:-1])
     with pytest.raises(ValueError, match="positive"):
         lq.lapq(tiny_loss, init=np.where(np.arange(len(good)) == 2, -1.0, good))
+    with pytest.raises(ValueError, match="bias_correction='no' must be True or False"):
+        lq.lapq(tiny_loss, init=good, bias_correction="no")
+    with pytest.raises(ValueError, match="callback=5 must be a callable"):
+        lq.lapq(tiny_loss, init=good, callback=5)
+    for seeds, match in ((3, "seeds=3 must be a sequence"), ([0.5], "seeds must be integers >= 0, got 0.5"),
+                         ([0, -1], "got -1")):
+        with pytest.raises(ValueError, match=match):
+            lq.compare_methods(tiny_loss, digits, seeds=seeds, rows=["FP32"])
 
 
 # --------------------------------------------------------------------------- bias correction

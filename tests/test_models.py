@@ -1,3 +1,5 @@
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -111,6 +113,10 @@ def test_unknown_model_and_bad_classes():
         models.create("vgg", num_classes=10)
     with pytest.raises(ValueError, match="num_classes=1"):
         models.create("mlp", num_classes=1)
+    for kw in ({"widths": (0,)}, {"widths": (4, 2.5)}, {"hidden": (-4,)}, {"hidden": 16}):
+        key, value = next(iter(kw.items()))
+        with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} must be a tuple of positive integers")):
+            models.create("cnn" if key == "widths" else "mlp", num_classes=10, **kw)
 
 
 def test_torchvision_import_roundtrip():

@@ -67,6 +67,8 @@ def test_cli_list_and_bad_arguments(capsys, tmp_path):
         paper_repro.main(["--preset", "tiny", "--bits", "1,x", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="data-dir"):
         paper_repro.main(["--preset", "mnist", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="uses scikit-learn's bundled digits"):
+        paper_repro.main(["--preset", "tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
     missing = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit, match=f"--data-dir '{missing}' is not a directory"):
         paper_repro.main(["--preset", "mnist", "--data-dir", missing, "--out", str(tmp_path)])

@@ -179,8 +179,9 @@ def test_flat_fraction():
     assert flat_fraction(z, 0.05) == pytest.approx(3 / 6)
     assert flat_fraction(z, 0.0) == pytest.approx(1 / 6)
     assert flat_fraction(z, 10.0) == pytest.approx(5 / 6)  # +inf is never flat
-    with pytest.raises(ValueError, match="tol"):
-        flat_fraction(z, -0.1)
+    for bad in (-0.1, "0.1", None):
+        with pytest.raises(ValueError, match=f"tol must be a finite number >= 0, got {bad!r}"):
+            flat_fraction(z, bad)
     with pytest.raises(ValueError, match="NaN"):
         flat_fraction(np.array([[1.0, np.nan], [1.0, 1.0]]), 0.1)
     with pytest.raises(ValueError, match="2-D"):

@@ -492,6 +492,14 @@ def test_bad_inputs_raise_clear_errors():
         hessian_spectrum(f, x0, num_probes=3)
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
         hessian_spectrum(f, x0, seed=-1)
+    for name in ("tol", "trace_rtol", "density_sigma"):
+        with pytest.raises(ValueError, match=f"{name} must be .*positive.* number, got '1e-4'"):
+            hessian_spectrum(f, x0, **{name: "1e-4"})
+    # f not finite at x0 (sqrt of negative values): named, on both paths, not a LinAlgError
+    with pytest.raises(ValueError, match=r"of the 5x5 Hessian entries are not finite .* inside f's domain"):
+        hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(5), top_k=2)
+    with pytest.raises(ValueError, match="Hessian-vector product of Lanczos step 1 are not finite"):
+        hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(600), method="lanczos", trace=False)
 
 
 # ------------------------------------------------------------------------------------------------ sharding

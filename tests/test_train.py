@@ -51,11 +51,12 @@ def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", guard)
     base = ls.train.numerics()
     assert guard in base and jax.default_backend() in base
-    foreign = "--xla_cpu_enable_fast_math=true" if jax.default_backend() != "cpu" else "--xla_gpu_deterministic_ops=true"
+    on_cpu = jax.default_backend() == "cpu"
+    foreign = "--xla_gpu_deterministic_ops=true" if on_cpu else "--xla_cpu_enable_fast_math=true"
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {foreign} "
                                     f"--xla_dump_to=/tmp/dump {guard}")
     assert ls.train.numerics() == base
-    own = "--xla_cpu_enable_fast_math=true" if jax.default_backend() == "cpu" else "--xla_gpu_deterministic_ops=true"
+    own = "--xla_cpu_enable_fast_math=true" if on_cpu else "--xla_gpu_deterministic_ops=true"
     monkeypatch.setenv("XLA_FLAGS", f"{own} {guard}")
     changed = ls.train.numerics()
     assert changed != base
@@ -69,6 +70,23 @@ def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
 def test_bad_training_arguments(digits, kw, match):
     with pytest.raises(ValueError, match=match):
         ls.train.fit(models.create("mlp", num_classes=10), digits, **kw)
+
+
+def test_training_names_bad_data_recipe_seed_and_labels(digits):
+    mlp = models.create("mlp", num_classes=10, hidden=(8,))
+    with pytest.raises(ValueError, match="data must be a landscape.data.Dataset .* got Split"):
+        ls.train.fit(mlp, digits.train, epochs=1)
+    with pytest.raises(ValueError, match="recipe='luq' must be a landscape.train.Recipe"):
+        ls.train.fit(mlp, digits, epochs=1, recipe="luq")
+    with pytest.raises(ValueError, match="seed=-1 must be an integer >= 0"):
+        ls.train.fit(mlp, digits, epochs=1, seed=-1)
+    # 10 digit classes for a 5-way head: named before any training step, not as a NaN loss later
+    with pytest.raises(ValueError, match=r"data.train: labels y must be in \[0, 5\) for a model with 5 outputs"):
+        ls.train.fit(models.create("mlp", num_classes=5, hidden=(8,)), digits, epochs=1, cache=False)
+    net = ls.train.fit(mlp, digits, epochs=1, cache=False)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
+            net.accuracy(digits.test, batch_size=bad)
 
 
 def test_triangular_schedule():
