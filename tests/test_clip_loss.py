@@ -1,3 +1,5 @@
+import inspect
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 import landscape as ls
+import models
 from landscape.layers import QuantConv, QuantDense, QuantReLU
 
 
@@ -272,36 +275,49 @@ def test_user_model_from_quantizable_layers(digits):
     assert np.isfinite(float(loss(loss.init("lp", p=2.5))))
 
 
-def test_sharded_calibration_matches_single_device(tmp_path):
-    script = textwrap.dedent("""
-        import json, sys
-        import numpy as np
-        import jax
-        import landscape as ls, models
-        data = ls.data.load("digits", calib_size=64, seed=0)
-        net = ls.train.fit(models.create("cnn", num_classes=10, widths=(4, 8)), data, epochs=1)
-        loss = ls.ClipLoss(net, data.calib, w_bits=3, a_bits=3)
-        a = loss.init("max")
-        out = dict(devices=len(jax.devices()), loss=float(loss(a)), batch=np.asarray(loss.batch(
-            np.stack([a, a * 1.1]))).tolist(), grad=np.asarray(loss.grad(a)).tolist(),
-            alpha=np.asarray(a).tolist(), mse=np.asarray(loss.init("mse")).tolist())
-        f, batches = loss.weight_loss_batches(a, batch_size=24)  # 24, 24, 16: each splits over 4
-        out["weight_batches"] = sum(len(b["y"]) / 64 * float(f(loss.variables["params"], b)) for b in batches)
-        out["weight_full"] = float(loss.weight_loss(a)(loss.variables["params"]))
-        out["shards"] = [len(b["x"].sharding.device_set) for b in batches]
-        print(json.dumps(out))
-    """)
-    env = dict(os.environ, LANDSCAPE_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
-    results = []
-    for flags in ("", "--xla_force_host_platform_device_count=4"):
-        env["XLA_FLAGS"] = flags
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        import json
+def _sharded_measure(net, data):
+    """What the sharded test compares, computed on the devices of this process."""
+    loss = ls.ClipLoss(net, data.calib, w_bits=3, a_bits=3)
+    a = loss.init("max")
+    out = dict(devices=len(jax.devices()), loss=float(loss(a)),
+               batch=np.asarray(loss.batch(np.stack([a, a * 1.1]))).tolist(), grad=np.asarray(loss.grad(a)).tolist(),
+               alpha=np.asarray(a).tolist(), mse=np.asarray(loss.init("mse")).tolist())
+    f, batches = loss.weight_loss_batches(a, batch_size=24)  # 24, 24, 16: each splits over 4
+    out["weight_batches"] = sum(len(b["y"]) / 64 * float(f(loss.variables["params"], b)) for b in batches)
+    out["weight_full"] = float(loss.weight_loss(a)(loss.variables["params"]))
+    out["shards"] = [len(b["x"].sharding.device_set) for b in batches]
+    return out
 
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    one, four = results
+
+# Run in a child process with four virtual CPU devices, after the source of _sharded_measure.
+_SHARDED_MAIN = textwrap.dedent("""
+    import json, sys
+    import models
+    data = ls.data.load("digits", calib_size=64, seed=0)
+    net = ls.train.load_network(models.create("cnn", num_classes=10, widths=(4, 8)), sys.argv[1])
+    print("RESULT" + json.dumps(_sharded_measure(net, data)))
+""")
+
+
+def test_sharded_calibration_matches_single_device(tmp_path):
+    """One network and calibration set on this process's single CPU device and, in a child
+    process, on four virtual devices (each calibration batch split over them)."""
+    data = ls.data.load("digits", calib_size=64, seed=0)
+    # No training needed to compare devices: a seeded initialisation, written for the child.
+    model = models.create("cnn", num_classes=10, widths=(4, 8))
+    variables = jax.device_get(model.init(jax.random.PRNGKey(0), data.calib.x[:1]))
+    net = ls.train.Network(model=model, variables=variables, config={}, history=[])
+    path = ls.train.save_network(net, str(tmp_path / "net"))
+    script = "import jax\nimport numpy as np\nimport landscape as ls\n\n" + inspect.getsource(_sharded_measure) \
+        + _SHARDED_MAIN
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip())
+    child = subprocess.Popen([sys.executable, "-c", script, path], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    one = _sharded_measure(net, data)  # meanwhile, here
+    stdout, stderr = child.communicate(timeout=600)
+    assert child.returncode == 0, stderr[-2000:]
+    four = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
     assert one["devices"] == 1 and four["devices"] == 4
     np.testing.assert_allclose(four["alpha"], one["alpha"], rtol=1e-6)
     # A 1-D search over a sharded mean: same minimum up to the reduction order.
