@@ -35,6 +35,17 @@ if jax.default_backend() != "cpu":
 landscape.enable_compilation_cache()  # identical programs across tests compile once
 
 
+# pytest-xdist (``--dist loadfile``) hands whole files to idle workers in collection order. The
+# longest files go first (longest-processing-time first), so the workers finish together instead
+# of one running a two-minute file alone at the end.
+LONGEST_FILES_FIRST = ("test_paper_repro.py", "test_lapq.py", "test_clip_loss.py", "test_spectrum.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order within a file
+
+
 @pytest.fixture(scope="session")
 def digits():
     import landscape as ls
