@@ -25,13 +25,11 @@ allocations of the same size on the MNIST resnet20.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from landscape import quantizers, sites
+from landscape import checks, quantizers, sites
 
 __all__ = ["Allocation", "Sensitivity", "allocate_bits", "input_widths", "weight_sensitivity"]
 
@@ -276,8 +274,7 @@ def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None
         raise ValueError("a_bits (the input activations' width) goes with budget_bops, and only with it")
     total = int(np.sum(s.sizes))
     for name, value in (("average_bits", average_bits), ("budget_bits", budget_bits), ("budget_bops", budget_bops)):
-        if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                                      and math.isfinite(value) and value > 0):
+        if value is not None and not checks.is_positive_finite(value):
             raise ValueError(f"{name}={value!r} must be a positive finite number")
     if budget_bops is not None:
         constraint, per_bit, budget = "bops", s._bops_per_bit(a_bits), budget_bops

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape import quantizers
+from landscape import checks, quantizers
 
 RULES = ("max", "percentile", "mse", "lp", "aciq", "kl")
 SEARCH_GRID = 128
@@ -305,20 +304,15 @@ def make_rule(name: str, **kw):
         allowed = ", ".join(defaults) or "none"
         raise ValueError(f"rule {name!r} got unknown options {sorted(unknown)}; allowed: {allowed}")
     opts = {**defaults, **kw}
-    if name == "percentile" and not (_real(opts["q"]) and 0 < opts["q"] <= 100):
+    if name == "percentile" and not (checks.is_real(opts["q"]) and 0 < opts["q"] <= 100):
         raise ValueError(f"percentile q={opts['q']!r} must be a number in (0, 100]")
-    if name == "lp" and not (_real(opts["p"]) and 0 < opts["p"] <= 16):
+    if name == "lp" and not (checks.is_real(opts["p"]) and 0 < opts["p"] <= 16):
         raise ValueError(f"lp p={opts['p']!r} must be a number in (0, 16]")
     if name == "aciq" and opts["distribution"] not in ("laplace", "gauss"):
         raise ValueError(f"aciq distribution={opts['distribution']!r}; use 'laplace' or 'gauss'")
     if name == "kl" and not (isinstance(opts["bins"], int) and opts["bins"] >= 16):
         raise ValueError(f"kl bins={opts['bins']!r} must be an integer >= 16")
     return bind_rule(name, **opts)
-
-
-def _real(value) -> bool:
-    """A real number (numpy scalars included), not a bool or a string."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def clip_value(x, rule: str, *, bits: int, grid: str = "midrise", **kw) -> float:

@@ -39,7 +39,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from landscape import calibration, folding, quantizers, runtime, sites
+from landscape import calibration, checks, folding, quantizers, runtime, sites
 from landscape.data import Split, as_arrays
 
 _MEMORY_BUDGET = 2 * 1024**3  # bytes of activations one vmapped chunk may hold
@@ -113,7 +113,7 @@ class ClipLoss:
         runtime.check_precision(precision, "ClipLoss")
         for name, value in (("quantize_first_last", quantize_first_last), ("per_channel", per_channel),
                             ("bias_correction", bias_correction), ("fold_bn", fold_bn)):
-            _check_flag(value, name)
+            checks.check_flag(value, name)
         self.net = net
         self.model = net.model
         x, y = as_arrays(calib, "calib")
@@ -133,7 +133,7 @@ class ClipLoss:
                                          per_channel, bias_correction)
         self._traces: collections.Counter = collections.Counter()
         if chunk is not None:
-            _check_positive_int(chunk, "chunk")
+            checks.check_int(chunk, "chunk")
         self._place_data(variables, x, y, batch_size)
         self.chunk = self._default_chunk() if chunk is None else int(chunk)
         self._jit_call = jax.jit(self._traced("call", self._loss))
@@ -191,7 +191,7 @@ class ClipLoss:
         n = len(x)
         if batch_size is None:
             batch_size = n if n <= 1024 else 512
-        _check_positive_int(batch_size, "batch_size")
+        checks.check_int(batch_size, "batch_size")
         bs = int(math.ceil(min(int(batch_size), n) / nd) * nd)
         nb = int(math.ceil(n / bs))
         pad = nb * bs - n
@@ -390,7 +390,7 @@ class ClipLoss:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
         alpha = self._place(self._check_alpha(alpha, positive=True))
         x, y = as_arrays(split, "split", self.num_classes)
-        _check_positive_int(batch_size, "batch_size")
+        checks.check_int(batch_size, "batch_size")
         bs = min(batch_size, len(x))
         correct = 0
         for start in range(0, len(x), bs):
@@ -413,7 +413,7 @@ class ClipLoss:
         """
         if stats not in ("quantized", "fp32"):
             raise ValueError(f"stats={stats!r} is not allowed; use 'quantized' or 'fp32'")
-        _check_positive_int(stats_size, "stats_size")
+        checks.check_int(stats_size, "stats_size")
         calibration.make_rule(rule, **kw)  # validates the rule name and options
         traced_names = calibration.TRACED_OPTIONS.get(rule, ())
         static = tuple(sorted((k, v) for k, v in kw.items() if k not in traced_names))
@@ -564,17 +564,6 @@ def _checked_bits(bits):
             raise ValueError(f"bit-width mappings are keyed by site name (str), got key {name!r}")
         out[name] = quantizers.check_bits(bits[name], f"site {name!r}")
     return out
-
-
-def _check_flag(value, name: str) -> None:
-    """On/off options take a bool: a string such as "no" would otherwise count as on."""
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(f"{name}={value!r} must be True or False")
-
-
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def sites_of(model, variables, x, *, output: bool = False) -> tuple:

@@ -55,6 +55,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import scipy.optimize
 
+from landscape import checks
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("powell", "cd", "batched")
@@ -487,8 +489,7 @@ def _start_from(loss, init) -> np.ndarray:
 def with_bias_correction(loss, bias_correction: bool):
     """``loss`` itself, or a copy with the bias-correction option switched (only when it
     has weight sites, where the option changes anything)."""
-    if not isinstance(bias_correction, bool | np.bool_):
-        raise ValueError(f"bias_correction={bias_correction!r} must be True or False")
+    checks.check_flag(bias_correction, "bias_correction")
     has_weights = any(s.kind == "weight" for s in loss.sites)
     if not has_weights or bool(loss.options.get("bias_correction")) == bool(bias_correction):
         return loss

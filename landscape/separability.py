@@ -16,10 +16,11 @@ This module measures that coupling four ways, all model-independent:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from landscape import checks
 
 __all__ = [
     "SeparabilityIndex",
@@ -381,7 +382,7 @@ def flat_fraction(z, tol: float) -> float:
         ValueError: bad shape, NaN entries, no finite entry, or a negative/non-finite tol.
     """
     z = _grid(z, "z")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol >= 0):
+    if not (checks.is_real(tol) and math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if np.any(np.isnan(z)):
         raise ValueError("z contains NaN")

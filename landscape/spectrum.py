@@ -58,8 +58,6 @@ dependency list short.
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 import warnings
 import weakref
@@ -71,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape import runtime
+from landscape import checks, runtime
 
 __all__ = ["DENSE_MAX_DIM", "LINEARIZE_MAX_BYTES", "HessianSpectrum", "hessian_spectrum", "linearize_budget"]
 
@@ -708,11 +706,6 @@ def _trace(op, n, dtype, method, num_probes, block, rtol, max_probes, rng, sizes
 # Validation
 
 
-def _positive_real(value) -> bool:
-    """A real, finite number > 0 (not a bool, not a string)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 def _not_finite(what: str) -> ValueError:
     return ValueError(f"{what} are not finite (NaN or inf): f or its derivatives are not finite at x0; check "
                       "that f(x0) is finite and x0 lies inside f's domain (e.g. no log or sqrt of a value <= 0)")
@@ -925,11 +918,11 @@ def hessian_spectrum(
         raise ValueError(f"unknown trace_method {trace_method!r}; allowed: {', '.join(_TRACE_METHODS)}")
     if start not in _STARTS:
         raise ValueError(f"unknown start {start!r}; allowed: {', '.join(_STARTS)}")
-    if not _positive_real(tol):
+    if not checks.is_positive_finite(tol):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    if trace_rtol is not None and not _positive_real(trace_rtol):
+    if trace_rtol is not None and not checks.is_positive_finite(trace_rtol):
         raise ValueError(f"trace_rtol must be None or a positive number, got {trace_rtol!r}")
-    if density_sigma is not None and not _positive_real(density_sigma):
+    if density_sigma is not None and not checks.is_positive_finite(density_sigma):
         raise ValueError(f"density_sigma must be None or a positive number, got {density_sigma!r}")
     probe_batch = _check_positive_int("probe_batch", probe_batch)
     max_restarts = _check_positive_int("max_restarts", max_restarts, minimum=0)

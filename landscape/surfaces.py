@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from landscape import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class Surface:
@@ -148,8 +150,7 @@ def random_direction(params, seed: int = 0, *, norm: str = "filter"):
     """
     if norm not in ("filter", "layer", "none"):
         raise ValueError(f"norm={norm!r} is not allowed; use 'filter', 'layer' or 'none'")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    checks.check_int(seed, "seed", minimum=0)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     out = []
@@ -179,9 +180,8 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
     """
     if len(directions) not in (1, 2):
         raise ValueError("directions must hold one (line) or two (surface) pytrees")
-    for name, value, least in (("num", num, 2), ("chunk", chunk, 1)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
-            raise ValueError(f"{name}={value!r} must be an integer >= {least}")
+    checks.check_int(num, "num", minimum=2)
+    checks.check_int(chunk, "chunk")
     if len(span) != 2 or not all(np.isfinite(span)) or span[0] >= span[1]:
         raise ValueError(f"span={span!r} must be (lo, hi) with finite lo < hi")
     coords = np.linspace(span[0], span[1], num)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from landscape import checks, layers
 from landscape import data as data_lib
-from landscape import layers
 
 FORMAT_VERSION = 1
 
@@ -134,8 +134,7 @@ def _eval_fn(model, recipe, hook_phase):
 
 def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Argmax predictions (N,) in padded batches of ``batch_size``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    checks.check_int(batch_size, "batch_size")
     n = len(x)
     bs = min(batch_size, n)
     out = []

@@ -121,7 +121,8 @@ def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
     assert line.values.min() >= mid - 1e-3  # a trained minimum along a random line
     fq = loss.weight_loss(loss.init("max"))
     assert float(fq(params)) == pytest.approx(float(loss(loss.init("max"))), rel=1e-5)
-    for kw, match in (({"num": 0}, "num=0 must be an integer >= 2"), ({"chunk": 0}, "chunk=0 must be an integer >= 1"),
+    for kw, match in (({"num": 0}, "num=0 must be an integer >= 2"),
+                      ({"chunk": 0}, "chunk=0 must be a positive integer"),
                       ({"span": (1.0, -1.0)}, r"span=\(1.0, -1.0\) must be \(lo, hi\)")):
         with pytest.raises(ValueError, match=match):
             weight_surface(f, params, [d], **kw)
