@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from landscape import calibration, checks, folding, quantizers, runtime, sites
-from landscape.data import Split, as_arrays
+from landscape.data import Split, as_arrays, check_labels
 
 _MEMORY_BUDGET = 2 * 1024**3  # bytes of activations one vmapped chunk may hold
 
@@ -128,7 +128,7 @@ class ClipLoss:
             variables = folding.fold_batchnorm(self.model, variables, x[:1])
         self.all_sites, _, logits = sites_of(self.model, variables, x[:1], output=True)
         self.num_classes = int(logits.shape[-1])
-        as_arrays((x, y), "calib", self.num_classes)  # labels the logits can score
+        check_labels(y, self.num_classes, "calib")  # labels the logits can score
         self._layout = self._make_layout(sites, w_bits, a_bits, quantize_first_last, weight_grid,
                                          per_channel, bias_correction)
         self._traces: collections.Counter = collections.Counter()
@@ -365,9 +365,8 @@ class ClipLoss:
 
     def hvp(self, alpha, v) -> jax.Array:
         """∇²L(α)·v of the straight-through surrogate (forward-over-reverse), (n,)."""
-        return self._jit_hvp(self._place(self._check_alpha(alpha, positive=True)), self._place(self._check_alpha(v)),
-                             self._state,
-                             self._x, self._y, self._w)
+        alpha, v = self._place(self._check_alpha(alpha, positive=True)), self._place(self._check_alpha(v))
+        return self._jit_hvp(alpha, v, self._state, self._x, self._y, self._w)
 
     def hessian(self, alpha) -> jax.Array:
         """∇²L(α) of the straight-through surrogate, (n, n): n forward-over-reverse HVPs with

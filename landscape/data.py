@@ -60,8 +60,7 @@ class Split:
 def as_arrays(split, what: str = "split", num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` as float32 images and int32 labels from a :class:`Split` or an ``(x, y)`` pair,
     checking that both are non-empty arrays of one length, and with ``num_classes`` (the model's
-    output width) that every label is in [0, num_classes): a label outside would make the
-    cross-entropy NaN and the accuracy silently 0. ``what`` names the argument in errors."""
+    output width) :func:`check_labels`. ``what`` names the argument in errors."""
     if isinstance(split, Split):
         x, y = split.x, split.y
     elif isinstance(split, (tuple, list)) and len(split) == 2:
@@ -75,10 +74,18 @@ def as_arrays(split, what: str = "split", num_classes: int | None = None) -> tup
                          f"{x.shape}, y {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{what}: labels y must be integers, got dtype {y.dtype}")
-    if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
+    if num_classes is not None:
+        check_labels(y, num_classes, what)
+    return x, y.astype(np.int32)
+
+
+def check_labels(y, num_classes: int, what: str = "split") -> None:
+    """Every label in [0, num_classes), the model's output width: a label outside would make the
+    cross-entropy NaN and the accuracy silently 0."""
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"{what}: labels y must be in [0, {num_classes}) for a model with {num_classes} "
                          f"outputs; got labels from {y.min()} to {y.max()}")
-    return x, y.astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)

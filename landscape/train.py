@@ -289,7 +289,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         # Labels beyond the logits would make the loss NaN one epoch later, hiding the cause.
         width = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x0[:1]).shape[-1]
         for name, split in (("data.train", data.train), ("data.test", data.test)):
-            data_lib.as_arrays(split, name, width)
+            data_lib.check_labels(split.y, width, name)
         variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
         steps_per_epoch = len(data.train) // batch_size
         tx = recipe.transform(sgd(_schedule(lr, epochs * steps_per_epoch), weight_decay))
