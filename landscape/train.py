@@ -201,14 +201,6 @@ def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> N
 # --------------------------------------------------------------------------- training
 
 
-def _check_positive(name, value, kind=float):
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok:
-        raise ValueError(f"{name}={value!r} must be a positive {'integer' if kind is int else 'number'}")
-
-
 def _kernel_mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
 
@@ -239,13 +231,11 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     lr = d["lr"] if lr is None else lr
     batch_size = d["batch_size"] if batch_size is None else batch_size
     weight_decay = d["weight_decay"] if weight_decay is None else weight_decay
-    _check_positive("epochs", epochs, int)
-    _check_positive("lr", lr)
-    _check_positive("batch_size", batch_size, int)
-    if not isinstance(weight_decay, int | float) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    epochs = checks.check_int(epochs, "epochs")
+    lr = checks.check_positive(lr, "lr")
+    batch_size = checks.check_int(batch_size, "batch_size")
+    weight_decay = checks.check_positive(weight_decay, "weight_decay", allow_zero=True)
+    seed = checks.check_int(seed, "seed", minimum=0)
     batch_size = min(batch_size, len(data.train))
     if progress is None:
         progress = os.environ.get("LANDSCAPE_PROGRESS", "1") != "0"

@@ -64,12 +64,29 @@ def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
     assert ls.train.numerics() == changed
 
 
-@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs=0"), ({"lr": -1.0}, "lr=-1.0"),
-                                      ({"batch_size": 2.5}, "batch_size=2.5"),
-                                      ({"weight_decay": -1}, "weight_decay=-1"), ({"seed": "a"}, "seed='a'")])
+@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs=0 must be a positive integer"),
+                                      ({"epochs": 2.0}, "epochs=2.0 must be a positive integer"),
+                                      ({"lr": -1.0}, "lr=-1.0 must be a positive finite number"),
+                                      ({"lr": "0.1"}, "lr='0.1' must be a positive finite number"),
+                                      ({"lr": float("inf")}, "lr=inf must be a positive finite number"),
+                                      ({"batch_size": 2.5}, "batch_size=2.5 must be a positive integer"),
+                                      ({"batch_size": True}, "batch_size=True must be a positive integer"),
+                                      ({"weight_decay": -1}, "weight_decay=-1 must be a finite number >= 0"),
+                                      ({"weight_decay": float("nan")}, "weight_decay=nan must be a finite number"),
+                                      ({"seed": "a"}, "seed='a' must be an integer >= 0")])
 def test_bad_training_arguments(digits, kw, match):
     with pytest.raises(ValueError, match=match):
         ls.train.fit(models.create("mlp", num_classes=10), digits, **kw)
+
+
+def test_training_takes_numpy_scalars(digits):
+    """Values from a numpy sweep grid train as the equal Python numbers do, and the configuration
+    (hashed as JSON for the cache key) holds Python numbers."""
+    model = models.create("mlp", num_classes=10, hidden=(8,))
+    net = ls.train.fit(model, digits, epochs=np.int64(1), lr=np.float32(0.05), batch_size=np.int64(64),
+                       weight_decay=np.float32(0.0), seed=np.int64(0), cache=False)
+    assert all(type(net.config[k]) is int for k in ("epochs", "batch_size", "seed"))
+    assert all(type(net.config[k]) is float for k in ("lr", "weight_decay"))
 
 
 def test_training_names_bad_data_recipe_seed_and_labels(digits):
