@@ -103,9 +103,11 @@ class Network:
 
     def accuracy(self, split: data_lib.Split, batch_size: int = 1000) -> float:
         """Top-1 accuracy on a split (or an (x, y) pair), in fixed-size (padded) batches: one
-        compilation."""
+        compilation. Labels outside the model's outputs are an error, not a silent miss."""
         x, y = data_lib.as_arrays(split)
-        return float(np.mean(predict(self, x, batch_size) == y))
+        predictions, width = _predict(self, x, batch_size)
+        data_lib.check_labels(y, width, "split")
+        return float(np.mean(predictions == y))
 
     def __repr__(self) -> str:
         acc = self.history[-1].get("test_acc") if self.history else None
@@ -134,6 +136,12 @@ def _eval_fn(model, recipe, hook_phase):
 
 def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Argmax predictions (N,) in padded batches of ``batch_size``."""
+    return _predict(net, x, batch_size)[0]
+
+
+def _predict(net: Network, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+    """(argmax predictions (N,), the number of outputs): the width is read off the logits already
+    computed, so that checking labels against it costs no forward pass or trace of its own."""
     checks.check_int(batch_size, "batch_size")
     n = len(x)
     bs = min(batch_size, n)
@@ -143,8 +151,9 @@ def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         pad = bs - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(jnp.argmax(net.apply(chunk), -1))[: bs - pad])
-    return np.concatenate(out)
+        logits = net.apply(chunk)
+        out.append(np.asarray(jnp.argmax(logits, -1))[: bs - pad])
+    return np.concatenate(out), int(logits.shape[-1])
 
 
 # --------------------------------------------------------------------------- caching

@@ -106,6 +106,19 @@ def test_training_names_bad_data_recipe_seed_and_labels(digits):
             net.accuracy(digits.test, batch_size=bad)
 
 
+def test_accuracy_names_labels_beyond_the_outputs(digits):
+    """Label 12 for a 10-way head never equals an argmax: it counted as a silent miss. The width
+    comes from the logits accuracy computes anyway (an untrained network is enough to see it)."""
+    model = models.create("mlp", num_classes=10, hidden=(8,))
+    net = ls.train.Network(model, model.init(jax.random.key(0), digits.test.x[:1], train=False), {}, [])
+    x = digits.test.x[:4]
+    for y, low, high in (([0, 1, 2, 12], 0, 12), ([-1, 1, 2, 3], -1, 3)):
+        with pytest.raises(ValueError, match=rf"split: labels y must be in \[0, 10\) for a model with 10 "
+                                             rf"outputs; got labels from {low} to {high}"):
+            net.accuracy((x, np.array(y)), batch_size=3)
+    assert 0.0 <= net.accuracy((x, np.array([0, 1, 2, 9])), batch_size=3) <= 1.0
+
+
 def test_triangular_schedule():
     s = ls.train.triangular_schedule(0.01, 0.1, 100)
     assert float(s(0)) == pytest.approx(0.01)
