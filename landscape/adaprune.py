@@ -26,7 +26,6 @@ calibration set in one training-mode pass, rather than a momentum average over b
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import time
 from dataclasses import dataclass
@@ -38,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from landscape import checks, runtime, sparsity, train
 from landscape import layers as qlayers
-from landscape import runtime, sparsity, train
 from landscape.data import Split
 from landscape.layerwise import layer_mse, record_layers
 
@@ -153,19 +152,6 @@ class AdaPruneResult:
 # validation
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value, name: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
-
-
 def _calibration_images(calib) -> np.ndarray:
     if isinstance(calib, Split):
         x = calib.x
@@ -201,7 +187,7 @@ def absorb_mean(kernel, mask, *, block: int) -> np.ndarray:
     if m.dtype != bool or m.shape != w.shape:
         raise ValueError(f"mask must be a boolean array of the kernel's shape {w.shape}, got "
                          f"{m.dtype} {m.shape}")
-    M = _positive_int(block, "block")
+    M = checks.check_int(block, "block")
     gw, gm = sparsity.gemm_matrix(w), sparsity.gemm_matrix(m)
     R = gw.shape[0]
     pad = (-R) % M
@@ -233,10 +219,10 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
     Returns a :class:`LayerFit`; the kept result is the candidate (S ⊙ W, init, Adam result) with
     the lowest MSE on the whole of ``x``.
     """
-    iterations = _positive_int(iterations, "iterations")
-    batch_size = _positive_int(batch_size, "batch_size")
-    lr = _positive_float(lr, "lr")
-    bias_lr = _positive_float(bias_lr, "bias_lr")
+    iterations = checks.check_int(iterations, "iterations")
+    batch_size = checks.check_int(batch_size, "batch_size")
+    lr = checks.check_positive(lr, "lr")
+    bias_lr = checks.check_positive(bias_lr, "bias_lr")
     runtime.check_precision(precision, "prune_layer")
     w = jnp.asarray(kernel, jnp.float32)
     m = np.asarray(mask)

@@ -32,8 +32,26 @@ def check_flag(value, name: str) -> bool:
 
 
 def check_int(value, name: str, minimum: int = 1) -> int:
-    """An integer (numpy's too, not a bool) ≥ ``minimum``; returned as a Python int."""
+    """An integer (numpy's too, not a bool) ≥ ``minimum``; returned as a Python int.
+
+    A whole float (``3.0``) is refused too: ``range``, array shapes and slicing reject it later,
+    far from the argument that carried it.
+    """
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) or value < minimum:
         wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name}={value!r} must be {wanted}")
     return int(value)
+
+
+def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    """A finite real number (numpy's too, not a bool) > 0, or ≥ 0 with ``allow_zero``; returned
+    as a Python float.
+
+    Finite because an infinite or NaN rate, step or penalty does not fail where it is passed but
+    turns every later result into NaN. The float return keeps numpy scalars out of the JSON
+    configurations and cache keys built from these values.
+    """
+    if not (is_real(value) and math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+        wanted = "a finite number >= 0" if allow_zero else "a positive finite number"
+        raise ValueError(f"{name}={value!r} must be {wanted}")
+    return float(value)

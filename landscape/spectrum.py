@@ -711,12 +711,6 @@ def _not_finite(what: str) -> ValueError:
                       "that f(x0) is finite and x0 lies inside f's domain (e.g. no log or sqrt of a value <= 0)")
 
 
-def _check_positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _flatten_and_check(f, x0, args=()):
     """(x0 as one host vector, the traceable inverse, the host inverse, x0's structure) after
     checking x0 and f(x0, *args); see :func:`_ravel_on_host`."""
@@ -924,13 +918,15 @@ def hessian_spectrum(
         raise ValueError(f"trace_rtol must be None or a positive number, got {trace_rtol!r}")
     if density_sigma is not None and not checks.is_positive_finite(density_sigma):
         raise ValueError(f"density_sigma must be None or a positive number, got {density_sigma!r}")
-    probe_batch = _check_positive_int("probe_batch", probe_batch)
-    max_restarts = _check_positive_int("max_restarts", max_restarts, minimum=0)
-    density_runs = _check_positive_int("density_runs", density_runs)
-    density_steps = _check_positive_int("density_steps", density_steps)
-    density_grid = _check_positive_int("density_grid", density_grid, minimum=2)
-    num_probes = _check_positive_int("num_probes", num_probes, minimum=4 if trace_method == "hutch++" else 2)
-    seed = _check_positive_int("seed", seed, minimum=0)
+    probe_batch = checks.check_int(probe_batch, "probe_batch")
+    max_restarts = checks.check_int(max_restarts, "max_restarts", minimum=0)
+    density_runs = checks.check_int(density_runs, "density_runs")
+    density_steps = checks.check_int(density_steps, "density_steps")
+    density_grid = checks.check_int(density_grid, "density_grid", minimum=2)
+    num_probes = checks.check_int(num_probes, "num_probes", minimum=4 if trace_method == "hutch++" else 2)
+    seed = checks.check_int(seed, "seed", minimum=0)
+    if lanczos_steps is not None:
+        lanczos_steps = checks.check_int(lanczos_steps, "lanczos_steps")
 
     terms = None if batches is None else _check_batches(batches)
     flat, unravel, unravel_host, structure = _flatten_and_check(f, x0, () if terms is None else (terms[0][1],))
@@ -978,7 +974,6 @@ def hessian_spectrum(
             nodes_out = (evals[None, :], np.full((1, n), 1.0 / n))
     else:
         m = min(n, lanczos_steps if lanczos_steps is not None else max(40, 4 * top_k))
-        m = _check_positive_int("lanczos_steps", m)
         if m < n and m < top_k + 2:
             raise ValueError(f"lanczos_steps must be at least top_k + 2 = {top_k + 2} (or >= n), got {m}")
         if start == "auto":

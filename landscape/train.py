@@ -103,9 +103,11 @@ class Network:
 
     def accuracy(self, split: data_lib.Split, batch_size: int = 1000) -> float:
         """Top-1 accuracy on a split (or an (x, y) pair), in fixed-size (padded) batches: one
-        compilation."""
+        compilation. Labels outside the model's outputs are an error, not a silent miss."""
         x, y = data_lib.as_arrays(split)
-        return float(np.mean(predict(self, x, batch_size) == y))
+        predictions, width = _predict(self, x, batch_size)
+        data_lib.check_labels(y, width, "split")
+        return float(np.mean(predictions == y))
 
     def __repr__(self) -> str:
         acc = self.history[-1].get("test_acc") if self.history else None
@@ -134,6 +136,12 @@ def _eval_fn(model, recipe, hook_phase):
 
 def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Argmax predictions (N,) in padded batches of ``batch_size``."""
+    return _predict(net, x, batch_size)[0]
+
+
+def _predict(net: Network, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+    """(argmax predictions (N,), the number of outputs): the width is read off the logits already
+    computed, so that checking labels against it costs no forward pass or trace of its own."""
     checks.check_int(batch_size, "batch_size")
     n = len(x)
     bs = min(batch_size, n)
@@ -143,8 +151,9 @@ def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         pad = bs - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(jnp.argmax(net.apply(chunk), -1))[: bs - pad])
-    return np.concatenate(out)
+        logits = net.apply(chunk)
+        out.append(np.asarray(jnp.argmax(logits, -1))[: bs - pad])
+    return np.concatenate(out), int(logits.shape[-1])
 
 
 # --------------------------------------------------------------------------- caching
@@ -201,14 +210,6 @@ def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> N
 # --------------------------------------------------------------------------- training
 
 
-def _check_positive(name, value, kind=float):
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok:
-        raise ValueError(f"{name}={value!r} must be a positive {'integer' if kind is int else 'number'}")
-
-
 def _kernel_mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
 
@@ -239,13 +240,11 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     lr = d["lr"] if lr is None else lr
     batch_size = d["batch_size"] if batch_size is None else batch_size
     weight_decay = d["weight_decay"] if weight_decay is None else weight_decay
-    _check_positive("epochs", epochs, int)
-    _check_positive("lr", lr)
-    _check_positive("batch_size", batch_size, int)
-    if not isinstance(weight_decay, int | float) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    epochs = checks.check_int(epochs, "epochs")
+    lr = checks.check_positive(lr, "lr")
+    batch_size = checks.check_int(batch_size, "batch_size")
+    weight_decay = checks.check_positive(weight_decay, "weight_decay", allow_zero=True)
+    seed = checks.check_int(seed, "seed", minimum=0)
     batch_size = min(batch_size, len(data.train))
     if progress is None:
         progress = os.environ.get("LANDSCAPE_PROGRESS", "1") != "0"

@@ -139,9 +139,12 @@ def test_adaprune_bad_arguments(tiny_net, digits):
         ap.adaprune(tiny_net, digits.calib, layers=["nope"])
     with pytest.raises(ValueError, match="no layer to prune"):
         ap.adaprune(tiny_net, digits.calib, layers=[])
-    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+    with pytest.raises(ValueError, match="iterations=0 must be a positive integer"):
         ap.prune_layer(np.ones((4, 2)), np.ones((4, 2)), np.ones((2, 2)), np.ones((2, 2), bool), jnp.dot,
                        iterations=0)
+    with pytest.raises(ValueError, match="bias_lr=nan must be a positive finite number"):
+        ap.prune_layer(np.ones((4, 2)), np.ones((4, 2)), np.ones((2, 2)), np.ones((2, 2), bool), jnp.dot,
+                       bias_lr=float("nan"))
     with pytest.raises(ValueError, match="boolean array of the kernel's shape"):
         ap.absorb_mean(np.ones((4, 2)), np.ones((4, 2)), block=2)
     with pytest.raises(ValueError, match="non-empty batch"):

@@ -490,8 +490,11 @@ def test_bad_inputs_raise_clear_errors():
         hessian_spectrum(lambda x: jnp.sum(x**2), jnp.ones(600), top_k=5, lanczos_steps=6)
     with pytest.raises(ValueError, match="num_probes"):
         hessian_spectrum(f, x0, num_probes=3)
-    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="seed=-1 must be an integer >= 0"):
         hessian_spectrum(f, x0, seed=-1)
+    # named as a bad argument, not a TypeError from min(n, "8")
+    with pytest.raises(ValueError, match="lanczos_steps='8' must be a positive integer"):
+        hessian_spectrum(f, x0, lanczos_steps="8")
     for name in ("tol", "trace_rtol", "density_sigma"):
         with pytest.raises(ValueError, match=f"{name} must be .*positive.* number, got '1e-4'"):
             hessian_spectrum(f, x0, **{name: "1e-4"})

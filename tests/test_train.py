@@ -64,12 +64,29 @@ def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
     assert ls.train.numerics() == changed
 
 
-@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs=0"), ({"lr": -1.0}, "lr=-1.0"),
-                                      ({"batch_size": 2.5}, "batch_size=2.5"),
-                                      ({"weight_decay": -1}, "weight_decay=-1"), ({"seed": "a"}, "seed='a'")])
+@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs=0 must be a positive integer"),
+                                      ({"epochs": 2.0}, "epochs=2.0 must be a positive integer"),
+                                      ({"lr": -1.0}, "lr=-1.0 must be a positive finite number"),
+                                      ({"lr": "0.1"}, "lr='0.1' must be a positive finite number"),
+                                      ({"lr": float("inf")}, "lr=inf must be a positive finite number"),
+                                      ({"batch_size": 2.5}, "batch_size=2.5 must be a positive integer"),
+                                      ({"batch_size": True}, "batch_size=True must be a positive integer"),
+                                      ({"weight_decay": -1}, "weight_decay=-1 must be a finite number >= 0"),
+                                      ({"weight_decay": float("nan")}, "weight_decay=nan must be a finite number"),
+                                      ({"seed": "a"}, "seed='a' must be an integer >= 0")])
 def test_bad_training_arguments(digits, kw, match):
     with pytest.raises(ValueError, match=match):
         ls.train.fit(models.create("mlp", num_classes=10), digits, **kw)
+
+
+def test_training_takes_numpy_scalars(digits):
+    """Values from a numpy sweep grid train as the equal Python numbers do, and the configuration
+    (hashed as JSON for the cache key) holds Python numbers."""
+    model = models.create("mlp", num_classes=10, hidden=(8,))
+    net = ls.train.fit(model, digits, epochs=np.int64(1), lr=np.float32(0.05), batch_size=np.int64(64),
+                       weight_decay=np.float32(0.0), seed=np.int64(0), cache=False)
+    assert all(type(net.config[k]) is int for k in ("epochs", "batch_size", "seed"))
+    assert all(type(net.config[k]) is float for k in ("lr", "weight_decay"))
 
 
 def test_training_names_bad_data_recipe_seed_and_labels(digits):
@@ -87,6 +104,19 @@ def test_training_names_bad_data_recipe_seed_and_labels(digits):
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
             net.accuracy(digits.test, batch_size=bad)
+
+
+def test_accuracy_names_labels_beyond_the_outputs(digits):
+    """Label 12 for a 10-way head never equals an argmax: it counted as a silent miss. The width
+    comes from the logits accuracy computes anyway (an untrained network is enough to see it)."""
+    model = models.create("mlp", num_classes=10, hidden=(8,))
+    net = ls.train.Network(model, model.init(jax.random.key(0), digits.test.x[:1], train=False), {}, [])
+    x = digits.test.x[:4]
+    for y, low, high in (([0, 1, 2, 12], 0, 12), ([-1, 1, 2, 3], -1, 3)):
+        with pytest.raises(ValueError, match=rf"split: labels y must be in \[0, 10\) for a model with 10 "
+                                             rf"outputs; got labels from {low} to {high}"):
+            net.accuracy((x, np.array(y)), batch_size=3)
+    assert 0.0 <= net.accuracy((x, np.array([0, 1, 2, 9])), batch_size=3) <= 1.0
 
 
 def test_triangular_schedule():
