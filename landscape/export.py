@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from landscape import data, quantizers, runtime, sites, train
+from landscape import quantizers, runtime, sites, train
 
 __all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
 
@@ -117,9 +117,9 @@ class QuantizedNetwork:
         return forward(self.variables, jnp.asarray(x, jnp.float32), alphas, widths)
 
     def accuracy(self, split, batch_size: int = 500) -> float:
-        """Top-1 accuracy on a :class:`~landscape.data.Split` (or an (x, y) pair)."""
-        x, y = data.as_arrays(split)
-        return float(np.mean(train.predict(self, x, batch_size) == y))
+        """Top-1 accuracy on a :class:`~landscape.data.Split` (or an (x, y) pair); labels outside
+        the model's outputs are an error."""
+        return train.accuracy(self, split, batch_size)
 
     @functools.cached_property
     def _forward(self):

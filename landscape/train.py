@@ -104,10 +104,7 @@ class Network:
     def accuracy(self, split: data_lib.Split, batch_size: int = 1000) -> float:
         """Top-1 accuracy on a split (or an (x, y) pair), in fixed-size (padded) batches: one
         compilation. Labels outside the model's outputs are an error, not a silent miss."""
-        x, y = data_lib.as_arrays(split)
-        predictions, width = _predict(self, x, batch_size)
-        data_lib.check_labels(y, width, "split")
-        return float(np.mean(predictions == y))
+        return accuracy(self, split, batch_size)
 
     def __repr__(self) -> str:
         acc = self.history[-1].get("test_acc") if self.history else None
@@ -139,7 +136,17 @@ def predict(net: Network, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     return _predict(net, x, batch_size)[0]
 
 
-def _predict(net: Network, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+def accuracy(net, split: data_lib.Split, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``net`` (anything with ``apply(x) → logits``: a :class:`Network`, an
+    exported quantized network) on a split or an (x, y) pair. Labels outside the model's outputs
+    are an error, not a silent miss."""
+    x, y = data_lib.as_arrays(split)
+    predictions, width = _predict(net, x, batch_size)
+    data_lib.check_labels(y, width, "split")
+    return float(np.mean(predictions == y))
+
+
+def _predict(net, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
     """(argmax predictions (N,), the number of outputs): the width is read off the logits already
     computed, so that checking labels against it costs no forward pass or trace of its own."""
     checks.check_int(batch_size, "batch_size")

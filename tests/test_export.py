@@ -27,6 +27,8 @@ def test_export_reproduces_the_quantized_forward_pass(tiny_net, digits, options,
     ce = float(optax.softmax_cross_entropy_with_integer_labels(logits, digits.calib.y).mean())
     assert ce == pytest.approx(float(loss(alpha)), rel=1e-5, abs=1e-6)
     assert qnet.accuracy(digits.test) == pytest.approx(loss.accuracy(alpha, digits.test), abs=1e-9)
+    with pytest.raises(ValueError, match=r"labels y must be in \[0, 10\) for a model with 10 outputs"):
+        qnet.accuracy((digits.test.x[:8], np.full(8, 10)))  # label 10 of a 10-way head: not a silent miss
     # To the last bit: α and the widths enter both programs as data (as constants, XLA rewrote
     # the quantizer's arithmetic and the fold_bn case below differed by 4e-6).
     x = digits.test.x[:500]
