@@ -138,22 +138,29 @@ def _input_statistics(x, y, kernel_shape, gemm, chunk):
     eye = jnp.eye(k, dtype=jnp.float32).reshape(*kernel_shape[:-1], k)
     patches = functools.partial(_patches, gemm, eye=eye)
     x, y = np.asarray(x, np.float32), np.asarray(y)  # host slices: no eager program per chunk shape
-    probe = np.random.default_rng(0).standard_normal(kernel_shape).astype(np.float32)
-    direct = np.asarray(gemm(x[:1], probe)).reshape(-1, kernel_shape[-1])
-    via = np.asarray(patches(x[:1])) @ probe.reshape(k, -1)
-    if not np.allclose(direct, via, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(direct).max()))):
-        raise ValueError(f"the layer's product is not P · W for a kernel of shape {kernel_shape} (a grouped "
-                         "convolution?): layer-wise rounding here needs each output channel to read only its "
-                         "own kernel")
     G, B, t, rows = np.zeros((k, k)), np.zeros((k, kernel_shape[-1])), 0.0, 0
     for start in range(0, x.shape[0], chunk):
         P = np.asarray(patches(x[start:start + chunk]), np.float64)
+        if start == 0:  # the check reuses the first chunk's patches: no program of its own shape
+            _check_patches(P, x[:chunk], kernel_shape, gemm)
         Y = np.asarray(y[start:start + chunk], np.float64).reshape(P.shape[0], -1)
         G += P.T @ P
         B += P.T @ Y
         t += float(np.sum(Y * Y))
         rows += P.shape[0]
     return G / rows, B / rows, t / rows
+
+
+def _check_patches(P, xb, kernel_shape, gemm):
+    """Raise unless gemm(xb, W) = P · W for a random kernel W: each output channel must read only
+    its own kernel (a grouped convolution does not)."""
+    probe = np.random.default_rng(0).standard_normal(kernel_shape).astype(np.float32)
+    direct = np.asarray(gemm(xb, probe), np.float64).reshape(-1, kernel_shape[-1])
+    via = P @ probe.reshape(P.shape[1], -1)
+    if not np.allclose(direct, via, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(direct).max()))):
+        raise ValueError(f"the layer's product is not P · W for a kernel of shape {kernel_shape} (a grouped "
+                         "convolution?): layer-wise rounding here needs each output channel to read only its "
+                         "own kernel")
 
 
 @functools.partial(jax.jit, static_argnums=0)
