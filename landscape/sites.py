@@ -427,6 +427,8 @@ class _Calibrator:
             return w
         alpha = self._alpha(w, spec, "weight")
         self.alphas[name] = alpha
+        if not self.quantize_upstream:  # FP32 statistics: downstream activations see FP32 weights
+            return w
         w_hat = quantizers.quantize(w, alpha, spec.bits, spec.grid)
         if spec.bias_correction:
             w_hat = quantizers.bias_correct(w_hat, w)

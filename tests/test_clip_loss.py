@@ -135,6 +135,19 @@ def test_init_rules_and_stats_modes(loss4):
     fp32 = np.asarray(loss4.init("max", stats="fp32"))
     weights = [i for i, s in enumerate(loss4.sites) if s.kind == "weight"]
     np.testing.assert_allclose(fp32[weights], values["max"][weights])
+    # FP32 statistics are those of the float network: activation α do not depend on the weight
+    # width (they did: the weights were quantized upstream even in this mode).
+    by_width = {}
+    for w_bits in (2, None):
+        other = loss4.with_options(w_bits=w_bits)
+        alpha, slices = np.asarray(other.init("max", stats="fp32")), other.site_slices()
+        by_width[w_bits] = {s.name: alpha[slices[s.name]] for s in other.sites if s.kind == "activation"}
+    assert by_width[2].keys() == by_width[None].keys() and len(by_width[2]) > 1
+    for name, alpha in by_width[None].items():
+        np.testing.assert_array_equal(by_width[2][name], alpha, err_msg=name)
+    quantized = np.asarray(loss4.with_options(w_bits=2).init("max"))
+    assert not np.allclose(quantized[[i for i, s in enumerate(loss4.sites) if s.kind == "activation"]],
+                           np.concatenate(list(by_width[None].values())))
     with pytest.raises(ValueError, match="stats='x'"):
         loss4.init("max", stats="x")
     with pytest.raises(ValueError, match="unknown calibration rule"):
