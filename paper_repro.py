@@ -31,7 +31,8 @@ def _parse(argv):
     parser.add_argument("--only", default=None, help="comma-separated figure names (F1,T1) or slugs")
     parser.add_argument("--out", default=None, help="output directory (default figures/ for small, "
                                                    "figures/<preset>/ otherwise)")
-    parser.add_argument("--bits", default=None, help="W = A bit widths of the headline figures, e.g. 2,3,4,8")
+    parser.add_argument("--bits", default=None,
+                        help="bit widths of F1, F2 and F4 (instead of the paper's) and of T2, e.g. 2,3,4,8")
     parser.add_argument("--seeds", type=int, default=None, help="calibration seeds for the tables")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--bits {args.bits!r}: use comma-separated integers such as 2,3,4,8") from None
         if any(not 2 <= b <= 16 for b in bits):
             raise SystemExit(f"--bits {args.bits!r}: every bit width must be in [2, 16]")
-        changes["bits"] = bits
+        changes["bits"] = changes["headline_bits"] = bits
     if args.seeds is not None:
         if args.seeds < 1:
             raise SystemExit(f"--seeds {args.seeds}: need at least one calibration seed")

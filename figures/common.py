@@ -59,11 +59,23 @@ class Preset:
     spectrum_batch: int = 128         # T2: calibration images in the weight-space loss
     separability_samples: int = 50    # F3: γ/T sampling test (the reference notebook used 50)
     calib_size_seeds: int = 2         # F7: calibration seeds per size
+    headline_bits: tuple[int, ...] | None = None  # --bits: F1, F2, F4 at these widths, not the paper's
 
     def config(self) -> dict:
         d = dataclasses.asdict(self)
         d["model_kw"] = dict(self.model_kw)
+        if d["headline_bits"] is None:  # left out, so the cache keys of runs without --bits stay valid
+            del d["headline_bits"]
         return d
+
+    def widths(self, paper: tuple[int, ...]) -> tuple[int, ...]:
+        """The bit widths of a headline figure: the paper's (``paper``) unless --bits gave others."""
+        return tuple(self.headline_bits) if self.headline_bits else tuple(paper)
+
+
+def widths_of(data: dict) -> list[int]:
+    """The bit widths a figure's data holds (its keys "2", "4", …), ascending."""
+    return sorted(int(k) for k in data if k.isdigit())
 
 
 PRESETS = {

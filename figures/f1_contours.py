@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from figures.common import widths_of
+
 NAME = "F1"
 SLUG = "f1_contours"
 TITLE = "Loss contours over two adjacent activation sites (others FP32), 2 and 4 bits"
@@ -53,7 +55,7 @@ def compute(ctx) -> dict:
     sites = adjacent_activation_sites(ctx)
     num = ctx.preset.grid
     out = {"sites": sites}
-    for b in BITS:
+    for b in ctx.preset.widths(BITS):
         out[str(b)] = ctx.cached(f"{SLUG}-{b}", {"bits": b, "num": num, "sites": sites},
                                  lambda b=b: two_site_surface(ctx, b, num, sites))
     return out
@@ -65,18 +67,19 @@ def render(data, ctx):
     from landscape import plots
     from landscape.surfaces import Surface
 
-    fig = Figure(figsize=(12, 10), constrained_layout=True)
+    bits = widths_of(data)
+    fig = Figure(figsize=(12, 5 * len(bits)), constrained_layout=True)
     files = []
-    for row, b in enumerate(BITS):
+    for row, b in enumerate(bits):
         d = data[str(b)]
         surf = Surface(np.asarray(d["x"]), np.asarray(d["y"]), np.asarray(d["z"], float), (0, 1),
                        np.asarray(d["max"]))
         points = {k: tuple(v["alpha"]) for k, v in d["points"].items()}
-        ax = fig.add_subplot(2, 2, 2 * row + 1)
+        ax = fig.add_subplot(len(bits), 2, 2 * row + 1)
         plots.surface_contour(surf, points=points, ax=ax, log=True,
                               labels=(f"α {data['sites'][0]}", f"α {data['sites'][1]}"))
         ax.set_title(f"A{b} (only these two sites quantized): calibration loss")
-        ax3 = fig.add_subplot(2, 2, 2 * row + 2, projection="3d")
+        ax3 = fig.add_subplot(len(bits), 2, 2 * row + 2, projection="3d")
         plots.surface_3d(surf, points=points, ax=ax3, log=True)
         ax3.set_title(f"A{b}: 3-D view (log loss)")
     files += plots.save_figure(fig, ctx.out / SLUG)
@@ -93,7 +96,7 @@ PAPER = ("At 2 bits the loss over two adjacent activation clipping values is a n
 
 def summary(data, ctx) -> str:
     parts = []
-    for b in BITS:
+    for b in widths_of(data):
         z = np.asarray(data[str(b)]["z"], float)
         pts = data[str(b)]["points"]
         parts.append(f"at {b} bits the grid spans loss {z.min():.3g}–{z.max():.3g} "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from figures.common import widths_of
+
 NAME = "F4"
 SLUG = "f4_p_sweep"
 TITLE = "Calibration loss and accuracy vs p, quadratic fit and p* (2, 3, 4 bits)"
@@ -38,7 +40,7 @@ def sweep(ctx, bits: int) -> dict:
 
 def compute(ctx) -> dict:
     return {str(b): ctx.cached(f"{SLUG}-{b}", {"bits": b, "points": ctx.preset.p_points},
-                               lambda b=b: sweep(ctx, b)) for b in BITS}
+                               lambda b=b: sweep(ctx, b)) for b in ctx.preset.widths(BITS)}
 
 
 def render(data, ctx):
@@ -46,9 +48,10 @@ def render(data, ctx):
 
     from landscape import plots
 
-    fig = Figure(figsize=(13, 7), constrained_layout=True)
-    axes = fig.subplots(2, len(BITS))
-    for col, b in enumerate(BITS):
+    bits = widths_of(data)
+    fig = Figure(figsize=(4.4 * len(bits), 7), constrained_layout=True)
+    axes = fig.subplots(2, len(bits), squeeze=False)
+    for col, b in enumerate(bits):
         d = data[str(b)]
         ps, losses = np.asarray(d["p"], float), np.asarray(d["loss"], float)
         ax = axes[0, col]
@@ -73,13 +76,14 @@ def render(data, ctx):
 def claims(data, ctx):
     from figures import claims as C
 
-    b = min(BITS)
+    bits = widths_of(data)
+    b = min(bits)
     d = data[str(b)]
     r2, p_star = float(d["r2"]), float(d["p_star"])
     convex = d["rule"] == "vertex"
     passed = r2 >= C.spec("C7")["min_r2"] and convex and 2.0 < p_star < 4.5
     others = ", ".join(f"W{k}A{k}: p* {float(data[str(k)]['p_star']):.2f} ({data[str(k)]['rule']}), "
-                       f"R² {float(data[str(k)]['r2']):.2f}" for k in BITS if k != b)
+                       f"R² {float(data[str(k)]['r2']):.2f}" for k in bits if k != b)
     return [C.make("C7", f"W{b}A{b}: R² {r2:.2f}, p* = {p_star:.2f} ({d['rule']})", passed, NAME, note=others)]
 
 
@@ -88,5 +92,5 @@ PAPER = "Calibration loss is close to quadratic in p on [2, 4.5] with an interio
 
 def summary(data, ctx) -> str:
     parts = [f"W{b}A{b} p* = {float(data[str(b)]['p_star']):.2f} ({data[str(b)]['rule']}, "
-             f"R² {float(data[str(b)]['r2']):.2f})" for b in BITS]
+             f"R² {float(data[str(b)]['r2']):.2f})" for b in widths_of(data)]
     return "Ours: " + "; ".join(parts) + "."

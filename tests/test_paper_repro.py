@@ -87,3 +87,21 @@ def test_report_says_what_came_from_the_cache_and_what_was_not_run(tiny_run):
     loaded = sum(info["loaded"] for info in report["figures"].values())
     assert f"{loaded} of the {loaded} cached steps were loaded from an earlier run" in text
     assert "Not tested by this run (figures F4, T1 of F1," in text
+
+
+def test_bits_sets_the_widths_of_the_headline_figures(tmp_path):
+    """--bits 3 puts F2 and F4 at 3 bits instead of the paper's (2, 4) and (2, 3, 4); C6, a
+    2-bit claim, is then untested rather than measured at another width."""
+    assert paper_repro.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--only", "F2,F4",
+                             "--bits", "3"]) == 0
+    for slug in ("f2_hessians", "f4_p_sweep"):
+        data = json.loads((tmp_path / f"{slug}.json").read_text())
+        assert [k for k in data if k.isdigit()] == ["3"], slug
+    report = json.loads((tmp_path / "report.json").read_text())
+    claims = {c["id"]: c for c in report["claims"]}
+    assert "C6" not in claims and "C6" in report["untested"]
+    assert claims["C7"]["ours"].startswith("W3A3:")
+    # without --bits, the preset's configuration (and so every cache key) is what it was
+    from figures.common import PRESETS
+
+    assert "headline_bits" not in PRESETS["tiny"].config()
