@@ -178,7 +178,9 @@ class SeparabilityIndex:
 
     Attributes:
         gamma: mean over repeats of γ = mean_s g_s (0 in expectation iff L is additively separable).
-        T: mean over repeats of T = √N γ / s, s the sample standard deviation of g (ddof=1).
+        T: the repeats' T_r = √N γ_r / s_r (s_r the sample standard deviation of g, ddof=1)
+            combined as Σ_r T_r / √k (Stouffer; the reference's T/√k over k repeats): a z-score
+            under separability, whatever the number of repeats.
         gamma_normalized: gamma / L_max², L_max = max |L| over all evaluated points (scale-free).
         gammas, Ts: (n_repeats,) per-repeat values.
         g: (n_repeats, n_samples) the samples g_s.
@@ -267,7 +269,9 @@ def separability_index(
             Every point goes through it, ``batch`` rows per call.
         lo, hi: (n,) box of clipping values to sample from (lo ≤ hi, finite).
         n_samples: N, samples per repeat (≥ 2). Each costs n + 2 loss evaluations.
-        n_repeats: independent repeats (the reference script uses 3); γ and T are averaged.
+        n_repeats: k, independent repeats (the reference script uses 3); γ is averaged, T is
+            Σ T_r / √k. The reference divides by max(s, 1e-2), a floor in the loss's units
+            squared; ours is float32 rounding's (below it T is reported as 0).
         seed: seed of the sampler.
         batch: rows per ``loss.batch`` call; the last call is padded so every call has this size.
 
@@ -327,7 +331,7 @@ def separability_index(
     gamma = float(np.mean(gammas))
     return SeparabilityIndex(
         gamma=gamma,
-        T=float(np.mean(Ts)),
+        T=float(np.sum(Ts) / np.sqrt(len(Ts))),
         gamma_normalized=gamma / fmax**2 if fmax > 0 else 0.0,
         gammas=np.asarray(gammas),
         Ts=np.asarray(Ts),

@@ -120,6 +120,9 @@ def test_multiplicative_loss_has_large_gamma_and_T():
     assert res.gamma > 0 and res.gamma_normalized > 1e-3
     assert res.T > 0.5  # g is heavy-tailed for a product, so T ~ 1 at N = 100 (the reference saw 1.02)
     assert res.gammas.shape == (2,) and res.g.shape == (2, 100)
+    # Repeats combine as z-scores (Stouffer, the reference's T/√k), not as a mean.
+    assert res.T == pytest.approx(res.Ts.sum() / np.sqrt(2), rel=1e-12)
+    assert res.Ts.shape == (2,) and np.all(res.Ts > 0)
     # T is a t-statistic: it grows like √N when γ ≠ 0.
     many = separability_index(loss, np.full(n, 0.5), np.full(n, 2.0), n_samples=3000, seed=0, batch=4096)
     assert many.T > 4.0
