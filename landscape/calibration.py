@@ -213,9 +213,11 @@ def kl_divergences(hist, n_q):
     +inf for i < n_q. ``n_q`` may be traced (one program for every bit width).
 
     P_i: the first i bins, with the outliers beyond i added to bin i−1. Q_i: the first i
-    bins merged into n_q chunks of i // n_q bins (the last chunk takes the remainder),
-    each chunk's mass spread evenly over its non-empty bins. Both are smoothed with
-    ε = 1e-4 on empty bins (as MXNet's calibrator) and normalised. Returns (len(hist),).
+    bins (without the outliers) merged into n_q chunks of i // n_q bins (the last chunk takes
+    the remainder), each chunk's mass spread evenly over the bins where P_i is non-zero. As in
+    MXNet's calibrator, both are smoothed in counts (ε = 1e-4 on each empty bin, taken evenly
+    from the others) and then normalised; KL is +inf where Q_i has no mass at all.
+    Returns (len(hist),).
     """
     hist = jnp.asarray(hist, jnp.float32)
     bins = hist.shape[0]
@@ -229,28 +231,32 @@ def kl_divergences(hist, n_q):
         p = p + jnp.where(j == i - 1, csum[-1] - csum[i - 1], 0.0)
         width = jnp.maximum(i // n_q, 1)
         chunk = jnp.minimum(j // width, n_q - 1)
-        nonzero = (inside & (hist > 0)).astype(jnp.float32)
+        nonzero = (inside & (p > 0)).astype(jnp.float32)
         # At most `bins` chunks exist (n_q < bins); unused segments stay empty.
         mass = jax.ops.segment_sum(jnp.where(inside, hist, 0.0), chunk, num_segments=bins)
         count = jax.ops.segment_sum(nonzero, chunk, num_segments=bins)
         q = nonzero * mass[chunk] / jnp.maximum(count[chunk], 1.0)
-        p, q = _smooth(p, inside), _smooth(q, inside)
+        has_q = jnp.sum(q) > 0
+        p, q = _normalise(_smooth(p, inside)), _normalise(_smooth(q, inside))
         terms = jnp.where(inside & (p > 0), p * (jnp.log(p) - jnp.log(jnp.maximum(q, _TINY))), 0.0)
-        return jnp.where(i >= n_q, jnp.sum(terms), jnp.inf)
+        return jnp.where((i >= n_q) & has_q, jnp.sum(terms), jnp.inf)
 
     return jax.lax.map(kl_at, jnp.arange(1, bins + 1))
 
 
-def _smooth(dist, inside, eps: float = 1e-4):
-    """Move ε mass onto each empty bin inside the support, taken evenly from the others."""
-    dist = jnp.where(inside, dist, 0.0)
-    total = jnp.maximum(jnp.sum(dist), _TINY)
-    dist = dist / total
+def _smooth(counts, inside, eps: float = 1e-4):
+    """Put ε counts on each empty bin inside the support, taken evenly from the others (MXNet's
+    ``_smooth_distribution``: ε is in counts, so it barely moves bins that hold whole values)."""
+    dist = jnp.where(inside, counts, 0.0)
     empty = inside & (dist == 0)
     n_empty = jnp.sum(empty)
     n_full = jnp.maximum(jnp.sum(inside) - n_empty, 1)
     take = eps * n_empty / n_full
     return jnp.where(empty, eps, jnp.where(inside, dist - take, 0.0))
+
+
+def _normalise(dist):
+    return dist / jnp.maximum(jnp.sum(dist), _TINY)
 
 
 def kl_rule(x, spec, kind, *, bins: int = KL_BINS):
