@@ -57,7 +57,9 @@ def compute(ctx) -> dict:
 
 
 def table(data) -> str:
-    rows = ["| network | loss | top eigenvalues | trace ± s.e. | HVPs |", "|---|---|---|---|---|"]
+    rows = ["Weight-space Hessians of the calibration loss; the quantized networks' are STE Hessians "
+            "(straight-through in the weights, α fixed at the MSE init).", "",
+            "| network | loss | top eigenvalues | trace ± s.e. | HVPs |", "|---|---|---|---|---|"]
     for label, d in data.items():
         eig = ", ".join(f"{float(e):.4g}" for e in d["eigenvalues"])
         rows.append(f"| {label} | {float(d['loss']):.4f} | {eig} | {float(d['trace']):.4g} ± "
@@ -92,12 +94,12 @@ def render(data, ctx):
                  color=f"C{k}", label=label)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("spectral density (SLQ)")
-    ax.set_title("weight-space Hessian spectral density")
+    ax.set_title("weight-space Hessian spectral density (quantized: STE)")
     ax.legend(fontsize=8)
     ax2.set_yscale("symlog")
     ax2.set_xlabel("rank")
     ax2.set_ylabel("eigenvalue")
-    ax2.set_title("top eigenvalues (Lanczos)")
+    ax2.set_title("top eigenvalues (Lanczos; quantized: STE)")
     ax2.legend(fontsize=8)
     plots.leaf_traces({label: _kernels(d) for label, d in data.items()}, ax=ax3,
                       title="per-layer curvature: tr H_bb / size of each kernel (± s.e.)")
@@ -116,8 +118,8 @@ PAPER = ("(Not in the LAPQ paper; PyHessian-style analysis.) Quantization sharpe
 
 
 def summary(data, ctx) -> str:
-    text = "Ours: " + "; ".join(f"{k} λ_max {float(v['eigenvalues'][0]):.3g}, trace {float(v['trace']):.3g}"
-                                for k, v in data.items()) + "."
+    parts = (f"{k} λ_max {float(v['eigenvalues'][0]):.3g}, trace {float(v['trace']):.3g}" for k, v in data.items())
+    text = "Ours (STE Hessians of the quantized networks): " + "; ".join(parts) + "."
     labels = list(data)
     if len(labels) > 1:
         low, base = _kernels(data[labels[-1]]), _kernels(data[labels[0]])
