@@ -151,6 +151,8 @@ def _predict(net, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
     computed, so that checking labels against it costs no forward pass or trace of its own."""
     checks.check_int(batch_size, "batch_size")
     n = len(x)
+    if n == 0:
+        raise ValueError("x is empty: no images to predict")
     bs = min(batch_size, n)
     out = []
     for start in range(0, n, bs):

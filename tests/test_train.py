@@ -117,6 +117,10 @@ def test_accuracy_names_labels_beyond_the_outputs(digits):
                                              rf"outputs; got labels from {low} to {high}"):
             net.accuracy((x, np.array(y)), batch_size=3)
     assert 0.0 <= net.accuracy((x, np.array([0, 1, 2, 9])), batch_size=3) <= 1.0
+    with pytest.raises(ValueError, match="x is empty"):  # it was range()'s "arg 3 must not be zero"
+        ls.train.predict(net, x[:0])
+    with pytest.raises(ValueError, match="same N >= 1"):
+        net.accuracy((x[:0], np.array([], int)))
 
 
 def test_triangular_schedule():
