@@ -388,7 +388,8 @@ class ClipLoss:
     def accuracy(self, alpha, split, batch_size: int = 500) -> float:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
         alpha = self._place(self._check_alpha(alpha, positive=True))
-        x, y = as_arrays(split, "split", self.num_classes)
+        x, y = as_arrays(split)
+        check_labels(y, self.num_classes, "split")
         checks.check_int(batch_size, "batch_size")
         bs = min(batch_size, len(x))
         correct = 0

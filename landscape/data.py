@@ -57,10 +57,10 @@ class Split:
         return Split(self.x[idx], self.y[idx])
 
 
-def as_arrays(split, what: str = "split", num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def as_arrays(split, what: str = "split") -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` as float32 images and int32 labels from a :class:`Split` or an ``(x, y)`` pair,
-    checking that both are non-empty arrays of one length, and with ``num_classes`` (the model's
-    output width) :func:`check_labels`. ``what`` names the argument in errors."""
+    checking that both are non-empty arrays of one length; ``what`` names the argument in errors.
+    Labels against a model's outputs: :func:`check_labels`."""
     if isinstance(split, Split):
         x, y = split.x, split.y
     elif isinstance(split, (tuple, list)) and len(split) == 2:
@@ -74,8 +74,6 @@ def as_arrays(split, what: str = "split", num_classes: int | None = None) -> tup
                          f"{x.shape}, y {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{what}: labels y must be integers, got dtype {y.dtype}")
-    if num_classes is not None:
-        check_labels(y, num_classes, what)
     return x, y.astype(np.int32)
 
 
