@@ -266,8 +266,9 @@ def _adam_prune(p, x, y, key, maskf, lr, bias_lr, *, gemm, batch_size, iteration
 
     def body(i, carry):
         p, s, key, hist = carry
-        key, sub = jax.random.split(key)
-        idx = jax.random.choice(sub, n, (batch_size,), replace=False)
+        with runtime.classic_threefry():
+            key, sub = jax.random.split(key)
+            idx = jax.random.choice(sub, n, (batch_size,), replace=False)
         g = jax.grad(mse)(p, x[idx], y[idx])
         u, s = tx.update(g, s, p)
         p = optax.apply_updates(p, u)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape import checks, quantizers
+from landscape import checks, quantizers, runtime
 
 RULES = ("max", "percentile", "mse", "lp", "aciq", "kl")
 SEARCH_GRID = 128
@@ -61,7 +61,8 @@ def _sample(x, limit: int = SAMPLE_LIMIT):
     x = jnp.ravel(x)
     if x.size <= limit:
         return x
-    idx = jax.random.randint(jax.random.key(0), (limit,), 0, x.size)
+    with runtime.classic_threefry():
+        idx = jax.random.randint(jax.random.key(0), (limit,), 0, x.size)
     return x[idx]
 
 

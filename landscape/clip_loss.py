@@ -225,6 +225,8 @@ class ClipLoss:
             with jax.default_matmul_precision(self.precision):  # read at trace time
                 return fn(*args)
 
+        # compile logs and profiles name the program ("jit(loss_batch)"), not the wrapper
+        counted.__name__ = counted.__qualname__ = "loss_" + name.replace(":", "_")
         return counted
 
     # ------------------------------------------------------------------ the pure function

@@ -96,7 +96,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from landscape import layers, sparsity, train
+from landscape import layers, runtime, sparsity, train
 
 __all__ = [
     "LAYERS_COLLECTION",
@@ -282,7 +282,8 @@ def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs", prng="jax"):
         signed max and α = max/2^7 at 4 bits; 9 magnitudes, not a 4-bit code).
       prng: where the 32 random bits per element and sample come from (static):
         ``"jax"`` — ``jax.random.bits(key, …)`` with the key's own implementation
-        (threefry by default); ``"hash"`` — :func:`hash_bits`, a counter-based integer hash
+        (threefry by default, in its classic layout: :func:`landscape.runtime.classic_threefry`);
+        ``"hash"`` — :func:`hash_bits`, a counter-based integer hash
         keyed by 64 bits drawn from ``key``, computed inside the rounding kernel. Same
         distribution for every purpose here (tests check both); on CPU ``"hash"`` costs
         about as much as the rounding itself, threefry about 4× more (see
@@ -302,7 +303,8 @@ def _luq_kernel(g, key, bits, samples, max_mode, prng):
     b = _Bracket(g, bits, max_mode)
     # Round up iff U < frac with U uniform on the 2^32 integers; frac·2^32 < 2^32 is exact.
     shape = (samples,) + g.shape
-    bits_u = jax.random.bits(key, shape, jnp.uint32) if prng == "jax" else _hash_kernel(key, shape)
+    with runtime.classic_threefry():
+        bits_u = jax.random.bits(key, shape, jnp.uint32) if prng == "jax" else _hash_kernel(key, shape)
     threshold = (b.frac * _TWO_POW_32).astype(jnp.uint32)
     draws = b.value(bits_u < threshold)
     return jnp.mean(draws, axis=0).astype(g.dtype)
@@ -325,7 +327,8 @@ def _hash_kernel(key, shape):
     size = math.prod(shape)
     if size > 1 << 32:
         raise ValueError(f"hash_bits numbers elements with uint32 counters: at most 2^32, got {size}")
-    seed = jax.random.bits(key, (2,), jnp.uint32)
+    with runtime.classic_threefry():
+        seed = jax.random.bits(key, (2,), jnp.uint32)
     counter = lax.iota(jnp.uint32, size).reshape(shape)
     # Two keyed rounds: with one, another seed would only re-index the same sequence.
     return _mix32(_mix32(counter ^ seed[..., 0]) ^ seed[..., 1])
@@ -1045,7 +1048,9 @@ def gradient_error(model, variables, x, y, *, recipe, samples=(1, 16, 256), draw
         return d, jnp.linalg.norm(g)
 
     k = draws if recipe.mode == "luq" else 1
-    d, norm = deviations(variables, x, y, jax.random.split(jax.random.key(seed), k))
+    with runtime.classic_threefry():
+        keys = jax.random.split(jax.random.key(seed), k)
+    d, norm = deviations(variables, x, y, keys)
     d = np.asarray(d, np.float64)
     errs = []
     for s in samples:

@@ -14,6 +14,7 @@ configuration, so a second ``fit`` with the same configuration loads instead of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from landscape import checks, layers
+from landscape import checks, layers, runtime
 from landscape import data as data_lib
 
 FORMAT_VERSION = 1
@@ -263,6 +264,9 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         "data_fingerprint": data.fingerprint(), "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
         "recipe": recipe.key(),
+        # initial weights and step keys drawn in threefry's classic layout (runtime.classic_threefry);
+        # checkpoints from before that change were drawn otherwise and are not found again
+        "rng": "threefry-classic",
         # Float results depend on the library build and XLA flags (the XLA:CPU guard changed
         # reduction order): a checkpoint trained under other numerics is not this run's network.
         "numerics": numerics(),
@@ -293,7 +297,8 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         t0 = time.time()
         init_key, key = _phase_keys(seed)
         x0 = jnp.asarray(data.train.x[:batch_size])
-        variables = model.init(init_key, x0, train=False)
+        with runtime.classic_threefry():  # one compiled program: op-by-op init compiled per shape
+            variables = jax.jit(functools.partial(model.init, train=False))(init_key, x0)
         # Labels beyond the logits would make the loss NaN one epoch later, hiding the cause.
         width = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x0[:1]).shape[-1]
         for name, split in (("data.train", data.train), ("data.test", data.test)):
@@ -313,7 +318,8 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
 
 def _phase_keys(seed: int):
     """(initialisation key, main-phase key) of a seed; the fine-tuning phase folds in 1."""
-    return tuple(jax.random.split(jax.random.key(seed)))
+    with runtime.classic_threefry():
+        return tuple(jax.random.split(jax.random.key(seed)))
 
 
 def sgd(schedule, weight_decay: float):
@@ -387,7 +393,8 @@ def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, see
         losses, accs = [], []
         for i in range(steps_per_epoch):
             idx = np.sort(order[i * batch_size:(i + 1) * batch_size])
-            key, sub = jax.random.split(key)
+            with runtime.classic_threefry():
+                key, sub = jax.random.split(key)
             params, state, opt_state, loss, acc = step(
                 params, state, opt_state, data.train.x[idx], data.train.y[idx], sub)
             global_step += 1

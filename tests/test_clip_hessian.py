@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -128,3 +129,8 @@ def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
             weight_surface(f, params, [d], **kw)
     with pytest.raises(ValueError, match="seed='a' must be an integer >= 0"):
         random_direction(params, seed="a")
+    # the same seed, the same direction, whatever the global threefry layout
+    for layout in (True, False):
+        with jax.threefry_partitionable(layout):
+            again = random_direction(params, seed=0)
+        np.testing.assert_array_equal(again["conv0_1"]["kernel"], d["conv0_1"]["kernel"])

@@ -163,6 +163,21 @@ def test_scale_equivariance_with_same_key():
 
 
 @pytest.mark.parametrize("prng", ["jax", "hash"])
+def test_draws_do_not_follow_the_global_threefry_layout(prng):
+    """landscape draws in the classic threefry layout whatever jax_threefry_partitionable says
+    (runtime.classic_threefry): a seed gives the same rounding in every session."""
+    g, key = heavy_tailed(3), jax.random.key(4)
+    runs = []
+    for layout in (True, False):
+        with jax.threefry_partitionable(layout):
+            runs.append(np.asarray(luq.quantize_gradient(g, key, samples=2, prng=prng)))
+            plain = np.asarray(jax.random.bits(key, (4, 4), jnp.uint32))  # JAX's own draw follows it
+        runs.append(plain)
+    np.testing.assert_array_equal(runs[0], runs[2])
+    assert not np.array_equal(runs[1], runs[3])
+
+
+@pytest.mark.parametrize("prng", ["jax", "hash"])
 def test_smp_variance_falls_as_one_over_n(prng):
     g = heavy_tailed(0)
     total = float(jnp.sum(luq.gradient_variance(g)))
