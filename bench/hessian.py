@@ -492,7 +492,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         jax.config.update("jax_default_matmul_precision", "highest")  # float32, not TF32
-    probe_batch = args.probe_batch or (1 if dev.platform == "cpu" else 16)
+    probe_batch = args.probe_batch or ls.spectrum.default_probe_batch(dev)
     x, y = make_batch(args.n, args.seed)
     with Clock() as clock:
         net, note = make_network(x, y, args.seed, args.weights)

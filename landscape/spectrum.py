@@ -71,7 +71,8 @@ import numpy as np
 
 from landscape import checks, runtime
 
-__all__ = ["DENSE_MAX_DIM", "LINEARIZE_MAX_BYTES", "HessianSpectrum", "hessian_spectrum", "linearize_budget"]
+__all__ = ["DENSE_MAX_DIM", "LINEARIZE_MAX_BYTES", "PROBE_BATCH", "HessianSpectrum", "default_probe_batch",
+           "hessian_spectrum", "linearize_budget"]
 
 #: ``method="auto"`` forms the full Hessian (n HVPs, O(n²) memory, exact ``eigh``) up to this
 #: dimension and uses Lanczos / Hutch++ / SLQ above it. At n = 512 the dense Hessian costs 512 HVPs
@@ -86,6 +87,13 @@ LINEARIZE_MAX_BYTES = 2 * 1024**3
 #: exceeds ``LINEARIZE_MAX_BYTES`` (a quarter: the HVPs, Lanczos basis and f's own passes need the rest).
 LINEARIZE_FREE_FRACTION = 0.25
 _HVP_MODES = ("auto", "linearize", "recompute")
+
+#: ``probe_batch=None`` on an accelerator: vectors per vmapped HVP call. On CPU it is 1: vmapping a
+#: conv net's HVP over vectors turns its convolutions into grouped ones, which XLA:CPU compiles for
+#: minutes and runs slower per vector (resnet20, 128 images: compile 43 s / 120 s and 1.6× / 1.9×
+#: the CPU seconds per vector for blocks of 4 / 16; resnet8's T2 spectrum in paper_repro: 15.0 s
+#: against 32.9 s), and a block would round the density runs up to its size.
+PROBE_BATCH = 16
 
 #: ``start="gradient"``: the Lanczos start vector is ∇f/‖∇f‖ plus a random unit vector times this.
 START_NOISE = 0.1
@@ -230,6 +238,14 @@ class HessianSpectrum:
 # The HVP operator
 
 
+def default_probe_batch(device=None) -> int:
+    """``probe_batch=None``'s block size on ``device`` (default: JAX's first): 1 on CPU, where
+    vmapped HVPs of conv nets compile and run slower than one at a time, :data:`PROBE_BATCH`
+    elsewhere."""
+    device = jax.devices()[0] if device is None else device
+    return 1 if device.platform == "cpu" else PROBE_BATCH
+
+
 def linearize_budget(device=None) -> int:
     """Bytes that ``hvp="auto"`` lets a linearization store, on ``device`` (default: JAX's first).
 
@@ -279,9 +295,9 @@ class _HVP:
         self._terms = [(None, ())] if batches is None else [(w, (b,)) for w, b in batches]
         self._batched = batches is not None
         stored = sum(_residual_bytes(programs, x, args) for _, args in self._terms) if mode != "recompute" else None
+        self.device = next(iter(x.devices())) if hasattr(x, "devices") else None  # where x lives
         if mode == "auto":
-            device = next(iter(x.devices())) if hasattr(x, "devices") else None  # where x lives
-            mode = "linearize" if stored <= linearize_budget(device) else "recompute"
+            mode = "linearize" if stored <= linearize_budget(self.device) else "recompute"
         self.mode = mode
         self.stored_bytes = stored if mode == "linearize" else None  # None when every HVP recomputes
         self._grad, self._lins = None, None
@@ -813,7 +829,7 @@ def hessian_spectrum(
     density_steps: int = 80,
     density_grid: int = 2000,
     density_sigma: float | None = None,
-    probe_batch: int = 16,
+    probe_batch: int | None = None,
     precision: str = "highest",
     hvp: str = "auto",
     start: str = "auto",
@@ -854,7 +870,8 @@ def hessian_spectrum(
             Lanczos steps per run (at most n). Memory is block · (steps + 1) · n numbers.
         density_grid, density_sigma: grid size and Gaussian width; σ defaults to 1% of the
             spectral range.
-        probe_batch: vectors per vmapped HVP call (trace probes, SLQ runs, dense columns).
+        probe_batch: vectors per vmapped HVP call (trace probes, SLQ runs, dense columns); None:
+            1 on CPU, :data:`PROBE_BATCH` (16) on an accelerator (see :func:`default_probe_batch`).
         precision: matmul/convolution precision of the HVPs (``jax.default_matmul_precision``):
             "highest" (default, true float32) or a faster level such as "default" (TF32 on recent
             NVIDIA GPUs, whose ~1e-3 relative rounding would blur a tol=1e-3 eigenvalue). No
@@ -918,7 +935,8 @@ def hessian_spectrum(
         raise ValueError(f"trace_rtol must be None or a positive number, got {trace_rtol!r}")
     if density_sigma is not None and not checks.is_positive_finite(density_sigma):
         raise ValueError(f"density_sigma must be None or a positive number, got {density_sigma!r}")
-    probe_batch = checks.check_int(probe_batch, "probe_batch")
+    if probe_batch is not None:
+        probe_batch = checks.check_int(probe_batch, "probe_batch")
     max_restarts = checks.check_int(max_restarts, "max_restarts", minimum=0)
     density_runs = checks.check_int(density_runs, "density_runs")
     density_steps = checks.check_int(density_steps, "density_steps")
@@ -939,6 +957,8 @@ def hessian_spectrum(
         method = "dense" if n <= DENSE_MAX_DIM else "lanczos"
 
     op = _HVP(f, unravel, jax.device_put(flat), structure, precision, hvp, terms)
+    if probe_batch is None:
+        probe_batch = default_probe_batch(op.device)
     # Host generators, one stream per task: jax.random would compile a sampler per vector length.
     rng_lanczos, rng_trace, rng_density = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     info: dict[str, Any] = {"hvp": op.mode, "hvp_stored_bytes": op.stored_bytes}

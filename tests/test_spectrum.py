@@ -252,7 +252,9 @@ def test_lanczos_path_on_a_small_problem_is_exact():
     np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[::-1][:4], rtol=1e-4)
     # The Hutch++ sketch (32 ≥ n) captures all of H: the trace is exact, no Monte-Carlo part runs.
     assert res.trace == pytest.approx(lam.sum(), rel=1e-4) and res.trace_stderr == 0.0
-    assert res.hvp_counts["trace"] == 64
+    # sketch and image: min(32, n) = 30 columns each, in blocks of default_probe_batch() (1 on CPU)
+    block = spectrum.default_probe_batch()
+    assert res.hvp_counts["trace"] == 2 * (-(-30 // block) * block)
 
 
 # ------------------------------------------------------------------------------------------------ per-leaf trace
@@ -411,6 +413,24 @@ def test_slq_weights_are_exact_through_breakdowns(probe_batch):
         np.testing.assert_allclose(mass, count / d.size, atol=1e-6)
     off = np.min(np.abs(nodes[..., None] - np.array([10.0, 5.0, 3.0, 1.0])), axis=-1) > 1e-4
     assert off.any() and weights[off].sum() < 1e-5
+
+
+def test_default_probe_batch_is_one_on_cpu_and_runs_are_not_rounded_up(monkeypatch):
+    """probe_batch=None: single HVPs on CPU (vmapped conv HVPs compile to grouped convolutions
+    there), PROBE_BATCH on an accelerator; a block rounds the density runs up to its size."""
+    f, x0, _ = _four_eigenvalues()
+    platform = jax.devices()[0].platform
+    assert spectrum.default_probe_batch() == (1 if platform == "cpu" else spectrum.PROBE_BATCH)
+
+    class Device:
+        platform = "gpu"
+
+    assert spectrum.default_probe_batch(Device()) == spectrum.PROBE_BATCH == 16
+    for probe_batch, runs in ((1, 3), (2, 4)):
+        monkeypatch.setattr(spectrum, "default_probe_batch", lambda device=None, b=probe_batch: b)
+        res = hessian_spectrum(f, x0, top_k=1, trace=False, density=True, density_runs=3,
+                               density_steps=5, seed=4)
+        assert res.info["density_runs"] == runs and res.hvp_counts["density"] == 5 * runs
 
 
 def test_fresh_direction_kernel_replaces_only_the_runs_that_broke_down():
