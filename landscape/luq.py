@@ -303,8 +303,11 @@ def _luq_kernel(g, key, bits, samples, max_mode, prng):
     b = _Bracket(g, bits, max_mode)
     # Round up iff U < frac with U uniform on the 2^32 integers; frac·2^32 < 2^32 is exact.
     shape = (samples,) + g.shape
-    with runtime.classic_threefry():
-        bits_u = jax.random.bits(key, shape, jnp.uint32) if prng == "jax" else _hash_kernel(key, shape)
+    if prng == "jax":
+        with runtime.classic_threefry():
+            bits_u = jax.random.bits(key, shape, jnp.uint32)
+    else:
+        bits_u = _hash_kernel(key, shape)
     threshold = (b.frac * _TWO_POW_32).astype(jnp.uint32)
     draws = b.value(bits_u < threshold)
     return jnp.mean(draws, axis=0).astype(g.dtype)

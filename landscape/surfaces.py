@@ -152,23 +152,22 @@ def random_direction(params, seed: int = 0, *, norm: str = "filter"):
         raise ValueError(f"norm={norm!r} is not allowed; use 'filter', 'layer' or 'none'")
     checks.check_int(seed, "seed", minimum=0)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    with runtime.classic_threefry():  # splitting follows the layout too
-        keys = jax.random.split(jax.random.key(seed), len(leaves))
     out = []
-    for (path, w), key in zip(leaves, keys, strict=True):
-        w = jnp.asarray(w)
-        if not _is_filter_kernel(path):
-            out.append(jnp.zeros_like(w))
-            continue
-        with runtime.classic_threefry():
+    with runtime.classic_threefry():  # the split and the draws
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        for (path, w), key in zip(leaves, keys, strict=True):
+            w = jnp.asarray(w)
+            if not _is_filter_kernel(path):
+                out.append(jnp.zeros_like(w))
+                continue
             d = jax.random.normal(key, w.shape, w.dtype)
-        if norm == "filter":
-            axes = tuple(range(w.ndim - 1))
-            scale = _norm(w, axes) / (_norm(d, axes) + 1e-10)
-            d = d * scale
-        elif norm == "layer":
-            d = d * jnp.linalg.norm(w) / (jnp.linalg.norm(d) + 1e-10)
-        out.append(d)
+            if norm == "filter":
+                axes = tuple(range(w.ndim - 1))
+                scale = _norm(w, axes) / (_norm(d, axes) + 1e-10)
+                d = d * scale
+            elif norm == "layer":
+                d = d * jnp.linalg.norm(w) / (jnp.linalg.norm(d) + 1e-10)
+            out.append(d)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
