@@ -1,5 +1,6 @@
-"""Process-level helpers: JAX's persistent compilation cache, atomic (resumable) result files, and the
-matmul precision levels the compiled programs accept.
+"""Process-level helpers: JAX's persistent compilation cache, atomic (resumable) result files, the
+threefry layout every random draw of landscape uses, and the matmul precision levels the compiled
+programs accept.
 
 Every ClipLoss compiles its own programs, but programs for the same network, site layout
 and data shapes are identical, so a persistent cache turns the second and later compiles
