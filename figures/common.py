@@ -60,12 +60,14 @@ class Preset:
     separability_samples: int = 50    # F3: γ/T sampling test (the reference notebook used 50)
     calib_size_seeds: int = 2         # F7: calibration seeds per size
     headline_bits: tuple[int, ...] | None = None  # --bits: F1, F2, F4 at these widths, not the paper's
+    dpi: int = 200                    # PNG resolution (rendering only: not part of any cache key)
 
     def config(self) -> dict:
         d = dataclasses.asdict(self)
         d["model_kw"] = dict(self.model_kw)
         if d["headline_bits"] is None:  # left out, so the cache keys of runs without --bits stay valid
             del d["headline_bits"]
+        del d["dpi"]  # how the figures are drawn, not what is computed
         return d
 
     def widths(self, paper: tuple[int, ...]) -> tuple[int, ...]:
@@ -88,7 +90,8 @@ PRESETS = {
                    table_configs=(("W4A4", 4, 4), ("W2A4", 2, 4)), grid=7, p_points=6,
                    calib_sizes=(32, 64), lapq_maxiter=1,
                    spectrum=dict(top_k=2, tol=1e-2, num_probes=8, density_runs=2, density_steps=8),
-                   spectrum_batch=64, separability_samples=12, calib_size_seeds=1),
+                   spectrum_batch=64, separability_samples=12, calib_size_seeds=1,
+                   dpi=50),  # a 200-dpi PNG takes ~1 s to render, more than most tiny figures compute
 }
 
 # --------------------------------------------------------------------------- claims
@@ -163,6 +166,20 @@ def config_hash(config) -> str:
 # --------------------------------------------------------------------------- context
 
 
+def mapping_fraction() -> float:
+    """Memory mappings this process holds, as a fraction of the kernel's per-process limit
+    (``vm.max_map_count``). Every XLA:CPU executable holds some, and at the limit LLVM fails
+    ("Cannot allocate memory"); 1.0 where this cannot be read (not Linux), so callers release."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as fh:
+            limit = int(fh.read())
+        with open("/proc/self/maps") as fh:
+            held = sum(1 for _ in fh)
+    except (OSError, ValueError):
+        return 1.0
+    return held / max(limit, 1)
+
+
 class Context:
     """Shared state of one reproduction run: the preset, data, trained network, ClipLosses,
     and a resumable cache of every expensive step."""
@@ -235,12 +252,21 @@ class Context:
         return self._losses[key]
 
     def release(self):
-        """Drop every memoised ClipLoss and JAX's compiled programs (between figure modules)."""
+        """Drop every memoised ClipLoss (between figure modules), and JAX's compiled programs too
+        once the process holds half of the kernel's memory-mapping limit. Programs kept are
+        reused: ClipLosses of the same sites in the next figure share them."""
         import jax
 
         self._losses.clear()
         gc.collect()
-        jax.clear_caches()
+        if mapping_fraction() > 0.5:
+            jax.clear_caches()
+
+    def save_figure(self, fig, slug: str) -> list[Path]:
+        """``fig`` as ``<out>/<slug>.png`` (at the preset's dpi) and ``.pdf``, atomically."""
+        from landscape import plots
+
+        return plots.save_figure(fig, self.out / slug, dpi=self.preset.dpi)
 
     def aggressive_config(self) -> tuple[str, int | None, int | None]:
         """The most aggressive table configuration (the last of ``preset.table_configs``)."""

@@ -82,7 +82,7 @@ def render(data, ctx):
         ax3 = fig.add_subplot(len(bits), 2, 2 * row + 2, projection="3d")
         plots.surface_3d(surf, points=points, ax=ax3, log=True)
         ax3.set_title(f"A{b}: 3-D view (log loss)")
-    files += plots.save_figure(fig, ctx.out / SLUG)
+    files += ctx.save_figure(fig, SLUG)
     return files
 
 

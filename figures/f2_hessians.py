@@ -76,7 +76,7 @@ def render(data, ctx):
             which = "STE (autodiff)" if method == "ste" else "true loss (FD, 2% step)"
             norm = "" if kind == "raw" else " — |H_ij| / min(H_ii, H_jj)"
             ax.set_title(f"A{b}: {which}{norm}", fontsize=9)
-    files += plots.save_figure(fig, ctx.out / SLUG)
+    files += ctx.save_figure(fig, SLUG)
     return files
 
 

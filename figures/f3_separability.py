@@ -124,7 +124,7 @@ def render(data, ctx):
     logy = [k for k in ("trace (A, STE)", "trace (W+A, STE)", "condition number (A, STE)")
             if np.all(np.asarray(metrics[k]) > 0)]
     fig = plots.bit_curves(bits, metrics, ncols=4, logy=logy)
-    return plots.save_figure(fig, ctx.out / SLUG)
+    return ctx.save_figure(fig, SLUG)
 
 
 def claims(data, ctx):

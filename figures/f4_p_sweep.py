@@ -46,7 +46,6 @@ def compute(ctx) -> dict:
 def render(data, ctx):
     from matplotlib.figure import Figure
 
-    from landscape import plots
 
     bits = widths_of(data)
     fig = Figure(figsize=(4.4 * len(bits), 7), constrained_layout=True)
@@ -70,7 +69,7 @@ def render(data, ctx):
         ax.set_xlabel("p")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"W{b}A{b}: accuracy of Lp(p) init")
-    return plots.save_figure(fig, ctx.out / SLUG)
+    return ctx.save_figure(fig, SLUG)
 
 
 def claims(data, ctx):

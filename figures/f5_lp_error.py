@@ -70,7 +70,6 @@ def compute(ctx) -> dict:
 def render(data, ctx):
     from matplotlib.figure import Figure
 
-    from landscape.plots import save_figure
 
     fig = Figure(figsize=(11, 7.5), constrained_layout=True)
     axes = fig.subplots(2, 2)
@@ -92,7 +91,7 @@ def render(data, ctx):
         ax.set_xlabel("p")
         ax.set_ylabel("optimal α / max|x|")
         ax.set_title(f"optimal clipping value vs p ({kind})")
-    return save_figure(fig, ctx.out / SLUG)
+    return ctx.save_figure(fig, SLUG)
 
 
 def claims(data, ctx):

@@ -36,7 +36,6 @@ def compute(ctx) -> dict:
 def render(data, ctx):
     from matplotlib.figure import Figure
 
-    from landscape import plots
 
     fig = Figure(figsize=(13, 4.5), constrained_layout=True)
     ax_loss, ax_acc, ax_time = fig.subplots(1, 3)
@@ -62,7 +61,7 @@ def render(data, ctx):
     for ax in (ax_loss, ax_acc, ax_time):
         ax.set_title(data["config"])
     ax_acc.legend(fontsize=7, ncol=3)
-    return plots.save_figure(fig, ctx.out / SLUG)
+    return ctx.save_figure(fig, SLUG)
 
 
 def claims(data, ctx):

@@ -29,7 +29,6 @@ def compute(ctx) -> dict:
 def render(data, ctx):
     from matplotlib.figure import Figure
 
-    from landscape import plots
 
     fig = Figure(figsize=(6, 4.2), constrained_layout=True)
     ax = fig.subplots()
@@ -42,7 +41,7 @@ def render(data, ctx):
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{data['config']}: accuracy vs calibration size ({len(data['seeds'])} seeds)")
     ax.legend(fontsize=8)
-    return plots.save_figure(fig, ctx.out / SLUG)
+    return ctx.save_figure(fig, SLUG)
 
 
 def claims(data, ctx):

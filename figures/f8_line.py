@@ -42,7 +42,6 @@ def compute(ctx) -> dict:
 def render(data, ctx):
     from matplotlib.figure import Figure
 
-    from landscape import plots
 
     fig = Figure(figsize=(6, 4.2), constrained_layout=True)
     ax = fig.subplots()
@@ -54,7 +53,7 @@ def render(data, ctx):
     ax.set_ylabel("calibration loss")
     ax.set_title(f"{data['config']}: loss along 0.8·α* → 1.5·α*")
     ax.legend(fontsize=8)
-    return plots.save_figure(fig, ctx.out / SLUG)
+    return ctx.save_figure(fig, SLUG)
 
 
 def claims(data, ctx):

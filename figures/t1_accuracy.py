@@ -84,7 +84,6 @@ def render(data, ctx):
     from matplotlib.figure import Figure
 
     from figures.common import write_text
-    from landscape import plots
 
     names = [c[0] for c in data["configs"]]
     fig = Figure(figsize=(13, 5), constrained_layout=True)
@@ -98,7 +97,7 @@ def render(data, ctx):
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{ctx.preset.model} on {ctx.preset.data}: clipping methods ({len(data['seeds'])} seeds)")
     ax.legend(fontsize=7, ncol=6)
-    return plots.save_figure(fig, ctx.out / SLUG) + [write_text(ctx.out / f"{SLUG}.md", markdown(data))]
+    return ctx.save_figure(fig, SLUG) + [write_text(ctx.out / f"{SLUG}.md", markdown(data))]
 
 
 def claims(data, ctx):

@@ -103,7 +103,7 @@ def render(data, ctx):
     ax2.legend(fontsize=8)
     plots.leaf_traces({label: _kernels(d) for label, d in data.items()}, ax=ax3,
                       title="per-layer curvature: tr H_bb / size of each kernel (± s.e.)")
-    files = plots.save_figure(fig, ctx.out / SLUG)
+    files = ctx.save_figure(fig, SLUG)
     from figures.common import write_text
 
     return files + [write_text(ctx.out / f"{SLUG}.md", table(data) + "\n")]

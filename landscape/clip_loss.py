@@ -28,6 +28,7 @@ minimise it. Design points:
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
@@ -43,6 +44,7 @@ from landscape import calibration, checks, folding, quantizers, runtime, sites
 from landscape.data import Split, as_arrays, check_labels
 
 _MEMORY_BUDGET = 2 * 1024**3  # bytes of activations one vmapped chunk may hold
+_SHARED_PROGRAMS = 8  # program sets kept alive after their last ClipLoss (least recently used dropped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,11 @@ class _Layout:
             out[site.name] = alpha[off] if size == 1 else alpha[off:off + size]
         return out
 
+    def program_key(self) -> tuple:
+        """What the compiled programs depend on: the sites and how each is quantized, but not the
+        bit widths, which the programs take as data."""
+        return tuple((site, dataclasses.replace(self.specs[site.name], bits=0)) for site in self.sites)
+
 
 def default_sites(all_sites: Iterable[sites.Site], quantize_first_last: bool) -> list[sites.Site]:
     """Sites quantized by default: all, except — unless ``quantize_first_last`` — the first
@@ -77,6 +84,135 @@ def default_sites(all_sites: Iterable[sites.Site], quantize_first_last: bool) ->
     acts = [s for s in all_sites if s.kind == "activation"]
     skip = {s.name for s in weights[:1] + weights[-1:] + acts[-1:]}
     return [s for s in all_sites if s.name not in skip]
+
+
+_CALLER: contextvars.ContextVar = contextvars.ContextVar("clip_loss_traces", default=None)
+
+
+class _Programs:
+    """The jitted programs of one (network architecture, site layout, precision).
+
+    Everything else a program needs arrives as data — α, the bit widths, the network's
+    variables, the calibration batches — so every ClipLoss with the same model and sites
+    (another bit width, another calibration sample of the same size, another figure of a
+    reproduction) runs the same programs, traced and compiled once per process instead of once
+    per object. :func:`_programs_for` shares them; ``ClipLoss.compilations`` still counts the
+    traces each object's own calls caused.
+    """
+
+    def __init__(self, model, layout: _Layout, precision: str):
+        self.model, self.layout, self.precision = model, layout, precision
+        self.call = jax.jit(self._traced("call", self.loss))
+        self.batch = jax.jit(self._traced("batch", self.batched_loss))
+        self.grad = jax.jit(self._traced("grad", jax.grad(self.loss)))
+        self.hvp = jax.jit(self._traced("hvp", self.hvp_product))
+        self.predict = jax.jit(self._traced("predict", self.predictions))
+        self.logits = jax.jit(self._traced("logits", self.forward))
+        self.init: dict = {}
+
+    def _traced(self, name, fn):
+        precision = self.precision
+
+        def counted(*args):
+            traces = _CALLER.get()
+            if traces is not None:
+                traces[name] += 1
+            with jax.default_matmul_precision(precision):  # read at trace time
+                return fn(*args)
+
+        # compile logs and profiles name the program ("jit(loss_batch)"), not the wrapper
+        counted.__name__ = counted.__qualname__ = "loss_" + name.replace(":", "_")
+        return counted
+
+    def forward(self, alpha, state, x):
+        bits = {site.name: state["bits"][i] for i, site in enumerate(self.layout.sites)}
+        with sites.quantizing(self.layout.specs, self.layout.unflatten(alpha), bits):
+            return self.model.apply(state["variables"], x, train=False)
+
+    def loss(self, alpha, state, xb, yb, wb):
+        alpha = jnp.asarray(alpha, jnp.float32)
+        valid = jnp.all(alpha > 0) & jnp.all(jnp.isfinite(alpha))
+        safe = jnp.where(valid, alpha, 1.0)
+
+        def batch_sum(args):
+            x, y, w = args
+            ce = optax.softmax_cross_entropy_with_integer_labels(self.forward(safe, state, x), y)
+            return jnp.sum(ce * w)
+
+        if xb.shape[0] == 1:
+            total = batch_sum((xb[0], yb[0], wb[0]))
+        else:
+            total = jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb)))
+        return jnp.where(valid, total / jnp.sum(wb), jnp.inf)
+
+    def batched_loss(self, alphas, count, state, xb, yb, wb):
+        """Losses of the first ``count`` rows of ``alphas`` (chunk, n); the padding rows give +inf."""
+        def one(alpha):
+            return self.loss(alpha, state, xb, yb, wb)
+
+        # Convolutions whose kernels carry a vmapped axis become grouped convolutions, which
+        # XLA's CPU backend runs 2-3x slower per α than a plain one (measured on resnet8):
+        # on CPU the chunk is a compiled sequential loop that stops after the ``count`` real
+        # rows (a traced bound, so the padding costs nothing and one program serves every K);
+        # on accelerators a vmap, where the padding rows run in parallel.
+        if jax.default_backend() == "cpu":
+            def body(i, out):
+                return out.at[i].set(one(alphas[i]))
+
+            return jax.lax.fori_loop(0, count, body, jnp.full(alphas.shape[:1], jnp.inf, jnp.float32))
+        return jnp.where(jnp.arange(alphas.shape[0]) < count, jax.vmap(one)(alphas), jnp.inf)
+
+    def hvp_product(self, alpha, v, state, xb, yb, wb):
+        """Hessian-vector product of the STE surrogate, forward-over-reverse."""
+        grad = jax.grad(self.loss)
+        return jax.jvp(lambda a: grad(a, state, xb, yb, wb), (alpha,), (v,))[1]
+
+    def predictions(self, alpha, state, x):
+        return jnp.argmax(self.forward(jnp.asarray(alpha, jnp.float32), state, x), axis=-1)
+
+    def init_program(self, rule: str, static: tuple, stats: str, stats_size: int, specs):
+        """The compiled layer-wise calibration of ``rule`` (static options ``static``).
+        ``specs``: the calling loss's site specs; their bit widths enter the program only for
+        rules in ``calibration.STATIC_BITS_RULES``, and then they are part of the key."""
+        traced_bits = rule not in calibration.STATIC_BITS_RULES
+        bits_key = None if traced_bits else tuple(specs[s.name].bits for s in self.layout.sites)
+        key = (rule, static, stats, stats_size, bits_key)
+        if key not in self.init:
+            layout = self.layout
+
+            # Bits as data where the rule allows it (all built-in rules): one compile per rule
+            # for every bit width of these sites.
+            def calibrate(state, x, traced):
+                rule_fn = calibration.bind_rule(rule, **dict(static), **traced)
+                bits = ({s.name: state["bits"][i] for i, s in enumerate(layout.sites)}
+                        if traced_bits else None)
+                with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized",
+                                       bits=bits) as ctx:
+                    self.model.apply(state["variables"], x, train=False)
+                return ctx.alphas
+
+            self.init[key] = jax.jit(self._traced(f"init:{rule}", calibrate))
+        return self.init[key]
+
+
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _programs_for(model, layout: _Layout, precision: str) -> _Programs:
+    """The shared :class:`_Programs` of this model, layout and precision (least recently used
+    sets beyond ``_SHARED_PROGRAMS`` are dropped; a live ClipLoss keeps its own alive)."""
+    try:
+        key = (model, layout.program_key(), precision)
+        hash(key)
+    except TypeError:  # an unhashable model: programs for this loss alone
+        return _Programs(model, layout, precision)
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+    else:
+        _PROGRAMS[key] = _Programs(model, layout, precision)
+        while len(_PROGRAMS) > _SHARED_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[key]
 
 
 class ClipLoss:
@@ -136,14 +272,8 @@ class ClipLoss:
             checks.check_int(chunk, "chunk")
         self._place_data(variables, x, y, batch_size)
         self.chunk = self._default_chunk() if chunk is None else int(chunk)
-        self._jit_call = jax.jit(self._traced("call", self._loss))
-        self._jit_batch = jax.jit(self._traced("batch", self._batched_loss))
-        self._jit_grad = jax.jit(self._traced("grad", jax.grad(self._loss)))
-        self._jit_hvp = jax.jit(self._traced("hvp", self._hvp))
-        self._jit_predict = jax.jit(self._traced("predict", self._predict))
-        self._jit_logits = jax.jit(self._traced("logits", self._logits))
+        self._programs = _programs_for(self.model, self._layout, precision)
         self._init_cache: dict = {}
-        self._init_programs: dict = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -219,63 +349,13 @@ class ClipLoss:
         per_alpha = 4 * 4 * per_example * self.batch_size  # ~4 live tensors per site, float32
         return int(np.clip(_MEMORY_BUDGET // max(per_alpha, 1), 1, 32))
 
-    def _traced(self, name, fn):
-        def counted(*args):
-            self._traces[name] += 1
-            with jax.default_matmul_precision(self.precision):  # read at trace time
-                return fn(*args)
-
-        # compile logs and profiles name the program ("jit(loss_batch)"), not the wrapper
-        counted.__name__ = counted.__qualname__ = "loss_" + name.replace(":", "_")
-        return counted
-
-    # ------------------------------------------------------------------ the pure function
-
-    def _logits(self, alpha, state, x):
-        bits = {site.name: state["bits"][i] for i, site in enumerate(self._layout.sites)}
-        with sites.quantizing(self._layout.specs, self._layout.unflatten(alpha), bits):
-            return self.model.apply(state["variables"], x, train=False)
-
-    def _loss(self, alpha, state, xb, yb, wb):
-        alpha = jnp.asarray(alpha, jnp.float32)
-        valid = jnp.all(alpha > 0) & jnp.all(jnp.isfinite(alpha))
-        safe = jnp.where(valid, alpha, 1.0)
-
-        def batch_sum(args):
-            x, y, w = args
-            ce = optax.softmax_cross_entropy_with_integer_labels(self._logits(safe, state, x), y)
-            return jnp.sum(ce * w)
-
-        if xb.shape[0] == 1:
-            total = batch_sum((xb[0], yb[0], wb[0]))
-        else:
-            total = jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb)))
-        return jnp.where(valid, total / jnp.sum(wb), jnp.inf)
-
-    def _batched_loss(self, alphas, count, state, xb, yb, wb):
-        """Losses of the first ``count`` rows of ``alphas`` (chunk, n); the padding rows give +inf."""
-        def one(alpha):
-            return self._loss(alpha, state, xb, yb, wb)
-
-        # Convolutions whose kernels carry a vmapped axis become grouped convolutions, which
-        # XLA's CPU backend runs 2-3x slower per α than a plain one (measured on resnet8):
-        # on CPU the chunk is a compiled sequential loop that stops after the ``count`` real
-        # rows (a traced bound, so the padding costs nothing and one program serves every K);
-        # on accelerators a vmap, where the padding rows run in parallel.
-        if jax.default_backend() == "cpu":
-            def body(i, out):
-                return out.at[i].set(one(alphas[i]))
-
-            return jax.lax.fori_loop(0, count, body, jnp.full(alphas.shape[:1], jnp.inf, jnp.float32))
-        return jnp.where(jnp.arange(alphas.shape[0]) < count, jax.vmap(one)(alphas), jnp.inf)
-
-    def _hvp(self, alpha, v, state, xb, yb, wb):
-        """Hessian-vector product of the STE surrogate, forward-over-reverse."""
-        grad = jax.grad(self._loss)
-        return jax.jvp(lambda a: grad(a, state, xb, yb, wb), (alpha,), (v,))[1]
-
-    def _predict(self, alpha, state, x):
-        return jnp.argmax(self._logits(jnp.asarray(alpha, jnp.float32), state, x), axis=-1)
+    def _run(self, program, *args):
+        """``program(*args)``, its traces (if any) counted as this loss's compilations."""
+        token = _CALLER.set(self._traces)
+        try:
+            return program(*args)
+        finally:
+            _CALLER.reset(token)
 
     # ------------------------------------------------------------------ public API
 
@@ -338,7 +418,8 @@ class ClipLoss:
 
     def __call__(self, alpha) -> jax.Array:
         """L(α): mean cross-entropy over the calibration set; +inf for α ≤ 0 or non-finite."""
-        return self._jit_call(self._place(self._check_alpha(alpha)), self._state, self._x, self._y, self._w)
+        return self._run(self._programs.call, self._place(self._check_alpha(alpha)), self._state, self._x,
+                         self._y, self._w)
 
     def batch(self, alphas) -> jax.Array:
         """(K, n) → (K,) losses in one compiled call per chunk of ``self.chunk`` rows (one
@@ -353,8 +434,8 @@ class ClipLoss:
         pad = (-k) % self.chunk
         if pad:
             alphas = xp.concatenate([alphas, xp.repeat(alphas[:1], pad, axis=0)])
-        out = [self._jit_batch(self._place(alphas[i:i + self.chunk]), self._place(np.int32(min(self.chunk, k - i))),
-                               self._state, self._x, self._y, self._w)
+        out = [self._run(self._programs.batch, self._place(alphas[i:i + self.chunk]),
+                         self._place(np.int32(min(self.chunk, k - i))), self._state, self._x, self._y, self._w)
                for i in range(0, alphas.shape[0], self.chunk)]
         if xp is jnp:
             return jnp.concatenate(out)[:k]
@@ -362,13 +443,13 @@ class ClipLoss:
 
     def grad(self, alpha) -> jax.Array:
         """∇L(α) of the straight-through surrogate, (n,)."""
-        return self._jit_grad(self._place(self._check_alpha(alpha, positive=True)), self._state, self._x, self._y,
-                              self._w)
+        return self._run(self._programs.grad, self._place(self._check_alpha(alpha, positive=True)), self._state,
+                         self._x, self._y, self._w)
 
     def hvp(self, alpha, v) -> jax.Array:
         """∇²L(α)·v of the straight-through surrogate (forward-over-reverse), (n,)."""
         alpha, v = self._place(self._check_alpha(alpha, positive=True)), self._place(self._check_alpha(v))
-        return self._jit_hvp(alpha, v, self._state, self._x, self._y, self._w)
+        return self._run(self._programs.hvp, alpha, v, self._state, self._x, self._y, self._w)
 
     def hessian(self, alpha) -> jax.Array:
         """∇²L(α) of the straight-through surrogate, (n, n): n forward-over-reverse HVPs with
@@ -376,7 +457,7 @@ class ClipLoss:
         ``jax.hessian``, whose vmapped tangents batch the convolution kernels."""
         alpha = self._place(self._check_alpha(alpha, positive=True))
         eye = np.eye(self.n, dtype=np.float32)
-        cols = [self._jit_hvp(alpha, self._place(eye[i]), self._state, self._x, self._y, self._w)
+        cols = [self._run(self._programs.hvp, alpha, self._place(eye[i]), self._state, self._x, self._y, self._w)
                 for i in range(self.n)]
         h = jnp.stack(cols, axis=1) if cols else jnp.zeros((0, 0), jnp.float32)
         return 0.5 * (h + h.T)
@@ -385,7 +466,7 @@ class ClipLoss:
         """(N, classes) logits of the quantized network at ``alpha`` for images ``x`` (N, ...):
         the forward pass the loss averages over, in one compiled call."""
         alpha = self._place(self._check_alpha(alpha, positive=True))
-        return self._jit_logits(alpha, self._state, jnp.asarray(x, jnp.float32))
+        return self._run(self._programs.logits, alpha, self._state, jnp.asarray(x, jnp.float32))
 
     def accuracy(self, alpha, split, batch_size: int = 500) -> float:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
@@ -400,7 +481,7 @@ class ClipLoss:
             real = len(chunk)
             if real < bs:
                 chunk = np.concatenate([chunk, np.zeros((bs - real,) + chunk.shape[1:], np.float32)])
-            pred = np.asarray(self._jit_predict(alpha, self._state, chunk))[:real]
+            pred = np.asarray(self._run(self._programs.predict, alpha, self._state, chunk))[:real]
             correct += int(np.sum(pred == y[start:start + real]))
         return correct / len(x)
 
@@ -423,28 +504,11 @@ class ClipLoss:
         result_key = (rule, tuple(sorted(kw.items())), stats, stats_size)
         if result_key in self._init_cache:
             return self._init_cache[result_key]
-        program_key = (rule, static, stats, stats_size)
-        if program_key not in self._init_programs:
-            specs = self._layout.specs
-
-            # Bits as data where the rule allows it (all built-in rules): one compile per rule
-            # for every bit width of these sites.
-            traced_bits = rule not in calibration.STATIC_BITS_RULES
-
-            def calibrate(state, x, traced):
-                rule_fn = calibration.bind_rule(rule, **dict(static), **traced)
-                bits = ({s.name: state["bits"][i] for i, s in enumerate(self._layout.sites)}
-                        if traced_bits else None)
-                with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized",
-                                       bits=bits) as ctx:
-                    self.model.apply(state["variables"], x, train=False)
-                return ctx.alphas
-
-            self._init_programs[program_key] = jax.jit(self._traced(f"init:{rule}", calibrate))
+        program = self._programs.init_program(rule, static, stats, stats_size, self._layout.specs)
         x = self._calib_host[0][:stats_size]
         if len(x) % len(jax.devices()) == 0:
             x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
-        alphas = self._init_programs[program_key](self._state, x, traced)
+        alphas = self._run(program, self._state, x, traced)
         flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
         alpha = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
         self._init_cache[result_key] = jax.device_put(alpha, self._replicated)
@@ -464,12 +528,18 @@ class ClipLoss:
         xb, yb, wb = self._x, self._y, self._w
         precision = self.precision
 
-        def f(params):
+        # A call outside any transformation runs one compiled program, not the network op by op
+        # (a few dozen small XLA compilations); inside the user's jit/grad the nested jit inlines.
+        @jax.jit
+        def mean(params, xb, yb, wb):
             with jax.default_matmul_precision(precision):
                 if xb.shape[0] == 1:
                     return batch_sum(params, xb[0], yb[0], wb[0]) / jnp.sum(wb)
                 sums = jax.lax.map(lambda args: batch_sum(params, *args), (xb, yb, wb))
                 return jnp.sum(sums) / jnp.sum(wb)
+
+        def f(params):
+            return mean(params, xb, yb, wb)
 
         return f
 
@@ -492,6 +562,7 @@ class ClipLoss:
         batch_sum = self._weight_batch_sum(alpha)
         precision = self.precision
 
+        @jax.jit  # one program per batch shape for calls outside a transformation, as above
         def f(params, batch):
             x, y = batch["x"], batch["y"]
             with jax.default_matmul_precision(precision):
@@ -568,7 +639,30 @@ def _checked_bits(bits):
     return out
 
 
+_SITES: collections.OrderedDict = collections.OrderedDict()
+
+
 def sites_of(model, variables, x, *, output: bool = False) -> tuple:
     """All quantization sites of ``model`` (network order) and its conv→BN pairs; with ``output``
-    also the shape of the logits (a ``jax.ShapeDtypeStruct``), from the same abstract trace."""
-    return sites.trace_sites(lambda v, x: model.apply(v, x, train=False), variables, jnp.asarray(x), output=output)
+    also the shape of the logits (a ``jax.ShapeDtypeStruct``), from the same abstract trace.
+
+    The trace depends only on the model and the shapes and dtypes of ``variables`` and ``x``;
+    its result is remembered per such key (every ClipLoss of a network asks again)."""
+    x = jnp.asarray(x)
+    try:
+        leaves, tree = jax.tree.flatten(variables)
+        key = (model, tree, tuple((tuple(np.shape(v)), str(jnp.result_type(v))) for v in leaves),
+               x.shape, str(x.dtype))
+        hash(key)
+    except TypeError:  # an unhashable model: trace every time
+        key = None
+    if key is None or key not in _SITES:
+        found = sites.trace_sites(lambda v, x: model.apply(v, x, train=False), variables, x, output=True)
+        if key is None:
+            return found if output else found[:2]
+        _SITES[key] = found
+        while len(_SITES) > 32:
+            _SITES.popitem(last=False)
+    _SITES.move_to_end(key)
+    all_sites, pairs, logits = _SITES[key]
+    return (list(all_sites), list(pairs), logits) if output else (list(all_sites), list(pairs))

@@ -631,17 +631,26 @@ def save_figure(fig, path, *, formats: Sequence[str] = ("png", "pdf"), dpi: int 
         path = path.with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt in formats:
-        target = path.with_name(f"{path.name}.{fmt}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fig.savefig(fh, format=fmt, dpi=dpi)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be read by others
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        written.append(target)
+    engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None
+    try:
+        for fmt in formats:
+            target = path.with_name(f"{path.name}.{fmt}")
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fig.savefig(fh, format=fmt, dpi=dpi)
+                os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be read by others
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            written.append(target)
+            if engine is not None and fig.get_layout_engine() is engine:
+                # The first format placed every axes; the others reuse that layout (constrained
+                # layout measures every text again on each draw, about half of a save's time).
+                fig.set_layout_engine("none")
+    finally:
+        if engine is not None and fig.get_layout_engine() is not engine:
+            fig.set_layout_engine(engine)
     return written

@@ -13,6 +13,7 @@ import pytest
 
 import landscape as ls
 import models
+from landscape import clip_loss as clip_loss_module
 from landscape.layers import QuantConv, QuantDense, QuantReLU
 
 
@@ -43,7 +44,13 @@ def test_loss_is_finite_positive_and_inf_for_bad_alpha(loss4):
     assert pair[0] == pytest.approx(value, rel=1e-5) and pair[1] == np.inf
 
 
-def test_one_compilation_per_clip_loss(tiny_net, digits):
+@pytest.fixture
+def fresh_programs():
+    """No compiled ClipLoss programs shared from earlier tests."""
+    clip_loss_module._PROGRAMS.clear()
+
+
+def test_one_compilation_per_clip_loss(tiny_net, digits, fresh_programs):
     loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
     alpha = loss.init("max")
     for scale in np.linspace(0.5, 1.5, 7):
@@ -53,6 +60,33 @@ def test_one_compilation_per_clip_loss(tiny_net, digits):
     loss.batch(jnp.stack([alpha] * 3))
     assert loss.compilations["call"] == 1
     assert loss.compilations["batch"] == 1
+
+
+def test_losses_of_the_same_sites_share_their_programs(tiny_net, digits, fresh_programs):
+    """Another bit width or calibration sample of the same sites runs the programs compiled for
+    the first loss (widths, weights and data are arguments), and still computes its own values."""
+    first = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
+    alpha = first.init("max")
+    value = float(first(alpha))
+    first.grad(alpha), first.batch(np.asarray(alpha)[None])
+    other_calib = (digits.train.x[:len(digits.calib.x)], digits.train.y[:len(digits.calib.x)])
+    second = ls.ClipLoss(tiny_net, other_calib, w_bits={"conv0_1": 5, "conv1_0": 2, "conv1_1": 6}, a_bits=2)
+    beta = second.init("max")
+    got = (float(second(beta)), np.asarray(second.grad(beta)), np.asarray(second.batch(np.stack([beta, alpha]))))
+    assert second.compilations == {}, "the second loss traced programs of its own"
+    assert got[0] != value and not np.allclose(beta, alpha)
+    # The same loss built with nothing shared: the same numbers, from programs of its own.
+    clip_loss_module._PROGRAMS.clear()
+    alone = ls.ClipLoss(tiny_net, other_calib, w_bits={"conv0_1": 5, "conv1_0": 2, "conv1_1": 6}, a_bits=2)
+    np.testing.assert_array_equal(alone.init("max"), beta)
+    assert float(alone(beta)) == got[0]
+    np.testing.assert_array_equal(alone.grad(beta), got[1])
+    np.testing.assert_array_equal(alone.batch(np.stack([beta, alpha])), got[2])
+    assert alone.compilations == {"init:max": 1, "call": 1, "grad": 1, "batch": 1}
+    # Other sites (first and last layers quantized too) are other programs.
+    wider = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3, quantize_first_last=True)
+    wider(wider.init("max"))
+    assert wider.compilations == {"init:max": 1, "call": 1}
 
 
 def test_no_xla_program_per_input_shape_or_type(loss4):

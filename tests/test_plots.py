@@ -247,8 +247,11 @@ def test_functions_draw_on_given_axes():
 
 def test_save_figure_writes_png_and_pdf_atomically(tmp_path):
     ax = plots.hessian_heatmap(_coupled_hessian(3))
+    engine = ax.figure.get_layout_engine()
     target = tmp_path / "nested" / "hessian.png"
     written = plots.save_figure(ax.figure, target, dpi=50)
+    # the PDF reuses the PNG's layout; the figure keeps its layout engine for later drawing
+    assert engine is not None and ax.figure.get_layout_engine() is engine
     assert written == [tmp_path / "nested" / "hessian.png", tmp_path / "nested" / "hessian.pdf"]
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert written[1].read_bytes()[:5] == b"%PDF-"
