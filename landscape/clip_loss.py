@@ -418,8 +418,15 @@ class ClipLoss:
 
     def __call__(self, alpha) -> jax.Array:
         """L(α): mean cross-entropy over the calibration set; +inf for α ≤ 0 or non-finite."""
-        return self._run(self._programs.call, self._place(self._check_alpha(alpha)), self._state, self._x,
-                         self._y, self._w)
+        alpha = self._check_alpha(alpha)
+        if jax.default_backend() == "cpu" and not isinstance(alpha, jax.core.Tracer):
+            # On CPU the batch program loops over the real rows only, so one row of it is this
+            # call at the same cost: a loss evaluated both ways compiles one program, not two.
+            # (Inside a user's transformation the plain program stays differentiable.)
+            rows = self._place(np.broadcast_to(alpha, (self.chunk, self.n)))
+            return self._run(self._programs.batch, rows, self._place(np.int32(1)), self._state, self._x, self._y,
+                             self._w)[0]
+        return self._run(self._programs.call, self._place(alpha), self._state, self._x, self._y, self._w)
 
     def batch(self, alphas) -> jax.Array:
         """(K, n) → (K,) losses in one compiled call per chunk of ``self.chunk`` rows (one

@@ -58,8 +58,11 @@ def test_one_compilation_per_clip_loss(tiny_net, digits, fresh_programs):
     loss(np.asarray(alpha))
     loss.batch(jnp.stack([alpha] * 5))
     loss.batch(jnp.stack([alpha] * 3))
-    assert loss.compilations["call"] == 1
-    assert loss.compilations["batch"] == 1
+    # On CPU a single α runs as one row of the batch program: one program serves both.
+    expected = {"batch": 1} if jax.default_backend() == "cpu" else {"call": 1, "batch": 1}
+    assert {k: v for k, v in loss.compilations.items() if k in ("call", "batch")} == expected
+    if jax.default_backend() == "cpu":
+        assert float(loss(alpha)) == float(loss.batch(np.stack([alpha * 0.5, alpha]))[1])
 
 
 def test_losses_of_the_same_sites_share_their_programs(tiny_net, digits, fresh_programs):
@@ -82,11 +85,12 @@ def test_losses_of_the_same_sites_share_their_programs(tiny_net, digits, fresh_p
     assert float(alone(beta)) == got[0]
     np.testing.assert_array_equal(alone.grad(beta), got[1])
     np.testing.assert_array_equal(alone.batch(np.stack([beta, alpha])), got[2])
-    assert alone.compilations == {"init:max": 1, "call": 1, "grad": 1, "batch": 1}
+    single = {} if jax.default_backend() == "cpu" else {"call": 1}  # on CPU a call is a batch row
+    assert alone.compilations == {"init:max": 1, "grad": 1, "batch": 1, **single}
     # Other sites (first and last layers quantized too) are other programs.
     wider = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3, quantize_first_last=True)
     wider(wider.init("max"))
-    assert wider.compilations == {"init:max": 1, "call": 1}
+    assert wider.compilations == {"init:max": 1, **(single or {"batch": 1})}
 
 
 def test_no_xla_program_per_input_shape_or_type(loss4):
