@@ -242,9 +242,9 @@ class Context:
             self._losses[key] = self._losses.pop(key)  # most recently used last
             return self._losses[key]
         if len(self._losses) >= self.MAX_LIVE_LOSSES:
-            # Every live ClipLoss holds its compiled programs, and each XLA:CPU executable holds
-            # memory mappings; a whole preset's worth of them exceeds the kernel's per-process
-            # limit (vm.max_map_count, 65530 by default) and LLVM fails. Drop the oldest loss.
+            # Every live ClipLoss holds its calibration data on the device and keeps its compiled
+            # programs alive (each XLA:CPU executable holds memory mappings, and a whole preset's
+            # worth exceeds the kernel's per-process limit, vm.max_map_count). Drop the oldest.
             self._losses.pop(next(iter(self._losses)))
             gc.collect()
         data = self.data(seed, calib_size)

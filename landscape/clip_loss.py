@@ -8,7 +8,9 @@ minimise it. Design points:
 
 * **One compile.** The network, the calibration data and the site layout are fixed at
   construction; α is the only input, so ``loss(α)`` compiles once and every later call
-  reuses it (``loss.compilations`` counts traces per entry point).
+  reuses it (``loss.compilations`` counts traces per entry point). The programs take the bit
+  widths, variables and data as arguments, so every ClipLoss of the same model and sites
+  shares them (:class:`_Programs`).
 * **Many α at once.** ``loss.batch(alphas)`` evaluates (K, n) clipping vectors in one
   compiled call per chunk of ``chunk`` rows: ``vmap``-ed on accelerators, a compiled
   sequential loop on CPU (where vmapped convolution kernels are slower per α) that runs
