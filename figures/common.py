@@ -253,13 +253,13 @@ class Context:
 
     def release(self):
         """Drop every memoised ClipLoss (between figure modules), and JAX's compiled programs too
-        once the process holds half of the kernel's memory-mapping limit. Programs kept are
+        once the process holds a quarter of the kernel's memory-mapping limit. Programs kept are
         reused: ClipLosses of the same sites in the next figure share them."""
         import jax
 
         self._losses.clear()
         gc.collect()
-        if mapping_fraction() > 0.5:
+        if mapping_fraction() > 0.25:  # the next module may compile as much again
             jax.clear_caches()
 
     def save_figure(self, fig, slug: str) -> list[Path]:

@@ -105,3 +105,22 @@ def test_bits_sets_the_widths_of_the_headline_figures(tmp_path):
     from figures.common import PRESETS
 
     assert "headline_bits" not in PRESETS["tiny"].config()
+
+
+def test_release_frees_compiled_programs_only_when_mappings_run_short(monkeypatch, tmp_path):
+    """Between figure modules the memoised losses go; JAX's compiled programs go only once the
+    process holds a quarter of the kernel's memory-mapping limit (else the next figure reuses them)."""
+    import jax
+
+    from figures import common
+
+    held = common.mapping_fraction()
+    assert 0.0 < held <= 1.0
+    cleared = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(True))
+    ctx = common.Context(common.PRESETS["tiny"], tmp_path, progress=False)
+    ctx._losses["stale"] = object()
+    for fraction, expected in ((0.1, []), (0.3, [True])):
+        monkeypatch.setattr(common, "mapping_fraction", lambda fraction=fraction: fraction)
+        ctx.release()
+        assert ctx._losses == {} and cleared == expected
