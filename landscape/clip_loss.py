@@ -49,6 +49,14 @@ _MEMORY_BUDGET = 2 * 1024**3  # bytes of activations one vmapped chunk may hold
 _SHARED_PROGRAMS = 8  # program sets kept alive after their last ClipLoss (least recently used dropped)
 
 
+def _sequential_batches() -> bool:
+    """Whether ``ClipLoss.batch`` runs its chunk as a compiled loop over the real rows (CPU) rather
+    than a vmap (accelerators). Convolutions whose kernels carry a vmapped axis become grouped
+    convolutions, which XLA's CPU backend runs 2-3x slower per α than a plain one (measured on
+    resnet8); on accelerators the vmapped rows, padding included, run in parallel."""
+    return jax.default_backend() == "cpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """Where each active site's α lives in the flat vector."""
@@ -152,12 +160,9 @@ class _Programs:
         def one(alpha):
             return self.loss(alpha, state, xb, yb, wb)
 
-        # Convolutions whose kernels carry a vmapped axis become grouped convolutions, which
-        # XLA's CPU backend runs 2-3x slower per α than a plain one (measured on resnet8):
-        # on CPU the chunk is a compiled sequential loop that stops after the ``count`` real
-        # rows (a traced bound, so the padding costs nothing and one program serves every K);
-        # on accelerators a vmap, where the padding rows run in parallel.
-        if jax.default_backend() == "cpu":
+        # The loop stops after the ``count`` real rows (a traced bound, so the padding costs
+        # nothing and one program serves every K).
+        if _sequential_batches():
             def body(i, out):
                 return out.at[i].set(one(alphas[i]))
 
@@ -345,7 +350,7 @@ class ClipLoss:
         self._calib_host = (x, y)
 
     def _default_chunk(self) -> int:
-        if jax.default_backend() == "cpu":  # a sequential map: memory does not grow with the chunk
+        if _sequential_batches():  # memory does not grow with the chunk
             return 32
         per_example = sum(int(np.prod(s.shape)) for s in self.all_sites if s.kind == "activation")
         per_alpha = 4 * 4 * per_example * self.batch_size  # ~4 live tensors per site, float32
@@ -421,9 +426,9 @@ class ClipLoss:
     def __call__(self, alpha) -> jax.Array:
         """L(α): mean cross-entropy over the calibration set; +inf for α ≤ 0 or non-finite."""
         alpha = self._check_alpha(alpha)
-        if jax.default_backend() == "cpu" and not isinstance(alpha, jax.core.Tracer):
-            # On CPU the batch program loops over the real rows only, so one row of it is this
-            # call at the same cost: a loss evaluated both ways compiles one program, not two.
+        if _sequential_batches() and not isinstance(alpha, jax.core.Tracer):
+            # The batch program loops over the real rows only, so one row of it is this call at
+            # the same cost: a loss evaluated both ways compiles one program, not two.
             # (Inside a user's transformation the plain program stays differentiable.)
             rows = self._place(np.broadcast_to(alpha, (self.chunk, self.n)))
             return self._run(self._programs.batch, rows, self._place(np.int32(1)), self._state, self._x, self._y,
