@@ -10,6 +10,7 @@ from pathlib import Path
 import figures
 from figures import claims as claim_specs
 from figures.common import write_json, write_text
+from landscape import runtime
 
 
 def claims_table(claims) -> str:
@@ -78,10 +79,12 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx) -> None:
     for name, info in results.items():
         lines.append(f"| {name} | {info['seconds']} | {info['computed']} / {info['loaded']} | "
                      f"{', '.join(files[name])} |")
-    lines += ["", "## Configuration", "", "```", repr(preset), "```", ""]
+    versions = runtime.software()
+    lines += ["", "## Configuration", "", "```", repr(preset), "```", "",
+              f"Ran with {runtime.describe_software(versions)}.", ""]
     write_text(out / "REPORT.md", "\n".join(lines))
     write_json(out / "report.json", {
-        "preset": preset.config(), "wall_seconds": round(wall, 1),
+        "preset": preset.config(), "software": versions, "wall_seconds": round(wall, 1),
         "fp32_test_accuracy": net.accuracy(ctx.test),
         "claims": [dataclasses.asdict(c) for c in claims], "untested": untested,
         "figures": results, "files": files,

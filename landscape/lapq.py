@@ -785,7 +785,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
     print()
     print(table)
     if args.json:
-        landscape.runtime.write_atomic(args.json, json.dumps(table.to_dict(), indent=1))
+        payload = dict(table.to_dict(), software=landscape.runtime.software())
+        landscape.runtime.write_atomic(args.json, json.dumps(payload, indent=1))
     return table
 
 

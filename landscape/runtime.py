@@ -1,10 +1,10 @@
 """Process-level helpers: JAX's persistent compilation cache, atomic (resumable) result files, the
-threefry layout every random draw of landscape uses, and the matmul precision levels the compiled
-programs accept.
+threefry layout every random draw of landscape uses, the matmul precision levels the compiled
+programs accept, and the code and library versions a result file records.
 
-Every ClipLoss compiles its own programs, but programs for the same network, site layout
-and data shapes are identical, so a persistent cache turns the second and later compiles
-(another calibration seed, a resumed run) into a disk read: on 2 CPU cores, resnet8's
+Within a process, every ClipLoss of the same network, site layout and precision shares one set
+of compiled programs; across processes a persistent cache turns the second and later compiles
+(a resumed run, the next script) into a disk read: on 2 CPU cores, resnet8's
 calibration program drops from ~3 s to ~0.3 s. The CLIs (``paper_repro.py``,
 ``python -m landscape lapq``) and the test suite enable it; a library import does not
 change global JAX configuration on its own.
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+from pathlib import Path
 
 import jax
 
@@ -84,3 +87,43 @@ def check_precision(precision, where: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"{where}: precision={precision!r}; allowed: {', '.join(map(repr, PRECISIONS))}")
     return precision
+
+
+def code_version(root: str | os.PathLike | None = None) -> str | None:
+    """The git commit (12 hex digits) of the checkout at ``root`` (default: the one this package
+    was imported from), ``+dirty`` when tracked files differ from it; None when ``root`` is not
+    the top of a git checkout (an installed package) or git is missing. Result files record it so
+    that a committed figure or table says which code made it."""
+    root = Path(root if root is not None else Path(__file__).parent.parent).resolve()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None  # installed inside some other repository: its commit is not ours
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def software() -> dict:
+    """The code (:func:`code_version`) and library versions of this process, for result files."""
+    import flax
+    import jaxlib
+    import numpy
+    import optax
+
+    return {"code": code_version(), "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "numpy": numpy.__version__}
+
+
+def describe_software(versions: dict | None = None) -> str:
+    """One line for a report: ``code `<commit>`; python 3.11.7, jax 0.10.2, …``."""
+    versions = versions or software()
+    code = versions.get("code") or "not a git checkout"
+    return f"code `{code}`; " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "code")

@@ -2,11 +2,13 @@
 and the paper's ordering on the digits resnet8 (layer-wise < Lp(p*) < joint)."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -238,10 +240,10 @@ def test_callback_sees_iterations_and_can_stop(tiny_loss):
     assert res.loss <= calls[0]["loss"] + 1e-7
 
 
-def test_cli_prints_the_method_table(capsys, digits_net):
+def test_cli_prints_the_method_table(capsys, digits_net, tmp_path):
     table = lq.main(["--model", "resnet8", "--data", "digits", "--w-bits", "2", "--a-bits", "2",
                      "--calib-size", "128", "--seeds", "2", "--p-points", "3", "--maxiter", "1",
-                     "--rows", "FP32", "MSE", "Lp(p*)", "batched"])
+                     "--rows", "FP32", "MSE", "Lp(p*)", "batched", "--json", str(tmp_path / "table.json")])
     out = capsys.readouterr().out
     assert table.rows == ("FP32", "MSE", "Lp(p*)", "batched") and table.seeds == (0, 1)
     for row in table.rows:
@@ -251,6 +253,8 @@ def test_cli_prints_the_method_table(capsys, digits_net):
     assert np.all(table.calib_loss["FP32"] < table.calib_loss["MSE"])
     assert np.all(table.n_evals["batched"] > 0) and np.all(np.isnan(table.n_evals["MSE"]))
     assert " ± " in str(table) and table.to_dict()["setting"]["w_bits"] == 2
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["setting"] == table.to_dict()["setting"] and saved["software"]["jax"] == jax.__version__
 
 
 def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
