@@ -1,6 +1,8 @@
 import io
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -147,3 +149,25 @@ def test_splits_and_pairs_are_accepted_and_anything_else_is_named(digits, tiny_n
     with pytest.raises(ValueError, match="calib must be a landscape.data.Split"):
         ls.ClipLoss(tiny_net, digits.calib.x, w_bits=4, a_bits=4)
     assert loss.accuracy(alpha, (digits.test.x, digits.test.y)) == loss.accuracy(alpha, digits.test)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+def test_code_version_names_the_commit_of_a_checkout(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert ls.runtime.code_version(repo) is None  # not a checkout
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org",
+           "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (repo / "a.txt").write_text("1")
+    subprocess.run(git + ["add", "a.txt"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "one"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    assert ls.runtime.code_version(repo) == head
+    (repo / "b.txt").write_text("untracked files do not count")
+    assert ls.runtime.code_version(repo) == head
+    (repo / "a.txt").write_text("2")
+    assert ls.runtime.code_version(repo) == head + "+dirty"
+    (repo / "sub").mkdir()
+    assert ls.runtime.code_version(repo / "sub") is None  # inside a repository, not its root

@@ -2,8 +2,6 @@
 
 import json
 import os
-import shutil
-import subprocess
 
 import jax
 import pytest
@@ -48,29 +46,6 @@ def test_report_lists_claims_with_verdicts(tiny_run):
     gallery = (tiny_run / "README.md").read_text()
     for module in figures.load_all():
         assert f"({module.SLUG}.png)" in gallery and module.PAPER in gallery
-
-
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
-def test_code_version_names_the_commit_of_a_checkout(tmp_path):
-    from landscape import runtime
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    assert runtime.code_version(repo) is None  # not a checkout
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org"]
-    subprocess.run(git + ["init", "-q"], check=True)
-    (repo / "a.txt").write_text("1")
-    subprocess.run(git + ["add", "a.txt"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "one"], check=True)
-    head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    assert runtime.code_version(repo) == head
-    (repo / "b.txt").write_text("untracked files do not count")
-    assert runtime.code_version(repo) == head
-    (repo / "a.txt").write_text("2")
-    assert runtime.code_version(repo) == head + "+dirty"
-    (repo / "sub").mkdir()
-    assert runtime.code_version(repo / "sub") is None  # inside a repository, not its root
 
 
 def test_rerun_resumes_from_the_cache(tiny_run):
