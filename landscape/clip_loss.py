@@ -430,10 +430,13 @@ class ClipLoss:
             # The batch program loops over the real rows only, so one row of it is this call at
             # the same cost: a loss evaluated both ways compiles one program, not two.
             # (Inside a user's transformation the plain program stays differentiable.)
-            rows = self._place(np.broadcast_to(alpha, (self.chunk, self.n)))
-            return self._run(self._programs.batch, rows, self._place(np.int32(1)), self._state, self._x, self._y,
-                             self._w)[0]
+            return self._run_chunk(np.broadcast_to(alpha, (self.chunk, self.n)), 1)[0]
         return self._run(self._programs.call, self._place(alpha), self._state, self._x, self._y, self._w)
+
+    def _run_chunk(self, rows, count: int) -> jax.Array:
+        """The batch program on one chunk of ``self.chunk`` rows, of which the first ``count`` are real."""
+        return self._run(self._programs.batch, self._place(rows), self._place(np.int32(count)), self._state,
+                         self._x, self._y, self._w)
 
     def batch(self, alphas) -> jax.Array:
         """(K, n) → (K,) losses in one compiled call per chunk of ``self.chunk`` rows (one
@@ -448,8 +451,7 @@ class ClipLoss:
         pad = (-k) % self.chunk
         if pad:
             alphas = xp.concatenate([alphas, xp.repeat(alphas[:1], pad, axis=0)])
-        out = [self._run(self._programs.batch, self._place(alphas[i:i + self.chunk]),
-                         self._place(np.int32(min(self.chunk, k - i))), self._state, self._x, self._y, self._w)
+        out = [self._run_chunk(alphas[i:i + self.chunk], min(self.chunk, k - i))
                for i in range(0, alphas.shape[0], self.chunk)]
         if xp is jnp:
             return jnp.concatenate(out)[:k]
