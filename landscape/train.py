@@ -13,6 +13,7 @@ configuration, so a second ``fit`` with the same configuration loads instead of 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -113,14 +114,19 @@ class Network:
         return f"Network({type(self.model).__name__}, recipe={self.recipe!r}{tail})"
 
 
-_EVAL_CACHE: dict = {}
+_EVAL_CACHE: collections.OrderedDict = collections.OrderedDict()
+_EVAL_CACHE_SIZE = 16  # evaluation programs kept (least recently used dropped): each holds compiled code
 
 
 def _eval_fn(model, recipe, hook_phase):
-    """One jitted evaluation function per (model object, recipe, phase)."""
+    """One jitted evaluation function per (model object, recipe, phase), for the most recent
+    ``_EVAL_CACHE_SIZE`` of them: a long run that trains many networks does not keep every
+    network's compiled evaluation alive."""
     key = (id(model), recipe.key(), hook_phase)
     cached = _EVAL_CACHE.get(key)
-    if cached is None or cached[0] is not model:
+    if cached is not None and cached[0] is model:
+        _EVAL_CACHE.move_to_end(key)
+    else:
         hook = recipe.gemm_hook(hook_phase) if hook_phase else None
 
         @jax.jit
@@ -129,6 +135,9 @@ def _eval_fn(model, recipe, hook_phase):
                 return model.apply(variables, x, train=False)
 
         cached = _EVAL_CACHE[key] = (model, f)
+        _EVAL_CACHE.move_to_end(key)
+        while len(_EVAL_CACHE) > _EVAL_CACHE_SIZE:
+            _EVAL_CACHE.popitem(last=False)
     return cached[1]
 
 

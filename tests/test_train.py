@@ -129,3 +129,17 @@ def test_triangular_schedule():
     assert float(s(50)) == pytest.approx(0.1)
     assert float(s(100)) == pytest.approx(0.0, abs=1e-8)
     assert float(s(25)) == pytest.approx(0.055)
+
+
+def test_evaluation_programs_are_kept_for_recent_networks_only():
+    """Each network object gets one jitted evaluation; only the most recent few stay cached, so a
+    run that trains many networks does not keep every compiled evaluation alive."""
+    from landscape import train
+
+    recipe = train.Recipe()
+    nets = [models.create("cnn", num_classes=10, widths=(2, 4)) for _ in range(train._EVAL_CACHE_SIZE + 4)]
+    fns = [train._eval_fn(model, recipe, None) for model in nets]
+    assert len(train._EVAL_CACHE) <= train._EVAL_CACHE_SIZE
+    assert train._eval_fn(nets[-1], recipe, None) is fns[-1]  # recent: the same function
+    assert train._eval_fn(nets[0], recipe, None) is not fns[0]  # dropped: built again
+    assert len(set(map(id, fns))) == len(fns)
