@@ -78,8 +78,9 @@ class _Layout:
 
     def program_key(self) -> tuple:
         """What the compiled programs depend on: the sites and how each is quantized, but not the
-        bit widths, which the programs take as data."""
-        return tuple((site, dataclasses.replace(self.specs[site.name], bits=0)) for site in self.sites)
+        bit widths or whether weights are bias-corrected, which the programs take as data."""
+        return tuple((site, dataclasses.replace(self.specs[site.name], bits=0, bias_correction=False))
+                     for site in self.sites)
 
 
 def default_sites(all_sites: Iterable[sites.Site], quantize_first_last: bool) -> list[sites.Site]:
@@ -102,12 +103,12 @@ _CALLER: contextvars.ContextVar = contextvars.ContextVar("clip_loss_traces", def
 class _Programs:
     """The jitted programs of one (network architecture, site layout, precision).
 
-    Everything else a program needs arrives as data — α, the bit widths, the network's
-    variables, the calibration batches — so every ClipLoss with the same model and sites
-    (another bit width, another calibration sample of the same size, another figure of a
-    reproduction) runs the same programs, traced and compiled once per process instead of once
-    per object. :func:`_programs_for` shares them; ``ClipLoss.compilations`` still counts the
-    traces each object's own calls caused.
+    Everything else a program needs arrives as data — α, the bit widths, the bias-correction
+    switches, the network's variables, the calibration batches — so every ClipLoss with the same
+    model and sites (another bit width, bias correction on or off, another calibration sample of
+    the same size, another figure of a reproduction) runs the same programs, traced and
+    compiled once per process instead of once per object. :func:`_programs_for` shares them;
+    ``ClipLoss.compilations`` still counts the traces each object's own calls caused.
     """
 
     def __init__(self, model, layout: _Layout, precision: str):
@@ -134,9 +135,15 @@ class _Programs:
         counted.__name__ = counted.__qualname__ = "loss_" + name.replace(":", "_")
         return counted
 
+    def _traced_options(self, state):
+        """Site → traced bit width, and site → traced bias-correction switch (0.0 / 1.0)."""
+        names = [site.name for site in self.layout.sites]
+        return ({name: state["bits"][i] for i, name in enumerate(names)},
+                {name: state["corrections"][i] for i, name in enumerate(names)})
+
     def forward(self, alpha, state, x):
-        bits = {site.name: state["bits"][i] for i, site in enumerate(self.layout.sites)}
-        with sites.quantizing(self.layout.specs, self.layout.unflatten(alpha), bits):
+        bits, corrections = self._traced_options(state)
+        with sites.quantizing(self.layout.specs, self.layout.unflatten(alpha), bits, corrections):
             return self.model.apply(state["variables"], x, train=False)
 
     def loss(self, alpha, state, xb, yb, wb):
@@ -180,21 +187,19 @@ class _Programs:
     def init_program(self, rule: str, static: tuple, stats: str, stats_size: int, specs):
         """The compiled layer-wise calibration of ``rule`` (static options ``static``).
         ``specs``: the calling loss's site specs; their bit widths enter the program only for
-        rules in ``calibration.STATIC_BITS_RULES``, and then they are part of the key."""
+        rules in ``calibration.STATIC_BITS_RULES``, and then they are part of the key; the
+        bias-correction switches are always data (``state["corrections"]``)."""
         traced_bits = rule not in calibration.STATIC_BITS_RULES
         bits_key = None if traced_bits else tuple(specs[s.name].bits for s in self.layout.sites)
         key = (rule, static, stats, stats_size, bits_key)
         if key not in self.init:
-            layout = self.layout
-
             # Bits as data where the rule allows it (all built-in rules): one compile per rule
-            # for every bit width of these sites.
+            # for every bit width of these sites, with bias correction on or off.
             def calibrate(state, x, traced):
                 rule_fn = calibration.bind_rule(rule, **dict(static), **traced)
-                bits = ({s.name: state["bits"][i] for i, s in enumerate(layout.sites)}
-                        if traced_bits else None)
+                bits, corrections = self._traced_options(state)
                 with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized",
-                                       bits=bits) as ctx:
+                                       bits=bits if traced_bits else None, corrections=corrections) as ctx:
                     self.model.apply(state["variables"], x, train=False)
                 return ctx.alphas
 
@@ -344,8 +349,12 @@ class ClipLoss:
         self.variables = jax.device_put(variables, replicated)
         # Bit widths travel as data, not as constants of the program: every bit width of the
         # same sites compiles to the same program (a persistent-cache hit after the first).
-        site_bits = np.array([self._layout.specs[s.name].bits for s in self._layout.sites], np.float32)
-        self._state = {"variables": self.variables, "bits": jax.device_put(site_bits, replicated)}
+        # So do the bias-correction switches: with and without it, the programs are the same.
+        specs = [self._layout.specs[s.name] for s in self._layout.sites]
+        site_bits = np.array([spec.bits for spec in specs], np.float32)
+        corrections = np.array([spec.bias_correction for spec in specs], np.float32)
+        self._state = {"variables": self.variables, "bits": jax.device_put(site_bits, replicated),
+                       "corrections": jax.device_put(corrections, replicated)}
         self.n_calib, self.batch_size = n, bs
         self._calib_host = (x, y)
 

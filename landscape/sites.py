@@ -320,11 +320,21 @@ def capture(apply_fn: Callable, names, *args) -> dict[str, jax.Array]:
 # --------------------------------------------------------------------------- quantizing
 
 
+def _shift(w_hat, w, spec: SiteSpec, correction):
+    """The bias-correction shift of a quantized weight (None without correction): the traced
+    0/1 ``correction`` when given, else ``spec.bias_correction`` decides."""
+    if correction is not None:
+        return correction * quantizers.bias_shift(w_hat, w)  # exactly 0 or the shift
+    return quantizers.bias_shift(w_hat, w) if spec.bias_correction else None
+
+
 class _Quantizer:
-    def __init__(self, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array], bits):
+    def __init__(self, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array], bits,
+                 corrections=None):
         self.specs = specs
         self.alphas = alphas
         self.bits = bits or {}
+        self.corrections = corrections or {}
 
     def _bits(self, name, spec):
         return self.bits.get(name, spec.bits)
@@ -334,7 +344,7 @@ class _Quantizer:
         if spec is None:
             return w
         w_hat = quantizers.quantize(w, self.alphas[name], self._bits(name, spec), spec.grid)
-        shift = quantizers.bias_shift(w_hat, w) if spec.bias_correction else None
+        shift = _shift(w_hat, w, spec, self.corrections.get(name))
         self._seen_weight(name, w_hat, shift)
         return w_hat if shift is None else w_hat - shift
 
@@ -349,19 +359,21 @@ class _Quantizer:
 
 
 def quantizing(specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
-               bits: Mapping[str, jax.Array] | None = None):
+               bits: Mapping[str, jax.Array] | None = None,
+               corrections: Mapping[str, jax.Array] | None = None):
     """Context that fake-quantizes every site in ``specs`` with ``alphas[name]``.
 
     ``alphas[name]`` is a scalar, or (C,) for a per-channel weight site. Sites absent from
     ``specs`` stay FP32. ``bits`` optionally overrides ``spec.bits`` per site with (traced)
-    values, so one compiled program serves every bit width.
+    values, so one compiled program serves every bit width; ``corrections`` likewise overrides
+    ``spec.bias_correction`` of weight sites with traced 0.0 / 1.0 (Ŵ − c · shift).
 
     To reproduce a ClipLoss's forward pass to the last bit, pass α and the widths as traced
     float32 values as it does (:func:`traced_widths`): with constants, XLA folds and rewrites
     the quantizer's arithmetic (Δ = α/(2^M − 1), x/Δ), and a last-bit difference before a
     rounding moves a value one level.
     """
-    return _active(_Quantizer(specs, alphas, bits))
+    return _active(_Quantizer(specs, alphas, bits, corrections))
 
 
 def traced_widths(specs: Mapping[str, SiteSpec]) -> dict[str, jax.Array]:
@@ -370,8 +382,8 @@ def traced_widths(specs: Mapping[str, SiteSpec]) -> dict[str, jax.Array]:
 
 
 class _WeightRecorder(_Quantizer):
-    def __init__(self, specs, alphas, bits=None):
-        super().__init__(specs, alphas, bits)
+    def __init__(self, specs, alphas, bits=None, corrections=None):
+        super().__init__(specs, alphas, bits, corrections)
         self.values: dict[str, tuple] = {}
 
     def _seen_weight(self, name, w_hat, shift):
@@ -381,19 +393,20 @@ class _WeightRecorder(_Quantizer):
 
 
 def quantized_weights(apply_fn: Callable, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
-                      *args, bits: Mapping[str, jax.Array] | None = None) -> dict[str, tuple[jax.Array, jax.Array]]:
+                      *args, bits: Mapping[str, jax.Array] | None = None,
+                      corrections: Mapping[str, jax.Array] | None = None) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Weight site → (Q(W) on the grid, bias-correction shift) as a jitted quantized pass of
     ``apply_fn(*args)`` computes them (the values the network uses are Q(W) − shift; the shift
     has W's rank, size 1 on every axis but the last, and is zero without bias correction).
-    ``bits`` as in :func:`quantizing` (traced widths, as ClipLoss passes them)."""
+    ``bits`` and ``corrections`` as in :func:`quantizing` (traced, as ClipLoss passes them)."""
 
-    def run(alphas, bits, *a):
-        rec = _WeightRecorder(specs, alphas, bits)
+    def run(alphas, bits, corrections, *a):
+        rec = _WeightRecorder(specs, alphas, bits, corrections)
         with _active(rec):
             apply_fn(*a)
         return rec.values
 
-    return jax.jit(run)(alphas, bits, *args)
+    return jax.jit(run)(alphas, bits, corrections, *args)
 
 
 # --------------------------------------------------------------------------- calibrating
@@ -402,11 +415,12 @@ Rule = Callable[[jax.Array, SiteSpec, str], jax.Array]
 
 
 class _Calibrator:
-    def __init__(self, specs, rule: Rule, quantize_upstream: bool, bits):
+    def __init__(self, specs, rule: Rule, quantize_upstream: bool, bits, corrections=None):
         self.specs = specs
         self.rule = rule
         self.quantize_upstream = quantize_upstream
         self.bits = bits or {}
+        self.corrections = corrections or {}
         self.alphas: dict[str, jax.Array] = {}
 
     def _spec(self, name):
@@ -430,9 +444,8 @@ class _Calibrator:
         if not self.quantize_upstream:  # FP32 statistics: downstream activations see FP32 weights
             return w
         w_hat = quantizers.quantize(w, alpha, spec.bits, spec.grid)
-        if spec.bias_correction:
-            w_hat = quantizers.bias_correct(w_hat, w)
-        return w_hat
+        shift = _shift(w_hat, w, spec, self.corrections.get(name))
+        return w_hat if shift is None else w_hat - shift
 
     def activation(self, name, x):
         spec = self._spec(name)
@@ -446,13 +459,15 @@ class _Calibrator:
 
 
 def calibrating(specs: Mapping[str, SiteSpec], rule: Rule, *, quantize_upstream: bool = True,
-                bits: Mapping[str, jax.Array] | None = None):
+                bits: Mapping[str, jax.Array] | None = None,
+                corrections: Mapping[str, jax.Array] | None = None):
     """Context that sets each site's α = rule(tensor, spec, kind), in call order.
 
     With ``quantize_upstream`` the tensor is quantized with its new α before it flows on,
     so every activation's statistics are taken with all upstream sites quantized (the
     LAPQ reference's online initialisation); otherwise statistics are FP32. After the
     traced call, ``ctx.alphas`` maps site name → α. ``bits`` optionally overrides ``spec.bits``
-    with traced values (for rules whose program does not depend on the bit width).
+    with traced values (for rules whose program does not depend on the bit width), and
+    ``corrections`` overrides ``spec.bias_correction`` as in :func:`quantizing`.
     """
-    return _active(_Calibrator(specs, rule, quantize_upstream, bits))
+    return _active(_Calibrator(specs, rule, quantize_upstream, bits, corrections))

@@ -93,6 +93,28 @@ def test_losses_of_the_same_sites_share_their_programs(tiny_net, digits, fresh_p
     assert wider.compilations == {"init:max": 1, **(single or {"batch": 1})}
 
 
+def test_bias_correction_on_and_off_share_their_programs(tiny_net, digits, fresh_programs):
+    """Bias correction is a switch passed as data: turning it on (as ``lapq`` does) reuses every
+    program, and still corrects (the same numbers as a corrected loss compiled on its own)."""
+    plain = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=3)
+    alpha = plain.init("max")
+    off = (float(plain(alpha)), np.asarray(plain.grad(alpha)))
+    corrected = plain.with_options(bias_correction=True)
+    beta = corrected.init("max")
+    on = (float(corrected(alpha)), np.asarray(corrected.grad(alpha)), float(corrected(beta)))
+    assert corrected.compilations == {}, "bias correction traced programs of its own"
+    assert on[0] != off[0] and not np.array_equal(on[1], off[1])
+    assert not np.array_equal(beta, alpha)  # upstream weights are corrected during calibration
+    clip_loss_module._PROGRAMS.clear()
+    alone = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=3, bias_correction=True)
+    np.testing.assert_array_equal(alone.init("max"), beta)
+    assert (float(alone(alpha)), float(alone(beta))) == (on[0], on[2])
+    np.testing.assert_array_equal(alone.grad(alpha), on[1])
+    # The plain loss again, now sharing the corrected loss's programs: its own numbers.
+    again = alone.with_options(bias_correction=False)
+    assert (float(again(alpha)), again.compilations) == (off[0], {})
+
+
 def test_no_xla_program_per_input_shape_or_type(loss4):
     """Optimizers evaluate batches of every size K and α of any dtype: after warm-up none of
     that may compile anything (each XLA:CPU executable costs memory mappings, and a long run
