@@ -14,6 +14,7 @@ output directory (for the small preset: figures/, next to the modules).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import sys
 import time
@@ -100,21 +101,38 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     ctx.log = (bar.write if bar is not None else print)
     ctx.log(f"preset {preset.name}: {preset.model} on {preset.data} → {out}")
     results, claims, files, datas = {}, [], {}, {}
-    for m in modules:
-        if bar is not None:
-            bar.set_postfix_str(f"{m.NAME} {m.TITLE[:40]}")
-        start, steps = time.time(), dict(ctx.steps)
-        data = datas[m.NAME] = m.compute(ctx)
-        common.write_json(out / f"{m.SLUG}.json", data)
-        files[m.NAME] = [str(p.relative_to(out)) for p in m.render(data, ctx)] + [f"{m.SLUG}.json"]
-        found = m.claims(data, ctx)
-        claims.extend(found)
-        results[m.NAME] = {"seconds": round(time.time() - start, 1), "claims": [c.id for c in found],
-                           **{k: ctx.steps[k] - steps[k] for k in ("computed", "loaded")}}
-        ctx.log(f"{m.NAME} done in {time.time() - start:.1f} s: {', '.join(files[m.NAME])}")
-        ctx.release()  # compiled programs are per module: free them (see Context.loss)
-        if bar is not None:
-            bar.update(m.EST_SECONDS)
+    # Figures are drawn on a thread of their own while the next module computes: matplotlib
+    # holds one core for about a second per figure, time in which XLA compiles or runs the
+    # next module's programs on the other. Only that thread touches matplotlib.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") as renderer:
+        try:
+            drawn = {}
+            for m in modules:
+                if bar is not None:
+                    bar.set_postfix_str(f"{m.NAME} {m.TITLE[:40]}")
+                start, steps = time.time(), dict(ctx.steps)
+                data = datas[m.NAME] = m.compute(ctx)
+                common.write_json(out / f"{m.SLUG}.json", data)
+                drawn[m.NAME] = renderer.submit(_timed, m.render, data, ctx)
+                found = m.claims(data, ctx)
+                claims.extend(found)
+                results[m.NAME] = {"seconds": round(time.time() - start, 1), "claims": [c.id for c in found],
+                                   **{k: ctx.steps[k] - steps[k] for k in ("computed", "loaded")}}
+                ctx.log(f"{m.NAME} computed in {time.time() - start:.1f} s")
+                ctx.release()  # compiled programs are per module: free them (see Context.loss)
+                if bar is not None:
+                    bar.update(m.EST_SECONDS)
+                for future in drawn.values():
+                    if future.done():
+                        future.result()  # a figure that failed to draw stops the run now
+            for m in modules:
+                paths, seconds = drawn[m.NAME].result()
+                files[m.NAME] = [str(p.relative_to(out)) for p in paths] + [f"{m.SLUG}.json"]
+                results[m.NAME]["render_seconds"] = round(seconds, 1)
+                ctx.log(f"{m.NAME} drawn in {seconds:.1f} s: {', '.join(files[m.NAME])}")
+        except BaseException:
+            renderer.shutdown(wait=True, cancel_futures=True)  # the figure in hand finishes writing
+            raise
     if bar is not None:
         bar.close()
     wall = time.time() - t0
@@ -124,6 +142,12 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     print(report.claims_table(claims))
     print(f"\nwall time {wall / 60:.1f} min; report: {out / 'REPORT.md'}")
     return 0
+
+
+def _timed(fn, *args):
+    """``(fn(*args), seconds)``."""
+    start = time.time()
+    return fn(*args), time.time() - start
 
 
 if __name__ == "__main__":

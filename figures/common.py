@@ -185,6 +185,7 @@ class Context:
     and a resumable cache of every expensive step."""
 
     MAX_LIVE_LOSSES = 6
+    MAPPINGS_SHORT = 0.25  # fraction of vm.max_map_count past which compiled programs are freed
 
     def __init__(self, preset: Preset, out: Path, *, progress: bool = True, log: Callable = print):
         self.preset = preset
@@ -246,7 +247,8 @@ class Context:
             # programs alive (each XLA:CPU executable holds memory mappings, and a whole preset's
             # worth exceeds the kernel's per-process limit, vm.max_map_count). Drop the oldest.
             self._losses.pop(next(iter(self._losses)))
-            gc.collect()
+            if mapping_fraction() > self.MAPPINGS_SHORT:
+                gc.collect()  # a full collection costs ~0.25 s: only when the mappings run short
         data = self.data(seed, calib_size)
         self._losses[key] = ls.ClipLoss(self.net, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
         return self._losses[key]
@@ -258,8 +260,10 @@ class Context:
         import jax
 
         self._losses.clear()
-        gc.collect()
-        if mapping_fraction() > 0.25:  # the next module may compile as much again
+        # The next module may compile as much again. A full collection (about 0.25 s with a
+        # figure's objects alive) is needed only then: freeing is for the mappings' sake.
+        if mapping_fraction() > self.MAPPINGS_SHORT:
+            gc.collect()
             jax.clear_caches()
 
     def save_figure(self, fig, slug: str) -> list[Path]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import pytest
@@ -43,6 +44,8 @@ def test_report_lists_claims_with_verdicts(tiny_run):
     assert report["software"]["jax"] == jax.__version__ and f"jax {jax.__version__}" in text
     assert f"Ran with code `{report['software']['code'] or 'not a git checkout'}`; python" in text
     assert set(report["figures"]) == {m.NAME for m in figures.load_all()}
+    assert all(info["render_seconds"] >= 0 for info in report["figures"].values())
+    assert "| seconds to compute | seconds to draw |" in text
     gallery = (tiny_run / "README.md").read_text()
     for module in figures.load_all():
         assert f"({module.SLUG}.png)" in gallery and module.PAPER in gallery
@@ -55,6 +58,22 @@ def test_rerun_resumes_from_the_cache(tiny_run):
     assert paper_repro.main(["--preset", "tiny", "--out", str(tiny_run), "--no-progress", "--only", "F4,T1"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert after == before, "a finished step was recomputed"
+
+
+def test_a_figure_that_fails_to_draw_stops_the_run(tiny_run, tmp_path, monkeypatch):
+    """Figures are drawn on a thread of their own; its error reaches the caller, and no report
+    claims the run finished."""
+    shutil.copytree(tiny_run / ".cache", tmp_path / ".cache")
+    module = figures.select("F8")[0]
+
+    def broken(data, ctx):
+        raise RuntimeError("no room on the canvas")
+
+    monkeypatch.setattr(module, "render", broken)
+    with pytest.raises(RuntimeError, match="no room on the canvas"):
+        paper_repro.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--only", "F7,F8"])
+    assert (tmp_path / "f7_calib_size.png").exists() and (tmp_path / "f8_line.json").exists()
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_cli_list_and_bad_arguments(capsys, tmp_path):
