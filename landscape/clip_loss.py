@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping
 
@@ -119,6 +120,14 @@ class _Programs:
         self.hvp = jax.jit(self._traced("hvp", self.hvp_product))
         self.predict = jax.jit(self._traced("predict", self.predictions))
         self.logits = jax.jit(self._traced("logits", self.forward))
+        # Weight-space losses (params → scalar, α fixed): α, the widths and switches are data here
+        # too, so every α and bit width of these sites shares them; FP32 (None) and quantized.
+        # weight_batch: the same on one batch {"x", "y"}, for weight_loss_batches.
+        kinds = ((False, "fp32"), (True, "quantized"))
+        self.weight_mean = {q: jax.jit(self._traced(f"weights_{name}", functools.partial(self.weight_space_loss, q)))
+                            for q, name in kinds}
+        self.weight_batch = {q: jax.jit(self._traced(f"weights_{name}_batch", functools.partial(
+            self.weight_space_batch_loss, q))) for q, name in kinds}
         self.init: dict = {}
 
     def _traced(self, name, fn):
@@ -150,17 +159,23 @@ class _Programs:
         alpha = jnp.asarray(alpha, jnp.float32)
         valid = jnp.all(alpha > 0) & jnp.all(jnp.isfinite(alpha))
         safe = jnp.where(valid, alpha, 1.0)
+        return jnp.where(valid, _mean_cross_entropy(lambda x: self.forward(safe, state, x), xb, yb, wb), jnp.inf)
 
-        def batch_sum(args):
-            x, y, w = args
-            ce = optax.softmax_cross_entropy_with_integer_labels(self.forward(safe, state, x), y)
-            return jnp.sum(ce * w)
+    def weight_space_loss(self, quantized, data, xb, yb, wb, params):
+        """The loss as a function of the weights ``params``: quantized at ``data["alpha"]`` with
+        the widths and switches of ``data`` (the same forward pass, to the last bit, as
+        :meth:`loss` at that α) or FP32; ``data["others"]``: the other variable collections."""
+        variables = {**data["others"], "params": params}
+        if not quantized:
+            return _mean_cross_entropy(lambda x: self.model.apply(variables, x, train=False), xb, yb, wb)
+        state = {"variables": variables, "bits": data["bits"], "corrections": data["corrections"]}
+        return self.loss(data["alpha"], state, xb, yb, wb)
 
-        if xb.shape[0] == 1:
-            total = batch_sum((xb[0], yb[0], wb[0]))
-        else:
-            total = jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb)))
-        return jnp.where(valid, total / jnp.sum(wb), jnp.inf)
+    def weight_space_batch_loss(self, quantized, data, params, batch):
+        """:meth:`weight_space_loss` over one batch ``{"x": (b, ...), "y": (b,)}``: its mean."""
+        x, y = batch["x"], batch["y"]
+        return self.weight_space_loss(quantized, data, x[None], y[None], jnp.ones((1,) + y.shape, jnp.float32),
+                                      params)
 
     def batched_loss(self, alphas, count, state, xb, yb, wb):
         """Losses of the first ``count`` rows of ``alphas`` (chunk, n); the padding rows give +inf."""
@@ -205,6 +220,20 @@ class _Programs:
 
             self.init[key] = jax.jit(self._traced(f"init:{rule}", calibrate))
         return self.init[key]
+
+
+def _mean_cross_entropy(logits_of, xb, yb, wb):
+    """Σ_b Σ_i w_bi · CE(logits_of(x_b)_i, y_bi) / Σ w over batches xb (nb, bs, ...), one forward
+    pass per batch (``lax.map``), so that memory is that of one batch."""
+    def batch_sum(args):
+        x, y, w = args
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_of(x), y) * w)
+
+    if xb.shape[0] == 1:
+        total = batch_sum((xb[0], yb[0], wb[0]))
+    else:
+        total = jnp.sum(jax.lax.map(batch_sum, (xb, yb, wb)))
+    return total / jnp.sum(wb)
 
 
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
@@ -545,28 +574,20 @@ class ClipLoss:
         Quantized at the fixed clipping vector ``alpha`` (straight-through in the weights),
         or FP32 with ``alpha=None``. For weight-space analyses such as
         ``landscape.hessian_spectrum(loss.weight_loss(alpha), net.variables["params"])``;
-        the calibration batches and the other collections (BN statistics) are closed over,
+        the calibration batches and the other collections (BN statistics) are bound to it,
         so one call differentiates through all of them at once: its memory grows with the
         calibration set. :meth:`weight_loss_batches` takes one batch at a time.
+
+        The result is a ``jax.tree_util.Partial`` of a program shared by every α and bit width
+        of this loss's sites, with α, the widths, the BN statistics and the calibration set
+        bound as data. Calling it runs that one compiled program, and ``hessian_spectrum``
+        passes the bound data to its programs as arguments, so a second α, another bit width
+        or a second call compiles nothing. At ``alpha`` its forward pass is :meth:`__call__`'s,
+        so ``weight_loss(alpha)(params) == loss(alpha)`` to the last bit.
         """
-        batch_sum = self._weight_batch_sum(alpha)
-        xb, yb, wb = self._x, self._y, self._w
-        precision = self.precision
-
-        # A call outside any transformation runs one compiled program, not the network op by op
-        # (a few dozen small XLA compilations); inside the user's jit/grad the nested jit inlines.
-        @jax.jit
-        def mean(params, xb, yb, wb):
-            with jax.default_matmul_precision(precision):
-                if xb.shape[0] == 1:
-                    return batch_sum(params, xb[0], yb[0], wb[0]) / jnp.sum(wb)
-                sums = jax.lax.map(lambda args: batch_sum(params, *args), (xb, yb, wb))
-                return jnp.sum(sums) / jnp.sum(wb)
-
-        def f(params):
-            return mean(params, xb, yb, wb)
-
-        return f
+        data = self._weight_data(alpha)
+        return jax.tree_util.Partial(self._programs.weight_mean[alpha is not None], data,
+                                     self._x, self._y, self._w)
 
     def weight_loss_batches(self, alpha=None, batch_size: int | None = None):
         """``(f, batches)``: :meth:`weight_loss` one calibration batch at a time.
@@ -577,22 +598,15 @@ class ClipLoss:
         ``hessian_spectrum(f, params, batches=batches)`` weights batch b by n_b / N, it computes
         the Hessian of the same loss as ``weight_loss(alpha)`` with the memory of one batch (a
         smaller last batch compiles its own programs once). The batches are placed on the
-        devices once, split over them where the batch size allows.
+        devices once, split over them where the batch size allows. ``f`` is a
+        ``jax.tree_util.Partial`` with α bound as data, as for :meth:`weight_loss`.
         """
         n = self.n_calib
         batch_size = self.batch_size if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (one batch holds all "
                              f"{n} calibration examples from {n} up)")
-        batch_sum = self._weight_batch_sum(alpha)
-        precision = self.precision
-
-        @jax.jit  # one program per batch shape for calls outside a transformation, as above
-        def f(params, batch):
-            x, y = batch["x"], batch["y"]
-            with jax.default_matmul_precision(precision):
-                return batch_sum(params, x, y, jnp.ones(y.shape, jnp.float32)) / y.shape[0]
-
+        f = jax.tree_util.Partial(self._programs.weight_batch[alpha is not None], self._weight_data(alpha))
         x, y = self._calib_host
         nd = self.mesh.devices.size
         batches = []
@@ -603,21 +617,15 @@ class ClipLoss:
             batches.append({"x": jax.device_put(xs, where), "y": jax.device_put(ys, where)})
         return f, batches
 
-    def _weight_batch_sum(self, alpha):
-        """(params, x, y, w) → Σ_i w_i · CE_i over one batch, quantized at the fixed ``alpha``
-        (or FP32 with ``alpha=None``), the other collections of the network closed over."""
-        fixed = None if alpha is None else self._check_alpha(alpha, positive=True)
-        others = {k: v for k, v in self.variables.items() if k != "params"}
-        specs = self._layout.specs if fixed is not None else {}
-        alphas = self._layout.unflatten(fixed) if fixed is not None else {}
-        model = self.model
-
-        def batch_sum(params, x, y, w):
-            with sites.quantizing(specs, alphas):
-                logits = model.apply({"params": params, **others}, x, train=False)
-            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w)
-
-        return batch_sum
+    def _weight_data(self, alpha):
+        """What a weight-space loss binds: the other variable collections (BN statistics), and
+        for a quantized one α and the per-site widths and bias-correction switches."""
+        data = {"others": {k: v for k, v in self.variables.items() if k != "params"}}
+        if alpha is not None:
+            fixed = self._check_alpha(alpha, positive=True)
+            data.update(alpha=jax.device_put(np.asarray(fixed, np.float32), self._replicated),
+                        bits=self._state["bits"], corrections=self._state["corrections"])
+        return data
 
     @property
     def precision(self) -> str:

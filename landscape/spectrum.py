@@ -8,7 +8,9 @@ products
 
 on the flattened vector (as ``jax.flatten_util.ravel_pytree`` orders it); only ``method="dense"``
 forms H, and only for small n. The HVP programs are compiled per (f, structure of x0, precision) and
-cached weakly on f, so calling again compiles nothing: a Lanczos step (one HVP fused with its
+cached weakly on f, so calling again compiles nothing (for a ``jax.tree_util.Partial``, on its
+function, the bound arrays passed as data: ``ClipLoss.weight_loss`` of every α shares them): a
+Lanczos step (one HVP fused with its
 reorthogonalisation) and a block of ``probe_batch`` HVPs (``vmap``: trace probes, density runs,
 dense columns). Around them, one jitted kernel per basis shape (a Lanczos step's
 reorthogonalisation, shared between calls); flattening, input checks, random draws and the small
@@ -289,10 +291,14 @@ class _HVP:
     def __init__(self, f, unravel, x, structure, precision="highest", mode="auto", batches=None):
         self._x = x
         self.counts: dict[str, int] = {}
-        programs = _compiled_operator(f, unravel, structure, precision, batched=batches is not None)
+        fn, bound = _bound_data(f)
+        programs = _compiled_operator(fn, unravel, structure, precision, batched=batches is not None,
+                                      bound=bound is not None)
         self._programs = programs
-        # The terms of H = Σ_b w_b H_b: (w_b, the extra arguments of f); one term without batches.
-        self._terms = [(None, ())] if batches is None else [(w, (b,)) for w, b in batches]
+        # The terms of H = Σ_b w_b H_b: (w_b, the programs' arguments after x: f's bound data if
+        # any, then the batch); one term without batches.
+        pre = () if bound is None else (bound,)
+        self._terms = [(None, pre)] if batches is None else [(w, pre + (b,)) for w, b in batches]
         self._batched = batches is not None
         stored = sum(_residual_bytes(programs, x, args) for _, args in self._terms) if mode != "recompute" else None
         self.device = next(iter(x.devices())) if hasattr(x, "devices") else None  # where x lives
@@ -338,7 +344,8 @@ class _HVP:
         """(Q, h, β, q_{j+1}) after one step from q = row j of Q; see :func:`_extend_core`."""
         self.counts[task] = self.counts.get(task, 0) + 1
         if self._lins is None and not self._batched:
-            return self._programs["step"](self._x, Q, q, j)  # the HVP and its reorthogonalisation fused
+            # the HVP and its reorthogonalisation fused
+            return self._programs["step"](self._x, Q, q, j, *self._terms[0][1])
         return _extend(Q, self._hvp(q), j)
 
     def lanczos_block(self, Q, q, j, task):
@@ -386,35 +393,60 @@ def _residual_bytes(programs, x, args=()):
 
 _OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
 
-def _compiled_operator(f, unravel, structure, precision, batched=False):
+
+def _bound_data(f):
+    """(the function whose programs are compiled, the data bound to it or None).
+
+    A ``jax.tree_util.Partial`` whose bound arguments are all arrays is split into its function
+    and ``(args, keywords)``, which the programs then take as data — as ``jax.jit`` treats a
+    Partial argument — so that partials of one function with other data (another α, another
+    calibration set of the same shape) share the compiled programs. Any other f is compiled with
+    what it closes over as constants, per f."""
+    if isinstance(f, jax.tree_util.Partial):
+        bound = (f.args, f.keywords)
+        if all(isinstance(leaf, _ARRAY_LIKE) for leaf in jax.tree.leaves(bound)):
+            return f.func, bound
+    return f, None
+
+
+def _compiled_operator(f, unravel, structure, precision, batched=False, bound=False):
     """The jitted programs for f at points of the given pytree structure, f traced under
     ``jax.default_matmul_precision(precision)``: a dict with the gradient ("grad"), the fused
-    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("hvp"). With
-    ``batched``, f is f(x, batch) and every program takes the batch as its last argument."""
+    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("hvp"). Every program
+    takes the point first (after it, the step its basis, row and index, the HVPs the vector),
+    then with ``bound`` the data ``(args, keywords)`` bound to f, called as
+    f(*args, x, **keywords), then with ``batched`` the batch, called as f(x, batch)."""
     try:
         per_f, f_ref = _OPERATORS.setdefault(f, {}), weakref.ref(f)
     except TypeError:  # f not weak-referenceable or not hashable: compile for this call only
         per_f, f_ref = {}, (lambda: f)
-    key = (structure, precision, batched)
+    key = (structure, precision, batched, bound)
     if key not in per_f:
         # The programs hold f only weakly: a strong reference from the cached value would keep its
         # key (and the data f closes over) alive forever. Tracing happens inside a call, f alive.
 
-        def grad_flat(u, *batch):
+        def value(u, extra):
+            if not bound:
+                return f_ref()(unravel(u), *extra)
+            (args, keywords), batch = extra[0], extra[1:]
+            return f_ref()(*args, unravel(u), *batch, **keywords)
+
+        def grad_flat(u, *extra):
             with jax.default_matmul_precision(precision):  # read when the programs are traced
-                return jax.grad(lambda v: f_ref()(unravel(v), *batch))(u)
+                return jax.grad(value)(u, extra)
 
-        def hvp(point, v, *batch):
-            return jax.jvp(lambda u: grad_flat(u, *batch), (point,), (v,))[1]
+        def hvp(point, v, *extra):
+            return jax.jvp(lambda u: grad_flat(u, *extra), (point,), (v,))[1]
 
-        def lanczos_step(point, Q, q, j):
-            return _extend_core(Q, hvp(point, q), j)
+        def lanczos_step(point, Q, q, j, *extra):
+            return _extend_core(Q, hvp(point, q, *extra), j)
 
         per_f[key] = {
             "grad": jax.jit(grad_flat),
             "step": jax.jit(lanczos_step, donate_argnums=1),
-            "matmat": jax.jit(jax.vmap(hvp, in_axes=(None, 0) + (None,) * batched)),
+            "matmat": jax.jit(jax.vmap(hvp, in_axes=(None, 0) + (None,) * (bound + batched))),
             "hvp": jax.jit(hvp),
         }
     return per_f[key]
@@ -913,7 +945,10 @@ def hessian_spectrum(
         Single-vector Lanczos finds one copy of an exactly repeated eigenvalue per invariant
         subspace; for exactly degenerate spectra, "dense" (small n) is the reliable choice.
         The compiled HVP programs are cached per (f, structure of x0), like ``jax.jit``: f is
-        assumed pure, and data it closes over are captured when it is first traced.
+        assumed pure, and data it closes over are captured when it is first traced. A
+        ``jax.tree_util.Partial`` whose bound arguments are arrays is cached per function instead,
+        those arrays passed as data, so partials of one function with other data of the same
+        shapes (``ClipLoss.weight_loss`` at another α or bit width) compile nothing.
     """
     t0 = time.perf_counter()
     if method not in _METHODS:

@@ -439,6 +439,39 @@ def test_products_run_at_the_requested_precision(tiny_net, digits):
         assert loss.with_options(w_bits=2).precision == precision
 
 
+def test_weight_losses_of_every_alpha_and_bit_width_share_their_programs(tiny_net, digits):
+    """weight_loss binds α, the widths and the calibration set as data (a jax.tree_util.Partial):
+    its value is the ClipLoss's to the last bit, and a Hessian spectrum at another α and bit
+    width compiles no XLA program, with the eigenvalue of a loss compiled on its own."""
+    params = tiny_net.variables["params"]
+    loss4 = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    loss2 = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=2)
+    a4, a2 = loss4.init("max"), loss2.init("max")
+    f4 = loss4.weight_loss(a4)
+    assert float(f4(params)) == float(loss4(a4))
+    kw = dict(top_k=1, trace=False, method="lanczos", tol=1e-5)
+    first = ls.hessian_spectrum(f4, params, **kw)
+    f2 = loss2.weight_loss(a2)
+    assert float(loss2(a2)) > float(loss4(a4))  # (the ClipLoss programs, compiled before listening)
+    compiled = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        value = float(f2(params))
+        second = ls.hessian_spectrum(f2, params, **kw)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiled == []
+    assert value == float(loss2(a2))
+    assert second.eigenvalues[0] != pytest.approx(first.eigenvalues[0], rel=1e-3)
+    alone = ls.hessian_spectrum(lambda p: loss2.weight_loss(a2)(p), params, **kw)  # a closure: its own programs
+    np.testing.assert_allclose(second.eigenvalues, alone.eigenvalues, rtol=1e-4)
+
+
 def test_weight_loss_batches_are_the_weight_loss_one_batch_at_a_time(tiny_net, digits):
     """Batches of 100, 100 and 56 (padding only inside ClipLoss): weighted by n_b / N they give
     weight_loss's value and gradient (FP32 and quantized) and its top Hessian eigenvalue."""
