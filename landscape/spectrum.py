@@ -70,6 +70,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from landscape import checks, runtime
 
@@ -289,9 +290,10 @@ class _HVP:
     """
 
     def __init__(self, f, unravel, x, structure, precision="highest", mode="auto", batches=None):
-        self._x = x
-        self.counts: dict[str, int] = {}
         fn, bound = _bound_data(f)
+        self.home = _home_sharding((bound, batches))
+        self._x = x = jax.device_put(x, self.home)
+        self.counts: dict[str, int] = {}
         programs = _compiled_operator(fn, unravel, structure, precision, batched=batches is not None,
                                       bound=bound is not None)
         self._programs = programs
@@ -361,6 +363,19 @@ class _HVP:
         if V.shape[0] == 1:
             return np.asarray(self._hvp(V[0]))[None]
         return np.asarray(self._hvp_block(V))
+
+
+def _home_sharding(data):
+    """Where the point and the Lanczos bases live: replicated over the mesh of the first array in
+    ``data`` (f's bound data, the batches) placed on one, e.g. a ClipLoss's calibration set; else
+    None (the default device). A program's outputs carry the mesh of such inputs in their type, so
+    a basis made on the host elsewhere would make the first Lanczos step's inputs differ in type
+    from the later steps' and every program compile twice."""
+    for leaf in jax.tree.leaves(data):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    return None
 
 
 def _bound(program, args):
@@ -519,14 +534,15 @@ def _order(theta, which):
     return np.argsort(-np.abs(theta), kind="stable")
 
 
-def _start_basis(rows, first):
+def _start_basis(rows, first, where=None):
     """first (..., n) → (a basis (..., rows, n) with row 0 = first/‖first‖ and zeros elsewhere, that
-    row), on the device. Built on the host and moved with device_put: eager jnp.zeros, .at[].set
-    and even jnp.asarray compile a small XLA program for every new shape."""
+    row), on the device (``where``: the operator's :attr:`_HVP.home`). Built on the host and moved
+    with device_put: eager jnp.zeros, .at[].set and even jnp.asarray compile a small XLA program
+    for every new shape."""
     first = first / np.linalg.norm(first, axis=-1, keepdims=True)
     Q = np.zeros(first.shape[:-1] + (rows, first.shape[-1]), first.dtype)
     Q[..., 0, :] = first
-    return jax.device_put(Q), jax.device_put(first)
+    return jax.device_put(Q, where), jax.device_put(first, where)
 
 
 def _eigenvalue_errors(theta, res):
@@ -557,7 +573,7 @@ def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng, v0
     Generator). Returns eigenvalues, Ritz coefficient matrix S (j, k), basis Q, active size j,
     residuals, eigenvalue error estimates, converged flags and the number of restarts."""
     dtype = np.dtype(dtype)
-    Q, q = _start_basis(m + 1, (rng.standard_normal(n) if v0 is None else v0).astype(dtype))
+    Q, q = _start_basis(m + 1, (rng.standard_normal(n) if v0 is None else v0).astype(dtype), op.home)
     T = np.zeros((m + 1, m + 1))
     keep = min(k + max((m - k) // 2, 1), m - 1) if m < n else k
     j = 0  # number of basis vectors whose H q has been taken
@@ -611,7 +627,7 @@ def _slq_nodes(op, n, dtype, runs, steps, block, rng):
     single = block == 1  # un-vmapped HVPs and kernels (see _HVP.matmat)
     for _ in range(n_blocks):
         signs = (2.0 * rng.integers(0, 2, (block, n)) - 1.0).astype(dtype)
-        Q, q = _start_basis(steps + 1, signs[0] if single else signs)
+        Q, q = _start_basis(steps + 1, signs[0] if single else signs, op.home)
         columns = []
         for j in range(steps):
             if single:
@@ -991,7 +1007,7 @@ def hessian_spectrum(
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_DIM else "lanczos"
 
-    op = _HVP(f, unravel, jax.device_put(flat), structure, precision, hvp, terms)
+    op = _HVP(f, unravel, flat, structure, precision, hvp, terms)
     if probe_batch is None:
         probe_batch = default_probe_batch(op.device)
     # Host generators, one stream per task: jax.random would compile a sampler per vector length.

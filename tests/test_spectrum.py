@@ -783,3 +783,52 @@ def test_gradient_start_finds_the_top_eigenvalue_in_fewer_hvps_and_never_misses_
     assert hessian_spectrum(f, x0, **kw).info["start"] == "gradient"  # "auto" for the largest
     with pytest.raises(ValueError, match="unknown start 'ones'"):
         hessian_spectrum(f, x0, start="ones", **kw)
+
+
+def test_a_partial_is_compiled_once_for_all_its_data():
+    """A jax.tree_util.Partial's bound arrays are data: a second Partial of the same function with
+    other data compiles nothing. The data sit on a mesh (as a ClipLoss's calibration set does), whose
+    type the programs' outputs carry; the point and the Lanczos basis go there too, so the first
+    step's inputs have the later steps' types and no program compiles twice."""
+    import collections
+
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    n = 613
+    rng = np.random.default_rng(3)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+
+    def matrix(seed):
+        a = np.random.default_rng(seed).standard_normal((n, n)) / np.sqrt(n)
+        return (a + a.T) / 2
+
+    @jax.jit
+    def energy(a, shift, x):  # ½ xᵀAx + Σ cos(x + shift): H = A − diag(cos(x + shift))
+        return 0.5 * x @ (a @ x) + jnp.sum(jnp.cos(x + shift))
+
+    x0 = rng.standard_normal(n).astype(np.float32)
+    compiled = collections.Counter()
+
+    def listen(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled[fun_name] += 1
+
+    results = []
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for seed in (0, 1):
+            a, shift = matrix(seed), np.float32(0.1 * seed)
+            where = NamedSharding(mesh, PartitionSpec())
+            f = jax.tree_util.Partial(energy, jax.device_put(a.astype(np.float32), where), shift)
+            res = hessian_spectrum(f, x0, top_k=3, trace=False, method="lanczos", tol=1e-6, seed=0)
+            dense = np.linalg.eigvalsh(a - np.diag(np.cos(x0.astype(np.float64) + shift)))[::-1][:3]
+            np.testing.assert_allclose(res.eigenvalues, dense, rtol=1e-4)
+            results.append(dict(compiled))
+            compiled.clear()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    first, second = results
+    # The gradient twice (jax.linearize: the point's forward and backward pass, then the tangent
+    # program), every other program once.
+    assert first.pop("jit(grad_flat)") == 2 and first and max(first.values()) == 1, first
+    assert second == {}, second
