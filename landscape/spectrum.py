@@ -360,9 +360,10 @@ class _HVP:
         un-vmapped HVP: a vmapped one, even over one vector, turns the convolutions into grouped
         ones (slower on CPU)."""
         self.counts[task] = self.counts.get(task, 0) + V.shape[0]
+        # Host probes go where the Lanczos vectors live, with their type (see _home_sharding).
         if V.shape[0] == 1:
-            return np.asarray(self._hvp(V[0]))[None]
-        return np.asarray(self._hvp_block(V))
+            return np.asarray(self._hvp(jax.device_put(V[0], self.home)))[None]
+        return np.asarray(self._hvp_block(jax.device_put(V, self.home)))
 
 
 def _home_sharding(data):

@@ -788,8 +788,8 @@ def test_gradient_start_finds_the_top_eigenvalue_in_fewer_hvps_and_never_misses_
 def test_a_partial_is_compiled_once_for_all_its_data():
     """A jax.tree_util.Partial's bound arrays are data: a second Partial of the same function with
     other data compiles nothing. The data sit on a mesh (as a ClipLoss's calibration set does), whose
-    type the programs' outputs carry; the point and the Lanczos basis go there too, so the first
-    step's inputs have the later steps' types and no program compiles twice."""
+    type the programs' outputs carry; the point, the Lanczos bases and the trace probes go there
+    too, so the first step's inputs have the later steps' types and no program compiles twice."""
     import collections
 
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -820,9 +820,11 @@ def test_a_partial_is_compiled_once_for_all_its_data():
             a, shift = matrix(seed), np.float32(0.1 * seed)
             where = NamedSharding(mesh, PartitionSpec())
             f = jax.tree_util.Partial(energy, jax.device_put(a.astype(np.float32), where), shift)
-            res = hessian_spectrum(f, x0, top_k=3, trace=False, method="lanczos", tol=1e-6, seed=0)
-            dense = np.linalg.eigvalsh(a - np.diag(np.cos(x0.astype(np.float64) + shift)))[::-1][:3]
-            np.testing.assert_allclose(res.eigenvalues, dense, rtol=1e-4)
+            res = hessian_spectrum(f, x0, top_k=3, method="lanczos", tol=1e-6, trace=True, num_probes=300,
+                                   density=True, density_runs=2, density_steps=40, seed=0)  # Lanczos' basis shape
+            hessian = a - np.diag(np.cos(x0.astype(np.float64) + shift))
+            np.testing.assert_allclose(res.eigenvalues, np.linalg.eigvalsh(hessian)[::-1][:3], rtol=1e-4)
+            assert abs(res.trace - np.trace(hessian)) <= 4 * res.trace_stderr
             results.append(dict(compiled))
             compiled.clear()
     finally:
