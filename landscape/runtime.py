@@ -1,6 +1,7 @@
-"""Process-level helpers: JAX's persistent compilation cache, atomic (resumable) result files, the
-threefry layout every random draw of landscape uses, the matmul precision levels the compiled
-programs accept, and the code and library versions a result file records.
+"""Process-level helpers: JAX's persistent compilation cache, how analyzers share programs among
+``jax.tree_util.Partial`` losses, atomic (resumable) result files, the threefry layout every
+random draw of landscape uses, the matmul precision levels the compiled programs accept, and the
+code and library versions a result file records.
 
 Within a process, every ClipLoss of the same network, site layout and precision shares one set
 of compiled programs; across processes a persistent cache turns the second and later compiles
@@ -19,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from landscape.data import cache_dir
 
@@ -80,6 +82,25 @@ def classic_threefry():
 # jax.default_matmul_precision's named levels (it also takes dot-algorithm names, not offered here).
 # "highest" is true float32; "default" is the backend's fast path (TF32 on recent NVIDIA GPUs).
 PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
+
+
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def split_partial(f):
+    """(the function whose programs are compiled, the data bound to it, or None).
+
+    A ``jax.tree_util.Partial`` whose bound arguments are all arrays splits into its function and
+    ``(args, keywords)``; the analyzers (``hessian_spectrum``, ``weight_surface``) then pass
+    those to their compiled programs as data, as ``jax.jit`` treats a Partial argument, so that
+    partials of one function with other data of the same shapes (``ClipLoss.weight_loss`` at
+    another α or bit width) share the programs. Any other f is compiled with what it closes
+    over as constants, once per f."""
+    if isinstance(f, jax.tree_util.Partial):
+        bound = (f.args, f.keywords)
+        if all(isinstance(leaf, _ARRAY_LIKE) for leaf in jax.tree.leaves(bound)):
+            return f.func, bound
+    return f, None
 
 
 def check_precision(precision, where: str) -> str:

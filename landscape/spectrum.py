@@ -290,7 +290,7 @@ class _HVP:
     """
 
     def __init__(self, f, unravel, x, structure, precision="highest", mode="auto", batches=None):
-        fn, bound = _bound_data(f)
+        fn, bound = runtime.split_partial(f)
         self.home = _home_sharding((bound, batches))
         self._x = x = jax.device_put(x, self.home)
         self.counts: dict[str, int] = {}
@@ -408,24 +408,6 @@ def _residual_bytes(programs, x, args=()):
 
 
 _OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
-
-
-def _bound_data(f):
-    """(the function whose programs are compiled, the data bound to it or None).
-
-    A ``jax.tree_util.Partial`` whose bound arguments are all arrays is split into its function
-    and ``(args, keywords)``, which the programs then take as data — as ``jax.jit`` treats a
-    Partial argument — so that partials of one function with other data (another α, another
-    calibration set of the same shape) share the compiled programs. Any other f is compiled with
-    what it closes over as constants, per f."""
-    if isinstance(f, jax.tree_util.Partial):
-        bound = (f.args, f.keywords)
-        if all(isinstance(leaf, _ARRAY_LIKE) for leaf in jax.tree.leaves(bound)):
-            return f.func, bound
-    return f, None
-
 
 def _compiled_operator(f, unravel, structure, precision, batched=False, bound=False):
     """The jitted programs for f at points of the given pytree structure, f traced under

@@ -15,6 +15,7 @@ parameters get no direction ("biasbn" ignored, as the loss-landscape default).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -177,7 +178,11 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
 
     ``f``: pytree → scalar (e.g. ``loss.weight_loss(alpha)``); ``directions``: one or two
     pytrees shaped like ``params`` (see :func:`random_direction`). Evaluated with ``vmap``
-    in chunks of ``chunk`` grid points, one compile.
+    in chunks of ``chunk`` grid points. ``params`` and the directions are arguments of the
+    compiled program, which is cached weakly per f (per function for a
+    ``jax.tree_util.Partial``, its bound arrays passed as data; see
+    :func:`landscape.runtime.split_partial`): other directions, another point, another α of a
+    ``weight_loss`` compile nothing.
     """
     if len(directions) not in (1, 2):
         raise ValueError("directions must hold one (line) or two (surface) pytrees")
@@ -192,17 +197,39 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
         ga, gb = np.meshgrid(coords, coords)
         grid = np.stack([ga.ravel(), gb.ravel()], axis=1)
 
-    def at(c):
-        shifted = params
-        for k, d in enumerate(directions):
-            shifted = jax.tree.map(lambda p, v, k=k: p + c[k] * v, shifted, d)
-        return f(shifted)
-
-    fn = jax.jit(jax.vmap(at))
+    fn, bound = runtime.split_partial(f)
+    program = _grid_program(fn, bound is not None)
+    directions = tuple(directions)
     pad = (-len(grid)) % chunk
     padded = np.concatenate([grid, np.repeat(grid[:1], pad, axis=0)]).astype(np.float32)
-    values = np.concatenate([np.asarray(fn(padded[s:s + chunk])) for s in range(0, len(padded), chunk)])
+    values = np.concatenate([np.asarray(program(padded[s:s + chunk], params, directions, bound))
+                             for s in range(0, len(padded), chunk)])
     values = values[: len(grid)].astype(np.float64)
     if len(directions) == 1:
         return Line(coords, values, grid)
     return Surface(coords, coords, values.reshape(num, num), ("d1", "d2"), np.zeros(2))
+
+
+_GRID_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _grid_program(fn, bound: bool):
+    """The jitted (coefficients (chunk, k), params, k directions, bound data) → (chunk,) values of
+    fn(params + Σ_k c_k d_k), vmapped over the coefficients; cached weakly on fn (a strong
+    reference from the cached program would keep fn, and what it closes over, alive)."""
+    try:
+        per_fn, fn_ref = _GRID_PROGRAMS.setdefault(fn, {}), weakref.ref(fn)
+    except TypeError:  # not weak-referenceable or not hashable: a program for this call only
+        per_fn, fn_ref = {}, (lambda: fn)
+    if bound not in per_fn:
+        def at(c, params, directions, data):
+            shifted = params
+            for k, d in enumerate(directions):
+                shifted = jax.tree.map(lambda p, v, k=k: p + c[k] * v, shifted, d)
+            if not bound:
+                return fn_ref()(shifted)
+            args, keywords = data
+            return fn_ref()(*args, shifted, **keywords)
+
+        per_fn[bound] = jax.jit(jax.vmap(at, in_axes=(0, None, None, None)))
+    return per_fn[bound]
