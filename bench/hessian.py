@@ -229,7 +229,8 @@ class Clock:
 
 
 def fresh_loss(net, x, y):
-    """A new weight-space loss (a new function object: hessian_spectrum's cache starts cold)."""
+    """A new weight-space loss. Its program is shared with every ClipLoss of this network and site
+    layout (a ``jax.tree_util.Partial``), so only ``jax.clear_caches()`` makes a call cold."""
     return ls.ClipLoss(net, (x, y), w_bits=None, a_bits=None).weight_loss()
 
 
@@ -553,7 +554,7 @@ def main(argv=None) -> int:
         reference = float(ref.eigenvalues[0])
         print(f"  reference lambda_max {reference:.7g} (our Lanczos, tol 1e-6, {ref.n_hvp} HVPs, "
               f"{clock.wall:.1f} s; not part of the timings)")
-    # (a) starts cold: a new function, and no compiled program left from the setup or the reference
+    # (a) starts cold: no compiled program left from the setup or the reference
     f = fresh_loss(net, x, y)
     jax.clear_caches()
 
