@@ -10,13 +10,12 @@ on the flattened vector (as ``jax.flatten_util.ravel_pytree`` orders it); only `
 forms H, and only for small n. The HVP programs are compiled per (f, structure of x0, precision) and
 cached weakly on f, so calling again compiles nothing (for a ``jax.tree_util.Partial``, on its
 function, the bound arrays passed as data: ``ClipLoss.weight_loss`` of every α shares them): a
-Lanczos step (one HVP fused with its
-reorthogonalisation) and a block of ``probe_batch`` HVPs (``vmap``: trace probes, density runs,
-dense columns). Around them, one jitted kernel per basis shape (a Lanczos step's
-reorthogonalisation, shared between calls); flattening, input checks, random draws and the small
-dense algebra run on the host with numpy, so a first call compiles little beyond f's own programs
-(eager jnp operations would each compile a small XLA program per new shape: once most of a first
-call's time on a small problem).
+Lanczos step (one HVP fused with its reorthogonalisation) and a block of ``probe_batch`` HVPs
+(``vmap``: trace probes, density runs, dense columns). Around them, one jitted kernel per basis
+shape (a Lanczos step's reorthogonalisation, shared between calls); flattening, input checks,
+random draws and the small dense algebra run on the host with numpy, so a first call compiles
+little beyond f's own programs (eager jnp operations would each compile a small XLA program per
+new shape: once most of a first call's time on a small problem).
 
 **Linearize once.** An HVP recomputes f's forward and backward pass at x0 before it propagates the
 tangent. With ``hvp="linearize"`` (chosen by ``"auto"`` when the stored values fit
@@ -408,6 +407,7 @@ def _residual_bytes(programs, x, args=()):
 
 
 _OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def _compiled_operator(f, unravel, structure, precision, batched=False, bound=False):
     """The jitted programs for f at points of the given pytree structure, f traced under
