@@ -288,9 +288,10 @@ class _HVP:
     assumed pure.
     """
 
-    def __init__(self, f, unravel, x, structure, precision="highest", mode="auto", batches=None):
+    def __init__(self, f, unravel, x, structure, precision="highest", mode="auto", batches=None,
+                 closed_over=()):
         fn, bound = runtime.split_partial(f)
-        self.home = _home_sharding((bound, batches))
+        self.home = _home_sharding((bound, batches, closed_over))
         self._x = x = jax.device_put(x, self.home)
         self.counts: dict[str, int] = {}
         programs = _compiled_operator(fn, unravel, structure, precision, batched=batches is not None,
@@ -367,10 +368,10 @@ class _HVP:
 
 def _home_sharding(data):
     """Where the point and the Lanczos bases live: replicated over the mesh of the first array in
-    ``data`` (f's bound data, the batches) placed on one, e.g. a ClipLoss's calibration set; else
-    None (the default device). A program's outputs carry the mesh of such inputs in their type, so
-    a basis made on the host elsewhere would make the first Lanczos step's inputs differ in type
-    from the later steps' and every program compile twice."""
+    ``data`` (f's bound data, the batches, the arrays f closes over) placed on one, e.g. a
+    ClipLoss's calibration set; else None (the default device). A program's outputs carry the
+    mesh of such inputs in their type, so a basis made on the host elsewhere would make the first
+    Lanczos step's inputs differ in type from the later steps' and every program compile twice."""
     for leaf in jax.tree.leaves(data):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding):
@@ -759,8 +760,8 @@ def _not_finite(what: str) -> ValueError:
 
 
 def _flatten_and_check(f, x0, args=()):
-    """(x0 as one host vector, the traceable inverse, the host inverse, x0's structure) after
-    checking x0 and f(x0, *args); see :func:`_ravel_on_host`."""
+    """(x0 as one host vector, the traceable inverse, the host inverse, x0's structure, the arrays
+    f closes over) after checking x0 and f(x0, *args); see :func:`_ravel_on_host`."""
     leaves, treedef = jax.tree_util.tree_flatten(x0)
     if not leaves:
         raise ValueError("x0 has no array leaves; pass a pytree of floating-point arrays")
@@ -776,16 +777,17 @@ def _flatten_and_check(f, x0, args=()):
         bad = int(np.size(finite) - np.count_nonzero(finite))
         raise ValueError(f"x0 contains {bad} NaN/inf value(s); the Hessian needs a finite point")
     try:
-        out = jax.eval_shape(f, x0, *args)
+        traced = jax.make_jaxpr(f)(x0, *args)
     except Exception as err:  # surface tracing failures with the offending call named
         call = "f(x0, batches[0])" if args else "f(x0)"
         raise ValueError(f"{call} could not be traced by JAX: {err}") from err
+    out = traced.out_avals[0] if len(traced.out_avals) == 1 else jax.eval_shape(f, x0, *args)
     if not hasattr(out, "shape") or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(f"f must return a scalar, got output of shape {shape}; reduce it (e.g. mean)")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"f must return a real floating-point scalar, got dtype {out.dtype}")
-    return flat, unravel, unravel_host, structure
+    return flat, unravel, unravel_host, structure, traced.consts
 
 
 def _check_batches(batches):
@@ -981,7 +983,8 @@ def hessian_spectrum(
         lanczos_steps = checks.check_int(lanczos_steps, "lanczos_steps")
 
     terms = None if batches is None else _check_batches(batches)
-    flat, unravel, unravel_host, structure = _flatten_and_check(f, x0, () if terms is None else (terms[0][1],))
+    flat, unravel, unravel_host, structure, consts = _flatten_and_check(
+        f, x0, () if terms is None else (terms[0][1],))
     n = int(flat.size)
     dtype = flat.dtype
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
@@ -990,7 +993,7 @@ def hessian_spectrum(
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_DIM else "lanczos"
 
-    op = _HVP(f, unravel, flat, structure, precision, hvp, terms)
+    op = _HVP(f, unravel, flat, structure, precision, hvp, terms, closed_over=consts)
     if probe_batch is None:
         probe_batch = default_probe_batch(op.device)
     # Host generators, one stream per task: jax.random would compile a sampler per vector length.

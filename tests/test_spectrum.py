@@ -834,3 +834,30 @@ def test_a_partial_is_compiled_once_for_all_its_data():
     # program), every other program once.
     assert first.pop("jit(grad_flat)") == 2 and first and max(first.values()) == 1, first
     assert second == {}, second
+
+
+def test_a_clip_loss_spectrum_compiles_each_program_once(tiny_net, digits):
+    """A ClipLoss closes over its calibration set, placed on a mesh: hessian_spectrum finds that
+    placement among the arrays f closes over and builds its vectors there, so Lanczos and the
+    trace compile the tangent program once (per-channel α: n > 40, Lanczos with restarts)."""
+    import collections
+
+    import landscape as ls
+
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, per_channel=True)
+    alpha = loss.init("max")
+    compiled = collections.Counter()
+
+    def listen(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled[fun_name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        res = hessian_spectrum(loss, alpha, top_k=2, method="lanczos", trace=True, num_probes=6)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert res.info["hvp"] == "linearize" and res.dim == loss.n > 40
+    assert compiled.pop("jit(grad_flat)") == 2 and max(compiled.values(), default=1) == 1, compiled
+    dense = hessian_spectrum(loss, alpha, top_k=2, method="dense", trace=False)
+    np.testing.assert_allclose(res.eigenvalues, dense.eigenvalues, rtol=1e-3)
