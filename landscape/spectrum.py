@@ -872,8 +872,10 @@ def hessian_spectrum(
     """Top eigenpairs, trace and spectral density of H = ∇²f(x0), from Hessian-vector products.
 
     Args:
-        f: pytree → scalar, traceable by JAX (a ``ClipLoss``, a weight-space loss closing over its
-            data — which may be sharded over several devices —, any function).
+        f: pytree → scalar, traceable by JAX (a ``ClipLoss``, ``ClipLoss.weight_loss(α)``, a
+            weight-space loss closing over its data — which may be sharded over several devices —,
+            any function; a ``jax.tree_util.Partial`` has its bound arrays passed as data, see
+            the note below).
         x0: the point, any pytree of floating-point arrays; n = total number of elements.
         top_k: number of eigenpairs, 1 ≤ top_k ≤ n.
         trace: estimate tr H (Hutch++/Hutchinson for "lanczos", exact for "dense"), and the trace
