@@ -17,6 +17,8 @@ import json
 import os
 import platform
 import subprocess
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -101,6 +103,19 @@ def split_partial(f):
         if all(isinstance(leaf, _ARRAY_LIKE) for leaf in jax.tree.leaves(bound)):
             return f.func, bound
     return f, None
+
+
+def weak_entry(table: weakref.WeakKeyDictionary, fn) -> tuple[dict, Callable]:
+    """(``table``'s dict of compiled programs for ``fn``, a callable returning ``fn``).
+
+    The programs must reach ``fn`` only through that callable (a weak reference): a strong
+    reference from a cached value would keep its key, and the data ``fn`` closes over, alive
+    forever. An ``fn`` that cannot be weakly referenced or hashed gets a fresh dict (programs
+    for this call only)."""
+    try:
+        return table.setdefault(fn, {}), weakref.ref(fn)
+    except TypeError:
+        return {}, (lambda: fn)
 
 
 def check_precision(precision, where: str) -> str:

@@ -417,14 +417,10 @@ def _compiled_operator(f, unravel, structure, precision, batched=False, bound=Fa
     takes the point first (after it, the step its basis, row and index, the HVPs the vector),
     then with ``bound`` the data ``(args, keywords)`` bound to f, called as
     f(*args, x, **keywords), then with ``batched`` the batch, called as f(x, batch)."""
-    try:
-        per_f, f_ref = _OPERATORS.setdefault(f, {}), weakref.ref(f)
-    except TypeError:  # f not weak-referenceable or not hashable: compile for this call only
-        per_f, f_ref = {}, (lambda: f)
+    per_f, f_ref = runtime.weak_entry(_OPERATORS, f)
     key = (structure, precision, batched, bound)
     if key not in per_f:
-        # The programs hold f only weakly: a strong reference from the cached value would keep its
-        # key (and the data f closes over) alive forever. Tracing happens inside a call, f alive.
+        # The programs hold f only weakly (f_ref); tracing happens inside a call, f alive.
 
         def value(u, extra):
             if not bound:

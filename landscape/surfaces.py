@@ -215,12 +215,9 @@ _GRID_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _grid_program(fn, bound: bool):
     """The jitted (coefficients (chunk, k), params, k directions, bound data) → (chunk,) values of
-    fn(params + Σ_k c_k d_k), vmapped over the coefficients; cached weakly on fn (a strong
-    reference from the cached program would keep fn, and what it closes over, alive)."""
-    try:
-        per_fn, fn_ref = _GRID_PROGRAMS.setdefault(fn, {}), weakref.ref(fn)
-    except TypeError:  # not weak-referenceable or not hashable: a program for this call only
-        per_fn, fn_ref = {}, (lambda: fn)
+    fn(params + Σ_k c_k d_k), vmapped over the coefficients; cached weakly on fn
+    (:func:`landscape.runtime.weak_entry`)."""
+    per_fn, fn_ref = runtime.weak_entry(_GRID_PROGRAMS, fn)
     if bound not in per_fn:
         def at(c, params, directions, data):
             shifted = params
