@@ -105,6 +105,15 @@ def split_partial(f):
     return f, None
 
 
+def call_split(fn, bound, x, *rest):
+    """fn applied to x as :func:`split_partial` split it: ``fn(x, *rest)`` without bound data,
+    else ``fn(*args, x, *rest, **keywords)`` with ``bound = (args, keywords)``."""
+    if bound is None:
+        return fn(x, *rest)
+    args, keywords = bound
+    return fn(*args, x, *rest, **keywords)
+
+
 def weak_entry(table: weakref.WeakKeyDictionary, fn) -> tuple[dict, Callable]:
     """(``table``'s dict of compiled programs for ``fn``, a callable returning ``fn``).
 

@@ -423,10 +423,8 @@ def _compiled_operator(f, unravel, structure, precision, batched=False, bound=Fa
         # The programs hold f only weakly (f_ref); tracing happens inside a call, f alive.
 
         def value(u, extra):
-            if not bound:
-                return f_ref()(unravel(u), *extra)
-            (args, keywords), batch = extra[0], extra[1:]
-            return f_ref()(*args, unravel(u), *batch, **keywords)
+            data, batch = (extra[0], extra[1:]) if bound else (None, extra)
+            return runtime.call_split(f_ref(), data, unravel(u), *batch)
 
         def grad_flat(u, *extra):
             with jax.default_matmul_precision(precision):  # read when the programs are traced

@@ -198,7 +198,7 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
         grid = np.stack([ga.ravel(), gb.ravel()], axis=1)
 
     fn, bound = runtime.split_partial(f)
-    program = _grid_program(fn, bound is not None)
+    program = _grid_program(fn)
     directions = tuple(directions)
     pad = (-len(grid)) % chunk
     padded = np.concatenate([grid, np.repeat(grid[:1], pad, axis=0)]).astype(np.float32)
@@ -213,20 +213,17 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
 _GRID_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _grid_program(fn, bound: bool):
-    """The jitted (coefficients (chunk, k), params, k directions, bound data) → (chunk,) values of
-    fn(params + Σ_k c_k d_k), vmapped over the coefficients; cached weakly on fn
+def _grid_program(fn):
+    """The jitted (coefficients (chunk, k), params, k directions, bound data or None) → (chunk,)
+    values of fn(params + Σ_k c_k d_k), vmapped over the coefficients; cached weakly on fn
     (:func:`landscape.runtime.weak_entry`)."""
     per_fn, fn_ref = runtime.weak_entry(_GRID_PROGRAMS, fn)
-    if bound not in per_fn:
+    if "grid" not in per_fn:
         def at(c, params, directions, data):
             shifted = params
             for k, d in enumerate(directions):
                 shifted = jax.tree.map(lambda p, v, k=k: p + c[k] * v, shifted, d)
-            if not bound:
-                return fn_ref()(shifted)
-            args, keywords = data
-            return fn_ref()(*args, shifted, **keywords)
+            return runtime.call_split(fn_ref(), data, shifted)
 
-        per_fn[bound] = jax.jit(jax.vmap(at, in_axes=(0, None, None, None)))
-    return per_fn[bound]
+        per_fn["grid"] = jax.jit(jax.vmap(at, in_axes=(0, None, None, None)))
+    return per_fn["grid"]
