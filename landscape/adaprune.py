@@ -31,16 +31,15 @@ import time
 from dataclasses import dataclass
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from landscape import checks, runtime, sparsity, train
-from landscape import layers as qlayers
 from landscape.data import Split
 from landscape.layerwise import layer_mse, record_layers
+from landscape.train import recalibrate_batchnorm
 
 __all__ = [
     "Accuracy",
@@ -281,37 +280,6 @@ def _adam_prune(p, x, y, key, maskf, lr, bias_lr, *, gemm, batch_size, iteration
     hist = jnp.zeros((iterations // report_every,), jnp.float32)
     p, _, _, hist = jax.lax.fori_loop(0, iterations, body, (p, tx.init(p), key, hist))
     return p, hist
-
-
-def recalibrate_batchnorm(model, variables, x, *, hook=None, precision: str = "highest") -> dict:
-    """``variables`` with every BatchNorm's running statistics re-estimated on the images ``x``.
-
-    One training-mode forward pass over all of ``x`` (so each BN normalises with the statistics of
-    the whole set and later BNs see consistently normalised inputs); each
-    :class:`landscape.layers.BatchNorm` input h (N, ..., C) is intercepted and its running
-    statistics become ``mean(h)`` and the biased ``var(h)`` over all axes but the last. ``hook``
-    is a GEMM hook active during the pass (e.g. a sparsity recipe's ``gemm_hook("eval")``);
-    ``precision`` the pass's matmul/convolution precision.
-    """
-    runtime.check_precision(precision, "recalibrate_batchnorm")
-    stats: dict[tuple[str, ...], tuple] = {}
-
-    def intercept(next_fun, args, kwargs, context):
-        if isinstance(context.module, qlayers.BatchNorm) and context.method_name == "__call__":
-            h = args[0]
-            axes = tuple(range(h.ndim - 1))
-            mean = jnp.mean(h, axis=axes)
-            stats.setdefault(tuple(context.module.path),
-                             (mean, jnp.mean(jnp.square(h - mean), axis=axes)))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(intercept), qlayers.gemm_hook(hook), jax.default_matmul_precision(precision):
-        model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
-    for path, (mean, var) in stats.items():
-        flat[("batch_stats",) + path + ("mean",)] = mean
-        flat[("batch_stats",) + path + ("var",)] = var
-    return flax.traverse_util.unflatten_dict(flat)
 
 
 # --------------------------------------------------------------------------------------------------

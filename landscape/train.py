@@ -56,6 +56,8 @@ class Recipe:
     * ``init_variables(model, variables, x)``: add collections (e.g. sparsity masks);
     * ``transform(tx)``: wrap the optimizer (e.g. decay on pruned weights);
     * ``after_step(step, variables)``: host-side update between steps (e.g. mask refresh);
+    * ``finish(model, variables, train, seed)``: host-side update after the phase's last step
+      (e.g. BatchNorm statistics re-estimated under the evaluation forward);
     * ``finetune``: ``None`` or (recipe, epochs, lr_peak) for a second phase with a
       triangular learning rate (LUQ's high-precision fine-tuning);
     * ``main_phase()``: the same recipe without its fine-tuning phase (``fit`` trains, caches
@@ -75,6 +77,9 @@ class Recipe:
         return tx
 
     def after_step(self, step: int, variables):
+        return variables
+
+    def finish(self, model, variables, train: data_lib.Split, seed: int):
         return variables
 
     def main_phase(self) -> Recipe:
@@ -424,7 +429,44 @@ def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, see
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {record['train_loss']})")
     if bar is not None:
         bar.close()
-    return {"params": params, **state}
+    variables = {"params": params, **state}
+    finished = recipe.finish(model, variables, data.train, seed)
+    if finished is not variables and history:
+        # the last record describes the network this phase returns
+        history[-1]["test_acc_before_finish"] = history[-1]["test_acc"]
+        history[-1]["test_acc"] = Network(model, finished, {}, [], recipe).accuracy(data.test)
+    return finished
+
+
+def recalibrate_batchnorm(model, variables, x, *, hook=None, precision: str = "highest") -> dict:
+    """``variables`` with every BatchNorm's running statistics re-estimated on the images ``x``.
+
+    One training-mode forward pass over all of ``x`` (so each BN normalises with the statistics of
+    the whole set and later BNs see consistently normalised inputs); each
+    :class:`landscape.layers.BatchNorm` input h (N, ..., C) is intercepted and its running
+    statistics become ``mean(h)`` and the biased ``var(h)`` over all axes but the last. ``hook``
+    is a GEMM hook active during the pass (e.g. a sparsity recipe's ``gemm_hook("eval")``);
+    ``precision`` the pass's matmul/convolution precision.
+    """
+    runtime.check_precision(precision, "recalibrate_batchnorm")
+    stats: dict[tuple[str, ...], tuple] = {}
+
+    def intercept(next_fun, args, kwargs, context):
+        if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
+            h = args[0]
+            axes = tuple(range(h.ndim - 1))
+            mean = jnp.mean(h, axis=axes)
+            stats.setdefault(tuple(context.module.path),
+                             (mean, jnp.mean(jnp.square(h - mean), axis=axes)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(intercept), layers.gemm_hook(hook), jax.default_matmul_precision(precision):
+        model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+    for path, (mean, var) in stats.items():
+        flat[("batch_stats",) + path + ("mean",)] = mean
+        flat[("batch_stats",) + path + ("var",)] = var
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def _progress(total, enabled, phase):

@@ -57,10 +57,14 @@ def test_recipe_fields_repr_and_cache_key():
     variants = [r, luq.Recipe(samples=1), luq.Recipe(finetune_epochs=0), luq.Recipe(mode="rdn"),
                 luq.Recipe(mode="none"), luq.Recipe(mode="fp32"), luq.Recipe(quantize_first_last=True),
                 luq.Recipe(prng="jax"), luq.Recipe(max_mode="signed"), luq.Recipe(finetune_lr=0.02),
-                luq.Recipe(bits=3)]
+                luq.Recipe(bits=3), luq.Recipe(finetune_bn_images=0)]
     keys = {v.key() for v in variants}
     assert len(keys) == len(variants) and all(k.startswith("luq.Recipe(mode=") for k in keys)
-    assert eval(repr(r), {"luq": luq}) == r  # noqa: S307  (the repr is the constructor call)
+    for v in (r, luq.Recipe(finetune_bn_images=0), luq.Recipe(mode="rdn", finetune_epochs=0)):
+        assert eval(repr(v), {"luq": luq}) == v  # noqa: S307  (the repr is the constructor call)
+    # the BN re-estimation belongs to the FNT phase: the main phase's identity (cache key) omits it
+    assert "finetune_bn_images" not in r.main_phase().key()
+    assert r.main_phase().key() == luq.Recipe(finetune_bn_images=0).main_phase().key()
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -69,6 +73,7 @@ def test_recipe_fields_repr_and_cache_key():
     ({"finetune_epochs": 1.5}, "finetune_epochs"), ({"finetune_lr": 0.0}, "finetune_lr"),
     ({"finetune_lr": float("nan")}, "finetune_lr"), ({"quantize_first_last": 1}, "quantize_first_last"),
     ({"prng": "threefry"}, "prng"), ({"max_mode": "max"}, "max_mode"), ({"forward_bits": 3}, "coeffs"),
+    ({"finetune_bn_images": -1}, "finetune_bn_images"), ({"finetune_bn_images": 2.0}, "finetune_bn_images"),
 ])
 def test_recipe_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -249,3 +254,38 @@ def test_finetuned_fit_reuses_the_cached_main_phase(digits, tmp_path, monkeypatc
     # and equals a fine-tuned run trained from scratch without any cache
     fresh = ls.train.fit(model, digits, recipe=fnt, cache=False, **kw)
     assert _leaves_equal(fresh.variables, tuned.variables)
+
+
+def test_fnt_re_estimates_batchnorm_statistics_under_the_int4_forward(digits, tmp_path, monkeypatch):
+    """FNT trains with FP32 activations, so its running statistics are not those of the INT4
+    forward that evaluation runs; after the phase they are re-estimated under that forward."""
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path))
+    model = tiny_cnn()
+    kw = dict(epochs=1, batch_size=128, seed=3)
+    whole = 1 << 20  # more than the training set: every training image, no draw
+    tuned = ls.train.fit(model, digits, recipe=luq.Recipe(finetune_bn_images=whole), **kw)
+    kept = ls.train.fit(model, digits, recipe=luq.Recipe(finetune_bn_images=0), **kw)
+    assert tuned.path != kept.path
+    # the re-estimation touches the BN statistics only, and they are the INT4 forward's
+    assert _leaves_equal(tuned.variables["params"], kept.variables["params"])
+    assert not _leaves_equal(tuned.variables["batch_stats"], kept.variables["batch_stats"])
+    eval_hook = tuned.recipe.gemm_hook("eval")
+    again = ls.train.recalibrate_batchnorm(model, kept.variables, digits.train.x, hook=eval_hook)
+    assert _leaves_equal(again, tuned.variables)
+    x = jnp.asarray(digits.train.x)
+    with layers.gemm_hook(eval_hook):
+        batch_mode, _ = model.apply(tuned.variables, x, train=True, mutable=["batch_stats"])
+        kept_mode = model.apply(kept.variables, x, train=False)
+    np.testing.assert_allclose(tuned.apply(digits.train.x), batch_mode, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(kept_mode, batch_mode, rtol=1e-3, atol=1e-3)
+    # the last record is of the returned network; the figure before the re-estimation is kept
+    assert tuned.history[-1]["test_acc"] == pytest.approx(tuned.accuracy(digits.test))
+    assert tuned.history[-1]["test_acc_before_finish"] == kept.history[-1]["test_acc"]
+    assert "test_acc_before_finish" not in kept.history[-1]
+    # a drawn subset is reproducible from the seed; FP32 FNT already evaluates its own forward
+    ft = luq.Recipe(finetune_bn_images=64).finetune[0]
+    a = ft.finish(model, kept.variables, digits.train, 7)
+    assert _leaves_equal(a, ft.finish(model, kept.variables, digits.train, 7))
+    assert not _leaves_equal(a, ft.finish(model, kept.variables, digits.train, 8))
+    fp32 = luq.Recipe(mode="fp32").finetune[0]
+    assert fp32.finish(model, kept.variables, digits.train, 7) is kept.variables
