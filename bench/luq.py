@@ -127,6 +127,19 @@ def batch_stats_accuracy(net, split, batch_size=1000) -> float:
     return float(np.mean(np.concatenate(pred) == split.y[:n]))
 
 
+def reestimated_accuracy(net, data, seed, images=None) -> float:
+    """Test accuracy of ``net`` after every BN's running statistics are re-estimated under its
+    evaluation forward (INT4) on ``images`` training images drawn with ``seed`` — what the FNT
+    phase ends with (``luq.FinetuneRecipe.finish``), applied to any variant (a diagnostic: does a
+    variant's gap come from its running statistics or from its weights?)."""
+    images = luq.Recipe().finetune_bn_images if images is None else images
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB4]))
+    idx = np.sort(rng.choice(len(data.train), size=min(images, len(data.train)), replace=False))
+    variables = ls.train.recalibrate_batchnorm(net.model, net.variables, data.train.x[idx],
+                                               hook=net.recipe.gemm_hook("eval"))
+    return ls.train.Network(net.model, variables, net.config, net.history, net.recipe).accuracy(data.test)
+
+
 def training_runs(name, data, epochs, seeds, store, save):
     """Every variant for every seed; returns the seed-0 (first seed) LUQ+SMP(2) network."""
     model = models.create("cnn", num_classes=data.num_classes, widths=WIDTHS)
@@ -139,7 +152,9 @@ def training_runs(name, data, epochs, seeds, store, save):
             old = store["runs"].get(run_id, {})
             if old.get("epochs", epochs) != epochs or old.get("recipe", recipe.key()) != recipe.key():
                 del store["runs"][run_id]  # a record of another training length or recipe is not this run's
-            done = run_id in store["runs"] and "batch_stats_acc" in store["runs"][run_id]
+            diagnostics = {"batch_stats_acc": lambda net: batch_stats_accuracy(net, data.test),
+                           "bn_reestimated_acc": lambda net, seed=seed: reestimated_accuracy(net, data, seed)}
+            done = run_id in store["runs"] and all(k in store["runs"][run_id] for k in diagnostics)
             if done and not needed:
                 continue
             t0 = time.time()
@@ -148,7 +163,8 @@ def training_runs(name, data, epochs, seeds, store, save):
                 keep = net
             if run_id in store["runs"]:  # trained before this diagnostic existed: loaded from the cache
                 if not done:
-                    store["runs"][run_id]["batch_stats_acc"] = batch_stats_accuracy(net, data.test)
+                    for key, measure in diagnostics.items():
+                        store["runs"][run_id].setdefault(key, measure(net))
                     save()
                 continue
             last = net.history[-1]
@@ -160,7 +176,7 @@ def training_runs(name, data, epochs, seeds, store, save):
                 "epochs": epochs, "finetune_epochs": recipe.finetune_epochs,
                 "steps": (epochs + recipe.finetune_epochs) * (len(data.train) // net.config["batch_size"]),
                 "quantized_layers": list(luq.Recipe.quantized_layers(net.variables)),
-                "batch_stats_acc": batch_stats_accuracy(net, data.test),
+                **{key: measure(net) for key, measure in diagnostics.items()},
                 "wall_here": round(time.time() - t0, 1),
             }
             if "test_acc_before_finish" in last:  # FNT: before the BN re-estimation
@@ -260,7 +276,10 @@ def render(store, args) -> str:
         "batch's own statistics, as in training. Where the two differ, the INT4 activations react to the "
         "small shift between running and batch statistics (on MNIST, the constant background of a "
         "channel can sit at an INT4 rounding boundary and flip code for every background pixel at once), "
-        "not to what the backward quantizer taught the network.",
+        "not to what the backward quantizer taught the network. *BN re-estimated* is a second diagnostic: "
+        f"the running statistics re-estimated under the INT4 forward on {luq.Recipe().finetune_bn_images} "
+        "training images drawn with the run's seed, as the FNT phase ends (for the FNT variant a second "
+        "re-estimation, on another draw).",
         "",
     ]
     for name, info in store["datasets"].items():
@@ -269,7 +288,8 @@ def render(store, args) -> str:
             continue
         lines += [f"## {name}", "", info, "",
                   "| variant | test acc % | Δ vs FP32 (pt) | last train loss | steps | train s "
-                  "| seeds: acc % | BN batch stats: acc % |", "|---|---|---|---|---|---|---|---|"]
+                  "| seeds: acc % | BN batch stats: acc % | BN re-estimated: acc % |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         fp = np.mean([r["test_acc"] for r in rows["FP32"]]) if "FP32" in rows else None
         for label, runs in rows.items():
             m, s = mean_std([100 * r["test_acc"] for r in runs])
@@ -277,10 +297,12 @@ def render(store, args) -> str:
             loss = np.mean([r["train_loss"] for r in runs])
             secs = np.mean([r["train_seconds"] for r in runs])
             per_seed = ", ".join(f"{100 * r['test_acc']:.2f}" for r in runs)
-            diag = [100 * r["batch_stats_acc"] for r in runs if "batch_stats_acc" in r]
-            diag = "{:.2f} ± {:.2f}".format(*mean_std(diag)) if len(diag) == len(runs) else "-"
+            diag = []
+            for key in ("batch_stats_acc", "bn_reestimated_acc"):
+                values = [100 * r[key] for r in runs if key in r]
+                diag.append("{:.2f} ± {:.2f}".format(*mean_std(values)) if len(values) == len(runs) else "-")
             lines.append(f"| {label} | {m:.2f} ± {s:.2f} | {delta} | {loss:.4f} | {runs[0]['steps']} | "
-                         f"{secs:.0f} | {per_seed} | {diag} |")
+                         f"{secs:.0f} | {per_seed} | {' | '.join(diag)} |")
         fnt = rows.get("LUQ+SMP(2)+FNT")
         if fnt:
             before = ", ".join(f"{100 * r['main_test_acc']:.2f}" for r in fnt)
