@@ -76,10 +76,9 @@ Discrepancies between the paper, its reference code and the project notes, settl
    (by linearity the same as averaging the N weight gradients, the paper's description).
 8. **BatchNorm after FNT.** The paper is silent on it. FNT trains with high-precision
    activations, so the BatchNorm running statistics it accumulates are those of that forward,
-   while inference runs the INT4 forward. On MNIST the mismatch cost up to 3.5 points (seed 1
-   of ``bench/luq.py``: 94.74% with the FNT running statistics; 98.18% and 98.23% with them
-   re-estimated under the INT4 forward on 1024 and 4096 training images; 98.14% with each
-   test batch's own statistics). :class:`Recipe` re-estimates
+   while inference runs the INT4 forward. On MNIST the mismatch cost 1.1 to 3.5 points
+   (``bench/luq.py``, seeds 0, 1, 2: 96.99, 94.74, 95.23 % with the FNT running statistics;
+   98.05, 98.26, 97.69 % with them re-estimated under the INT4 forward on 2048 images). :class:`Recipe` re-estimates
    them after the FNT phase on ``finetune_bn_images`` training images (0: keep the FNT ones).
 
 Stochastic rounding is implemented directly — round up iff U < (linear fraction inside the
