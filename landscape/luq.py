@@ -78,8 +78,9 @@ Discrepancies between the paper, its reference code and the project notes, settl
    activations, so the BatchNorm running statistics it accumulates are those of that forward,
    while inference runs the INT4 forward. On MNIST the mismatch cost 1.1 to 3.5 points
    (``bench/luq.py``, seeds 0, 1, 2: 96.99, 94.74, 95.23 % with the FNT running statistics;
-   98.05, 98.26, 97.69 % with them re-estimated under the INT4 forward on 2048 images). :class:`Recipe` re-estimates
-   them after the FNT phase on ``finetune_bn_images`` training images (0: keep the FNT ones).
+   98.05, 98.26, 97.69 % with them re-estimated under the INT4 forward on 2048 images).
+   :class:`Recipe` re-estimates them after the FNT phase on ``finetune_bn_images`` training
+   images (0: keep the FNT ones).
 
 Stochastic rounding is implemented directly — round up iff U < (linear fraction inside the
 bracket), U drawn as 32 random bits — rather than with the paper's "add noise, then round to
@@ -802,6 +803,9 @@ def _check_phase(phase):
     return _check_choice("phase", phase, ("train", "eval"))
 
 
+_FINETUNE_BN_IMAGES = 2048  # Recipe's default: its repr omits it when there is no FNT phase
+
+
 @dataclasses.dataclass(frozen=True, repr=False, kw_only=True)
 class Recipe(train.Recipe):
     """LUQ 4-bit training for :func:`landscape.train.fit`, any network built from the library layers.
@@ -852,8 +856,9 @@ class Recipe(train.Recipe):
       prng: random bits of the LUQ draws, ``"hash"`` (default: cheap on CPU) or ``"jax"``
         (the stream key's threefry); see :func:`quantize_gradient`.
 
-    ``repr`` lists every field (``finetune_bn_images`` only with an FNT phase, so the main
-    phase keeps its identity): it is the recipe's identity in ``fit``'s training cache.
+    ``repr`` is the constructor call (``finetune_bn_images`` omitted at its default without an
+    FNT phase, so :meth:`main_phase` keeps its identity): it is the recipe's identity in
+    ``fit``'s training cache.
     """
 
     bits: int = 4
@@ -865,7 +870,7 @@ class Recipe(train.Recipe):
     forward_bits: int = 4
     finetune_lr: float = 0.01
     prng: str = "hash"
-    finetune_bn_images: int = 2048
+    finetune_bn_images: int = _FINETUNE_BN_IMAGES
 
     def __post_init__(self):
         mode = _check_choice("mode", self.mode, RECIPE_MODES)
@@ -899,7 +904,7 @@ class Recipe(train.Recipe):
 
     def main_phase(self) -> Recipe:
         """This recipe without its FNT phase (``fit`` trains and caches that network first)."""
-        return dataclasses.replace(self, finetune_epochs=0)
+        return dataclasses.replace(self, finetune_epochs=0, finetune_bn_images=_FINETUNE_BN_IMAGES)
 
     def init_variables(self, model, variables, x):
         """``variables`` with the ``"luq_layers"`` marks of the layers this recipe quantizes.
@@ -947,7 +952,8 @@ class Recipe(train.Recipe):
             f"max_mode={self.max_mode!r}, forward_bits={self.forward_bits}, prng={self.prng!r}, "
             f"quantize_first_last={self.quantize_first_last}, "
             f"finetune_epochs={self.finetune_epochs}, finetune_lr={self.finetune_lr!r}"
-            + (f", finetune_bn_images={self.finetune_bn_images})" if self.finetune_epochs else ")")
+            + (f", finetune_bn_images={self.finetune_bn_images})"
+               if self.finetune_epochs or self.finetune_bn_images != _FINETUNE_BN_IMAGES else ")")
         )
 
 

@@ -60,7 +60,8 @@ def test_recipe_fields_repr_and_cache_key():
                 luq.Recipe(bits=3), luq.Recipe(finetune_bn_images=0)]
     keys = {v.key() for v in variants}
     assert len(keys) == len(variants) and all(k.startswith("luq.Recipe(mode=") for k in keys)
-    for v in (r, luq.Recipe(finetune_bn_images=0), luq.Recipe(mode="rdn", finetune_epochs=0)):
+    for v in (r, luq.Recipe(finetune_bn_images=0), luq.Recipe(mode="rdn", finetune_epochs=0),
+              luq.Recipe(finetune_epochs=0, finetune_bn_images=0)):
         assert eval(repr(v), {"luq": luq}) == v  # noqa: S307  (the repr is the constructor call)
     # the BN re-estimation belongs to the FNT phase: the main phase's identity (cache key) omits it
     assert "finetune_bn_images" not in r.main_phase().key()
