@@ -133,8 +133,7 @@ def reestimated_accuracy(net, data, seed, images=None) -> float:
     phase ends with (``luq.FinetuneRecipe.finish``), applied to any variant (a diagnostic: does a
     variant's gap come from its running statistics or from its weights?)."""
     images = luq.Recipe().finetune_bn_images if images is None else images
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB4]))
-    idx = np.sort(rng.choice(len(data.train), size=min(images, len(data.train)), replace=False))
+    idx = ls.data.calibration_index(len(data.train), min(images, len(data.train)), seed)
     variables = ls.train.recalibrate_batchnorm(net.model, net.variables, data.train.x[idx],
                                                hook=net.recipe.gemm_hook("eval"))
     return ls.train.Network(net.model, variables, net.config, net.history, net.recipe).accuracy(data.test)

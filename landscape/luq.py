@@ -103,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from landscape import layers, runtime, sparsity, train
+from landscape import data, layers, runtime, sparsity, train
 
 __all__ = [
     "LAYERS_COLLECTION",
@@ -984,8 +984,7 @@ class FinetuneRecipe(train.Recipe):
         n = self.parent.finetune_bn_images
         if n == 0 or self.parent.mode == "fp32" or "batch_stats" not in variables:
             return variables
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB4]))
-        idx = np.sort(rng.choice(len(train_split), size=min(n, len(train_split)), replace=False))
+        idx = data.calibration_index(len(train_split), min(n, len(train_split)), seed)
         return train.recalibrate_batchnorm(model, variables, train_split.x[idx],
                                            hook=self.gemm_hook("eval"))
 
