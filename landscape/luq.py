@@ -78,7 +78,7 @@ Discrepancies between the paper, its reference code and the project notes, settl
    activations, so the BatchNorm running statistics it accumulates are those of that forward,
    while inference runs the INT4 forward. On MNIST the mismatch cost 1.1 to 3.5 points
    (``bench/luq.py``, seeds 0, 1, 2: 96.99, 94.74, 95.23 % with the FNT running statistics;
-   98.05, 98.26, 97.69 % with them re-estimated under the INT4 forward on 2048 images).
+   98.08, 98.24, 97.77 % with them re-estimated under the INT4 forward on 2048 images).
    :class:`Recipe` re-estimates them after the FNT phase on ``finetune_bn_images`` training
    images (0: keep the FNT ones).
 
