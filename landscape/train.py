@@ -66,6 +66,11 @@ class Recipe:
 
     rng_streams: tuple[str, ...] = ()
     finetune: tuple | None = None
+    #: Revision of what the recipe's code computes. ``fit`` finds a cached network by its
+    #: configuration, which names the recipe by its repr, not by its code: a subclass bumps
+    #: ``revision`` when a change to its code trains (or finishes) other networks, so that the
+    #: checkpoints of the earlier code are not found again. 0 adds nothing to the key.
+    revision: int = 0
 
     def gemm_hook(self, phase: str):
         return None
@@ -86,8 +91,12 @@ class Recipe:
         return self
 
     def key(self) -> str:
-        """Identity of the recipe in cache keys."""
-        return repr(self)
+        """Identity of the recipe in cache keys: its repr, with its ``revision`` and that of its
+        fine-tuning recipe when nonzero."""
+        key = repr(self) + (f"@r{self.revision}" if self.revision else "")
+        if self.finetune is not None and self.finetune[0].revision:
+            key += f"+finetune@r{self.finetune[0].revision}"
+        return key
 
     def __repr__(self) -> str:
         return "FP32()"

@@ -44,6 +44,44 @@ def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     assert other.path != first.path
 
 
+class _Revised(ls.train.Recipe):
+    revision = 1
+
+
+class _Finetuned(ls.train.Recipe):
+    """FP32 training, then one FP32 fine-tuning epoch under ``ft`` (whose revision is what differs)."""
+
+    def __init__(self, ft):
+        self.finetune = (ft, 1, 0.01)
+
+    def main_phase(self):
+        return ls.train.Recipe()
+
+    def __repr__(self):
+        return "Finetuned()"
+
+
+def test_recipe_revision_separates_cached_networks(digits, tmp_path, monkeypatch):
+    """A bumped revision (the recipe's code changed) is another cache entry even where the repr is
+    the same; a revised fine-tuning recipe still reuses the cached main phase."""
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path))
+    model = models.create("mlp", num_classes=10, hidden=(8,))
+    assert ls.train.Recipe().key() == "FP32()" and _Revised().key() == "FP32()@r1"
+    assert _Finetuned(ls.train.Recipe()).key() == "Finetuned()"
+    assert _Finetuned(_Revised()).key() == "Finetuned()+finetune@r1"
+    base = ls.train.fit(model, digits, epochs=1, seed=0, progress=False)
+    revised = ls.train.fit(model, digits, epochs=1, seed=0, recipe=_Revised(), progress=False)
+    assert revised.path != base.path and revised.config["recipe"] == "FP32()@r1"
+    assert _params_equal(revised.variables, base.variables)  # same computation, other identity
+    ft0 = ls.train.fit(model, digits, epochs=1, seed=0, recipe=_Finetuned(ls.train.Recipe()), progress=False)
+    ft1 = ls.train.fit(model, digits, epochs=1, seed=0, recipe=_Finetuned(_Revised()), progress=False)
+    assert len({base.path, revised.path, ft0.path, ft1.path}) == 4
+    assert _params_equal(ft0.variables, ft1.variables)
+    assert not _params_equal(ft0.variables, base.variables)
+    # four networks on disk: the two fine-tuned runs trained no main phase of their own
+    assert len([f for f in os.listdir(os.path.join(str(tmp_path), "networks")) if f.endswith(".msgpack")]) == 4
+
+
 def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
     """Virtual devices, dumps and the other backend's flags do not retrain a cached network; flag
     order does not either; a flag that changes the arithmetic does."""
