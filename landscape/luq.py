@@ -84,9 +84,11 @@ Discrepancies between the paper, its reference code and the project notes, settl
 
 Stochastic rounding is implemented directly — round up iff U < (linear fraction inside the
 bracket), U drawn as 32 random bits — rather than with the paper's "add noise, then round to
-the nearest power with a 4/3 factor" (eqs. 13–14). The two have the same distribution; the
-direct form needs no log2 of noisy values and is exact at powers of two (exponents come from
-``frexp``, never from a float log2). Probabilities are resolved to 2^-32, so each element's
+the nearest power with a 4/3 factor" (eqs. 13–14). The two have the same distribution
+(``tests/test_luq.py`` compares the level frequencies of ``max_mode="signed"`` with a numpy
+transcription of the reference code's noise-and-4/3 path, element by element); the direct form
+needs one random word instead of two, no log2 of noisy values, and is exact at powers of two
+(exponents come from ``frexp``, never from a float log2). Probabilities are resolved to 2^-32, so each element's
 bias is below 2^-32 of the width of its bracket.
 """
 

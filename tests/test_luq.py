@@ -131,6 +131,43 @@ def test_signed_mode_is_the_reference_format():
     assert np.all(np.isfinite(draws(neg, 0, 64, max_mode="signed")))
 
 
+def reference_code_luq(g, rng, count):
+    """A numpy transcription (float64) of the reference code's backward quantizer
+    (reference/luq_nm.md §1.4): signed max, α = max/2^7, stochastic underflow with one uniform,
+    then the paper's eqs. (13–14) — uniform noise of one bin width, round to the nearest power
+    with the 4/3 factor, clamped below to the lower power — with a second uniform."""
+    g = np.asarray(g, np.float64)
+    alpha = g.max() / 2**7
+    shape = (count, g.size)
+    u_under, noise = rng.random(shape), rng.random(shape) - 0.5
+    g1 = np.where(np.abs(g) < alpha, alpha * np.sign(g), g) * np.ones(shape)
+    g1 = np.where(np.abs(g) < alpha * u_under, 0.0, g1)
+    r = np.where(g1 != 0, np.abs(g1) / alpha, 1.0)  # zeros stay zeros (last line)
+    lo = 2.0 ** np.floor(np.log2(r))
+    q = 2.0 ** np.floor(np.log2((r + lo * noise) * 4.0 / 3.0)) * alpha
+    return np.where(g1 == 0, 0.0, np.sign(g1) * np.maximum(q, alpha * lo))
+
+
+def test_signed_mode_draws_as_the_reference_code_does():
+    """Our direct rounding (up iff U < the linear fraction) and the reference code's noise + 4/3
+    rounding are the same distribution: per element, the frequency of every level agrees
+    within 5 standard errors of the difference of two binomial proportions."""
+    alpha = 2.0 / 128  # signed max 2.0
+    ratios = [128.0, 0.3, 0.8, 1.0, 1.25, 1.5, 1.75, 3.0, 5.0, 100.0, 127.0]
+    g = np.array(ratios + [-1.6, -12.5, -640.0]) * alpha  # −640 α: beyond the top code, not clipped
+    n = 20000
+    ours = draws(jnp.asarray(g, jnp.float32), 7, n, max_mode="signed")
+    theirs = reference_code_luq(g, np.random.default_rng(7), n)
+    for e in range(g.size):
+        levels = np.union1d(np.unique(ours[:, e]), np.unique(theirs[:, e]))
+        assert len(levels) <= 2, (g[e] / alpha, levels / alpha)
+        for v in levels:
+            p, q = (ours[:, e] == v).mean(), (theirs[:, e] == v).mean()
+            pooled = (p + q) / 2
+            assert abs(p - q) <= 5 * np.sqrt(2 * pooled * (1 - pooled) / n) + 1e-12, (g[e] / alpha, v / alpha, p, q)
+        assert abs(theirs[:, e].mean() - g[e]) <= 5 * theirs[:, e].std() / np.sqrt(n) + 1e-12  # the oracle is unbiased
+
+
 @pytest.mark.parametrize("max_mode", ["abs", "signed"])
 def test_levels_are_fixed_points(max_mode):
     top = 6 if max_mode == "abs" else 7
