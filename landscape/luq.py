@@ -60,6 +60,8 @@ Discrepancies between the paper, its reference code and the project notes, settl
    SAWB clip is a clipping threshold on either grid. The code spreads its 16 unsigned codes
    over [0, 2·clip], leaving half of them above almost every value: on ReLU'd N(0, 1) and
    Laplace samples its quantization MSE is 4.0× and 2.9× that of [0, clip].
+   ``levels="reference"`` (:func:`sawb`; ``Recipe(forward_levels="reference")``) takes the
+   code's level sets, for comparisons with it.
 4. **SAWB guard.** clip = c1·√mean(x²) − c2·mean|x| is ≤ 0 when the magnitudes are nearly
    constant (√mean(x²)/mean|x| < c2/c1); the code then divides by it. Here the clip is floored
    at mean|x|: inactive for Gaussian, Laplace or post-ReLU tensors (clip ≈ 2.4σ, 3.5σ, 3.7σ
@@ -131,6 +133,7 @@ __all__ = [
 MAX_MODES = ("abs", "signed")
 MODES = ("luq", "rdn", "none")
 PRNGS = ("jax", "hash")
+SAWB_LEVELS = ("strict", "reference")
 SAWB_COEFFS_4BIT = (12.1, 12.2)
 """The SAWB regression coefficients (c1, c2) for 4 bits, as hard-coded in the LUQ code."""
 
@@ -382,8 +385,9 @@ def _rdn_kernel(g, bits, max_mode):
 # SAWB: the INT4 forward quantizer
 
 
-def _sawb_args(bits, signed, coeffs):
+def _sawb_args(bits, signed, coeffs, levels="strict"):
     bits = _check_int("bits", bits, 2, 8)
+    levels = _check_choice("levels", levels, SAWB_LEVELS)
     if signed is not None and not isinstance(signed, bool):
         raise ValueError(f"signed must be None, True or False, got {signed!r}")
     if coeffs is None:
@@ -396,71 +400,80 @@ def _sawb_args(bits, signed, coeffs):
     ok = isinstance(coeffs, tuple | list) and len(coeffs) == 2
     if not ok or not all(isinstance(c, int | float) and np.isfinite(c) for c in coeffs):
         raise ValueError(f"coeffs must be two finite numbers (c1, c2), got {coeffs!r}")
-    return bits, signed, (float(coeffs[0]), float(coeffs[1]))
+    return bits, signed, (float(coeffs[0]), float(coeffs[1])), levels
 
 
-def _sawb_grid(x, bits, signed, coeffs):
+def _sawb_grid(x, bits, signed, coeffs, levels):
     """(scale, lowest code, highest code) for the tensor x (float32 scalars)."""
     c1, c2 = coeffs
     mean_abs = jnp.mean(jnp.abs(x))
     clip = c1 * jnp.sqrt(jnp.mean(x * x)) - c2 * mean_abs
     clip = jnp.maximum(clip, mean_abs)  # the guard, see the module docstring (item 4)
-    half, full = 2 ** (bits - 1) - 1, 2 ** bits - 1
     neg = jnp.min(x) < 0 if signed is None else jnp.asarray(signed)
-    scale = clip / jnp.where(neg, half, full)
+    full = 2 ** bits - 1
+    if levels == "strict":
+        half = 2 ** (bits - 1) - 1
+        lo, hi, span = jnp.where(neg, -half, 0), jnp.where(neg, half, full), jnp.where(neg, half, full)
+    elif signed is True:  # the reference code's weights: codes ±2^(b−1), Δ = 2·clip / 2^b
+        lo, hi, span = -(2 ** (bits - 1)), 2 ** (bits - 1), 2 ** (bits - 1)
+    else:  # its activations: Δ = 2·clip / (Qp − Qn), Qn = −2^(b−1) if a value is negative, else 0
+        lo, hi = jnp.where(neg, -(2 ** (bits - 1)), 0), full
+        span = (hi - lo) / 2
+    scale = clip / span
     scale = jnp.where(scale > 0, scale, 1.0)  # all-zero tensor: any scale gives zeros
-    return scale, jnp.where(neg, -half, 0), jnp.where(neg, half, full)
+    return scale, lo, hi
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _sawb_round(x, bits, signed, coeffs):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _sawb_round(x, bits, signed, coeffs, levels):
     x32 = x.astype(jnp.float32)
-    scale, lo, hi = _sawb_grid(x32, bits, signed, coeffs)
+    scale, lo, hi = _sawb_grid(x32, bits, signed, coeffs, levels)
     return jnp.round(jnp.clip(x32 / scale, lo, hi)), scale  # jnp.round: half to even
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _sawb_ste(x, bits, signed, coeffs):
-    codes, scale = _sawb_round(x, bits, signed, coeffs)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _sawb_ste(x, bits, signed, coeffs, levels):
+    codes, scale = _sawb_round(x, bits, signed, coeffs, levels)
     return (codes * scale).astype(x.dtype)
 
 
 @_sawb_ste.defjvp
-def _sawb_ste_jvp(bits, signed, coeffs, primals, tangents):
+def _sawb_ste_jvp(bits, signed, coeffs, levels, primals, tangents):
     (x,), (dx,) = primals, tangents
     # Straight-through, as in the reference code: the identity everywhere, clipped entries
     # and the data-dependent scale included.
-    return _sawb_ste(x, bits, signed, coeffs), dx
+    return _sawb_ste(x, bits, signed, coeffs, levels), dx
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _codes_ste(x, bits, signed, coeffs):
-    codes, scale = _sawb_round(x, bits, signed, coeffs)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _codes_ste(x, bits, signed, coeffs, levels):
+    codes, scale = _sawb_round(x, bits, signed, coeffs, levels)
     return codes.astype(x.dtype), scale
 
 
 @_codes_ste.defjvp
-def _codes_ste_jvp(bits, signed, coeffs, primals, tangents):
+def _codes_ste_jvp(bits, signed, coeffs, levels, primals, tangents):
     (x,), (dx,) = primals, tangents
-    codes, scale = _codes_ste(x, bits, signed, coeffs)
+    codes, scale = _codes_ste(x, bits, signed, coeffs, levels)
     # codes·scale is straight-through in x (the scale is held constant, as in sawb)
     return (codes, scale), (dx / scale.astype(dx.dtype), jnp.zeros_like(scale))
 
 
-def sawb_codes(x, *, bits=4, signed=None, coeffs=None):
+def sawb_codes(x, *, bits=4, signed=None, coeffs=None, levels="strict"):
     """Integer codes and scale of the SAWB quantizer: ``sawb(x) == codes * scale``.
 
     Returns ``(codes, scale)``: int32 codes of ``x``'s shape in [−(2^(b−1) − 1), 2^(b−1) − 1]
-    (signed grid) or [0, 2^b − 1] (unsigned grid), and the float32 scalar step. Arguments as
-    in :func:`sawb`.
+    (signed grid) or [0, 2^b − 1] (unsigned grid) — with ``levels="reference"`` in
+    [−2^(b−1), 2^(b−1)] (``signed=True``), [−2^(b−1), 2^b − 1] or [0, 2^b − 1] — and the float32
+    scalar step. Arguments as in :func:`sawb`.
     """
-    bits, signed, coeffs = _sawb_args(bits, signed, coeffs)
+    bits, signed, coeffs, levels = _sawb_args(bits, signed, coeffs, levels)
     x = _check_float_array("x", x)
-    codes, scale = _sawb_round(x, bits, signed, coeffs)
+    codes, scale = _sawb_round(x, bits, signed, coeffs, levels)
     return codes.astype(jnp.int32), scale
 
 
-def sawb(x, *, bits=4, signed=None, coeffs=None):
+def sawb(x, *, bits=4, signed=None, coeffs=None, levels="strict"):
     """INT-b forward quantizer with the SAWB scale, round to nearest, straight-through.
 
     Per tensor (statistics over all elements)::
@@ -472,7 +485,11 @@ def sawb(x, *, bits=4, signed=None, coeffs=None):
 
     The backward pass is the identity (STE, no clipping mask), as in the LUQ code. For a
     Gaussian tensor clip ≈ 2.37σ. See the module docstring (items 3–4) for the level set and
-    the guard.
+    the guard. ``levels="reference"`` takes the reference code's level sets instead (same clip)::
+
+        signed=True   Δ = clip / 2^(b−1),        codes −2^(b−1) … 2^(b−1)   (2^b + 1 levels)
+        other, min x ≥ 0:  Δ = 2·clip / (2^b − 1),  codes 0 … 2^b − 1     (up to 2·clip)
+        other, min x < 0:  Δ = 2·clip / (3·2^(b−1) − 1),  codes −2^(b−1) … 2^b − 1
 
     Args:
       x: float array, any shape.
@@ -480,13 +497,16 @@ def sawb(x, *, bits=4, signed=None, coeffs=None):
       signed: None picks the grid from the data (min x < 0); True forces the signed grid
         (weights, as in the reference code); False the unsigned one (negatives clip to 0).
       coeffs: optional (c1, c2) SAWB regression coefficients.
+      levels: ``"strict"`` (INT-b grids, default) or ``"reference"`` (the reference code's
+        ranges, above; not strictly b-bit: 17 weight levels and 24 or 16 activation codes at
+        b = 4), static.
 
     Returns:
       array of ``x``'s shape and dtype.
     """
-    bits, signed, coeffs = _sawb_args(bits, signed, coeffs)
+    bits, signed, coeffs, levels = _sawb_args(bits, signed, coeffs, levels)
     x = _check_float_array("x", x)
-    return _sawb_ste(x, bits, signed, coeffs)
+    return _sawb_ste(x, bits, signed, coeffs, levels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,7 +591,7 @@ def _check_quantize_forward(value):
 
 
 def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
-             quantize_forward=True, forward_bits=4, prng="jax"):
+             quantize_forward=True, forward_bits=4, forward_levels="strict", prng="jax"):
     """One 4-bit layer product: z = gemm(Q_INT(x), Q_INT(w)), backward through Q_FP.
 
     ``gemm`` is any bilinear callable ``gemm(x, w) -> z`` (``jnp.dot``, or a convolution with
@@ -596,13 +616,14 @@ def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
       quantize_forward: True (x and w to INT), ``"weights"`` (w only: the fine-tuning phase),
         False (full-precision forward).
       forward_bits: INT width of the forward quantizer (SAWB coefficients built in for 4).
+      forward_levels: the SAWB level sets, ``"strict"`` or ``"reference"`` (:func:`sawb`).
 
     Returns:
       z, the value of ``gemm(Q_INT(x), Q_INT(w))`` (the backward mode never changes it).
     """
     bits, samples, max_mode, mode = _check_backward_args(bits, samples, max_mode, mode)
     quantize_forward = _check_quantize_forward(quantize_forward)
-    _, _, coeffs = _sawb_args(forward_bits, None, None)
+    _, _, coeffs, levels = _sawb_args(forward_bits, None, None, forward_levels)
     if quantize_forward is True:
         # Integer GEMM, then one rescale. The integer sums are exact in any summation order,
         # so zeros and signs of z (hence every ReLU mask after it) are reproducible across
@@ -611,18 +632,18 @@ def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
         # gradient comparisons.
         x = _check_float_array("x", x)
         w = _check_float_array("w", w)
-        cx, sx = _codes_ste(x, forward_bits, None, coeffs)
-        cw, sw = _codes_ste(w, forward_bits, True, coeffs)
+        cx, sx = _codes_ste(x, forward_bits, None, coeffs, levels)
+        cw, sw = _codes_ste(w, forward_bits, True, coeffs, levels)
         z = gemm(cx, cw) * (sx * sw).astype(cx.dtype)
     elif quantize_forward == "weights":
-        z = gemm(x, sawb(w, bits=forward_bits, signed=True))
+        z = gemm(x, sawb(w, bits=forward_bits, signed=True, levels=levels))
     else:
         z = gemm(x, w)
     return luq_identity(z, key, bits=bits, samples=samples, max_mode=max_mode, mode=mode, prng=prng)
 
 
 def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forward=True,
-               forward_bits=4, prng="jax", collection="luq") -> Callable:
+               forward_bits=4, forward_levels="strict", prng="jax", collection="luq") -> Callable:
     """:func:`luq_gemm` as a GEMM hook ``hook(module, x, kernel, gemm) -> y``.
 
     For ``mode="luq"`` the key is ``module.make_rng(collection)``, so every layer and every
@@ -632,7 +653,7 @@ def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forwar
     _check_backward_args(bits, samples, max_mode, mode)
     _check_choice("prng", prng, PRNGS)
     _check_quantize_forward(quantize_forward)
-    _sawb_args(forward_bits, None, None)
+    _sawb_args(forward_bits, None, None, forward_levels)
     if not isinstance(collection, str) or not collection:
         raise ValueError(f"collection must be a non-empty string, got {collection!r}")
 
@@ -640,7 +661,7 @@ def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forwar
         key = module.make_rng(collection) if mode == "luq" else None
         return luq_gemm(x, kernel, key, gemm, bits=bits, samples=samples, max_mode=max_mode,
                         mode=mode, quantize_forward=quantize_forward, forward_bits=forward_bits,
-                        prng=prng)
+                        forward_levels=forward_levels, prng=prng)
 
     return hook
 
@@ -852,6 +873,8 @@ class Recipe(train.Recipe):
         FP32 backward) or ``"fp32"`` (no quantization: plain training under this interface).
       max_mode: the gradient format's maximum, see :func:`quantize_gradient`.
       forward_bits: INT width of the forward (SAWB coefficients are built in for 4).
+      forward_levels: SAWB level sets of the forward, ``"strict"`` (INT-b) or ``"reference"``
+        (the reference code's, discrepancy 3; :func:`sawb`).
       finetune_lr: peak learning rate of the FNT phase.
       finetune_bn_images: training images (drawn with ``fit``'s seed) on which the BatchNorm
         statistics are re-estimated after FNT; 0 keeps the statistics of the FNT phase.
@@ -870,6 +893,7 @@ class Recipe(train.Recipe):
     mode: str = "luq"
     max_mode: str = "abs"
     forward_bits: int = 4
+    forward_levels: str = "strict"
     finetune_lr: float = 0.01
     prng: str = "hash"
     finetune_bn_images: int = _FINETUNE_BN_IMAGES
@@ -879,7 +903,7 @@ class Recipe(train.Recipe):
         samples = (2 if mode == "luq" else 1) if self.samples is None else self.samples
         bits, samples, max_mode, _ = _check_backward_args(
             self.bits, samples, self.max_mode, "none" if mode == "fp32" else mode)
-        _sawb_args(self.forward_bits, None, None)
+        _sawb_args(self.forward_bits, None, None, self.forward_levels)
         lr = self.finetune_lr
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not (np.isfinite(lr) and lr > 0):
             raise ValueError(f"finetune_lr must be a finite learning rate > 0, got {lr!r}")
@@ -934,10 +958,12 @@ class Recipe(train.Recipe):
         if self.mode == "fp32":
             return None
         if phase == "eval":
-            return _only_marked(layer_hook(mode="none", forward_bits=self.forward_bits))
+            return _only_marked(layer_hook(mode="none", forward_bits=self.forward_bits,
+                                           forward_levels=self.forward_levels))
         return _only_marked(layer_hook(
             bits=self.bits, samples=self.samples, max_mode=self.max_mode, mode=self.mode,
-            forward_bits=self.forward_bits, prng=self.prng, collection="luq"))
+            forward_bits=self.forward_bits, forward_levels=self.forward_levels, prng=self.prng,
+            collection="luq"))
 
     # -- helpers
 
@@ -951,7 +977,9 @@ class Recipe(train.Recipe):
     def __repr__(self) -> str:
         return (
             f"luq.Recipe(mode={self.mode!r}, bits={self.bits}, samples={self.samples}, "
-            f"max_mode={self.max_mode!r}, forward_bits={self.forward_bits}, prng={self.prng!r}, "
+            f"max_mode={self.max_mode!r}, forward_bits={self.forward_bits}, "
+            + (f"forward_levels={self.forward_levels!r}, " if self.forward_levels != "strict" else "")
+            + f"prng={self.prng!r}, "
             f"quantize_first_last={self.quantize_first_last}, "
             f"finetune_epochs={self.finetune_epochs}, finetune_lr={self.finetune_lr!r}"
             + (f", finetune_bn_images={self.finetune_bn_images})"
@@ -976,7 +1004,7 @@ class FinetuneRecipe(train.Recipe):
         if phase == "eval" or p.mode == "fp32":
             return p.gemm_hook(phase)
         return _only_marked(layer_hook(mode="none", quantize_forward="weights",
-                                       forward_bits=p.forward_bits))
+                                       forward_bits=p.forward_bits, forward_levels=p.forward_levels))
 
     def finish(self, model, variables, train_split, seed):
         """``variables`` with the BatchNorm running statistics re-estimated under the INT4

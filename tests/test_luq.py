@@ -321,6 +321,28 @@ def test_sawb_scale_levels_and_rounding():
     assert np.asarray(pc).max() == 7
 
 
+def test_sawb_reference_levels_are_the_reference_codes():
+    """``levels="reference"``: the reference code's Qn/Qp and Δ = 2·clip / (Qp − Qn) with the
+    same clip: weights [−8, 8] (17 levels), non-negative activations [0, 15] over [0, 2·clip],
+    activations with a negative entry [−8, 15]."""
+    x = normal(14, (64, 32))
+    for data, signed, qn, qp in ((x, True, -8, 8), (jax.nn.relu(x), None, 0, 15), (x, None, -8, 15),
+                                 (x, False, 0, 15)):
+        codes, scale = luq.sawb_codes(data, signed=signed, levels="reference")
+        xn = np.asarray(data, np.float64)
+        clip = 12.1 * np.sqrt(np.mean(xn**2)) - 12.2 * np.mean(np.abs(xn))
+        assert float(scale) == pytest.approx(2 * clip / (qp - qn), rel=1e-5), (signed, qn, qp)
+        c = np.asarray(codes)
+        t = np.clip(np.asarray(data) / np.float32(scale), qn, qp)
+        assert np.array_equal(c, np.round(t).astype(np.int32))
+        assert c.min() >= qn and c.max() <= qp and (c.min() == qn or qn == 0) and c.max() > qp // 2
+        q = luq.sawb(data, signed=signed, levels="reference")
+        assert np.array_equal(np.asarray(q), c.astype(np.float32) * np.float32(scale))
+    # the strict grid differs (±7 on the same clip)
+    assert not np.array_equal(np.asarray(luq.sawb(x, signed=True)),
+                              np.asarray(luq.sawb(x, signed=True, levels="reference")))
+
+
 def test_sawb_guard_and_zero():
     # constant magnitude: 12.1·rms − 12.2·mean|x| = −0.1·c < 0; the guard clip = mean|x| = c
     x = jnp.array([0.3, -0.3, 0.3, 0.3, -0.3], jnp.float32)
@@ -417,6 +439,12 @@ def test_forward_modes_and_jit():
     assert np.array_equal(wonly, x @ luq.sawb(w, signed=True))
     fp = luq.luq_gemm(x, w, None, jnp.dot, mode="none", quantize_forward=False)
     assert np.array_equal(fp, x @ w)
+    ref = luq.luq_gemm(x, w, None, jnp.dot, mode="none", forward_levels="reference")
+    want = luq.sawb(x, levels="reference") @ luq.sawb(w, signed=True, levels="reference")
+    np.testing.assert_allclose(ref, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(ref, z_eager)
+    ref_w = luq.luq_gemm(x, w, None, jnp.dot, mode="none", quantize_forward="weights", forward_levels="reference")
+    assert np.array_equal(ref_w, x @ luq.sawb(w, signed=True, levels="reference"))
 
 
 class TinyNet(nn.Module):
@@ -567,6 +595,8 @@ def test_bad_inputs():
         (lambda: luq.sawb(g, bits=1), "bits"),
         (lambda: luq.sawb(g, signed="yes"), "signed"),
         (lambda: luq.sawb(g, bits=3, coeffs=(1.0,)), "coeffs"),
+        (lambda: luq.sawb(g, levels="paper"), "levels.*strict"),
+        (lambda: luq.layer_hook(forward_levels=None), "levels"),
         (lambda: luq.quantize_gradient(g, key, prng="threefry"), "prng"),
         (lambda: luq.layer_hook(prng=None), "prng"),
         (lambda: luq.hash_bits(key, (-1,)), "shape"),

@@ -57,11 +57,14 @@ def test_recipe_fields_repr_and_cache_key():
     variants = [r, luq.Recipe(samples=1), luq.Recipe(finetune_epochs=0), luq.Recipe(mode="rdn"),
                 luq.Recipe(mode="none"), luq.Recipe(mode="fp32"), luq.Recipe(quantize_first_last=True),
                 luq.Recipe(prng="jax"), luq.Recipe(max_mode="signed"), luq.Recipe(finetune_lr=0.02),
-                luq.Recipe(bits=3), luq.Recipe(finetune_bn_images=0)]
+                luq.Recipe(bits=3), luq.Recipe(finetune_bn_images=0), luq.Recipe(forward_levels="reference")]
     keys = {v.key() for v in variants}
     assert len(keys) == len(variants) and all(k.startswith("luq.Recipe(mode=") for k in keys)
+    # the default level sets leave the repr (and every cached network's key) as it was
+    assert "forward_levels" not in r.key() and "forward_levels='reference'" in variants[-1].key()
+    assert variants[-1].main_phase().forward_levels == "reference"
     for v in (r, luq.Recipe(finetune_bn_images=0), luq.Recipe(mode="rdn", finetune_epochs=0),
-              luq.Recipe(finetune_epochs=0, finetune_bn_images=0)):
+              luq.Recipe(finetune_epochs=0, finetune_bn_images=0), variants[-1]):
         assert eval(repr(v), {"luq": luq}) == v  # noqa: S307  (the repr is the constructor call)
     # the BN re-estimation belongs to the FNT phase: the main phase's identity (cache key) omits it
     assert "finetune_bn_images" not in r.main_phase().key()
@@ -75,6 +78,7 @@ def test_recipe_fields_repr_and_cache_key():
     ({"finetune_lr": float("nan")}, "finetune_lr"), ({"quantize_first_last": 1}, "quantize_first_last"),
     ({"prng": "threefry"}, "prng"), ({"max_mode": "max"}, "max_mode"), ({"forward_bits": 3}, "coeffs"),
     ({"finetune_bn_images": -1}, "finetune_bn_images"), ({"finetune_bn_images": 2.0}, "finetune_bn_images"),
+    ({"forward_levels": "code"}, "levels"),
 ])
 def test_recipe_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
