@@ -59,7 +59,8 @@ Discrepancies between the paper, its reference code and the project notes, settl
    tensors (post-ReLU activations) use the unsigned grid {0, …, 2^b − 1} over [0, clip]: the
    SAWB clip is a clipping threshold on either grid. The code spreads its 16 unsigned codes
    over [0, 2·clip], leaving half of them above almost every value: on ReLU'd N(0, 1) and
-   Laplace samples its quantization MSE is 4.0× and 2.9× that of [0, clip].
+   Laplace samples its quantization MSE is 4.0× and 2.9× that of [0, clip] (its 17 weight
+   levels, a fifth bit, give N(0, 1) weights 0.83× the MSE of ±7).
    ``levels="reference"`` (:func:`sawb`; ``Recipe(forward_levels="reference")``) takes the
    code's level sets, for comparisons with it.
 4. **SAWB guard.** clip = c1·√mean(x²) − c2·mean|x| is ≤ 0 when the magnitudes are nearly
