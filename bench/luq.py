@@ -1,7 +1,7 @@
 """Benchmark: LUQ 4-bit training against FP32 training, and the gradient-bias table.
 
 For each dataset (digits; MNIST when its parquet files are present) and seed, the zoo ``cnn``
-is trained with ``landscape.train.fit(..., recipe=landscape.luq.Recipe(...))`` in six variants:
+is trained with ``landscape.train.fit(..., recipe=landscape.luq.Recipe(...))`` in seven variants:
 
 =======================  ========================================================================
 FP32                     ``Recipe(mode="fp32")`` — no quantization (the competitor)
@@ -12,6 +12,9 @@ LUQ+SMP(2)               ``Recipe(samples=2)`` — the mean of two LUQ samples
 LUQ+SMP(2)+FNT           ``Recipe(samples=2, finetune_epochs=1)`` — then one epoch of
                          high-precision fine-tuning (weights INT4, triangular learning rate),
                          BatchNorm statistics re-estimated under the INT4 forward after it
+LUQ+SMP(2), ref. levels  ``Recipe(samples=2, forward_levels="reference")`` — the reference code's
+                         SAWB level sets in the forward (weights [−8, 8], activations over
+                         [0, 2·clip]; discrepancy 3 of ``landscape.luq``), an ablation
 =======================  ========================================================================
 
 All quantized variants keep the first conv and the classifier FP32 (the recipe's default) and are
@@ -60,6 +63,7 @@ VARIANTS = [
     ("LUQ", dict(mode="luq", samples=1, finetune_epochs=0)),
     ("LUQ+SMP(2)", dict(mode="luq", samples=2, finetune_epochs=0)),
     ("LUQ+SMP(2)+FNT", dict(mode="luq", samples=2, finetune_epochs=1)),
+    ("LUQ+SMP(2), ref. levels", dict(mode="luq", samples=2, finetune_epochs=0, forward_levels="reference")),
 ]
 BIAS_VARIANTS = [
     ("LUQ", dict(mode="luq", samples=1)),
