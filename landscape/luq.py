@@ -412,9 +412,10 @@ def _sawb_grid(x, bits, signed, coeffs, levels):
     clip = jnp.maximum(clip, mean_abs)  # the guard, see the module docstring (item 4)
     neg = jnp.min(x) < 0 if signed is None else jnp.asarray(signed)
     full = 2 ** bits - 1
-    if levels == "strict":
+    if levels == "strict":  # Δ = clip / (top code): the top code sits at the clip
         half = 2 ** (bits - 1) - 1
-        lo, hi, span = jnp.where(neg, -half, 0), jnp.where(neg, half, full), jnp.where(neg, half, full)
+        lo, hi = jnp.where(neg, -half, 0), jnp.where(neg, half, full)
+        span = hi
     elif signed is True:  # the reference code's weights: codes ±2^(b−1), Δ = 2·clip / 2^b
         lo, hi, span = -(2 ** (bits - 1)), 2 ** (bits - 1), 2 ** (bits - 1)
     else:  # its activations: Δ = 2·clip / (Qp − Qn), Qn = −2^(b−1) if a value is negative, else 0
