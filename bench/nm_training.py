@@ -92,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--mnist-dir", default=str(HERE.parent.parent / "shared" / "data" / "mnist"),
                    help="MNIST in the hub's parquet layout (default: ../shared/data/mnist beside the checkout)")
     p.add_argument("--digits-epochs", type=int, default=None, help="default 30 (quick: 3)")
-    p.add_argument("--mnist-epochs", type=int, default=1)
+    p.add_argument("--mnist-epochs", type=int, default=3, help="default 3 (fit's MNIST default)")
     p.add_argument("--iterations", type=int, default=None,
                    help="AdaPrune Adam steps on digits (1000; quick: 50)")
     p.add_argument("--mnist-iterations", type=int, default=300, help="AdaPrune Adam steps on MNIST")
@@ -170,6 +170,19 @@ def train_runs(name, data, epochs, seeds, store, save):
                   f"{net.config['seconds']:.0f} s", flush=True)
             save()
     return dense
+
+
+def drop_stale(store, name, epochs, iterations):
+    """Drop the records of ``name`` that another configuration produced: a seed whose scratch runs
+    trained for other epochs loses all its records (its AdaPrune runs started from that dense
+    network), and an AdaPrune record of another iteration count is rerun."""
+    runs = store["runs"]
+    stale_seeds = {r["seed"] for r in runs.values()
+                   if r["dataset"] == name and r["method"] == "scratch" and r["epochs"] != epochs}
+    for run_id, r in list(runs.items()):
+        if r["dataset"] == name and (r["seed"] in stale_seeds
+                                     or (r["method"] == "adaprune" and r.get("iterations") != iterations)):
+            del runs[run_id]
 
 
 def adaprune_runs(name, data, dense, iterations, store, save):
@@ -422,6 +435,7 @@ def main(argv=None) -> int:
                               f"({epochs * (len(data.train) // bs)} steps), seeds {args.seeds}; "
                               f"AdaPrune {iterations} Adam iterations per layer.")
         print(f"{name}: {data}", flush=True)
+        drop_stale(store, name, epochs, iterations)
         dense = train_runs(name, data, epochs, args.seeds, store, save)
         adaprune_runs(name, data, dense, iterations, store, save)
         first = min(dense)
