@@ -3,8 +3,9 @@
 Two curvatures exist and both matter (lapq.md §3b):
 
 * ``method="ste"`` — the Hessian of the straight-through surrogate, by forward-over-reverse
-  autodiff (``jax.hessian``) compiled once per ClipLoss. This is what the LAPQ authors
-  computed. Rounding is the identity in its derivative, so the surrogate is smooth in α.
+  autodiff (n HVPs with the basis vectors, ``ClipLoss.hessian``), compiled once per network and
+  site layout. This is what the LAPQ authors computed. Rounding is the identity in its
+  derivative, so the surrogate is smooth in α.
 * ``method="fd"`` — the curvature of the true, piecewise-constant loss by central second
   differences at a relative step h_i = step·α_i (default ``step=0.02``, i.e. 2% of each α;
   the loss is flat between rounding events, so much smaller steps measure noise)::

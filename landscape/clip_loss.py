@@ -118,6 +118,8 @@ class _Programs:
         self.batch = jax.jit(self._traced("batch", self.batched_loss))
         self.grad = jax.jit(self._traced("grad", jax.grad(self.loss)))
         self.hvp = jax.jit(self._traced("hvp", self.hvp_product))
+        # α last, the data first: the function of the Partial that ClipLoss.alpha_loss returns.
+        self.alpha_last = jax.jit(self._traced("alpha_last", self.loss_alpha_last))
         self.predict = jax.jit(self._traced("predict", self.predictions))
         self.logits = jax.jit(self._traced("logits", self.forward))
         # Weight-space losses (params → scalar, α fixed): α, the widths and switches are data here
@@ -160,6 +162,10 @@ class _Programs:
         valid = jnp.all(alpha > 0) & jnp.all(jnp.isfinite(alpha))
         safe = jnp.where(valid, alpha, 1.0)
         return jnp.where(valid, _mean_cross_entropy(lambda x: self.forward(safe, state, x), xb, yb, wb), jnp.inf)
+
+    def loss_alpha_last(self, state, xb, yb, wb, alpha):
+        """:meth:`loss` with α as the last argument (``jax.tree_util.Partial`` binds leading ones)."""
+        return self.loss(alpha, state, xb, yb, wb)
 
     def weight_space_loss(self, quantized, data, xb, yb, wb, params):
         """The loss as a function of the weights ``params``: quantized at ``data["alpha"]`` with
@@ -567,6 +573,18 @@ class ClipLoss:
         alpha = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
         self._init_cache[result_key] = jax.device_put(alpha, self._replicated)
         return self._init_cache[result_key]
+
+    def alpha_loss(self):
+        """L as a pure JAX function α (n,) → scalar, for transformations and analyzers.
+
+        A ``jax.tree_util.Partial`` of the program shared by every ClipLoss of this network, site
+        layout and precision, with the bit widths, bias-correction switches, variables and
+        calibration set bound as data; it computes what :meth:`__call__` computes (+inf for
+        α ≤ 0 or non-finite α). ``hessian_spectrum(loss, alpha)`` differentiates this function,
+        so a spectrum at another α, bit width or calibration sample of the same size compiles
+        nothing; ``jax.grad(loss.alpha_loss())`` is :meth:`grad`.
+        """
+        return jax.tree_util.Partial(self._programs.alpha_last, self._state, self._x, self._y, self._w)
 
     def weight_loss(self, alpha=None):
         """The calibration loss as a function of the network's *weights*: params → scalar.

@@ -72,6 +72,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from landscape import checks, runtime
+from landscape.clip_loss import ClipLoss
 
 __all__ = ["DENSE_MAX_DIM", "LINEARIZE_MAX_BYTES", "PROBE_BATCH", "HessianSpectrum", "default_probe_batch",
            "hessian_spectrum", "linearize_budget"]
@@ -866,7 +867,8 @@ def hessian_spectrum(
     """Top eigenpairs, trace and spectral density of H = ∇²f(x0), from Hessian-vector products.
 
     Args:
-        f: pytree → scalar, traceable by JAX (a ``ClipLoss``, ``ClipLoss.weight_loss(α)``, a
+        f: pytree → scalar, traceable by JAX (a ``ClipLoss``, taken as its ``alpha_loss()``;
+            ``ClipLoss.weight_loss(α)``; a
             weight-space loss closing over its data — which may be sharded over several devices —,
             any function; a ``jax.tree_util.Partial`` has its bound arrays passed as data, see
             the note below).
@@ -978,6 +980,10 @@ def hessian_spectrum(
     if lanczos_steps is not None:
         lanczos_steps = checks.check_int(lanczos_steps, "lanczos_steps")
 
+    if isinstance(f, ClipLoss):
+        # Its shared program, the data as arguments (see split_partial): compiled once per
+        # network and site layout, not once per ClipLoss object.
+        f = f.alpha_loss()
     terms = None if batches is None else _check_batches(batches)
     flat, unravel, unravel_host, structure, consts = _flatten_and_check(
         f, x0, () if terms is None else (terms[0][1],))

@@ -836,6 +836,40 @@ def test_a_partial_is_compiled_once_for_all_its_data():
     assert second == {}, second
 
 
+def test_clip_loss_spectra_at_other_bit_widths_compile_nothing(tiny_net, digits):
+    """hessian_spectrum(loss, α) differentiates loss.alpha_loss(), the program every ClipLoss of
+    one network and site layout shares: a second ClipLoss, at other bit widths, compiles
+    nothing, and its dense spectrum is that of loss.hessian."""
+    import collections
+
+    import landscape as ls
+
+    loss4 = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    loss2 = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=3, bias_correction=True)
+    a4, a2 = loss4.init("max"), np.asarray(loss2.init("mse"))
+    f = loss2.alpha_loss()
+    assert float(f(a2)) == pytest.approx(float(loss2(a2)), rel=1e-6)
+    assert float(f(a2)) != pytest.approx(float(loss4.alpha_loss()(a2)), rel=1e-3)  # the widths are bound
+    assert np.isinf(float(f(-a2))) and np.isinf(float(f(np.full_like(a2, np.nan))))
+    np.testing.assert_allclose(jax.grad(f)(a2), loss2.grad(a2), rtol=1e-5, atol=1e-7)
+    hessian_spectrum(loss4, a4, top_k=2)
+    H = np.asarray(loss2.hessian(a2), np.float64)
+    compiled = collections.Counter()
+
+    def listen(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled[fun_name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        res = hessian_spectrum(loss2, a2, top_k=2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert res.method == "dense" and not compiled, compiled
+    top = np.sort(np.linalg.eigvalsh(H))[::-1][:2]
+    np.testing.assert_allclose(res.eigenvalues, top, rtol=1e-4, atol=1e-6 * np.abs(top).max())
+
+
 def test_a_clip_loss_spectrum_compiles_each_program_once(tiny_net, digits):
     """A ClipLoss closes over its calibration set, placed on a mesh: hessian_spectrum finds that
     placement among the arrays f closes over and builds its vectors there, so Lanczos and the
