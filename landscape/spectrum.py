@@ -898,7 +898,10 @@ def hessian_spectrum(
         trace_rtol: if given, keep adding Monte-Carlo probes (one block at a time) until
             trace_stderr ≤ trace_rtol · |trace| or ``max_probes`` (default 10·num_probes) HVPs.
         density_runs, density_steps: SLQ runs (rounded up to a multiple of the probe block) and
-            Lanczos steps per run (at most n). Memory is block · (steps + 1) · n numbers.
+            Lanczos steps per run (at most n). They cost runs · steps HVPs (800 by default, the
+            most of any task: PyHessian's default density is one run of 100); fewer runs give a
+            noisier density with the same isolated eigenvalues. Memory is block · (steps + 1) · n
+            numbers.
         density_grid, density_sigma: grid size and Gaussian width; σ defaults to 1% of the
             spectral range.
         probe_batch: vectors per vmapped HVP call (trace probes, SLQ runs, dense columns); None:
