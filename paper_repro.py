@@ -4,6 +4,7 @@
     python paper_repro.py --preset mnist --data-dir ../shared/data/mnist
     python paper_repro.py --list
     python paper_repro.py --only F1,T1 --bits 2,4 --seeds 2
+    python paper_repro.py --train-seed 1 --out runs/seed1   # the claims on another trained network
 
 Each figure module in figures/ computes its data (cached by configuration, written
 atomically, so a killed run resumes), writes PNG + PDF + the JSON behind it, and checks
@@ -35,6 +36,8 @@ def _parse(argv):
     parser.add_argument("--bits", default=None,
                         help="bit widths of F1, F2 and F4 (instead of the paper's) and of T2, e.g. 2,3,4,8")
     parser.add_argument("--seeds", type=int, default=None, help="calibration seeds for the tables")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="fit's seed for the network (default 0): the claims on another trained network")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -76,6 +79,9 @@ def main(argv=None) -> int:
         if args.seeds < 1:
             raise SystemExit(f"--seeds {args.seeds}: need at least one calibration seed")
         changes["seeds"] = args.seeds
+    if args.train_seed < 0:
+        raise SystemExit(f"--train-seed {args.train_seed}: must be an integer >= 0")
+    changes["train_seed"] = args.train_seed
     preset = dataclasses.replace(preset, **changes)
     if preset.data in ("mnist", "cifar10") and preset.data_dir is None and preset.name == "mnist":
         raise SystemExit("--preset mnist needs --data-dir PATH (a local parquet copy of MNIST)")

@@ -60,6 +60,7 @@ class Preset:
     separability_samples: int = 50    # F3: γ/T sampling test (the reference notebook used 50)
     calib_size_seeds: int = 2         # F7: calibration seeds per size
     headline_bits: tuple[int, ...] | None = None  # --bits: F1, F2, F4 at these widths, not the paper's
+    train_seed: int = 0               # --train-seed: fit's seed (initialisation, data order), another network
     dpi: int = 200                    # PNG resolution (rendering only: not part of any cache key)
 
     def config(self) -> dict:
@@ -67,6 +68,8 @@ class Preset:
         d["model_kw"] = dict(self.model_kw)
         if d["headline_bits"] is None:  # left out, so the cache keys of runs without --bits stay valid
             del d["headline_bits"]
+        if d["train_seed"] == 0:  # likewise for runs without --train-seed
+            del d["train_seed"]
         del d["dpi"]  # how the figures are drawn, not what is computed
         return d
 
@@ -227,7 +230,8 @@ class Context:
             data = self.data()
             model = models.create(self.preset.model, num_classes=data.num_classes,
                                   **dict(self.preset.model_kw))
-            self._net = ls.train.fit(model, data, epochs=self.preset.train_epochs, progress=self.progress)
+            self._net = ls.train.fit(model, data, epochs=self.preset.train_epochs, seed=self.preset.train_seed,
+                                     progress=self.progress)
         return self._net
 
     @property

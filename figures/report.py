@@ -57,7 +57,9 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx) -> None:
     lines = [
         f"# LAPQ reproduction report — preset `{preset.name}`",
         "",
-        f"{preset.model} on {preset.data}, FP32 test accuracy {net.accuracy(ctx.test):.4f}; "
+        f"{preset.model} on {preset.data}"
+        + (f" (training seed {preset.train_seed})" if preset.train_seed else "")
+        + f", FP32 test accuracy {net.accuracy(ctx.test):.4f}; "
         f"{len(claims)} claims tested, **{passed} PASS, {len(claims) - passed} FAIL**; "
         f"wall time {wall / 60:.1f} min on {machine()}.{provenance}",
         "",

@@ -129,6 +129,26 @@ def test_bits_sets_the_widths_of_the_headline_figures(tmp_path):
     assert "headline_bits" not in PRESETS["tiny"].config()
 
 
+def test_train_seed_reruns_the_claims_on_another_network(tiny_run, tmp_path):
+    """--train-seed 1 trains another network (fit's seed), so F5's activation statistics differ
+    from the default run's; the report names the seed. Without it the keys are unchanged."""
+    from figures.common import PRESETS
+
+    assert paper_repro.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--only", "F5",
+                             "--train-seed", "1"]) == 0
+    assert "(training seed 1)" in (tmp_path / "REPORT.md").read_text()
+    assert "training seed" not in (tiny_run / "REPORT.md").read_text()
+    ours, default = (json.loads((d / "f5_lp_error.json").read_text()) for d in (tmp_path, tiny_run))
+    assert ours["activation"]["max_abs"] != default["activation"]["max_abs"]
+    networks = os.path.join(os.environ["LANDSCAPE_CACHE"], "networks")
+    seeds = {json.load(open(os.path.join(networks, name)))["config"]["seed"]
+             for name in os.listdir(networks) if name.endswith(".json")}
+    assert {0, 1} <= seeds
+    assert "train_seed" not in PRESETS["tiny"].config()
+    with pytest.raises(SystemExit, match="--train-seed -1: must be an integer >= 0"):
+        paper_repro.main(["--preset", "tiny", "--train-seed", "-1", "--out", str(tmp_path / "bad")])
+
+
 def test_release_frees_compiled_programs_only_when_mappings_run_short(monkeypatch, tmp_path):
     """Between figure modules the memoised losses go; JAX's compiled programs go only once the
     process holds a quarter of the kernel's memory-mapping limit (else the next figure reuses them)."""
