@@ -5,6 +5,7 @@
     python paper_repro.py --list
     python paper_repro.py --only F1,T1 --bits 2,4 --seeds 2
     python paper_repro.py --train-seed 1 --out runs/seed1   # the claims on another trained network
+    python paper_repro.py --compare seed0=figures seed1=runs/seed1   # their claims side by side
 
 Each figure module in figures/ computes its data (cached by configuration, written
 atomically, so a killed run resumes), writes PNG + PDF + the JSON behind it, and checks
@@ -38,6 +39,8 @@ def _parse(argv):
     parser.add_argument("--seeds", type=int, default=None, help="calibration seeds for the tables")
     parser.add_argument("--train-seed", type=int, default=0,
                         help="fit's seed for the network (default 0): the claims on another trained network")
+    parser.add_argument("--compare", nargs="+", metavar="[LABEL=]DIR", default=None,
+                        help="print a table of the claims of earlier runs' output directories and exit")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -51,6 +54,15 @@ def main(argv=None) -> int:
         modules = figures.select(args.only)
     except ValueError as err:
         raise SystemExit(f"--only {args.only!r}: {err}") from None
+    if args.compare:
+        from figures import report
+
+        runs = [tuple(item.split("=", 1)) if "=" in item else (item, item) for item in args.compare]
+        try:
+            print(report.compare([(label, Path(path)) for label, path in runs]), end="")
+        except ValueError as err:
+            raise SystemExit(f"--compare: {err}") from None
+        return 0
     if args.list:
         for m in figures.load_all():
             print(f"{m.NAME:4s} {m.SLUG:18s} {m.TITLE}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 from pathlib import Path
@@ -17,6 +18,40 @@ def claims_table(claims) -> str:
     head = ("| # | claim | quantity | paper | threshold | ours | verdict | figure |\n"
             "|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [c.row() for c in sorted(claims, key=lambda c: int(c.id[1:]))])
+
+
+def compare(runs: list[tuple[str, Path]]) -> str:
+    """A markdown table of the claims of several runs' ``report.json`` — another training seed
+    (``--train-seed``), another machine, another commit — with how many runs pass each claim.
+    ``runs``: (label, output directory) pairs."""
+    reports = []
+    for label, path in runs:
+        file = Path(path) / "report.json"
+        if not file.is_file():
+            raise ValueError(f"{str(path)!r} holds no report.json; pass output directories of paper_repro runs")
+        reports.append((label, json.loads(file.read_text())))
+    lines = ["| run | preset | training seed | FP32 test accuracy | PASS | FAIL | code | CPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in reports:
+        passed = sum(c["passed"] for c in r["claims"])
+        soft = r.get("software", {})
+        lines.append(f"| {label} | {r['preset']['name']} | {r['preset'].get('train_seed', 0)} | "
+                     f"{100 * r['fp32_test_accuracy']:.2f} % | {passed} | {len(r['claims']) - passed} | "
+                     f"{soft.get('code') or '–'} | {soft.get('cpu', '–')} |")
+    by_id = [{c["id"]: c for c in r["claims"]} for _, r in reports]
+    lines += ["", "| claim | threshold | " + " | ".join(label for label, _ in reports) + " | passes |",
+              "|---|---|" + "---|" * len(reports) + "---|"]
+    for cid in claim_specs.CLAIMS:
+        found = [claims.get(cid) for claims in by_id]
+        first = next((c for c in found if c is not None), None)
+        if first is None:
+            continue
+        cells = ["untested" if c is None else f"**{'PASS' if c['passed'] else 'FAIL'}** {c['ours']}" for c in found]
+        tested = [c for c in found if c is not None]
+        row = [f"{cid} {first['claim']}", first["threshold"], *cells,
+               f"{sum(c['passed'] for c in tested)}/{len(tested)}"]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def gallery(out: Path, preset, modules, datas, ctx) -> Path:

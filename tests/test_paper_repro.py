@@ -149,6 +149,29 @@ def test_train_seed_reruns_the_claims_on_another_network(tiny_run, tmp_path):
         paper_repro.main(["--preset", "tiny", "--train-seed", "-1", "--out", str(tmp_path / "bad")])
 
 
+def test_compare_tables_the_claims_of_several_runs(tiny_run, tmp_path, capsys):
+    """--compare LABEL=DIR ...: one row per run, one per claim with each run's verdict and how
+    many runs pass it; a directory without report.json is a clear error."""
+    report = json.loads((tiny_run / "report.json").read_text())
+    flipped = json.loads(json.dumps(report))
+    first = flipped["claims"][0]
+    first["passed"] = not first["passed"]
+    flipped["preset"]["train_seed"] = 7
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text(json.dumps(flipped))
+    assert paper_repro.main(["--compare", f"a={tiny_run}", f"b={other}"]) == 0
+    text = capsys.readouterr().out
+    rows = {line[2:].split(" ")[0]: line for line in text.splitlines() if line.startswith("| C")}
+    assert set(rows) == {c["id"] for c in report["claims"]}
+    assert rows[first["id"]].endswith(" | 1/2 |")
+    for c in report["claims"][1:]:
+        assert rows[c["id"]].endswith(f" | {2 * int(c['passed'])}/2 |")
+    assert "| b | tiny | 7 |" in text and "| a | tiny | 0 |" in text
+    with pytest.raises(SystemExit, match="holds no report.json"):
+        paper_repro.main(["--compare", str(tmp_path / "nowhere")])
+
+
 def test_release_frees_compiled_programs_only_when_mappings_run_short(monkeypatch, tmp_path):
     """Between figure modules the memoised losses go; JAX's compiled programs go only once the
     process holds a quarter of the kernel's memory-mapping limit (else the next figure reuses them)."""
