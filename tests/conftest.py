@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import collections
+import contextlib
 import os
 import shutil
 import tempfile
@@ -44,6 +46,28 @@ LONGEST_FILES_FIRST = ("test_paper_repro.py", "test_lapq.py", "test_clip_loss.py
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order within a file
+
+
+@pytest.fixture
+def count_compilations():
+    """``with count_compilations() as compiled:`` counts the XLA compilations inside the block,
+    by program name (a collections.Counter)."""
+
+    @contextlib.contextmanager
+    def counting():
+        compiled = collections.Counter()
+
+        def listen(event, duration, fun_name=None, **_):
+            if event == "/jax/core/compile/backend_compile_duration":
+                compiled[fun_name] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            yield compiled
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listen)
+
+    return counting
 
 
 @pytest.fixture(scope="session")

@@ -836,12 +836,10 @@ def test_a_partial_is_compiled_once_for_all_its_data():
     assert second == {}, second
 
 
-def test_clip_loss_spectra_at_other_bit_widths_compile_nothing(tiny_net, digits):
+def test_clip_loss_spectra_at_other_bit_widths_compile_nothing(tiny_net, digits, count_compilations):
     """hessian_spectrum(loss, α) differentiates loss.alpha_loss(), the program every ClipLoss of
     one network and site layout shares: a second ClipLoss, at other bit widths, compiles
     nothing, and its dense spectrum is that of loss.hessian."""
-    import collections
-
     import landscape as ls
 
     loss4 = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
@@ -854,43 +852,23 @@ def test_clip_loss_spectra_at_other_bit_widths_compile_nothing(tiny_net, digits)
     np.testing.assert_allclose(jax.grad(f)(a2), loss2.grad(a2), rtol=1e-5, atol=1e-7)
     hessian_spectrum(loss4, a4, top_k=2)
     H = np.asarray(loss2.hessian(a2), np.float64)
-    compiled = collections.Counter()
-
-    def listen(event, duration, fun_name=None, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled[fun_name] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiled:
         res = hessian_spectrum(loss2, a2, top_k=2)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert res.method == "dense" and not compiled, compiled
     top = np.sort(np.linalg.eigvalsh(H))[::-1][:2]
     np.testing.assert_allclose(res.eigenvalues, top, rtol=1e-4, atol=1e-6 * np.abs(top).max())
 
 
-def test_a_clip_loss_spectrum_compiles_each_program_once(tiny_net, digits):
-    """A ClipLoss closes over its calibration set, placed on a mesh: hessian_spectrum finds that
-    placement among the arrays f closes over and builds its vectors there, so Lanczos and the
+def test_a_clip_loss_spectrum_compiles_each_program_once(tiny_net, digits, count_compilations):
+    """A ClipLoss's calibration set is placed on a mesh: hessian_spectrum finds that placement
+    among the data bound to its alpha_loss and builds its vectors there, so Lanczos and the
     trace compile the tangent program once (per-channel α: n > 40, Lanczos with restarts)."""
-    import collections
-
     import landscape as ls
 
     loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, per_channel=True)
     alpha = loss.init("max")
-    compiled = collections.Counter()
-
-    def listen(event, duration, fun_name=None, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled[fun_name] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiled:
         res = hessian_spectrum(loss, alpha, top_k=2, method="lanczos", trace=True, num_probes=6)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert res.info["hvp"] == "linearize" and res.dim == loss.n > 40
     assert compiled.pop("jit(grad_flat)") == 2 and max(compiled.values(), default=1) == 1, compiled
     dense = hessian_spectrum(loss, alpha, top_k=2, method="dense", trace=False)
