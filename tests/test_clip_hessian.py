@@ -136,7 +136,7 @@ def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
         np.testing.assert_array_equal(again["conv0_1"]["kernel"], d["conv0_1"]["kernel"])
 
 
-def test_weight_surfaces_of_other_directions_and_alphas_compile_nothing(tiny_net, digits):
+def test_weight_surfaces_of_other_directions_and_alphas_compile_nothing(tiny_net, digits, count_compilations):
     """weight_surface's program takes the point, the directions and a Partial's bound data as
     arguments: a second surface (other α, directions, span) reuses it, with the right values."""
     params = tiny_net.variables["params"]
@@ -144,19 +144,10 @@ def test_weight_surfaces_of_other_directions_and_alphas_compile_nothing(tiny_net
     alpha = np.asarray(loss.init("max"))
     d1, d2 = random_direction(params, seed=1), random_direction(params, seed=2)
     weight_surface(loss.weight_loss(alpha), params, [d1, d2], span=(-0.2, 0.2), num=3, chunk=4)
-    compiled = []
-
-    def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(duration)
-
     f = loss.weight_loss(1.5 * alpha)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiled:
         surface = weight_surface(f, params, [d2, d1], span=(-0.1, 0.3), num=3, chunk=4)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    assert compiled == []
+    assert not compiled, compiled
     # z[i, j]: coordinate x[j] along the first direction (d2), y[i] along the second (d1)
     c = np.linspace(-0.1, 0.3, 3)
     for i, j in ((0, 2), (2, 1)):

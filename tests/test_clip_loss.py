@@ -115,27 +115,18 @@ def test_bias_correction_on_and_off_share_their_programs(tiny_net, digits, fresh
     assert (float(again(alpha)), again.compilations) == (off[0], {})
 
 
-def test_no_xla_program_per_input_shape_or_type(loss4):
+def test_no_xla_program_per_input_shape_or_type(loss4, count_compilations):
     """Optimizers evaluate batches of every size K and α of any dtype: after warm-up none of
     that may compile anything (each XLA:CPU executable costs memory mappings, and a long run
     would exhaust the process's limit)."""
-    events = []
-
-    def listener(name, *args, **kw):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
     alpha = np.asarray(loss4.init("max"))
     alpha_jax = jnp.asarray(alpha)  # (jnp.asarray itself compiles a tiny program: not ours)
     loss4(alpha), loss4.batch(alpha[None]), loss4.grad(alpha)  # warm-up: the real programs
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compilations() as events:
         for k in (2, 3, 5, 7, 33):
             loss4.batch(np.repeat(alpha[None].astype(np.float64), k, axis=0))
         loss4(alpha.astype(np.float64)), loss4(alpha_jax), loss4.grad(list(alpha))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert events == []
+    assert not events, events
 
 
 def test_batch_equals_individual_calls(loss4):
@@ -439,7 +430,7 @@ def test_products_run_at_the_requested_precision(tiny_net, digits):
         assert loss.with_options(w_bits=2).precision == precision
 
 
-def test_weight_losses_of_every_alpha_and_bit_width_share_their_programs(tiny_net, digits):
+def test_weight_losses_of_every_alpha_and_bit_width_share_their_programs(tiny_net, digits, count_compilations):
     """weight_loss binds α, the widths and the calibration set as data (a jax.tree_util.Partial):
     its value is the ClipLoss's to the last bit, and a Hessian spectrum at another α and bit
     width compiles no XLA program, with the eigenvalue of a loss compiled on its own."""
@@ -453,19 +444,10 @@ def test_weight_losses_of_every_alpha_and_bit_width_share_their_programs(tiny_ne
     first = ls.hessian_spectrum(f4, params, **kw)
     f2 = loss2.weight_loss(a2)
     assert float(loss2(a2)) > float(loss4(a4))  # (the ClipLoss programs, compiled before listening)
-    compiled = []
-
-    def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiled:
         value = float(f2(params))
         second = ls.hessian_spectrum(f2, params, **kw)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    assert compiled == []
+    assert not compiled, compiled
     assert value == float(loss2(a2))
     assert second.eigenvalues[0] != pytest.approx(first.eigenvalues[0], rel=1e-3)
     alone = ls.hessian_spectrum(lambda p: loss2.weight_loss(a2)(p), params, **kw)  # a closure: its own programs

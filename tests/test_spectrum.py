@@ -596,32 +596,23 @@ def test_programs_are_cached_per_function_and_released_with_it(spd1000):
     assert ref() is None  # the cache holds f weakly: its data can be freed
 
 
-def test_trace_compiles_nothing_beyond_the_hvp_programs(spd1000):
+def test_trace_compiles_nothing_beyond_the_hvp_programs(spd1000, count_compilations):
     """Hutch++'s probes, projections and blocks are host work: after one call, another call with
     other probe counts, seeds and tolerances (same block size) compiles no XLA program at all."""
     f, x0, lam = spd1000
     hessian_spectrum(f, x0, top_k=1, trace=True, trace_method="hutch++", num_probes=12, seed=0,
                      probe_batch=4)
-    compiled = []
-
-    def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(event)
-
     moved = jax.tree.map(lambda a: a + 0.5, x0)  # a quadratic: the same Hessian everywhere
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiled:
         for probes, seed, rtol, point in ((12, 1, None, x0), (21, 2, 0.05, moved), (30, 3, None, x0)):
             res = hessian_spectrum(f, point, top_k=1, trace=True, trace_method="hutch++", num_probes=probes,
                                    seed=seed, trace_rtol=rtol, probe_batch=4)
             assert res.info["hvp"] == "linearize"  # a new point is linearized by the compiled programs
             assert abs(res.trace - lam.sum()) <= 4 * res.trace_stderr + 1e-6 * abs(lam.sum())
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    assert compiled == []
+    assert not compiled, compiled
 
 
-def test_a_first_call_compiles_only_the_hvp_programs_and_the_lanczos_kernels():
+def test_a_first_call_compiles_only_the_hvp_programs_and_the_lanczos_kernels(count_compilations):
     """Flattening, input checks, start vectors, probes and basis set-up are host work: a first call
     on a new problem compiles f's HVP programs and the Lanczos kernels, and none of the small eager
     programs (jnp.asarray, concatenate, PRNG samplers, ...) that once took most of a first call on
@@ -629,19 +620,10 @@ def test_a_first_call_compiles_only_the_hvp_programs_and_the_lanczos_kernels():
     n = 1357  # no other test uses this size: every kernel compiles here
     lam = spectrum_with_gap("indefinite", n, seed=30)
     f, x0, apply_q = householder_quadratic(lam, {"a": (1000,), "b": (7, 51)}, seed=31)
-    names = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            names.append(kw.get("fun_name"))
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as names:
         res = hessian_spectrum(f, x0, top_k=3, trace=True, density=True, eigenvectors=True, lanczos_steps=12,
                                max_restarts=60, num_probes=12, density_runs=4, density_steps=20,
                                probe_batch=4, seed=3)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     kernels = {"jit(grad_flat)", "jit(_extend_core)", "jit(_restart_basis)", "jit(_fresh_direction_core)"}
     assert "jit(grad_flat)" in names and "jit(_extend_core)" in names
     assert set(names) <= kernels, sorted(set(names) - kernels)
@@ -785,13 +767,11 @@ def test_gradient_start_finds_the_top_eigenvalue_in_fewer_hvps_and_never_misses_
         hessian_spectrum(f, x0, start="ones", **kw)
 
 
-def test_a_partial_is_compiled_once_for_all_its_data():
+def test_a_partial_is_compiled_once_for_all_its_data(count_compilations):
     """A jax.tree_util.Partial's bound arrays are data: a second Partial of the same function with
     other data compiles nothing. The data sit on a mesh (as a ClipLoss's calibration set does), whose
     type the programs' outputs carry; the point, the Lanczos bases and the trace probes go there
     too, so the first step's inputs have the later steps' types and no program compiles twice."""
-    import collections
-
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     n = 613
@@ -807,15 +787,8 @@ def test_a_partial_is_compiled_once_for_all_its_data():
         return 0.5 * x @ (a @ x) + jnp.sum(jnp.cos(x + shift))
 
     x0 = rng.standard_normal(n).astype(np.float32)
-    compiled = collections.Counter()
-
-    def listen(event, duration, fun_name=None, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled[fun_name] += 1
-
     results = []
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiled:
         for seed in (0, 1):
             a, shift = matrix(seed), np.float32(0.1 * seed)
             where = NamedSharding(mesh, PartitionSpec())
@@ -827,8 +800,6 @@ def test_a_partial_is_compiled_once_for_all_its_data():
             assert abs(res.trace - np.trace(hessian)) <= 4 * res.trace_stderr
             results.append(dict(compiled))
             compiled.clear()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     first, second = results
     # The gradient twice (jax.linearize: the point's forward and backward pass, then the tangent
     # program), every other program once.
