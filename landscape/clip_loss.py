@@ -275,6 +275,8 @@ class ClipLoss:
       quantize_first_last: also quantize the first and last layers (default FP32).
       sites: names of the sites to quantize (overrides the first/last rule); others FP32.
       weight_grid: "midrise" (reference, no zero level) or "midtread" (signed with zero).
+        Activation sites take their grid from the layer: "unsigned" for a ReLU output,
+        "midtread" for a signed site (:class:`landscape.layers.QuantIdentity`).
       per_channel: one α per output channel of every weight site.
       bias_correction: per-channel mean correction of quantized weights, inside every
         evaluation (the reference's ``-bcw``).
@@ -355,7 +357,7 @@ class ClipLoss:
             if site.kind == "weight":
                 spec = sites.SiteSpec(bits, weight_grid, per_channel, bias_correction)
             else:
-                spec = sites.SiteSpec(bits, "unsigned")
+                spec = sites.SiteSpec(bits, site.grid)  # "unsigned" after a ReLU, else "midtread"
             active.append(site)
             specs[site.name] = spec
         sizes = tuple(specs[s.name].alpha_size(s) for s in active)

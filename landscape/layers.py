@@ -6,6 +6,9 @@ recipes (LUQ, N:M sparsity) and every analyzer, exactly like a zoo model:
 * :class:`QuantDense`, :class:`QuantConv` — their kernel is a weight site;
 * :class:`QuantReLU` — its output is an activation site (place one wherever a ReLU output
   feeds a conv/dense layer);
+* :class:`QuantIdentity` — its input, passed through unchanged, is a *signed* activation site
+  (place one before a layer whose input can be negative: a LayerNorm or GELU output, an
+  attention output);
 * :class:`BatchNorm` — running statistics in evaluation (``train=False``), batch statistics
   and a running-average update in training; foldable into the preceding conv
   (:func:`landscape.train.fold_batchnorm`).
@@ -133,6 +136,19 @@ class QuantReLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         return sites.activation_site(self, nn.relu(x))
+
+
+class QuantIdentity(nn.Module):
+    """Identity whose output is a signed activation site, quantized on the symmetric grid with
+    a zero level ("midtread": levels kΔ, |k| ≤ 2^(M−1) − 1, Δ = α/(2^(M−1) − 1)).
+
+    The name follows Brevitas; place one wherever a tensor that can be negative feeds a
+    conv/dense layer (transformers: after each LayerNorm, GELU and attention).
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        return sites.activation_site(self, x, signed=True)
 
 
 class BatchNorm(nn.Module):

@@ -14,8 +14,8 @@ against the tensor's last axis):
 
       Δ = α / (2^M − 1),   x̂ = round(clip(x / Δ, 0, 2^M − 1)) · Δ
 
-* ``"midtread"`` (signed, with a zero level, an option for weights): 2^M − 1 levels
-  symmetric about 0::
+* ``"midtread"`` (signed, with a zero level: signed activations, an option for weights):
+  2^M − 1 levels symmetric about 0::
 
       Δ = α / (2^(M−1) − 1),   x̂ = round(clip(x / Δ, −(2^(M−1) − 1), 2^(M−1) − 1)) · Δ
 

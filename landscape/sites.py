@@ -1,7 +1,9 @@
 """Quantization sites: how a network exposes its clipping values.
 
 A *site* is one tensor that can be quantized with its own clipping value α: a conv/dense
-weight (kind ``"weight"``) or a ReLU output (kind ``"activation"``). The quantizable layers
+weight (kind ``"weight"``) or an activation that feeds one (kind ``"activation"``): a ReLU
+output (unsigned) or, in networks without ReLUs before their products (transformers), any
+signed tensor a layer marks (:class:`landscape.layers.QuantIdentity`). The quantizable layers
 in :mod:`landscape.layers` call :func:`weight_site` / :func:`activation_site` on those
 tensors; what happens there depends on the *site context* active while the network is traced:
 
@@ -54,6 +56,9 @@ class Site:
         C_in·C_out for a convolution, in·out for a dense layer on (batch, in) — the MACs of a
         BOPs count (MACs · weight bits · activation bits). None for activation sites and for
         layers that do not report their output (:func:`note_output`).
+      signed: activation sites whose values can be negative (quantized on the symmetric
+        "midtread" grid, levels kΔ for |k| ≤ 2^(M−1) − 1); False for ReLU outputs (the
+        "unsigned" grid) and for weight sites, whose grid ClipLoss chooses.
     """
 
     name: str
@@ -61,6 +66,14 @@ class Site:
     shape: tuple[int, ...]
     index: int
     macs: int | None = None
+    signed: bool = False
+
+    @property
+    def grid(self) -> str | None:
+        """An activation site's quantization grid ("unsigned" or "midtread"); None for weights."""
+        if self.kind != "activation":
+            return None
+        return "midtread" if self.signed else "unsigned"
 
     @property
     def channels(self) -> int:
@@ -95,10 +108,11 @@ def weight_site(module, w):
     return w if ctx is None else ctx.weight(site_name(module), w)
 
 
-def activation_site(module, x):
-    """Called by a layer on a ReLU output (batch axis first)."""
+def activation_site(module, x, *, signed: bool = False):
+    """Called by a layer on an activation (batch axis first): a ReLU output, or with ``signed``
+    a tensor whose values can be negative."""
     ctx = _CONTEXT.get()
-    return x if ctx is None else ctx.activation(site_name(module), x)
+    return x if ctx is None else ctx.activation(site_name(module), x, signed)
 
 
 def note_output(module, y, x=None):
@@ -151,18 +165,18 @@ class _Recorder:
         self.activation_values: list[tuple[str, object]] = []
         self.result = None  # what the traced function returned (shapes only)
 
-    def _add(self, name, kind, shape):
+    def _add(self, name, kind, shape, signed=False):
         if name in self._seen:  # a module applied twice shares one α
             return
         self._seen.add(name)
-        self.sites.append(Site(name, kind, tuple(int(s) for s in shape), len(self.sites)))
+        self.sites.append(Site(name, kind, tuple(int(s) for s in shape), len(self.sites), signed=signed))
 
     def weight(self, name, w):
         self._add(name, "weight", w.shape)
         return w
 
-    def activation(self, name, x):
-        self._add(name, "activation", x.shape[1:])
+    def activation(self, name, x, signed=False):
+        self._add(name, "activation", x.shape[1:], bool(signed))
         self.activation_values.append((name, x))
         return x
 
@@ -294,7 +308,7 @@ class _Capturer:
             self.values[name] = w
         return w
 
-    def activation(self, name, x):
+    def activation(self, name, x, signed=False):
         if name in self.names:
             self.values[name] = x
         return x
@@ -351,7 +365,7 @@ class _Quantizer:
     def _seen_weight(self, name, w_hat, shift):
         """Hook for :func:`quantized_weights`: the grid value and the bias-correction shift."""
 
-    def activation(self, name, x):
+    def activation(self, name, x, signed=False):
         spec = self.specs.get(name)
         if spec is None:
             return x
@@ -447,7 +461,7 @@ class _Calibrator:
         shift = _shift(w_hat, w, spec, self.corrections.get(name))
         return w_hat if shift is None else w_hat - shift
 
-    def activation(self, name, x):
+    def activation(self, name, x, signed=False):
         spec = self._spec(name)
         if spec is None:
             return x

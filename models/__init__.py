@@ -17,6 +17,7 @@ import numpy as np
 from models.cnn import CNN
 from models.mlp import MLP
 from models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet
+from models.vit import ViT
 
 _REGISTRY: dict[str, Callable] = {
     "mlp": lambda num_classes, **kw: MLP(num_classes, **kw),
@@ -25,6 +26,7 @@ _REGISTRY: dict[str, Callable] = {
     "resnet20": lambda num_classes, **kw: CifarResNet(num_classes, blocks_per_stage=3, **kw),
     "resnet18": lambda num_classes, **kw: ImageNetResNet(num_classes, "basic", (2, 2, 2, 2), **kw),
     "resnet50": lambda num_classes, **kw: ImageNetResNet(num_classes, "bottleneck", (3, 4, 6, 3), **kw),
+    "vit": lambda num_classes, **kw: ViT(num_classes, **kw),
 }
 
 NAMES = tuple(_REGISTRY)
@@ -103,6 +105,6 @@ def import_torchvision(variables: Mapping, state_dict: Mapping[str, np.ndarray])
 
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "CNN", "CifarResNet", "ImageNetResNet", "MLP", "NAMES", "create",
+    "BasicBlock", "Bottleneck", "CNN", "CifarResNet", "ImageNetResNet", "MLP", "NAMES", "ViT", "create",
     "import_torchvision",
 ]

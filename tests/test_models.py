@@ -18,6 +18,8 @@ import models
     ("resnet20", (2, 32, 32, 3), 22, 19),
     ("resnet18", (1, 64, 64, 3), 21, 17),
     ("resnet50", (1, 64, 64, 3), 54, 49),
+    ("vit", (2, 8, 8, 1), 18, 17),
+    ("vit", (2, 28, 28, 1), 18, 17),
 ])
 def test_zoo_shapes_and_sites(name, shape, weights, acts):
     model = models.create(name, num_classes=7)

@@ -1,0 +1,117 @@
+"""Signed activation sites (QuantIdentity) and the Vision Transformer built on them."""
+
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import landscape as ls
+import models
+from landscape.layers import QuantDense, QuantIdentity, QuantReLU
+
+
+class _Probe(nn.Module):
+    """logits = Q(x) @ W + b: one activation site (signed or post-ReLU) feeding one dense layer."""
+
+    signed: bool
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        x = QuantIdentity(name="act")(x) if self.signed else QuantReLU(name="act")(x)
+        return QuantDense(3, name="fc")(x)
+
+
+def _probe(signed, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=40)
+    model = _Probe(signed)
+    variables = model.init(jax.random.key(seed), jnp.asarray(x))
+    return types.SimpleNamespace(model=model, variables=variables), x, y
+
+
+def _cross_entropy(logits, y):
+    logits = logits - logits.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y]))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_signed_site_quantizes_on_the_symmetric_grid_with_zero(bits):
+    net, x, y = _probe(signed=True)
+    loss = ls.ClipLoss(net, (x, y), w_bits=None, a_bits=bits, quantize_first_last=True)
+    (site,) = loss.sites
+    assert site.kind == "activation" and site.signed and site.grid == "midtread"
+    assert loss.specs[site.name].grid == "midtread"
+    alpha = 0.8
+    top = 2 ** (bits - 1) - 1
+    delta = alpha / top
+    x_hat = np.clip(np.round(x / delta), -top, top) * delta  # levels kΔ, |k| ≤ 2^(M−1) − 1
+    assert (x_hat < 0).any() and (x_hat == 0).any()
+    params = net.variables["params"]["fc"]
+    expected = _cross_entropy(x_hat @ np.asarray(params["kernel"]) + np.asarray(params["bias"]), y)
+    np.testing.assert_allclose(float(loss(jnp.array([alpha]))), expected, rtol=1e-5)
+    # The same tensor behind a ReLU is an unsigned site: negatives become 0, levels kΔ, k ≥ 0.
+    relu_net, _, _ = _probe(signed=False)
+    relu_loss = ls.ClipLoss(relu_net, (x, y), w_bits=None, a_bits=bits, quantize_first_last=True)
+    assert not relu_loss.sites[0].signed and relu_loss.specs["act"].grid == "unsigned"
+
+
+def test_calibration_rules_see_the_negative_tail_of_a_signed_site():
+    net, x, y = _probe(signed=True)
+    x[0, 0] = -7.5  # the largest magnitude is negative
+    loss = ls.ClipLoss(net, (x, y), w_bits=None, a_bits=4, quantize_first_last=True)
+    np.testing.assert_allclose(np.asarray(loss.init("max")), [7.5], rtol=1e-6)
+    relu_net, _, _ = _probe(signed=False)
+    relu_loss = ls.ClipLoss(relu_net, (x, y), w_bits=None, a_bits=4, quantize_first_last=True)
+    np.testing.assert_allclose(np.asarray(relu_loss.init("max")), [x.max()], rtol=1e-6)
+    for rule in ("mse", "lp", "aciq", "kl", "percentile"):
+        a = np.asarray(loss.init(rule))
+        assert a.shape == (1,) and 0 < a[0] <= 7.5 + 1e-6, (rule, a)
+
+
+def test_vit_builds_with_a_patch_that_divides_the_image():
+    model = models.create("vit", num_classes=10, patch=3)
+    with pytest.raises(ValueError, match="patch=3 must divide"):
+        model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match="dim=30 must be a multiple of heads=4"):
+        models.create("vit", num_classes=10, dim=30).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(digits):
+    model = models.create("vit", num_classes=10, dim=16, depth=1, heads=2, mlp_dim=32)
+    return ls.train.fit(model, digits, epochs=4, lr=0.1)
+
+
+def test_vit_sites_and_clip_loss(tiny_vit, digits):
+    all_sites, pairs = ls.sites_of(tiny_vit.model, tiny_vit.variables, digits.calib.x[:2])
+    assert pairs == []  # LayerNorm is not folded
+    names = [s.name for s in all_sites]
+    assert names == ["embed", "block0/ln1_out", "block0/qkv", "block0/attn_out", "block0/proj",
+                     "block0/ln2_out", "block0/fc1", "block0/gelu_out", "block0/fc2", "head_in", "head"]
+    acts = [s for s in all_sites if s.kind == "activation"]
+    assert all(s.signed for s in acts) and not any(s.signed for s in all_sites if s.kind == "weight")
+    # MACs: the 16 tokens of an 8×8 image in 2×2 patches pass through every dense layer.
+    macs = {s.name: s.macs for s in all_sites if s.kind == "weight"}
+    assert macs["block0/qkv"] == 16 * 16 * 48 and macs["head"] == 16 * 10
+    # Each activation site is the direct input of one dense layer.
+    feeds = ls.sites.direct_inputs(lambda v, x: tiny_vit.model.apply(v, x), tiny_vit.variables, digits.calib.x[:2])
+    assert feeds == {"block0/qkv": "block0/ln1_out", "block0/proj": "block0/attn_out",
+                     "block0/fc1": "block0/ln2_out", "block0/fc2": "block0/gelu_out", "head": "head_in"}
+
+    loss = ls.ClipLoss(tiny_vit, digits.calib, w_bits=4, a_bits=3)
+    assert [s.name for s in loss.sites] == names[1:-2]  # embed, head and head_in stay FP32
+    alpha = loss.init("lp", p=3.0)
+    value = float(loss(alpha))
+    assert np.isfinite(value) and value > 0
+    np.testing.assert_allclose(np.asarray(loss.batch(jnp.stack([alpha, 2 * alpha])))[0], value, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(loss.grad(alpha))))
+    H = np.asarray(ls.clip_hessian(loss, alpha, method="ste"))
+    assert H.shape == (len(alpha), len(alpha)) and np.allclose(H, H.T)
+    res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2, 4, 3), bias_correction=False)
+    assert res.loss < res.init_loss  # the joint step lowers the calibration loss from α_{p*}
+    np.testing.assert_allclose(res.loss, float(loss(res.alpha)), rtol=1e-5)
