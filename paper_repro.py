@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent
 def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small", help="small (default), mnist, cifar10, tiny")
+    parser.add_argument("--preset", default="small", help="small (default), mnist, cifar10, vit, tiny")
     parser.add_argument("--data-dir", default=None, help="local parquet copy (mnist/cifar10 presets)")
     parser.add_argument("--list", action="store_true", help="list the figures and exit")
     parser.add_argument("--only", default=None, help="comma-separated figure names (F1,T1) or slugs")

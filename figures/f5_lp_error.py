@@ -3,8 +3,8 @@
 The paper (jupyter/lp_norm_vs_clipping.ipynb) plots E|Q_α(x) − x|^p for several p on
 N(0, 1) at 2 bits and shows that a larger p puts the optimum at a larger clipping value.
 Here the tensor is real: the first quantized activation site of the trained network on
-the calibration set (post-ReLU, unsigned grid) and the first quantized weight site
-(mid-rise grid), both at 2 bits.
+the calibration set (on its site's grid: unsigned after a ReLU, mid-tread for a signed site)
+and the first quantized weight site (mid-rise grid), both at 2 bits.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _tensors(ctx):
     x = ctx.data().calib.x
     values = ls.sites.capture(lambda v, x: model.apply(v, x, train=False), [act.name, wgt.name],
                               variables, x)
-    return {"activation": (act.name, np.asarray(values[act.name]).ravel(), "unsigned"),
-            "weight": (wgt.name, np.asarray(values[wgt.name]).ravel(), "midrise")}
+    return {"activation": (act.name, np.asarray(values[act.name]).ravel(), loss.specs[act.name].grid),
+            "weight": (wgt.name, np.asarray(values[wgt.name]).ravel(), loss.specs[wgt.name].grid)}
 
 
 def compute(ctx) -> dict:
