@@ -733,6 +733,17 @@ def _bits(text: str) -> int | None:
     return None if value in (0, 32) else value
 
 
+def _positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def _count(minimum: int):
     """An argparse type: an integer >= ``minimum``."""
     def parse(text: str) -> int:
@@ -760,6 +771,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
     parser.add_argument("--w-bits", type=_bits, default=4, help="weight bits (32 or 0: FP32)")
     parser.add_argument("--a-bits", type=_bits, default=4, help="activation bits (32 or 0: FP32)")
     parser.add_argument("--calib-size", type=_count(1), default=512)
+    parser.add_argument("--epochs", type=_count(1), default=None, help="training epochs (default: the dataset's)")
+    parser.add_argument("--lr", type=_positive, default=None, help="peak learning rate (default: the dataset's)")
+    parser.add_argument("--train-seed", type=_count(0), default=0, help="fit's seed: another trained network")
     parser.add_argument("--seeds", type=_count(1), default=3, help="number of calibration seeds (0, 1, …)")
     parser.add_argument("--maxiter", type=_count(1), default=2)
     parser.add_argument("--p-points", type=_count(3), default=10, help="points of the p grid on [2, 4]")
@@ -774,7 +788,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
         data = landscape.data.load(args.data, data_dir=args.data_dir, calib_size=args.calib_size, seed=0)
     except (ValueError, OSError) as err:  # a missing local copy, an unreachable hub, a too-large calib set
         parser.error(str(err))
-    net = landscape.train.fit(models.create(args.model, num_classes=data.num_classes), data)
+    net = landscape.train.fit(models.create(args.model, num_classes=data.num_classes), data, epochs=args.epochs,
+                              lr=args.lr, seed=args.train_seed)
+    c = net.config
+    print(f"{args.model} trained {c['epochs']} epochs at lr {c['lr']:g}, seed {c['seed']}: FP32 test accuracy "
+          f"{100 * net.accuracy(data.test):.2f} %", flush=True)
     bias_correction = not args.no_bias_correction
     loss = landscape.ClipLoss(net, data.calib, w_bits=args.w_bits, a_bits=args.a_bits,
                               bias_correction=bias_correction)

@@ -243,8 +243,10 @@ def test_callback_sees_iterations_and_can_stop(tiny_loss):
 def test_cli_prints_the_method_table(capsys, digits_net, tmp_path):
     table = lq.main(["--model", "resnet8", "--data", "digits", "--w-bits", "2", "--a-bits", "2",
                      "--calib-size", "128", "--seeds", "2", "--p-points", "3", "--maxiter", "1",
-                     "--rows", "FP32", "MSE", "Lp(p*)", "batched", "--json", str(tmp_path / "table.json")])
+                     "--rows", "FP32", "MSE", "Lp(p*)", "batched", "--json", str(tmp_path / "table.json"),
+                     "--epochs", "30", "--lr", "0.05"])  # the digits defaults: digits_net from the cache
     out = capsys.readouterr().out
+    assert "resnet8 trained 30 epochs at lr 0.05, seed 0: FP32 test accuracy" in out
     assert table.rows == ("FP32", "MSE", "Lp(p*)", "batched") and table.seeds == (0, 1)
     for row in table.rows:
         assert f"| {row} |" in out
@@ -262,6 +264,8 @@ def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
            (["--a-bits", "four"], "'four' is not a bit width"),
            (["--p-points", "2"], "'2' is not an integer >= 3"),
            (["--seeds", "0"], "'0' is not an integer >= 1"),
+           (["--lr", "0"], "'0' is not a positive number"), (["--epochs", "0"], "'0' is not an integer >= 1"),
+           (["--train-seed", "-1"], "'-1' is not an integer >= 0"),
            (["--rows", "FP32", "Powell"], "invalid choice: 'Powell'"),
            (["--data", "mnist", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
            (["--data", "digits", "--calib-size", "99999"], "calib_size=99999 must be an integer in")]
