@@ -115,3 +115,22 @@ def test_vit_sites_and_clip_loss(tiny_vit, digits):
     res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2, 4, 3), bias_correction=False)
     assert res.loss < res.init_loss  # the joint step lowers the calibration loss from α_{p*}
     np.testing.assert_allclose(res.loss, float(loss(res.alpha)), rtol=1e-5)
+
+
+def test_vit_exports_and_rounds(tiny_vit, digits, tmp_path):
+    """The exported ViT runs its signed activation sites on the mid-tread grid (saved and loaded
+    without pickle), and GPTQ rounds its dense layers, whose inputs are (batch, tokens, features)."""
+    loss = ls.ClipLoss(tiny_vit, digits.calib, w_bits=3, a_bits=4)
+    alpha = np.asarray(loss.init("mse"))
+    qnet = ls.export.quantize_network(loss, alpha)
+    x = digits.test.x[:200]
+    np.testing.assert_array_equal(np.asarray(qnet.apply(x)), np.asarray(loss.logits(alpha, x)))
+    assert {s.grid for s in qnet.sites.values() if s.kind == "activation"} == {"midtread"}
+    ls.export.save(qnet, str(tmp_path / "q"))
+    back = ls.export.load(tiny_vit.model, str(tmp_path / "q"))
+    assert {n: s.grid for n, s in back.sites.items()} == {n: s.grid for n, s in qnet.sites.items()}
+    np.testing.assert_allclose(np.asarray(back.apply(x)), np.asarray(qnet.apply(x)), rtol=1e-5, atol=1e-5)
+
+    res = ls.gptq(loss, alpha, num_images=64)
+    assert list(res.layers) == ["block0/qkv", "block0/proj", "block0/fc1", "block0/fc2"]
+    assert all(fit.mse < fit.mse_nearest for fit in res.layers.values())
