@@ -40,6 +40,7 @@ from mnist_resnet20 import Progress, parse_configs
 
 import landscape as ls
 import models
+from figures.f2_hessians import coupling_by_distance
 from landscape import runtime
 
 lapq_module = importlib.import_module("landscape.lapq")  # ls.lapq is the function
@@ -51,17 +52,6 @@ NETWORKS = {  # name → (zoo name, fit's keyword arguments)
 }
 P_EVAL = 3.0  # the α of the Hessians: Lp(p = 3), where the paper's p* lands
 FD_STEP = 0.02
-
-
-def coupling_by_distance(H) -> tuple[float, float]:
-    """Mean |H_ij|/√|H_ii H_jj| over adjacent (|i − j| = 1) and distant (|i − j| ≥ n/2) pairs."""
-    H = np.asarray(H, np.float64)
-    n = len(H)
-    d = np.sqrt(np.abs(np.diag(H)))
-    C = np.abs(H) / np.maximum(np.outer(d, d), 1e-30)
-    i, j = np.triu_indices(n, 1)
-    distant = C[i, j][(j - i) >= max(2, n / 2)]
-    return float(C[i, j][(j - i) == 1].mean()), float(distant.mean()) if distant.size else float("nan")
 
 
 def landscape_step(net, calib, a_bits: int) -> dict:
