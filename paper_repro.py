@@ -2,6 +2,7 @@
 
     python paper_repro.py                         # --preset small: bundled digits, offline
     python paper_repro.py --preset mnist --data-dir ../shared/data/mnist
+    python paper_repro.py --preset vit           # the claims on a Vision Transformer (digits, offline)
     python paper_repro.py --list
     python paper_repro.py --only F1,T1 --bits 2,4 --seeds 2
     python paper_repro.py --train-seed 1 --out runs/seed1   # the claims on another trained network
