@@ -15,6 +15,10 @@ tensors; what happens there depends on the *site context* active while the netwo
   the tensor is quantized with it so that downstream statistics see quantized upstream
   sites (the reference's "online" initialisation) — or left FP32 if asked.
 
+Every context has ``weight(name, w)`` and ``activation(name, x, signed)``; only recording
+keeps ``signed`` (it becomes :attr:`Site.signed`), the others take the grid from the site's
+:class:`SiteSpec`.
+
 The context is read at trace time (like ``jax.default_matmul_precision``), so it must be
 entered *inside* the function that is jitted; :class:`landscape.ClipLoss` does this.
 Sites are named by their Flax module path, e.g. ``"layer1_0/conv1"``.
