@@ -1,11 +1,13 @@
-"""The LAPQ paper's clip landscape on a Vision Transformer, next to a CNN, on the bundled digits.
+"""The LAPQ paper's clip landscape on a Vision Transformer, next to a CNN (digits or MNIST).
 
-Trains (or loads, cached by ``fit``) two networks with training seed 0: the default resnet8
-(``fit``'s digits settings) and a ViT (``models.create("vit")``: 16 tokens of 2×2 patches, width
-64, 4 blocks of 4 heads, MLP 128; lr 0.1, where ``fit``'s digits default of 0.05 leaves it at 93 %).
-Its activation sites are signed (``QuantIdentity``, the symmetric grid with a zero level): each
-LayerNorm output, attention output and GELU output, the inputs of its dense layers. Then, for each
-network:
+Trains (or loads, cached by ``fit``) the networks of ``--networks`` with training seed 0: the
+default resnet8 (``fit``'s settings) and a ViT (``models.create("vit")``: 16 tokens of 2×2 patches
+on digits, 7×7 on MNIST, width 64, 4 blocks of 4 heads, MLP 128; lr 0.1, where ``fit``'s digits
+default of 0.05 leaves it at 93 %), on the bundled digits by default or, with ``--data mnist
+--data-dir PATH``, on a local parquet copy of MNIST (``fit``'s 3 epochs; results in
+``results/vit_landscape_mnist``). The ViT's activation sites are signed (``QuantIdentity``, the
+symmetric grid with a zero level): each LayerNorm output, attention output and GELU output, the
+inputs of its dense layers. Then, for each network:
 
 1. **The activation clip landscape** (weights FP32, α = the layer-wise Lp(p = 3) init, as
    ``paper_repro``'s F2/F3 and claims C1, C2, C6): at each activation width of ``--bits``, the
@@ -14,13 +16,15 @@ network:
    adjacent sites (|i − j| = 1) against distant ones (|i − j| ≥ n/2).
 2. **LAPQ** (:func:`landscape.lapq.compare_methods`, bias correction on, ``maxiter`` 2) at each
    W:A of ``--configs`` over ``--seeds`` calibration samples of 512 training images: FP32, max,
-   MSE, Lp(p*), the paper's Powell, and our batched optimizer; test accuracy on the 359 test images.
+   MSE, Lp(p*), the paper's Powell, and our batched optimizer; test accuracy on the test split
+   (359 digits, 10,000 MNIST images).
 
 No claim is tested here (the thresholds of ``figures/claims.py`` are for paper_repro's resnet8):
 the tables report what the landscape does. Each finished step is kept in
 ``<out>.progress.json`` (atomically), so a killed run resumes; the file is removed at the end.
 
     python bench/vit_landscape.py [--bits 8,4,3,2] [--configs 4:4,3:3,4:2] [--seeds 2]
+                                  [--networks resnet8,vit] [--data digits|mnist] [--data-dir PATH]
                                   [--out results/vit_landscape]
 
 Writes ``<out>.md`` and ``<out>.json`` (atomically).
@@ -78,7 +82,7 @@ def lapq_step(net, data, w_bits, a_bits, seeds: int) -> dict:
 
 
 def render(results: dict, settings: dict) -> str:
-    lines = ["# The clip landscape of a Vision Transformer and a CNN (digits)", "",
+    lines = [f"# The clip landscape of a Vision Transformer and a CNN ({settings.get('data', 'digits')})", "",
              "Made by `python bench/vit_landscape.py` (module docstring: what is measured and how). "
              f"Activation widths {settings['bits']}, LAPQ configurations {settings['configs']}, "
              f"{settings['seeds']} calibration seeds; {settings['seconds']:.0f} s on {settings['machine']}.", "",
@@ -120,7 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="4:4,3:3,4:2", help="W:A configurations of the LAPQ tables")
     parser.add_argument("--seeds", type=int, default=2, help="calibration seeds of the LAPQ tables")
     parser.add_argument("--networks", default="resnet8,vit", help=f"subset of {','.join(NETWORKS)}")
-    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--data", default="digits", choices=("digits", "mnist"))
+    parser.add_argument("--data-dir", default=None, help="MNIST in the hub's parquet layout (--data mnist)")
+    parser.add_argument("--out", default=None, help="default results/vit_landscape (digits), …_mnist (MNIST)")
     args = parser.parse_args(argv)
     bits = [int(b) for b in args.bits.split(",") if b]
     configs = parse_configs(args.configs)
@@ -135,9 +141,13 @@ def main(argv=None) -> int:
     ls.enable_compilation_cache()
     t0 = time.perf_counter()
     settings = {"bits": bits, "configs": args.configs, "seeds": args.seeds, "networks": names,
-                "p_eval": P_EVAL, "fd_step": FD_STEP}
-    progress = Progress(args.out + ".progress.json", settings)
-    data = ls.data.load("digits", calib_size=512, seed=0)
+                "p_eval": P_EVAL, "fd_step": FD_STEP, "data": args.data}
+    out = args.out or (OUT if args.data == "digits" else f"{OUT}_{args.data}")
+    try:
+        data = ls.data.load(args.data, data_dir=args.data_dir, calib_size=512, seed=0)
+    except (ValueError, OSError) as err:  # no --data-dir for MNIST, or a missing copy
+        raise SystemExit(f"--data {args.data}: {err}") from None
+    progress = Progress(out + ".progress.json", settings)
     results = {}
     for name in names:
         zoo, fit_kw = NETWORKS[name]
@@ -161,10 +171,10 @@ def main(argv=None) -> int:
                                              lambda w=w_bits, a=a_bits, net=net: lapq_step(net, data, w, a, args.seeds))
     settings.update(seconds=time.perf_counter() - t0, machine=runtime.cpu_model() or "unknown CPU",
                     software=runtime.software())
-    runtime.write_atomic(args.out + ".md", render(results, settings))
-    runtime.write_atomic(args.out + ".json", json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
+    runtime.write_atomic(out + ".md", render(results, settings))
+    runtime.write_atomic(out + ".json", json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
     progress.finish()
-    print(f"wrote {args.out}.md and .json ({settings['seconds']:.0f} s)")
+    print(f"wrote {out}.md and .json ({settings['seconds']:.0f} s)")
     return 0
 
 
