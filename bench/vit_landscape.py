@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     for name in names:
         zoo, fit_kw = NETWORKS[name]
         net = ls.train.fit(models.create(zoo, num_classes=10), data, seed=0, **fit_kw)
-        all_sites = ls.ClipLoss(net, data.calib, w_bits=None, a_bits=None).all_sites
+        all_sites, _ = ls.sites_of(net.model, net.variables, data.calib.x[:2])
         acts = [s for s in all_sites if s.kind == "activation"]
         r = results[name] = {
             "fp32_test_acc": float(net.accuracy(data.test)),
