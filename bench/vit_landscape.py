@@ -7,13 +7,17 @@ default of 0.05 leaves it at 93 %), on the bundled digits by default or, with ``
 --data-dir PATH``, on a local parquet copy of MNIST (``fit``'s 3 epochs; results in
 ``results/vit_landscape_mnist``). The ViT's activation sites are signed (``QuantIdentity``, the
 symmetric grid with a zero level): each LayerNorm output, attention output and GELU output, the
-inputs of its dense layers. Then, for each network:
+inputs of its dense layers. ``vit_attention`` is the same trained ViT analysed with
+``quantize_attention=True``: the operands of the two attention products are sites too (q, k, v
+signed; the softmax probabilities on the unsigned grid), so every product is low-precision.
+Then, for each network:
 
 1. **The activation clip landscape** (weights FP32, α = the layer-wise Lp(p = 3) init, as
    ``paper_repro``'s F2/F3 and claims C1, C2, C6): at each activation width of ``--bits``, the
    STE and the true-loss (FD, 2 % step) clip Hessians over the activation α: their trace, the
-   off-diagonal ratio ‖H − diag H‖_F / ‖H‖_F, and the mean coupling |H_ij|/√|H_ii H_jj| of
-   adjacent sites (|i − j| = 1) against distant ones (|i − j| ≥ n/2).
+   off-diagonal ratio ‖H − diag H‖_F / ‖H‖_F, the mean coupling |H_ij|/√|H_ii H_jj| of
+   adjacent sites (|i − j| = 1) against distant ones (|i − j| ≥ n/2), and each site role's share
+   of the STE trace (a role is the last part of a site name: ``q``, ``gelu_out``, ``relu1``).
 2. **LAPQ** (:func:`landscape.lapq.compare_methods`, bias correction on, ``maxiter`` 2) at each
    W:A of ``--configs`` over ``--seeds`` calibration samples of 512 training images: FP32, max,
    MSE, Lp(p*), the paper's Powell, and our batched optimizer; test accuracy on the test split
@@ -24,7 +28,7 @@ the tables report what the landscape does. Each finished step is kept in
 ``<out>.progress.json`` (atomically), so a killed run resumes; the file is removed at the end.
 
     python bench/vit_landscape.py [--bits 8,4,3,2] [--configs 4:4,3:3,4:2] [--seeds 2]
-                                  [--networks resnet8,vit] [--data digits|mnist] [--data-dir PATH]
+                                  [--networks resnet8,vit,vit_attention] [--data digits|mnist] [--data-dir PATH]
                                   [--out results/vit_landscape]
 
 Writes ``<out>.md`` and ``<out>.json`` (atomically).
@@ -33,6 +37,7 @@ Writes ``<out>.md`` and ``<out>.json`` (atomically).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -50,9 +55,12 @@ from landscape import runtime
 lapq_module = importlib.import_module("landscape.lapq")  # ls.lapq is the function
 
 OUT = os.path.join(mnist_resnet20.ROOT, "results", "vit_landscape")
-NETWORKS = {  # name → (zoo name, fit's keyword arguments)
-    "resnet8": ("resnet8", {}),
-    "vit": ("vit", {"lr": 0.1}),
+NETWORKS = {  # name → (zoo name, fit's keyword arguments, the analysed model's extra arguments)
+    "resnet8": ("resnet8", {}, {}),
+    "vit": ("vit", {"lr": 0.1}, {}),
+    # The same trained ViT (same parameters), with the operands of QKᵀ and of the attention-weighted
+    # sum of V as sites too: q, k, v (signed) and the softmax probabilities (unsigned).
+    "vit_attention": ("vit", {"lr": 0.1}, {"quantize_attention": True}),
 }
 P_EVAL = 3.0  # the α of the Hessians: Lp(p = 3), where the paper's p* lands
 FD_STEP = 0.02
@@ -69,7 +77,21 @@ def landscape_step(net, calib, a_bits: int) -> dict:
         rep = ls.separability(H)
         adjacent, distant = coupling_by_distance(H)
         out[method] = {"trace": float(rep.trace), "offdiag_ratio": float(rep.offdiag_ratio),
-                       "adjacent": adjacent, "distant": distant, "seconds": time.perf_counter() - t0}
+                       "adjacent": adjacent, "distant": distant, "seconds": time.perf_counter() - t0,
+                       "diagonal_by_role": diagonal_by_role(loss.sites, np.diag(H))}
+    return out
+
+
+def role(site_name: str) -> str:
+    """A site's role in its block: the last part of its name ("block2/q" → "q", "layer1_0/relu1" → "relu1")."""
+    return site_name.rsplit("/", 1)[-1]
+
+
+def diagonal_by_role(sites, diagonal) -> dict[str, float]:
+    """Σ H_ii over the sites of each role, in the order roles first appear."""
+    out: dict[str, float] = {}
+    for site, h in zip(sites, diagonal, strict=True):
+        out[role(site.name)] = out.get(role(site.name), 0.0) + float(h)
     return out
 
 
@@ -103,12 +125,30 @@ def render(results: dict, settings: dict) -> str:
     lines += ["", "From the highest width to the lowest: " + "; ".join(
         f"{name}: STE trace ×{ratio(r, 'ste')}, FD trace ×{ratio(r, 'fd')}" for name, r in results.items()) + ". "
         "The FD Hessian is the second difference of the piecewise-constant loss at a 2 % step: its trace can be "
-        "negative (no ratio then) and its coupling |H_ij|/√|H_ii H_jj| exceed 1.",
-        "", "## 2. LAPQ against the layer-wise rules", ""]
+        "negative (no ratio then) and its coupling |H_ij|/√|H_ii H_jj| exceed 1.", ""]
+    lines += role_shares(results)
+    lines += ["", "## 2. LAPQ against the layer-wise rules", ""]
     for name, r in results.items():
         for config, t in r["lapq"].items():
             lines += [f"### {name} {config}", "", t["markdown"], ""]
     return "\n".join(lines) + "\n"
+
+
+def role_shares(results: dict) -> list[str]:
+    """Markdown: each site role's share Σ H_ii / trace of the STE Hessian, per network and width."""
+    lines = ["Where the curvature sits: each site role's share of the STE trace (Σ H_ii over the sites of that "
+             "role, over the trace; a role is the last part of a site's name, summed over blocks).", ""]
+    for name, r in results.items():
+        steps = [(b, s) for b, s in r["landscape"].items() if "diagonal_by_role" in s["ste"]]
+        if not steps:
+            continue
+        roles = list(steps[0][1]["ste"]["diagonal_by_role"])
+        lines += [f"| {name}, A bits | " + " | ".join(roles) + " |", "|---" * (len(roles) + 1) + "|"]
+        for b, s in steps:
+            diag, trace = s["ste"]["diagonal_by_role"], s["ste"]["trace"]
+            lines.append(f"| {b} | " + " | ".join(f"{diag[k] / trace:.3f}" if trace else "–" for k in roles) + " |")
+        lines.append("")
+    return lines
 
 
 def ratio(r: dict, method: str) -> str:
@@ -123,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", default="8,4,3,2", help="activation widths of the Hessians")
     parser.add_argument("--configs", default="4:4,3:3,4:2", help="W:A configurations of the LAPQ tables")
     parser.add_argument("--seeds", type=int, default=2, help="calibration seeds of the LAPQ tables")
-    parser.add_argument("--networks", default="resnet8,vit", help=f"subset of {','.join(NETWORKS)}")
+    parser.add_argument("--networks", default="resnet8,vit,vit_attention", help=f"subset of {','.join(NETWORKS)}")
     parser.add_argument("--data", default="digits", choices=("digits", "mnist"))
     parser.add_argument("--data-dir", default=None, help="MNIST in the hub's parquet layout (--data mnist)")
     parser.add_argument("--out", default=None, help="default results/vit_landscape (digits), …_mnist (MNIST)")
@@ -150,8 +190,10 @@ def main(argv=None) -> int:
     progress = Progress(out + ".progress.json", settings)
     results = {}
     for name in names:
-        zoo, fit_kw = NETWORKS[name]
+        zoo, fit_kw, model_kw = NETWORKS[name]
         net = ls.train.fit(models.create(zoo, num_classes=10), data, seed=0, **fit_kw)
+        if model_kw:  # the trained parameters in the model with more sites
+            net = dataclasses.replace(net, model=models.create(zoo, num_classes=10, **model_kw))
         all_sites, _ = ls.sites_of(net.model, net.variables, data.calib.x[:2])
         acts = [s for s in all_sites if s.kind == "activation"]
         r = results[name] = {

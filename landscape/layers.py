@@ -6,9 +6,9 @@ recipes (LUQ, N:M sparsity) and every analyzer, exactly like a zoo model:
 * :class:`QuantDense`, :class:`QuantConv` — their kernel is a weight site;
 * :class:`QuantReLU` — its output is an activation site (place one wherever a ReLU output
   feeds a conv/dense layer);
-* :class:`QuantIdentity` — its input, passed through unchanged, is a *signed* activation site
-  (place one before a layer whose input can be negative: a LayerNorm or GELU output, an
-  attention output);
+* :class:`QuantIdentity` — its input, passed through unchanged, is an activation site, signed
+  by default (place one before a product whose input can be negative: a LayerNorm or GELU
+  output, an attention output, a query/key/value) or unsigned (softmax probabilities);
 * :class:`BatchNorm` — running statistics in evaluation (``train=False``), batch statistics
   and a running-average update in training; foldable into the preceding conv
   (:func:`landscape.train.fold_batchnorm`).
@@ -139,16 +139,20 @@ class QuantReLU(nn.Module):
 
 
 class QuantIdentity(nn.Module):
-    """Identity whose output is a signed activation site, quantized on the symmetric grid with
-    a zero level ("midtread": levels kΔ, |k| ≤ 2^(M−1) − 1, Δ = α/(2^(M−1) − 1)).
+    """Identity whose output is an activation site: signed (default), on the symmetric grid with
+    a zero level ("midtread": levels kΔ, |k| ≤ 2^(M−1) − 1, Δ = α/(2^(M−1) − 1)), or with
+    ``signed=False`` on the unsigned grid of a ReLU output (levels kΔ, 0 ≤ k ≤ 2^M − 1) for a
+    tensor that cannot be negative (softmax probabilities).
 
-    The name follows Brevitas; place one wherever a tensor that can be negative feeds a
-    conv/dense layer (transformers: after each LayerNorm, GELU and attention).
+    The name follows Brevitas; place one wherever a tensor feeds a product (transformers: after
+    each LayerNorm, GELU and attention; the operands of QKᵀ and of the attention-weighted sum).
     """
+
+    signed: bool = True
 
     @nn.compact
     def __call__(self, x):
-        return sites.activation_site(self, x, signed=True)
+        return sites.activation_site(self, x, signed=self.signed)
 
 
 class BatchNorm(nn.Module):

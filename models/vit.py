@@ -12,9 +12,15 @@ Sites, in call order (block ``i``):
   layer: ``block{i}/ln1_out`` (→ qkv), ``block{i}/attn_out`` (→ proj), ``block{i}/ln2_out``
   (→ fc1), ``block{i}/gelu_out`` (→ fc2), ``head_in`` (→ head).
 
-As in the CNNs, the products of two activations (QKᵀ and the attention-weighted sum of V) are
-not quantization sites: the sites are the inputs of the weight GEMMs, which is what W·A
-post-training quantization of a transformer's linear layers quantizes.
+By default, as in the CNNs, the products of two activations (QKᵀ and the attention-weighted
+sum of V) are not quantization sites: the sites are the inputs of the weight GEMMs, which is
+what W·A post-training quantization of a transformer's linear layers quantizes. With
+``quantize_attention=True`` their operands are sites too, so every product of the network is
+low-precision (the setting of fully quantized ViTs, e.g. FQ-ViT, PTQ4ViT): per block, after
+``ln1_out``, the signed ``block{i}/q``, ``block{i}/k``, ``block{i}/v`` (the three slices of the
+qkv output, before the 1/√d scaling) and the unsigned ``block{i}/attn_probs`` (the softmax
+output, in [0, 1]), in that call order. These four feed no weight layer, so they carry no
+MACs of their own (:attr:`landscape.sites.Site.macs` counts weight products only).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class EncoderBlock(nn.Module):
     dim: int
     heads: int
     mlp_dim: int
+    quantize_attention: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -40,8 +47,13 @@ class EncoderBlock(nn.Module):
         y = QuantIdentity(name="ln1_out")(nn.LayerNorm(name="ln1")(x))
         qkv = QuantDense(3 * self.dim, name="qkv")(y).reshape(b, t, 3, self.heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, t, heads, head_dim)
+        if self.quantize_attention:
+            q, k, v = (QuantIdentity(name=n)(a) for n, a in (("q", q), ("k", k), ("v", v)))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(head_dim))
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, self.dim)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if self.quantize_attention:
+            probs = QuantIdentity(signed=False, name="attn_probs")(probs)
+        attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.dim)
         x = x + QuantDense(self.dim, name="proj")(QuantIdentity(name="attn_out")(attn))
         y = QuantIdentity(name="ln2_out")(nn.LayerNorm(name="ln2")(x))
         y = QuantIdentity(name="gelu_out")(nn.gelu(QuantDense(self.mlp_dim, name="fc1")(y)))
@@ -50,7 +62,8 @@ class EncoderBlock(nn.Module):
 
 class ViT(nn.Module):
     """Vision Transformer on NHWC images; ``patch`` (default H // 4: a 4 × 4 grid of tokens)
-    must divide the height and width."""
+    must divide the height and width; ``quantize_attention`` makes the operands of the two
+    attention products sites too (see the module docstring)."""
 
     num_classes: int
     patch: int | None = None
@@ -58,6 +71,7 @@ class ViT(nn.Module):
     depth: int = 4
     heads: int = 4
     mlp_dim: int = 128
+    quantize_attention: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -73,6 +87,6 @@ class ViT(nn.Module):
         x = QuantDense(self.dim, name="embed")(x)
         x = x + self.param("pos", nn.initializers.normal(0.02), (1, tokens, self.dim), jnp.float32)
         for i in range(self.depth):
-            x = EncoderBlock(self.dim, self.heads, self.mlp_dim, name=f"block{i}")(x)
+            x = EncoderBlock(self.dim, self.heads, self.mlp_dim, self.quantize_attention, name=f"block{i}")(x)
         x = jnp.mean(nn.LayerNorm(name="ln")(x), axis=1)
         return QuantDense(self.num_classes, name="head")(QuantIdentity(name="head_in")(x))

@@ -1,5 +1,6 @@
 """Signed activation sites (QuantIdentity) and the Vision Transformer built on them."""
 
+import dataclasses
 import types
 
 import flax
@@ -61,6 +62,34 @@ def test_signed_site_quantizes_on_the_symmetric_grid_with_zero(bits):
     assert not relu_loss.sites[0].signed and relu_loss.specs["act"].grid == "unsigned"
 
 
+class _Probabilities(nn.Module):
+    """logits = Q(softmax(x)) @ W + b: an unsigned non-ReLU site (attention probabilities)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        p = QuantIdentity(signed=False, name="probs")(jax.nn.softmax(x.reshape(x.shape[0], -1), axis=-1))
+        return QuantDense(3, name="fc")(p)
+
+
+def test_unsigned_identity_site_quantizes_probabilities_on_the_unsigned_grid():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=40)
+    model = _Probabilities()
+    net = types.SimpleNamespace(model=model, variables=model.init(jax.random.key(1), jnp.asarray(x)))
+    loss = ls.ClipLoss(net, (x, y), w_bits=None, a_bits=3, quantize_first_last=True)
+    (site,) = loss.sites
+    assert site.name == "probs" and not site.signed and site.grid == "unsigned"
+    alpha = 0.5  # probabilities above α clip to α; levels kΔ, 0 ≤ k ≤ 7, Δ = α / 7
+    p = np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
+    p_hat = np.clip(np.round(p / (alpha / 7)), 0, 7) * (alpha / 7)
+    assert (p > alpha).any() and (p_hat == 0).any()
+    params = net.variables["params"]["fc"]
+    expected = _cross_entropy(p_hat @ np.asarray(params["kernel"]) + np.asarray(params["bias"]), y)
+    np.testing.assert_allclose(float(loss(jnp.array([alpha]))), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(loss.init("max")), [p.max()], rtol=1e-6)
+
+
 def test_calibration_rules_see_the_negative_tail_of_a_signed_site():
     net, x, y = _probe(signed=True)
     x[0, 0] = -7.5  # the largest magnitude is negative
@@ -116,6 +145,47 @@ def test_vit_sites_and_clip_loss(tiny_vit, digits):
     res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2, 4, 3), bias_correction=False)
     assert res.loss < res.init_loss  # the joint step lowers the calibration loss from α_{p*}
     np.testing.assert_allclose(res.loss, float(loss(res.alpha)), rtol=1e-5)
+
+
+def test_vit_quantizes_the_attention_operands_when_asked(tiny_vit, digits):
+    """quantize_attention=True: q, k, v (signed) and the softmax probabilities (unsigned) are sites
+    of the same parameters; FP32 they change nothing, quantized they reach the loss."""
+    model = models.create("vit", num_classes=10, dim=16, depth=1, heads=2, mlp_dim=32, quantize_attention=True)
+    net = dataclasses.replace(tiny_vit, model=model)
+    all_sites, _ = ls.sites_of(model, net.variables, digits.calib.x[:2])
+    plain = [s.name for s in ls.sites_of(tiny_vit.model, tiny_vit.variables, digits.calib.x[:2])[0]]
+    attention = ["block0/q", "block0/k", "block0/v", "block0/attn_probs"]
+    names = [s.name for s in all_sites]
+    assert names == plain[:3] + attention + plain[3:]  # after qkv, in call order
+    grids = {s.name: s.grid for s in all_sites}
+    assert [grids[n] for n in attention] == ["midtread"] * 3 + ["unsigned"]
+    assert all(s.macs is None for s in all_sites if s.name in attention)
+    assert all(s.shape == (16, 2, 8) for s in all_sites if s.name in attention[:3])
+    assert _site_shape(all_sites, "block0/attn_probs") == (2, 16, 16)  # (heads, queries, keys)
+    x = digits.test.x[:64]
+    np.testing.assert_array_equal(np.asarray(net.apply(x)), np.asarray(tiny_vit.apply(x)))
+
+    full = ls.ClipLoss(net, digits.calib, w_bits=None, a_bits=3)
+    assert [s.name for s in full.sites] == names[1:2] + attention + [
+        n for n in names[3:-2] if n.endswith("_out")]
+    alpha = np.asarray(full.init("max"))
+    probs = alpha[[s.name for s in full.sites].index("block0/attn_probs")]
+    assert 0 < probs <= 1  # the largest softmax probability
+    # Only the probabilities quantized: the 8-bit loss is close to FP32, the 2-bit one is not.
+    fp32 = float(ls.ClipLoss(net, digits.calib, w_bits=None, a_bits=None)(jnp.zeros(0)))
+    gaps = []
+    for bits in (8, 2):
+        only = ls.ClipLoss(net, digits.calib, w_bits=None, a_bits=bits, sites=["block0/attn_probs"])
+        gaps.append(abs(float(only(only.init("max"))) - fp32))
+    assert gaps[0] < 0.01 * fp32 < gaps[1]
+    # The exported network quantizes them too, to the last bit of the loss's logits.
+    qnet = ls.export.quantize_network(full, alpha)
+    np.testing.assert_array_equal(np.asarray(qnet.apply(x)), np.asarray(full.logits(alpha, x)))
+    assert qnet.sites["block0/attn_probs"].grid == "unsigned"
+
+
+def _site_shape(all_sites, name):
+    return next(s.shape for s in all_sites if s.name == name)
 
 
 def test_vit_exports_and_rounds(tiny_vit, digits, tmp_path):
