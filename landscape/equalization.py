@@ -11,9 +11,11 @@ max |W_b[..., c, :]|, the choice s_c = √(r_a,c / r_b,c) gives both channels th
 √(r_a,c · r_b,c), which equalizes the per-channel ranges of both kernels as far as one scale can.
 
 :func:`cross_layer_equalization` folds BatchNorm first (the BN's scale must be in the kernel),
-finds candidate pairs by tracing (b reads an activation site's output, directly or through
-max-pooling, which a positive per-channel scale passes as it passes ReLU; a is the last weight
-layer before that site, with or without a BN after it), keeps only the pairs whose rescaling
+finds candidate pairs by tracing (b reads an unsigned activation site's output — a ReLU —
+directly or through max-pooling, which a positive per-channel scale passes as it passes ReLU; a
+is the last weight layer before that site, with or without a BN after it; signed sites, the
+LayerNorm and GELU outputs of a transformer, are not positively homogeneous and give no
+candidates), keeps only the pairs whose rescaling
 leaves the logits on the given batch unchanged (a skip connection reading the same activation
 would not), and rescales until the scales stop moving.
 """
@@ -129,13 +131,13 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     # homogeneous per channel); reshapes and transposes would move the channel axis
     direct = sites.direct_inputs(apply, folded, x[:1], through=frozenset({"reduce_window_max"}))
     bn_of = {conv: bn for conv, bn, _ in bn_pairs}
-    index = {s.name: s.index for s in all_sites}
+    by_name = {s.name: s for s in all_sites}
     weights = [s for s in all_sites if s.kind == "weight"]
     candidates = []
     for b in weights:
-        if b.name not in direct:
+        if b.name not in direct or by_name[direct[b.name]].signed:
             continue
-        before = [s for s in weights if s.index < index[direct[b.name]]]
+        before = [s for s in weights if s.index < by_name[direct[b.name]].index]
         if not before or len(b.shape) < 2:
             continue
         a = before[-1]

@@ -106,3 +106,14 @@ def test_equalization_without_batchnorm():
     for a, b in eq.pairs:
         np.testing.assert_allclose(ranges(eq.variables["params"][a]["kernel"], -1),
                                    ranges(eq.variables["params"][b]["kernel"], -2), rtol=1e-3)
+
+
+def test_equalization_leaves_a_transformer_alone():
+    """The ViT's dense layers read signed sites (LayerNorm, GELU, attention outputs): no positive
+    scale passes them, so there is no candidate pair, nothing rejected, and the weights are kept."""
+    model = models.create("vit", num_classes=10, dim=16, depth=1, heads=2, mlp_dim=32)
+    x = jax.random.normal(jax.random.key(5), (8, 8, 8, 1))
+    variables = model.init(jax.random.key(6), x[:1])
+    eq = cross_layer_equalization(model, variables, x)
+    assert eq.pairs == () and eq.rejected == () and eq.max_logit_change == 0.0
+    jax.tree.map(np.testing.assert_array_equal, eq.variables["params"], variables["params"])
