@@ -486,9 +486,12 @@ def _start_from(loss, init) -> np.ndarray:
     return alpha
 
 
-def with_bias_correction(loss, bias_correction: bool):
-    """``loss`` itself, or a copy with the bias-correction option switched (only when it
-    has weight sites, where the option changes anything)."""
+def with_bias_correction(loss, bias_correction: bool | None):
+    """``loss`` itself (``bias_correction`` None, or the loss's own setting), or a copy with the
+    bias-correction option switched (only when it has weight sites, where the option changes
+    anything)."""
+    if bias_correction is None:
+        return loss
     checks.check_flag(bias_correction, "bias_correction")
     has_weights = any(s.kind == "weight" for s in loss.sites)
     if not has_weights or bool(loss.options.get("bias_correction")) == bool(bias_correction):
@@ -497,7 +500,7 @@ def with_bias_correction(loss, bias_correction: bool):
 
 
 def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 2,
-         bias_correction: bool = True, init=None, callback: Callable | None = None) -> LAPQResult:
+         bias_correction: bool | None = None, init=None, callback: Callable | None = None) -> LAPQResult:
     """Loss-aware post-training quantization: Lp sweep → p*, then joint optimisation of α.
 
     Args:
@@ -508,8 +511,11 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
         or "batched" (ours; see the module docstring).
       maxiter: sweeps of the joint step (Powell/CD: SciPy iterations = coordinate sweeps;
         batched: coordinate sweeps after its gradient step, see :func:`_batched`).
-      bias_correction: evaluate with per-channel weight bias correction (the reference's
-        ``-bcw``); when ``loss`` has the other setting a copy with this one is used.
+      bias_correction: None (default) optimises ``loss`` as built — build it with
+        ``bias_correction=True`` for the reference's per-channel weight bias correction
+        (``-bcw``). True/False optimise a copy with that setting, ``loss.with_options(
+        bias_correction=...)``: the α returned fits the copy, so evaluate, export and round
+        with the copy, not ``loss`` (``res.bias_correction`` says which setting was used).
       init: None (the Lp sweep picks the start), a calibration rule name ("mse", …) or an
         (n,) start vector; the sweep is skipped when given.
       callback: called after every iteration of the joint step with a dict (iteration,

@@ -164,13 +164,19 @@ def test_bias_correction_inside_the_site_context():
         assert (gap < 1e-6) if correct else (gap > 1e-2)
 
 
-def test_lapq_switches_bias_correction_on(tiny_net, digits):
+def test_lapq_optimises_the_loss_it_is_given_unless_told(tiny_net, digits):
+    """By default the α returned is the optimum of ``loss`` itself (what export and rounding then
+    use); bias_correction=True/False optimise a copy with that setting, and say so."""
     plain = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3, bias_correction=False)
-    res = lq.lapq(plain, p_grid=COARSE, method="batched", maxiter=1)
+    own = lq.lapq(plain, p_grid=COARSE, method="batched", maxiter=1)
+    assert not own.bias_correction
+    assert own.loss == pytest.approx(float(plain(own.alpha)), rel=1e-5) and own.loss <= own.init_loss
+    res = lq.lapq(plain, p_grid=COARSE, method="batched", maxiter=1, bias_correction=True)
     assert res.bias_correction
     corrected = plain.with_options(bias_correction=True)
     assert res.loss == pytest.approx(float(corrected(res.alpha)), rel=1e-5)
-    off = lq.lapq(plain, init=res.init_alpha, method="batched", maxiter=1, bias_correction=False)
+    assert res.loss != pytest.approx(float(plain(res.alpha)), rel=1e-3)  # another loss's optimum
+    off = lq.lapq(corrected, init=res.init_alpha, method="batched", maxiter=1, bias_correction=False)
     assert not off.bias_correction
     assert off.init_loss == pytest.approx(float(plain(res.init_alpha)), rel=1e-5)
 
@@ -180,7 +186,7 @@ def test_lapq_on_mixed_widths_uses_each_sites_bits(tiny_net, digits):
     step), and the result is the loss at those widths."""
     widths = {"conv0_1": 2, "conv1_0": 4, "conv1_1": 3}
     mixed = ls.ClipLoss(tiny_net, digits.calib, w_bits=widths, a_bits={"relu0_0": 4, "relu1_0": 2})
-    res = lq.lapq(mixed, p_grid=COARSE, method="batched", maxiter=1)
+    res = lq.lapq(mixed, p_grid=COARSE, method="batched", maxiter=1, bias_correction=True)
     assert res.loss <= res.init_loss
     corrected = mixed.with_options(bias_correction=True)
     assert corrected.bits == {"relu0_0": 4, "conv0_1": 2, "conv1_0": 4, "conv1_1": 3, "relu1_0": 2}
