@@ -13,14 +13,18 @@ and 0 for "unsigned" (0..2^M − 1) and "midtread" (−(2^(M−1) − 1)..2^(M�
 per-channel bias correction (zero without it). Δ, offset and shift have one entry per output
 channel (per-tensor α repeats). ``qnet.apply(x)`` runs the network from these integers and
 reproduces the loss's quantized forward pass; :func:`save` / :func:`load` store it as JSON
-(the per-site table) and NumPy ``.npz`` (codes and the other variables), read back with
-``allow_pickle=False``.
+(the per-site table) and NumPy ``.npz`` (codes, the other variables, and the float kernels the
+loss computed, so that a loaded network runs the same weights to the last bit), read back with
+``allow_pickle=False``. The JSON carries the SHA-256 of its ``.npz``: a pair from two saves (a
+save interrupted between its two files) is refused, as are codes outside their grid and
+kernels that are not their codes' values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -34,7 +38,7 @@ from landscape import quantizers, runtime, sites, train
 
 __all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the .npz's SHA-256 and the exact float kernels; 1 is still read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +216,13 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
 
 
 def save(qnet: QuantizedNetwork, path: str) -> str:
-    """Write ``path``.json (the per-site table) and ``path``.npz (codes and the variables that
-    are not quantized kernels), each atomically. Returns ``path``."""
+    """Write ``path``.npz (codes, the variables that are not quantized kernels, and the
+    quantized kernels as floats) and then ``path``.json (the per-site table and the .npz's
+    SHA-256), each atomically. Returns ``path``.
+
+    The float kernels are the weights ``qnet`` runs with, to the last bit (Δ·q + offset − shift
+    recomputed in NumPy can differ by an ulp, enough to move an activation across a rounding
+    tie); :func:`load` checks them against the codes."""
     if not isinstance(path, str | os.PathLike) or not os.fspath(path) or os.fspath(path).endswith(os.sep):
         raise ValueError(f"path={path!r} must name a file (the stem of {path!r}.json and .npz), not be "
                          "empty or a directory")
@@ -222,6 +231,7 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     quantized = {_kernel_path(n) for n in qnet.codes}
     arrays = {"code/" + n: c for n, c in qnet.codes.items()}
     arrays |= {"var/" + "/".join(k): np.asarray(v) for k, v in flat.items() if k not in quantized}
+    arrays |= {"kernel/" + n: np.asarray(flat[_kernel_path(n)], np.float32) for n in qnet.codes}
     meta = {"format": FORMAT_VERSION, "model": repr(qnet.model),
             "sites": {n: s.to_json() for n, s in qnet.sites.items()},
             "kernels": {n: "/".join(_kernel_path(n)) for n in qnet.codes}, "precision": qnet.precision}
@@ -229,6 +239,7 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     tmp = f"{path}.npz.tmp{os.getpid()}.npz"
     try:
         np.savez(tmp, **arrays)
+        meta["npz_sha256"] = _sha256(tmp)
         os.replace(tmp, path + ".npz")
     finally:
         if os.path.exists(tmp):
@@ -237,22 +248,45 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     return path
 
 
+def _sha256(filename: str) -> str:
+    digest = hashlib.sha256()
+    with open(filename, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load(model, path: str) -> QuantizedNetwork:
     """Read what :func:`save` wrote (``allow_pickle=False``) for ``model``, the same Flax module."""
     with open(path + ".json") as fh:
         meta = json.load(fh)
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}.json has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+    if meta.get("format") not in (1, FORMAT_VERSION):
+        raise ValueError(f"{path}.json has format {meta.get('format')!r}; this version reads 1 and {FORMAT_VERSION}")
     if meta["model"] != repr(model):
         raise ValueError(f"{path} was saved for the model\n{meta['model']}\nnot\n{model!r}")
+    if meta["format"] >= 2 and _sha256(path + ".npz") != meta.get("npz_sha256"):
+        raise ValueError(f"{path}.npz is not the file {path}.json was saved with (its SHA-256 differs): "
+                         "the two come from different saves, e.g. one interrupted between them; save again")
     table = {n: SiteQuantization.from_json(d) for n, d in meta["sites"].items()}
     with np.load(path + ".npz", allow_pickle=False) as archive:
         codes = {k[len("code/"):]: archive[k] for k in archive.files if k.startswith("code/")}
+        kernels = {k[len("kernel/"):]: archive[k] for k in archive.files if k.startswith("kernel/")}
         flat = {tuple(k[len("var/"):].split("/")): archive[k] for k in archive.files if k.startswith("var/")}
     # files written before the precision was stored were evaluated at the default, "highest"
     precision = runtime.check_precision(meta.get("precision", "highest"), f"{path}.json")
     qnet = QuantizedNetwork(model, {}, table, codes, precision)
-    for name in codes:
-        flat[_kernel_path(name)] = qnet.dequantize(name)
+    for name, c in codes.items():
+        if name not in table or table[name].kind != "weight":
+            raise ValueError(f"{path}.npz has codes for {name!r}, which {path}.json lists as no weight site")
+        lo, hi = table[name].code_range()
+        if c.size and (int(c.min()) < lo or int(c.max()) > hi):
+            raise ValueError(f"{path}: the codes of {name!r} span [{int(c.min())}, {int(c.max())}], outside "
+                             f"[{lo}, {hi}], the {table[name].bits}-bit {table[name].grid} grid")
+        values = qnet.dequantize(name)
+        kernel = kernels.get(name, values)  # format 1 stored no kernels: Δ·q + offset − shift
+        if kernel.shape != values.shape or np.max(np.abs(kernel - values), initial=0.0) > 1e-5 * max(
+                float(np.max(np.abs(values), initial=0.0)), 1e-12):
+            raise ValueError(f"{path}: the stored kernel of {name!r} is not Δ·q + offset − shift of its codes")
+        flat[_kernel_path(name)] = kernel
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return dataclasses.replace(qnet, variables=variables)

@@ -66,9 +66,9 @@ def test_export_reproduces_the_quantized_forward_pass(tiny_net, digits, options,
     for name, codes in qnet.codes.items():
         assert back.codes[name].dtype == codes.dtype and np.array_equal(back.codes[name], codes)
         np.testing.assert_array_equal(back.sites[name].scale, qnet.sites[name].scale)
-    # Loaded weights are Δ·q + offset − shift recomputed from the codes: the same up to float rounding.
-    x = digits.calib.x[:64]
-    np.testing.assert_allclose(np.asarray(back.apply(x)), np.asarray(qnet.apply(x)), rtol=1e-5, atol=1e-5)
+    # The loaded network runs the very weights the loss ran: the same logits to the last bit.
+    x = digits.test.x[:500]
+    np.testing.assert_array_equal(np.asarray(back.apply(x)), np.asarray(loss.logits(alpha, x)))
     assert "integer weight sites" in repr(back)
 
 
@@ -94,7 +94,55 @@ def test_export_errors(tiny_net, digits, tmp_path):
     with pytest.raises(ValueError, match="was saved for the model"):
         ls.export.load(other, str(tmp_path / "q"))
     # The arrays are read with allow_pickle=False: an object array in the file is refused.
-    np.savez(tmp_path / "evil.npz", **{"code/x": np.array([object()], dtype=object)})
-    (tmp_path / "evil.json").write_text((tmp_path / "q.json").read_text())
+    _rewrite(tmp_path / "q", tmp_path / "evil", {"code/x": np.array([object()], dtype=object)})
     with pytest.raises(ValueError, match="pickle"):
         ls.export.load(tiny_net.model, str(tmp_path / "evil"))
+
+
+def _rewrite(src, dst, arrays):
+    """``dst``.npz with ``arrays`` and ``dst``.json: ``src``.json with the new file's SHA-256."""
+    import hashlib
+    import json
+
+    np.savez(f"{dst}.npz", **arrays)
+    meta = json.loads(open(f"{src}.json").read())
+    meta["npz_sha256"] = hashlib.sha256(open(f"{dst}.npz", "rb").read()).hexdigest()
+    open(f"{dst}.json", "w").write(json.dumps(meta))
+
+
+def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, digits, tmp_path):
+    """A .json and .npz from two saves (one interrupted between its files), codes off their grid,
+    and kernels that are not their codes' values are errors, not a silently different network."""
+    loss3 = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
+    loss4 = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    q3 = ls.export.quantize_network(loss3, np.asarray(loss3.init("mse")))
+    q4 = ls.export.quantize_network(loss4, np.asarray(loss4.init("mse")))
+    stem = str(tmp_path / "net")
+    ls.export.save(q3, stem)
+    json3 = open(stem + ".json").read()
+    ls.export.save(q4, stem)
+    open(stem + ".json", "w").write(json3)  # the W4A4 save's npz, the W3A3 save's table
+    with pytest.raises(ValueError, match="net.npz is not the file .*net.json was saved with"):
+        ls.export.load(tiny_net.model, stem)
+    ls.export.save(q3, stem)
+    with np.load(stem + ".npz") as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    name = next(iter(q3.codes))
+    bad = dict(arrays, **{f"code/{name}": arrays[f"code/{name}"] + 8})  # a 3-bit code is at most 7
+    _rewrite(stem, tmp_path / "codes", bad)
+    with pytest.raises(ValueError, match=rf"codes of '{name}' span \[8, .*outside \[0, 7\], the 3-bit midrise grid"):
+        ls.export.load(tiny_net.model, str(tmp_path / "codes"))
+    bad = dict(arrays, **{f"kernel/{name}": arrays[f"kernel/{name}"] * 1.01})
+    _rewrite(stem, tmp_path / "kernel", bad)
+    with pytest.raises(ValueError, match=f"stored kernel of '{name}' is not"):
+        ls.export.load(tiny_net.model, str(tmp_path / "kernel"))
+    # A file of format 1 (no hash, no kernels) still loads, its weights from the codes.
+    import json
+
+    meta = json.loads(open(stem + ".json").read())
+    meta["format"] = 1
+    del meta["npz_sha256"]
+    np.savez(tmp_path / "old.npz", **{k: v for k, v in arrays.items() if not k.startswith("kernel/")})
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    old = ls.export.load(tiny_net.model, str(tmp_path / "old"))
+    np.testing.assert_allclose(old.variables["params"][name]["kernel"], q3.dequantize(name), rtol=0, atol=0)
