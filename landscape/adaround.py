@@ -176,14 +176,15 @@ def _optimize(w, G, B, t, scale, offset, lo, hi, reg, b_start, b_end, lr, *, ite
     return hard(v), nearest, hist
 
 
-def adaround(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", **round_kw) -> RoundingResult:
+def adaround(loss, alpha, *, num_images: int | None = None, inputs: str = "quantized", **round_kw) -> RoundingResult:
     """AdaRound every quantized weight site of ``loss`` on the grid that ``alpha`` sets.
 
     Args:
         loss: a :class:`~landscape.ClipLoss` without bias correction (its sites, widths, grid,
             per-channel α and BN folding are used; its calibration images are the data).
         alpha: (n,) clipping vector, e.g. ``loss.init("mse")`` or ``lapq(loss).alpha``.
-        num_images: calibration images recorded (the first ``num_images`` of the loss's set).
+        num_images: calibration images recorded: the first ``num_images`` of the loss's set
+            (at most its size; default None: 256, or all when it has fewer).
         inputs: "quantized" (each layer's input from the network rounded so far, activations
             quantized at α; the paper's choice) or "float" (the float network's inputs).
         **round_kw: passed to :func:`round_layer` (iterations, reg, beta, warmup, lr); every

@@ -203,6 +203,8 @@ def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = 
     """
     from landscape.spectrum import hessian_spectrum
 
+    if isinstance(bits, str) or np.ndim(np.asarray(bits, dtype=object)) != 1:
+        raise ValueError(f"bits={bits!r} must be a sequence of candidate widths, e.g. (2, 3, 4, 8)")
     if any(b is None for b in bits):
         raise ValueError(f"bits={tuple(bits)!r}: every candidate width must be an integer in [2, 16] (None, "
                          "FP32, is not a candidate)")

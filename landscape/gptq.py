@@ -20,7 +20,7 @@ The K input rows of the kernel (K = fan-in, W as (K, C)) are rounded in turn. Ro
 the grid (nearest code of the current value, clipped to the code range) changes the error by
 the least when the not-yet-rounded rows F move by the least-squares correction
 
-    W_F ← W_F − H_FF⁻¹ H_Fk (w_k − q_k),
+    W_F ← W_F + H_FF⁻¹ H_Fk (w_k − q_k),
 
 the same for every output channel (H does not depend on c). With U the upper Cholesky factor of
 H⁻¹ (H⁻¹ = UᵀU) the correction of the remaining rows is −U[k, F]ᵀ (w_k − q_k) / U[k, k]: one
@@ -129,14 +129,15 @@ def gptq_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, damp: flo
         return keep_better(x, y, gemm, np.asarray(codes, np.float32), np.asarray(nearest), scale32, offset32)
 
 
-def gptq(loss, alpha, *, num_images: int = 256, inputs: str = "quantized", damp: float = 0.01,
+def gptq(loss, alpha, *, num_images: int | None = None, inputs: str = "quantized", damp: float = 0.01,
          act_order: bool = True) -> RoundingResult:
     """GPTQ every quantized weight site of ``loss`` on the grid that ``alpha`` sets.
 
     Args:
         loss: a :class:`~landscape.ClipLoss` without bias correction.
         alpha: (n,) clipping vector, e.g. ``loss.init("mse")`` or ``lapq(loss).alpha``.
-        num_images: calibration images recorded (the first ``num_images`` of the loss's set).
+        num_images: calibration images recorded: the first ``num_images`` of the loss's set
+            (at most its size; default None: 256, or all when it has fewer).
         inputs: "quantized" (inputs from the network rounded so far, activations quantized at
             α) or "float" (the float network's: GPTQ as published).
         damp, act_order: see :func:`gptq_layer`. Every product runs at the loss's precision.

@@ -427,10 +427,11 @@ def _pattern_move(tracker, u, f, d):
 def lp_sweep(loss, p_grid=DEFAULT_P_GRID, tracker: _Tracker | None = None):
     """Layer-wise Lp-optimal α for every p of the grid and their losses.
 
-    Returns (alphas (P, n) float32, losses (P,) float64); the losses come from one
-    ``loss.batch`` call.
+    Returns (alphas (P, n) float32, losses (P,) float64), row i for ``p_grid[i]`` in the order
+    given; the losses come from one ``loss.batch`` call.
     """
-    grid = check_p_grid(p_grid)
+    check_p_grid(p_grid)
+    grid = np.asarray(p_grid, np.float64)
     alphas = np.stack([np.asarray(loss.init("lp", p=float(p)), np.float32) for p in grid])
     losses = tracker.values(alphas) if tracker is not None else np.asarray(loss.batch(alphas), np.float64)
     return alphas, losses

@@ -38,6 +38,7 @@ __all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_
            "round_network"]
 
 INPUTS = ("quantized", "float")
+DEFAULT_NUM_IMAGES = 256  # calibration images recorded when num_images is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _patches(gemm, xb, eye):
     return gemm(xb, eye).reshape(-1, eye.shape[-1])
 
 
-def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str, num_images: int = 256,
+def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str, num_images: int | None = None,
                   inputs: str = "quantized") -> RoundingResult:
     """Round every quantized weight site of ``loss`` with ``rule``, layer by layer.
 
@@ -180,7 +181,8 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
         rule: ``rule(x, y, kernel, scale, offset, lo, hi, gemm) → RoundingFit`` for one layer
             (see the module docstring); called with the loss's precision active.
         method: the rule's name, for messages and the result.
-        num_images: calibration images recorded (the first ``num_images`` of the loss's set).
+        num_images: calibration images recorded: the first ``num_images`` of the loss's set
+            (at most its size; default None: 256, or all when it has fewer).
         inputs: "quantized" (each layer's input from the network rounded so far, activations
             quantized at α) or "float" (the float network's inputs). A layer applied more than
             once is fitted on its first application, with a warning naming it.
@@ -194,7 +196,12 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
                          "per-channel error itself, and the codes would not be the loss's grid")
     if inputs not in INPUTS:
         raise ValueError(f"inputs={inputs!r} is not allowed; use one of {INPUTS}")
+    if num_images is None:
+        num_images = min(DEFAULT_NUM_IMAGES, int(loss.n_calib))
     num_images = check_number(num_images, "num_images", integer=True)
+    if num_images > loss.n_calib:
+        raise ValueError(f"num_images={num_images} exceeds the loss's {loss.n_calib} calibration images; "
+                         "use at most that many, or a ClipLoss on a larger calibration set")
     nearest = export.quantize_network(loss, alpha)  # checks α; the loss's own round-to-nearest
     names = [n for n, s in nearest.sites.items() if s.kind == "weight"]
     if not names:

@@ -174,6 +174,8 @@ def test_sensitivity_reuses_a_spectrum_and_feeds_clip_loss(sensitivity, tiny_net
         ls.weight_sensitivity(loss, bits=(2.7, 4), spectrum=s.spectrum)
     with pytest.raises(ValueError, match=r"None, FP32, is not a candidate"):
         ls.weight_sensitivity(loss, bits=(None, 4), spectrum=s.spectrum)
+    with pytest.raises(ValueError, match=r"bits=4 must be a sequence of candidate widths, e.g. \(2, 3, 4, 8\)"):
+        ls.weight_sensitivity(loss, bits=4, spectrum=s.spectrum)
 
 
 def test_input_widths_follow_the_activation_sites(digits):

@@ -164,6 +164,14 @@ def test_bias_correction_inside_the_site_context():
         assert (gap < 1e-6) if correct else (gap > 1e-2)
 
 
+def test_lp_sweep_rows_follow_the_grid_as_given(tiny_loss):
+    alphas, losses = lq.lp_sweep(tiny_loss, [4.0, 2.0, 3.0])
+    for row, p in enumerate((4.0, 2.0, 3.0)):
+        np.testing.assert_allclose(alphas[row], np.asarray(tiny_loss.init("lp", p=p)), rtol=1e-6)
+        assert losses[row] == pytest.approx(float(tiny_loss(alphas[row])), rel=1e-5)
+    assert len(set(np.round(losses, 6))) == 3  # three different α: the order is visible
+
+
 def test_lapq_optimises_the_loss_it_is_given_unless_told(tiny_net, digits):
     """By default the α returned is the optimum of ``loss`` itself (what export and rounding then
     use); bias_correction=True/False optimise a copy with that setting, and say so."""

@@ -65,3 +65,10 @@ def test_round_network_drives_a_rule_of_ones_own(tiny_net, digits):
         np.testing.assert_array_equal(worse.network.codes[name], worse.nearest.codes[name])
     with pytest.raises(ValueError, match="num_images=0"):
         round_network(loss, alpha, nearest_rule, method="nearest", num_images=0)
+    n = loss.n_calib
+    with pytest.raises(ValueError, match=f"num_images={n + 1} exceeds the loss's {n} calibration images"):
+        round_network(loss, alpha, nearest_rule, method="nearest", num_images=n + 1)
+    calls.clear()
+    small = loss.with_options(calib=(digits.calib.x[:48], digits.calib.y[:48]))
+    round_network(small, alpha, nearest_rule, method="nearest")  # default: 256, or all 48 when fewer
+    assert {shape[0] for shape in calls} == {48}
