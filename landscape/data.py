@@ -125,7 +125,8 @@ def cache_dir() -> str:
 
 def calibration_index(n_train: int, calib_size: int, seed: int) -> np.ndarray:
     """A sorted seeded sample of ``calib_size`` training rows (without replacement)."""
-    if not isinstance(calib_size, int | np.integer) or not 1 <= calib_size <= n_train:
+    if isinstance(calib_size, bool | np.bool_) or not isinstance(calib_size, int | np.integer) \
+            or not 1 <= calib_size <= n_train:
         raise ValueError(f"calib_size={calib_size!r} must be an integer in [1, {n_train}] "
                          "(the size of the training split)")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
@@ -145,8 +146,10 @@ def load(name: str, *, data_dir: str | None = None, calib_size: int = 512, seed:
     if name not in NAMES:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(NAMES)}")
     for arg, value in (("max_train", max_train), ("max_test", max_test)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer)
+                                  or value < 1):
             raise ValueError(f"{arg}={value!r} must be None or a positive integer")
+    max_train, max_test = (None if v is None else int(v) for v in (max_train, max_test))
     if name == "imagenet":
         max_train, max_test = max_train or 10_000, max_test or 10_000
     if name == "digits":
@@ -265,6 +268,9 @@ def _to_arrays(split, meta, limit) -> tuple[np.ndarray, np.ndarray]:
         x = np.broadcast_to(x[..., :1], x.shape[:-1] + (len(meta["mean"]),)).copy()
     x = (x - np.asarray(meta["mean"], np.float32)) / np.asarray(meta["std"], np.float32)
     y = np.asarray(split[meta["label"]], dtype=np.int32)
+    if y.size and (y.min() < 0 or y.max() >= meta["classes"]):  # a wrong copy, caught before it is cached
+        raise ValueError(f"the labels of this copy of {meta['hub']} run from {y.min()} to {y.max()}, outside "
+                         f"[0, {meta['classes']}): is data_dir a copy of that dataset?")
     return x.astype(np.float32), y
 
 

@@ -68,6 +68,9 @@ Discrepancies between the paper, its reference code and the project notes, settl
    at mean|x|: inactive for Gaussian, Laplace or post-ReLU tensors (clip ≈ 2.4σ, 3.5σ, 3.7σ
    against mean|x| ≤ 0.8σ), continuous, and for exactly constant magnitudes it equals
    max|x|, which represents such a tensor without error. An all-zero tensor maps to zeros.
+   The statistics are those of the tensor as a whole, batch included (as in the code), so a LUQ
+   network's evaluation depends on the batch it runs in; ``Network.accuracy`` runs its last,
+   smaller batch unpadded, so no padding rows enter them.
 5. **Fine-tuning learning rate.** The printed eq. (17) is garbled; :func:`finetune_schedule`
    implements the intended triangle (linear up from the last 4-bit LR to a peak over T/2
    steps, then linear down to ``end``).
@@ -308,7 +311,12 @@ def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs", prng="jax"):
     bits, max_mode = _check_gradient_args(bits, max_mode)
     samples = _check_int("samples", samples, 1, 1 << 16)
     prng = _check_choice("prng", prng, PRNGS)
-    return _luq_kernel(_check_float_array("g", g), key, bits, samples, max_mode, prng)
+    g = _check_float_array("g", g)
+    if key is None:
+        raise ValueError("key must be a JAX PRNG key (e.g. jax.random.key(seed)), got None")
+    if g.size == 0:  # nothing to quantize (and no maximum to scale by)
+        return g
+    return _luq_kernel(g, key, bits, samples, max_mode, prng)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
@@ -782,7 +790,7 @@ def finetune_schedule(start, peak, steps, end=0.0):
     """
     steps = _check_int("steps", steps, 2, 1 << 40)
     for name, v in (("start", start), ("peak", peak), ("end", end)):
-        if not np.isfinite(v) or v < 0:
+        if isinstance(v, bool | str) or v is None or np.ndim(v) != 0 or not np.isfinite(float(v)) or v < 0:
             raise ValueError(f"{name} must be a finite learning rate ≥ 0, got {v!r}")
     knots = jnp.array([0.0, steps / 2, float(steps)], jnp.float32)
     values = jnp.array([start, peak, end], jnp.float32)
@@ -878,8 +886,9 @@ class Recipe(train.Recipe):
       forward_levels: SAWB level sets of the forward, ``"strict"`` (INT-b) or ``"reference"``
         (the reference code's, discrepancy 3; :func:`sawb`).
       finetune_lr: peak learning rate of the FNT phase.
-      finetune_bn_images: training images (drawn with ``fit``'s seed) on which the BatchNorm
-        statistics are re-estimated after FNT; 0 keeps the statistics of the FNT phase.
+      finetune_bn_images: training images (drawn with the fine-tuning phase's seed, ``fit``'s
+        seed + 1) on which the BatchNorm statistics are re-estimated after FNT; 0 keeps the
+        statistics of the FNT phase.
       prng: random bits of the LUQ draws, ``"hash"`` (default: cheap on CPU) or ``"jax"``
         (the stream key's threefry); see :func:`quantize_gradient`.
 

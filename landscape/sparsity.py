@@ -952,6 +952,8 @@ def ste_mask(w, mask, *, decay: float = 0.0):
     i.e. the dense gradient of the masked forward reaches every weight (pruned ones included, so
     they can re-enter when the mask is recomputed) and pruned weights decay towards zero.
     """
+    if np.shape(mask) != np.shape(w):  # a broadcast mask would prune whole rows or columns silently
+        raise ValueError(f"mask has shape {np.shape(mask)}; it must have the weights' shape {np.shape(w)}")
     return _ste_mask(w, mask, _check_decay(decay))
 
 

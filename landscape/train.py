@@ -118,8 +118,9 @@ class Network:
         return _eval_fn(self.model, self.recipe, hook_phase)(self.variables, jnp.asarray(x))
 
     def accuracy(self, split: data_lib.Split, batch_size: int = 1000) -> float:
-        """Top-1 accuracy on a split (or an (x, y) pair), in fixed-size (padded) batches: one
-        compilation. Labels outside the model's outputs are an error, not a silent miss."""
+        """Top-1 accuracy on a split (or an (x, y) pair), in batches of ``batch_size`` and the
+        remainder (at most two compilations). Labels outside the model's outputs are an error,
+        not a silent miss."""
         return accuracy(self, split, batch_size)
 
     def __repr__(self) -> str:
@@ -172,7 +173,11 @@ def accuracy(net, split: data_lib.Split, batch_size: int = 1000) -> float:
 
 def _predict(net, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
     """(argmax predictions (N,), the number of outputs): the width is read off the logits already
-    computed, so that checking labels against it costs no forward pass or trace of its own."""
+    computed, so that checking labels against it costs no forward pass or trace of its own.
+
+    Chunks of ``batch_size`` and the remainder as it is, unpadded: padding rows would enter
+    whatever a forward pass computes over its batch (LUQ's SAWB activation scales), and with it
+    the real rows' logits."""
     checks.check_int(batch_size, "batch_size")
     n = len(x)
     if n == 0:
@@ -180,12 +185,8 @@ def _predict(net, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
     bs = min(batch_size, n)
     out = []
     for start in range(0, n, bs):
-        chunk = x[start:start + bs]
-        pad = bs - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        logits = net.apply(chunk)
-        out.append(np.asarray(jnp.argmax(logits, -1))[: bs - pad])
+        logits = net.apply(x[start:start + bs])
+        out.append(np.asarray(jnp.argmax(logits, -1)))
     return np.concatenate(out), int(logits.shape[-1])
 
 
@@ -218,10 +219,13 @@ def config_key(config: dict) -> str:
 
 
 def save_network(net: Network, path: str) -> str:
-    """Write ``path``.msgpack (variables) and ``path``.json (config, history), atomically."""
+    """Write ``path``.msgpack (variables) and then ``path``.json (config, history and the
+    msgpack's SHA-256), each atomically: a run killed between the two leaves a pair that
+    :func:`checkpoint_complete` calls incomplete."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, net.variables))
-    meta = json.dumps({"config": net.config, "history": net.history}, indent=1, sort_keys=True)
+    meta = json.dumps({"config": net.config, "history": net.history,
+                       "msgpack_sha256": hashlib.sha256(blob).hexdigest()}, indent=1, sort_keys=True)
     for ext, payload, mode in ((".msgpack", blob, "wb"), (".json", meta, "w")):
         tmp = f"{path}{ext}.tmp{os.getpid()}"
         with open(tmp, mode) as f:
@@ -230,12 +234,32 @@ def save_network(net: Network, path: str) -> str:
     return path
 
 
+def checkpoint_complete(path: str) -> bool:
+    """Whether ``path``.msgpack and ``path``.json are one :func:`save_network`'s pair (both there;
+    the msgpack's SHA-256 the one the json records, when it records one)."""
+    if not (os.path.exists(path + ".msgpack") and os.path.exists(path + ".json")):
+        return False
+    try:
+        with open(path + ".json") as f:
+            recorded = json.load(f).get("msgpack_sha256")
+    except (OSError, ValueError):
+        return False
+    if recorded is None:  # written before the hash was recorded
+        return True
+    with open(path + ".msgpack", "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest() == recorded
+
+
 def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> Network:
     """Load a checkpoint written by :func:`save_network` (msgpack: no pickle involved)."""
     with open(path + ".msgpack", "rb") as f:
-        variables = flax.serialization.msgpack_restore(f.read())
+        blob = f.read()
     with open(path + ".json") as f:
         meta = json.load(f)
+    if meta.get("msgpack_sha256", hashlib.sha256(blob).hexdigest()) != hashlib.sha256(blob).hexdigest():
+        raise ValueError(f"{path}.msgpack is not the file {path}.json was saved with (its SHA-256 differs): "
+                         "the two come from different saves; delete them or train again")
+    variables = flax.serialization.msgpack_restore(blob)
     variables = jax.tree.map(jnp.asarray, variables)
     return Network(model, variables, meta["config"], meta["history"], recipe or Recipe(), path)
 
@@ -296,7 +320,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     }
     path = os.path.join(data_lib.cache_dir(), "networks",
                         f"{type(model).__name__.lower()}-{config_key(config)}")
-    if cache and os.path.exists(path + ".msgpack"):
+    if cache and checkpoint_complete(path):  # an incomplete pair (a killed save) is trained again
         return load_network(model, path, recipe)
 
     if recipe.finetune is not None:
@@ -346,13 +370,17 @@ def _phase_keys(seed: int):
 
 
 def sgd(schedule, weight_decay: float):
-    """SGD with Nesterov momentum 0.9 and decoupled weight decay on the kernels."""
+    """SGD with Nesterov momentum 0.9 and L2 weight decay on the kernels, added to the gradient
+    before momentum and the learning rate (coupled, as PyTorch's SGD ``weight_decay``)."""
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
                        optax.sgd(schedule, momentum=0.9, nesterov=True))
 
 
 def _schedule(lr: float, total: int):
     """The main phase's learning rate: linear warm-up over 5% of the steps, cosine to 0."""
+    if total < 2:  # the warm-up starts at 0: a single step would change nothing
+        raise ValueError(f"training has {total} step (epochs × steps per epoch); it needs at least 2: "
+                         "raise epochs or lower batch_size")
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(1, total // 20),
                                               decay_steps=total, end_value=0.0)
 

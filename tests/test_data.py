@@ -49,9 +49,15 @@ def test_bad_names_and_sizes():
         ls.data.load("digits", calib_size=10, seed=-1)
     with pytest.raises(ValueError, match="path=123 must be a directory path"):
         ls.enable_compilation_cache(123)
+    with pytest.raises(ValueError, match="max_train=True must be None or a positive integer"):
+        ls.data.load("digits", max_train=True)
+    with pytest.raises(ValueError, match="calib_size=True must be an integer"):
+        ls.data.load("digits", calib_size=True)
+    data = ls.data.load("digits", max_train=np.int64(500), calib_size=10)  # numpy's integers are integers
+    assert len(data.train) == 500
 
 
-def _write_parquet(path, n, seed):
+def _write_parquet(path, n, seed, first_label=0):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
@@ -63,7 +69,7 @@ def _write_parquet(path, n, seed):
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="PNG")
         images.append({"bytes": buf.getvalue(), "path": None})
-        labels.append(i % 10)
+        labels.append(first_label + i % 10)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table({"image": pa.array(images, type=image_type), "label": pa.array(labels, pa.int64())})
     pq.write_table(table, path)
@@ -81,6 +87,15 @@ def test_local_parquet_copy(tmp_path):
     assert data.train.x.min() == pytest.approx(-0.1307 / 0.3081, rel=1e-4)
     again = ls.data.load("mnist", data_dir=str(d), calib_size=16, seed=0)  # from the .npz cache
     np.testing.assert_array_equal(again.train.x, data.train.x)
+
+
+def test_a_copy_with_labels_outside_the_classes_is_refused(tmp_path):
+    d = tmp_path / "mnist"
+    d.mkdir()
+    _write_parquet(d / "train-00000-of-00001.parquet", 20, 0)
+    _write_parquet(d / "test-00000-of-00001.parquet", 12, 1, first_label=3)  # labels 3..12
+    with pytest.raises(ValueError, match=r"labels of this copy of .* run from 3 to 12, outside \[0, 10\)"):
+        ls.data.load("mnist", data_dir=str(d), calib_size=8, seed=0)
 
 
 def test_missing_local_files(tmp_path):

@@ -629,7 +629,12 @@ def test_bad_inputs():
         (lambda: luq.shift_add_matmul(ints, np.ones((4, 2))), "shape"),
         (lambda: luq.finetune_schedule(0.1, 0.2, 1), "steps"),
         (lambda: luq.finetune_schedule(-0.1, 0.2, 10), "start"),
+        (lambda: luq.finetune_schedule("0.1", 0.2, 10), "start must be a finite learning rate"),
+        (lambda: luq.finetune_schedule(None, 0.2, 10), "start must be a finite learning rate"),
+        (lambda: luq.quantize_gradient(g, None), "key must be a JAX PRNG key"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
+    empty = jnp.zeros((0, 3))  # nothing to quantize: returned as it is
+    assert luq.quantize_gradient(empty, key).shape == (0, 3)

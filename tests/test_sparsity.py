@@ -530,6 +530,8 @@ def test_bad_weights_and_arguments():
         sp.gemm_matrix(np.ones(5))
     with pytest.raises(ValueError, match="empty"):
         sp.density(np.zeros(0, dtype=bool))
+    with pytest.raises(ValueError, match=r"mask has shape \(4,\); it must have the weights' shape \(4, 4\)"):
+        sp.ste_mask(np.ones((4, 4), np.float32), np.ones(4, bool))
 
 
 def test_bad_mask_diversity_arguments():

@@ -1,6 +1,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -42,6 +43,37 @@ def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     assert _params_equal(loaded.variables, first.variables)
     other = ls.train.fit(model, digits, epochs=1, seed=1)
     assert other.path != first.path
+    # A pair from two saves (a save killed between its files) is not loaded: fit trains again.
+    with open(other.path + ".msgpack", "rb") as f:
+        foreign = f.read()
+    with open(first.path + ".msgpack", "wb") as f:
+        f.write(foreign)
+    assert not ls.train.checkpoint_complete(first.path)
+    with pytest.raises(ValueError, match="msgpack is not the file .* was saved with"):
+        ls.train.load_network(model, first.path)
+    os.remove(first.path + ".json")
+    again = ls.train.fit(model, digits, epochs=1, seed=0)
+    assert ls.train.checkpoint_complete(again.path) and _params_equal(again.variables, first.variables)
+
+
+def test_a_single_training_step_is_refused_by_name(digits):
+    model = models.create("mlp", num_classes=10, hidden=(8,))
+    with pytest.raises(ValueError, match="training has 1 step .*needs at least 2: raise epochs or lower batch_size"):
+        ls.train.fit(model, digits, epochs=1, batch_size=5000, cache=False)
+
+
+class _BatchMean:
+    """Logits that depend on the whole batch (as LUQ's SAWB activation scales do)."""
+
+    def apply(self, x):
+        x0 = jnp.asarray(x).reshape(len(x), -1)[:, 0]
+        return jnp.stack([x0, 2.0 * (1.0 - x0.mean()) * jnp.ones_like(x0)], axis=-1)
+
+
+def test_accuracy_runs_the_remainder_unpadded():
+    # 10 images in batches of 7: the last 3 alone give class 0; padded with 4 zero images, class 1.
+    x, y = np.ones((10, 2, 2, 1), np.float32), np.zeros(10, np.int32)
+    assert ls.train.accuracy(_BatchMean(), (x, y), batch_size=7) == 1.0
 
 
 class _Revised(ls.train.Recipe):
