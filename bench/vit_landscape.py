@@ -137,7 +137,8 @@ def render(results: dict, settings: dict) -> str:
 def role_shares(results: dict) -> list[str]:
     """Markdown: each site role's share Σ H_ii / trace of the STE Hessian, per network and width."""
     lines = ["Where the curvature sits: each site role's share of the STE trace (Σ H_ii over the sites of that "
-             "role, over the trace; a role is the last part of a site's name, summed over blocks).", ""]
+             "role, over the trace; a role is the last part of a site's name, summed over blocks; – where the "
+             "trace is not positive).", ""]
     for name, r in results.items():
         steps = [(b, s) for b, s in r["landscape"].items() if "diagonal_by_role" in s["ste"]]
         if not steps:
@@ -146,7 +147,8 @@ def role_shares(results: dict) -> list[str]:
         lines += [f"| {name}, A bits | " + " | ".join(roles) + " |", "|---" * (len(roles) + 1) + "|"]
         for b, s in steps:
             diag, trace = s["ste"]["diagonal_by_role"], s["ste"]["trace"]
-            lines.append(f"| {b} | " + " | ".join(f"{diag[k] / trace:.3f}" if trace else "–" for k in roles) + " |")
+            # a trace ≤ 0 is float noise around a flat landscape (A8): no shares then
+            lines.append(f"| {b} | " + " | ".join(f"{diag[k] / trace:.3f}" if trace > 0 else "–" for k in roles) + " |")
         lines.append("")
     return lines
 
