@@ -221,7 +221,7 @@ def config_key(config: dict) -> str:
 def save_network(net: Network, path: str) -> str:
     """Write ``path``.msgpack (variables) and then ``path``.json (config, history and the
     msgpack's SHA-256), each atomically: a run killed between the two leaves a pair that
-    :func:`checkpoint_complete` calls incomplete."""
+    :func:`load_network` refuses and :func:`fit` trains again."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, net.variables))
     meta = json.dumps({"config": net.config, "history": net.history,
@@ -234,31 +234,22 @@ def save_network(net: Network, path: str) -> str:
     return path
 
 
-def checkpoint_complete(path: str) -> bool:
-    """Whether ``path``.msgpack and ``path``.json are one :func:`save_network`'s pair (both there;
-    the msgpack's SHA-256 the one the json records, when it records one)."""
-    if not (os.path.exists(path + ".msgpack") and os.path.exists(path + ".json")):
-        return False
-    try:
-        with open(path + ".json") as f:
-            recorded = json.load(f).get("msgpack_sha256")
-    except (OSError, ValueError):
-        return False
-    if recorded is None:  # written before the hash was recorded
-        return True
-    with open(path + ".msgpack", "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest() == recorded
+class MismatchedCheckpoint(ValueError):
+    """A ``.msgpack`` that is not the one its ``.json`` was saved with (a save killed between them)."""
 
 
 def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> Network:
-    """Load a checkpoint written by :func:`save_network` (msgpack: no pickle involved)."""
+    """Load a checkpoint written by :func:`save_network` (msgpack: no pickle involved); a pair from
+    two saves raises :class:`MismatchedCheckpoint` (files written before the hash was recorded
+    load unchecked)."""
     with open(path + ".msgpack", "rb") as f:
         blob = f.read()
     with open(path + ".json") as f:
         meta = json.load(f)
-    if meta.get("msgpack_sha256", hashlib.sha256(blob).hexdigest()) != hashlib.sha256(blob).hexdigest():
-        raise ValueError(f"{path}.msgpack is not the file {path}.json was saved with (its SHA-256 differs): "
-                         "the two come from different saves; delete them or train again")
+    recorded = meta.get("msgpack_sha256")
+    if recorded is not None and recorded != hashlib.sha256(blob).hexdigest():
+        raise MismatchedCheckpoint(f"{path}.msgpack is not the file {path}.json was saved with (its SHA-256 "
+                                   "differs): the two come from different saves; delete them or train again")
     variables = flax.serialization.msgpack_restore(blob)
     variables = jax.tree.map(jnp.asarray, variables)
     return Network(model, variables, meta["config"], meta["history"], recipe or Recipe(), path)
@@ -320,8 +311,11 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     }
     path = os.path.join(data_lib.cache_dir(), "networks",
                         f"{type(model).__name__.lower()}-{config_key(config)}")
-    if cache and checkpoint_complete(path):  # an incomplete pair (a killed save) is trained again
-        return load_network(model, path, recipe)
+    if cache and os.path.exists(path + ".msgpack") and os.path.exists(path + ".json"):
+        try:
+            return load_network(model, path, recipe)
+        except MismatchedCheckpoint:  # a save killed between its two files: train again
+            pass
 
     if recipe.finetune is not None:
         # The main phase does not depend on the fine-tuning that follows it: train (or load)
