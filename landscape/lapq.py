@@ -779,7 +779,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
     parser.add_argument("--a-bits", type=_bits, default=4, help="activation bits (32 or 0: FP32)")
     parser.add_argument("--calib-size", type=_count(1), default=512)
     parser.add_argument("--epochs", type=_count(1), default=None, help="training epochs (default: the dataset's)")
-    parser.add_argument("--lr", type=_positive, default=None, help="peak learning rate (default: the dataset's)")
+    parser.add_argument("--lr", type=_positive, default=None,
+                        help="peak learning rate (default: the dataset's; 0.1 for the ViT)")
     parser.add_argument("--train-seed", type=_count(0), default=0, help="fit's seed: another trained network")
     parser.add_argument("--seeds", type=_count(1), default=3, help="number of calibration seeds (0, 1, …)")
     parser.add_argument("--maxiter", type=_count(1), default=2)

@@ -28,6 +28,15 @@ def test_training_is_deterministic_for_a_seed(digits):
     assert not _params_equal(a.variables, c.variables)
 
 
+def test_vit_trains_at_its_own_default_lr_unless_told(digits):
+    # The ViT's lr default (0.1) replaces the dataset's (0.05) for it alone; an explicit lr wins.
+    vit = models.create("vit", num_classes=10, dim=8, depth=1, heads=2, mlp_dim=8)
+    assert ls.train.fit(vit, digits, epochs=1, cache=False, progress=False).config["lr"] == 0.1
+    assert ls.train.fit(vit, digits, epochs=1, lr=0.02, cache=False, progress=False).config["lr"] == 0.02
+    mlp = models.create("mlp", num_classes=10, hidden=(8,))
+    assert ls.train.fit(mlp, digits, epochs=1, cache=False, progress=False).config["lr"] == 0.05
+
+
 def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path))
     model = models.create("cnn", num_classes=10, widths=(4,))
