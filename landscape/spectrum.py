@@ -32,9 +32,11 @@ Algorithms
 ----------
 * top-k eigenpairs: Lanczos with full reorthogonalisation and thick restart (Wu & Simon, 2000).
   After j steps, A Q_j = Q_j T_j + β_j q_{j+1} e_jᵀ, so a Ritz pair (θ, y = Q_j s) has residual
-  ‖H y − θ y‖ = |β_j s_j|; iteration stops once the top-k residuals are ≤ ``tol`` · max|θ|
-  (``tol_on="residual"``: every θ is then within the residual of an eigenvalue of H, a guarantee)
-  or once the eigenvalue error estimates min(r, r²/δ) are (``tol_on="eigenvalue"``), δ the distance
+  ‖H y − θ y‖ = |β_j s_j|. Iteration stops once each wanted pair's residual (``tol_on="residual"``:
+  every θ is then within it of an eigenvalue of H, a guarantee) or eigenvalue error estimate
+  min(r, r²/δ) (``tol_on="eigenvalue"``) is ≤ ``tol`` · |θ_i|, floored at 100 ε · max|θ| with ε
+  of the dtype (1.2e-5 · max|θ| in float32, near the HVPs' own rounding: eigenvalues smaller
+  than that are resolved only to it). δ is the distance
   from θ to the nearest other Ritz value. The r²/δ estimate (Kato–Temple) follows the eigenvalue's
   quadratic convergence, so it stops 1–2 steps earlier for the same eigenvalue accuracy; it is an
   estimate, not a bound, because δ comes from Ritz values rather than from H's spectrum.
@@ -43,8 +45,8 @@ Algorithms
   standard error is that of the Monte-Carlo term. ``trace_method="hutchinson"`` gives tr H = E[gᵀHg].
 * spectral density: stochastic Lanczos quadrature (Golub & Meurant; Ghorbani et al., 2019). Each
   run's tridiagonal T = S Θ Sᵀ gives nodes θ_i with weights S_{0i}²; the density
-  φ(t) = (1/R) Σ_r Σ_i w_ri N(t; θ_ri, σ²) is evaluated on a grid and normalised to integrate to 1
-  on it (trapezoid rule).
+  φ(t) = (1/R) Σ_r Σ_i w_ri N(t; θ_ri, σ²) is averaged over each grid point's cell (Gaussian CDF
+  differences) and normalised to integrate to 1 on the grid (trapezoid rule).
 
 Design note (matfree)
 ---------------------
@@ -120,7 +122,8 @@ class HessianSpectrum:
         errors: (top_k,) estimated |λ − λ_true| of each eigenvalue, min(r, r²/δ) with δ the gap to
             the nearest other Ritz value (the residual itself for "dense", where λ is exact).
         converged: (top_k,) bool, residual (``tol_on="residual"``) or error estimate
-            (``tol_on="eigenvalue"``) ≤ tol · max|λ| (always True for "dense").
+            (``tol_on="eigenvalue"``) ≤ tol · |λ_i|, floored at 100 ε · max|λ| (always True for
+            "dense").
         trace: tr H (exact for "dense", estimated otherwise), or None.
         trace_stderr: standard error of ``trace`` (0.0 for "dense"), or None.
         trace_per_leaf: a pytree shaped like x0 holding, for each leaf b, tr H_bb — the trace of
@@ -536,6 +539,27 @@ def _eigenvalue_errors(theta, res):
     return np.minimum(res, quadratic)
 
 
+def _thresholds(wanted, theta, tol, dtype):
+    """Each wanted Ritz value's stopping threshold: tol · |θ_i|, its own size, not the largest
+    |θ|'s, which can exceed the gap between a smaller wanted eigenvalue and the next one and so
+    accept a neighbour in its place (λ = 1e5, 50, 40 over a unit bulk: θ₃ = 1.79 passed at
+    tol · 1e5). Floored at 100 ε · max|θ| (ε of the basis dtype), which the Lanczos residual
+    estimate reaches, so eigenvalues near zero still converge."""
+    floor = 100 * np.finfo(dtype).eps * np.max(np.abs(theta))
+    return np.maximum(tol * np.abs(wanted), floor)
+
+
+def _repeated(values, thresholds):
+    """(value, count) of the first Ritz value that agrees with others within their thresholds
+    (|θ_i − θ_j| ≤ t_i + t_j), or None."""
+    close = np.abs(values[:, None] - values[None, :]) <= thresholds[:, None] + thresholds[None, :]
+    counts = close.sum(axis=1)
+    if counts.size and counts.max() > 1:
+        i = int(np.argmax(counts))
+        return float(values[i]), int(counts[i])
+    return None
+
+
 def _gradient_start(op, rng):
     """∇f/‖∇f‖ plus a random unit vector times START_NOISE (so Lanczos still sees eigenvectors
     orthogonal to the gradient), or None when the gradient is zero or not finite."""
@@ -578,8 +602,7 @@ def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng, v0
             idx = _order(theta, which)
             res = np.abs(T[j, j - 1] * S[j - 1, :])
             err = _eigenvalue_errors(theta, res)
-            scale = np.max(np.abs(theta))
-            done = (res if tol_on == "residual" else err)[idx[:k]] <= tol * scale
+            done = (res if tol_on == "residual" else err)[idx[:k]] <= _thresholds(theta[idx[:k]], theta, tol, dtype)
             if np.all(done):
                 break
         if np.all(done) or restarts >= max_restarts or m >= n:
@@ -633,7 +656,16 @@ def _slq_nodes(op, n, dtype, runs, steps, block, rng):
 
 
 def _smooth_density(nodes, weights, num_grid, sigma):
-    """Gaussian-smoothed density of the quadrature (nodes, weights), normalised on its grid."""
+    """Gaussian-smoothed density of the quadrature (nodes, weights) on a grid, normalised to 1.
+
+    Each grid value is the mixture's mean over the point's cell (between the midpoints to its
+    neighbours; the end cells reach only the grid's ends), from differences of the Gaussian CDF:
+    the point value when σ is many cells wide, and never a lost eigenvalue when σ is narrower
+    than a cell (sampled at the points, a node between two of them vanished while the
+    normalisation inflated the others). The trapezoid rule on the grid then sums exactly the
+    cells' masses."""
+    from scipy import special
+
     nodes = np.asarray(nodes, np.float64).ravel()
     weights = np.asarray(weights, np.float64).ravel()
     weights = weights / weights.sum()
@@ -642,13 +674,14 @@ def _smooth_density(nodes, weights, num_grid, sigma):
     if sigma is None:
         sigma = 0.01 * span if span > 0 else 0.01 * max(abs(hi), 1.0)
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_grid)
-    values = np.zeros_like(grid)
-    # Chunk over nodes so that (grid × nodes) stays small for dense spectra with many eigenvalues.
+    edges = np.concatenate([grid[:1], (grid[1:] + grid[:-1]) / 2, grid[-1:]])
+    mass = np.zeros(num_grid)
+    # Chunk over nodes so that (edges × nodes) stays small for dense spectra with many eigenvalues.
     for s in range(0, nodes.size, 4096):
-        z = (grid[:, None] - nodes[None, s : s + 4096]) / sigma
-        values += np.exp(-0.5 * z**2) @ weights[s : s + 4096]
-    values /= sigma * np.sqrt(2 * np.pi)
-    values /= np.trapezoid(values, grid)
+        cdf = special.ndtr((edges[:, None] - nodes[None, s : s + 4096]) / sigma)
+        mass += np.diff(cdf, axis=0) @ weights[s : s + 4096]
+    values = mass / np.diff(edges)
+    values /= np.trapezoid(values, grid)  # the 5σ tails beyond the grid: a 6e-7 correction
     return grid, values, sigma
 
 
@@ -882,9 +915,10 @@ def hessian_spectrum(
             (by |λ|, descending), as PyHessian reports.
         eigenvectors: also return eigenvectors, as a list of top_k pytrees shaped like x0.
         tol: Lanczos stops when every wanted Ritz residual ‖Hy − θy‖ (or error estimate, see
-            ``tol_on``) is ≤ tol · max|θ|.
-        tol_on: "residual" (default: each eigenvalue is then within tol · max|θ| of one of H's,
-            guaranteed, and the eigenvectors are accurate to about tol · max|θ| / gap) or
+            ``tol_on``) is ≤ tol · |θ_i|, relative to that eigenvalue (floored at 100 ε · max|θ|,
+            1.2e-5 · max|θ| in float32, for eigenvalues near zero).
+        tol_on: "residual" (default: each eigenvalue is then within tol · |θ_i| of one of H's,
+            guaranteed, and the eigenvectors are accurate to about tol · |θ_i| / gap) or
             "eigenvalue" (the estimate min(r, r²/δ) of the eigenvalue error, δ the distance to the
             nearest other Ritz value: the same eigenvalue accuracy in fewer HVPs, as the
             eigenvalues converge quadratically while the residuals converge linearly; use it when
@@ -896,14 +930,16 @@ def hessian_spectrum(
             Monte-Carlo probes); each part is rounded up to a multiple of ``probe_batch``.
         trace_method: "hutch++" or "hutchinson".
         trace_rtol: if given, keep adding Monte-Carlo probes (one block at a time) until
-            trace_stderr ≤ trace_rtol · |trace| or ``max_probes`` (default 10·num_probes) HVPs.
+            trace_stderr ≤ trace_rtol · |trace| or ``max_probes`` (≥ num_probes; default
+            10·num_probes) HVPs.
         density_runs, density_steps: SLQ runs (rounded up to a multiple of the probe block) and
             Lanczos steps per run (at most n). They cost runs · steps HVPs (800 by default, the
             most of any task: PyHessian's default density is one run of 100); fewer runs give a
             noisier density with the same isolated eigenvalues. Memory is block · (steps + 1) · n
             numbers.
         density_grid, density_sigma: grid size and Gaussian width; σ defaults to 1% of the
-            spectral range.
+            spectral range. Each grid value is φ's mean over the point's cell, so a σ narrower
+            than the grid spacing blurs the density into a histogram but loses no eigenvalue.
         probe_batch: vectors per vmapped HVP call (trace probes, SLQ runs, dense columns); None:
             1 on CPU, :data:`PROBE_BATCH` (16) on an accelerator (see :func:`default_probe_batch`).
         precision: matmul/convolution precision of the HVPs (``jax.default_matmul_precision``):
@@ -945,7 +981,10 @@ def hessian_spectrum(
 
     Note:
         Single-vector Lanczos finds one copy of an exactly repeated eigenvalue per invariant
-        subspace; for exactly degenerate spectra, "dense" (small n) is the reliable choice.
+        subspace (in floating point, sometimes a second): the missing copies are replaced by
+        the next eigenvalues, converged pairs of H but not its top k. When two of the returned
+        eigenvalues agree within the tolerance, a RuntimeWarning says so; for exactly degenerate
+        spectra, "dense" (small n) is the reliable choice.
         The compiled HVP programs are cached per (f, structure of x0), like ``jax.jit``: f is
         assumed pure, and data it closes over are captured when it is first traced. A
         ``jax.tree_util.Partial`` whose bound arguments are arrays is cached per function instead,
@@ -972,6 +1011,9 @@ def hessian_spectrum(
         raise ValueError(f"trace_rtol must be None or a positive number, got {trace_rtol!r}")
     if density_sigma is not None and not checks.is_positive_finite(density_sigma):
         raise ValueError(f"density_sigma must be None or a positive number, got {density_sigma!r}")
+    trace = checks.check_flag(trace, "trace")
+    density = checks.check_flag(density, "density")
+    eigenvectors = checks.check_flag(eigenvectors, "eigenvectors")
     if probe_batch is not None:
         probe_batch = checks.check_int(probe_batch, "probe_batch")
     max_restarts = checks.check_int(max_restarts, "max_restarts", minimum=0)
@@ -980,6 +1022,8 @@ def hessian_spectrum(
     density_grid = checks.check_int(density_grid, "density_grid", minimum=2)
     num_probes = checks.check_int(num_probes, "num_probes", minimum=4 if trace_method == "hutch++" else 2)
     seed = checks.check_int(seed, "seed", minimum=0)
+    if max_probes is not None:  # below num_probes it would end the adaptive trace before it starts
+        max_probes = checks.check_int(max_probes, "max_probes", minimum=num_probes)
     if lanczos_steps is not None:
         lanczos_steps = checks.check_int(lanczos_steps, "lanczos_steps")
 
@@ -1050,6 +1094,15 @@ def hessian_spectrum(
             warnings.warn(
                 f"Lanczos: {int(np.sum(~converged))} of {top_k} eigenpairs not converged to tol={tol} ({tol_on}) "
                 f"after {restarts} restarts; raise lanczos_steps or max_restarts",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        repeated = _repeated(values, _thresholds(values, values, tol, dtype))
+        if repeated:
+            warnings.warn(
+                f"Lanczos found the eigenvalue {repeated[0]:.6g} {repeated[1]} times: it may be repeated, and "
+                "single-vector Lanczos can miss further copies of a repeated eigenvalue (returning a smaller "
+                "one in their place); use method='dense' where n allows",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -134,10 +134,6 @@ def loss_line(loss, start, direction, *, t=None, num: int = 51) -> Line:
 # --------------------------------------------------------------------------- weight space
 
 
-def _is_filter_kernel(path) -> bool:
-    return getattr(path[-1], "key", None) == "kernel"
-
-
 def _norm(a, axes):
     return jnp.sqrt(jnp.sum(a * a, axis=axes, keepdims=True))
 
@@ -145,20 +141,31 @@ def _norm(a, axes):
 def random_direction(params, seed: int = 0, *, norm: str = "filter"):
     """A random direction in weight space, shaped like ``params`` (a pytree).
 
-    norm="filter": each output filter (last axis of a kernel) rescaled to the norm of the
-    same filter of ``params`` (Li et al.'s filter normalisation); "layer": whole kernels
-    rescaled; "none": raw Gaussian. Non-kernel leaves (biases, BN scale/bias) get zeros.
+    As in Li et al. (2018), the leaves with two or more dimensions (kernels, embeddings: any
+    pytree's weight matrices, not only Flax's ``kernel``) get a direction and the others
+    (biases, BN scale and bias) zeros. norm="filter": each output filter (last axis, Flax's
+    layout) rescaled to the norm of the same filter of ``params`` (Li et al.'s filter
+    normalisation); "layer": whole leaves rescaled; "none": raw Gaussian.
+
+    Raises:
+        ValueError: ``params`` has no leaf of two or more dimensions (a direction would be zero).
     """
     if norm not in ("filter", "layer", "none"):
         raise ValueError(f"norm={norm!r} is not allowed; use 'filter', 'layer' or 'none'")
     checks.check_int(seed, "seed", minimum=0)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not any(jnp.ndim(w) >= 2 for _, w in leaves):
+        shapes = [tuple(jnp.shape(w)) for _, w in leaves]
+        raise ValueError(f"params has no leaf of two or more dimensions (shapes {shapes[:8]}"
+                         f"{' …' if len(shapes) > 8 else ''}): random_direction perturbs weight matrices and "
+                         "kernels and leaves 1-D leaves (biases, BN parameters) at zero, so the direction "
+                         "would be zero")
     out = []
     with runtime.classic_threefry():  # the split and the draws
         keys = jax.random.split(jax.random.key(seed), len(leaves))
-        for (path, w), key in zip(leaves, keys, strict=True):
+        for (_, w), key in zip(leaves, keys, strict=True):
             w = jnp.asarray(w)
-            if not _is_filter_kernel(path):
+            if w.ndim < 2:
                 out.append(jnp.zeros_like(w))
                 continue
             d = jax.random.normal(key, w.shape, w.dtype)

@@ -129,6 +129,13 @@ def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
             weight_surface(f, params, [d], **kw)
     with pytest.raises(ValueError, match="seed='a' must be an integer >= 0"):
         random_direction(params, seed="a")
+    # Any pytree: its matrices get directions (were zero unless named "kernel"), vectors do not.
+    other = random_direction({"dense": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "list": [jnp.ones((2, 2))]})
+    assert np.all(np.asarray(other["dense"]["w"]) != 0) and np.all(np.asarray(other["list"][0]) != 0)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(other["dense"]["w"]), axis=0), np.sqrt(3), rtol=1e-5)
+    assert not np.any(np.asarray(other["dense"]["b"]))
+    with pytest.raises(ValueError, match="no leaf of two or more dimensions"):
+        random_direction({"b": jnp.ones(4)})
     # the same seed, the same direction, whatever the global threefry layout
     for layout in (True, False):
         with jax.threefry_partitionable(layout):

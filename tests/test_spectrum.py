@@ -224,6 +224,30 @@ def test_thick_restart_converges_with_a_small_basis():
     np.testing.assert_allclose(res.eigenvalues, [10.0, 9.8, 9.6], rtol=1e-4)
 
 
+def test_each_eigenvalue_converges_relative_to_its_own_size():
+    # λ = 1e5, 50, 40 over a unit bulk: with one threshold tol · max|θ| = 10 for every pair, a
+    # Ritz value of the bulk (1.79) passed as the third eigenvalue and 48.2 as the second.
+    rng = np.random.default_rng(0)
+    lam = np.concatenate([[1e5, 50.0, 40.0], rng.standard_normal(997)])
+    f, x0, _ = householder_quadratic(lam, {"a": (1000,)}, seed=3)
+    res = hessian_spectrum(f, x0, top_k=3, trace=False, method="lanczos")
+    assert np.all(res.converged)
+    np.testing.assert_allclose(res.eigenvalues, [1e5, 50.0, 40.0], rtol=1e-3)
+    floor = 100 * np.finfo(np.float32).eps * 1e5  # the residual floor: HVP rounding of the 1e5 direction
+    assert np.all(res.residuals <= np.maximum(1e-4 * np.abs(res.eigenvalues), floor))
+
+
+def test_a_repeated_eigenvalue_found_twice_warns_that_copies_may_be_missing():
+    rng = np.random.default_rng(0)
+    d = jnp.asarray(np.concatenate([[5.0, 5.0, 5.0], rng.standard_normal(597)]), jnp.float32)
+    with pytest.warns(RuntimeWarning, match="found the eigenvalue 5 2 times"):
+        res = hessian_spectrum(lambda x: 0.5 * jnp.sum(d * x * x), jnp.zeros(600), top_k=3, trace=False)
+    assert res.method == "lanczos" and res.eigenvalues[1] == pytest.approx(5.0, rel=1e-5)
+    with warnings.catch_warnings():  # distinct eigenvalues: no warning
+        warnings.simplefilter("error")
+        hessian_spectrum(lambda x: 0.5 * jnp.sum(d * x * x), jnp.zeros(600), top_k=1, trace=False)
+
+
 def test_unconverged_lanczos_warns_and_flags():
     # No gap at the bottom of a uniform bulk: two restarts of 10 vectors cannot resolve it.
     lam = np.linspace(-1.0, 1.0, 1000)
@@ -374,6 +398,23 @@ def test_density_integrates_to_one_and_peaks_at_isolated_eigenvalues(method, n):
     assert res.eigenvalues[0] == pytest.approx(8.0, rel=1e-4)
 
 
+def test_a_density_narrower_than_the_grid_loses_no_eigenvalue():
+    # σ = 10^-2.5 (PyHessian's σ² = 1e-5) on a 2000-point grid over [0, 1000]: cells 0.5 wide.
+    # Sampled at the grid points, the node at 0.3 fell between two and vanished while the
+    # normalisation gave the other two half the mass each.
+    nodes, weights = np.array([[0.0, 0.3, 1000.0]]), np.full((1, 3), 1 / 3)
+    grid, values, _ = spectrum._smooth_density(nodes, weights, 2000, 10**-2.5)
+    mass = lambda lo, hi: np.trapezoid(np.where((grid >= lo) & (grid <= hi), values, 0.0), grid)
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-12)
+    assert mass(-1.0, 0.1) == pytest.approx(1 / 3, rel=1e-6)  # the first cell: the node at 0
+    assert mass(0.2, 1.0) == pytest.approx(1 / 3, rel=1e-6)  # the next cell holds the node at 0.3
+    assert mass(999.0, 1001.0) == pytest.approx(1 / 3, rel=1e-6)
+    # With σ many cells wide, the cell means are the point values of the mixture.
+    grid, values, sigma = spectrum._smooth_density(nodes, weights, 20001, 20.0)
+    point = sum(np.exp(-0.5 * ((grid - t) / sigma) ** 2) for t in nodes[0]) / (3 * sigma * np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(values, point / np.trapezoid(point, grid), rtol=1e-4, atol=1e-9)
+
+
 def _four_eigenvalues(n=600):
     """f = ½ Σ d_i x_i² with d ∈ {10 (once), 5, 3, 1 (the rest in thirds)}: every Krylov space has
     dimension ≤ 4, so Lanczos breaks down (β = 0) after four steps from any start vector."""
@@ -388,7 +429,8 @@ def test_lanczos_continues_after_breakdowns_to_repeated_eigenvalues():
     the second (5, 3, 1 again) the other two pairs, exact (residual 0), so it stops there — one copy
     of a repeated eigenvalue per block, the documented limit ("dense" for degenerate spectra)."""
     f, x0, _ = _four_eigenvalues()
-    res = hessian_spectrum(f, x0, top_k=5, trace=False, eigenvectors=True, seed=2)
+    with pytest.warns(RuntimeWarning, match="found the eigenvalue 5 2 times"):
+        res = hessian_spectrum(f, x0, top_k=5, trace=False, eigenvectors=True, seed=2)
     assert np.all(res.converged) and res.n_hvp == 7  # two blocks: 4 + 3 steps
     np.testing.assert_allclose(res.eigenvalues, [10.0, 5.0, 5.0, 3.0, 3.0], rtol=1e-5)
     assert np.all(res.residuals <= 1e-5)
@@ -492,6 +534,11 @@ def test_bad_inputs_raise_clear_errors():
         hessian_spectrum(f, {"a": jnp.array([1.0, jnp.inf, 0.0, 0.0]), "b": jnp.ones((2, 3))})
     with pytest.raises(ValueError, match="method"):
         hessian_spectrum(f, x0, method="power")
+    for flag in ("trace", "density", "eigenvectors"):  # "no" would have counted as on
+        with pytest.raises(ValueError, match=f"{flag}='no' must be True or False"):
+            hessian_spectrum(f, x0, **{flag: "no"})
+    with pytest.raises(ValueError, match="max_probes=-5 must be an integer >= 96"):
+        hessian_spectrum(f, x0, max_probes=-5)
     with pytest.raises(ValueError, match="which"):
         hessian_spectrum(f, x0, which="LA")
     with pytest.raises(ValueError, match="precision='tf32'; allowed"):
