@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from landscape import quantizers
+
 METHODS = ("ste", "fd")
 DEFAULT_STEP = 0.02
 
@@ -41,8 +43,8 @@ def clip_hessian(loss, alpha, *, method: str = "ste", step: float | None = None)
     alpha = np.asarray(alpha, np.float64)
     if alpha.shape != (loss.n,):
         raise ValueError(f"alpha has shape {alpha.shape}; expected ({loss.n},)")
-    if not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
-        raise ValueError("alpha must be finite and > 0 everywhere to take a Hessian")
+    if not np.all(quantizers.valid_alpha(alpha)):
+        raise ValueError(f"alpha must be in (0, {quantizers.ALPHA_MAX:g}] everywhere to take a Hessian")
     if method == "ste":
         if step is not None:
             raise ValueError("step applies to method='fd' only")

@@ -15,7 +15,8 @@ minimise it. Design points:
   compiled call per chunk of ``chunk`` rows: ``vmap``-ed on accelerators, a compiled
   sequential loop on CPU (where vmapped convolution kernels are slower per α) that runs
   only the real rows, so a batch of K costs K evaluations whatever the padding.
-* **Safe for derivative-free optimizers.** α ≤ 0 or non-finite α gives +inf, never NaN.
+* **Safe for derivative-free optimizers.** α ≤ 0, non-finite α or α above
+  ``quantizers.ALPHA_MAX`` (1e38, where float32 overflows) gives +inf, never NaN.
 * **Data on device once**, sharded over ``jax.devices()`` along the batch axis when there
   are several (data parallel; the mean is reduced by XLA).
 * **Differentiable** through straight-through rounding: ``loss.grad`` and ``loss.hessian``
@@ -87,7 +88,9 @@ class _Layout:
 def default_sites(all_sites: Iterable[sites.Site], quantize_first_last: bool) -> list[sites.Site]:
     """Sites quantized by default: all, except — unless ``quantize_first_last`` — the first
     and last weight sites (stem and classifier) and the last activation site (the
-    classifier's input), so the first and last layers run in FP32 as in the LAPQ reference.
+    classifier's input), so the first and last layers run in FP32. The LAPQ reference's list
+    slicing also keeps the stem's ReLU output and the last conv in FP32 (36 α for ResNet-20
+    against these 38); pass ``sites=[...]`` to ClipLoss for that subset.
     """
     all_sites = list(all_sites)
     if quantize_first_last:
@@ -159,7 +162,7 @@ class _Programs:
 
     def loss(self, alpha, state, xb, yb, wb):
         alpha = jnp.asarray(alpha, jnp.float32)
-        valid = jnp.all(alpha > 0) & jnp.all(jnp.isfinite(alpha))
+        valid = jnp.all(quantizers.valid_alpha(alpha))
         safe = jnp.where(valid, alpha, 1.0)
         return jnp.where(valid, _mean_cross_entropy(lambda x: self.forward(safe, state, x), xb, yb, wb), jnp.inf)
 
@@ -281,7 +284,8 @@ class ClipLoss:
       bias_correction: per-channel mean correction of quantized weights, inside every
         evaluation (the reference's ``-bcw``).
       fold_bn: fold BatchNorm into the preceding conv before quantizing.
-      batch_size: calibration images per forward pass (default: all, up to 1024).
+      batch_size: calibration images per forward pass (default: all of them when there are
+        at most 1024, else 512).
       chunk: α rows per vmapped call in :meth:`batch` (default from a 2 GB budget).
       precision: matmul/convolution precision of every compiled program (a
         ``jax.default_matmul_precision`` value): "highest" (default, true float32) or
@@ -302,7 +306,9 @@ class ClipLoss:
         self.net = net
         self.model = net.model
         x, y = as_arrays(calib, "calib")
-        quantizers.check_grid(weight_grid, "ClipLoss weight_grid")
+        if weight_grid not in quantizers.WEIGHT_GRIDS:
+            raise ValueError(f"ClipLoss weight_grid={weight_grid!r} is not allowed; use one of "
+                             f"{quantizers.WEIGHT_GRIDS} (an unsigned grid would clip every negative weight to 0)")
         w_bits, a_bits = _checked_bits(w_bits), _checked_bits(a_bits)
         self.options = dict(w_bits=w_bits, a_bits=a_bits, quantize_first_last=quantize_first_last,
                             sites=None if sites is None else tuple(sites), weight_grid=weight_grid,
@@ -456,10 +462,11 @@ class ClipLoss:
             raise ValueError(f"alpha has shape {alpha.shape}; expected {shape} with n = {self.n} "
                              f"({len(self.sites)} sites)")
         if positive and not traced:
-            bad = np.flatnonzero(~(np.isfinite(alpha) & (alpha > 0)))
+            bad = np.flatnonzero(~quantizers.valid_alpha(alpha))
             if bad.size:
                 name = next(n for n, sl in self.site_slices().items() if sl.start <= bad[0] < sl.stop)
-                raise ValueError(f"alpha must be finite and > 0 here; alpha[{bad[0]}] = {alpha[bad[0]]} "
+                raise ValueError(f"alpha must be in (0, {quantizers.ALPHA_MAX:g}] here; "
+                                 f"alpha[{bad[0]}] = {alpha[bad[0]]} "
                                  f"(site {name!r}), {bad.size} such entr{'y' if bad.size == 1 else 'ies'}")
         return alpha
 

@@ -173,10 +173,10 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
     alpha = np.asarray(alpha, np.float32)
     if alpha.shape != (loss.n,):
         raise ValueError(f"alpha has shape {alpha.shape}; expected ({loss.n},), one entry per α of {loss!r}")
-    if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0)):
-        bad = int(np.flatnonzero(~(np.isfinite(alpha) & (alpha > 0)))[0])
-        raise ValueError(f"alpha[{bad}] = {alpha[bad]} is not a clipping value; every entry must be positive "
-                         "and finite")
+    if not np.all(quantizers.valid_alpha(alpha)):
+        bad = int(np.flatnonzero(~quantizers.valid_alpha(alpha))[0])
+        raise ValueError(f"alpha[{bad}] = {alpha[bad]} is not a clipping value; every entry must be in "
+                         f"(0, {quantizers.ALPHA_MAX:g}]")
     flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, jax.device_get(loss.variables)))
     slices = loss.site_slices()
     alphas = {s.name: alpha[slices[s.name]] if loss.specs[s.name].per_channel else alpha[slices[s.name]][0]

@@ -55,7 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import scipy.optimize
 
-from landscape import checks
+from landscape import checks, quantizers
 
 logger = logging.getLogger(__name__)
 
@@ -481,9 +481,9 @@ def _start_from(loss, init) -> np.ndarray:
     alpha = np.asarray(init, np.float32)
     if alpha.shape != (loss.n,):
         raise ValueError(f"init has shape {alpha.shape}; expected ({loss.n},), one α per clipping value")
-    if not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
-        raise ValueError("init must be finite and positive everywhere; got min "
-                         f"{float(np.nanmin(alpha)):.4g}")
+    if not np.all(quantizers.valid_alpha(alpha)):
+        raise ValueError(f"init must be in (0, {quantizers.ALPHA_MAX:g}] everywhere; got min "
+                         f"{float(np.nanmin(alpha)):.4g}, max {float(np.nanmax(alpha)):.4g}")
     return alpha
 
 

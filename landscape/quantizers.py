@@ -32,8 +32,17 @@ import jax
 import jax.numpy as jnp
 
 GRIDS = ("midrise", "unsigned", "midtread")
+WEIGHT_GRIDS = ("midrise", "midtread")  # "unsigned" would clip every negative weight to 0
 MIN_BITS, MAX_BITS = 2, 16
 DELTA_FLOOR = 1e-8
+# The largest clipping value: the midrise grid's top level, 2α before subtracting α, overflows
+# float32 (max 3.4e38) above about 1.7e38, and then 0·inf makes the loss NaN.
+ALPHA_MAX = 1e38
+
+
+def valid_alpha(alpha):
+    """Elementwise: a clipping value, 0 < α ≤ ALPHA_MAX (NaN and ±inf fail). numpy or jax."""
+    return (alpha > 0) & (alpha <= ALPHA_MAX)
 
 
 def check_bits(bits, where: str = "quantizer") -> int | None:

@@ -116,11 +116,12 @@ def test_aciq_rule_uses_mean_abs_and_nonzero_stats():
         cal.aciq_constant(4, "gauss") * float(np.sqrt(np.mean(nz**2))), rel=1e-5)
 
 
-def _kl_reference(mag, n_q, bins=2048, drop_zeros=False):
+def _kl_reference(mag, n_q, bins=2048, drop_zeros=False, guard=False):
     """MXNet's ``_get_optimal_threshold`` on the magnitude histogram (TensorRT's entropy
     calibration), step by step as MXNet writes it: P with the outliers in its last bin, Q from
     the sliced histogram spread over P's non-zero bins, both smoothed in counts
-    (``_smooth_distribution``), KL by ``scipy.stats.entropy``, the first minimum."""
+    (``_smooth_distribution``), KL by ``scipy.stats.entropy``, the first minimum. ``guard``: ours,
+    which skips thresholds whose first i bins hold values in fewer than n_q bins."""
     from scipy import stats
 
     hist, edges = np.histogram(mag, bins=bins, range=(0, mag.max()))
@@ -138,6 +139,9 @@ def _kl_reference(mag, n_q, bins=2048, drop_zeros=False):
     divergence = []
     for i in range(n_q, bins + 1):
         sliced = hist[:i]
+        if guard and np.count_nonzero(sliced) < n_q:  # ours: too sparse a threshold to judge
+            divergence.append(np.inf)
+            continue
         p = sliced.copy()
         p[i - 1] += hist[i:].sum()
         is_nonzeros = (p != 0).astype(np.float64)
@@ -156,6 +160,8 @@ def _kl_reference(mag, n_q, bins=2048, drop_zeros=False):
             divergence.append(stats.entropy(p, smooth(q)))
         except ValueError:
             divergence.append(np.inf)
+    if not np.isfinite(divergence).any():
+        return float(mag.max())
     return (n_q + int(np.argmin(divergence))) * mag.max() / bins
 
 
@@ -171,6 +177,24 @@ def test_kl_matches_loop_reference(grid, bits):
     ours = cal.clip_value(x, "kl", bits=bits, grid=grid, bins=2048)
     ref = _kl_reference(mag, n_q, bins=2048, drop_zeros=grid == "unsigned")
     assert ours == pytest.approx(ref, rel=1e-5)
+    # Dense histograms: the sparsity guard changes nothing.
+    assert _kl_reference(mag, n_q, bins=2048, drop_zeros=grid == "unsigned", guard=True) == ref
+
+
+def test_kl_on_a_small_tensor_does_not_collapse_to_the_first_bins():
+    """144 kernel entries over 2048 bins: MXNet's search picks the first threshold with values
+    (KL ≈ 0 when P_i and Q_i are both a point mass at bin i − 1), α ≈ 8/2048 of the max.
+    Ours tests only thresholds with values in at least n_q bins."""
+    x = np.random.default_rng(2).normal(0.0, 0.2, 144).astype(np.float32)
+    mag, n_q = np.abs(x), cal.kl_levels(SiteSpec(4, "midrise"))
+    mxnet = _kl_reference(mag, n_q, bins=2048, drop_zeros=False)
+    ours = cal.clip_value(x, "kl", bits=4, grid="midrise")
+    assert mxnet < 0.05 * mag.max()
+    assert ours == pytest.approx(_kl_reference(mag, n_q, bins=2048, drop_zeros=False, guard=True), rel=1e-5)
+    assert ours > 0.3 * mag.max()
+    # Values in fewer bins than n_q: no threshold to test, the max.
+    few = np.array([0.1, -0.5, 1.0, 0.25], np.float32)
+    assert cal.clip_value(few, "kl", bits=4, grid="midrise") == pytest.approx(1.0)
 
 
 def test_large_tensors_are_sampled_and_still_accurate():

@@ -271,6 +271,8 @@ def test_bad_per_site_bits(tiny_net, digits, kw, match):
     ({"w_bits": 4, "a_bits": 20}, r"site 'relu0_0' \(activation\): bits=20"),
     ({"w_bits": 4, "a_bits": 4, "sites": ["nope"]}, "unknown sites"),
     ({"w_bits": 4, "a_bits": 4, "weight_grid": "log"}, "grid='log'"),
+    ({"w_bits": 4, "a_bits": 4, "weight_grid": "unsigned"},  # accepted once: negative weights became 0
+     r"weight_grid='unsigned' is not allowed; use one of \('midrise', 'midtread'\)"),
     ({"w_bits": 4, "a_bits": 4, "chunk": 0}, "chunk=0"),
     ({"w_bits": 4, "a_bits": 4, "chunk": 2.7}, "chunk=2.7 must be a positive integer"),
     ({"w_bits": 4, "a_bits": 4, "batch_size": 0}, "batch_size=0 must be a positive integer"),
@@ -300,9 +302,16 @@ def test_derivatives_and_predictions_need_a_positive_finite_alpha(loss4, digits)
         calls = (loss4.grad, loss4.hessian, lambda a: loss4.hvp(a, alpha), lambda a: loss4.logits(a, digits.test.x[:4]),
                  lambda a: loss4.accuracy(a, digits.test), loss4.weight_loss, loss4.weight_loss_batches)
         for call in calls:
-            with pytest.raises(ValueError, match="alpha must be finite and > 0 here; " + shown):
+            with pytest.raises(ValueError, match=r"alpha must be in \(0, 1e\+38\] here; " + shown):
                 call(bad)
     assert float(loss4(np.full(6, np.nan))) == np.inf  # the loss itself still answers
+    # A finite α beyond ALPHA_MAX: the midrise grid's 2α overflowed float32 and the loss was NaN.
+    weight = [i for i, site in enumerate(loss4.sites) if site.kind == "weight"][0]
+    for huge in (2e38, 3e38):
+        big = np.where(np.arange(6) == weight, np.float32(huge), alpha)
+        assert float(loss4(big)) == np.inf and np.all(np.asarray(loss4.batch(big[None])) == np.inf)
+        with pytest.raises(ValueError, match=rf"alpha\[{weight}\] = [0-9.e+]+ \(site '{loss4.sites[weight].name}'\)"):
+            loss4.grad(big)
     np.testing.assert_array_equal(np.asarray(loss4.hvp(alpha, -alpha)), -np.asarray(loss4.hvp(alpha, alpha)))
 
 
