@@ -440,6 +440,7 @@ class _Calibrator:
         self.bits = bits or {}
         self.corrections = corrections or {}
         self.alphas: dict[str, jax.Array] = {}
+        self._seen: dict[str, list[jax.Array]] = {}  # each activation site's values so far
 
     def _spec(self, name):
         spec = self.specs.get(name)
@@ -469,7 +470,12 @@ class _Calibrator:
         spec = self._spec(name)
         if spec is None:
             return x
-        alpha = self._alpha(x, spec, "activation")
+        # A module applied more than once shares one α: the rule sees every value the site has
+        # had so far (the last application's α is the rule over all of them), not only the last.
+        seen = self._seen.setdefault(name, [])
+        seen.append(x.reshape(-1))
+        values = x if len(seen) == 1 else jnp.concatenate(seen)
+        alpha = self._alpha(values, spec, "activation")
         self.alphas[name] = alpha
         if not self.quantize_upstream:
             return x
@@ -484,8 +490,11 @@ def calibrating(specs: Mapping[str, SiteSpec], rule: Rule, *, quantize_upstream:
     With ``quantize_upstream`` the tensor is quantized with its new α before it flows on,
     so every activation's statistics are taken with all upstream sites quantized (the
     LAPQ reference's online initialisation); otherwise statistics are FP32. After the
-    traced call, ``ctx.alphas`` maps site name → α. ``bits`` optionally overrides ``spec.bits``
-    with traced values (for rules whose program does not depend on the bit width), and
+    traced call, ``ctx.alphas`` maps site name → α. An activation site applied more than
+    once (one module called twice shares its α) gets the rule over all its applications'
+    values; each application is quantized with the α of the values seen up to it. ``bits``
+    optionally overrides ``spec.bits`` with traced values (for rules whose program does not
+    depend on the bit width), and
     ``corrections`` overrides ``spec.bias_correction`` as in :func:`quantizing`.
     """
     return _active(_Calibrator(specs, rule, quantize_upstream, bits, corrections))

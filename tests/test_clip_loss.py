@@ -492,3 +492,29 @@ def test_weight_loss_batches_are_the_weight_loss_one_batch_at_a_time(tiny_net, d
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=f"batch_size={bad!r} must be a positive integer"):
             loss.weight_loss_batches(batch_size=bad)
+
+
+class _ReluTwice(nn.Module):
+    """One QuantReLU module applied twice (one site, one α); its second input is 10× smaller."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        relu = QuantReLU(name="relu")
+        x = relu(QuantDense(16, name="fc0")(x.reshape(x.shape[0], -1)))
+        x = relu(0.1 * QuantDense(16, name="fc1")(x))
+        return QuantDense(10, name="fc2")(x)
+
+
+def test_a_site_applied_twice_is_calibrated_on_both_applications(digits):
+    model = _ReluTwice()
+    variables = model.init(jax.random.key(0), digits.calib.x[:1])
+    net = ls.train.Network(model, variables, config={}, history=[])
+    loss = ls.ClipLoss(net, digits.calib, w_bits=None, a_bits=8, sites=["relu"])
+    assert [s.name for s in loss.sites] == ["relu"]
+    p = variables["params"]
+    first = np.maximum(digits.calib.x.reshape(len(digits.calib.x), -1) @ np.asarray(p["fc0"]["kernel"])
+                       + np.asarray(p["fc0"]["bias"]), 0.0)
+    # max over both applications: the first's (the second's inputs are ~10× smaller); the last
+    # application's statistics alone gave 0.197 here, clipping the first application 18-fold.
+    assert float(loss.init("max")[0]) == pytest.approx(float(first.max()), rel=1e-5)
+    assert float(loss.init("percentile")[0]) > 0.5 * float(first.max())
