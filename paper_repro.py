@@ -4,7 +4,7 @@
     python paper_repro.py --preset mnist --data-dir ../shared/data/mnist
     python paper_repro.py --preset vit           # the claims on a Vision Transformer (digits, offline)
     python paper_repro.py --list
-    python paper_repro.py --only F1,T1 --bits 2,4 --seeds 2
+    python paper_repro.py --only F1,T1 --bits 2,4 --seeds 2 --out runs/quick   # partial: --out
     python paper_repro.py --train-seed 1 --out runs/seed1   # the claims on another trained network
     python paper_repro.py --compare seed0=figures seed1=runs/seed1   # their claims side by side
 
@@ -98,6 +98,15 @@ def main(argv=None) -> int:
     preset = dataclasses.replace(preset, **changes)
     if preset.data in ("mnist", "cifar10") and preset.data_dir is None and preset.name == "mnist":
         raise SystemExit("--preset mnist needs --data-dir PATH (a local parquet copy of MNIST)")
+    if args.out is None:
+        # The default directories hold the committed galleries: a partial or non-default run
+        # would replace some of their figures and the whole report with its own.
+        options = [name for name, given in (("--only", args.only), ("--bits", args.bits),
+                                            ("--seeds", args.seeds is not None),
+                                            ("--train-seed", args.train_seed != 0)) if given]
+        if options:
+            raise SystemExit(f"{', '.join(options)} without --out would write a partial or non-default run over "
+                             f"the preset's gallery in figures/; pass --out DIR")
     out = Path(args.out) if args.out else (ROOT / "figures" if preset.name == "small"
                                            else ROOT / "figures" / preset.name)
     return run(preset, modules, out, progress=not args.no_progress)

@@ -23,7 +23,8 @@ CLAIMS = {
     "C4": dict(claim="The additive-separability statistic rises at low bits",
                quantity="γ of the sampling test over the activation α, weights FP32 (T in the note)",
                paper="γ −0.003 / 0.035 / 20.4 at 8 / 4 / 2 bits", threshold="γ(2) > γ(4) > γ(8)"),
-    "C5": dict(claim="Matmul toy: the interaction term appears at low bits",
+    "C5": dict(claim="Matmul toy: the interaction term appears at low bits (network-free: the same "
+                     "seeded Y = W X for every network and preset)",
                quantity="ANOVA interaction fraction of MSE(α₁, α₂) for Y = W X",
                paper="0.50 / 0.11 / 0.07 / 0.065 at 2 / 3 / 4 / 8 bits",
                threshold="2-bit ≥ 2 × 8-bit", min_ratio=2.0),

@@ -11,8 +11,9 @@ A figure module (``figures/f1_contours.py`` …) defines::
     def claims(data, ctx) -> list[Claim]  # the lapq.md §6 claims it can test (may be empty)
 
 ``compute`` stores every expensive step with :meth:`Context.cached`, keyed by a hash of
-its configuration and written atomically, so a killed run resumes where it stopped and
-a finished figure is never recomputed. Thresholds of the claims live in
+its configuration, the network's weights and the code (:func:`code_fingerprint`) and written
+atomically, so a killed run resumes where it stopped, a finished figure is not recomputed,
+and a rerun after a code change computes anew. Thresholds of the claims live in
 :mod:`figures.claims`, fixed in code before any run.
 """
 
@@ -167,8 +168,41 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+def seed_std(values, axis=-1) -> np.ndarray:
+    """The sample standard deviation over calibration seeds (ddof = 1; 0 for a single seed)."""
+    values = np.asarray(values, np.float64)
+    return values.std(axis=axis, ddof=1) if values.shape[axis] > 1 else np.zeros_like(values.mean(axis=axis))
+
+
 def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+CODE_PACKAGES = ("landscape", "models", "figures")
+
+
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the Python sources that compute the figures: every ``.py``
+    file of ``landscape/``, ``models/`` and ``figures/``. Part of every cache key, so a rerun
+    after a code change recomputes instead of reporting an older version's results."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(variables) -> str:
+    """SHA-256 (16 hex digits) of a network's variables (leaf paths, dtypes, shapes, bytes): the
+    same training key can give other weights on another CPU model (see the README)."""
+    import jax
+
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode() + a.tobytes())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- context
@@ -211,6 +245,7 @@ class Context:
         # computed earlier in this run and asked for again counts once, as computed)
         self.steps = {"computed": 0, "loaded": 0}
         self._computed_now: set[Path] = set()
+        self._fingerprints = None  # (code, weights), taken at the first cached step
 
     # data and network ---------------------------------------------------------
     def data(self, seed: int = 0, calib_size: int | None = None):
@@ -326,9 +361,14 @@ class Context:
 
     # caching --------------------------------------------------------------------
     def cached(self, name: str, config: dict, compute: Callable[[], dict]) -> dict:
-        """``compute()`` once per (name, config, preset): stored as JSON, atomically."""
+        """``compute()`` once per (name, config, preset, network and its weights, code version):
+        stored as JSON, atomically."""
         network = {k: v for k, v in self.net.config.items() if k != "seconds"}
-        full = {"name": name, "config": config, "preset": self.preset.config(), "network": network}
+        if self._fingerprints is None:
+            self._fingerprints = (code_fingerprint(), weights_fingerprint(self.net.variables))
+        code, weights = self._fingerprints
+        full = {"name": name, "config": config, "preset": self.preset.config(), "network": network,
+                "code": code, "weights": weights}
         path = self.cache_dir / f"{name}-{config_hash(full)}.json"
         if path.exists():
             self.steps["loaded"] += path not in self._computed_now

@@ -56,7 +56,7 @@ def render(data, ctx):
     ax_loss.set_ylabel("calibration loss")
     ax_acc.set_xlabel("iteration (sweep)")
     ax_acc.set_ylabel("test accuracy (%)")
-    ax_time.set_xlabel("wall seconds (incl. Lp start)")
+    ax_time.set_xlabel("wall seconds (from the given start)")
     ax_time.set_ylabel("calibration loss")
     for ax in (ax_loss, ax_acc, ax_time):
         ax.set_title(data["config"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from figures.common import seed_std
+
 NAME = "F7"
 SLUG = "f7_calib_size"
 TITLE = "LAPQ accuracy vs calibration-set size"
@@ -35,7 +37,7 @@ def render(data, ctx):
     sizes = data["sizes"]
     for key, label in (("lapq_acc", "LAPQ (Powell)"), ("init_acc", "Lp(p*) init")):
         vals = np.asarray([data[key][str(s)] for s in sizes], float) * 100
-        ax.errorbar(sizes, vals.mean(1), yerr=vals.std(1), marker="o", capsize=3, label=label)
+        ax.errorbar(sizes, vals.mean(1), yerr=seed_std(vals), marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("calibration images")
     ax.set_ylabel("test accuracy (%)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from figures.common import seed_std
+
 NAME = "T1"
 SLUG = "t1_accuracy"
 TITLE = "Accuracy table: FP32, layer-wise rules, Lp(p*), CD, LAPQ, batched × bit widths"
@@ -68,11 +70,11 @@ def stat(data, config: str, row: str, key: str = "acc") -> np.ndarray:
 
 def markdown(data) -> str:
     names = [c[0] for c in data["configs"]]
-    lines = ["Test accuracy (%), mean ± std over calibration seeds " + str(data["seeds"]) + ".", "",
+    lines = ["Test accuracy (%), mean ± sample std over calibration seeds " + str(data["seeds"]) + ".", "",
              "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in ROWS:
         vals = [stat(data, n, row) * 100 for n in names]
-        lines.append(f"| {row} | " + " | ".join(f"{v.mean():.2f} ± {v.std():.2f}" for v in vals) + " |")
+        lines.append(f"| {row} | " + " | ".join(f"{v.mean():.2f} ± {seed_std(v):.2f}" for v in vals) + " |")
     lines += ["", "Calibration loss, mean over seeds.", "",
               "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in ROWS:
@@ -91,7 +93,7 @@ def render(data, ctx):
     width = 0.8 / len(ROWS)
     for k, row in enumerate(ROWS):
         vals = np.asarray([stat(data, n, row) * 100 for n in names])
-        ax.bar(np.arange(len(names)) + (k - len(ROWS) / 2) * width, vals.mean(1), width, yerr=vals.std(1),
+        ax.bar(np.arange(len(names)) + (k - len(ROWS) / 2) * width, vals.mean(1), width, yerr=seed_std(vals),
                label=row, color=f"C{k % 10}", hatch="//" if k >= 10 else None)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("test accuracy (%)")
@@ -112,7 +114,7 @@ def claims(data, ctx):
     if "W8A8" in names:
         gain_low = mean(low, "LAPQ") - lp
         gain_8 = mean("W8A8", "LAPQ") - mean("W8A8", "Lp(p*)")
-        out.append(C.make("C9", f"{low}: +{gain_low:.2f} points ({lp:.1f} → {mean(low, 'LAPQ'):.1f}); "
+        out.append(C.make("C9", f"{low}: {gain_low:+.2f} points ({lp:.1f} → {mean(low, 'LAPQ'):.1f}); "
                                 f"W8A8: {gain_8:+.2f}",
                           gain_low >= C.spec("C9")["min_gain"] and gain_low >= gain_8, NAME))
         out.append(C.make("C11", f"W8A8: |{gain_8:+.2f}| points", abs(gain_8) <= C.spec("C11")["max_gap"], NAME))

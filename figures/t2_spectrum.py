@@ -12,6 +12,8 @@ where the sharpening sits.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 NAME = "T2"
@@ -56,7 +58,18 @@ def compute(ctx) -> dict:
             for label, bits in configs(ctx)}
 
 
+def _in_order(data) -> dict:
+    """The networks FP32 first, then by falling weight width (W8A8, W4A4, W2A2): the JSON's
+    keys come back sorted as strings, which put W2A2 before W4A4."""
+    def width(label):
+        m = re.match(r"W(\d+)", label)
+        return float("inf") if m is None else int(m.group(1))
+
+    return dict(sorted(data.items(), key=lambda item: -width(item[0])))
+
+
 def table(data) -> str:
+    data = _in_order(data)
     rows = ["Weight-space Hessians of the calibration loss; the quantized networks' are STE Hessians "
             "(straight-through in the weights, α fixed at the MSE init).", "",
             "| network | loss | top eigenvalues | trace ± s.e. | HVPs |", "|---|---|---|---|---|"]
@@ -80,6 +93,7 @@ def _kernels(d) -> list:
 
 
 def render(data, ctx):
+    data = _in_order(data)
     from matplotlib.figure import Figure
 
     from landscape import plots
@@ -118,6 +132,7 @@ PAPER = ("(Not in the LAPQ paper; PyHessian-style analysis.) Quantization sharpe
 
 
 def summary(data, ctx) -> str:
+    data = _in_order(data)
     parts = (f"{k} λ_max {float(v['eigenvalues'][0]):.3g}, trace {float(v['trace']):.3g}" for k, v in data.items())
     text = "Ours (STE Hessians of the quantized networks): " + "; ".join(parts) + "."
     labels = list(data)

@@ -646,8 +646,10 @@ class MethodComparison:
 
 
 def _pm(values, digits: int) -> str:
+    """mean ± the sample standard deviation (ddof = 1; 0 for a single seed)."""
     values = np.asarray(values, np.float64)
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+    spread = np.std(values, ddof=1) if values.size > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
 def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] = ALL_ROWS,

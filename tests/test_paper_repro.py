@@ -95,6 +95,21 @@ def test_cli_list_and_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit, match=f"--data-dir '{missing}' is not a directory"):
         paper_repro.main(["--preset", "mnist", "--data-dir", missing, "--out", str(tmp_path)])
     assert not os.listdir(tmp_path)
+    # partial or non-default runs need --out: they would overwrite the committed galleries
+    for extra in (["--only", "F8"], ["--bits", "2"], ["--seeds", "1"], ["--train-seed", "1"]):
+        with pytest.raises(SystemExit, match=f"{extra[0]} without --out would write a partial or non-default run"):
+            paper_repro.main(["--preset", "tiny", *extra])
+
+
+def test_a_code_change_recomputes_instead_of_reusing_the_cache(tiny_run, tmp_path, monkeypatch):
+    shutil.copytree(tiny_run / ".cache", tmp_path / ".cache")
+    args = ["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--only", "F8"]
+    assert paper_repro.main(args) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["figures"]["F8"]["computed"] == 0
+    monkeypatch.setattr(figures.common, "code_fingerprint", lambda: "0123456789abcdef")
+    assert paper_repro.main(args) == 0
+    f8 = json.loads((tmp_path / "report.json").read_text())["figures"]["F8"]
+    assert f8["computed"] > 0 and f8["loaded"] == 0
 
 
 def test_report_says_what_came_from_the_cache_and_what_was_not_run(tiny_run):
