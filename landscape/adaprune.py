@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from landscape import checks, runtime, sparsity, train
-from landscape.data import Split
+from landscape.data import Dataset, Split
 from landscape.layerwise import layer_mse, record_layers
 from landscape.train import recalibrate_batchnorm
 
@@ -152,6 +152,8 @@ class AdaPruneResult:
 
 
 def _calibration_images(calib) -> np.ndarray:
+    if isinstance(calib, Dataset):
+        raise ValueError("calib is a whole Dataset; pass its calibration split, data.calib")
     if isinstance(calib, Split):
         x = calib.x
     elif isinstance(calib, tuple) and len(calib) == 2:

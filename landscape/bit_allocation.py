@@ -25,6 +25,7 @@ allocations of the same size on the MNIST resnet20.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -70,7 +71,11 @@ class Sensitivity:
         missing = [n for n in self.sites if n not in widths]
         if missing:
             raise ValueError(f"widths has no entry for sites {missing}")
-        return int(np.sum(self._bops_per_bit(a_bits) * np.array([int(widths[n]) for n in self.sites])))
+        bits = [quantizers.check_bits(widths[n], f"bops: site {n!r}") for n in self.sites]
+        if None in bits:
+            raise ValueError(f"bops: site {self.sites[bits.index(None)]!r} has width None (FP32); a BOPs count "
+                             "needs an integer width for every site")
+        return int(np.sum(self._bops_per_bit(a_bits) * np.array(bits)))
 
     def _bops_per_bit(self, a_bits) -> np.ndarray:
         """(L,) MACs_i · a_i, int64: the BOPs of each site per bit of its weights."""
@@ -242,6 +247,11 @@ def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = 
                 w_hat = quantizers.bias_correct(w_hat, w)
             error[i, j] = float(np.sum((np.asarray(w_hat, np.float64) - w) ** 2))
     omega = (trace / sizes)[:, None] * error
+    doubtful = [n for n, t, e in zip(names, trace, trace_stderr, strict=True) if t - 2 * e <= 0]
+    if doubtful:  # Ω ∝ trace: a trace at or below zero would rank the layer's widths backwards
+        warnings.warn(f"weight_sensitivity: the Hessian block traces of {doubtful} are within two standard "
+                      "errors of zero or below it, so their Ω (∝ trace) is not a reliable sensitivity; "
+                      "raise num_probes (spectrum_kw) for a tighter trace", RuntimeWarning, stacklevel=2)
     return Sensitivity(tuple(names), sizes, bits, trace, trace_stderr, error, omega, rule, spectrum, macs)
 
 

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape import folding, runtime, sites
+from landscape import checks, folding, runtime, sites
+from landscape import data as data_lib
 
 __all__ = ["Equalization", "cross_layer_equalization"]
 
@@ -108,14 +109,17 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
         :class:`Equalization`; build the quantized loss from ``result.variables``, e.g.
         ``ClipLoss(dataclasses.replace(net, variables=result.variables), calib, ...)``.
     """
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise ValueError(f"tol={tol!r} must be a positive number")
-    if not (isinstance(max_rounds, int) and max_rounds >= 1):
-        raise ValueError(f"max_rounds={max_rounds!r} must be a positive integer")
+    # tol < 1: a bound as large as the logits themselves would keep the skip-connection pairs,
+    # whose rescaling changes the network (resnet8 at tol=inf: logits moved by 19 %)
+    if not (checks.is_positive_finite(tol) and tol < 1):
+        raise ValueError(f"tol={tol!r} must be a number in (0, 1)")
+    max_rounds = checks.check_int(max_rounds, "max_rounds")
     runtime.check_precision(precision, "cross_layer_equalization")
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError(f"variables must be the network's variables ({{'params': ..., 'batch_stats': ...}}, e.g. "
                          f"net.variables), got {type(variables).__name__}")
+    if isinstance(x, data_lib.Dataset | data_lib.Split):
+        raise ValueError(f"x must be a batch of images, e.g. data.calib.x[:64], got a {type(x).__name__}")
     x = np.asarray(x, np.float32)  # checked on the host: an eager jnp check compiles per shape
     if x.ndim < 2 or x.shape[0] == 0 or not np.all(np.isfinite(x)):
         raise ValueError(f"x must be a non-empty batch of finite images (N, ...), got shape {x.shape}")
@@ -170,5 +174,8 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
         if moved < 1e-6:
             break
     change = float(np.max(np.abs(logits(flat) - reference)))
+    if change > bound:  # every kept pair is exact on its own; together they must be too
+        raise RuntimeError(f"cross_layer_equalization: the kept pairs together move the logits by {change:.3g}, "
+                           f"more than tol · max|logit| = {bound:.3g}; this should not happen, please report it")
     result = unflatten({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
     return Equalization(result, tuple(pairs), tuple(rejected), scales, rounds, change)

@@ -13,9 +13,15 @@ Conv → BN pairs are found by tracing: a BN whose input is exactly a conv's out
 from __future__ import annotations
 
 import flax
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from landscape import sites
+
+# Folding is exact up to float rounding (≈1e-6 of the logits); a change above this fraction of
+# max |logit| means a folded conv's output has another reader, which now sees the scaled kernel.
+FOLD_TOL = 1e-3
 
 
 def batchnorm_pairs(model, variables, x) -> list[tuple[str, str, float]]:
@@ -25,10 +31,37 @@ def batchnorm_pairs(model, variables, x) -> list[tuple[str, str, float]]:
 
 
 def fold_batchnorm(model, variables, x) -> dict:
-    """New variables with every conv → BN pair folded (``x``: an example batch, for tracing)."""
+    """New variables with every conv → BN pair folded (``x``: an example batch, for tracing
+    and for checking that the logits stay the same).
+
+    Raises:
+        ValueError: folding changes the logits on ``x`` (by more than ``FOLD_TOL`` · max |logit|):
+            a folded conv's output is read by something besides its BN, a side path that would
+            see the scaled kernel. The error names the pairs that change the logits on their own.
+    """
+    pairs = batchnorm_pairs(model, variables, x)
+    folded = _fold(variables, pairs)
+    if pairs:
+        forward = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+        reference = np.asarray(forward(variables, x))
+        bound = FOLD_TOL * max(float(np.max(np.abs(reference))), 1e-12)
+
+        def change(v):
+            return float(np.max(np.abs(np.asarray(forward(v, x)) - reference)))
+
+        if change(folded) > bound:
+            bad = [f"{conv} → {bn}" for conv, bn, eps in pairs if change(_fold(variables, [(conv, bn, eps)])) > bound]
+            raise ValueError(f"fold_batchnorm: folding changes the logits by {change(folded):.3g} (max |logit| "
+                             f"{bound / FOLD_TOL:.3g}): the output of {', '.join(bad) or 'some conv'} is also read "
+                             "besides its BatchNorm, and that reader would see the scaled kernel; leave the BNs "
+                             "unfolded (ClipLoss(fold_bn=False); cross_layer_equalization needs foldable BNs)")
+    return folded
+
+
+def _fold(variables, pairs) -> dict:
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
     out = dict(flat)
-    for conv, bn, eps in batchnorm_pairs(model, variables, x):
+    for conv, bn, eps in pairs:
         mean, var = flat[f"batch_stats/{bn}/mean"], flat[f"batch_stats/{bn}/var"]
         gamma, beta = flat[f"params/{bn}/scale"], flat[f"params/{bn}/bias"]
         s = gamma / jnp.sqrt(var + eps)

@@ -22,8 +22,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from landscape import checks, runtime, sites
 from landscape import layers as qlayers
-from landscape import runtime, sites
 
 __all__ = ["layer_inputs", "layer_mse", "record_layers"]
 
@@ -38,6 +38,8 @@ def record_layers(model, variables, x, names, *, precision: str = "highest"
     ``precision`` is the pass's matmul/convolution precision ("highest": true float32).
     """
     runtime.check_precision(precision, "record_layers")
+    if isinstance(names, str):  # one layer's name, not a set of one-letter names
+        names = [names]
     store: dict[str, tuple] = {}
     calls: dict[str, int] = {}
     with qlayers.gemm_hook(_recorder(names, store, calls, lambda x, y, gemm: (x, y, gemm))), \
@@ -103,6 +105,7 @@ def _all_called(names, store, calls):
 def layer_mse(gemm, x, y, w, b=0.0, chunk: int = 256) -> float:
     """mean of (gemm(x, w) + b − y)² over all entries of y: the output MSE of kernel ``w`` with
     bias shift ``b`` ((C,) or a scalar), in chunks of ``chunk`` rows (bounded memory)."""
+    chunk = checks.check_int(chunk, "chunk")  # chunk=-1 made the loop empty: an MSE of 0
     if x.shape[0] <= chunk:  # no slicing: an eager slice of a device array compiles per shape
         return float(_sum_of_squares(gemm, x, y, w, b)) / y.size
     total = 0.0

@@ -133,6 +133,8 @@ def test_recalibrated_running_statistics_equal_batch_statistics(tiny_net, digits
 
 
 def test_adaprune_bad_arguments(tiny_net, digits):
+    with pytest.raises(ValueError, match="calib is a whole Dataset; pass its calibration split, data.calib"):
+        ap.adaprune(tiny_net, digits)
     with pytest.raises(ValueError, match="keep must satisfy"):
         ap.adaprune(tiny_net, digits.calib, keep=4, block=4)
     with pytest.raises(ValueError, match="unknown layer name"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,9 @@ def test_bops_budget_errors():
         allocate_bits(s, budget_bops=10**9, a_bits=8)
     s = dataclasses.replace(s, macs=s.sizes * 4)
     floor = s.bops(dict.fromkeys(s.sites, 2), 8)
+    for width, match in ((0, "bits=0 is not allowed"), (3.9, "bits=3.9 is not allowed"), (None, "width None")):
+        with pytest.raises(ValueError, match=match):  # 0 and 3.9 (truncated to 3) were counted
+            s.bops({**dict.fromkeys(s.sites, 2), s.sites[1]: width}, 8)
     with pytest.raises(ValueError, match="a_bits .* goes with budget_bops"):
         allocate_bits(s, budget_bops=floor)
     with pytest.raises(ValueError, match="a_bits .* goes with budget_bops"):
@@ -152,9 +156,20 @@ def test_sensitivity_is_hawq_v2_omega(sensitivity, tiny_net, digits):
     assert list(s.macs) == [n * math.prod(out[name][1:-1]) for n, name in zip(s.sizes, s.sites, strict=True)]
 
 
+def test_a_trace_within_two_standard_errors_of_zero_warns(sensitivity):
+    loss, s = sensitivity
+    doubtful = jax.tree.map(lambda t: t, s.spectrum.trace_per_leaf)
+    doubtful["conv1_0"]["kernel"] = -0.1  # Ω ∝ trace: a negative one ranks the widths backwards
+    spectrum = dataclasses.replace(s.spectrum, trace_per_leaf=doubtful)
+    with pytest.warns(RuntimeWarning, match=r"block traces of \['conv1_0'\] are within two standard errors"):
+        ls.weight_sensitivity(loss, bits=(2, 3, 4), spectrum=spectrum)
+
+
 def test_sensitivity_reuses_a_spectrum_and_feeds_clip_loss(sensitivity, tiny_net, digits):
     loss, s = sensitivity
-    again = ls.weight_sensitivity(loss, bits=(2, 3, 4), spectrum=s.spectrum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real traces are well above zero: no warning
+        again = ls.weight_sensitivity(loss, bits=(2, 3, 4), spectrum=s.spectrum)
     assert again.spectrum is s.spectrum
     np.testing.assert_allclose(again.omega, s.omega)
     allocation = ls.allocate_bits(s, average_bits=3.0)

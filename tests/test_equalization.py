@@ -117,3 +117,48 @@ def test_equalization_leaves_a_transformer_alone():
     eq = cross_layer_equalization(model, variables, x)
     assert eq.pairs == () and eq.rejected == () and eq.max_logit_change == 0.0
     jax.tree.map(np.testing.assert_array_equal, eq.variables["params"], variables["params"])
+
+
+def test_folding_refuses_a_conv_whose_output_has_another_reader(digits):
+    """A conv read by its BN and by a side path: folding would scale what the side path sees.
+    It changed the logits by 0.26 (of 2.8) silently, and CLE, measuring against the folded
+    network, reported no change; now both refuse, naming the pair."""
+    import flax.linen as nn
+
+    from landscape.layers import BatchNorm, QuantConv, QuantDense, QuantReLU
+
+    class SidePath(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            y = QuantConv(4, name="conv")(x)
+            h = QuantReLU(name="relu")(BatchNorm(name="bn")(y, train) + 0.1 * y)
+            return QuantDense(10, name="fc")(jnp.mean(h, axis=(1, 2)))
+
+    model, x = SidePath(), digits.calib.x[:16]
+    variables = model.init(jax.random.key(0), x[:1])
+    variables = {**variables, "params": {**variables["params"], "bn": {"scale": jnp.array([3.0, 0.2, 1.5, 0.5]),
+                                                                       "bias": jnp.zeros(4)}}}
+    with pytest.raises(ValueError, match="the output of conv → bn is also read besides its BatchNorm"):
+        ls.folding.fold_batchnorm(model, variables, x[:1])
+    net = ls.train.Network(model, variables, config={}, history=[])
+    with pytest.raises(ValueError, match="conv → bn"):
+        ls.ClipLoss(net, digits.calib, w_bits=4, a_bits=None, quantize_first_last=True, fold_bn=True)
+    with pytest.raises(ValueError, match="conv → bn"):
+        cross_layer_equalization(model, variables, x)
+    # A plain conv → BN folds as before: the logits stay put.
+    cnn = models.create("cnn", num_classes=10, widths=(4,))
+    v = cnn.init(jax.random.key(0), x[:1])
+    folded = ls.folding.fold_batchnorm(cnn, v, x[:1])
+    np.testing.assert_allclose(cnn.apply(folded, x, train=False), cnn.apply(v, x, train=False), atol=1e-5)
+
+
+def test_equalization_tolerance_and_rounds_are_checked(digits):
+    cnn = models.create("cnn", num_classes=10, widths=(4,))
+    x = digits.calib.x[:8]
+    v = cnn.init(jax.random.key(0), x[:1])
+    for tol in (float("inf"), True, 1.5, 0.0, "1e-4"):  # inf kept the skip-connection pairs of resnet8
+        with pytest.raises(ValueError, match=r"must be a number in \(0, 1\)"):
+            cross_layer_equalization(cnn, v, x, tol=tol)
+    with pytest.raises(ValueError, match="max_rounds=True must be a positive integer"):
+        cross_layer_equalization(cnn, v, x, max_rounds=True)
+    assert cross_layer_equalization(cnn, v, x, tol=np.float32(1e-3)).max_logit_change >= 0

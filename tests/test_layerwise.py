@@ -50,6 +50,9 @@ def test_layer_mse_is_the_mean_squared_output_error_in_any_chunking():
     for chunk in (1, 8, 37, 100):
         assert layerwise.layer_mse(gemm, x, y, w, b, chunk=chunk) == pytest.approx(want, rel=1e-5)
     assert layerwise.layer_mse(gemm, x, y, w, chunk=8) == pytest.approx(np.mean((x @ w - y) ** 2), rel=1e-5)
+    for bad in (-1, 0, 2.5):  # chunk=-1 gave an MSE of 0 (an empty loop)
+        with pytest.raises(ValueError, match=f"chunk={bad} must be a positive integer"):
+            layerwise.layer_mse(gemm, x, y, w, chunk=bad)
 
 
 def test_unknown_layers_are_named_in_the_error(tiny_net, digits):
@@ -58,6 +61,8 @@ def test_unknown_layers_are_named_in_the_error(tiny_net, digits):
         layerwise.record_layers(tiny_net.model, tiny_net.variables, x, ["conv0_0", "nope"])
     with pytest.raises(ValueError, match=r"\['nope'\] were not called"):
         layerwise.layer_inputs(tiny_net.model, ["nope"])(tiny_net.variables, jnp.asarray(x))
+    # one name as a string is that layer, not a set of letters
+    assert list(layerwise.record_layers(tiny_net.model, tiny_net.variables, x, "conv0_0")) == ["conv0_0"]
 
 
 def test_a_layer_applied_twice_is_named_in_a_warning():
