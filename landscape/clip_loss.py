@@ -316,7 +316,7 @@ class ClipLoss:
                             batch_size=batch_size, chunk=chunk, precision=precision)
         variables = net.variables
         if fold_bn:
-            variables = folding.fold_batchnorm(self.model, variables, x[:1])
+            variables = folding.fold_batchnorm(self.model, variables, x[:1], precision=precision)
         self.all_sites, _, logits = sites_of(self.model, variables, x[:1], output=True)
         self.num_classes = int(logits.shape[-1])
         check_labels(y, self.num_classes, "calib")  # labels the logits can score

@@ -124,7 +124,7 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     if x.ndim < 2 or x.shape[0] == 0 or not np.all(np.isfinite(x)):
         raise ValueError(f"x must be a non-empty batch of finite images (N, ...), got shape {x.shape}")
     x = jnp.asarray(x)
-    folded = folding.fold_batchnorm(model, variables, x[:1])
+    folded = folding.fold_batchnorm(model, variables, x[:1], precision=precision)
     flat = {k: np.asarray(v, np.float32) for k, v in flax.traverse_util.flatten_dict(folded, sep="/").items()}
 
     def apply(v, xb):
