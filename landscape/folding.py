@@ -12,6 +12,8 @@ Conv → BN pairs are found by tracing: a BN whose input is exactly a conv's out
 
 from __future__ import annotations
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -45,7 +47,7 @@ def fold_batchnorm(model, variables, x, *, precision: str = "highest") -> dict:
     folded = _fold(variables, pairs)
     if pairs:
         runtime.check_precision(precision, "fold_batchnorm")
-        jitted = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+        jitted = _eval_forward(model)
 
         def forward(v):
             with jax.default_matmul_precision(precision):  # part of jit's cache key: set on every call
@@ -58,13 +60,21 @@ def fold_batchnorm(model, variables, x, *, precision: str = "highest") -> dict:
         def change(v):
             return float(np.max(np.abs(forward(v) - reference)))
 
-        if change(folded) > bound:
+        moved = change(folded)
+        if moved > bound:
             bad = [f"{conv} → {bn}" for conv, bn, eps in pairs if change(_fold(variables, [(conv, bn, eps)])) > bound]
-            raise ValueError(f"fold_batchnorm: folding changes the logits by {change(folded):.3g} (max |logit| "
+            raise ValueError(f"fold_batchnorm: folding changes the logits by {moved:.3g} (max |logit| "
                              f"{bound / tol:.3g}): the output of {', '.join(bad) or 'some conv'} is also read "
                              "besides its BatchNorm, and that reader would see the scaled kernel; leave the BNs "
                              "unfolded (ClipLoss(fold_bn=False); cross_layer_equalization needs foldable BNs)")
     return folded
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_forward(model):
+    """The jitted evaluation forward of ``model``, one per model (Flax modules hash by value):
+    ``ClipLoss.with_options`` folds again for every new loss and would otherwise recompile."""
+    return jax.jit(lambda v, xb: model.apply(v, xb, train=False))
 
 
 def _fold(variables, pairs) -> dict:
