@@ -168,12 +168,6 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
-def seed_std(values, axis=-1) -> np.ndarray:
-    """The sample standard deviation over calibration seeds (ddof = 1; 0 for a single seed)."""
-    values = np.asarray(values, np.float64)
-    return values.std(axis=axis, ddof=1) if values.shape[axis] > 1 else np.zeros_like(values.mean(axis=axis))
-
-
 def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from figures.common import seed_std
+from landscape.lapq import seed_std
 
 NAME = "F7"
 SLUG = "f7_calib_size"

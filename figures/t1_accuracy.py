@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from figures.common import seed_std
+from landscape.lapq import seed_std
 
 NAME = "T1"
 SLUG = "t1_accuracy"

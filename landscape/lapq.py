@@ -645,11 +645,16 @@ class MethodComparison:
         return f"MethodComparison({len(self.rows)} methods × {len(self.seeds)} seeds)\n{self.to_markdown()}"
 
 
-def _pm(values, digits: int) -> str:
-    """mean ± the sample standard deviation (ddof = 1; 0 for a single seed)."""
+def seed_std(values, axis=-1) -> np.ndarray:
+    """The sample standard deviation over calibration seeds along ``axis`` (ddof = 1; 0 for a
+    single seed): the ± of the method tables here and in paper_repro."""
     values = np.asarray(values, np.float64)
-    spread = np.std(values, ddof=1) if values.size > 1 else 0.0
-    return f"{np.mean(values):.{digits}f} ± {spread:.{digits}f}"
+    return values.std(axis=axis, ddof=1) if values.shape[axis] > 1 else np.zeros_like(values.mean(axis=axis))
+
+
+def _pm(values, digits: int) -> str:
+    values = np.asarray(values, np.float64)
+    return f"{np.mean(values):.{digits}f} ± {float(seed_std(values)):.{digits}f}"
 
 
 def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] = ALL_ROWS,
