@@ -11,7 +11,9 @@
 Each figure module in figures/ computes its data (cached by configuration, written
 atomically, so a killed run resumes), writes PNG + PDF + the JSON behind it, and checks
 the claims of lapq.md §6 it can test. The run ends with REPORT.md and report.json in the
-output directory (for the small preset: figures/, next to the modules).
+output directory (for the small preset: figures/, next to the modules). Until then its outputs
+wait in the output directory's .partial/, so that a killed run leaves the last finished run's
+figures and report as they were.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+STAGING = ".partial"  # under the output directory: the outputs of the run in progress
+REPORT_FILES = ("README.md", "report.json", "REPORT.md")  # moved into place last, in this order
 
 
 def _parse(argv):
@@ -119,7 +125,12 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
 
     ls.enable_compilation_cache()
     t0 = time.time()
-    ctx = common.Context(preset, out, progress=progress)
+    # Outputs go to a staging directory and move into ``out`` once the report is written: a run
+    # killed part-way leaves ``out`` as the last finished run left it (figures and the report
+    # that describes them), and its finished steps in ``out/.cache`` for the rerun to resume.
+    stage = out / STAGING
+    shutil.rmtree(stage, ignore_errors=True)  # an unfinished run's outputs: the cache redraws them
+    ctx = common.Context(preset, stage, progress=progress, cache_dir=out / ".cache")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -141,7 +152,7 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
                     bar.set_postfix_str(f"{m.NAME} {m.TITLE[:40]}")
                 start, steps = time.time(), dict(ctx.steps)
                 data = datas[m.NAME] = m.compute(ctx)
-                common.write_json(out / f"{m.SLUG}.json", data)
+                common.write_json(stage / f"{m.SLUG}.json", data)
                 drawn[m.NAME] = renderer.submit(_timed, m.render, data, ctx)
                 found = m.claims(data, ctx)
                 claims.extend(found)
@@ -156,7 +167,7 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
                         future.result()  # a figure that failed to draw stops the run now
             for m in modules:
                 paths, seconds = drawn[m.NAME].result()
-                files[m.NAME] = [str(p.relative_to(out)) for p in paths] + [f"{m.SLUG}.json"]
+                files[m.NAME] = [str(p.relative_to(stage)) for p in paths] + [f"{m.SLUG}.json"]
                 results[m.NAME]["render_seconds"] = round(seconds, 1)
                 ctx.log(f"{m.NAME} drawn in {seconds:.1f} s: {', '.join(files[m.NAME])}")
         except BaseException:
@@ -165,12 +176,24 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     if bar is not None:
         bar.close()
     wall = time.time() - t0
-    report.write(out, preset, claims, results, files, wall, ctx)
+    report.write(stage, preset, claims, results, files, wall, ctx)
     if {m.NAME for m in modules} == {m.NAME for m in figures.load_all()}:
-        report.gallery(out, preset, modules, datas, ctx)
+        report.gallery(stage, preset, modules, datas, ctx)
+    publish(stage, out)
     print(report.claims_table(claims))
     print(f"\nwall time {wall / 60:.1f} min; report: {out / 'REPORT.md'}")
     return 0
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move every file of ``stage`` into ``out`` (each an atomic rename), the report last, then
+    remove ``stage``. Files of ``out`` that the run did not write (other figures of a run with
+    --only) stay."""
+    last = [stage / name for name in REPORT_FILES]
+    for path in sorted(p for p in stage.iterdir() if p.is_file() and p not in last) + last:
+        if path.exists():
+            os.replace(path, out / path.name)
+    stage.rmdir()
 
 
 def _timed(fn, *args):

@@ -223,11 +223,12 @@ class Context:
     MAX_LIVE_LOSSES = 6
     MAPPINGS_SHORT = 0.25  # fraction of vm.max_map_count past which compiled programs are freed
 
-    def __init__(self, preset: Preset, out: Path, *, progress: bool = True, log: Callable = print):
+    def __init__(self, preset: Preset, out: Path, *, progress: bool = True, log: Callable = print,
+                 cache_dir: Path | None = None):
         self.preset = preset
-        self.out = Path(out)
+        self.out = Path(out)  # where figures and tables are written (paper_repro: a staging directory)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cache_dir = self.out / ".cache"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.out / ".cache"
         self.progress = progress
         self.log = log
         self._base = None

@@ -72,8 +72,36 @@ def test_a_figure_that_fails_to_draw_stops_the_run(tiny_run, tmp_path, monkeypat
     monkeypatch.setattr(module, "render", broken)
     with pytest.raises(RuntimeError, match="no room on the canvas"):
         paper_repro.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--only", "F7,F8"])
-    assert (tmp_path / "f7_calib_size.png").exists() and (tmp_path / "f8_line.json").exists()
-    assert not (tmp_path / "report.json").exists()
+    # what the run finished waits in the staging directory; nothing claims the run finished
+    assert (tmp_path / ".partial" / "f7_calib_size.png").exists() and (tmp_path / ".partial" / "f8_line.json").exists()
+    assert not (tmp_path / "f7_calib_size.png").exists() and not (tmp_path / "report.json").exists()
+
+
+def test_a_killed_run_leaves_the_finished_run_as_it_was(tiny_run, tmp_path, monkeypatch):
+    """A run stopped part-way (here: an error in F8, after F7 finished) changes none of the
+    output directory's figures or its report; the rerun resumes from the cache and publishes."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    module = figures.select("F8")[0]
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "compute", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            paper_repro.main(["--preset", "tiny", "--out", str(out), "--no-progress", "--only", "F7,F8"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / ".partial" / "f7_calib_size.json").exists()
+    cache = {p.name for p in (out / ".cache").iterdir()}
+    assert paper_repro.main(["--preset", "tiny", "--out", str(out), "--no-progress", "--only", "F7,F8"]) == 0
+    assert {p.name for p in (out / ".cache").iterdir()} == cache, "the rerun recomputed a finished step"
+    assert not (out / ".partial").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["figures"]) == {"F7", "F8"} and report != json.loads(before["report.json"])
+    assert (out / "f8_line.json").read_bytes() == before["f8_line.json"]  # the same data, republished
+    assert (out / "README.md").read_bytes() == before["README.md"]  # a partial run writes no gallery
 
 
 def test_cli_list_and_bad_arguments(capsys, tmp_path):
