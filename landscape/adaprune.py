@@ -232,6 +232,13 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
                          f"{m.shape}")
     maskf = jnp.asarray(m, jnp.float32)
     x, y = jnp.asarray(x), jnp.asarray(y)
+    # a y or init of another shape would broadcast silently into a wrong MSE or kernel
+    out_shape = jax.eval_shape(gemm, x, w).shape
+    if y.shape != out_shape:
+        raise ValueError(f"y has shape {y.shape}; gemm(x, kernel) has shape {out_shape}: y must be the "
+                         "layer's recorded dense outputs for these inputs")
+    if init is not None and np.shape(init) != w.shape:
+        raise ValueError(f"init has shape {np.shape(init)}; it must have the kernel's shape {w.shape}")
     key = jax.random.key(0) if key is None else key
     n = x.shape[0]
     bs = min(batch_size, n)

@@ -206,28 +206,52 @@ class _Bracket:
 
     ``frac`` = (x − lo)/(hi − lo) ∈ [0, 1) is exact: x itself below 1, else 2·mantissa − 1.
     ``k_lo`` is the exponent of lo (unused below 1, where lo = 0 and hi = α).
+
+    x is kept as a mantissa and an exponent, never formed: in the signed mode |g| may exceed
+    m = max(g) by any factor, and x = |g|/α would overflow float32 (g = [1e-37, −1] gave −0
+    for the −1). For a float16 (or bfloat16) ``dtype``, the result's, the levels are those of
+    that dtype and ``frac`` is measured between them: float16 rounds levels below 2^−14 to its
+    subnormal grid, and a fraction of the exact levels would then bias E[Q] (by −4.8 % at
+    max|g| = 1e-5).
     """
 
-    def __init__(self, g, bits, max_mode):
+    def __init__(self, g, bits, max_mode, dtype=jnp.float32):
         g32 = g.astype(jnp.float32)
+        a = jnp.abs(g32)
         m = _reference_max(g32, max_mode)
         span = _exponent_span(bits, max_mode)
-        safe_m = jnp.where(m > 0, m, 1.0)
-        # |g|/m ∈ [0, 1] then an exact power-of-two scaling: x = |g| / α.
-        x = jnp.abs(g32) / safe_m * _pow2(span)
-        mant, ex = jnp.frexp(x)
+        mant_g, ex_g = jnp.frexp(a)
+        mant_m, ex_m = jnp.frexp(jnp.where(m > 0, m, 1.0))
+        q = mant_g / mant_m  # in (1/2, 2), or 0 for g = 0: |g|/m without over- or underflow
+        above = q >= 1.0
+        mant = jnp.where(above, 0.5 * q, q)  # x = mant · 2^ex, mant ∈ [1/2, 1) (exact halving)
+        ex = ex_g - ex_m + span + above.astype(jnp.int32)
         self.m, self.span, self.sign = m, span, jnp.sign(g32)
-        self.below = x < 1.0
-        self.frac = jnp.where(self.below, x, 2.0 * mant - 1.0)
+        self.below = (ex <= 0) | (mant_g == 0)
+        self.frac = jnp.where(self.below, jnp.ldexp(mant, jnp.minimum(ex, 0)), 2.0 * mant - 1.0)
         self.k_lo = ex - 1
+        # A NaN/inf anywhere makes the whole result NaN (checked on g itself: in the signed
+        # mode max(g) stays finite next to a −inf)
+        self.finite = jnp.all(jnp.isfinite(g32))
+        self.narrow = jnp.dtype(dtype).itemsize < 4
+        self.dtype = dtype
+        if self.narrow:
+            lo = self.level(jnp.zeros_like(self.below))
+            hi = self.level(jnp.ones_like(self.below))
+            # |g| is a value of dtype, so the rounded levels still bracket it; frac < 1 keeps
+            # the 2^32 threshold of the draw in range (|g| = hi: P(up) = 1 − 2^−24)
+            frac = jnp.where(hi > lo, (a - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
+            self.frac = jnp.clip(frac, 0.0, np.float32(1.0 - 2.0**-24))
+
+    def level(self, up):
+        """|level| chosen by the boolean ``up`` (float32, rounded to ``dtype``'s grid)."""
+        k = jnp.where(self.below, 0, self.k_lo + up.astype(jnp.int32))
+        mag = jnp.where(self.below & ~up, 0.0, jnp.ldexp(self.m, k - self.span))
+        return mag.astype(self.dtype).astype(jnp.float32) if self.narrow else mag
 
     def value(self, up):
         """The level chosen by the boolean ``up`` (broadcast over leading sample axes)."""
-        k = jnp.where(self.below, 0, self.k_lo + up.astype(jnp.int32))
-        mag = jnp.where(self.below & ~up, 0.0, self.m * _pow2(k - self.span))
-        # A non-finite maximum means a NaN/inf gradient: make the whole tensor NaN so the
-        # failure is visible instead of silently zeroing every finite element.
-        return jnp.where(jnp.isfinite(self.m), self.sign * mag, jnp.nan)
+        return jnp.where(self.finite, self.sign * self.level(up), jnp.nan)
 
 
 def gradient_alpha(g, *, bits=4, max_mode="abs"):
@@ -262,10 +286,9 @@ def gradient_variance(g, *, bits=4, max_mode="abs"):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _variance_kernel(g, bits, max_mode):
-    b = _Bracket(g, bits, max_mode)
-    alpha = b.m * _pow2(-b.span)
-    width = jnp.where(b.below, alpha, alpha * _pow2(b.k_lo))  # hi − lo
-    return (width * width * b.frac * (1.0 - b.frac)).astype(g.dtype)
+    b = _Bracket(g, bits, max_mode, g.dtype)
+    width = b.level(jnp.ones_like(b.below)) - b.level(jnp.zeros_like(b.below))  # hi − lo
+    return jnp.where(b.finite, width * width * b.frac * (1.0 - b.frac), jnp.nan).astype(g.dtype)
 
 
 def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs", prng="jax"):
@@ -321,7 +344,7 @@ def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs", prng="jax"):
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _luq_kernel(g, key, bits, samples, max_mode, prng):
-    b = _Bracket(g, bits, max_mode)
+    b = _Bracket(g, bits, max_mode, g.dtype)
     # Round up iff U < frac with U uniform on the 2^32 integers; frac·2^32 < 2^32 is exact.
     shape = (samples,) + g.shape
     if prng == "jax":
@@ -386,7 +409,7 @@ def round_gradient(g, *, bits=4, max_mode="abs"):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _rdn_kernel(g, bits, max_mode):
-    b = _Bracket(g, bits, max_mode)
+    b = _Bracket(g, bits, max_mode, g.dtype)
     return b.value(b.frac >= 0.5).astype(g.dtype)
 
 
@@ -430,7 +453,8 @@ def _sawb_grid(x, bits, signed, coeffs, levels):
         lo, hi = jnp.where(neg, -(2 ** (bits - 1)), 0), full
         span = (hi - lo) / 2
     scale = clip / span
-    scale = jnp.where(scale > 0, scale, 1.0)  # all-zero tensor: any scale gives zeros
+    # all-zero tensor: any scale gives zeros; a NaN scale (an inf in x) stays NaN, visibly
+    scale = jnp.where(clip == 0, 1.0, scale)
     return scale, lo, hi
 
 

@@ -96,6 +96,11 @@ def test_prune_layer_reaches_least_squares_optimum():
     assert best <= fit.mse_after <= 1.05 * best < 0.6 * fit.mse_before
     assert np.all(fit.kernel[~mask] == 0.0) and np.all(fit.bias_delta == 0.0)
     assert len(fit.history) == 10
+    # outputs or a start of another shape are refused, not broadcast into a wrong fit
+    with pytest.raises(ValueError, match=r"y has shape \(400, 1\); gemm\(x, kernel\) has shape \(400, 8\)"):
+        ap.prune_layer(x, y[:, :1], w, mask, jnp.dot, iterations=1)
+    with pytest.raises(ValueError, match=r"init has shape \(8,\); it must have the kernel's shape \(32, 8\)"):
+        ap.prune_layer(x, y, w, mask, jnp.dot, init=w[0], iterations=1)
 
 
 def test_prune_layer_bias_correction_absorbs_an_offset():
