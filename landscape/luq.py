@@ -192,13 +192,22 @@ def _check_gradient_args(bits, max_mode):
     return bits, _check_choice("max_mode", max_mode, MAX_MODES)
 
 
-def _reference_max(g, max_mode):
-    """The maximum m that fixes α = m / 2^E (float32 scalar; 0 for an all-zero g)."""
+def _reference_max(g, max_mode, *, with_abs=False):
+    """The maximum m that fixes α = m / 2^E (float32 scalar; 0 for an all-zero g); with
+    ``with_abs``, (m, max|g|)."""
     m_abs = jnp.max(jnp.abs(g))
-    if max_mode == "abs":
-        return m_abs
-    m_signed = jnp.max(g)
-    return jnp.where(m_signed > 0, m_signed, m_abs)
+    m = m_abs
+    if max_mode == "signed":
+        m_signed = jnp.max(g)
+        m = jnp.where(m_signed > 0, m_signed, m_abs)
+    return (m, m_abs) if with_abs else m
+
+
+def _scale_pow2(x, k):
+    """x · 2^k for integer k in [−252, 254] (two exact power-of-two factors; _pow2 alone
+    clamps k to [−126, 127]). Cheaper than jnp.ldexp, which XLA expands into many ops."""
+    k1 = jnp.clip(k, -126, 127)
+    return x * _pow2(k1) * _pow2(k - k1)
 
 
 class _Bracket:
@@ -218,21 +227,23 @@ class _Bracket:
     def __init__(self, g, bits, max_mode, dtype=jnp.float32):
         g32 = g.astype(jnp.float32)
         a = jnp.abs(g32)
-        m = _reference_max(g32, max_mode)
+        m, m_abs = _reference_max(g32, max_mode, with_abs=True)
         span = _exponent_span(bits, max_mode)
+        safe_m = jnp.where(m > 0, m, 1.0)
         mant_g, ex_g = jnp.frexp(a)
-        mant_m, ex_m = jnp.frexp(jnp.where(m > 0, m, 1.0))
+        mant_m, ex_m = jnp.frexp(safe_m)
         q = mant_g / mant_m  # in (1/2, 2), or 0 for g = 0: |g|/m without over- or underflow
         above = q >= 1.0
         mant = jnp.where(above, 0.5 * q, q)  # x = mant · 2^ex, mant ∈ [1/2, 1) (exact halving)
         ex = ex_g - ex_m + span + above.astype(jnp.int32)
         self.m, self.span, self.sign = m, span, jnp.sign(g32)
         self.below = (ex <= 0) | (mant_g == 0)
-        self.frac = jnp.where(self.below, jnp.ldexp(mant, jnp.minimum(ex, 0)), 2.0 * mant - 1.0)
+        self.frac = jnp.where(self.below, _scale_pow2(mant, jnp.maximum(jnp.minimum(ex, 0), -252)),
+                              2.0 * mant - 1.0)
         self.k_lo = ex - 1
-        # A NaN/inf anywhere makes the whole result NaN (checked on g itself: in the signed
-        # mode max(g) stays finite next to a −inf)
-        self.finite = jnp.all(jnp.isfinite(g32))
+        # A NaN/inf anywhere makes the whole result NaN (max|g|, not m: in the signed mode
+        # max(g) stays finite next to a −inf)
+        self.finite = jnp.isfinite(m_abs)
         self.narrow = jnp.dtype(dtype).itemsize < 4
         self.dtype = dtype
         if self.narrow:
@@ -246,7 +257,7 @@ class _Bracket:
     def level(self, up):
         """|level| chosen by the boolean ``up`` (float32, rounded to ``dtype``'s grid)."""
         k = jnp.where(self.below, 0, self.k_lo + up.astype(jnp.int32))
-        mag = jnp.where(self.below & ~up, 0.0, jnp.ldexp(self.m, k - self.span))
+        mag = jnp.where(self.below & ~up, 0.0, _scale_pow2(self.m, k - self.span))
         return mag.astype(self.dtype).astype(jnp.float32) if self.narrow else mag
 
     def value(self, up):
