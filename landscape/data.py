@@ -232,7 +232,8 @@ def _files_key(files: dict[str, Sequence[str]]) -> str:
     for split in sorted(files):
         for f in files[split]:
             st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}:{st.st_size}:{int(st.st_mtime)}".encode())
+            # nanoseconds: a file rewritten within the same second must not hit the old cache
+            h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 

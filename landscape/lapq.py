@@ -35,8 +35,9 @@ bracket arithmetic stays finite), and an iterate with that value is never accept
 ``"batched"`` works in u = log α, so every candidate is positive by construction.
 The returned α is always positive.
 
-**Interruption.** Ctrl-C (KeyboardInterrupt) during step 2 returns the best α evaluated
-so far with ``interrupted=True``.
+**Interruption.** Ctrl-C (KeyboardInterrupt) returns the best α evaluated so far with
+``interrupted=True``: during step 2, or during the Lp sweep once it has evaluated an α
+(the joint step is then skipped).
 
 Evaluations are counted one per α: a ``loss.batch`` call of K rows counts K. Gradient
 evaluations (``"batched"`` only) are counted apart, in ``n_grads``.
@@ -94,7 +95,8 @@ class PSelection:
 
 def select_p(ps, losses) -> PSelection:
     """p* from a sweep of losses L(α_p): the vertex of a least-squares quadratic fit when
-    the fit is convex and the vertex lies inside [min p, max p], else the best grid p.
+    the fit is convex and the vertex lies inside [min p, max p] of the points fitted, else the
+    best grid p.
 
     Args:
       ps: (P,) grid of p values.
@@ -109,6 +111,8 @@ def select_p(ps, losses) -> PSelection:
     if ps.ndim != 1 or ps.shape != losses.shape or len(ps) == 0:
         raise ValueError(f"ps and losses must be 1-D of the same non-zero length; got {ps.shape}, "
                          f"{losses.shape}")
+    if not np.all(np.isfinite(ps)) or len(np.unique(ps)) != len(ps):
+        raise ValueError(f"ps must be distinct finite p values; got {ps.tolist()}")
     finite = np.isfinite(losses)
     if not finite.any():
         raise ValueError(f"every loss of the p sweep is non-finite: {losses.tolist()}")
@@ -119,7 +123,7 @@ def select_p(ps, losses) -> PSelection:
     if not a > 0:
         return PSelection(best, "concave", (a, b, c), best)
     vertex = -b / (2.0 * a)
-    if not ps.min() <= vertex <= ps.max():
+    if not ps[finite].min() <= vertex <= ps[finite].max():  # inside the points fitted
         return PSelection(best, "outside", (a, b, c), best)
     return PSelection(float(vertex), "vertex", (a, b, c), best)
 
@@ -158,7 +162,7 @@ class LAPQResult:
       seconds: wall time of the whole call.
       history: per iteration of the joint step (0 = the start): dicts with ``iteration``,
         ``loss``, ``n_evals`` and ``n_grads`` (so far) and ``seconds`` (since the call began).
-      interrupted: True when Ctrl-C stopped the joint step (alpha = best so far).
+      interrupted: True when Ctrl-C stopped the sweep or the joint step (alpha = best so far).
       message: why the joint step stopped.
       p_selection: the :class:`PSelection` of the sweep (None when ``init`` was given).
       p_grid, p_losses: the sweep (empty when ``init`` was given).
@@ -535,27 +539,36 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
     tracker = _Tracker(loss, t0, callback)
 
     selection, p_losses = None, np.zeros(0)
-    if init is None:
-        alpha0, selection, p_losses = lp_start(loss, grid, tracker)
-    else:
-        alpha0 = _start_from(loss, init)
-        grid = np.zeros(0)
-
-    f0 = tracker.value(alpha0)
+    interrupted = False
+    try:
+        if init is None:
+            alpha0, selection, p_losses = lp_start(loss, grid, tracker)
+        else:
+            alpha0 = _start_from(loss, init)
+            grid = np.zeros(0)
+        f0 = tracker.value(alpha0)
+    except KeyboardInterrupt:
+        # Step 1 interrupted: the best α the sweep evaluated is the result (none yet: re-raise)
+        if tracker.best_alpha is None:
+            raise
+        interrupted = True
+        alpha0, f0 = tracker.best_alpha, tracker.best_loss
     if not math.isfinite(f0):
         raise ValueError(f"the start α gives a non-finite loss ({f0}); check init")
     tracker.best_alpha, tracker.best_loss = alpha0.copy(), f0
     tracker.record(0, alpha0, f0)
 
     optimizer = {"powell": _powell, "cd": _coordinate_descent, "batched": _batched}[method]
-    interrupted = False
-    try:
-        alpha, value, message = optimizer(tracker, alpha0, f0, maxiter)
-    except KeyboardInterrupt:
-        interrupted = True
-        alpha, value, message = tracker.best_alpha, tracker.best_loss, "interrupted (KeyboardInterrupt)"
-    except _Stop:
-        alpha, value, message = tracker.best_alpha, tracker.best_loss, "stopped by the callback"
+    if interrupted:
+        alpha, value, message = alpha0, f0, "interrupted (KeyboardInterrupt) in the Lp sweep"
+    else:
+        try:
+            alpha, value, message = optimizer(tracker, alpha0, f0, maxiter)
+        except KeyboardInterrupt:
+            interrupted = True
+            alpha, value, message = tracker.best_alpha, tracker.best_loss, "interrupted (KeyboardInterrupt)"
+        except _Stop:
+            alpha, value, message = tracker.best_alpha, tracker.best_loss, "stopped by the callback"
 
     return LAPQResult(
         alpha=np.asarray(alpha, np.float32), loss=float(value), method=method,
@@ -649,6 +662,9 @@ def seed_std(values, axis=-1) -> np.ndarray:
     """The sample standard deviation over calibration seeds along ``axis`` (ddof = 1; 0 for a
     single seed): the ± of the method tables here and in paper_repro."""
     values = np.asarray(values, np.float64)
+    if values.ndim == 0 or values.size == 0:
+        raise ValueError(f"seed_std needs an array with one value per seed along axis {axis}; got "
+                         f"shape {values.shape}")
     return values.std(axis=axis, ddof=1) if values.shape[axis] > 1 else np.zeros_like(values.mean(axis=axis))
 
 
@@ -678,6 +694,7 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
       a :class:`MethodComparison` (``str()`` is a markdown table of mean ± std).
     """
     _check_loss(loss)
+    rows = (rows,) if isinstance(rows, str) else rows
     unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; allowed: {ALL_ROWS}")

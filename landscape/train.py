@@ -301,8 +301,10 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     weight_decay = checks.check_positive(weight_decay, "weight_decay", allow_zero=True)
     seed = checks.check_int(seed, "seed", minimum=0)
     batch_size = min(batch_size, len(data.train))
+    cache = checks.check_flag(cache, "cache")
     if progress is None:
         progress = os.environ.get("LANDSCAPE_PROGRESS", "1") != "0"
+    progress = checks.check_flag(progress, "progress")
 
     config = {
         "format": FORMAT_VERSION, "model": repr(model), "data": data.name,

@@ -89,6 +89,18 @@ def test_local_parquet_copy(tmp_path):
     np.testing.assert_array_equal(again.train.x, data.train.x)
 
 
+def test_the_parquet_cache_key_sees_a_rewrite_within_the_same_second(tmp_path):
+    """Another file of the same size written within the same second must not hit the old
+    decoded copy: the key takes the modification time in nanoseconds."""
+    f = tmp_path / "train-00000-of-00001.parquet"
+    keys = []
+    for content, ns in ((b"a" * 10, 1_700_000_000_100_000_000), (b"b" * 10, 1_700_000_000_900_000_000)):
+        f.write_bytes(content)
+        os.utime(f, ns=(ns, ns))
+        keys.append(ls.data._files_key({"train": [str(f)]}))
+    assert keys[0] != keys[1]
+
+
 def test_a_copy_with_labels_outside_the_classes_is_refused(tmp_path):
     d = tmp_path / "mnist"
     d.mkdir()

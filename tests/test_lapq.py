@@ -95,6 +95,21 @@ def test_select_p_ignores_non_finite_losses():
         lq.select_p(ps[:3], [np.inf] * 3)
 
 
+def test_select_p_vertex_must_lie_among_the_fitted_points():
+    """A vertex extrapolated past the finite losses is no fitted p*, even inside the grid."""
+    ps = np.linspace(2, 4, 7)
+    losses = (ps - 2.5) ** 2
+    losses[:3] = np.inf  # the fit sees p ∈ [3, 4] only
+    sel = lq.select_p(ps, losses)
+    assert sel.rule == "outside" and sel.p_star == 3.0 and not sel.used_fit
+
+
+@pytest.mark.parametrize("ps", [[2.0, np.nan, 3.0], [3.0, 3.0, 3.0]])
+def test_select_p_refuses_nan_and_repeated_p(ps):
+    with pytest.raises(ValueError, match="ps must be distinct finite p values"):
+        lq.select_p(ps, [1.0, 0.5, 1.0])
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -132,6 +147,8 @@ def test_bad_method_maxiter_init_and_fp32_loss(tiny_net, digits, tiny_loss):
                          ([0, -1], "got -1")):
         with pytest.raises(ValueError, match=match):
             lq.compare_methods(tiny_loss, digits, seeds=seeds, rows=["FP32"])
+    with pytest.raises(ValueError, match=r"unknown rows \['max '\]"):  # one string is one row
+        lq.compare_methods(tiny_loss, digits, rows="max ")
 
 
 # --------------------------------------------------------------------------- bias correction
@@ -242,6 +259,28 @@ def test_keyboard_interrupt_returns_best_so_far(tiny_loss, method):
     assert res.loss == pytest.approx(float(values.min()), rel=1e-5)
     assert res.loss <= res.init_loss and np.all(res.alpha > 0)
     assert "interrupted: True" in repr(res)
+
+
+def test_keyboard_interrupt_in_the_sweep(tiny_loss):
+    """Ctrl-C after the Lp sweep evaluated its α (here: at L(start)) keeps the sweep's best; one
+    before any evaluation returned has nothing to keep and propagates."""
+    grid = [2.0, 3.0, 4.0]
+    spy = Interrupting(tiny_loss, k=len(grid) + 1)
+    res = lq.lapq(spy, p_grid=grid, method="powell")
+    assert res.interrupted and "Lp sweep" in res.message
+    sweep = np.asarray(tiny_loss.batch(np.asarray(spy.seen)))
+    assert len(spy.seen) == len(grid) and res.loss == pytest.approx(float(sweep.min()), rel=1e-5)
+    np.testing.assert_array_equal(res.alpha, spy.seen[int(np.argmin(sweep))])
+    with pytest.raises(KeyboardInterrupt):
+        lq.lapq(Interrupting(tiny_loss, k=1), p_grid=grid)
+
+
+def test_seed_std_needs_values_per_seed():
+    assert lq.seed_std([1.0, 3.0]) == pytest.approx(np.sqrt(2.0))
+    assert lq.seed_std([[1.0], [2.0]]).tolist() == [0.0, 0.0]  # one seed
+    for bad in (3.0, []):
+        with pytest.raises(ValueError, match="seed_std needs an array"):
+            lq.seed_std(bad)
 
 
 def test_callback_sees_iterations_and_can_stop(tiny_loss):

@@ -153,7 +153,9 @@ def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
                                       ({"batch_size": True}, "batch_size=True must be a positive integer"),
                                       ({"weight_decay": -1}, "weight_decay=-1 must be a finite number >= 0"),
                                       ({"weight_decay": float("nan")}, "weight_decay=nan must be a finite number"),
-                                      ({"seed": "a"}, "seed='a' must be an integer >= 0")])
+                                      ({"seed": "a"}, "seed='a' must be an integer >= 0"),
+                                      ({"cache": "no"}, "cache='no' must be True or False"),
+                                      ({"progress": 0}, "progress=0 must be True or False")])
 def test_bad_training_arguments(digits, kw, match):
     with pytest.raises(ValueError, match=match):
         ls.train.fit(models.create("mlp", num_classes=10), digits, **kw)
