@@ -244,7 +244,10 @@ def compare_hessians(H_ste, H_fd, *, labels: Sequence[str] | None = None, normal
     else:
         vmax = None
         if shared_scale:
-            vmax = max(float(np.nanmax(np.abs(H_ste))), float(np.nanmax(np.abs(H_fd)))) or 1.0
+            # finite entries only, as hessian_heatmap's own scale (an inf or NaN cell stays blank)
+            both = np.abs(np.concatenate([np.ravel(H_ste), np.ravel(H_fd)]).astype(np.float64))
+            both = both[np.isfinite(both)]
+            vmax = float(both.max()) if both.size and both.max() > 0 else 1.0
         for ax, H, title in zip(axes, (H_ste, H_fd), titles, strict=True):
             hessian_heatmap(H, labels=labels, ax=ax, annotate=annotate, fmt=fmt or ".2g", vmax=vmax,
                             title=title)
@@ -564,7 +567,7 @@ def bit_curves(bits: Sequence[int], metrics: Mapping, *, ncols: int | None = Non
                 where = f"metric {name!r}" + (f", series {label!r}" if label is not None else "")
                 raise ValueError(f"{where} has shape {v.shape}; bits has shape {bits.shape}")
             checked[label] = v
-        panels[str(name)] = checked
+        panels[name] = checked  # keyed by the name itself: two names may print alike
     k = len(panels)
     if axes is None:
         ncols = min(k, 4) if ncols is None else ncols
@@ -592,7 +595,7 @@ def bit_curves(bits: Sequence[int], metrics: Mapping, *, ncols: int | None = Non
             ax.set_yscale("log")
         ax.set_xticks(np.unique(bits))
         ax.set_xlabel(xlabel)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(str(name), fontsize=10)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -185,6 +185,15 @@ class _Recorder:
         return x
 
 
+class _LinkRecorder(_Recorder):
+    """A :class:`_Recorder` whose every activation site yields a value of its own (an
+    optimization barrier, the identity): two sites on one tensor, or a layer reading that
+    tensor without a site, would otherwise share one jaxpr variable with the last site."""
+
+    def activation(self, name, x, signed=False):
+        return super().activation(name, jax.lax.optimization_barrier(x), signed)
+
+
 def recording():
     """Context that records sites in call order: ``with recording() as rec: ...; rec.sites``."""
     return _active(_Recorder())
@@ -228,7 +237,7 @@ def direct_inputs(apply_fn: Callable, *args, through: frozenset[str] = VALUE_PRE
     activation site produced. Layers whose input passes through anything else (average pooling, a
     sum, arithmetic) or starts at the data are absent.
     """
-    rec = _Recorder()
+    rec = _LinkRecorder()
 
     def run(*a):
         with _active(rec):
@@ -238,7 +247,7 @@ def direct_inputs(apply_fn: Callable, *args, through: frozenset[str] = VALUE_PRE
     closed = jax.make_jaxpr(run)(*args)
     n_act = len(rec.activation_values)
     outvars = closed.jaxpr.outvars
-    # the activation sites' vars; a var two sites produced (one applied twice) maps to the last
+    # the activation sites' vars (each application its own, see _LinkRecorder)
     produced_by = {v: name for (name, _), v in zip(rec.activation_values, outvars[:n_act], strict=True)
                    if isinstance(v, jex.core.Var)}
     input_vars = iter(outvars[n_act:])

@@ -92,6 +92,8 @@ class ImageNetResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.block not in ("basic", "bottleneck"):
+            raise ValueError(f"block={self.block!r} must be 'basic' or 'bottleneck'")
         block = BasicBlock if self.block == "basic" else Bottleneck
         x = QuantConv(64, (7, 7), strides=(2, 2), padding=3, name="conv1")(x)
         x = BatchNorm(name="bn1")(x, train)

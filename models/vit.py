@@ -77,7 +77,7 @@ class ViT(nn.Module):
     def __call__(self, x, train: bool = False):
         del train  # no batch statistics, no dropout
         b, h, w, c = x.shape
-        p = self.patch or max(h // 4, 1)
+        p = self.patch if self.patch is not None else max(h // 4, 1)
         if h % p or w % p:
             raise ValueError(f"patch={p} must divide the image height and width, got {h}×{w}")
         if self.dim % self.heads:

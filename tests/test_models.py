@@ -110,6 +110,46 @@ def test_direct_inputs_follow_value_preserving_paths():
         assert found[layer] == source
 
 
+def test_direct_inputs_keep_two_sites_on_one_tensor_apart():
+    """Two signed sites read one tensor, a third layer reads it with no site: each layer maps to
+    its own site, the third to none (they had all mapped to the last site recorded)."""
+    import flax.linen as nn
+
+    from landscape.layers import QuantDense, QuantIdentity
+
+    class TwoSites(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.LayerNorm()(x)
+            a = QuantDense(4, name="dq")(QuantIdentity(name="site_q")(h))
+            b = QuantDense(4, name="dk")(QuantIdentity(name="site_k")(h))
+            return a + b + QuantDense(4, name="dfp")(h)
+
+    m, x = TwoSites(), jax.ShapeDtypeStruct((2, 8), jnp.float32)
+    found = ls.sites.direct_inputs(lambda v, x: m.apply(v, x), jax.eval_shape(m.init, jax.random.key(0), x), x)
+    assert found == {"dq": "site_q", "dk": "site_k"}
+
+
+def test_create_refuses_what_would_build_another_model():
+    for name, kw, match in (
+            ("resnet20", {"blocks_per_stage": 2}, "'resnet20' sets blocks_per_stage itself"),
+            ("resnet18", {"block": "Basic"}, "'resnet18' sets block itself"),
+            ("resnet20", {"widths": (16, 32)}, r"resnet20: widths=\(16, 32\) must hold 3 widths"),
+            ("cnn", {"widths": ()}, r"cnn: widths=\(\) must hold at least one width"),
+            ("vit", {"patch": 0}, "vit: patch=0 must be a positive integer or None"),
+            ("vit", {"heads": 0}, "vit: heads=0 must be a positive integer"),
+            ("vit", {"depth": -1}, "vit: depth=-1 must be a positive integer"),
+            ("vit", {"dim": 64.0}, "vit: dim=64.0 must be a positive integer"),
+            ("vit", {"quantize_attention": "no"}, "vit: quantize_attention='no' must be True or False")):
+        with pytest.raises(ValueError, match=match):
+            models.create(name, num_classes=10, **kw)
+    with pytest.raises(ValueError, match="block='Basic' must be 'basic' or 'bottleneck'"):
+        x = jnp.zeros((1, 32, 32, 3))
+        models.ImageNetResNet(10, block="Basic").init(jax.random.key(0), x)
+    # numpy integers are integers, and become Python ints (the model's repr keys caches)
+    assert repr(models.create("mlp", num_classes=np.int64(10))) == repr(models.create("mlp", num_classes=10))
+
+
 def test_unknown_model_and_bad_classes():
     with pytest.raises(ValueError, match="unknown model 'vgg'.*resnet20"):
         models.create("vgg", num_classes=10)

@@ -123,6 +123,12 @@ def test_compare_hessians_two_panels():
     assert all(ax.texts[0].get_text() == "1.00" for ax in heat)  # the diagonal of a coupling map
     with pytest.raises(ValueError, match="same shape"):
         plots.compare_hessians(np.eye(2), np.eye(3))
+    # a shared scale over the finite cells, as each panel's own (an FD Hessian may hold inf)
+    H_inf = H_fd.copy()
+    H_inf[0, 1] = np.inf
+    fig = plots.compare_hessians(H_ste, H_inf, shared_scale=True)
+    heat = [ax for ax in fig.axes if ax.images]
+    assert heat[0].images[0].get_clim()[1] == pytest.approx(np.abs(H_fd[np.isfinite(H_inf)]).max())
 
 
 def test_surface_contour_levels_and_marked_points():
@@ -229,6 +235,10 @@ def test_bit_curves_panels_and_series():
         plots.bit_curves(bits, {"x": [1.0, 2.0]})
     with pytest.raises(ValueError, match="unknown metrics"):
         plots.bit_curves(bits, {"x": [1, 2, 3, 4]}, logy=["y"])
+    # names are keys, not their strings: 1 and "1" are two panels, and logy finds the int
+    fig = plots.bit_curves(bits, {1: [1.0, 2.0, 3.0, 4.0], "1": [5.0, 6.0, 7.0, 8.0]}, logy=[1])
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 2 and [ax.get_yscale() for ax in visible] == ["log", "linear"]
 
 
 def test_functions_draw_on_given_axes():
