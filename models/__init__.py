@@ -5,7 +5,10 @@
 
 Models are Linen modules called as ``model.apply(variables, x, train=False)`` on NHWC
 float32 images. A user's own module built from the same quantizable layers works with
-every tool of the library exactly like these.
+every tool of the library exactly like these, as long as its quantizable layers are not
+inside a Flax lifted transform (``nn.remat``, ``nn.scan``, ``nn.vmap``): those trace their
+bodies apart from the site contexts, so calibration fails there with a leaked-tracer error
+and :func:`landscape.sites.direct_inputs` finds none of their layers.
 """
 
 from __future__ import annotations
