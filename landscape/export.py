@@ -148,7 +148,7 @@ class QuantizedNetwork:
 
 
 def _code_dtype(lo: int, hi: int):
-    for dtype in (np.int8, np.uint8, np.int16, np.int32):
+    for dtype in (np.int8, np.uint8, np.int16, np.uint16, np.int32):
         info = np.iinfo(dtype)
         if info.min <= lo and hi <= info.max:
             return dtype
@@ -258,6 +258,9 @@ def _sha256(filename: str) -> str:
 
 def load(model, path: str) -> QuantizedNetwork:
     """Read what :func:`save` wrote (``allow_pickle=False``) for ``model``, the same Flax module."""
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise ValueError(f"path={path!r} must name the stem of a saved network's .json and .npz")
+    path = os.fspath(path)
     with open(path + ".json") as fh:
         meta = json.load(fh)
     if meta.get("format") not in (1, FORMAT_VERSION):
@@ -279,6 +282,11 @@ def load(model, path: str) -> QuantizedNetwork:
         if name not in table or table[name].kind != "weight":
             raise ValueError(f"{path}.npz has codes for {name!r}, which {path}.json lists as no weight site")
         lo, hi = table[name].code_range()
+        if not np.issubdtype(c.dtype, np.integer):
+            raise ValueError(f"{path}: the codes of {name!r} are {c.dtype}, not integers")
+        if meta["format"] >= 2 and name not in kernels:
+            raise ValueError(f"{path}.npz lacks kernel/{name}, the float kernel format {meta['format']} stores "
+                             "with every code array")
         if c.size and (int(c.min()) < lo or int(c.max()) > hi):
             raise ValueError(f"{path}: the codes of {name!r} span [{int(c.min())}, {int(c.max())}], outside "
                              f"[{lo}, {hi}], the {table[name].bits}-bit {table[name].grid} grid")

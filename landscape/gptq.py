@@ -67,9 +67,14 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
     block = check_number(block, "block", integer=True)
     w = np.array(w_star, np.float64)
     k = w.shape[0]
+    if not lo <= hi:
+        raise ValueError(f"the code range lo={lo}, hi={hi} is empty; need lo <= hi")
+    if not np.all(np.asarray(scale, np.float64) > 0):
+        raise ValueError(f"scale (Δ) must be positive, got min {np.min(scale)}")
     order = np.arange(k) if order is None else np.asarray(order)
-    if sorted(order.tolist()) != list(range(k)):
-        raise ValueError(f"order must be a permutation of range({k})")
+    if not np.issubdtype(order.dtype, np.integer) or sorted(order.tolist()) != list(range(k)):
+        raise ValueError(f"order must be a permutation of range({k}) (integers), got {order.dtype} "
+                         f"{order.tolist()[:8]}")
     Hp = np.asarray(H, np.float64)[np.ix_(order, order)]
     w = w[order]
     U = np.linalg.cholesky(np.linalg.inv(Hp)).T  # upper triangular, UᵀU = H⁻¹ (numpy gives L = Uᵀ)

@@ -210,6 +210,8 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
         fits, codes = _round_layers(loss, nearest, names, rule, num_images, inputs)
     variables = nearest.variables
     for name in names:
+        if np.array_equal(codes[name], nearest.codes[name]):
+            continue  # nearest kept: its kernel as the loss computes it (NumPy's Δ·q + offset can differ by an ulp)
         s = nearest.sites[name]
         variables = _with_kernel(variables, name, jnp.asarray(codes[name].astype(np.float32) * s.scale + s.offset))
     network = dataclasses.replace(nearest, variables=variables, codes=codes)
@@ -245,7 +247,9 @@ def _round_layers(loss, nearest, names, rule, num_images, inputs):
         fits[name] = fit
         codes[name] = fit.codes.astype(nearest.codes[name].dtype)
         # placed like the float kernel: same input types, so quantized_inputs compiles once
-        rounded = jax.device_put(np.asarray(fit.codes * site.scale + site.offset, np.float32), w.sharding)
+        values = (kernel_of(nearest.variables, name) if np.array_equal(codes[name], nearest.codes[name])
+                  else fit.codes * site.scale + site.offset)
+        rounded = jax.device_put(np.asarray(values, np.float32), w.sharding)
         current = _with_kernel(current, name, rounded)
     return fits, codes
 

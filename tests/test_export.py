@@ -43,7 +43,7 @@ def test_export_reproduces_the_quantized_forward_pass(tiny_net, digits, options,
         codes = qnet.codes[site.name]
         lo, hi = s.code_range()
         assert np.issubdtype(codes.dtype, np.integer) and codes.min() >= lo and codes.max() <= hi
-        assert codes.dtype.itemsize == (1 if s.bits <= 8 else 2)  # a byte per weight up to 8 bits
+        assert codes.dtype.itemsize == (1 if s.bits <= 8 else 2)  # a byte per weight up to 8 bits, else two
         # Δ·q + offset − shift is the weight the network runs with, and it is what the quantizer
         # makes of W (an eager re-derivation may round a weight sitting on a .5 tie the other way).
         w = np.asarray(loss.variables["params"][site.name]["kernel"], np.float32)
@@ -60,8 +60,8 @@ def test_export_reproduces_the_quantized_forward_pass(tiny_net, digits, options,
         assert off.mean() < 1e-3
         assert np.any(s.shift != 0) == s.bias_correction
     # Saved and loaded without pickle: the same codes, table and logits.
-    ls.export.save(qnet, str(tmp_path / "q"))
-    back = ls.export.load(tiny_net.model, str(tmp_path / "q"))
+    ls.export.save(qnet, tmp_path / "q")  # a path object, as for save
+    back = ls.export.load(tiny_net.model, tmp_path / "q")
     assert back.codes.keys() == qnet.codes.keys()
     for name, codes in qnet.codes.items():
         assert back.codes[name].dtype == codes.dtype and np.array_equal(back.codes[name], codes)
@@ -70,6 +70,17 @@ def test_export_reproduces_the_quantized_forward_pass(tiny_net, digits, options,
     x = digits.test.x[:500]
     np.testing.assert_array_equal(np.asarray(back.apply(x)), np.asarray(loss.logits(alpha, x)))
     assert "integer weight sites" in repr(back)
+
+
+def test_sixteen_bit_codes_take_two_bytes(tiny_net, digits):
+    """16-bit midrise codes run 0..65535: uint16, not int32; midtread's ±32767 are int16."""
+    for grid, dtype in (("midrise", np.uint16), ("midtread", np.int16)):
+        loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=16, a_bits=None, weight_grid=grid)
+        alpha = np.asarray(loss.init("max"))
+        qnet = ls.export.quantize_network(loss, alpha)
+        assert {c.dtype for c in qnet.codes.values()} == {np.dtype(dtype)}
+        x = digits.test.x[:64]
+        np.testing.assert_array_equal(np.asarray(qnet.apply(x)), np.asarray(loss.logits(alpha, x)))
 
 
 def test_export_errors(tiny_net, digits, tmp_path):
@@ -132,6 +143,14 @@ def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, digits, tmp_path):
     _rewrite(stem, tmp_path / "codes", bad)
     with pytest.raises(ValueError, match=rf"codes of '{name}' span \[8, .*outside \[0, 7\], the 3-bit midrise grid"):
         ls.export.load(tiny_net.model, str(tmp_path / "codes"))
+    bad = dict(arrays, **{f"code/{name}": arrays[f"code/{name}"] + np.float32(0.25)})  # not integers
+    _rewrite(stem, tmp_path / "floats", bad)
+    with pytest.raises(ValueError, match=f"the codes of '{name}' are float32, not integers"):
+        ls.export.load(tiny_net.model, str(tmp_path / "floats"))
+    bad = {k: v for k, v in arrays.items() if k != f"kernel/{name}"}
+    _rewrite(stem, tmp_path / "nokernel", bad)
+    with pytest.raises(ValueError, match=f"lacks kernel/{name}, the float kernel format 2 stores"):
+        ls.export.load(tiny_net.model, str(tmp_path / "nokernel"))
     bad = dict(arrays, **{f"kernel/{name}": arrays[f"kernel/{name}"] * 1.01})
     _rewrite(stem, tmp_path / "kernel", bad)
     with pytest.raises(ValueError, match=f"stored kernel of '{name}' is not"):

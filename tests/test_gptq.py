@@ -63,6 +63,12 @@ def test_uncorrelated_inputs_give_round_to_nearest():
     np.testing.assert_array_equal(codes, np.clip(np.round(w_star / 0.25), -7, 7))
     with pytest.raises(ValueError, match="permutation"):
         gptq_rows(w_star, H, 0.25, 0.0, -7, 7, order=[0] * 10)
+    with pytest.raises(ValueError, match="permutation of range"):
+        gptq_rows(w_star, H, 0.25, 0.0, -7, 7, order=np.arange(10.0))  # floats index nothing
+    with pytest.raises(ValueError, match="lo=7, hi=-7 is empty"):
+        gptq_rows(w_star, H, 0.25, 0.0, 7, -7)
+    with pytest.raises(ValueError, match="scale .* must be positive, got min 0"):
+        gptq_rows(w_star, H, 0.0, 0.0, -7, 7)
 
 
 def test_gptq_layer_improves_output_error_and_keeps_nearest_when_worse():

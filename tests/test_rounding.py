@@ -63,6 +63,9 @@ def test_round_network_drives_a_rule_of_ones_own(tiny_net, digits):
     assert not any(f.kept for f in worse.layers.values())
     for name in weights:
         np.testing.assert_array_equal(worse.network.codes[name], worse.nearest.codes[name])
+    # nearest kept everywhere is the loss's own network, to the last bit of every logit
+    x = digits.test.x[:359]
+    np.testing.assert_array_equal(np.asarray(worse.network.apply(x)), np.asarray(loss.logits(alpha, x)))
     with pytest.raises(ValueError, match="num_images=0"):
         round_network(loss, alpha, nearest_rule, method="nearest", num_images=0)
     n = loss.n_calib
