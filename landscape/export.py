@@ -203,14 +203,14 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
         if key not in flat:
             raise ValueError(f"weight site {site.name!r} has no variable {'/'.join(key)}; export needs the "
                              "quantizable layers' 'kernel' parameters")
-        w_hat, shift = (np.asarray(v, np.float32) for v in grid_values[site.name])
+        w_hat, shift, used = (np.asarray(v, np.float32) for v in grid_values[site.name])
         s = SiteQuantization(site.kind, spec.bits, spec.grid, a_full, scale, offset, shift.reshape(channels),
                              spec.per_channel, spec.bias_correction)
         lo, hi = s.code_range()
         # w_hat is on the grid, so (w_hat − offset)/Δ is an integer up to rounding error.
         codes[site.name] = np.clip(np.rint((w_hat - offset) / scale), lo, hi).astype(_code_dtype(lo, hi))
         table[site.name] = s
-        flat[key] = w_hat - shift  # exactly the weights the loss uses
+        flat[key] = used  # the weights the loss uses, to the last bit (formed in the program, as there)
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return QuantizedNetwork(loss.model, variables, table, codes, loss.precision)
 

@@ -372,11 +372,13 @@ class _Quantizer:
             return w
         w_hat = quantizers.quantize(w, self.alphas[name], self._bits(name, spec), spec.grid)
         shift = _shift(w_hat, w, spec, self.corrections.get(name))
-        self._seen_weight(name, w_hat, shift)
-        return w_hat if shift is None else w_hat - shift
+        used = w_hat if shift is None else w_hat - shift
+        self._seen_weight(name, w_hat, shift, used)
+        return used
 
-    def _seen_weight(self, name, w_hat, shift):
-        """Hook for :func:`quantized_weights`: the grid value and the bias-correction shift."""
+    def _seen_weight(self, name, w_hat, shift, used):
+        """Hook for :func:`quantized_weights`: the grid value, the bias-correction shift and
+        the weight the layer uses."""
 
     def activation(self, name, x, signed=False):
         spec = self.specs.get(name)
@@ -413,18 +415,21 @@ class _WeightRecorder(_Quantizer):
         super().__init__(specs, alphas, bits, corrections)
         self.values: dict[str, tuple] = {}
 
-    def _seen_weight(self, name, w_hat, shift):
+    def _seen_weight(self, name, w_hat, shift, used):
         if shift is None:
             shift = jnp.zeros((1,) * (w_hat.ndim - 1) + w_hat.shape[-1:], w_hat.dtype)
-        self.values[name] = (w_hat, shift)
+        self.values[name] = (w_hat, shift, used)
 
 
 def quantized_weights(apply_fn: Callable, specs: Mapping[str, SiteSpec], alphas: Mapping[str, jax.Array],
                       *args, bits: Mapping[str, jax.Array] | None = None,
-                      corrections: Mapping[str, jax.Array] | None = None) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """Weight site → (Q(W) on the grid, bias-correction shift) as a jitted quantized pass of
-    ``apply_fn(*args)`` computes them (the values the network uses are Q(W) − shift; the shift
-    has W's rank, size 1 on every axis but the last, and is zero without bias correction).
+                      corrections: Mapping[str, jax.Array] | None = None
+                      ) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+    """Weight site → (Q(W) on the grid, bias-correction shift, Q(W) − shift) as a jitted
+    quantized pass of ``apply_fn(*args)`` computes them (the shift has W's rank, size 1 on
+    every axis but the last, and is zero without bias correction). The third is the weight the
+    layer uses, computed in the program as in a ClipLoss: Q(W) − shift formed outside can
+    differ in the last bit (XLA fuses round(z)·Δ − shift into one fused multiply-add).
     ``bits`` and ``corrections`` as in :func:`quantizing` (traced, as ClipLoss passes them)."""
 
     def run(alphas, bits, corrections, *a):

@@ -15,6 +15,7 @@ from landscape import quantizers
     dict(w_bits=4, a_bits=4),
     dict(w_bits=3, a_bits=2, per_channel=True, bias_correction=True),
     dict(w_bits=8, a_bits=None, weight_grid="midtread", fold_bn=True),
+    dict(w_bits=8, a_bits=8, weight_grid="midtread", per_channel=True, bias_correction=True),
     dict(w_bits=4, a_bits=3, fold_bn=True),
     dict(w_bits={"conv1_0": 2, "conv1_1": 8}, a_bits=5),
 ])
