@@ -35,6 +35,7 @@ scales, activations quantized at α.
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 
 import jax
@@ -74,7 +75,7 @@ def _checked_options(iterations=1000, reg=0.01, beta=(20.0, 2.0), warmup=0.2, lr
     iterations = check_number(iterations, "iterations", integer=True)
     lr = check_number(lr, "lr")
     reg = check_number(reg, "reg", allow_zero=True)
-    if not (isinstance(warmup, numbers.Real) and 0.0 <= warmup < 1.0):
+    if isinstance(warmup, bool) or not (isinstance(warmup, numbers.Real) and 0.0 <= warmup < 1.0):
         raise ValueError(f"warmup={warmup!r} must be a fraction in [0, 1)")
     try:
         b_start, b_end = (float(b) for b in beta)
@@ -197,6 +198,10 @@ def adaround(loss, alpha, *, num_images: int | None = None, inputs: str = "quant
     if "precision" in round_kw:
         raise ValueError(f"adaround runs at the loss's precision ({loss.precision!r}); build the ClipLoss with "
                          "precision=... instead of passing it here")
+    unknown = sorted(set(round_kw) - set(inspect.signature(_checked_options).parameters))
+    if unknown:
+        raise ValueError(f"adaround: unknown options {unknown}; round_layer takes "
+                         f"{', '.join(inspect.signature(_checked_options).parameters)}")
     _checked_options(**round_kw)  # bad options fail here, before any recording
     rule = functools.partial(round_layer, precision=loss.precision, **round_kw)
     return round_network(loss, alpha, rule, method="adaround", num_images=num_images, inputs=inputs)

@@ -97,6 +97,10 @@ def test_adaround_errors(tiny_net, digits):
         adaround(loss, alpha, beta=(2.0, 20.0))
     with pytest.raises(ValueError, match="warmup=1.0"):
         adaround(loss, alpha, warmup=1.0)
+    with pytest.raises(ValueError, match="warmup=False"):
+        adaround(loss, alpha, warmup=False)
+    with pytest.raises(ValueError, match=r"adaround: unknown options \['iters'\]; round_layer takes iterations"):
+        adaround(loss, alpha, iters=10)
     with pytest.raises(ValueError, match="alpha has shape"):
         adaround(loss, alpha[:-1])
     with pytest.raises(ValueError, match="quantizes no weight site"):
