@@ -252,7 +252,8 @@ def prune_layer(x, y, kernel, mask, gemm, *, init=None, bias: bool = False, iter
                               gemm=gemm, batch_size=bs, iterations=iterations, bias=bool(bias))
         candidates = [(w_mag, zero_b), (w_init, zero_b), (p["w"] * maskf, p["b"])]
         errors = [layer_mse(gemm, x, y, cw, cb) for cw, cb in candidates]
-    best = int(np.argmin(errors))
+    # a diverged Adam run (NaN MSE) must not win: np.argmin takes the first NaN as the minimum
+    best = int(np.argmin([e if np.isfinite(e) else np.inf for e in errors]))
     cw, cb = candidates[best]
     return LayerFit(np.asarray(cw), np.asarray(cb), errors[0], errors[best],
                     tuple(float(h) for h in np.asarray(hist)))

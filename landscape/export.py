@@ -79,8 +79,17 @@ class SiteQuantization:
 
     @classmethod
     def from_json(cls, d: Mapping) -> SiteQuantization:
+        if d.get("kind") not in ("weight", "activation"):
+            raise ValueError(f"site kind {d.get('kind')!r} is neither 'weight' nor 'activation'")
+        grid = quantizers.check_grid(d.get("grid"), "saved site")
+        bits = quantizers.check_bits(d.get("bits"), "saved site")
+        if bits is None:
+            raise ValueError("saved site: bits=None; a saved site is quantized")
         arrays = {k: np.asarray(d[k], np.float32) for k in ("alpha", "scale", "offset", "shift")}
-        return cls(kind=d["kind"], bits=int(d["bits"]), grid=d["grid"], per_channel=bool(d["per_channel"]),
+        if len({a.shape for a in arrays.values()}) != 1 or arrays["alpha"].ndim != 1:
+            raise ValueError(f"saved site: alpha, scale, offset and shift must be 1-D of one length, got "
+                             f"{ {k: a.shape for k, a in arrays.items()} }")
+        return cls(kind=d["kind"], bits=bits, grid=grid, per_channel=bool(d["per_channel"]),
                    bias_correction=bool(d["bias_correction"]), **arrays)
 
 
@@ -282,6 +291,9 @@ def load(model, path: str) -> QuantizedNetwork:
         if name not in table or table[name].kind != "weight":
             raise ValueError(f"{path}.npz has codes for {name!r}, which {path}.json lists as no weight site")
         lo, hi = table[name].code_range()
+        if table[name].scale.shape[0] not in (1, c.shape[-1]):
+            raise ValueError(f"{path}: {name!r} has {table[name].scale.shape[0]} scales for codes of shape {c.shape}; "
+                             "need one, or one per output channel (the last axis)")
         if not np.issubdtype(c.dtype, np.integer):
             raise ValueError(f"{path}: the codes of {name!r} are {c.dtype}, not integers")
         if meta["format"] >= 2 and name not in kernels:

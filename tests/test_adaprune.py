@@ -78,7 +78,7 @@ def test_adaprune_explicit_layer_keeps_everything_else(tiny_net, digits):
     assert res.accuracy is None and res.structure == "T-2:4"
 
 
-def test_prune_layer_reaches_least_squares_optimum():
+def test_prune_layer_reaches_least_squares_optimum(monkeypatch):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((400, 32)) @ rng.standard_normal((32, 32)) * 0.3).astype(np.float32)
     w = rng.standard_normal((32, 8)).astype(np.float32)
@@ -96,6 +96,19 @@ def test_prune_layer_reaches_least_squares_optimum():
     assert best <= fit.mse_after <= 1.05 * best < 0.6 * fit.mse_before
     assert np.all(fit.kernel[~mask] == 0.0) and np.all(fit.bias_delta == 0.0)
     assert len(fit.history) == 10
+    # a diverged Adam run (NaN) never wins over S ⊙ W and the start
+    import landscape.adaprune as adaprune_module
+
+    real = adaprune_module._adam_prune
+
+    def diverged(p, *args, **kw):
+        q, hist = real(p, *args, **kw)
+        return {"w": q["w"] * np.nan, "b": q["b"]}, hist
+
+    with monkeypatch.context() as patch:
+        patch.setattr(adaprune_module, "_adam_prune", diverged)
+        bad = ap.prune_layer(x, y, w, mask, jnp.dot, iterations=10)
+    assert np.all(np.isfinite(bad.kernel)) and bad.mse_after == pytest.approx(bad.mse_before)
     # outputs or a start of another shape are refused, not broadcast into a wrong fit
     with pytest.raises(ValueError, match=r"y has shape \(400, 1\); gemm\(x, kernel\) has shape \(400, 8\)"):
         ap.prune_layer(x, y[:, :1], w, mask, jnp.dot, iterations=1)

@@ -3,6 +3,9 @@ pass reproduced from them, and a pickle-free round trip."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import optax
 import pytest
@@ -114,7 +117,6 @@ def test_export_errors(tiny_net, digits, tmp_path):
 def _rewrite(src, dst, arrays):
     """``dst``.npz with ``arrays`` and ``dst``.json: ``src``.json with the new file's SHA-256."""
     import hashlib
-    import json
 
     np.savez(f"{dst}.npz", **arrays)
     meta = json.loads(open(f"{src}.json").read())
@@ -148,6 +150,17 @@ def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, digits, tmp_path):
     _rewrite(stem, tmp_path / "floats", bad)
     with pytest.raises(ValueError, match=f"the codes of '{name}' are float32, not integers"):
         ls.export.load(tiny_net.model, str(tmp_path / "floats"))
+    for change, match in ((dict(grid="log"), "saved site: grid='log' is not allowed"),
+                          (dict(bits=1), "saved site: bits=1 is not allowed"),
+                          (dict(kind="bias"), "site kind 'bias' is neither"),
+                          (dict(scale=[1.0, 2.0], alpha=[1.0, 2.0], offset=[0.0, 0.0], shift=[0.0, 0.0]),
+                           f"'{name}' has 2 scales for codes of shape")):
+        meta = json.loads(open(stem + ".json").read())
+        meta["sites"][name].update(change)
+        (tmp_path / "table.json").write_text(json.dumps(meta))
+        shutil.copy(stem + ".npz", tmp_path / "table.npz")
+        with pytest.raises(ValueError, match=match):
+            ls.export.load(tiny_net.model, str(tmp_path / "table"))
     bad = {k: v for k, v in arrays.items() if k != f"kernel/{name}"}
     _rewrite(stem, tmp_path / "nokernel", bad)
     with pytest.raises(ValueError, match=f"lacks kernel/{name}, the float kernel format 2 stores"):
@@ -157,8 +170,6 @@ def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, digits, tmp_path):
     with pytest.raises(ValueError, match=f"stored kernel of '{name}' is not"):
         ls.export.load(tiny_net.model, str(tmp_path / "kernel"))
     # A file of format 1 (no hash, no kernels) still loads, its weights from the codes.
-    import json
-
     meta = json.loads(open(stem + ".json").read())
     meta["format"] = 1
     del meta["npz_sha256"]
