@@ -198,10 +198,10 @@ def adaround(loss, alpha, *, num_images: int | None = None, inputs: str = "quant
     if "precision" in round_kw:
         raise ValueError(f"adaround runs at the loss's precision ({loss.precision!r}); build the ClipLoss with "
                          "precision=... instead of passing it here")
-    unknown = sorted(set(round_kw) - set(inspect.signature(_checked_options).parameters))
+    allowed = inspect.signature(_checked_options).parameters
+    unknown = sorted(set(round_kw) - set(allowed))
     if unknown:
-        raise ValueError(f"adaround: unknown options {unknown}; round_layer takes "
-                         f"{', '.join(inspect.signature(_checked_options).parameters)}")
+        raise ValueError(f"adaround: unknown options {unknown}; round_layer takes {', '.join(allowed)}")
     _checked_options(**round_kw)  # bad options fail here, before any recording
     rule = functools.partial(round_layer, precision=loss.precision, **round_kw)
     return round_network(loss, alpha, rule, method="adaround", num_images=num_images, inputs=inputs)

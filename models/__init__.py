@@ -13,10 +13,12 @@ and :func:`landscape.sites.direct_inputs` finds none of their layers.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from landscape import checks
 from models.cnn import CNN
 from models.mlp import MLP
 from models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet
@@ -39,19 +41,14 @@ _FIXED = {"resnet8": ("blocks_per_stage",), "resnet20": ("blocks_per_stage",),
           "resnet18": ("block", "stage_sizes"), "resnet50": ("block", "stage_sizes")}
 # Layer widths: how many (None: any number, at least one) a model takes.
 _WIDTHS = {"resnet8": 3, "resnet20": 3, "cnn": None}
-_VIT_SIZES = ("dim", "depth", "heads", "mlp_dim")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+_VIT_SIZES = ("dim", "depth", "heads", "mlp_dim", "patch")  # patch may also be None (H // 4)
 
 
 def create(name: str, num_classes: int, **kw):
     """Build a zoo model by name: one of ``models.NAMES``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
-    if not _is_int(num_classes) or num_classes < 2:
-        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
+    num_classes = checks.check_int(num_classes, "num_classes", minimum=2)
     fixed = [key for key in _FIXED.get(name, ()) if key in kw]
     if fixed:
         cls = type(_REGISTRY[name](2)).__name__
@@ -59,21 +56,20 @@ def create(name: str, num_classes: int, **kw):
     for key in ("widths", "hidden"):  # layer widths: a zero would fail deep inside an initializer
         if key in kw:
             value = kw[key]
-            if not isinstance(value, tuple | list) or not all(_is_int(w) and w >= 1 for w in value):
+            if not isinstance(value, tuple | list) or not all(
+                    checks.is_real(w) and isinstance(w, numbers.Integral) and w >= 1 for w in value):
                 raise ValueError(f"{key}={value!r} must be a tuple of positive integers (layer widths)")
             count = _WIDTHS.get(name, len(value))
             if (count is None and not value) or (count is not None and len(value) != count):
-                raise ValueError(f"{name}: widths={value!r} must hold "
+                raise ValueError(f"{name}: {key}={value!r} must hold "
                                  + ("at least one width" if count is None else f"{count} widths, one per stage"))
     if name == "vit":
         for key in _VIT_SIZES:
-            if key in kw and (not _is_int(kw[key]) or kw[key] < 1):
-                raise ValueError(f"vit: {key}={kw[key]!r} must be a positive integer")
-        if kw.get("patch") is not None and (not _is_int(kw["patch"]) or kw["patch"] < 1):
-            raise ValueError(f"vit: patch={kw['patch']!r} must be a positive integer or None (H // 4)")
-        if not isinstance(kw.get("quantize_attention", False), bool):
-            raise ValueError(f"vit: quantize_attention={kw['quantize_attention']!r} must be True or False")
-    return _REGISTRY[name](int(num_classes), **kw)
+            if kw.get(key) is not None:
+                kw[key] = checks.check_int(kw[key], f"vit: {key}")
+        if "quantize_attention" in kw:
+            kw["quantize_attention"] = checks.check_flag(kw["quantize_attention"], "vit: quantize_attention")
+    return _REGISTRY[name](num_classes, **kw)
 
 
 def import_torchvision(variables: Mapping, state_dict: Mapping[str, np.ndarray]) -> dict:

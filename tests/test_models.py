@@ -136,7 +136,7 @@ def test_create_refuses_what_would_build_another_model():
             ("resnet18", {"block": "Basic"}, "'resnet18' sets block itself"),
             ("resnet20", {"widths": (16, 32)}, r"resnet20: widths=\(16, 32\) must hold 3 widths"),
             ("cnn", {"widths": ()}, r"cnn: widths=\(\) must hold at least one width"),
-            ("vit", {"patch": 0}, "vit: patch=0 must be a positive integer or None"),
+            ("vit", {"patch": 0}, "vit: patch=0 must be a positive integer"),
             ("vit", {"heads": 0}, "vit: heads=0 must be a positive integer"),
             ("vit", {"depth": -1}, "vit: depth=-1 must be a positive integer"),
             ("vit", {"dim": 64.0}, "vit: dim=64.0 must be a positive integer"),
