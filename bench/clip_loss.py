@@ -227,7 +227,8 @@ def compare_torch(args, net, loss, x, y, alpha, alphas, timings, threads):
         twin.quantize(None)
         fp32_torch = twin(xt[:64]).cpu().numpy()
         twin.quantize(loss.specs)
-    fp32_ours = np.asarray(net.apply(x[:64]))
+    with jax.default_matmul_precision(args.precision):  # torch's side is true float32 too
+        fp32_ours = np.asarray(net.apply(x[:64]))
     diff = np.max(np.abs(fp32_ours - fp32_torch))
     print(f"check  FP32 (unquantized) logits, 64 images: max |ours - torch| = {diff:.2e} "
           f"(max |logit| {np.max(np.abs(fp32_ours)):.2f})")

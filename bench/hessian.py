@@ -37,9 +37,8 @@ a_bits=None).weight_loss()`` (FP32), a pure function params → scalar.
 For each: HVP counts, seconds per HVP, wall seconds, CPU seconds (all threads of the process, more
 robust than wall time when the cores are shared), and the ratio PyHessian/ours. Ours "cold"
 includes all XLA compilation, as the first call in a fresh process (``jax.clear_caches()`` runs
-before it, so the reference run compiles nothing for it; (b) reuses (a)'s function and
-its compiled programs: with the linearized HVP, ``hvp="auto"``'s choice here, the trace compiles
-no new HVP program), "warm" is a second call with another seed. Ours linearizes the gradient at
+before it, so the reference run compiles nothing for it; likewise before (b), which would
+otherwise reuse (a)'s compiled HVP programs), "warm" is a second call with another seed. Ours linearizes the gradient at
 the point once per call (PyHessian likewise keeps its autograd graph): that time is included.
 PyHessian's (a) includes its setup (one forward and a backward with create_graph). A run of (a)
 takes seconds, so machine noise moves it by tens of percent: ours warm and PyHessian's setup +
@@ -588,6 +587,9 @@ def main(argv=None) -> int:
     jax.clear_caches()
 
     res_a = bench_eigenvalue(args, f, params, pyh, reference)
+    # (b) starts cold too: its first call compiles everything it runs, as in a fresh process
+    f = fresh_loss(net, x, y)
+    jax.clear_caches()
     res_b = bench_trace(args, f, params, pyh, probe_batch)
     if pyh is not None:
         same = f", same accuracy {res_a['ratio_same']:.2f}x" if "ratio_same" in res_a else ""

@@ -228,19 +228,23 @@ def mean_std(values):
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def summary(store, name):
+def summary(store, name, args):
+    """Variant → this configuration's runs on ``name`` (the seeds and epochs of ``args``): the
+    store may hold records of other seeds or training lengths from earlier runs."""
+    epochs = args.mnist_epochs if name == "mnist" else args.digits_epochs
     rows = {}
     for label, _ in VARIANTS:
-        runs = sorted((r for r in store["runs"].values() if r["dataset"] == name and r["variant"] == label),
+        runs = sorted((r for r in store["runs"].values() if r["dataset"] == name and r["variant"] == label
+                       and r["seed"] in args.seeds and r.get("epochs") == epochs),
                       key=lambda r: r["seed"])
         if runs:
             rows[label] = runs
     return rows
 
 
-def claims(store):
+def claims(store, args):
     out = []
-    rows = summary(store, "mnist")
+    rows = summary(store, "mnist", args)
     if "FP32" in rows and "LUQ+SMP(2)" in rows:
         seeds = {r["seed"] for r in rows["FP32"]} & {r["seed"] for r in rows["LUQ+SMP(2)"]}
         fp = np.mean([r["test_acc"] for r in rows["FP32"] if r["seed"] in seeds])
@@ -291,7 +295,7 @@ def render(store, args) -> str:
         "",
     ]
     for name, info in store["datasets"].items():
-        rows = summary(store, name)
+        rows = summary(store, name, args)
         if not rows:
             continue
         lines += [f"## {name}", "", info, "",
@@ -338,7 +342,7 @@ def render(store, args) -> str:
             state = "at init" if rec["state"] == "init" else "trained (LUQ+SMP(2), seed 0)"
             lines.append(f"| {rec['dataset']} | {state} | {rec['variant']} | {errs} | {rec['slope']:.3f} |")
         lines.append("")
-    checks = claims(store)
+    checks = claims(store, args)
     if checks:
         lines += ["## Claims (thresholds fixed in `bench/luq.py` before the run)", ""]
         if args.quick:
