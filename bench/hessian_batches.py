@@ -139,8 +139,12 @@ def main(argv=None) -> int:
     print(f"  torch {torch.__version__} on {where}, PyHessian 0.1 (dataloader mode)")
 
     def pyhessian_run():
-        with warnings.catch_warnings(), Clock() as setup:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # create_graph's reference-cycle warning
+            return timed_pyhessian()
+
+    def timed_pyhessian():
+        with Clock() as setup:
             h = module.hessian(twin, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=cuda)
         # Its dataloader mode calls torch.autograd.grad itself: count the full-data products.
         products = []
