@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="configuration labels to run (FP32 is always run)")
     ap.add_argument("--quick", action="store_true", help="batch 16, 2 rounds of 1 step (smoke test)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - {label for label, _ in CONFIGS})
+    if unknown:
+        ap.error(f"--only {unknown}: unknown labels; known: {', '.join(label for label, _ in CONFIGS)}")
     if args.quick:
         args.batch, args.rounds, args.steps = 16, 2, 1
 
