@@ -278,7 +278,8 @@ def spearman(a, b) -> float:
 
 
 def render(store, meta) -> tuple[str, list[tuple[str, bool, str]]]:
-    runs = store["runs"]
+    # this run's seeds only: the store may hold other seeds from earlier runs
+    runs = {k: r for k, r in store["runs"].items() if r["seed"] in meta["seeds"]}
     lines = [
         "# N:M and transposable N:M: sparse training, AdaPrune, mask diversity",
         "",
@@ -416,6 +417,7 @@ def main(argv=None) -> int:
     store = ls.runtime.read_json(json_path, {"runs": {}, "retained": {}})
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     meta = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "jax": jax.__version__,
+            "seeds": list(args.seeds),
             "cores": cores, "datasets": [], "data": {}, "quick": args.quick,
             "retained_sources": {"Gaussian": "Gaussian weights (a 320 x 400 matrix, 2,000 8x8 tiles)"}}
 
