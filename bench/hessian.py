@@ -242,6 +242,13 @@ def fresh_loss(net, x, y):
 # PyHessian
 
 
+def cold_loss(net, x, y):
+    """A new loss function with JAX's compiled programs cleared: its first call compiles all."""
+    f = fresh_loss(net, x, y)
+    jax.clear_caches()
+    return f
+
+
 def import_pyhessian():
     """(torch, the pyhessian.hessian module), or None when either is missing."""
     try:
@@ -582,15 +589,9 @@ def main(argv=None) -> int:
         reference = float(ref.eigenvalues[0])
         print(f"  reference lambda_max {reference:.7g} (our Lanczos, tol 1e-6, {ref.n_hvp} HVPs, "
               f"{clock.wall:.1f} s; not part of the timings)")
-    # (a) starts cold: no compiled program left from the setup or the reference
-    f = fresh_loss(net, x, y)
-    jax.clear_caches()
-
-    res_a = bench_eigenvalue(args, f, params, pyh, reference)
-    # (b) starts cold too: its first call compiles everything it runs, as in a fresh process
-    f = fresh_loss(net, x, y)
-    jax.clear_caches()
-    res_b = bench_trace(args, f, params, pyh, probe_batch)
+    # (a) and (b) each start cold: no compiled program left from the setup, the reference or (a)
+    res_a = bench_eigenvalue(args, cold_loss(net, x, y), params, pyh, reference)
+    res_b = bench_trace(args, cold_loss(net, x, y), params, pyh, probe_batch)
     if pyh is not None:
         same = f", same accuracy {res_a['ratio_same']:.2f}x" if "ratio_same" in res_a else ""
         print(f"\nsummary: PyHessian/ours wall-time ratio, ours incl. compile: (a) {res_a['ratio']:.2f}x{same}; "

@@ -141,18 +141,15 @@ def main(argv=None) -> int:
     def pyhessian_run():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # create_graph's reference-cycle warning
-            return timed_pyhessian()
-
-    def timed_pyhessian():
-        with Clock() as setup:
-            h = module.hessian(twin, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=cuda)
-        # Its dataloader mode calls torch.autograd.grad itself: count the full-data products.
-        products = []
-        full_data_product = h.dataloader_hv_product
-        h.dataloader_hv_product = lambda v: products.append(1) or full_data_product(v)
-        torch.manual_seed(args.seed)
-        with Clock() as run:
-            values, _ = h.eigenvalues(maxIter=100, tol=EIG_TOL)
+            with Clock() as setup:
+                h = module.hessian(twin, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=cuda)
+            # Its dataloader mode calls torch.autograd.grad itself: count the full-data products.
+            products = []
+            full_data_product = h.dataloader_hv_product
+            h.dataloader_hv_product = lambda v: products.append(1) or full_data_product(v)
+            torch.manual_seed(args.seed)
+            with Clock() as run:
+                values, _ = h.eigenvalues(maxIter=100, tol=EIG_TOL)
         return Sum(setup, run), values, products
 
     # Ours is compared warm: so is PyHessian (its first run in a process pays torch's and CUDA's

@@ -206,15 +206,14 @@ def main(argv=None):
                         help="benchmark: most batched iterations when running to Powell's loss")
     args = parser.parse_args(argv)
     # options of the other mode would be ignored silently (--table --w-bits 2 wrote a W3A3 table)
-    given = {a.dest for a in parser._actions if a.default is not argparse.SUPPRESS
-             and getattr(args, a.dest) != a.default}
-    foreign = sorted(given & ({"w_bits", "a_bits", "skip_cd", "to_target_iter"} if args.table
-                              else {"bits", "seeds", "out"}))
+    modes = {"--table": ("bits", "seeds", "out"),
+             "the benchmark (no --table)": ("w_bits", "a_bits", "skip_cd", "to_target_iter")}
+    other = "the benchmark (no --table)" if args.table else "--table"
+    foreign = [d for d in modes[other] if getattr(args, d) != parser.get_default(d)]
     if foreign:
-        mode = "--table" if args.table else "the benchmark (no --table)"
-        raise SystemExit(f"{', '.join('--' + f.replace('_', '-') for f in foreign)}: not used by {mode}; "
-                         "the table takes --bits/--seeds/--out, the benchmark --w-bits/--a-bits/--skip-cd/"
-                         "--to-target-iter")
+        flags = {mode: "/".join("--" + d.replace("_", "-") for d in dests) for mode, dests in modes.items()}
+        raise SystemExit(f"{', '.join('--' + d.replace('_', '-') for d in foreign)}: options of {other}; "
+                         + "; ".join(f"{mode} takes {f}" for mode, f in flags.items()))
     ls.enable_compilation_cache()
     table(args) if args.table else benchmark(args)
 
