@@ -193,6 +193,9 @@ def publish(stage: Path, out: Path) -> None:
     for path in sorted(p for p in stage.iterdir() if p.is_file() and p not in last) + last:
         if path.exists():
             os.replace(path, out / path.name)
+    from landscape.atomic import fsync_directory
+
+    fsync_directory(out)  # the renames are durable before the staging directory goes
     stage.rmdir()
 
 

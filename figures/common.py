@@ -24,13 +24,14 @@ import gc
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from landscape.atomic import write_atomic
 
 # --------------------------------------------------------------------------- presets
 
@@ -150,22 +151,15 @@ def from_json_float(x) -> float:
 
 
 def write_json(path: Path, obj) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (:func:`landscape.atomic.write_atomic`)."""
+    write_atomic(path, json.dumps(to_jsonable(obj), indent=1, sort_keys=True))
+    return Path(path)
 
 
 def write_text(path: Path, text: str) -> Path:
-    """Write text atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    """Write text atomically (:func:`landscape.atomic.write_atomic`)."""
+    write_atomic(path, text)
+    return Path(path)
 
 
 def config_hash(config) -> str:

@@ -9,6 +9,7 @@ analyzers and optimizers consume it.
 # First: guards XLA:CPU before any JAX computation (see landscape/_xla_flags.py).
 from landscape import _xla_flags  # noqa: F401  isort: skip
 from landscape import (
+    atomic,
     bit_allocation,
     calibration,
     data,
@@ -56,7 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipLoss", "HessianSpectrum", "LAPQResult", "MethodComparison", "RoundingResult", "adaround", "allocate_bits",
     "anova_interaction",
-    "bit_allocation", "calibration", "equalization", "export",
+    "atomic", "bit_allocation", "calibration", "equalization", "export",
     "clip_hessian", "compare_methods", "data", "lapq",
     "default_sites", "enable_compilation_cache", "flat_fraction", "folding", "gaussian_curvature", "gptq",
     "hessian_spectrum", "layers", "layerwise", "loss_line", "loss_surface", "luq", "quantizers", "random_direction",

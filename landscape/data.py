@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from landscape.atomic import open_atomic
+
 NAMES = ("digits", "mnist", "cifar10", "cifar100", "imagenet")
 
 # Hub ids, image/label columns and normalisation constants (per channel).
@@ -220,10 +222,8 @@ def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[
     (xtr, ytr), (xte, yte) = (
         _to_arrays(raw[s], meta, limit) for s, limit in (("train", max_train), (meta["test"], max_test))
     )
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    tmp = cached + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, xtr=xtr, ytr=ytr, xte=xte, yte=yte)
-    os.replace(tmp, cached)  # atomic: a killed run never leaves a half-written cache
+    with open_atomic(cached, "wb") as f:  # a killed run never leaves a half-written cache
+        np.savez(f, xtr=xtr, ytr=ytr, xte=xte, yte=yte)
     return Split(xtr, ytr), Split(xte, yte), meta["classes"]
 
 

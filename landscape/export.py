@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from landscape import quantizers, runtime, sites, train
+from landscape import atomic, quantizers, runtime, sites, train
 
 __all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
 
@@ -244,16 +245,11 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     meta = {"format": FORMAT_VERSION, "model": repr(qnet.model),
             "sites": {n: s.to_json() for n, s in qnet.sites.items()},
             "kernels": {n: "/".join(_kernel_path(n)) for n in qnet.codes}, "precision": qnet.precision}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.npz.tmp{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        meta["npz_sha256"] = _sha256(tmp)
-        os.replace(tmp, path + ".npz")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    runtime.write_atomic(path + ".json", json.dumps(meta, indent=1) + "\n")
+    blob = io.BytesIO()
+    np.savez(blob, **arrays)
+    meta["npz_sha256"] = hashlib.sha256(blob.getvalue()).hexdigest()
+    atomic.write_atomic(path + ".npz", blob.getvalue())
+    atomic.write_atomic(path + ".json", json.dumps(meta, indent=1) + "\n")
     return path
 
 

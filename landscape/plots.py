@@ -24,14 +24,14 @@ registered globally, no display is needed (Agg-safe), and a figure is freed when
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
+
+from landscape.atomic import open_atomic
 
 __all__ = [
     "bit_curves",
@@ -609,8 +609,8 @@ def bit_curves(bits: Sequence[int], metrics: Mapping, *, ncols: int | None = Non
 def save_figure(fig, path, *, formats: Sequence[str] = ("png", "pdf"), dpi: int = 200) -> list[Path]:
     """Write ``fig`` as ``path.png`` and ``path.pdf`` (or the given formats), atomically.
 
-    Each file is rendered into a temporary file in the target directory and moved into place with
-    ``os.replace``, so a reader never sees a half-written figure and a failed render leaves any
+    Each file is rendered through :func:`landscape.atomic.open_atomic` (a synced temporary file
+    moved into place), so a reader never sees a half-written figure and a failed render leaves any
     previous file intact. A suffix on ``path`` that names a format is dropped ("fig.png" →
     "fig.png" and "fig.pdf"). Parent directories are created.
 
@@ -638,16 +638,8 @@ def save_figure(fig, path, *, formats: Sequence[str] = ("png", "pdf"), dpi: int 
     try:
         for fmt in formats:
             target = path.with_name(f"{path.name}.{fmt}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fig.savefig(fh, format=fmt, dpi=dpi)
-                os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be read by others
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with open_atomic(target, "wb") as fh:
+                fig.savefig(fh, format=fmt, dpi=dpi)
             written.append(target)
             if engine is not None and fig.get_layout_engine() is engine:
                 # The first format placed every axes; the others reuse that layout (constrained

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from landscape.atomic import write_atomic  # noqa: F401  (re-exported: runtime.write_atomic)
 from landscape.data import cache_dir
 
 
@@ -37,21 +38,6 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so that an interrupted
-    run leaves either the old file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_json(path: str, default: dict) -> dict:

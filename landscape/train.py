@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from landscape import checks, layers, runtime
+from landscape import atomic, checks, layers, runtime
 from landscape import data as data_lib
 
 FORMAT_VERSION = 1
@@ -228,15 +228,11 @@ def save_network(net: Network, path: str) -> str:
     """Write ``path``.msgpack (variables) and then ``path``.json (config, history and the
     msgpack's SHA-256), each atomically: a run killed between the two leaves a pair that
     :func:`load_network` refuses and :func:`fit` trains again."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, net.variables))
     meta = json.dumps({"config": net.config, "history": net.history,
                        "msgpack_sha256": hashlib.sha256(blob).hexdigest()}, indent=1, sort_keys=True)
-    for ext, payload, mode in ((".msgpack", blob, "wb"), (".json", meta, "w")):
-        tmp = f"{path}{ext}.tmp{os.getpid()}"
-        with open(tmp, mode) as f:
-            f.write(payload)
-        os.replace(tmp, path + ext)
+    atomic.write_atomic(path + ".msgpack", blob)
+    atomic.write_atomic(path + ".json", meta)
     return path
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 
 import numpy as np
@@ -132,12 +133,72 @@ def test_write_atomic_replaces_whole_files_only(tmp_path):
     path = tmp_path / "sub" / "table.md"
     ls.runtime.write_atomic(str(path), "old\n")
     assert path.read_text() == "old\n"
-    ls.runtime.write_atomic(str(path), "new\n")
+    ls.runtime.write_atomic(path, b"new\n")  # bytes and path objects too
     assert path.read_text() == "new\n"
-    with pytest.raises(TypeError):
-        ls.runtime.write_atomic(str(path), b"bytes are not text")  # fails while writing the temp file
+    with pytest.raises(TypeError, match="data must be str or bytes, got int"):
+        ls.runtime.write_atomic(str(path), 3)
+    with pytest.raises(ZeroDivisionError), ls.atomic.open_atomic(path) as f:
+        f.write("half of a ta")
+        1 / 0  # noqa: B018  (a write that fails midway)
     assert path.read_text() == "new\n"  # the old content survives a failed write
     assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]  # no temp file left
+    with pytest.raises(ValueError, match=r"mode='a'; allowed: 'w' \(text\) or 'wb'"):
+        with ls.atomic.open_atomic(path, "a"):
+            pass
+
+
+def test_atomic_writes_sync_the_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """Durability: a rename that reaches the disk before its data leaves an empty file after a
+    power loss, so the data is fsync-ed first and the directory entry after the rename."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.getsize(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ls.atomic.write_atomic(tmp_path / "r.json", "{}" * 1000)
+    assert events == [("fsync", False), ("replace", 2000), ("fsync", True)]
+
+
+@pytest.mark.parametrize("writer", ["network", "export", "figure", "data"])
+def test_every_file_writer_goes_through_open_atomic(writer, tmp_path, monkeypatch, digits, tiny_net):
+    written = []
+    real = ls.atomic.open_atomic
+
+    def spy(path, mode="w"):
+        written.append(os.path.basename(os.fspath(path)))
+        return real(path, mode)
+
+    monkeypatch.setattr(ls.atomic, "open_atomic", spy)
+    for module in (ls.data, ls.plots):
+        monkeypatch.setattr(module, "open_atomic", spy)
+    if writer == "network":
+        ls.train.save_network(tiny_net, str(tmp_path / "net"))
+        assert written == ["net.msgpack", "net.json"]
+    elif writer == "export":
+        loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=8)
+        ls.export.save(ls.export.quantize_network(loss, loss.init("mse")), str(tmp_path / "q"))
+        assert written == ["q.npz", "q.json"]
+    elif writer == "figure":
+        import matplotlib.figure
+
+        ls.plots.save_figure(matplotlib.figure.Figure(), tmp_path / "fig", formats=("png",))
+        assert written == ["fig.png"]
+    else:
+        monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache"))
+        (tmp_path / "mnist").mkdir()
+        _write_parquet(tmp_path / "mnist" / "train-00000-of-00001.parquet", 8, 0)
+        _write_parquet(tmp_path / "mnist" / "test-00000-of-00001.parquet", 8, 1)
+        ls.data.load("mnist", data_dir=str(tmp_path / "mnist"), calib_size=4)
+        assert len(written) == 1 and written[0].startswith("mnist-")
+    assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
 def test_read_json_resumes_a_store_or_starts_from_a_fresh_default(tmp_path):
