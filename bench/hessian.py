@@ -120,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-reference", action="store_true",
                    help="skip the tight reference eigenvalue (our tol=1e-3 answer is the reference then)")
     p.add_argument("--repeats", type=int, default=5,
-                   help="runs of ours warm and of PyHessian in (a), medians compared (default 5)")
+                   help="runs of ours warm and of PyHessian in (a), an odd number; medians compared (default 5)")
     p.add_argument("--skip-cache-check", action="store_true",
                    help="skip (a) in two new processes sharing a persistent compilation cache")
     p.add_argument("--cache-probe", metavar="DIR", help=argparse.SUPPRESS)  # internal: one such process
@@ -128,6 +128,8 @@ def parse_args(argv=None):
     for name in ("n", "clip_n", "max_probes", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.repeats % 2 == 0:
+        p.error(f"--repeats must be odd, so that the median is one of the runs; got {args.repeats}")
     if args.num_probes < 4:
         p.error(f"--num-probes must be >= 4 for Hutch++, got {args.num_probes}")
     if args.probe_batch is not None and args.probe_batch < 1:
@@ -327,7 +329,7 @@ def ratio(label, theirs, ours):
 
 
 def median_run(runs):
-    """The (clock, result) of ``runs`` with the median wall time (the lower one of two middles)."""
+    """The (clock, result) of ``runs`` (an odd number of them) with the median wall time."""
     ranked = sorted(runs, key=lambda run: run[0].wall)
     return ranked[(len(ranked) - 1) // 2]
 

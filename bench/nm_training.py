@@ -278,8 +278,10 @@ def spearman(a, b) -> float:
 
 
 def render(store, meta) -> tuple[str, list[tuple[str, bool, str]]]:
-    # this run's seeds only: the store may hold other seeds from earlier runs
-    runs = {k: r for k, r in store["runs"].items() if r["seed"] in meta["seeds"]}
+    # this run's seeds only: the store may hold other seeds from earlier runs (a store written
+    # before meta recorded its seeds holds only its own)
+    seeds = meta.get("seeds", sorted({r["seed"] for r in store["runs"].values()}))
+    runs = {k: r for k, r in store["runs"].items() if r["seed"] in seeds}
     lines = [
         "# N:M and transposable N:M: sparse training, AdaPrune, mask diversity",
         "",
@@ -377,7 +379,9 @@ def render(store, meta) -> tuple[str, list[tuple[str, bool, str]]]:
                   "| structure | sparsity | MD (8x8 tile) | log10 MD | "
                   + " | ".join(f"retained, {s}" for s in sources) + " |",
                   "|---|---|---|---|" + "---|" * len(sources)]
-        for label, row in table.items():
+        # The store is JSON with sorted keys: rows follow MD_STRUCTURES, not the file's order.
+        order = {label: i for i, (label, *_) in enumerate(MD_STRUCTURES)}
+        for label, row in sorted(table.items(), key=lambda item: order.get(item[0], len(order))):
             cells = []
             for s in sources:
                 g = row.get(s + " greedy")
