@@ -16,7 +16,8 @@ minimise it. Design points:
   sequential loop on CPU (where vmapped convolution kernels are slower per α) that runs
   only the real rows, so a batch of K costs K evaluations whatever the padding.
 * **Safe for derivative-free optimizers.** α ≤ 0, non-finite α or α above
-  ``quantizers.ALPHA_MAX`` (1e38, where float32 overflows) gives +inf, never NaN.
+  ``quantizers.ALPHA_MAX`` (1e38, where float32 overflows) gives +inf, never NaN; so does a
+  valid α large enough to overflow the network's activations.
 * **Data on device once**, sharded over ``jax.devices()`` along the batch axis when there
   are several (data parallel; the mean is reduced by XLA).
 * **Differentiable** through straight-through rounding: ``loss.grad`` and ``loss.hessian``
@@ -164,7 +165,10 @@ class _Programs:
         alpha = jnp.asarray(alpha, jnp.float32)
         valid = jnp.all(quantizers.valid_alpha(alpha))
         safe = jnp.where(valid, alpha, 1.0)
-        return jnp.where(valid, _mean_cross_entropy(lambda x: self.forward(safe, state, x), xb, yb, wb), jnp.inf)
+        value = _mean_cross_entropy(lambda x: self.forward(safe, state, x), xb, yb, wb)
+        # A valid but huge α can still overflow the network (levels of ~1e37 times the next
+        # layer's weights give inf − inf): the loss has diverged, +inf, not NaN.
+        return jnp.where(valid & ~jnp.isnan(value), value, jnp.inf)
 
     def loss_alpha_last(self, state, xb, yb, wb, alpha):
         """:meth:`loss` with α as the last argument (``jax.tree_util.Partial`` binds leading ones)."""

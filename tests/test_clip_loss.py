@@ -44,6 +44,23 @@ def test_loss_is_finite_positive_and_inf_for_bad_alpha(loss4):
     assert pair[0] == pytest.approx(value, rel=1e-5) and pair[1] == np.inf
 
 
+def test_a_valid_alpha_that_overflows_the_network_gives_inf_not_nan(loss4):
+    """α within (0, ALPHA_MAX] at a weight site puts levels of ~1e37 into the network; the next
+    layers overflow to inf − inf. The loss was NaN there, and np.argmin of a batch picked it."""
+    alpha = np.asarray(loss4.init("max"))
+    weights = [i for i, site in enumerate(loss4.sites) if site.kind == "weight"]
+    values = []
+    for i in weights:
+        for huge in (1e36, 1e37, 1e38):
+            big = np.where(np.arange(loss4.n) == i, np.float32(huge), alpha)
+            value, batch = float(loss4(big)), np.asarray(loss4.batch(np.stack([alpha, big])))
+            assert not np.isnan(value) and not np.isnan(batch).any(), (loss4.sites[i].name, huge)
+            assert batch[1] == pytest.approx(value, rel=1e-5) or batch[1] == value == np.inf
+            assert int(np.argmin(batch)) == 0
+            values.append(value)
+    assert np.inf in values  # some of these overflow (NaN before)
+
+
 @pytest.fixture
 def fresh_programs():
     """No compiled ClipLoss programs shared from earlier tests."""
