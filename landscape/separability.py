@@ -92,6 +92,7 @@ class SeparabilityReport:
 
 
 def _as_symmetric(H, sym_tol):
+    sym_tol = checks.check_positive(sym_tol, "sym_tol", allow_zero=True)
     H = np.asarray(H, dtype=np.float64)
     if H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] == 0:
         raise ValueError(f"H must be a non-empty square (n, n) matrix, got shape {H.shape}")

@@ -805,14 +805,14 @@ def _flatten_and_check(f, x0, args=()):
         bad = int(np.size(finite) - np.count_nonzero(finite))
         raise ValueError(f"x0 contains {bad} NaN/inf value(s); the Hessian needs a finite point")
     try:
-        traced = jax.make_jaxpr(f)(x0, *args)
+        traced, out = jax.make_jaxpr(f, return_shape=True)(x0, *args)
     except Exception as err:  # surface tracing failures with the offending call named
         call = "f(x0, batches[0])" if args else "f(x0)"
         raise ValueError(f"{call} could not be traced by JAX: {err}") from err
-    out = traced.out_avals[0] if len(traced.out_avals) == 1 else jax.eval_shape(f, x0, *args)
-    if not hasattr(out, "shape") or out.shape != ():
-        shape = getattr(out, "shape", type(out).__name__)
-        raise ValueError(f"f must return a scalar, got output of shape {shape}; reduce it (e.g. mean)")
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():  # a tuple or dict of one scalar too
+        got = f"shape {out.shape}" if isinstance(out, jax.ShapeDtypeStruct) else f"a {type(out).__name__}"
+        raise ValueError(f"f must return a scalar array, got output of {got}; reduce it (e.g. mean) or "
+                         "take the element")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"f must return a real floating-point scalar, got dtype {out.dtype}")
     return flat, unravel, unravel_host, structure, traced.consts
@@ -841,12 +841,15 @@ def _check_batches(batches):
 
 
 def _ravel_on_host(leaves, treedef):
-    """The leaves as one host vector of their common dtype, as ``ravel_pytree`` would give, with
-    its inverse for traced vectors (used inside the compiled programs) and for host vectors, and
-    the structure (treedef, ((shape, dtype), ...)) that keys the compiled programs.
+    """The leaves as one host vector of their common dtype, as ``ravel_pytree`` would give, but
+    at least float32, with its inverse for traced vectors (used inside the compiled programs) and
+    for host vectors, and the structure (treedef, ((shape, dtype), ...)) that keys the compiled
+    programs. The inverse casts each part back to its leaf's dtype, so f still runs in float16
+    or bfloat16, while the Lanczos basis, its reorthogonalisation and its stopping floor
+    (100 ε · max|θ|, 10 % of λ_max in float16) work in float32.
     Done with numpy: eager jnp concatenation and slicing compile small XLA programs per structure,
     most of a first call's time on a small problem."""
-    dtype = np.dtype(jnp.result_type(*leaves))
+    dtype = np.dtype(jnp.promote_types(jnp.result_type(*leaves), jnp.float32))
     shapes = [np.shape(leaf) for leaf in leaves]
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
     cuts = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
@@ -905,7 +908,10 @@ def hessian_spectrum(
             weight-space loss closing over its data — which may be sharded over several devices —,
             any function; a ``jax.tree_util.Partial`` has its bound arrays passed as data, see
             the note below).
-        x0: the point, any pytree of floating-point arrays; n = total number of elements.
+        x0: the point, any pytree of floating-point arrays; n = total number of elements. f runs
+            on leaves of their own dtype; the vectors of the algorithms are at least float32
+            (a float16 Lanczos basis stops at 10 % of λ_max). f(x0) itself is not evaluated:
+            only non-finite HVPs are caught.
         top_k: number of eigenpairs, 1 ≤ top_k ≤ n.
         trace: estimate tr H (Hutch++/Hutchinson for "lanczos", exact for "dense"), and the trace
             of each leaf's diagonal block from the same HVPs (``trace_per_leaf``).

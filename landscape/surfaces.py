@@ -15,6 +15,7 @@ parameters get no direction ("biasbn" ignored, as the loss-landscape default).
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -61,14 +62,19 @@ def _site_index(loss, site) -> int:
         if slices.stop - slices.start != 1:
             raise ValueError(f"site {site!r} has {slices.stop - slices.start} α (per-channel); pick an index")
         return slices.start
-    if not isinstance(site, int | np.integer) or not 0 <= site < loss.n:
+    if isinstance(site, bool | np.bool_) or not isinstance(site, int | np.integer) or not 0 <= site < loss.n:
         raise ValueError(f"site index {site!r} must be an integer in [0, {loss.n})")
     return int(site)
 
 
 def _axis(center: float, span, num: int) -> np.ndarray:
-    lo, hi = span
-    if not 0 < lo < hi:
+    try:
+        lo, hi = span.tolist() if isinstance(span, np.ndarray) else span
+    except (TypeError, ValueError):  # not a pair
+        lo = hi = math.nan
+    if not (checks.is_real(lo) and checks.is_real(hi)):
+        lo = hi = math.nan
+    if isinstance(span, str) or not 0 < lo < hi < math.inf:
         raise ValueError(f"span={span!r} must be (lo, hi) with 0 < lo < hi (relative to α)")
     return np.linspace(lo * center, hi * center, num)
 
@@ -85,13 +91,12 @@ def loss_surface(loss, alpha, *, sites: Sequence = (0, 1), span=(0.5, 1.5), num:
         absolute α values directly.
       num: points per axis.
     """
-    if len(sites) != 2:
-        raise ValueError(f"sites={sites!r} must name exactly two sites")
+    if isinstance(sites, str) or not isinstance(sites, Sequence) or len(sites) != 2:
+        raise ValueError(f"sites={sites!r} must name exactly two sites, e.g. (0, 1) or two site names")
     i, j = (_site_index(loss, s) for s in sites)
     if i == j:
         raise ValueError("the two sites must differ")
-    if not isinstance(num, int) or num < 2:
-        raise ValueError(f"num={num!r} must be an integer >= 2")
+    num = checks.check_int(num, "num", minimum=2)
     center = np.asarray(alpha, np.float64)
     if center.shape != (loss.n,) or not np.all(np.isfinite(center) & (center > 0)):
         shown = f"min {center.min():.4g}" if center.shape == (loss.n,) else f"shape {center.shape}"
@@ -121,8 +126,12 @@ def loss_line(loss, start, direction, *, t=None, num: int = 51) -> Line:
     if start.shape != (loss.n,) or direction.shape != (loss.n,):
         raise ValueError(f"start and direction must have shape ({loss.n},); got {start.shape}, "
                          f"{direction.shape}")
-    if t is None and (not isinstance(num, int) or num < 2):
-        raise ValueError(f"num={num!r} must be an integer >= 2")
+    for name, vector in (("start", start), ("direction", direction)):
+        if not np.all(np.isfinite(vector)):
+            raise ValueError(f"{name} has {int(np.sum(~np.isfinite(vector)))} NaN/inf entries; the line "
+                             "needs finite α")
+    if t is None:
+        num = checks.check_int(num, "num", minimum=2)
     ts = np.linspace(-0.2, 0.5, num) if t is None else np.asarray(t, np.float64)
     if ts.ndim != 1 or ts.size == 0 or not np.all(np.isfinite(ts)):
         raise ValueError(f"t must be a non-empty 1-D array of finite steps, got shape {ts.shape}")
@@ -160,6 +169,10 @@ def random_direction(params, seed: int = 0, *, norm: str = "filter"):
                          f"{' …' if len(shapes) > 8 else ''}): random_direction perturbs weight matrices and "
                          "kernels and leaves 1-D leaves (biases, BN parameters) at zero, so the direction "
                          "would be zero")
+    for path, w in leaves:
+        if jnp.ndim(w) >= 2 and not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+            raise ValueError(f"params{jax.tree_util.keystr(path)} has dtype {jnp.result_type(w)}; a direction "
+                             "needs floating-point weight leaves")
     out = []
     with runtime.classic_threefry():  # the split and the draws
         keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -168,14 +181,18 @@ def random_direction(params, seed: int = 0, *, norm: str = "filter"):
             if w.ndim < 2:
                 out.append(jnp.zeros_like(w))
                 continue
-            d = jax.random.normal(key, w.shape, w.dtype)
+            # Drawn and normalised in at least float32: a float16 sum of squares overflows
+            # (above 65504) past ~65k entries, and the scale became 0.
+            dtype = w.dtype
+            work = jnp.promote_types(dtype, jnp.float32)
+            d, w = jax.random.normal(key, w.shape, work), w.astype(work)
             if norm == "filter":
                 axes = tuple(range(w.ndim - 1))
                 scale = _norm(w, axes) / (_norm(d, axes) + 1e-10)
                 d = d * scale
             elif norm == "layer":
                 d = d * jnp.linalg.norm(w) / (jnp.linalg.norm(d) + 1e-10)
-            out.append(d)
+            out.append(d.astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -191,8 +208,15 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
     :func:`landscape.runtime.split_partial`): other directions, another point, another α of a
     ``weight_loss`` compile nothing.
     """
-    if len(directions) not in (1, 2):
-        raise ValueError("directions must hold one (line) or two (surface) pytrees")
+    if not isinstance(directions, list | tuple) or len(directions) not in (1, 2):
+        raise ValueError("directions must be a list of one (line) or two (surface) pytrees shaped like "
+                         f"params, e.g. [random_direction(params)]; got {type(directions).__name__}"
+                         + (f" of length {len(directions)}" if isinstance(directions, list | tuple) else ""))
+    structure = jax.tree.structure(params)
+    for k, d in enumerate(directions):
+        if jax.tree.structure(d) != structure:
+            raise ValueError(f"directions[{k}] is not shaped like params (tree structure {jax.tree.structure(d)} "
+                             f"against {structure}); pass a list of pytrees, e.g. [random_direction(params)]")
     checks.check_int(num, "num", minimum=2)
     checks.check_int(chunk, "chunk")
     if len(span) != 2 or not all(np.isfinite(span)) or span[0] >= span[1]:
@@ -211,6 +235,8 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
     padded = np.concatenate([grid, np.repeat(grid[:1], pad, axis=0)]).astype(np.float32)
     values = np.concatenate([np.asarray(program(padded[s:s + chunk], params, directions, bound))
                              for s in range(0, len(padded), chunk)])
+    if values.ndim != 1:
+        raise ValueError(f"f must return a scalar, got output of shape {values.shape[1:]}; reduce it (e.g. mean)")
     values = values[: len(grid)].astype(np.float64)
     if len(directions) == 1:
         return Line(coords, values, grid)

@@ -108,6 +108,38 @@ def test_loss_surface_and_line_on_quadratic():
             loss_line(q, np.ones(2), np.ones(2), t=np.asarray(t))
 
 
+def test_surface_and_line_arguments_are_checked_by_value():
+    q = Quadratic(np.eye(2), c=np.ones(2))
+    surf = loss_surface(q, np.ones(2), sites=(0, 1), num=np.int64(3), span=np.array([0.5, 1.5]))
+    assert surf.z.shape == (3, 3)  # numpy integers and array spans are fine
+    assert loss_line(q, np.ones(2), np.ones(2), num=np.int64(3)).values.shape == (3,)
+    for sites in (0, "s0", (False, True)):
+        with pytest.raises(ValueError, match="two sites|site index"):
+            loss_surface(q, np.ones(2), sites=sites, num=3)
+    for span in (1.0, (0.5, 1.0, 1.5), (0.5, "1.5"), (1.5, 0.5), (0.5, np.inf)):
+        with pytest.raises(ValueError, match=r"must be \(lo, hi\) with 0 < lo < hi"):
+            loss_surface(q, np.ones(2), sites=(0, 1), span=span, num=3)
+    for start, direction, name in ((np.array([np.nan, 1.0]), np.ones(2), "start"),
+                                   (np.ones(2), np.array([1.0, np.inf]), "direction")):
+        with pytest.raises(ValueError, match=f"{name} has 1 NaN/inf entries"):
+            loss_line(q, start, direction, num=3)
+
+
+def test_half_precision_directions_keep_their_norm():
+    """float16's sum of squares overflows past ~65k entries: the scale was 0, a flat surface."""
+    w = (0.02 * jax.random.normal(jax.random.key(0), (512, 256))).astype(jnp.float16)
+    big = (0.02 * jax.random.normal(jax.random.key(1), (3, 3, 8192, 4))).astype(jnp.float16)
+    layer = random_direction({"k": w}, 0, norm="layer")["k"]
+    assert layer.dtype == jnp.float16
+    np.testing.assert_allclose(float(jnp.linalg.norm(layer.astype(jnp.float32))),
+                               float(jnp.linalg.norm(w.astype(jnp.float32))), rtol=1e-2)
+    filt = random_direction({"k": big}, 0)["k"].astype(jnp.float32)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(filt).reshape(-1, 4), axis=0),
+                               np.linalg.norm(np.asarray(big, np.float32).reshape(-1, 4), axis=0), rtol=1e-2)
+    with pytest.raises(ValueError, match=r"params\['i'\] has dtype int32; a direction needs floating-point"):
+        random_direction({"i": jnp.ones((2, 2), jnp.int32), "k": w})
+
+
 def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
     params = tiny_net.variables["params"]
     d = random_direction(params, seed=0)
@@ -130,6 +162,13 @@ def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
             weight_surface(f, params, [d], **kw)
     with pytest.raises(ValueError, match="seed='a' must be an integer >= 0"):
         random_direction(params, seed="a")
+    # a direction not wrapped in a list (its top-level keys were taken as directions)
+    with pytest.raises(ValueError, match=r"directions must be a list of one \(line\) or two"):
+        weight_surface(f, params, d, num=3)
+    with pytest.raises(ValueError, match=r"directions\[0\] is not shaped like params"):
+        weight_surface(f, params, [d["conv0_1"]], num=3)
+    with pytest.raises(ValueError, match=r"f must return a scalar, got output of shape \(2,\)"):
+        weight_surface(lambda p: jnp.stack([f(p), f(p)]), params, [d], num=3)
     # Any pytree: its matrices get directions (were zero unless named "kernel"), vectors do not.
     other = random_direction({"dense": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "list": [jnp.ones((2, 2))]})
     assert np.all(np.asarray(other["dense"]["w"]) != 0) and np.all(np.asarray(other["list"][0]) != 0)

@@ -81,6 +81,9 @@ def test_bad_hessians():
     assert rep.asymmetry == pytest.approx(1e-4) and rep.coupling[0, 1] == pytest.approx(0.50005)
     with pytest.raises(ValueError, match="not symmetric"):
         separability(np.array([[1.0, 0.5], [0.5 + 1e-4, 1.0]]), sym_tol=1e-5)
+    for tol in (np.nan, -1.0, "x"):  # NaN accepted any asymmetric H; -1 refused a symmetric one
+        with pytest.raises(ValueError, match="sym_tol=.* must be a finite number >= 0"):
+            separability(np.array([[1.0, 0.5], [0.0, 1.0]]), sym_tol=tol)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

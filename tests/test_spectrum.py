@@ -524,6 +524,9 @@ def test_bad_inputs_raise_clear_errors():
     f = lambda x: jnp.sum(x["a"] ** 2) + jnp.sum(x["b"] ** 3)
     with pytest.raises(ValueError, match="scalar"):
         hessian_spectrum(lambda x: x["a"] ** 2, x0)
+    for wrapped in (lambda x: (f(x),), lambda x: {"loss": f(x)}):  # went on to a TypeError in jax.grad
+        with pytest.raises(ValueError, match="f must return a scalar array, got output of a (tuple|dict)"):
+            hessian_spectrum(wrapped, x0)
     with pytest.raises(ValueError, match="top_k"):
         hessian_spectrum(f, x0, top_k=11)
     with pytest.raises(ValueError, match="top_k"):
@@ -891,3 +894,18 @@ def test_a_clip_loss_spectrum_compiles_each_program_once(tiny_net, digits, count
     assert compiled.pop("jit(grad_flat)") == 2 and max(compiled.values(), default=1) == 1, compiled
     dense = hessian_spectrum(loss, alpha, top_k=2, method="dense", trace=False)
     np.testing.assert_allclose(res.eigenvalues, dense.eigenvalues, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_points_run_lanczos_in_float32(dtype):
+    """A float16 basis stopped at its floor, 100 ε · λ_max = 10 % of λ_max, and reported wrong
+    eigenvalues as converged; a bfloat16 start vector was upcast and the HVP refused it."""
+    rng = np.random.default_rng(0)
+    curvature = np.r_[10.0, 9.5, 9.0, 8.5, 8.0, rng.uniform(0, 1, 995)]
+    d = jnp.asarray(curvature, dtype)
+    x0 = jnp.asarray(rng.uniform(-1, 1, 1000), dtype)
+    result = hessian_spectrum(lambda x: 0.5 * jnp.sum(d * x * x), x0, top_k=5, trace=False,
+                              eigenvectors=True, method="lanczos")
+    exact = np.sort(np.asarray(d, np.float64))[::-1][:5]
+    np.testing.assert_allclose(result.eigenvalues, exact, rtol=2 * float(jnp.finfo(dtype).eps))
+    assert result.eigenvectors[0].dtype == dtype
