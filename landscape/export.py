@@ -245,10 +245,11 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     meta = {"format": FORMAT_VERSION, "model": repr(qnet.model),
             "sites": {n: s.to_json() for n, s in qnet.sites.items()},
             "kernels": {n: "/".join(_kernel_path(n)) for n in qnet.codes}, "precision": qnet.precision}
-    blob = io.BytesIO()
-    np.savez(blob, **arrays)
-    meta["npz_sha256"] = hashlib.sha256(blob.getvalue()).hexdigest()
-    atomic.write_atomic(path + ".npz", blob.getvalue())
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    blob = buffer.getvalue()
+    meta["npz_sha256"] = hashlib.sha256(blob).hexdigest()
+    atomic.write_atomic(path + ".npz", blob)
     atomic.write_atomic(path + ".json", json.dumps(meta, indent=1) + "\n")
     return path
 

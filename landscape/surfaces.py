@@ -68,13 +68,10 @@ def _site_index(loss, site) -> int:
 
 
 def _axis(center: float, span, num: int) -> np.ndarray:
-    try:
-        lo, hi = span.tolist() if isinstance(span, np.ndarray) else span
-    except (TypeError, ValueError):  # not a pair
-        lo = hi = math.nan
-    if not (checks.is_real(lo) and checks.is_real(hi)):
-        lo = hi = math.nan
-    if isinstance(span, str) or not 0 < lo < hi < math.inf:
+    pair = list(span.tolist() if isinstance(span, np.ndarray) else span) \
+        if isinstance(span, Sequence | np.ndarray) and not isinstance(span, str) else []
+    lo, hi = pair if len(pair) == 2 and all(checks.is_real(v) for v in pair) else (math.nan, math.nan)
+    if not 0 < lo < hi < math.inf:
         raise ValueError(f"span={span!r} must be (lo, hi) with 0 < lo < hi (relative to α)")
     return np.linspace(lo * center, hi * center, num)
 

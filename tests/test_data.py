@@ -176,8 +176,10 @@ def test_every_file_writer_goes_through_open_atomic(writer, tmp_path, monkeypatc
         written.append(os.path.basename(os.fspath(path)))
         return real(path, mode)
 
+    from landscape import plots  # matplotlib: not imported by `import landscape`
+
     monkeypatch.setattr(ls.atomic, "open_atomic", spy)
-    for module in (ls.data, ls.plots):
+    for module in (ls.data, plots):
         monkeypatch.setattr(module, "open_atomic", spy)
     if writer == "network":
         ls.train.save_network(tiny_net, str(tmp_path / "net"))
@@ -189,7 +191,7 @@ def test_every_file_writer_goes_through_open_atomic(writer, tmp_path, monkeypatc
     elif writer == "figure":
         import matplotlib.figure
 
-        ls.plots.save_figure(matplotlib.figure.Figure(), tmp_path / "fig", formats=("png",))
+        plots.save_figure(matplotlib.figure.Figure(), tmp_path / "fig", formats=("png",))
         assert written == ["fig.png"]
     else:
         monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache"))
