@@ -50,7 +50,7 @@ import mnist_resnet20  # noqa: E402
 from mnist_resnet20 import Progress  # noqa: E402
 
 import landscape as ls  # noqa: E402
-from landscape import runtime  # noqa: E402
+from landscape import atomic  # noqa: E402
 from landscape.bit_allocation import Sensitivity  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -248,12 +248,12 @@ def main(argv=None) -> int:
                          f"{100 * v['uniform_lapq']:.2f} %")
     lines += ["", "Per-layer sensitivities:", "", "```", repr(sens), "```"]
     text = "\n".join(lines) + "\n"
-    runtime.write_atomic(args.out + ".md", text)
+    atomic.write_atomic(args.out + ".md", text)
     record = dict(rows=rows, verdicts=verdicts, sites=list(sens.sites), sizes=sizes.tolist(), bits=list(BITS),
                   trace=sens.trace.tolist(), trace_stderr=sens.trace_stderr.tolist(), error=sens.error.tolist(),
                   fp32_test_acc=fp32, a_bits=args.a_bits, lapq_method=args.lapq_method, lapq_rows=lapq_rows,
                   lapq_verdicts=lapq_verdicts)
-    runtime.write_atomic(args.out + ".json", json.dumps(record, indent=1) + "\n")
+    atomic.write_atomic(args.out + ".json", json.dumps(record, indent=1) + "\n")
     progress.finish()
     print("\n" + text)
     return 0

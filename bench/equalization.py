@@ -28,7 +28,7 @@ import mnist_resnet20  # first: puts the repository on sys.path for the imports 
 import numpy as np
 
 import landscape as ls
-from landscape import runtime
+from landscape import atomic
 
 
 def main(argv=None) -> int:
@@ -90,10 +90,10 @@ def main(argv=None) -> int:
             lines.append(f"| W{r['w_bits']}A{r['a_bits'] or 32} | {r['variant']} + LAPQ | {r['calib_loss']:.4f} | "
                          f"{100 * r['test_acc']:.2f} | {r['seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
-    runtime.write_atomic(args.out + ".md", text)
+    atomic.write_atomic(args.out + ".md", text)
     record = dict(rows=rows, lapq_rows=lapq_rows, pairs=eq.pairs, rejected=eq.rejected, rounds=eq.rounds,
                   fp32_test_acc=fp32)
-    runtime.write_atomic(args.out + ".json", json.dumps(record, indent=1) + "\n")
+    atomic.write_atomic(args.out + ".json", json.dumps(record, indent=1) + "\n")
     print("\n" + text)
     return 0
 

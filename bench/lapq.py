@@ -183,8 +183,8 @@ def write(sections, payload, args):
             "are the joint step's (from the shared Lp(p*) start). Claims are checked against thresholds "
             "fixed in bench/lapq.py before the run.\n\n")
     os.makedirs(RESULTS, exist_ok=True)
-    ls.runtime.write_atomic(os.path.join(RESULTS, f"{args.out}.md"), head + "\n\n".join(sections) + "\n")
-    ls.runtime.write_atomic(os.path.join(RESULTS, f"{args.out}.json"), json.dumps(payload, indent=1))
+    ls.atomic.write_atomic(os.path.join(RESULTS, f"{args.out}.md"), head + "\n\n".join(sections) + "\n")
+    ls.atomic.write_atomic(os.path.join(RESULTS, f"{args.out}.json"), json.dumps(payload, indent=1))
 
 
 def main(argv=None):

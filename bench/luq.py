@@ -359,8 +359,8 @@ def main(argv=None) -> int:
     store = ls.runtime.read_json(json_path, {"runs": {}, "bias": {}, "datasets": {}})
 
     def save():
-        ls.runtime.write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
-        ls.runtime.write_atomic(args.out, render(store, args))
+        ls.atomic.write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
+        ls.atomic.write_atomic(args.out, render(store, args))
 
     for name in args.datasets:
         if name == "mnist":

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
-from landscape import runtime  # noqa: E402
+from landscape import atomic, runtime  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
@@ -69,7 +69,7 @@ class Progress:
     def get(self, key: str, compute):
         if key not in self.steps:
             self.steps[key] = compute()
-            runtime.write_atomic(self.path, json.dumps({"config": self.config, "steps": self.steps}) + "\n")
+            atomic.write_atomic(self.path, json.dumps({"config": self.config, "steps": self.steps}) + "\n")
         return self.steps[key]
 
     def finish(self):

@@ -427,8 +427,8 @@ def main(argv=None) -> int:
 
     def save():
         store["meta"] = meta
-        ls.runtime.write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
-        ls.runtime.write_atomic(args.out, render(store, meta)[0])
+        ls.atomic.write_atomic(json_path, json.dumps(store, indent=1, sort_keys=True))
+        ls.atomic.write_atomic(args.out, render(store, meta)[0])
 
     sources = {"Gaussian": [np.random.default_rng(0).standard_normal((320, 400))]}
     for name in args.datasets:

@@ -36,7 +36,7 @@ import numpy as np
 from mnist_resnet20 import Progress
 
 import landscape as ls
-from landscape import runtime
+from landscape import atomic
 
 NUM_IMAGES = 256
 
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
                      f"{g['flipped']:.3f} / {a['flipped']:.3f} | {g['kept_nearest']} / {a['kept_nearest']} | "
                      f"{g['seconds']:.0f} / {a['seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
-    runtime.write_atomic(args.out + ".md", text)
-    runtime.write_atomic(args.out + ".json", json.dumps(dict(rows=rows, fp32_test_acc=fp32, settings=settings),
+    atomic.write_atomic(args.out + ".md", text)
+    atomic.write_atomic(args.out + ".json", json.dumps(dict(rows=rows, fp32_test_acc=fp32, settings=settings),
                                                         indent=1) + "\n")
     progress.finish()
     print("\n" + text)

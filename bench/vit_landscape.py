@@ -50,7 +50,7 @@ from mnist_resnet20 import Progress, parse_configs
 import landscape as ls
 import models
 from figures.f2_hessians import coupling_by_distance
-from landscape import runtime
+from landscape import atomic, runtime
 
 lapq_module = importlib.import_module("landscape.lapq")  # ls.lapq is the function
 
@@ -215,8 +215,8 @@ def main(argv=None) -> int:
                                              lambda w=w_bits, a=a_bits, net=net: lapq_step(net, data, w, a, args.seeds))
     settings.update(seconds=time.perf_counter() - t0, machine=runtime.cpu_model() or "unknown CPU",
                     software=runtime.software())
-    runtime.write_atomic(out + ".md", render(results, settings))
-    runtime.write_atomic(out + ".json", json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
+    atomic.write_atomic(out + ".md", render(results, settings))
+    atomic.write_atomic(out + ".json", json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
     progress.finish()
     print(f"wrote {out}.md and .json ({settings['seconds']:.0f} s)")
     return 0

@@ -836,7 +836,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
     print(table)
     if args.json:
         payload = dict(table.to_dict(), software=landscape.runtime.software())
-        landscape.runtime.write_atomic(args.json, json.dumps(payload, indent=1))
+        landscape.atomic.write_atomic(args.json, json.dumps(payload, indent=1))
     return table
 
 

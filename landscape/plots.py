@@ -632,7 +632,6 @@ def save_figure(fig, path, *, formats: Sequence[str] = ("png", "pdf"), dpi: int 
     path = Path(path)
     if path.suffix.lstrip(".").lower() in _SAVE_FORMATS:
         path = path.with_suffix("")
-    path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None
     try:

@@ -1,7 +1,7 @@
 """Process-level helpers: JAX's persistent compilation cache, how analyzers share programs among
-``jax.tree_util.Partial`` losses, atomic (resumable) result files, the threefry layout every
-random draw of landscape uses, the matmul precision levels the compiled programs accept, and the
-code and library versions a result file records.
+``jax.tree_util.Partial`` losses, resumable result stores (written through ``landscape.atomic``),
+the threefry layout every random draw of landscape uses, the matmul precision levels the compiled
+programs accept, and the code and library versions a result file records.
 
 Within a process, every ClipLoss of the same network, site layout and precision shares one set
 of compiled programs; across processes a persistent cache turns the second and later compiles
@@ -24,7 +24,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from landscape.atomic import write_atomic  # noqa: F401  (re-exported: runtime.write_atomic)
 from landscape.data import cache_dir
 
 
@@ -42,7 +41,7 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
 def read_json(path: str, default: dict) -> dict:
     """The JSON object at ``path`` (an earlier, possibly interrupted run's results, written by
-    :func:`write_atomic`), or a fresh copy of ``default`` when there is no file yet: how the
+    :func:`landscape.atomic.write_atomic`), or a fresh copy of ``default`` when there is no file yet: how the
     resumable scripts pick up where they stopped."""
     if not os.path.exists(path):
         return json.loads(json.dumps(default))  # a deep copy: the caller fills it in

@@ -68,11 +68,11 @@ def _site_index(loss, site) -> int:
 
 
 def _axis(center: float, span, num: int) -> np.ndarray:
-    pair = list(span.tolist() if isinstance(span, np.ndarray) else span) \
-        if isinstance(span, Sequence | np.ndarray) and not isinstance(span, str) else []
-    lo, hi = pair if len(pair) == 2 and all(checks.is_real(v) for v in pair) else (math.nan, math.nan)
-    if not 0 < lo < hi < math.inf:
+    pair = span.tolist() if isinstance(span, np.ndarray) else span
+    if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2 \
+            or not all(checks.is_real(v) for v in pair) or not 0 < pair[0] < pair[1] < math.inf:
         raise ValueError(f"span={span!r} must be (lo, hi) with 0 < lo < hi (relative to α)")
+    lo, hi = pair
     return np.linspace(lo * center, hi * center, num)
 
 

@@ -131,12 +131,12 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch, tmp_path):
 
 def test_write_atomic_replaces_whole_files_only(tmp_path):
     path = tmp_path / "sub" / "table.md"
-    ls.runtime.write_atomic(str(path), "old\n")
+    ls.atomic.write_atomic(str(path), "old\n")
     assert path.read_text() == "old\n"
-    ls.runtime.write_atomic(path, b"new\n")  # bytes and path objects too
+    ls.atomic.write_atomic(path, b"new\n")  # bytes and path objects too
     assert path.read_text() == "new\n"
     with pytest.raises(TypeError, match="data must be str or bytes, got int"):
-        ls.runtime.write_atomic(str(path), 3)
+        ls.atomic.write_atomic(str(path), 3)
     with pytest.raises(ZeroDivisionError), ls.atomic.open_atomic(path) as f:
         f.write("half of a ta")
         1 / 0  # noqa: B018  (a write that fails midway)
@@ -210,7 +210,7 @@ def test_read_json_resumes_a_store_or_starts_from_a_fresh_default(tmp_path):
     assert store == {"runs": {}}
     store["runs"]["a"] = 1.5
     assert default == {"runs": {}}  # a copy: filling the store leaves the default alone
-    ls.runtime.write_atomic(path, json.dumps(store))
+    ls.atomic.write_atomic(path, json.dumps(store))
     assert ls.runtime.read_json(path, default) == {"runs": {"a": 1.5}}
     (tmp_path / "broken.json").write_text('{"runs": {')
     with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
