@@ -140,7 +140,8 @@ class HessianSpectrum:
         hvp_counts: the same, split by task ("dense", "lanczos", "trace", "density").
         seconds: wall-clock seconds of the call, compilation included.
         info: further details (Lanczos basis size and restarts, trace method and HVPs, density runs,
-            steps and σ, the dense Hessian's relative asymmetry, the leaf sizes of x0).
+            steps and σ, the dense Hessian's relative asymmetry, the leaf sizes of x0, and
+            ``"value"``: f(x0) whenever the gradient was evaluated, see ``x0``).
     """
 
     eigenvalues: np.ndarray
@@ -312,11 +313,12 @@ class _HVP:
             mode = "linearize" if stored <= linearize_budget(self.device) else "recompute"
         self.mode = mode
         self.stored_bytes = stored if mode == "linearize" else None  # None when every HVP recomputes
-        self._grad, self._lins = None, None
+        self._grad, self._value, self._lins = None, None, None
         if mode == "linearize":
-            pairs = [jax.linearize(_bound(programs["grad"], args), x) for _, args in self._terms]
-            self._grad = self._combine([g for g, _ in pairs])
-            self._lins = [lin for _, lin in pairs]
+            triples = [jax.linearize(_bound(programs["grad"], args), x, has_aux=True) for _, args in self._terms]
+            self._grad = self._combine([g for g, _, _ in triples])
+            self._value = self._combine([value for _, _, value in triples])
+            self._lins = [lin for _, lin, _ in triples]
 
     def _combine(self, parts):
         """Σ_b w_b parts[b] (parts[0] itself without batches), on the device."""
@@ -343,8 +345,15 @@ class _HVP:
         """∇f(x) (with batches Σ_b w_b ∇f(x, batch_b)) as a host array: the linearization's
         primal output when there is one (free), else compiled gradient evaluations."""
         if self._grad is None:
-            self._grad = self._combine([self._programs["grad"](self._x, *args) for _, args in self._terms])
+            pairs = [self._programs["grad"](self._x, *args) for _, args in self._terms]
+            self._grad = self._combine([g for g, _ in pairs])
+            self._value = self._combine([value for _, value in pairs])
         return np.asarray(self._grad)
+
+    def value(self) -> float | None:
+        """f(x) (with batches Σ_b w_b f(x, batch_b)) when the gradient has been evaluated (always
+        with ``mode="linearize"``), else None: it comes with the gradient, never on its own."""
+        return None if self._value is None else float(self._value)
 
     def lanczos_step(self, Q, q, j, task="lanczos"):
         """(Q, h, β, q_{j+1}) after one step from q = row j of Q; see :func:`_extend_core`."""
@@ -406,7 +415,8 @@ def _residual_bytes(programs, x, args=()):
     key = tuple((tuple(np.shape(a)), str(jnp.result_type(a))) for a in jax.tree.leaves(args))
     cache = programs.setdefault("residual_bytes", {})
     if key not in cache:
-        shapes = jax.eval_shape(lambda u, *a: jax.linearize(_bound(programs["grad"], a), u)[1], x, *args)
+        shapes = jax.eval_shape(lambda u, *a: jax.linearize(_bound(programs["grad"], a), u, has_aux=True)[1],
+                                x, *args)
         cache[key] = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(shapes))
     return cache[key]
 
@@ -417,7 +427,8 @@ _OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _compiled_operator(f, unravel, structure, precision, batched=False, bound=False):
     """The jitted programs for f at points of the given pytree structure, f traced under
     ``jax.default_matmul_precision(precision)``: a dict with the gradient ("grad"), the fused
-    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("hvp"). Every program
+    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("hvp"); "grad" returns
+    (∇f, f), the value as an aux output that ``jax.linearize`` does not differentiate. Every program
     takes the point first (after it, the step its basis, row and index, the HVPs the vector),
     then with ``bound`` the data ``(args, keywords)`` bound to f, called as
     f(*args, x, **keywords), then with ``batched`` the batch, called as f(x, batch)."""
@@ -431,11 +442,13 @@ def _compiled_operator(f, unravel, structure, precision, batched=False, bound=Fa
             return runtime.call_split(f_ref(), data, unravel(u), *batch)
 
         def grad_flat(u, *extra):
+            """(∇f(u), f(u)): the value rides along at no cost, as the linearization's aux output."""
             with jax.default_matmul_precision(precision):  # read when the programs are traced
-                return jax.grad(value)(u, extra)
+                f_u, g = jax.value_and_grad(value)(u, extra)
+            return g, f_u
 
         def hvp(point, v, *extra):
-            return jax.jvp(lambda u: grad_flat(u, *extra), (point,), (v,))[1]
+            return jax.jvp(lambda u: grad_flat(u, *extra)[0], (point,), (v,))[1]
 
         def lanczos_step(point, Q, q, j, *extra):
             return _extend_core(Q, hvp(point, q, *extra), j)
@@ -787,6 +800,16 @@ def _not_finite(what: str) -> ValueError:
                       "that f(x0) is finite and x0 lies inside f's domain (e.g. no log or sqrt of a value <= 0)")
 
 
+def _check_value(op, batched):
+    """Refuse a non-finite f(x0) once it is known (see :meth:`_HVP.value`): its HVPs can be finite
+    (f = Σx² + NaN has H = 2I), but they are then not the curvature of anything."""
+    value = op.value()
+    if value is not None and not np.isfinite(value):
+        call = "f(x0, batch) (the batches' weighted mean)" if batched else "f(x0)"
+        raise ValueError(f"{call} = {value} is not finite (NaN or inf); check that x0 lies inside f's domain "
+                         "(e.g. no log or sqrt of a value <= 0) and that f's data are finite")
+
+
 def _flatten_and_check(f, x0, args=()):
     """(x0 as one host vector, the traceable inverse, the host inverse, x0's structure, the arrays
     f closes over) after checking x0 and f(x0, *args); see :func:`_ravel_on_host`."""
@@ -910,8 +933,12 @@ def hessian_spectrum(
             the note below).
         x0: the point, any pytree of floating-point arrays; n = total number of elements. f runs
             on leaves of their own dtype; the vectors of the algorithms are at least float32
-            (a float16 Lanczos basis stops at 10 % of λ_max). f(x0) itself is not evaluated:
-            only non-finite HVPs are caught.
+            (a float16 Lanczos basis stops at 10 % of λ_max). f(x0) comes with the gradient, so
+            it is checked (a non-finite value is an error) and kept in ``info["value"]`` whenever
+            the gradient is evaluated: always with ``hvp="linearize"`` (free, its primal output),
+            and otherwise when Lanczos starts from the gradient (``start="gradient"``); a
+            "recompute" call that never takes the gradient (dense, or a random start) does not
+            evaluate f(x0), and catches only non-finite HVPs.
         top_k: number of eigenpairs, 1 ≤ top_k ≤ n.
         trace: estimate tr H (Hutch++/Hutchinson for "lanczos", exact for "dense"), and the trace
             of each leaf's diagonal block from the same HVPs (``trace_per_leaf``).
@@ -982,7 +1009,8 @@ def hessian_spectrum(
         :class:`HessianSpectrum`.
 
     Raises:
-        ValueError: non-scalar or non-float f(x0), non-finite or empty x0, top_k outside [1, n],
+        ValueError: non-scalar or non-float f(x0), a non-finite f(x0) (when evaluated, see x0),
+            non-finite or empty x0, top_k outside [1, n],
             unknown method / which / trace_method, or non-positive counts.
 
     Note:
@@ -1049,6 +1077,7 @@ def hessian_spectrum(
         method = "dense" if n <= DENSE_MAX_DIM else "lanczos"
 
     op = _HVP(f, unravel, flat, structure, precision, hvp, terms, closed_over=consts)
+    _check_value(op, terms is not None)
     if probe_batch is None:
         probe_batch = default_probe_batch(op.device)
     # Host generators, one stream per task: jax.random would compile a sampler per vector length.
@@ -1091,6 +1120,7 @@ def hessian_spectrum(
         if start == "auto":
             start = "gradient" if which in ("largest", "magnitude") else "random"
         v0 = _gradient_start(op, rng_lanczos) if start == "gradient" else None
+        _check_value(op, terms is not None)
         info["start"] = "random (zero or non-finite gradient)" if start == "gradient" and v0 is None else start
         values, S, Q, j, residuals, errors, converged, restarts = _lanczos_top_k(
             op, n, dtype, top_k, m, which, tol, tol_on, max_restarts, rng_lanczos, v0
@@ -1146,6 +1176,8 @@ def hessian_spectrum(
         per_leaf = treedef.unflatten([float(v) for v in leaf_trace])
         per_leaf_err = treedef.unflatten([float(v) for v in leaf_stderr])
     counts = dict(op.counts)
+    if op.value() is not None:
+        info["value"] = op.value()
     return HessianSpectrum(
         eigenvalues=np.asarray(values, np.float64),
         eigenvectors=vecs,

@@ -568,11 +568,16 @@ def test_bad_inputs_raise_clear_errors():
     for name in ("tol", "trace_rtol", "density_sigma"):
         with pytest.raises(ValueError, match=f"{name} must be .*positive.* number, got '1e-4'"):
             hessian_spectrum(f, x0, **{name: "1e-4"})
-    # f not finite at x0 (sqrt of negative values): named, on both paths, not a LinAlgError
+    # f not finite at x0 (sqrt of negative values): named, on both paths, not a LinAlgError; the
+    # value itself when the gradient is evaluated, else the first non-finite products
+    for n in (5, 600):
+        with pytest.raises(ValueError, match=r"f\(x0\) = nan is not finite .* inside f's domain"):
+            hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(n), top_k=2)
     with pytest.raises(ValueError, match=r"of the 5x5 Hessian entries are not finite .* inside f's domain"):
-        hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(5), top_k=2)
+        hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(5), top_k=2, hvp="recompute")
     with pytest.raises(ValueError, match="Hessian-vector product of Lanczos step 1 are not finite"):
-        hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(600), method="lanczos", trace=False)
+        hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(600), method="lanczos", trace=False,
+                         hvp="recompute", start="random")
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -909,3 +914,38 @@ def test_half_precision_points_run_lanczos_in_float32(dtype):
     exact = np.sort(np.asarray(d, np.float64))[::-1][:5]
     np.testing.assert_allclose(result.eigenvalues, exact, rtol=2 * float(jnp.finfo(dtype).eps))
     assert result.eigenvectors[0].dtype == dtype
+
+
+@pytest.mark.parametrize("method,hvp,start", [("dense", "linearize", "auto"), ("lanczos", "linearize", "random"),
+                                              ("lanczos", "recompute", "gradient")])
+def test_a_non_finite_f_at_x0_is_an_error_whenever_it_is_evaluated(method, hvp, start):
+    """f = Σx² + NaN has the finite Hessian 2I, and went through as eigenvalue 2 with no complaint:
+    only non-finite HVPs were caught. f(x0) now comes with the gradient (the linearization's aux
+    output, or the gradient program's second output) and is checked and kept in info["value"]."""
+    x0 = {"a": jnp.ones(40), "b": jnp.full((3, 5), 0.5)}
+    offset = jnp.zeros(())  # closed over: the same function with a finite and a NaN offset
+
+    def f(x, c):
+        return jnp.sum(x["a"] ** 2) + jnp.sum(x["b"] ** 2) + c
+
+    ok = hessian_spectrum(jax.tree_util.Partial(f, c=offset + 3.0), x0, method=method, hvp=hvp, start=start,
+                          trace=False)
+    assert ok.eigenvalues[0] == pytest.approx(2.0, rel=1e-5)
+    assert ok.info["value"] == pytest.approx(40 + 15 * 0.25 + 3.0, rel=1e-6)
+    for bad in (jnp.nan, jnp.inf):
+        with pytest.raises(ValueError, match=r"f\(x0\) = (nan|inf) is not finite"):
+            hessian_spectrum(jax.tree_util.Partial(f, c=offset + bad), x0, method=method, hvp=hvp, start=start,
+                             trace=False)
+
+
+def test_a_non_finite_weighted_mean_over_batches_is_an_error():
+    """With batches the checked value is Σ_b w_b f(x0, batch_b): one NaN batch makes it NaN."""
+    f = lambda x, batch: jnp.mean((batch @ x) ** 2)
+    rows = np.random.default_rng(0).standard_normal((6, 30)).astype(np.float32)
+    x0 = jnp.ones(30)
+    good = hessian_spectrum(f, x0, batches=[rows[:3], rows[3:]], trace=False, hvp="linearize")
+    assert good.info["value"] == pytest.approx(float(np.mean((rows @ np.ones(30)) ** 2)), rel=1e-5)
+    bad = rows.copy()
+    bad[4, 7] = np.nan
+    with pytest.raises(ValueError, match=r"f\(x0, batch\) \(the batches' weighted mean\) = nan is not finite"):
+        hessian_spectrum(f, x0, batches=[bad[:3], bad[3:]], trace=False, hvp="linearize")
