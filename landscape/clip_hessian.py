@@ -5,7 +5,13 @@ Two curvatures exist and both matter (lapq.md §3b):
 * ``method="ste"`` — the Hessian of the straight-through surrogate, by forward-over-reverse
   autodiff (n HVPs with the basis vectors, ``ClipLoss.hessian``), compiled once per network and
   site layout. This is what the LAPQ authors computed. Rounding is the identity in its
-  derivative, so the surrogate is smooth in α.
+  derivative, so the surrogate is smooth in α except where an element meets the clip
+  boundary: there ∂x̂/∂α jumps between the inside value (round(z) − z)·∂Δ/∂α and the clipped
+  one (±1 on the signed grids). At α = max|x| (``init("max")``) the largest element sits on
+  the boundary, one ulp of x/Δ decides its side, and two compilations that round differently
+  (data passed as arguments, as ClipLoss's programs take them, or folded in as constants by a
+  closure under ``jax.jit``) return different one-sided gradients and Hessians. Take the STE
+  curvature at an interior α, such as the Lp init.
 * ``method="fd"`` — the curvature of the true, piecewise-constant loss by central second
   differences at a relative step h_i = step·α_i (default ``step=0.02``, i.e. 2% of each α;
   the loss is flat between rounding events, so much smaller steps measure noise)::
