@@ -12,6 +12,10 @@ FIGURES = (
     "f6_convergence", "f7_calib_size", "f8_line", "t1_accuracy", "t2_spectrum",
 )
 
+#: Where each module's ``EST_SECONDS`` comes from: its seconds in the run that made the committed
+#: figures/ (``figures/report.json``, "figures" → seconds, rounded, at least 1).
+COST_SOURCE = "figures/report.json: the committed figures' run, 2-core AMD EPYC"
+
 
 def load_all():
     return [importlib.import_module(f"figures.{slug}") for slug in FIGURES]

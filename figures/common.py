@@ -5,7 +5,7 @@ A figure module (``figures/f1_contours.py`` …) defines::
     NAME = "F1"                  # the paper figure/table it reproduces
     SLUG = "f1_contours"         # file stem of its outputs
     TITLE = "…"                  # one line
-    EST_SECONDS = 40             # rough cost on the small preset (progress bar / ETA)
+    EST_SECONDS = 40             # its compute seconds on the small preset (progress bar, --list)
     def compute(ctx) -> dict     # the data behind the figure (JSON-able), via ctx.cached(...)
     def render(data, ctx) -> list[Path]   # PNG + PDF files written under ctx.out
     def claims(data, ctx) -> list[Claim]  # the lapq.md §6 claims it can test (may be empty)

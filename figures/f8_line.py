@@ -13,7 +13,7 @@ import numpy as np
 NAME = "F8"
 SLUG = "f8_line"
 TITLE = "Loss along the line 0.8·α* → 1.5·α* through the LAPQ optimum, quadratic fit"
-EST_SECONDS = 25
+EST_SECONDS = 1
 
 NUM = 36  # t = −0.2, −0.18, …, 0.5: steps of 0.02, so t = 0 (α* itself) is on the line
 

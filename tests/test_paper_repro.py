@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import pytest
@@ -246,3 +247,15 @@ def test_presets_train_at_their_learning_rate(tmp_path):
     assert all("train_lr" not in common.PRESETS[name].config() for name in ("small", "mnist", "tiny"))
     ctx = common.Context(dataclasses.replace(common.PRESETS["tiny"], train_lr=0.123), tmp_path, progress=False)
     assert ctx.net.config["lr"] == 0.123
+
+
+def test_the_listed_costs_are_the_committed_runs_seconds(capsys):
+    """--list prints each module's cost, EST_SECONDS, which must be what the committed figures'
+    run measured (figures/report.json), not a guess."""
+    measured = json.loads((Path(figures.__file__).parent / "report.json").read_text())["figures"]
+    assert paper_repro.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "figures/report.json" in listing
+    for module in figures.load_all():
+        assert module.EST_SECONDS == max(1, round(measured[module.NAME]["seconds"])), module.NAME
+        assert f"{module.NAME:4s} {module.SLUG:18s} {module.EST_SECONDS:>4d} s  {module.TITLE}" in listing
