@@ -159,6 +159,9 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
                 claims.extend(found)
                 results[m.NAME] = {"seconds": round(time.time() - start, 1), "claims": [c.id for c in found],
                                    **{k: ctx.steps[k] - steps[k] for k in ("computed", "loaded")}}
+                mappings = common.memory_mappings()  # what the module's programs hold, before release
+                if mappings is not None:
+                    results[m.NAME]["memory_mappings"] = {"held": mappings[0], "limit": mappings[1]}
                 ctx.log(f"{m.NAME} computed in {time.time() - start:.1f} s")
                 ctx.release()  # compiled programs are per module: free them (see Context.loss)
                 if bar is not None:

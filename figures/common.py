@@ -196,18 +196,25 @@ def weights_fingerprint(variables) -> str:
 # --------------------------------------------------------------------------- context
 
 
-def mapping_fraction() -> float:
-    """Memory mappings this process holds, as a fraction of the kernel's per-process limit
-    (``vm.max_map_count``). Every XLA:CPU executable holds some, and at the limit LLVM fails
-    ("Cannot allocate memory"); 1.0 where this cannot be read (not Linux), so callers release."""
+def memory_mappings() -> tuple[int, int] | None:
+    """(memory mappings this process holds, the kernel's per-process limit ``vm.max_map_count``),
+    or None where they cannot be read (not Linux). Every XLA:CPU executable holds some, and at
+    the limit LLVM fails ("Cannot allocate memory")."""
     try:
         with open("/proc/sys/vm/max_map_count") as fh:
             limit = int(fh.read())
         with open("/proc/self/maps") as fh:
             held = sum(1 for _ in fh)
     except (OSError, ValueError):
-        return 1.0
-    return held / max(limit, 1)
+        return None
+    return held, limit
+
+
+def mapping_fraction() -> float:
+    """:func:`memory_mappings` as a fraction of the limit; 1.0 where they cannot be read, so
+    callers release."""
+    counts = memory_mappings()
+    return 1.0 if counts is None else counts[0] / max(counts[1], 1)
 
 
 class Context:

@@ -46,6 +46,10 @@ def test_report_lists_claims_with_verdicts(tiny_run):
     assert f"Ran with code `{report['software']['code'] or 'not a git checkout'}`; python" in text
     assert set(report["figures"]) == {m.NAME for m in figures.load_all()}
     assert all(info["render_seconds"] >= 0 for info in report["figures"].values())
+    if Path("/proc/self/maps").exists():  # the memory mappings held after each module (Linux)
+        held = [info["memory_mappings"]["held"] for info in report["figures"].values()]
+        assert all(isinstance(h, int) and 0 < h < info["memory_mappings"]["limit"]
+                   for h, info in zip(held, report["figures"].values(), strict=True))
     assert "| seconds to compute | seconds to draw |" in text
     gallery = (tiny_run / "README.md").read_text()
     for module in figures.load_all():
