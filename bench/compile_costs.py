@@ -46,13 +46,18 @@ from ``data.with_calib(size, 0)``.
     (``jax.jit(functools.partial(model.init, train=False))``) partitionable, jitted classic
     (what ``fit`` runs, in ``runtime.classic_threefry()``), and op by op classic for reference.
     ``import landscape`` changes no threefry setting; JAX's global default is printed.
+(4) ``paper_repro.main(["--preset", "tiny", ...])`` in this process, everything cold (an empty
+    ``LANDSCAPE_CACHE`` in a temporary directory, so the tiny network is trained; a fresh
+    ``--out``; the persistent compilation cache off; ClipLoss's shared program sets emptied):
+    the ClipLoss objects it constructs against the program sets (``clip_loss._Programs``) they
+    construct, and the XLA programs compiled.
 
 The report goes to stdout and, with ``--out PATH``, also to PATH (written atomically).
 
     python bench/compile_costs.py [--out results/compile_costs.txt] [--seed 0] [--train-seed 0]
                                   [--bits 4,2,3,5,8] [--probe-batches 1,16]
                                   [--skip-spectrum-reuse] [--skip-probe-batch] [--skip-threefry]
-                                  [--only reuse,probe-batch,threefry]
+                                  [--skip-tiny] [--only reuse,probe-batch,threefry,tiny]
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 
-SECTIONS = ("reuse", "probe-batch", "threefry")
+SECTIONS = ("reuse", "probe-batch", "threefry", "tiny")
 CALIB_SIZE = 256  # the small preset's calib_size (section 1)
 SPECTRUM_BATCH = 128  # the small preset's spectrum_batch: T2's calibration images (section 2)
 T2_SPECTRUM = dict(top_k=5, tol=1e-3, trace=True, density=True, num_probes=32, density_runs=4,
@@ -106,6 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-spectrum-reuse", action="store_true", help="skip (1), the ClipLoss spectra")
     p.add_argument("--skip-probe-batch", action="store_true", help="skip (2), T2 with probe_batch 1 and 16")
     p.add_argument("--skip-threefry", action="store_true", help="skip (3), the threefry layouts")
+    p.add_argument("--skip-tiny", action="store_true",
+                   help="skip (4), paper_repro's tiny preset: ClipLoss objects and the program sets they share")
     p.add_argument("--only", default=None,
                    help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (overrides the --skip flags)")
     args = p.parse_args(argv)
@@ -121,7 +128,7 @@ def parse_args(argv=None):
         args.sections = [s for s in SECTIONS if s in chosen]
     else:
         skip = {"reuse": args.skip_spectrum_reuse, "probe-batch": args.skip_probe_batch,
-                "threefry": args.skip_threefry}
+                "threefry": args.skip_threefry, "tiny": args.skip_tiny}
         args.sections = [s for s in SECTIONS if not skip[s]]
     return args
 
@@ -337,6 +344,59 @@ def section_threefry(report: Report, digits: Digits, args) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# (4) paper_repro's tiny preset: ClipLoss objects against the program sets they trace
+
+
+def section_tiny(report: Report, digits: Digits, args) -> None:
+    import contextlib
+    import io
+    import tempfile
+
+    import paper_repro
+    from landscape import clip_loss
+
+    counts = {"ClipLoss": 0, "program sets": 0}
+
+    def counting(cls, name):
+        original = cls.__init__
+
+        def init(self, *a, **k):
+            counts[name] += 1
+            original(self, *a, **k)
+
+        return original, init
+
+    patched = [(cls, *counting(cls, name)) for cls, name in ((clip_loss.ClipLoss, "ClipLoss"),
+                                                             (clip_loss._Programs, "program sets"))]
+    report("\n(4) python paper_repro.py --preset tiny, in this process, everything cold (README, one set of "
+           "programs per network and sites)")
+    report("  an empty LANDSCAPE_CACHE (the tiny network is trained), a fresh --out, no persistent compilation "
+           "cache, no program set kept from (1)-(3); counted: ClipLoss objects constructed, program sets "
+           "(clip_loss._Programs) constructed, XLA programs compiled")
+    saved_cache = os.environ.get("LANDSCAPE_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LANDSCAPE_CACHE"] = os.path.join(tmp, "cache")
+        clip_loss._PROGRAMS.clear()
+        jax.clear_caches()
+        for cls, _, init in patched:
+            cls.__init__ = init
+        try:
+            with Clock() as clock, contextlib.redirect_stdout(io.StringIO()):
+                code = paper_repro.main(["--preset", "tiny", "--out", os.path.join(tmp, "out"), "--no-progress"])
+        finally:
+            for cls, original, _ in patched:
+                cls.__init__ = original
+            if saved_cache is None:
+                os.environ.pop("LANDSCAPE_CACHE", None)
+            else:
+                os.environ["LANDSCAPE_CACHE"] = saved_cache
+    if code != 0:
+        raise RuntimeError(f"paper_repro.main returned {code}")
+    report(f"  {clock.row()}")
+    report(f"  ClipLoss objects {counts['ClipLoss']}, program sets {counts['program sets']}")
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -349,7 +409,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     digits = Digits(args.train_seed)
     report(f"  network: {digits.describe()}")
-    sections = {"reuse": section_reuse, "probe-batch": section_probe_batch, "threefry": section_threefry}
+    sections = {"reuse": section_reuse, "probe-batch": section_probe_batch, "threefry": section_threefry,
+                "tiny": section_tiny}
     for name in args.sections:
         sections[name](report, digits, args)
     report(f"\ntotal {time.perf_counter() - start:.1f} s; load average at the end "
