@@ -110,7 +110,7 @@ def calibrate(net, data, widths, a_bits, method, label, progress):
 def _calibrate(net, data, widths, a_bits, method):
     loss = ls.ClipLoss(net, data.calib, w_bits=dict(widths), a_bits=a_bits, bias_correction=True)
     mse = loss.init("mse")
-    res = ls.lapq(loss, method=method, maxiter=1, p_grid=np.linspace(2.0, 4.0, 5))
+    res = ls.lapq(loss, method=method, maxiter=1, p_grid=np.linspace(2.0, 4.0, 5), on_interrupt="raise")
     row = dict(mse_loss=float(loss(mse)), mse_acc=float(loss.accuracy(mse, data.test)),
                p_star=res.p_star, lapq_loss=float(res.loss), lapq_acc=float(loss.accuracy(res.alpha, data.test)),
                n_evals=int(res.n_evals), seconds=float(res.seconds), widths=dict(widths))

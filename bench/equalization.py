@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     for w_bits, a_bits in mnist_resnet20.parse_configs(args.lapq):
         for label, network, options in variants[:2]:
             loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
-            res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5), bias_correction=False)
+            res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5), bias_correction=False,
+                           on_interrupt="raise")
             lapq_rows.append(dict(w_bits=w_bits, a_bits=a_bits, variant=label, calib_loss=float(res.loss),
                                   test_acc=float(loss.accuracy(res.alpha, data.test)), seconds=float(res.seconds)))
             acc = 100 * lapq_rows[-1]["test_acc"]

@@ -95,7 +95,7 @@ def benchmark(args):
     methods = [m for m in ("powell", "cd", "batched") if not (m == "cd" and args.skip_cd)]
     results = {}
     for method in methods:
-        res = lq.lapq(loss, method=method, maxiter=args.maxiter, init=start)
+        res = lq.lapq(loss, method=method, maxiter=args.maxiter, init=start, on_interrupt="raise")
         results[method] = res
         grads = f" + {res.n_grads} gradients" if res.n_grads else ""
         print(f"  {method:8s} loss {res.loss:.4g}  evals {res.n_evals:5d}{grads}  {res.seconds:8.1f} s", flush=True)
@@ -103,7 +103,7 @@ def benchmark(args):
     # of them; it stops at the first iteration whose loss is ≤ Powell's (or after --to-target-iter).
     target = results["powell"].loss
     res = lq.lapq(loss, method="batched", maxiter=args.to_target_iter, init=start,
-                  callback=lambda entry: entry["loss"] <= target)
+                  callback=lambda entry: entry["loss"] <= target, on_interrupt="raise")
     results["batched → Powell's loss"] = res
     print(f"  batched to Powell's loss: loss {res.loss:.4g}  evals {res.n_evals:5d} + {res.n_grads} gradients  "
           f"{res.seconds:8.1f} s  "

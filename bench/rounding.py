@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             alpha = loss.init("mse")
         else:
             alpha = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5),
-                            bias_correction=False).alpha
+                            bias_correction=False, on_interrupt="raise").alpha
         alpha_seconds = time.perf_counter() - t
         g = ls.gptq(loss, alpha, num_images=NUM_IMAGES, damp=0.01, act_order=True)
         published = ls.gptq(loss, alpha, num_images=NUM_IMAGES, damp=0.01, act_order=True, inputs="float")

@@ -340,7 +340,7 @@ class Context:
                 start = loss.init(init)
             alphas = []
             callback = (lambda info: alphas.append(np.asarray(info["alpha"]))) if iteration_accuracy else None
-            res = lapq(loss, method=method, maxiter=maxiter, init=start, callback=callback)
+            res = lapq(loss, method=method, maxiter=maxiter, init=start, callback=callback, on_interrupt="raise")
             out = {"alpha": res.alpha, "loss": res.loss, "p_star": res.p_star,
                    "p_rule": res.p_selection.rule if res.p_selection else None,
                    "init_alpha": res.init_alpha, "init_loss": res.init_loss, "n_evals": res.n_evals,

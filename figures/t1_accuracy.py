@@ -46,7 +46,7 @@ def cell(ctx, w, a, seed) -> dict:
     out["Lp(p*)"] = {"loss": float(loss(start)), "acc": loss.accuracy(start, test), "p_star": sel.p_star,
                      "rule": sel.rule}
     for row, method in OPTIMIZERS:
-        res = lapq(loss, method=method, maxiter=ctx.preset.lapq_maxiter, init=start)
+        res = lapq(loss, method=method, maxiter=ctx.preset.lapq_maxiter, init=start, on_interrupt="raise")
         out[row] = {"loss": res.loss, "acc": loss.accuracy(res.alpha, test), "n_evals": res.n_evals,
                     "seconds": res.seconds}
     return out

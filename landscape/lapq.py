@@ -37,7 +37,10 @@ The returned α is always positive.
 
 **Interruption.** Ctrl-C (KeyboardInterrupt) returns the best α evaluated so far with
 ``interrupted=True``: during step 2, or during the Lp sweep once it has evaluated an α
-(the joint step is then skipped).
+(the joint step is then skipped). That is for a person at a prompt. Code that stores or
+aggregates results passes ``on_interrupt="raise"`` so that a cut-short optimisation is
+never kept as a finished one: :func:`compare_methods`, the command line, ``paper_repro.py``
+and the ``bench/`` scripts all do, and then resume from their own stores.
 
 Evaluations are counted one per α: a ``loss.batch`` call of K rows counts K. Gradient
 evaluations (``"batched"`` only) are counted apart, in ``n_grads``.
@@ -504,8 +507,12 @@ def with_bias_correction(loss, bias_correction: bool | None):
     return loss.with_options(bias_correction=bool(bias_correction))
 
 
+ON_INTERRUPT = ("return", "raise")
+
+
 def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 2,
-         bias_correction: bool | None = None, init=None, callback: Callable | None = None) -> LAPQResult:
+         bias_correction: bool | None = None, init=None, callback: Callable | None = None,
+         on_interrupt: str = "return") -> LAPQResult:
     """Loss-aware post-training quantization: Lp sweep → p*, then joint optimisation of α.
 
     Args:
@@ -525,6 +532,9 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
         (n,) start vector; the sweep is skipped when given.
       callback: called after every iteration of the joint step with a dict (iteration,
         loss, n_evals, seconds, alpha); returning True stops the joint step.
+      on_interrupt: what Ctrl-C does: "return" (default) the best α so far, with
+        ``interrupted=True``; "raise" re-raise the KeyboardInterrupt, for callers that store
+        or aggregate the result (a partial optimisation must not pass for a finished one).
     Returns:
       a :class:`LAPQResult`.
     """
@@ -535,6 +545,8 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
     grid = check_p_grid(p_grid)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback={callback!r} must be a callable (called with a dict per iteration) or None")
+    if on_interrupt not in ON_INTERRUPT:
+        raise ValueError(f"on_interrupt={on_interrupt!r} is not allowed; use one of {ON_INTERRUPT}")
     loss = with_bias_correction(loss, bias_correction)
     tracker = _Tracker(loss, t0, callback)
 
@@ -549,7 +561,7 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
         f0 = tracker.value(alpha0)
     except KeyboardInterrupt:
         # Step 1 interrupted: the best α the sweep evaluated is the result (none yet: re-raise)
-        if tracker.best_alpha is None:
+        if tracker.best_alpha is None or on_interrupt == "raise":
             raise
         interrupted = True
         alpha0, f0 = tracker.best_alpha, tracker.best_loss
@@ -565,6 +577,8 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
         try:
             alpha, value, message = optimizer(tracker, alpha0, f0, maxiter)
         except KeyboardInterrupt:
+            if on_interrupt == "raise":
+                raise
             interrupted = True
             alpha, value, message = tracker.best_alpha, tracker.best_loss, "interrupted (KeyboardInterrupt)"
         except _Stop:
@@ -738,7 +752,7 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
         for row, method in OPTIMIZER_ROWS:
             if row in rows:
                 res = lapq(seed_loss, method=method, maxiter=maxiter, bias_correction=bias_correction,
-                           init=start)
+                           init=start, on_interrupt="raise")
                 put(row, res.loss, seed_loss.accuracy(res.alpha, data.test), res.n_evals, res.seconds)
 
     setting = dict(network=repr(loss), w_bits=loss.options.get("w_bits"), a_bits=loss.options.get("a_bits"),
