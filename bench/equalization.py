@@ -12,23 +12,64 @@ including where it hurts.
 
     python bench/equalization.py [--data-dir PATH] [--configs 4:,3:,2:,4:4,3:4] [--lapq 4:4,3:4]
 
-Writes results/equalization.md and .json (atomically).
+Writes results/equalization.md and .json (atomically). Each finished row is kept in
+results/equalization.progress.json (atomically), keyed by its kind, bit widths, variant and the
+fingerprint of the weights it quantizes, so a rerun after an interruption computes only the missing
+rows (with other --configs/--lapq too: the rows they share are reused); the file is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
 
 import mnist_resnet20  # first: puts the repository on sys.path for the imports below
-import numpy as np
+from mnist_resnet20 import Progress
 
 import landscape as ls
+from figures.common import weights_fingerprint
 from landscape import atomic
+
+LAPQ_OPTIONS = dict(method="batched", maxiter=1, p_grid=[2.0, 2.5, 3.0, 3.5, 4.0], bias_correction=False)
+CALIB_SIZE = 512  # mnist_resnet20.load's calibration sample (seed 0)
+
+
+def progress_settings(data) -> dict:
+    """What every row depends on besides its own key: the data (calibration sample and test
+    images), the calibration size and the LAPQ options."""
+    return dict(data_fingerprint=data.fingerprint(), calib_size=CALIB_SIZE, calib_seed=0, alpha="mse",
+                lapq=LAPQ_OPTIONS)
+
+
+def row_key(kind: str, w_bits: int, a_bits: int | None, variant: str, network: str) -> str:
+    """A finished row's key in the progress store: its kind ("mse" or "lapq"), bit widths,
+    variant and the fingerprint of the weights it quantizes (CLE's output for the CLE variant)."""
+    return json.dumps(dict(kind=kind, w_bits=w_bits, a_bits=a_bits, variant=variant, network=network),
+                      sort_keys=True, ensure_ascii=False)
+
+
+def mse_row(network, data, w_bits, a_bits, label, options) -> dict:
+    """α from the MSE rule, without and with per-channel weight bias correction."""
+    row = dict(w_bits=w_bits, a_bits=a_bits, variant=label)
+    for corrected in (False, True):
+        loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits, bias_correction=corrected, **options)
+        alpha = loss.init("mse")
+        key = "_bc" if corrected else ""
+        row["calib_loss" + key] = float(loss(alpha))
+        row["test_acc" + key] = float(loss.accuracy(alpha, data.test))
+    return row
+
+
+def lapq_row(network, data, w_bits, a_bits, label, options) -> dict:
+    loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
+    res = ls.lapq(loss, **LAPQ_OPTIONS, on_interrupt="raise")
+    return dict(w_bits=w_bits, a_bits=a_bits, variant=label, calib_loss=float(res.loss),
+                test_acc=float(loss.accuracy(res.alpha, data.test)), seconds=float(res.seconds))
 
 
 def main(argv=None) -> int:
@@ -38,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(mnist_resnet20.ROOT, "results", "equalization"))
     args = p.parse_args(argv)
     configs = mnist_resnet20.parse_configs(args.configs)
-    data, net = mnist_resnet20.load(args)
+    data, net = mnist_resnet20.load(args, calib_size=CALIB_SIZE)
     t = time.perf_counter()
     eq = ls.equalization.cross_layer_equalization(net.model, net.variables, data.calib.x[:64])
     seconds = time.perf_counter() - t
@@ -47,30 +88,29 @@ def main(argv=None) -> int:
     variants = [("BN folded, per-tensor α", net, dict(fold_bn=True)),
                 ("BN folded + CLE, per-tensor α", equalized, {}),
                 ("BN folded, per-channel α", net, dict(fold_bn=True, per_channel=True))]
+    fingerprints = {label: weights_fingerprint(network.variables) for label, network, _ in variants}
+    progress = Progress(args.out + ".progress.json", progress_settings(data))
+
+    def get(kind, w_bits, a_bits, label, network, options, compute):
+        key = row_key(kind, w_bits, a_bits, label, fingerprints[label])
+        done = key in progress.steps
+        row = progress.get(key, functools.partial(compute, network, data, w_bits, a_bits, label, options))
+        return row, " (finished by an earlier run)" if done else ""
+
     rows = []
     for w_bits, a_bits in configs:
         for label, network, options in variants:
-            row = dict(w_bits=w_bits, a_bits=a_bits, variant=label)
-            for corrected in (False, True):
-                loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits,
-                                   bias_correction=corrected, **options)
-                alpha = loss.init("mse")
-                key = "_bc" if corrected else ""
-                row["calib_loss" + key] = float(loss(alpha))
-                row["test_acc" + key] = float(loss.accuracy(alpha, data.test))
+            row, note = get("mse", w_bits, a_bits, label, network, options, mse_row)
             rows.append(row)
             print(f"  W{w_bits}A{a_bits or 32} {label:<30} test accuracy {100 * row['test_acc']:.2f} % "
-                  f"(bias-corrected {100 * row['test_acc_bc']:.2f} %)", flush=True)
+                  f"(bias-corrected {100 * row['test_acc_bc']:.2f} %){note}", flush=True)
     lapq_rows = []
     for w_bits, a_bits in mnist_resnet20.parse_configs(args.lapq):
         for label, network, options in variants[:2]:
-            loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
-            res = ls.lapq(loss, method="batched", maxiter=1, p_grid=np.linspace(2.0, 4.0, 5), bias_correction=False,
-                           on_interrupt="raise")
-            lapq_rows.append(dict(w_bits=w_bits, a_bits=a_bits, variant=label, calib_loss=float(res.loss),
-                                  test_acc=float(loss.accuracy(res.alpha, data.test)), seconds=float(res.seconds)))
-            acc = 100 * lapq_rows[-1]["test_acc"]
-            print(f"  W{w_bits}A{a_bits or 32} {label:<30} LAPQ test accuracy {acc:.2f} %", flush=True)
+            row, note = get("lapq", w_bits, a_bits, label, network, options, lapq_row)
+            lapq_rows.append(row)
+            print(f"  W{w_bits}A{a_bits or 32} {label:<30} LAPQ test accuracy {100 * row['test_acc']:.2f} %{note}",
+                  flush=True)
     fp32 = float(net.accuracy(data.test))
     lines = ["# Cross-layer equalization, MNIST resnet20", "",
              f"Generated by `python bench/equalization.py --configs {args.configs} --lapq {args.lapq}` with "
@@ -95,6 +135,7 @@ def main(argv=None) -> int:
     record = dict(rows=rows, lapq_rows=lapq_rows, pairs=eq.pairs, rejected=eq.rejected, rounds=eq.rounds,
                   fp32_test_acc=fp32)
     atomic.write_atomic(args.out + ".json", json.dumps(record, indent=1) + "\n")
+    progress.finish()
     print("\n" + text)
     return 0
 

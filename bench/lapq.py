@@ -15,7 +15,10 @@ batched run until its loss is ≤ Powell's (the time to the same loss; at most
 Table (--table): ``landscape.lapq.compare_methods`` for resnet20 on MNIST at each
 --bits setting over --seeds calibration seeds, written atomically to
 results/lapq_mnist.md and results/lapq_mnist.json, with the paper's claims checked
-against thresholds fixed below.
+against thresholds fixed below. A rerun resumes: a setting already in the JSON under the same
+configuration (network weights, data, bit widths, seeds, maxiter, p grid, calibration size, bias
+correction, rows) is taken from there, and the finished seeds of an unfinished setting from
+results/<--out>.progress.json (written atomically after each seed, removed at the end).
 
     python bench/lapq.py --table --bits 3,3 2,4 --seeds 3
 """
@@ -23,6 +26,7 @@ against thresholds fixed below.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -33,8 +37,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mnist_resnet20 import Progress  # noqa: E402
+
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
+from figures.common import weights_fingerprint  # noqa: E402
 
 lq = importlib.import_module("landscape.lapq")  # the module: ls.lapq is the function
 
@@ -148,42 +155,143 @@ def claims(table: lq.MethodComparison) -> list[tuple[str, bool]]:
     ]
 
 
+def expected_setting(loss, args) -> dict:
+    """The ``setting`` that ``compare_methods`` records for ``loss`` under ``args`` (computed before
+    it runs, to recognise a stored setting of the same configuration)."""
+    return dict(network=repr(loss), w_bits=loss.options.get("w_bits"), a_bits=loss.options.get("a_bits"),
+                calib_size=int(loss.n_calib), bias_correction=True, maxiter=int(args.maxiter),
+                p_grid=[float(p) for p in lq.check_p_grid(p_grid(args))])
+
+
+def p_grid(args) -> np.ndarray:
+    return np.linspace(2.0, 4.0, args.p_points)
+
+
+def identity(net, data) -> dict:
+    """What a stored table was computed from besides its settings: the network's weights and the
+    data (calibration samples and test images come from it). A file without them (one written
+    before they were recorded) matches nothing."""
+    return dict(network_sha256=weights_fingerprint(net.variables), data_fingerprint=data.fingerprint())
+
+
+def reusable(payload: dict, ident: dict, setting: dict, seeds: list[int]) -> dict | None:
+    """The entry of ``payload["settings"]`` computed under this configuration (same network and
+    data, same ``setting`` — network, bit widths, calibration size, bias correction, maxiter, p grid
+    —, the same seeds and rows), or None."""
+    if any(payload.get(k) != v for k, v in ident.items()):
+        return None
+    for entry in payload.get("settings", []):
+        if (entry.get("setting") == setting and entry.get("seeds") == seeds
+                and entry.get("rows") == list(lq.ALL_ROWS)):
+            return entry
+    return None
+
+
+def comparison(entry: dict) -> lq.MethodComparison:
+    """The ``MethodComparison`` a stored ``to_dict()`` came from (None → NaN)."""
+    def arrays(d):
+        return {k: np.asarray([np.nan if v is None else v for v in a], np.float64) for k, a in d.items()}
+
+    return lq.MethodComparison(tuple(entry["rows"]), tuple(entry["seeds"]), arrays(entry["calib_loss"]),
+                               arrays(entry["test_acc"]), arrays(entry["n_evals"]), arrays(entry["seconds"]),
+                               np.asarray(entry["p_star"], np.float64), list(entry["p_rule"]),
+                               dict(entry["setting"]))
+
+
+def merge(parts: list[dict]) -> dict:
+    """One ``to_dict()`` from those of single-seed ``compare_methods`` runs of one setting (a seed's
+    numbers do not depend on the other seeds: each has its own calibration sample and loss)."""
+    first = parts[0]
+    out = dict(rows=first["rows"], seeds=[s for p in parts for s in p["seeds"]])
+    for field in ("calib_loss", "test_acc", "n_evals", "seconds"):
+        out[field] = {r: [v for p in parts for v in p[field][r]] for r in first["rows"]}
+    out.update(p_star=[v for p in parts for v in p["p_star"]], p_rule=[v for p in parts for v in p["p_rule"]],
+               setting=first["setting"])
+    return out
+
+
+def one_seed(loss, data, seed, args, software) -> dict:
+    res = lq.compare_methods(loss, data, seeds=[seed], maxiter=args.maxiter, p_grid=p_grid(args),
+                             progress=lambda line: print(line, flush=True))
+    return dict(result=res.to_dict(), software=software)
+
+
 def table(args):
     data, source = load_data(args.data_dir, args.calib_size)
     if source != "MNIST":
         raise SystemExit(f"--table needs the MNIST copy (looked in {args.data_dir or MNIST_DIR})")
     net = network(data, args.network)
-    sections, payload = [], dict(data="mnist", model="resnet20", fp32_test_acc=net.accuracy(data.test),
-                                 software=ls.runtime.software(), settings=[])
+    json_path = os.path.join(RESULTS, f"{args.out}.json")
+    ident = identity(net, data)
+    old = ls.runtime.read_json(json_path, {})
+    software = ls.runtime.software()
+    payload = dict(data="mnist", model="resnet20", fp32_test_acc=net.accuracy(data.test), software=software,
+                   settings=[], **ident)
+    # Seeds of a setting not finished yet, kept until the end: a setting is hours on MNIST.
+    progress = Progress(os.path.join(RESULTS, f"{args.out}.progress.json"), ident)
+    seeds = list(range(args.seeds))
+    wanted = {tuple(int(b) for b in spec.split(",")) for spec in args.bits}
+    dropped = [f"W{e['setting']['w_bits']}A{e['setting']['a_bits']}" for e in old.get("settings", [])
+               if (e["setting"]["w_bits"], e["setting"]["a_bits"]) not in wanted]
+    if dropped:
+        print(f"{json_path}: {', '.join(dropped)} not in --bits; left out of the rewritten file", flush=True)
     for spec in args.bits:
         w_bits, a_bits = (int(b) for b in spec.split(","))
         loss = ls.ClipLoss(net, data.calib, w_bits=w_bits, a_bits=a_bits, bias_correction=True)
-        print(f"== W{w_bits}A{a_bits}: {loss}", flush=True)
-        result = lq.compare_methods(loss, data, seeds=range(args.seeds), maxiter=args.maxiter,
-                                    p_grid=np.linspace(2.0, 4.0, args.p_points),
-                                    progress=lambda s: print(s, flush=True))
+        setting = expected_setting(loss, args)
+        entry = reusable(old, ident, setting, seeds)
+        if entry is not None:
+            print(f"== W{w_bits}A{a_bits}: done in {json_path} under the same configuration; not recomputed",
+                  flush=True)
+            result = comparison(entry)
+            software_of = entry.get("software", old.get("software"))
+        else:
+            print(f"== W{w_bits}A{a_bits}: {loss}", flush=True)
+            parts = []
+            for seed in seeds:
+                key = json.dumps(dict(setting, seed=seed), sort_keys=True)
+                if key in progress.steps:
+                    print(f"seed {seed}: finished by an earlier run ({progress.path})", flush=True)
+                parts.append(progress.get(key, functools.partial(one_seed, loss, data, seed, args, software)))
+            result = comparison(merge([p["result"] for p in parts]))
+            softwares = [p["software"] for p in parts]
+            software_of = softwares[0] if all(s == softwares[0] for s in softwares) else softwares
         checks = claims(result)
         print(result, flush=True)
-        sections.append(f"## W{w_bits}A{a_bits}\n\n{result.to_markdown()}\n\n" + "\n".join(
-            f"- [{'x' if ok else ' '}] {text}" for text, ok in checks))
-        claimed = [dict(claim=text, holds=ok) for text, ok in checks]
-        payload["settings"].append(dict(result.to_dict(), claims=claimed))
-        write(sections, payload, args)  # after every setting, so a long run leaves a partial file
+        claimed = [dict(claim=text, holds=bool(ok)) for text, ok in checks]
+        payload["settings"].append(dict(result.to_dict(), claims=claimed, software=software_of))
+        write(payload, args)  # after every setting, so a long run leaves a partial file
+    progress.finish()
 
 
-def write(sections, payload, args):
+def render(payload: dict, args) -> str:
+    """results/<out>.md from its JSON and the command line."""
+    sections = []
+    for entry in payload["settings"]:
+        s = entry["setting"]
+        sections.append(f"## W{s['w_bits']}A{s['a_bits']}\n\n{comparison(entry).to_markdown()}\n\n" + "\n".join(
+            f"- [{'x' if c['holds'] else ' '}] {c['claim']}" for c in entry["claims"]))
+    earlier = [(f"W{e['setting']['w_bits']}A{e['setting']['a_bits']}", e["software"]) for e in payload["settings"]
+               if e.get("software", payload["software"]) != payload["software"]]
+    notes = "".join(f" ({name} resumed from an earlier run: "
+                    + "; ".join(ls.runtime.describe_software(s) for s in (sw if isinstance(sw, list) else [sw]))
+                    + ")" for name, sw in earlier)
     head = ("# LAPQ on MNIST (resnet20)\n\n"
             "Generated by `python bench/lapq.py --table --bits " + " ".join(args.bits)
             + f" --seeds {args.seeds} --maxiter {args.maxiter} --p-points {args.p_points}"
             + f" --calib-size {args.calib_size} --out {args.out}`"
             + (f" with the resnet20 checkpoint `{os.path.basename(args.network)}`" if args.network else "")
-            + f"; ran with {ls.runtime.describe_software(payload['software'])}. "
+            + f"; ran with {ls.runtime.describe_software(payload['software'])}{notes}. "
             f"Calibration: {args.calib_size} training images per seed; accuracy on the 10,000 test images; "
             "first/last layers FP32; per-channel weight bias correction on; evaluations and seconds "
             "are the joint step's (from the shared Lp(p*) start). Claims are checked against thresholds "
             "fixed in bench/lapq.py before the run.\n\n")
+    return head + "\n\n".join(sections) + "\n"
+
+
+def write(payload, args):
     os.makedirs(RESULTS, exist_ok=True)
-    ls.atomic.write_atomic(os.path.join(RESULTS, f"{args.out}.md"), head + "\n\n".join(sections) + "\n")
+    ls.atomic.write_atomic(os.path.join(RESULTS, f"{args.out}.md"), render(payload, args))
     ls.atomic.write_atomic(os.path.join(RESULTS, f"{args.out}.json"), json.dumps(payload, indent=1))
 
 

@@ -31,7 +31,10 @@ initialisation and at the seed-0 LUQ+SMP(2) network. Unbiased quantizers fall as
 
 Claims are checked against thresholds fixed below, before the run. Results go to
 ``results/luq.json`` (one record per run; a rerun resumes, and ``fit`` caches trained networks
-under ``$LANDSCAPE_CACHE``) and ``results/luq.md``, both written atomically after every run.
+under ``$LANDSCAPE_CACHE``) and ``results/luq.md``, both written atomically after every run. A
+gradient-bias record is reused only when it was computed under the same configuration (the
+fingerprint of the network's weights — other training settings give another trained network —,
+the batch, the recipe, S, the draws and the seed); otherwise it is recomputed.
 
     python bench/luq.py [--quick] [--seeds 0 1 2] [--datasets digits mnist] [--mnist-epochs 3]
 """
@@ -54,6 +57,7 @@ import numpy as np  # noqa: E402
 
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
+from figures.common import weights_fingerprint  # noqa: E402
 from landscape import layers, luq  # noqa: E402
 
 VARIANTS = [
@@ -72,6 +76,7 @@ BIAS_VARIANTS = [
 ]
 BIAS_SAMPLES = (1, 4, 16, 64, 256)
 BIAS_DRAWS = 512
+BIAS_SEED = 1  # gradient_error's random draws
 WIDTHS = (16, 32)  # cnn stage widths: small enough for 2 shared CPU cores
 
 # What a --quick report says above its claims: they keep the full run's thresholds.
@@ -195,6 +200,27 @@ def training_runs(name, data, epochs, seeds, store, save):
     return keep, model
 
 
+def bias_config(variables, x, y, recipe, args) -> dict:
+    """Everything a gradient-bias record depends on: the weights it differentiates (a fingerprint:
+    the trained network changes with the training settings), the batch, the backward recipe and
+    the draws. A stored record is reused only under an equal configuration."""
+    return dict(network=weights_fingerprint(variables), batch=weights_fingerprint({"x": x, "y": y}),
+                batch_size=int(len(x)), recipe=recipe.key(), samples=[int(s) for s in args.samples],
+                draws=int(args.draws), seed=BIAS_SEED)
+
+
+def stale(record: dict | None, config: dict) -> list[str] | None:
+    """None when ``record`` was computed under ``config`` (reuse it); otherwise what differs
+    (empty for no record at all)."""
+    if record is None:
+        return []
+    old = record.get("config")
+    if old is None:
+        return ["configuration not recorded"]
+    changed = sorted(k for k in config.keys() | old.keys() if old.get(k) != config.get(k))
+    return changed or None
+
+
 def bias_runs(name, data, model, trained, args, store, save):
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(data.train), size=args.bias_batch, replace=False))
@@ -205,15 +231,22 @@ def bias_runs(name, data, model, trained, args, store, save):
     for state, variables in states.items():
         for label, kw in BIAS_VARIANTS:
             bid = f"{name}/{state}/{label}"
-            if bid in store["bias"]:
+            recipe = luq.Recipe(**kw)
+            config = bias_config(variables, x, y, recipe, args)
+            changed = stale(store["bias"].get(bid), config)
+            if changed is None:
+                print(f"  {bid:36s} stored under the same configuration; not recomputed", flush=True)
                 continue
+            if changed:
+                print(f"  {bid:36s} stored under another configuration ({', '.join(changed)}); recomputing",
+                      flush=True)
             t0 = time.time()
-            res = luq.gradient_error(model, variables, x, y, recipe=luq.Recipe(**kw), samples=args.samples,
-                                     draws=args.draws, seed=1)
+            res = luq.gradient_error(model, variables, x, y, recipe=recipe, samples=args.samples,
+                                     draws=args.draws, seed=BIAS_SEED)
             store["bias"][bid] = {
                 "dataset": name, "state": state, "variant": label, "samples": list(res.samples),
                 "rel_error": [float(e) for e in res.rel_error], "slope": res.slope, "draws": res.draws,
-                "batch": args.bias_batch, "seconds": round(time.time() - t0, 1),
+                "batch": args.bias_batch, "seconds": round(time.time() - t0, 1), "config": config,
             }
             print(f"  {bid:36s} {res!r}", flush=True)
             save()
@@ -337,7 +370,7 @@ def render(store, args) -> str:
                   "log S (unbiased: −0.5).", "",
                   "| dataset | network | backward | " + " | ".join(f"S={s}" for s in samples) + " | slope |",
                   "|---|---|---|" + "---|" * len(samples) + "---|"]
-        for rec in bias.values():
+        for _, rec in sorted(bias.items()):  # the JSON's (sorted) order, so a resumed run renders alike
             errs = " | ".join(f"{e:.4f}" for e in rec["rel_error"])
             state = "at init" if rec["state"] == "init" else "trained (LUQ+SMP(2), seed 0)"
             lines.append(f"| {rec['dataset']} | {state} | {rec['variant']} | {errs} | {rec['slope']:.3f} |")
