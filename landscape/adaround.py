@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from landscape import runtime
+from landscape import checks, runtime
 from landscape.rounding import (
     RoundingFit,
     RoundingResult,
@@ -195,6 +195,7 @@ def adaround(loss, alpha, *, num_images: int | None = None, inputs: str = "quant
         :class:`~landscape.rounding.RoundingResult` (``method="adaround"``);
         ``result.network.accuracy(data.test)`` evaluates it.
     """
+    checks.check_clip_loss(loss, "adaround")
     if "precision" in round_kw:
         raise ValueError(f"adaround runs at the loss's precision ({loss.precision!r}); build the ClipLoss with "
                          "precision=... instead of passing it here")

@@ -275,12 +275,15 @@ class ClipLoss:
     Args:
       net: a trained network (anything with ``.model`` and ``.variables``, e.g. the result
         of :func:`landscape.train.fit`).
-      calib: the calibration :class:`~landscape.data.Split` (or an ``(x, y)`` pair).
+      calib: the calibration :class:`~landscape.data.Split` (or an ``(x, y)`` pair); finite
+        images of the shape the network takes (a network from :func:`~landscape.train.fit`
+        records it: ``net.input_shape``).
       w_bits, a_bits: bit widths of weight / activation sites, in [2, 16], or None (FP32); or,
         for mixed precision, a mapping site name → bits (or None) over the chosen sites of that
         kind, those not named staying FP32 (see :func:`landscape.bit_allocation.allocate_bits`).
       quantize_first_last: also quantize the first and last layers (default FP32).
-      sites: names of the sites to quantize (overrides the first/last rule); others FP32.
+      sites: names of the sites to quantize (overrides the first/last rule); others FP32. A
+        single name (a str) is one site.
       weight_grid: "midrise" (reference, no zero level) or "midtread" (signed with zero).
         Activation sites take their grid from the layer: "unsigned" for a ReLU output,
         "midtread" for a signed site (:class:`landscape.layers.QuantIdentity`).
@@ -307,9 +310,16 @@ class ClipLoss:
         for name, value in (("quantize_first_last", quantize_first_last), ("per_channel", per_channel),
                             ("bias_correction", bias_correction), ("fold_bn", fold_bn)):
             checks.check_flag(value, name)
+        checks.check_network(net, "ClipLoss")
+        if isinstance(sites, str):  # one site's name, not the characters of one
+            sites = (sites,)
         self.net = net
         self.model = net.model
         x, y = as_arrays(calib, "calib")
+        checks.check_image_shape(x.shape, getattr(net, "input_shape", None), "calib images")
+        # A NaN image turns every activation statistic (init) NaN and L(α) +inf for every α.
+        checks.check_finite_images(x, "calib")
+        self.input_shape = tuple(x.shape[1:])  # the images this loss's programs take
         if weight_grid not in quantizers.WEIGHT_GRIDS:
             raise ValueError(f"ClipLoss weight_grid={weight_grid!r} is not allowed; use one of "
                              f"{quantizers.WEIGHT_GRIDS} (an unsigned grid would clip every negative weight to 0)")
@@ -319,9 +329,10 @@ class ClipLoss:
                             per_channel=per_channel, bias_correction=bias_correction, fold_bn=fold_bn,
                             batch_size=batch_size, chunk=chunk, precision=precision)
         variables = net.variables
-        if fold_bn:
-            variables = folding.fold_batchnorm(self.model, variables, x[:1], precision=precision)
-        self.all_sites, _, logits = sites_of(self.model, variables, x[:1], output=True)
+        with checks.explained_input_shape(x.shape, "calib images"):  # a network that does not record its input shape
+            if fold_bn:
+                variables = folding.fold_batchnorm(self.model, variables, x[:1], precision=precision)
+            self.all_sites, _, logits = sites_of(self.model, variables, x[:1], output=True)
         self.num_classes = int(logits.shape[-1])
         check_labels(y, self.num_classes, "calib")  # labels the logits can score
         self._layout = self._make_layout(sites, w_bits, a_bits, quantize_first_last, weight_grid,
@@ -458,7 +469,7 @@ class ClipLoss:
         # Host-side conversion: an eager jnp op would compile a small XLA program for every new
         # input shape, and a long run (optimizers evaluate batches of many sizes) would pile up
         # thousands of them.
-        alpha = jnp.asarray(alpha, jnp.float32) if traced else np.asarray(alpha, np.float32)
+        alpha = jnp.asarray(alpha, jnp.float32) if traced else checks.as_alpha(alpha)
         want = (self.n,)
         got = alpha.shape[1:] if batched else alpha.shape
         if (batched and alpha.ndim != 2) or got != want:
@@ -537,14 +548,17 @@ class ClipLoss:
 
     def logits(self, alpha, x) -> jax.Array:
         """(N, classes) logits of the quantized network at ``alpha`` for images ``x`` (N, ...):
-        the forward pass the loss averages over, in one compiled call."""
+        the forward pass the loss averages over, in one compiled call. The images must have the
+        calibration images' shape (``input_shape``)."""
         alpha = self._place(self._check_alpha(alpha, positive=True))
+        checks.check_image_shape(np.shape(x), self.input_shape, "images x")
         return self._run(self._programs.logits, alpha, self._state, jnp.asarray(x, jnp.float32))
 
     def accuracy(self, alpha, split, batch_size: int = 500) -> float:
         """Top-1 accuracy of the quantized network on ``split`` (a Split or (x, y))."""
         alpha = self._place(self._check_alpha(alpha, positive=True))
         x, y = as_arrays(split)
+        checks.check_image_shape(x.shape, self.input_shape, "split images")
         check_labels(y, self.num_classes, "split")
         checks.check_int(batch_size, "batch_size")
         bs = min(batch_size, len(x))

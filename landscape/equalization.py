@@ -109,6 +109,7 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
         :class:`Equalization`; build the quantized loss from ``result.variables``, e.g.
         ``ClipLoss(dataclasses.replace(net, variables=result.variables), calib, ...)``.
     """
+    checks.check_module(model, "cross_layer_equalization")
     # tol < 1: a bound as large as the logits themselves would keep the skip-connection pairs,
     # whose rescaling changes the network (resnet8 at tol=inf: logits moved by 19 %)
     if not (checks.is_positive_finite(tol) and tol < 1):
@@ -124,7 +125,8 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     if x.ndim < 2 or x.shape[0] == 0 or not np.all(np.isfinite(x)):
         raise ValueError(f"x must be a non-empty batch of finite images (N, ...), got shape {x.shape}")
     x = jnp.asarray(x)
-    folded = folding.fold_batchnorm(model, variables, x[:1], precision=precision)
+    with checks.explained_input_shape(x.shape, "images x"):  # the first trace: Flax names only the kernel shapes
+        folded = folding.fold_batchnorm(model, variables, x[:1], precision=precision)
     flat = {k: np.asarray(v, np.float32) for k, v in flax.traverse_util.flatten_dict(folded, sep="/").items()}
 
     def apply(v, xb):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from landscape import atomic, quantizers, runtime, sites, train
+from landscape import atomic, checks, quantizers, runtime, sites, train
 
 __all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
 
@@ -108,6 +108,8 @@ class QuantizedNetwork:
         precision: matmul/convolution precision of :meth:`apply` (the loss's; "highest", true
             float32, unless the loss asked otherwise: a GPU's default TF32 products would
             evaluate another network than the one calibrated).
+        input_shape: the per-image shape the network takes (the loss's calibration images'),
+            checked by :meth:`apply`; None (files saved before it was recorded): unchecked.
     """
 
     model: object
@@ -115,6 +117,7 @@ class QuantizedNetwork:
     sites: dict[str, SiteQuantization]
     codes: dict[str, np.ndarray]
     precision: str = "highest"
+    input_shape: tuple[int, ...] | None = None
 
     def dequantize(self, name: str) -> np.ndarray:
         """Ŵ = Δ · q + offset − shift for weight site ``name`` (float32)."""
@@ -127,6 +130,7 @@ class QuantizedNetwork:
     def apply(self, x) -> jax.Array:
         """Logits of ``x`` (batch first): the dequantized weights, activations quantized at their
         sites with the stored α — the forward pass the loss evaluated at this α."""
+        checks.check_image_shape(np.shape(x), self.input_shape, "images x")
         forward, alphas, widths = self._forward
         return forward(self.variables, jnp.asarray(x, jnp.float32), alphas, widths)
 
@@ -180,7 +184,8 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
     Returns:
         :class:`QuantizedNetwork`; ``qnet.apply(x)`` gives the logits the loss computes at α.
     """
-    alpha = np.asarray(alpha, np.float32)
+    checks.check_clip_loss(loss, "quantize_network")
+    alpha = checks.as_alpha(alpha)
     if alpha.shape != (loss.n,):
         raise ValueError(f"alpha has shape {alpha.shape}; expected ({loss.n},), one entry per α of {loss!r}")
     if not np.all(quantizers.valid_alpha(alpha)):
@@ -222,21 +227,41 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
         table[site.name] = s
         flat[key] = used  # the weights the loss uses, to the last bit (formed in the program, as there)
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
-    return QuantizedNetwork(loss.model, variables, table, codes, loss.precision)
+    return QuantizedNetwork(loss.model, variables, table, codes, loss.precision,
+                            tuple(int(d) for d in loss.calib.x.shape[1:]))
+
+
+def _stem(path, action: str) -> str:
+    """The stem of a saved network's two files: ``path`` itself, or without a ``.json`` / ``.npz``
+    suffix (``"w4.npz"`` and ``"w4.json"`` name the pair ``w4.json`` + ``w4.npz`` too)."""
+    stem = os.fspath(path) if isinstance(path, str | os.PathLike) else ""
+    for suffix in (".json", ".npz"):
+        if stem.endswith(suffix):
+            stem = stem[:-len(suffix)]
+            break
+    if not stem or stem.endswith(os.sep) or os.path.basename(stem) in (".", ".."):
+        raise ValueError(f"path={path!r} must name a file (the stem of {action} .json and .npz, a str or "
+                         "os.PathLike), not be empty or a directory")
+    return stem
 
 
 def save(qnet: QuantizedNetwork, path: str) -> str:
     """Write ``path``.npz (codes, the variables that are not quantized kernels, and the
     quantized kernels as floats) and then ``path``.json (the per-site table and the .npz's
-    SHA-256), each atomically. Returns ``path``.
+    SHA-256), each atomically. Returns ``path``, the stem of the two files: a ``path`` ending in
+    ``.json`` or ``.npz`` names the stem without it (``save(q, "w4.npz")`` writes ``w4.npz`` and
+    ``w4.json``).
 
     The float kernels are the weights ``qnet`` runs with, to the last bit (Δ·q + offset − shift
     recomputed in NumPy can differ by an ulp, enough to move an activation across a rounding
     tie); :func:`load` checks them against the codes."""
-    if not isinstance(path, str | os.PathLike) or not os.fspath(path) or os.fspath(path).endswith(os.sep):
-        raise ValueError(f"path={path!r} must name a file (the stem of {path!r}.json and .npz), not be "
-                         "empty or a directory")
-    path = os.fspath(path)
+    if not isinstance(qnet, QuantizedNetwork):
+        if hasattr(qnet, "network") and isinstance(qnet.network, QuantizedNetwork):
+            hint = ": pass its .network (the rounded network of adaround / gptq)"
+        else:
+            hint = " (from ls.export.quantize_network(loss, alpha), or result.network of adaround / gptq)"
+        raise ValueError(f"save needs a QuantizedNetwork, got a {type(qnet).__name__}{hint}")
+    path = _stem(path, "the saved network's")
     flat = traverse_util.flatten_dict(jax.device_get(qnet.variables))
     quantized = {_kernel_path(n) for n in qnet.codes}
     arrays = {"code/" + n: c for n, c in qnet.codes.items()}
@@ -245,6 +270,8 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     meta = {"format": FORMAT_VERSION, "model": repr(qnet.model),
             "sites": {n: s.to_json() for n, s in qnet.sites.items()},
             "kernels": {n: "/".join(_kernel_path(n)) for n in qnet.codes}, "precision": qnet.precision}
+    if qnet.input_shape is not None:
+        meta["input_shape"] = [int(d) for d in qnet.input_shape]
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     blob = buffer.getvalue()
@@ -263,10 +290,10 @@ def _sha256(filename: str) -> str:
 
 
 def load(model, path: str) -> QuantizedNetwork:
-    """Read what :func:`save` wrote (``allow_pickle=False``) for ``model``, the same Flax module."""
-    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-        raise ValueError(f"path={path!r} must name the stem of a saved network's .json and .npz")
-    path = os.fspath(path)
+    """Read what :func:`save` wrote (``allow_pickle=False``) for ``model``, the same Flax module.
+    ``path`` is the stem :func:`save` returned, or either file's name (``.json`` / ``.npz``)."""
+    checks.check_module(model, "export.load")
+    path = _stem(path, "a saved network's")
     with open(path + ".json") as fh:
         meta = json.load(fh)
     if meta.get("format") not in (1, FORMAT_VERSION):
@@ -283,7 +310,11 @@ def load(model, path: str) -> QuantizedNetwork:
         flat = {tuple(k[len("var/"):].split("/")): archive[k] for k in archive.files if k.startswith("var/")}
     # files written before the precision was stored were evaluated at the default, "highest"
     precision = runtime.check_precision(meta.get("precision", "highest"), f"{path}.json")
-    qnet = QuantizedNetwork(model, {}, table, codes, precision)
+    shape = meta.get("input_shape")  # absent from files saved before it was recorded
+    if shape is not None and not (isinstance(shape, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise ValueError(f"{path}.json: input_shape={shape!r} is not a list of positive integers")
+    qnet = QuantizedNetwork(model, {}, table, codes, precision, None if shape is None else tuple(shape))
     for name, c in codes.items():
         if name not in table or table[name].kind != "weight":
             raise ValueError(f"{path}.npz has codes for {name!r}, which {path}.json lists as no weight site")

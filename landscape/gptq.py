@@ -39,7 +39,7 @@ import functools
 import jax
 import numpy as np
 
-from landscape import runtime
+from landscape import checks, runtime
 from landscape.rounding import (
     RoundingFit,
     RoundingResult,
@@ -150,6 +150,7 @@ def gptq(loss, alpha, *, num_images: int | None = None, inputs: str = "quantized
     Returns:
         :class:`~landscape.rounding.RoundingResult` (``method="gptq"``).
     """
+    checks.check_clip_loss(loss, "gptq")
     _checked_options(damp, act_order)  # before any recording
     rule = functools.partial(gptq_layer, damp=damp, act_order=act_order, precision=loss.precision)
     return round_network(loss, alpha, rule, method="gptq", num_images=num_images, inputs=inputs)

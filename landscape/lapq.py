@@ -60,6 +60,7 @@ import numpy as np
 import scipy.optimize
 
 from landscape import checks, quantizers
+from landscape.data import Dataset, Split
 
 logger = logging.getLogger(__name__)
 
@@ -463,8 +464,9 @@ def lp_start(loss, p_grid=DEFAULT_P_GRID, tracker: _Tracker | None = None):
     return alpha, selection, losses
 
 
-def _check_loss(loss):
-    if getattr(loss, "n", 0) == 0:
+def _check_loss(loss, what: str = "lapq"):
+    checks.check_clip_loss(loss, what)
+    if loss.n == 0:
         raise ValueError(f"{loss!r} has no quantized sites (every site is FP32); give w_bits and/or "
                          "a_bits so that there are clipping values to optimise")
 
@@ -485,7 +487,7 @@ def _start_from(loss, init) -> np.ndarray:
     """α from ``init``: a calibration rule name or an (n,) positive finite vector."""
     if isinstance(init, str):
         return np.asarray(loss.init(init), np.float32)
-    alpha = np.asarray(init, np.float32)
+    alpha = checks.as_alpha(init, "init")
     if alpha.shape != (loss.n,):
         raise ValueError(f"init has shape {alpha.shape}; expected ({loss.n},), one α per clipping value")
     if not np.all(quantizers.valid_alpha(alpha)):
@@ -707,11 +709,17 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     Returns:
       a :class:`MethodComparison` (``str()`` is a markdown table of mean ± std).
     """
-    _check_loss(loss)
-    rows = (rows,) if isinstance(rows, str) else rows
+    _check_loss(loss, "compare_methods")
+    if not isinstance(data, Dataset):  # it needs the training split to draw calibration samples from
+        raise ValueError(f"compare_methods needs data, the landscape.data.Dataset the network was trained on "
+                         f"(from ls.data.load), got a {type(data).__name__}"
+                         + (" (one split of it)" if isinstance(data, Split) else ""))
+    rows = (rows,) if isinstance(rows, str) else tuple(rows)
     unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; allowed: {ALL_ROWS}")
+    if len(rows) == 0:
+        raise ValueError(f"rows={rows!r} names no method; give at least one of {ALL_ROWS}")
     if isinstance(seeds, int | np.integer) or not hasattr(seeds, "__iter__"):
         raise ValueError(f"seeds={seeds!r} must be a sequence of calibration-sampling seeds, e.g. range(3)")
     seeds = tuple(seeds)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape import export, runtime, sites
+from landscape import checks, export, runtime, sites
 from landscape.layerwise import layer_inputs, layer_mse, record_layers
 
 __all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "nearest_codes",
@@ -191,6 +191,7 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
         :class:`RoundingResult`; ``result.network.accuracy(data.test)`` evaluates it.
     """
     t0 = time.perf_counter()
+    checks.check_clip_loss(loss, method)
     if loss.options.get("bias_correction"):
         raise ValueError(f"{method} needs a ClipLoss built with bias_correction=False: the rounding fits the "
                          "per-channel error itself, and the codes would not be the loss's grid")

@@ -110,7 +110,12 @@ class Recipe:
 
 @dataclasses.dataclass
 class Network:
-    """A trained network: a Linen ``model`` and its ``variables`` (params, batch_stats, …)."""
+    """A trained network: a Linen ``model`` and its ``variables`` (params, batch_stats, …).
+
+    ``input_shape``: the per-image shape (H, W, C) it was trained on (:func:`fit` records it;
+    None: unknown). Where known, :meth:`apply` and :class:`~landscape.ClipLoss` refuse images of
+    another shape by name, instead of Flax's error about kernel shapes.
+    """
 
     model: nn.Module
     variables: dict
@@ -118,9 +123,11 @@ class Network:
     history: list
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
     path: str | None = None
+    input_shape: tuple[int, ...] | None = None
 
     def apply(self, x, *, hook_phase: str | None = "eval"):
         """Logits of a batch ``x`` (N, H, W, C) in evaluation mode (running BN statistics)."""
+        checks.check_image_shape(np.shape(x), self.input_shape, "images x")
         return _eval_fn(self.model, self.recipe, hook_phase)(self.variables, jnp.asarray(x))
 
     def accuracy(self, split: data_lib.Split, batch_size: int = 1000) -> float:
@@ -229,8 +236,10 @@ def save_network(net: Network, path: str) -> str:
     msgpack's SHA-256), each atomically: a run killed between the two leaves a pair that
     :func:`load_network` refuses and :func:`fit` trains again."""
     blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, net.variables))
-    meta = json.dumps({"config": net.config, "history": net.history,
-                       "msgpack_sha256": hashlib.sha256(blob).hexdigest()}, indent=1, sort_keys=True)
+    record = {"config": net.config, "history": net.history, "msgpack_sha256": hashlib.sha256(blob).hexdigest()}
+    if net.input_shape is not None:  # outside the config: not part of the cache key
+        record["input_shape"] = [int(d) for d in net.input_shape]
+    meta = json.dumps(record, indent=1, sort_keys=True)
     atomic.write_atomic(path + ".msgpack", blob)
     atomic.write_atomic(path + ".json", meta)
     return path
@@ -254,7 +263,9 @@ def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> N
                                    "differs): the two come from different saves; delete them or train again")
     variables = flax.serialization.msgpack_restore(blob)
     variables = jax.tree.map(jnp.asarray, variables)
-    return Network(model, variables, meta["config"], meta["history"], recipe or Recipe(), path)
+    shape = meta.get("input_shape")  # absent from checkpoints saved before it was recorded
+    return Network(model, variables, meta["config"], meta["history"], recipe or Recipe(), path,
+                   None if shape is None else tuple(int(d) for d in shape))
 
 
 # --------------------------------------------------------------------------- training
@@ -280,6 +291,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     ``$LANDSCAPE_CACHE/networks/<hash of the configuration>`` and reused.
     ``progress=None`` shows a bar unless ``$LANDSCAPE_PROGRESS=0``.
     """
+    checks.check_module(model, "fit")
     if not isinstance(data, data_lib.Dataset):
         raise ValueError(f"data must be a landscape.data.Dataset (from landscape.data.load), got "
                          f"{type(data).__name__}")
@@ -318,7 +330,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
                         f"{type(model).__name__.lower()}-{config_key(config)}")
     if cache and os.path.exists(path + ".msgpack") and os.path.exists(path + ".json"):
         try:
-            return load_network(model, path, recipe)
+            return dataclasses.replace(load_network(model, path, recipe), input_shape=data.input_shape)
         except MismatchedCheckpoint:  # a save killed between its two files: train again
             pass
 
@@ -349,6 +361,9 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         width = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x0[:1]).shape[-1]
         for name, split in (("data.train", data.train), ("data.test", data.test)):
             data_lib.check_labels(split.y, width, name)
+        if width != data.num_classes:  # too many outputs: trains, with logits no label ever uses
+            raise ValueError(f"the model has {width} outputs but {data.name!r} has {data.num_classes} classes; "
+                             f"build it with num_classes={data.num_classes} (num_classes=data.num_classes)")
         variables = recipe.init_variables(model, flax.core.unfreeze(variables), x0)
         steps_per_epoch = len(data.train) // batch_size
         tx = recipe.transform(sgd(_schedule(lr, epochs * steps_per_epoch), weight_decay))
@@ -356,7 +371,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         variables = _run_phase(model, data, variables, tx, recipe, recipe.gemm_hook("train"),
                                epochs, batch_size, seed, key, history, progress, "train")
         config["seconds"] = round(time.time() - t0, 2)
-    net = Network(model, variables, config, history, recipe, path if cache else None)
+    net = Network(model, variables, config, history, recipe, path if cache else None, data.input_shape)
     if cache:
         save_network(net, path)
     return net

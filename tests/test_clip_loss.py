@@ -1,6 +1,9 @@
+import dataclasses
+import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -535,3 +538,66 @@ def test_a_site_applied_twice_is_calibrated_on_both_applications(digits):
     # application's statistics alone gave 0.197 here, clipping the first application 18-fold.
     assert float(loss.init("max")[0]) == pytest.approx(float(first.max()), rel=1e-5)
     assert float(loss.init("percentile")[0]) > 0.5 * float(first.max())
+
+
+def test_a_trained_network_is_needed_not_its_module(tiny_net, digits):
+    """ClipLoss(net.model, ...) failed with "'CNN' object has no attribute 'model'"."""
+    with pytest.raises(ValueError, match=r"ClipLoss needs a trained network \(a landscape.train.Network, e.g. net = "
+                                         r"ls.train.fit\(model, data\)\), got the flax module CNN: pass net, not "
+                                         r"net.model"):
+        ls.ClipLoss(tiny_net.model, digits.calib, w_bits=4, a_bits=4)
+    with pytest.raises(ValueError, match=r"ClipLoss needs a trained network .* got a str"):
+        ls.ClipLoss("cnn", digits.calib, w_bits=4, a_bits=4)
+
+
+def test_a_single_site_name_is_one_site(tiny_net, digits):
+    """sites="conv0_1" was read as its characters: "unknown sites ['c', 'o', 'n', ...]"."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, sites="conv0_1")
+    assert [s.name for s in loss.sites] == ["conv0_1"] and loss.options["sites"] == ("conv0_1",)
+    assert [s.name for s in loss.with_options(w_bits=3).sites] == ["conv0_1"]
+    with pytest.raises(ValueError, match=r"unknown sites \['conv9'\]"):
+        ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, sites="conv9")
+
+
+def test_images_in_another_layout_are_named(tiny_net, digits, loss4):
+    """Flat, channel-less and NCHW images failed inside Flax with a ScopeParamShapeError naming
+    only kernel shapes. fit records the images' shape on the network; the loss checks its
+    calibration images against it, and the images of logits / accuracy against its own."""
+    x, y = digits.calib.x, digits.calib.y
+    assert tiny_net.input_shape == (8, 8, 1) and loss4.input_shape == (8, 8, 1)
+    for bad in (x.reshape(len(x), -1), x[..., 0], x.transpose(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match=re.escape(f"calib images have shape {bad.shape}; this network takes "
+                                                       "(N, 8, 8, 1) (NHWC)")):
+            ls.ClipLoss(tiny_net, (bad, y), w_bits=4, a_bits=4)
+    alpha = loss4.init("max")
+    with pytest.raises(ValueError, match=re.escape("images x have shape (4, 64); this network takes (N, 8, 8, 1)")):
+        loss4.logits(alpha, x[:4].reshape(4, -1))
+    with pytest.raises(ValueError, match=re.escape("split images have shape (4, 1, 8, 8); this network takes")):
+        loss4.accuracy(alpha, (x[:4].transpose(0, 3, 1, 2), y[:4]))
+    # A network that does not record its shape (a checkpoint saved before it was): Flax's error,
+    # with the images' shape named.
+    unrecorded = dataclasses.replace(tiny_net, input_shape=None)
+    with pytest.raises(ValueError, match=re.escape(f"calib images have shape {x[..., 0].shape}, which the "
+                                                   "network's variables do not fit")):
+        ls.ClipLoss(unrecorded, (x[..., 0], y), w_bits=4, a_bits=4)
+
+
+def test_non_finite_calibration_images_are_refused(tiny_net, digits):
+    """A NaN image made init("max") NaN and L(α) = +inf for every α (lapq then blamed its sweep)."""
+    x = digits.calib.x.copy()
+    x[3, 0, 0, 0] = np.nan
+    x[7, 2, 1, 0] = -np.inf
+    with pytest.raises(ValueError, match=re.escape(f"calib images must be finite: 2 of {len(x)} hold NaN or inf "
+                                                   "(images 3, 7; 2 values in all), the first at x[3, 0, 0, 0]")):
+        ls.ClipLoss(tiny_net, (x, digits.calib.y), w_bits=4, a_bits=4)
+
+
+def test_a_result_for_alpha_is_named(loss4):
+    """loss(res) for a LAPQResult res gave NumPy's "float() argument must be ... not 'LAPQResult'"."""
+    alpha = np.asarray(loss4.init("max"))
+    res = importlib.import_module("landscape.lapq").LAPQResult(alpha, 1.0, "batched", None, alpha, 1.0, 1, 0.0, [],
+                                                                 False, "")
+    for call in (loss4, loss4.grad, lambda a: loss4.logits(a, np.zeros((1, 8, 8, 1), np.float32))):
+        with pytest.raises(ValueError, match=r"alpha must be an \(n,\) array of clipping values; got a LAPQResult "
+                                             r"— pass its clipping vector, res.alpha"):
+            call(res)

@@ -4,6 +4,7 @@ and exactly the pairs without another reader of their activation are equalized."
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +163,16 @@ def test_equalization_tolerance_and_rounds_are_checked(digits):
     with pytest.raises(ValueError, match="max_rounds=True must be a positive integer"):
         cross_layer_equalization(cnn, v, x, max_rounds=True)
     assert cross_layer_equalization(cnn, v, x, tol=np.float32(1e-3)).max_logit_change >= 0
+
+
+def test_equalization_names_a_network_passed_for_its_module_and_images_in_another_layout(tiny_net, digits):
+    """CLE(net, ...) failed inside Network.apply with a TypeError, and flat or NCHW images with
+    Flax's ScopeParamShapeError naming only kernel shapes."""
+    x = digits.calib.x[:16]
+    with pytest.raises(ValueError, match=r"cross_layer_equalization needs a flax module, got a trained Network; "
+                                         r"pass its module \(and variables\): net.model, net.variables"):
+        cross_layer_equalization(tiny_net, tiny_net.variables, x)
+    for bad in (x.reshape(16, -1), x.transpose(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match=re.escape(f"images x have shape {bad.shape}, which the network's "
+                                                       "variables do not fit (images are NHWC")):
+            cross_layer_equalization(tiny_net.model, tiny_net.variables, bad)

@@ -3,8 +3,10 @@ pass reproduced from them, and a pickle-free round trip."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
+import types
 
 import numpy as np
 import optax
@@ -177,3 +179,71 @@ def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, digits, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(meta))
     old = ls.export.load(tiny_net.model, str(tmp_path / "old"))
     np.testing.assert_allclose(old.variables["params"][name]["kernel"], q3.dequantize(name), rtol=0, atol=0)
+
+
+def _lapq_result(alpha):
+    """A LAPQResult holding ``alpha``, as ``lapq(loss)`` returns it (no optimisation run)."""
+    lq = importlib.import_module("landscape.lapq")  # the attribute landscape.lapq is the function
+    return lq.LAPQResult(alpha, 1.0, "batched", None, alpha, 1.0, 1, 0.0, [], False, "")
+
+
+def test_wrong_objects_for_alpha_loss_and_network_are_named(tiny_net, digits, tmp_path):
+    """A LAPQResult for α gave NumPy's "float() argument must be ... not 'LAPQResult'"; a Network
+    for the loss or the quantized network an AttributeError about one of their fields."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    alpha = np.asarray(loss.init("max"))
+    with pytest.raises(ValueError, match=r"alpha must be an \(n,\) array of clipping values; got a LAPQResult "
+                                         r"— pass its clipping vector, res.alpha"):
+        ls.export.quantize_network(loss, _lapq_result(alpha))
+    with pytest.raises(ValueError, match=r"quantize_network needs a ClipLoss, got a Network; build one from the "
+                                         r"trained network: ls.ClipLoss\(net, data.calib"):
+        ls.export.quantize_network(tiny_net, alpha)
+    qnet = ls.export.quantize_network(loss, alpha)
+    with pytest.raises(ValueError, match=r"save needs a QuantizedNetwork, got a Network \(from "
+                                         r"ls.export.quantize_network\(loss, alpha\)"):
+        ls.export.save(tiny_net, str(tmp_path / "q"))
+    with pytest.raises(ValueError, match="save needs a QuantizedNetwork, got a SimpleNamespace: pass its .network"):
+        ls.export.save(types.SimpleNamespace(network=qnet), str(tmp_path / "q"))
+    ls.export.save(qnet, str(tmp_path / "q"))
+    with pytest.raises(ValueError, match=r"export.load needs a flax module, got a trained Network; pass its "
+                                         r"module \(and variables\): net.model"):
+        ls.export.load(tiny_net, str(tmp_path / "q"))
+    assert not list(tmp_path.glob("q.*.*"))
+
+
+def test_images_in_another_layout_are_named_by_apply(tiny_net, digits, tmp_path):
+    """Flat, channel-less and NCHW images failed inside Flax, naming only kernel shapes. The
+    input shape is the loss's calibration images', and a saved network keeps it."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    qnet = ls.export.quantize_network(loss, loss.init("max"))
+    assert qnet.input_shape == (8, 8, 1)
+    x = digits.test.x[:16]
+    for bad in (x.reshape(16, -1), x[..., 0], x.transpose(0, 3, 1, 2)):
+        shape = str(bad.shape).replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ValueError, match=rf"images x have shape {shape}; this network takes "
+                                             rf"\(N, 8, 8, 1\) \(NHWC\)"):
+            qnet.apply(bad)
+    with pytest.raises(ValueError, match=r"images x have shape \(16, 64\)"):
+        qnet.accuracy((x.reshape(16, -1), digits.test.y[:16]))
+    loaded = ls.export.load(tiny_net.model, ls.export.save(qnet, str(tmp_path / "q")))
+    assert loaded.input_shape == (8, 8, 1)
+    with pytest.raises(ValueError, match=r"images x have shape \(16, 8, 8\)"):
+        loaded.apply(x[..., 0])
+
+
+def test_save_and_load_take_either_file_name_for_the_stem(tiny_net, digits, tmp_path):
+    """save(q, "w4.npz") wrote w4.npz.npz and w4.npz.json; load(model, "w4.json") looked for
+    w4.json.json. A .json or .npz suffix now names the stem without it."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    qnet = ls.export.quantize_network(loss, loss.init("max"))
+    assert ls.export.save(qnet, str(tmp_path / "w4.npz")) == str(tmp_path / "w4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4.json", "w4.npz"]
+    ls.export.save(qnet, tmp_path / "w4.json")  # a pathlib.Path too: the same pair, rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4.json", "w4.npz"]
+    x = digits.test.x[:8]
+    for name in ("w4", "w4.json", "w4.npz"):
+        loaded = ls.export.load(tiny_net.model, str(tmp_path / name))
+        np.testing.assert_array_equal(np.asarray(loaded.apply(x)), np.asarray(qnet.apply(x)))
+    for bad in (".npz", str(tmp_path) + "/.json"):
+        with pytest.raises(ValueError, match="must name a file"):
+            ls.export.save(qnet, bad)

@@ -459,3 +459,26 @@ def test_every_stored_lapq_call_raises_on_interrupt():
                     calls.append((f"{path.relative_to(root)}:{node.lineno}", raises))
     assert len(calls) >= 8  # compare_methods, figures (2), bench (5)
     assert [where for where, raises in calls if not raises] == []
+
+
+def test_lapq_and_compare_methods_name_what_they_were_given(tiny_net, digits, tiny_loss):
+    """lapq(loss.alpha_loss()) said "Partial(<its repr>) has no quantized sites"; init=res (a
+    LAPQResult) gave NumPy's float() error; compare_methods(loss, data.test) an AttributeError
+    ('with_calib'); rows=() ran the Lp sweep and returned an empty table."""
+    with pytest.raises(ValueError, match="lapq needs a ClipLoss, got a Partial; pass the ClipLoss itself, not "
+                                         r"loss.alpha_loss\(\)"):
+        lq.lapq(tiny_loss.alpha_loss())
+    with pytest.raises(ValueError, match=r"lapq needs a ClipLoss, got a Network; build one from the trained network"):
+        lq.lapq(tiny_net)
+    good = np.asarray(tiny_loss.init("max"))
+    res = lq.LAPQResult(good, 1.0, "batched", None, good, 1.0, 1, 0.0, [], False, "")
+    with pytest.raises(ValueError, match=r"init must be an \(n,\) array of clipping values; got a LAPQResult — "
+                                         r"pass its clipping vector, res.alpha"):
+        lq.lapq(tiny_loss, init=res)
+    with pytest.raises(ValueError, match=r"compare_methods needs data, the landscape.data.Dataset the network was "
+                                         r"trained on \(from ls.data.load\), got a Split"):
+        lq.compare_methods(tiny_loss, digits.test, seeds=(0,), rows=("max",))
+    with pytest.raises(ValueError, match=r"rows=\(\) names no method; give at least one of \('FP32'"):
+        lq.compare_methods(tiny_loss, digits, seeds=(0,), rows=())
+    with pytest.raises(ValueError, match="compare_methods needs a ClipLoss, got a Network"):
+        lq.compare_methods(tiny_net, digits, seeds=(0,), rows=("max",))

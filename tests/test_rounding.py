@@ -3,6 +3,8 @@ layer's reconstruction error, and round_network driving a rule of one's own."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,25 @@ def test_round_network_drives_a_rule_of_ones_own(tiny_net, digits):
     small = loss.with_options(calib=(digits.calib.x[:48], digits.calib.y[:48]))
     round_network(small, alpha, nearest_rule, method="nearest")  # default: 256, or all 48 when fewer
     assert {shape[0] for shape in calls} == {48}
+
+
+def test_round_network_names_what_it_was_given(tiny_net, digits):
+    """A Network for the loss failed with an AttributeError ('precision'), a LAPQResult for α with
+    NumPy's "float() argument must be ... not 'LAPQResult'"."""
+    def rule(*args):
+        raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match=r"gptq needs a ClipLoss, got a Network; build one from the trained "
+                                         r"network: ls.ClipLoss\(net, data.calib"):
+        round_network(tiny_net, np.ones(6, np.float32), rule, method="gptq")
+    for name, public in (("gptq", ls.gptq), ("adaround", ls.adaround)):  # they read loss.precision first
+        with pytest.raises(ValueError, match=rf"{name} needs a ClipLoss, got a Network; build one"):
+            public(tiny_net, np.ones(6, np.float32))
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    alpha = np.asarray(loss.init("max"))
+    res = importlib.import_module("landscape.lapq").LAPQResult(alpha, 1.0, "batched", None, alpha, 1.0, 1, 0.0, [],
+                                                                 False, "")
+    for run in (lambda: round_network(loss, res, rule, method="adaround"), lambda: ls.gptq(loss, res)):
+        with pytest.raises(ValueError, match=r"alpha must be an \(n,\) array of clipping values; got a LAPQResult "
+                                             r"— pass its clipping vector, res.alpha"):
+            run()

@@ -1,3 +1,4 @@
+import json
 import os
 
 import jax
@@ -225,3 +226,41 @@ def test_evaluation_programs_are_kept_for_recent_networks_only():
     assert train._eval_fn(nets[-1], recipe, None) is fns[-1]  # recent: the same function
     assert train._eval_fn(nets[0], recipe, None) is not fns[0]  # dropped: built again
     assert len(set(map(id, fns))) == len(fns)
+
+
+def test_fit_names_a_model_that_is_not_a_flax_module(digits, tiny_net):
+    """fit("cnn", data) failed with an AttributeError inside the configuration."""
+    with pytest.raises(ValueError, match=r"fit needs a flax module, got a str 'cnn'; build one, e.g. "
+                                         r"models.create\('cnn', num_classes=10\)"):
+        ls.train.fit("cnn", digits)
+    with pytest.raises(ValueError, match=r"fit needs a flax module, got a trained Network; pass its module"):
+        ls.train.fit(tiny_net, digits)
+
+
+def test_fit_refuses_more_outputs_than_classes(digits):
+    """A 100-way head on the 10 digit classes trained silently (only too few outputs were refused)."""
+    with pytest.raises(ValueError, match=r"the model has 12 outputs but 'digits' has 10 classes; build it with "
+                                         r"num_classes=10"):
+        ls.train.fit(models.create("mlp", num_classes=12, hidden=(8,)), digits, epochs=1, cache=False)
+
+
+def test_network_records_its_input_shape_and_names_other_images(digits, tiny_net, tmp_path):
+    """Flat, channel-less or NCHW images failed inside Flax, naming only kernel shapes; fit
+    records the images' shape, and a checkpoint keeps it."""
+    assert tiny_net.input_shape == (8, 8, 1)
+    x = digits.test.x[:8]
+    for bad in (x.reshape(8, -1), x[..., 0], x.transpose(0, 3, 1, 2)):
+        shape = str(bad.shape).replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ValueError, match=rf"images x have shape {shape}; this network takes \(N, 8, 8, 1\) "
+                                             r"\(NHWC\)"):
+            tiny_net.apply(bad)
+    with pytest.raises(ValueError, match=r"images x have shape \(8, 8, 8\)"):
+        tiny_net.accuracy((x[..., 0], digits.test.y[:8]))
+    path = ls.train.save_network(tiny_net, str(tmp_path / "net"))
+    assert ls.train.load_network(tiny_net.model, path).input_shape == (8, 8, 1)
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    del meta["input_shape"]  # a checkpoint saved before the shape was recorded: unchecked
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f)
+    assert ls.train.load_network(tiny_net.model, path).input_shape is None
