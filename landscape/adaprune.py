@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from landscape import checks, runtime, sparsity, train
+from landscape import data as data_lib
 from landscape.data import Dataset, Split
 from landscape.layerwise import layer_mse, record_layers
 from landscape.train import recalibrate_batchnorm
@@ -151,7 +152,9 @@ class AdaPruneResult:
 # validation
 
 
-def _calibration_images(calib) -> np.ndarray:
+def _calibration_images(calib, input_shape=None) -> np.ndarray:
+    """The calibration images of ``calib`` as float32 (N, ...), checked against the per-image shape
+    ``input_shape`` the network takes where it is known (else Flax fails on a kernel shape)."""
     if isinstance(calib, Dataset):
         raise ValueError("calib is a whole Dataset; pass its calibration split, data.calib")
     if isinstance(calib, Split):
@@ -163,10 +166,23 @@ def _calibration_images(calib) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"calibration images must be a non-empty batch (N, ...), got shape {x.shape}")
+    checks.check_image_shape(x.shape, input_shape, "calibration images")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"calibration images must be finite; {int(np.sum(~np.isfinite(x)))} of {x.size} "
                          "values are NaN or infinite")
     return x
+
+
+def _test_split(test, image_shape, num_classes: int):
+    """``test`` as (x, y) arrays, checked before any pruning: the accuracies come last, minutes in."""
+    if isinstance(test, Dataset):
+        raise ValueError("test is a whole Dataset; pass its test split, data.test")
+    x, y = data_lib.as_arrays(test, "test")
+    if x.shape[1:] != tuple(image_shape):
+        raise ValueError(f"test images have shape {x.shape}; the calibration images, and so the network, "
+                         f"take (N, {', '.join(map(str, image_shape))})")
+    data_lib.check_labels(y, num_classes, "test")
+    return x, y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +331,8 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
       iterations, lr, bias_lr, batch_size: Adam per layer (:func:`prune_layer`).
       absorb_mean_init: start from :func:`absorb_mean` instead of S ⊙ W.
       recalibrate_bn: re-estimate BatchNorm statistics on ``calib`` afterwards.
-      test: optional evaluation split for :class:`Accuracy`.
+      test: optional evaluation split (a Split or an (x, y) pair) for :class:`Accuracy`, checked
+        (with every other argument and the images' shape) before any pruning.
       seed: mini-batch draws.
       precision: matmul/convolution precision of every pass ("highest": true float32; a GPU's
         default TF32 products would record and fit 10-bit-mantissa activations).
@@ -323,20 +340,30 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
     Returns an :class:`AdaPruneResult`.
     """
     t0 = time.time()
+    # Every argument is checked here, before the pruning (minutes on a large network).
+    checks.check_network(net, "adaprune")
     K, M = sparsity._check_keep_block(keep, block)
     for name, flag in (("transposable", transposable), ("absorb_mean_init", absorb_mean_init),
-                       ("recalibrate_bn", recalibrate_bn)):
+                       ("recalibrate_bn", recalibrate_bn), ("dense_first_last", dense_first_last)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    iterations = checks.check_int(iterations, "iterations")
+    batch_size = checks.check_int(batch_size, "batch_size")
+    lr = checks.check_positive(lr, "lr")
+    bias_lr = checks.check_positive(bias_lr, "bias_lr")
     runtime.check_precision(precision, "adaprune")
-    x = _calibration_images(calib)
+    x = _calibration_images(calib, getattr(net, "input_shape", None))
     model = net.model
     base = {k: v for k, v in flax.core.unfreeze(net.variables).items() if k != "masks"}
     base["params"] = sparsity.effective_params(net.variables)
-    chosen = sparsity.select_layers(sparsity.gemm_layers(model, base, x[:1]),
-                                    dense_first_last=dense_first_last, names=layers)
+    with checks.explained_input_shape(x.shape, "calibration images"):  # a network without input_shape
+        all_layers = sparsity.gemm_layers(model, base, x[:1])
+    if test is not None:  # abstract evaluation: the output width without compiling a forward pass
+        width = jax.eval_shape(lambda v, xb: model.apply(v, xb, train=False), base, x[:1]).shape[-1]
+        test = _test_split(test, x.shape[1:], width)
+    chosen = sparsity.select_layers(all_layers, dense_first_last=dense_first_last, names=layers)
     if not chosen:
         raise ValueError("no layer to prune: the selection is empty (a model with two conv/dense layers "
                          "and dense_first_last=True, or layers=[])")

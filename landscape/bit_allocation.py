@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from landscape import checks, quantizers, sites
+from landscape import calibration, checks, quantizers, sites
 
 __all__ = ["Allocation", "Sensitivity", "allocate_bits", "input_widths", "weight_sensitivity"]
 
@@ -208,6 +208,13 @@ def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = 
     """
     from landscape.spectrum import hessian_spectrum
 
+    # The rule and its options first: they are used only after the Hessian spectrum, minutes in.
+    if rule_kw is not None and not isinstance(rule_kw, Mapping):
+        raise ValueError(f"rule_kw={rule_kw!r} must be a mapping of the rule's options, e.g. "
+                         "rule_kw={'p': 3.0} for rule='lp', or None")
+    if not isinstance(rule, str):
+        raise ValueError(f"rule={rule!r} must be a calibration rule's name, one of {calibration.RULES}")
+    calibration.make_rule(rule, **(rule_kw or {}))  # an unknown rule or option, a bad value
     if isinstance(bits, str) or np.ndim(np.asarray(bits, dtype=object)) != 1:
         raise ValueError(f"bits={bits!r} must be a sequence of candidate widths, e.g. (2, 3, 4, 8)")
     if any(b is None for b in bits):
@@ -276,9 +283,15 @@ def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None
         :class:`Allocation`; ``allocation.bits`` maps each site to its width.
 
     Raises:
-        ValueError: no budget or two, ``a_bits`` missing or given without ``budget_bops``, or a
+        ValueError: ``sensitivity`` not a :class:`Sensitivity` (a ClipLoss: pass
+        ``weight_sensitivity(loss)``), no budget or two, ``a_bits`` missing or given without ``budget_bops``, or a
         budget below the smallest width everywhere.
     """
+    if not isinstance(sensitivity, Sensitivity):
+        hint = (": compute it from the loss first, ls.weight_sensitivity(loss)"
+                if all(hasattr(sensitivity, a) for a in ("n", "sites", "init")) else "")
+        raise ValueError(f"allocate_bits needs the Sensitivity that weight_sensitivity returns, got a "
+                         f"{type(sensitivity).__name__}{hint}")
     s = sensitivity
     if sum(b is not None for b in (average_bits, budget_bits, budget_bops)) != 1:
         raise ValueError("give exactly one of average_bits, budget_bits and budget_bops")

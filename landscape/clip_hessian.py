@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from landscape import quantizers
+from landscape import checks, quantizers
 
 METHODS = ("ste", "fd")
 DEFAULT_STEP = 0.02
@@ -40,7 +40,8 @@ def clip_hessian(loss, alpha, *, method: str = "ste", step: float | None = None)
       loss: a :class:`landscape.ClipLoss` (``fd`` needs only ``.batch`` and ``.n``).
       alpha: (n,) clipping values, all > 0.
       method: "ste" (autodiff of the surrogate) or "fd" (true loss, finite differences).
-      step: relative step for "fd" (default 0.02); not used by "ste".
+      step: relative step for "fd" in (0, 1), a Python or numpy number (default 0.02); not used
+        by "ste".
     Returns:
       (n, n) float64 numpy array, exactly symmetric.
     """
@@ -57,7 +58,7 @@ def clip_hessian(loss, alpha, *, method: str = "ste", step: float | None = None)
         h = np.asarray(loss.hessian(alpha.astype(np.float32)), np.float64)
         return 0.5 * (h + h.T)
     step = DEFAULT_STEP if step is None else step
-    if not isinstance(step, int | float) or not 0 < step < 1:
+    if not checks.is_real(step) or not 0 < step < 1:  # numpy scalars too (np.float32(0.02))
         raise ValueError(f"step={step!r} must be a relative step in (0, 1)")
     return _finite_difference_hessian(loss, alpha, float(step))
 

@@ -111,7 +111,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from landscape import data, layers, runtime, sparsity, train
+from landscape import checks, data, layers, runtime, sparsity, train
 
 __all__ = [
     "LAYERS_COLLECTION",
@@ -165,6 +165,22 @@ def _check_float_array(name, x):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     return x
+
+
+def _check_key(key, where="key"):
+    """One JAX PRNG key: a typed key, ``jax.random.key(seed)`` (shape ()), or a raw uint32 key,
+    ``jax.random.PRNGKey(seed)`` ((2,) for threefry, (4,) for rbg). Shape and dtype only, so it
+    also passes a traced key under jit and vmap (where a key of a batch is one key)."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and shape is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and tuple(shape) == ():
+            return key
+        if dtype == np.uint32 and tuple(shape) in ((2,), (4,)):
+            return key
+    got = (f"a {type(key).__name__} of dtype {dtype} and shape {tuple(shape)}" if dtype is not None
+           and shape is not None else f"{type(key).__name__} {key!r:.60}")
+    raise ValueError(f"{where} must be a JAX PRNG key, one key: jax.random.key(seed) or "
+                     f"jax.random.PRNGKey(seed) (split it for several draws), got {got}")
 
 
 def _is_concrete(*xs):
@@ -346,8 +362,7 @@ def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs", prng="jax"):
     samples = _check_int("samples", samples, 1, 1 << 16)
     prng = _check_choice("prng", prng, PRNGS)
     g = _check_float_array("g", g)
-    if key is None:
-        raise ValueError("key must be a JAX PRNG key (e.g. jax.random.key(seed)), got None")
+    key = _check_key(key)
     if g.size == 0:  # nothing to quantize (and no maximum to scale by)
         return g
     return _luq_kernel(g, key, bits, samples, max_mode, prng)
@@ -404,7 +419,7 @@ def hash_bits(key, shape):
     vmap over keys; at most 2^32 words per call.
     """
     shape = tuple(_check_int("shape entry", d, 0, 1 << 32) for d in shape)
-    return _hash_kernel(key, shape)
+    return _hash_kernel(_check_key(key), shape)
 
 
 def round_gradient(g, *, bits=4, max_mode="abs"):
@@ -441,7 +456,7 @@ def _sawb_args(bits, signed, coeffs, levels="strict"):
             )
         coeffs = SAWB_COEFFS_4BIT
     ok = isinstance(coeffs, tuple | list) and len(coeffs) == 2
-    if not ok or not all(isinstance(c, int | float) and np.isfinite(c) for c in coeffs):
+    if not ok or not all(checks.is_real(c) and np.isfinite(c) for c in coeffs):  # numpy scalars too
         raise ValueError(f"coeffs must be two finite numbers (c1, c2), got {coeffs!r}")
     return bits, signed, (float(coeffs[0]), float(coeffs[1])), levels
 
@@ -626,7 +641,7 @@ def luq_identity(z, key, *, bits=4, samples=1, max_mode="abs", mode="luq", prng=
         return _rdn_identity(z, bits, max_mode)
     if key is None:
         raise ValueError("mode='luq' needs a PRNG key, got key=None")
-    return _luq_identity(z, key, bits, samples, max_mode, prng)
+    return _luq_identity(z, _check_key(key), bits, samples, max_mode, prng)
 
 
 def _check_quantize_forward(value):
@@ -951,7 +966,7 @@ class Recipe(train.Recipe):
             self.bits, samples, self.max_mode, "none" if mode == "fp32" else mode)
         _sawb_args(self.forward_bits, None, None, self.forward_levels)
         lr = self.finetune_lr
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not (np.isfinite(lr) and lr > 0):
+        if not checks.is_real(lr) or not (np.isfinite(lr) and lr > 0):  # numpy scalars too
             raise ValueError(f"finetune_lr must be a finite learning rate > 0, got {lr!r}")
         fields = dict(bits=bits, samples=samples, max_mode=max_mode, finetune_lr=float(lr),
                       finetune_epochs=_check_int("finetune_epochs", self.finetune_epochs, 0, 1 << 20),

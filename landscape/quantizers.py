@@ -60,9 +60,22 @@ def check_bits(bits, where: str = "quantizer") -> int | None:
 
 
 def check_grid(grid: str, where: str = "quantizer") -> str:
-    if grid not in GRIDS:
+    if not isinstance(grid, str) or grid not in GRIDS:
         raise ValueError(f"{where}: grid={grid!r} is not allowed; use one of {GRIDS}")
     return grid
+
+
+def _check_width(bits, where: str):
+    """The bit width of :func:`quantize`, :func:`step_size`, :func:`levels`: an integer in [2, 16]
+    (not None: FP32 is no grid), or a scalar JAX array — ClipLoss passes the widths as traced
+    data, one program for every width, so their range is its to check. Static, so free per call."""
+    if isinstance(bits, jax.Array):
+        if bits.ndim != 0:
+            raise ValueError(f"{where}: bits must be a scalar bit width, got an array of shape {bits.shape}")
+        return bits
+    if bits is None:
+        raise ValueError(f"{where}: bits=None (FP32) has no grid; use an integer in [{MIN_BITS}, {MAX_BITS}]")
+    return check_bits(bits, where)
 
 
 def num_levels(bits: int, grid: str) -> int:
@@ -71,7 +84,9 @@ def num_levels(bits: int, grid: str) -> int:
 
 
 def step_size(alpha, bits: int, grid: str):
-    """Δ(α) for a grid, floored at 1e-8. ``alpha`` any shape."""
+    """Δ(α) for a grid, floored at 1e-8. ``alpha`` any shape; ``bits`` in [2, 16]."""
+    bits = _check_width(bits, "step_size")
+    check_grid(grid, "step_size")
     if grid == "midrise":
         delta = 2.0 * alpha / (2**bits - 1)
     elif grid == "unsigned":
@@ -90,13 +105,23 @@ def quantize(x, alpha, bits: int, grid: str):
     """Fake-quantize ``x`` on ``grid`` with clipping value ``alpha`` (broadcast against x).
 
     Args:
-      x: array of any shape.
+      x: floating-point array of any shape.
       alpha: scalar or an array broadcastable to x (per-channel: shape (C,) for x (..., C)).
-      bits: M in [2, 16].
+      bits: M in [2, 16] (or a scalar JAX array: traced widths are not range-checked).
       grid: "midrise" | "unsigned" | "midtread".
     Returns:
       x̂ with x's shape and dtype; differentiable in x and α through straight-through rounding.
+    Raises:
+      ValueError: an unknown grid, a width outside [2, 16] or an integer/bool ``x`` (its rounding
+        would make every value NaN or 0). The checks run once per trace, at no cost per call.
     """
+    bits = _check_width(bits, "quantize")
+    check_grid(grid, "quantize")
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"quantize: x must be a floating-point array, got dtype {x.dtype}; convert it, "
+                         "e.g. x.astype(np.float32)")
     alpha = jnp.asarray(alpha, x.dtype)
     delta = step_size(alpha, bits, grid).astype(x.dtype)
     if grid == "midrise":
@@ -114,6 +139,10 @@ def quantize(x, alpha, bits: int, grid: str):
 
 def levels(alpha: float, bits: int, grid: str):
     """The sorted level set of a grid (for tests and plots): (num_levels,) float32."""
+    bits = check_bits(bits, "levels")
+    if bits is None:
+        raise ValueError(f"levels: bits=None (FP32) has no grid; use an integer in [{MIN_BITS}, {MAX_BITS}]")
+    check_grid(grid, "levels")
     if grid == "midrise":
         delta = 2.0 * alpha / (2**bits - 1)
         return jnp.arange(2**bits, dtype=jnp.float32) * delta - alpha

@@ -726,44 +726,59 @@ def retained_magnitude(w, mask) -> float:
 # mask diversity
 
 
+# The most column-count states transposable_count may track, C(M + k, k) with k = min(K, M − K):
+# its time grows with them (measured on one CPU core: C = 74 613 (M = 16, k = 6) 0.3 s, 245 157
+# (16, 7) 1.2 s, 593 775 (24, 6) 4.2 s, 735 471 (16, 8) 2.9 s); (17, 8) with 1 081 575 and
+# (24, 12) with 1.25e9 are refused rather than left running for minutes or hours.
+TRANSPOSABLE_STATES_LIMIT = 10**6
+
+
 @cache
 def transposable_count(*, keep: int, block: int) -> int:
     """R(M, K): number of M x M 0/1 matrices with exactly K ones in every row and every column.
 
     Dynamic programme over rows; the state is how many columns already hold 0, 1, ..., K ones
     (columns are interchangeable). A row picks x_s columns from the n_s columns holding s ones
-    (sum_s x_s = K, s < K) in prod_s C(n_s, x_s) ways and moves them to s + 1.
+    (sum_s x_s = K, s < K) in prod_s C(n_s, x_s) ways and moves them to s + 1; the picks are made
+    one class at a time. R(M, K) = R(M, M − K) (complements), so K ≤ M/2 is counted.
     R(4, 2) = 90, R(8, 4) = 116 963 796 250.
+
+    Cost: up to C(M + k, k) states, k = min(K, M − K); every block ≤ 12 takes under 0.2 s,
+    M = 16 at most ~3 s (k = 8), M = 24 ~4 s at k = 6. Beyond ``TRANSPOSABLE_STATES_LIMIT``
+    (10^6) states — e.g. keep=8, block=17 or keep=12, block=24, which would run for minutes to
+    hours — it raises ValueError.
     """
     K, M = _check_keep_block(keep, block)
+    K = min(K, M - K)
+    states_bound = math.comb(M + K, K)
+    if states_bound > TRANSPOSABLE_STATES_LIMIT:
+        raise ValueError(
+            f"transposable_count(keep={keep}, block={block}) is too costly to count exactly: its dynamic "
+            f"programme tracks up to C(block + k, k) = {states_bound:.3g} states (k = min(keep, block - keep) "
+            f"= {K}), beyond the limit of {TRANSPOSABLE_STATES_LIMIT:.0e} (~3 s); every block <= 16 is "
+            f"allowed, larger ones for small or large keep only"
+        )
+    comb = [[math.comb(n, x) for x in range(K + 1)] for n in range(M + 1)]
     states = {(M,) + (0,) * K: 1}
-    for _ in range(M):
-        nxt: dict[tuple[int, ...], int] = {}
-        for state, ways in states.items():
-            for picks, mult in _distribute(state, K):
-                new = list(state)
-                for s, x in enumerate(picks):
+    for row in range(M):
+        # One row picks K columns class by class, from the fullest class down: a column moved up to
+        # s + 1 is never picked again in the same row.
+        partial = {(state, K): ways for state, ways in states.items()}
+        for s in range(K - 1, -1, -1):
+            nxt: dict[tuple[tuple[int, ...], int], int] = {}
+            for (state, left), ways in partial.items():
+                n = state[s]
+                for x in range(left if s == 0 else 0, min(left, n) + 1):
+                    new = list(state)
                     new[s] -= x
                     new[s + 1] += x
-                key = tuple(new)
-                nxt[key] = nxt.get(key, 0) + ways * mult
-        states = nxt
+                    key = (tuple(new), left - x)
+                    nxt[key] = nxt.get(key, 0) + ways * comb[n][x]
+            partial = nxt
+        # Every column needs K ones by the last row: drop states with a column too far behind.
+        behind = K - (M - row - 1)
+        states = {state: ways for (state, _), ways in partial.items() if behind <= 0 or not any(state[:behind])}
     return states.get((0,) * K + (M,), 0)
-
-
-def _distribute(state: tuple[int, ...], K: int):
-    """All (x_0..x_{K-1}) with sum K, x_s <= state[s], and the multiplicity prod C(state[s], x_s)."""
-
-    def rec(s: int, left: int):
-        if s == K:
-            if left == 0:
-                yield (), 1
-            return
-        for x in range(min(left, state[s]) + 1):
-            for rest, mult in rec(s + 1, left - x):
-                yield (x,) + rest, mult * math.comb(state[s], x)
-
-    yield from rec(0, K)
 
 
 @dataclass(frozen=True)
@@ -806,6 +821,9 @@ def mask_diversity(kind: str, *, keep: int, block: int, size: int) -> MaskDivers
 
     One 8x8 tile (T = 64) at 50%: unstructured 1.833e18, 4:8 70**8, 2:4 6**16, T-4:8 R(8,4) =
     116 963 796 250, T-2:4 90**4.
+
+    "transposable" costs what :func:`transposable_count` costs (up to ~3 s for block 16 at keep 8)
+    and refuses blocks whose count would take minutes or more (e.g. keep=8, block=17).
     """
     K, M = _check_keep_block(keep, block)
     T = _check_int(size, "size")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -171,3 +174,37 @@ def test_adaprune_bad_arguments(tiny_net, digits):
         ap.adaprune(tiny_net, np.zeros((0, 8, 8, 1)))
     with pytest.raises(ValueError, match="calibration images must be finite; 64 of"):
         ap.adaprune(tiny_net, np.full((1, 8, 8, 1), np.nan))
+
+
+def test_adaprune_checks_arguments_before_pruning(tiny_net, digits, monkeypatch):
+    """A bad test split, image layout or Adam setting fails at once, not after every layer is pruned."""
+    def no_work(*a, **kw):
+        raise AssertionError("pruning started before the arguments were checked")
+
+    monkeypatch.setattr(ap, "record_layers", no_work)
+    monkeypatch.setattr(ap, "prune_layer", no_work)
+    calib = digits.calib
+    x = np.asarray(calib.x)
+    cases = [
+        ({"test": digits}, "test is a whole Dataset; pass its test split, data.test"),
+        ({"test": digits.test.x}, "test must be a landscape.data.Split or an"),
+        ({"test": (digits.test.x[:, :, :, 0], digits.test.y)}, r"test images have shape \(\d+, 8, 8\); the calibration "
+                                                              r"images, and so the network, take \(N, 8, 8, 1\)"),
+        ({"test": (digits.test.x, digits.test.y + 10)}, r"test: labels y must be in \[0, 10\)"),
+        ({"lr": np.nan}, "lr=nan must be a positive finite number"),
+        ({"iterations": 0}, "iterations=0 must be a positive integer"),
+        ({"batch_size": 2.5}, "batch_size=2.5 must be a positive integer"),
+        ({"dense_first_last": "no"}, "dense_first_last must be True or False"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ap.adaprune(tiny_net, calib, **kw)
+    for bad in (x.reshape(len(x), -1), x.transpose(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match=rf"calibration images have shape {re.escape(str(bad.shape))}; this "
+                                             r"network takes \(N, 8, 8, 1\)"):
+            ap.adaprune(tiny_net, bad)
+        with pytest.raises(ValueError, match=rf"calibration images have shape {re.escape(str(bad.shape))}, which "
+                                             r"the network's variables do not fit \(images are NHWC"):
+            ap.adaprune(dataclasses.replace(tiny_net, input_shape=None), bad)  # a network of unknown input shape
+    with pytest.raises(ValueError, match="adaprune needs a trained network"):
+        ap.adaprune(tiny_net.model, calib)

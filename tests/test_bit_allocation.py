@@ -216,3 +216,35 @@ def test_input_widths_pass_max_pooling(tiny_net, digits):
                        a_bits={"relu0_0": 5, "relu0_1": 3, "relu1_0": 6})
     # conv1_0 reads relu0_1 through the max-pool between the stages; fc reads a global average.
     assert ls.bit_allocation.input_widths(loss) == {"conv0_1": 5, "conv1_0": 3, "conv1_1": 6}
+
+
+def test_allocate_bits_names_what_it_was_given():
+    """A ClipLoss (or anything else) in place of the sensitivities is named, with the call to make them."""
+    class LossLike:
+        n, sites = 3, ()
+
+        def init(self, rule):
+            return None
+
+    with pytest.raises(ValueError, match=r"allocate_bits needs the Sensitivity that weight_sensitivity returns, got "
+                                         r"a LossLike: compute it from the loss first, ls.weight_sensitivity\(loss\)"):
+        allocate_bits(LossLike(), average_bits=3)
+    with pytest.raises(ValueError, match="got a dict$"):
+        allocate_bits({}, average_bits=3)
+
+
+def test_weight_sensitivity_checks_the_rule_before_the_spectrum(tiny_net, digits, monkeypatch):
+    import landscape.spectrum
+
+    def no_spectrum(*a, **kw):
+        raise AssertionError("the Hessian spectrum ran before the rule was checked")
+
+    monkeypatch.setattr(landscape.spectrum, "hessian_spectrum", no_spectrum)
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=None)
+    for kw, match in (({"rule": "MSE"}, "unknown calibration rule 'MSE'; known rules: max, percentile"),
+                      ({"rule": None}, "rule=None must be a calibration rule's name"),
+                      ({"rule_kw": 3.0}, r"rule_kw=3.0 must be a mapping of the rule's options"),
+                      ({"rule": "lp", "rule_kw": {"q": 3}}, r"rule 'lp' got unknown options \['q'\]"),
+                      ({"rule": "lp", "rule_kw": {"p": -1}}, r"lp p=-1 must be a number")):
+        with pytest.raises(ValueError, match=match):
+            ls.weight_sensitivity(loss, **kw)

@@ -1,6 +1,7 @@
 """Every calibration rule against a brute-force reference on random tensors."""
 
 import math
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +225,22 @@ def test_numpy_scalars_are_numbers_for_rule_options():
     for kw in ({"p": np.float32(3.0)}, {"p": np.int64(2)}):
         assert cal.clip_value(x, "lp", bits=4, **kw) == pytest.approx(cal.clip_value(x, "lp", bits=4, p=float(kw["p"])))
     assert cal.clip_value(x, "percentile", bits=4, q=np.float64(99.0)) > 0
+
+
+def test_kl_bins_as_a_numpy_integer_and_its_upper_bound():
+    """bins=np.int64(64) is the integer it is; beyond KL_MAX_BINS the O(bins²) search is refused by name."""
+    x = np.random.default_rng(0).laplace(size=2048).astype(np.float32)
+    assert cal.clip_value(x, "kl", bits=4, bins=np.int64(64)) == cal.clip_value(x, "kl", bits=4, bins=64)
+    for bad in (20000, cal.KL_MAX_BINS + 1, 8, True, 64.0):
+        with pytest.raises(ValueError, match=rf"kl bins={bad!r} must be an integer in \[16, {cal.KL_MAX_BINS}\]"):
+            cal.make_rule("kl", bins=bad)
+
+
+def test_percentile_below_one_warns_that_q_is_a_percentage():
+    """q=0.9999 (a fraction mistaken for a percent) is in (0, 100] but sets α near 0: it warns."""
+    with pytest.warns(UserWarning, match=r"q=0.9999 is a percentage in \(0, 100\].*pass q=99.99"):
+        cal.make_rule("percentile", q=0.9999)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cal.make_rule("percentile", q=99.99)
+        cal.make_rule("percentile", q=1)

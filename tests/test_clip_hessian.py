@@ -201,3 +201,13 @@ def test_weight_surfaces_of_other_directions_and_alphas_compile_nothing(tiny_net
         a, b = c[j], c[i]
         point = jax.tree.map(lambda p, u, v, a=a, b=b: p + a * u + b * v, params, d2, d1)
         assert surface.z[i, j] == pytest.approx(float(f(point)), rel=1e-5)
+
+
+def test_fd_step_may_be_a_numpy_scalar():
+    """step=np.float32(0.02) (from a numpy grid) is a number; a bool is not."""
+    q = Quadratic(_spd(3, 0), np.zeros(3))
+    alpha = np.array([0.5, 1.0, 2.0])
+    h = clip_hessian(q, alpha, method="fd", step=np.float32(0.02))
+    np.testing.assert_allclose(h, clip_hessian(q, alpha, method="fd", step=0.02), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"step=True must be a relative step in \(0, 1\)"):
+        clip_hessian(q, alpha, method="fd", step=True)

@@ -677,3 +677,34 @@ def test_bad_inputs():
             fn()
     empty = jnp.zeros((0, 3))  # nothing to quantize: returned as it is
     assert luq.quantize_gradient(empty, key).shape == (0, 3)
+
+
+def test_key_must_be_one_prng_key():
+    """An int, a string or a batch of keys is named, with the keys allowed; typed, raw and traced keys pass."""
+    g = jnp.ones(4)
+    for bad, got in ((0, "got int 0"), ("a", "got str 'a'"), (jax.random.split(jax.random.key(0), 3), r"shape \(3,\)"),
+                     (np.zeros(2, np.int32), "dtype int32")):
+        for fn in (lambda k: luq.quantize_gradient(g, k), lambda k: luq.hash_bits(k, (4,)),
+                   lambda k: luq.luq_identity(g, k)):
+            with pytest.raises(ValueError, match=rf"key must be a JAX PRNG key, one key: jax.random.key\(seed\) or "
+                                                 rf"jax.random.PRNGKey\(seed\).*{got}"):
+                fn(bad)
+    typed = luq.quantize_gradient(g, jax.random.key(0))
+    raw = luq.quantize_gradient(g, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(typed), np.asarray(raw))
+    traced = jax.jit(lambda k: luq.quantize_gradient(g, k))(jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(typed))
+
+
+def test_numpy_scalars_are_numbers():
+    """A learning rate or SAWB coefficients from a numpy array are accepted as Python numbers are."""
+    recipe = luq.Recipe(finetune_lr=np.float32(0.01))
+    assert type(recipe.finetune_lr) is float and recipe.finetune_lr == pytest.approx(0.01)
+    g = heavy_tailed(3)
+    np.testing.assert_array_equal(np.asarray(luq.sawb(g, coeffs=(np.float32(12.1), 12.2))),
+                                  np.asarray(luq.sawb(g, coeffs=(float(np.float32(12.1)), 12.2))))
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(ValueError, match="finetune_lr must be a finite learning rate > 0"):
+            luq.Recipe(finetune_lr=bad)
+        with pytest.raises(ValueError, match="coeffs must be two finite numbers"):
+            luq.sawb(g, coeffs=(bad, 12.2))

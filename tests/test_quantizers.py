@@ -102,3 +102,31 @@ def test_bias_correct_matches_channel_means():
     corrected = q.bias_correct(w_hat, w)
     np.testing.assert_allclose(np.asarray(corrected.mean(axis=(0, 1, 2))),
                                np.asarray(w.mean(axis=(0, 1, 2))), atol=1e-6)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: q.quantize(jnp.ones(3), 1.0, 4, "midtred"), "quantize: grid='midtred' is not allowed"),
+    (lambda: q.quantize(jnp.ones(3), 1.0, 1, "midtread"), r"quantize: bits=1 is not allowed; use an integer in \[2, "),
+    (lambda: q.quantize(jnp.ones(3), 1.0, 0, "midrise"), "quantize: bits=0 is not allowed"),
+    (lambda: q.quantize(jnp.ones(3), 1.0, None, "midrise"), "quantize: bits=None"),
+    (lambda: q.quantize(np.arange(3), 1.0, 4, "midrise"), "x must be a floating-point array, got dtype int"),
+    (lambda: q.quantize(jnp.ones(3, bool), 1.0, 4, "midrise"), "got dtype bool"),
+    (lambda: q.step_size(1.0, 1, "midrise"), "step_size: bits=1 is not allowed"),
+    (lambda: q.step_size(1.0, 4, "mid"), "step_size: grid='mid' is not allowed"),
+    (lambda: q.levels(1.0, 0, "midtread"), "levels: bits=0 is not allowed"),
+    (lambda: q.levels(1.0, 4, "midtred"), "levels: grid='midtred' is not allowed"),
+])
+def test_quantize_step_size_and_levels_check_their_arguments(call, match):
+    """A grid typo no longer falls through to midtread; bits 0 or 1 and integer x no longer give NaN."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_quantize_takes_numpy_and_traced_widths():
+    """Widths as numpy integers and as traced data (ClipLoss passes them as float32) still work."""
+    x = jnp.linspace(-1.5, 1.5, 101)
+    ref = np.asarray(q.quantize(x, 1.0, 3, "midrise"))
+    np.testing.assert_array_equal(np.asarray(q.quantize(x, 1.0, np.int64(3), "midrise")), ref)
+    traced = jax.jit(lambda b: q.quantize(x, 1.0, b, "midrise"))(jnp.float32(3))
+    np.testing.assert_allclose(np.asarray(traced), ref, atol=1e-6)  # 2**b in float32: an ulp apart
+    np.testing.assert_array_equal(np.asarray(q.quantize(np.asarray(x), 1.0, 3, "midrise")), ref)

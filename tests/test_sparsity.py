@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -785,3 +786,19 @@ def test_recipe_config_key_and_validation():
         a.gemm_hook("test")
     with pytest.raises(TypeError):
         sp.Recipe(4, 8)  # keyword-only
+
+
+def test_transposable_count_of_large_blocks_is_refused_not_left_running():
+    """keep=12, block=24 ran for hours; keep=8, block=16 took 22 s and now ~3 s (the counts are the
+    old dynamic programme's)."""
+    assert sp.transposable_count(keep=6, block=12) == 64051375889927380035549804336
+    assert sp.transposable_count(keep=12, block=16) == sp.transposable_count(keep=4, block=16) == (
+        6892692735539278753058456514221737762215000)
+    for keep, block, states in ((12, 24, "1.25e+09"), (8, 17, "1.08e+06")):
+        with pytest.raises(ValueError, match=rf"transposable_count\(keep={keep}, block={block}\) is too costly .* "
+                                             rf"C\(block \+ k, k\) = {re.escape(states)} states .* limit of 1e\+06"):
+            sp.transposable_count(keep=keep, block=block)
+    with pytest.raises(ValueError, match="too costly to count exactly"):
+        sp.mask_diversity("transposable", keep=12, block=24, size=576)
+    md = sp.mask_diversity("transposable", keep=2, block=32, size=1024)
+    assert md.count == sp.transposable_count(keep=2, block=32)
