@@ -71,11 +71,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository, when the package is not installed
+sys.path.insert(1, str(HERE))
 
 import landscape as ls  # noqa: E402  (first: the XLA:CPU guard flag, before JAX starts its backend)
 
 import jax  # noqa: E402  isort: skip
 import numpy as np  # noqa: E402
+from hessian import Clock  # noqa: E402  (wall, CPU and compile seconds of a block; its listener counts programs)
 
 import models  # noqa: E402
 
@@ -151,39 +153,10 @@ class Report:
         return "\n".join(self.lines) + "\n"
 
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_compile_log = {"seconds": 0.0, "programs": 0}
-
-
-def _on_event(event, duration, **_):
-    if event in _COMPILE_EVENTS:
-        _compile_log["seconds"] += duration
-        _compile_log["programs"] += event == _COMPILE_EVENTS[-1]
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-class Clock:
-    """Wall and process-CPU seconds of a block, and the XLA programs compiled inside it (with the
-    seconds of tracing, lowering and compiling)."""
-
-    def __enter__(self):
-        self.compile0, self.programs0 = _compile_log["seconds"], _compile_log["programs"]
-        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.wall0
-        self.cpu = time.process_time() - self.cpu0
-        self.compile = _compile_log["seconds"] - self.compile0
-        self.programs = _compile_log["programs"] - self.programs0
-
-    def row(self) -> str:
-        return (f"wall {self.wall:7.2f} s  cpu {self.cpu:7.2f} s  XLA programs {self.programs:4d} "
-                f"(trace+lower+compile {self.compile:6.2f} s)")
+def row(clock: Clock) -> str:
+    """A timed block's figures as one report column."""
+    return (f"wall {clock.wall:7.2f} s  cpu {clock.cpu:7.2f} s  XLA programs {clock.programs:4d} "
+            f"(trace+lower+compile {clock.compile:6.2f} s)")
 
 
 def cpu_cores() -> int:
@@ -260,14 +233,14 @@ def section_reuse(report: Report, digits: Digits, args) -> None:
             spec = ls.hessian_spectrum(loss, alpha, seed=args.seed)
             jax.block_until_ready(spec.eigenvalues)
         label = "first, cold" if i == 0 else "further"
-        report(f"  W{bits}A{bits} ClipLoss ({label:<11}) {clock.row()}  [{describe_spectrum(spec)}]")
+        report(f"  W{bits}A{bits} ClipLoss ({label:<11}) {row(clock)}  [{describe_spectrum(spec)}]")
     report("  contrast, warm (nothing cleared): a plain closure `lambda a: loss(a)`, a new function object each")
     for bits, loss, alpha in list(zip(args.bits, losses, alphas, strict=True))[:2]:
         closure = lambda a, loss=loss: loss(a)  # noqa: E731  (the point: a new function object)
         with Clock() as clock:
             spec = ls.hessian_spectrum(closure, alpha, seed=args.seed)
             jax.block_until_ready(spec.eigenvalues)
-        report(f"  W{bits}A{bits} closure              {clock.row()}  [{describe_spectrum(spec)}]")
+        report(f"  W{bits}A{bits} closure              {row(clock)}  [{describe_spectrum(spec)}]")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +268,7 @@ def section_probe_batch(report: Report, digits: Digits, args) -> None:
         ratio = (f"; {clock.wall / first[0].wall:.2f}x the wall time of probe_batch={args.probe_batches[0]}"
                  if first[0] is not clock else "")
         counts = ", ".join(f"{k} {v}" for k, v in spec.hvp_counts.items())
-        report(f"  probe_batch={pb:<3} {clock.row()}")
+        report(f"  probe_batch={pb:<3} {row(clock)}")
         report(f"      HVPs {spec.n_hvp} ({counts}); spectrum.seconds {spec.seconds:.2f}; "
                f"{describe_spectrum(spec)}{ratio}")
 
@@ -323,7 +296,7 @@ def section_threefry(report: Report, digits: Digits, args) -> None:
     for partitionable in (True, False, True, False):
         with jax.threefry_partitionable(partitionable):
             clock, _ = timed_cold(lambda: jax.random.uniform(key, UNIFORM_SHAPE))
-        report(f"    {layout_name(partitionable)} {clock.row()}")
+        report(f"    {layout_name(partitionable)} {row(clock)}")
     model = models.create("resnet8", num_classes=digits.base.num_classes)
     x0 = np.asarray(digits.base.train.x[:INIT_BATCH])
     init = functools.partial(model.init, train=False)
@@ -334,7 +307,7 @@ def section_threefry(report: Report, digits: Digits, args) -> None:
         with jax.threefry_partitionable(partitionable):
             clock, variables = timed_cold(lambda fn=fn: fn(key, x0))
         results.setdefault(partitionable, []).append(variables)
-        report(f"    {name} {layout_name(partitionable)} {clock.row()}")
+        report(f"    {name} {layout_name(partitionable)} {row(clock)}")
     for partitionable, (a, b) in results.items():
         pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
         differ = sum(int(np.sum(np.asarray(u) != np.asarray(v))) for u, v in pairs)
@@ -392,7 +365,7 @@ def section_tiny(report: Report, digits: Digits, args) -> None:
                 os.environ["LANDSCAPE_CACHE"] = saved_cache
     if code != 0:
         raise RuntimeError(f"paper_repro.main returned {code}")
-    report(f"  {clock.row()}")
+    report(f"  {row(clock)}")
     report(f"  ClipLoss objects {counts['ClipLoss']}, program sets {counts['program sets']}")
 
 
