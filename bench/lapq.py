@@ -187,17 +187,6 @@ def reusable(payload: dict, ident: dict, setting: dict, seeds: list[int]) -> dic
     return None
 
 
-def comparison(entry: dict) -> lq.MethodComparison:
-    """The ``MethodComparison`` a stored ``to_dict()`` came from (None → NaN)."""
-    def arrays(d):
-        return {k: np.asarray([np.nan if v is None else v for v in a], np.float64) for k, a in d.items()}
-
-    return lq.MethodComparison(tuple(entry["rows"]), tuple(entry["seeds"]), arrays(entry["calib_loss"]),
-                               arrays(entry["test_acc"]), arrays(entry["n_evals"]), arrays(entry["seconds"]),
-                               np.asarray(entry["p_star"], np.float64), list(entry["p_rule"]),
-                               dict(entry["setting"]))
-
-
 def merge(parts: list[dict]) -> dict:
     """One ``to_dict()`` from those of single-seed ``compare_methods`` runs of one setting (a seed's
     numbers do not depend on the other seeds: each has its own calibration sample and loss)."""
@@ -243,7 +232,7 @@ def table(args):
         if entry is not None:
             print(f"== W{w_bits}A{a_bits}: done in {json_path} under the same configuration; not recomputed",
                   flush=True)
-            result = comparison(entry)
+            result = lq.MethodComparison.from_dict(entry)
             software_of = entry.get("software", old.get("software"))
         else:
             print(f"== W{w_bits}A{a_bits}: {loss}", flush=True)
@@ -253,7 +242,7 @@ def table(args):
                 if key in progress.steps:
                     print(f"seed {seed}: finished by an earlier run ({progress.path})", flush=True)
                 parts.append(progress.get(key, functools.partial(one_seed, loss, data, seed, args, software)))
-            result = comparison(merge([p["result"] for p in parts]))
+            result = lq.MethodComparison.from_dict(merge([p["result"] for p in parts]))
             softwares = [p["software"] for p in parts]
             software_of = softwares[0] if all(s == softwares[0] for s in softwares) else softwares
         checks = claims(result)
@@ -269,7 +258,8 @@ def render(payload: dict, args) -> str:
     sections = []
     for entry in payload["settings"]:
         s = entry["setting"]
-        sections.append(f"## W{s['w_bits']}A{s['a_bits']}\n\n{comparison(entry).to_markdown()}\n\n" + "\n".join(
+        table_md = lq.MethodComparison.from_dict(entry).to_markdown()
+        sections.append(f"## W{s['w_bits']}A{s['a_bits']}\n\n{table_md}\n\n" + "\n".join(
             f"- [{'x' if c['holds'] else ' '}] {c['claim']}" for c in entry["claims"]))
     earlier = [(f"W{e['setting']['w_bits']}A{e['setting']['a_bits']}", e["software"]) for e in payload["settings"]
                if e.get("software", payload["software"]) != payload["software"]]

@@ -667,6 +667,16 @@ class MethodComparison:
                     seconds=clean(self.seconds), p_star=[float(p) for p in self.p_star],
                     p_rule=list(self.p_rule), setting=dict(self.setting))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> MethodComparison:
+        """The inverse of :meth:`to_dict` (None → NaN): a stored table read back, e.g. to resume."""
+        def arrays(part):
+            return {k: np.asarray([np.nan if v is None else v for v in a], np.float64) for k, a in part.items()}
+
+        return cls(tuple(d["rows"]), tuple(d["seeds"]), arrays(d["calib_loss"]), arrays(d["test_acc"]),
+                   arrays(d["n_evals"]), arrays(d["seconds"]), np.asarray(d["p_star"], np.float64),
+                   list(d["p_rule"]), dict(d["setting"]))
+
     def __str__(self) -> str:
         return self.to_markdown()
 

@@ -69,7 +69,8 @@ def test_lapq_committed_tables_read_back_and_render_as_before(name, bits):
     instead of population std: the ± figures) and the --calib-size flag added to the command line."""
     payload = _committed(name)
     for entry in payload["settings"]:
-        assert bench_lapq.comparison(entry).to_dict() == {k: v for k, v in entry.items() if k != "claims"}
+        stored = {k: v for k, v in entry.items() if k != "claims"}
+        assert bench_lapq.lq.MethodComparison.from_dict(entry).to_dict() == stored
     args = argparse.Namespace(bits=[bits], seeds=3, maxiter=1, p_points=5, calib_size=512, out=name,
                               network="results/networks/cifarresnet-8888f8fd66902a057f7b")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import types
 
@@ -219,7 +220,7 @@ def test_images_in_another_layout_are_named_by_apply(tiny_net, digits, tmp_path)
     assert qnet.input_shape == (8, 8, 1)
     x = digits.test.x[:16]
     for bad in (x.reshape(16, -1), x[..., 0], x.transpose(0, 3, 1, 2)):
-        shape = str(bad.shape).replace("(", r"\(").replace(")", r"\)")
+        shape = re.escape(str(bad.shape))
         with pytest.raises(ValueError, match=rf"images x have shape {shape}; this network takes "
                                              rf"\(N, 8, 8, 1\) \(NHWC\)"):
             qnet.apply(bad)

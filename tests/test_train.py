@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -250,7 +251,7 @@ def test_network_records_its_input_shape_and_names_other_images(digits, tiny_net
     assert tiny_net.input_shape == (8, 8, 1)
     x = digits.test.x[:8]
     for bad in (x.reshape(8, -1), x[..., 0], x.transpose(0, 3, 1, 2)):
-        shape = str(bad.shape).replace("(", r"\(").replace(")", r"\)")
+        shape = re.escape(str(bad.shape))
         with pytest.raises(ValueError, match=rf"images x have shape {shape}; this network takes \(N, 8, 8, 1\) "
                                              r"\(NHWC\)"):
             tiny_net.apply(bad)
