@@ -32,8 +32,8 @@ import mnist_resnet20  # first: puts the repository on sys.path for the imports 
 from mnist_resnet20 import Progress
 
 import landscape as ls
-from figures.common import weights_fingerprint
 from landscape import atomic
+from landscape.train import weights_fingerprint
 
 LAPQ_OPTIONS = dict(method="batched", maxiter=1, p_grid=[2.0, 2.5, 3.0, 3.5, 4.0], bias_correction=False)
 CALIB_SIZE = 512  # mnist_resnet20.load's calibration sample (seed 0)

@@ -17,8 +17,9 @@ Table (--table): ``landscape.lapq.compare_methods`` for resnet20 on MNIST at eac
 results/lapq_mnist.md and results/lapq_mnist.json, with the paper's claims checked
 against thresholds fixed below. A rerun resumes: a setting already in the JSON under the same
 configuration (network weights, data, bit widths, seeds, maxiter, p grid, calibration size, bias
-correction, rows) is taken from there, and the finished seeds of an unfinished setting from
-results/<--out>.progress.json (written atomically after each seed, removed at the end).
+correction, rows) is taken from there, and the finished rows of an unfinished setting from
+results/<--out>.W<w>A<a>.progress.json (``compare_methods``' store, written atomically after each
+row, removed once the setting is in the JSON).
 
     python bench/lapq.py --table --bits 3,3 2,4 --seeds 3
 """
@@ -26,7 +27,6 @@ results/<--out>.progress.json (written atomically after each seed, removed at th
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import os
@@ -37,11 +37,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mnist_resnet20 import Progress  # noqa: E402
-
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
-from figures.common import weights_fingerprint  # noqa: E402
+from landscape.train import weights_fingerprint  # noqa: E402
 
 lq = importlib.import_module("landscape.lapq")  # the module: ls.lapq is the function
 
@@ -187,24 +185,6 @@ def reusable(payload: dict, ident: dict, setting: dict, seeds: list[int]) -> dic
     return None
 
 
-def merge(parts: list[dict]) -> dict:
-    """One ``to_dict()`` from those of single-seed ``compare_methods`` runs of one setting (a seed's
-    numbers do not depend on the other seeds: each has its own calibration sample and loss)."""
-    first = parts[0]
-    out = dict(rows=first["rows"], seeds=[s for p in parts for s in p["seeds"]])
-    for field in ("calib_loss", "test_acc", "n_evals", "seconds"):
-        out[field] = {r: [v for p in parts for v in p[field][r]] for r in first["rows"]}
-    out.update(p_star=[v for p in parts for v in p["p_star"]], p_rule=[v for p in parts for v in p["p_rule"]],
-               setting=first["setting"])
-    return out
-
-
-def one_seed(loss, data, seed, args, software) -> dict:
-    res = lq.compare_methods(loss, data, seeds=[seed], maxiter=args.maxiter, p_grid=p_grid(args),
-                             progress=lambda line: print(line, flush=True))
-    return dict(result=res.to_dict(), software=software)
-
-
 def table(args):
     data, source = load_data(args.data_dir, args.calib_size)
     if source != "MNIST":
@@ -216,8 +196,6 @@ def table(args):
     software = ls.runtime.software()
     payload = dict(data="mnist", model="resnet20", fp32_test_acc=net.accuracy(data.test), software=software,
                    settings=[], **ident)
-    # Seeds of a setting not finished yet, kept until the end: a setting is hours on MNIST.
-    progress = Progress(os.path.join(RESULTS, f"{args.out}.progress.json"), ident)
     seeds = list(range(args.seeds))
     wanted = {tuple(int(b) for b in spec.split(",")) for spec in args.bits}
     dropped = [f"W{e['setting']['w_bits']}A{e['setting']['a_bits']}" for e in old.get("settings", [])
@@ -236,21 +214,17 @@ def table(args):
             software_of = entry.get("software", old.get("software"))
         else:
             print(f"== W{w_bits}A{a_bits}: {loss}", flush=True)
-            parts = []
-            for seed in seeds:
-                key = json.dumps(dict(setting, seed=seed), sort_keys=True)
-                if key in progress.steps:
-                    print(f"seed {seed}: finished by an earlier run ({progress.path})", flush=True)
-                parts.append(progress.get(key, functools.partial(one_seed, loss, data, seed, args, software)))
-            result = lq.MethodComparison.from_dict(merge([p["result"] for p in parts]))
-            softwares = [p["software"] for p in parts]
-            software_of = softwares[0] if all(s == softwares[0] for s in softwares) else softwares
+            store = os.path.join(RESULTS, f"{args.out}.W{w_bits}A{a_bits}.progress.json")
+            result = lq.compare_methods(loss, data, seeds=seeds, maxiter=args.maxiter, p_grid=p_grid(args),
+                                        progress=lambda line: print(line, flush=True), store=store)
+            software_of = software
         checks = claims(result)
         print(result, flush=True)
         claimed = [dict(claim=text, holds=bool(ok)) for text, ok in checks]
         payload["settings"].append(dict(result.to_dict(), claims=claimed, software=software_of))
         write(payload, args)  # after every setting, so a long run leaves a partial file
-    progress.finish()
+        if entry is None and os.path.exists(store):
+            os.remove(store)  # the setting's rows are in the JSON now
 
 
 def render(payload: dict, args) -> str:

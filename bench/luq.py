@@ -32,6 +32,8 @@ initialisation and at the seed-0 LUQ+SMP(2) network. Unbiased quantizers fall as
 Claims are checked against thresholds fixed below, before the run. Results go to
 ``results/luq.json`` (one record per run; a rerun resumes, and ``fit`` caches trained networks
 under ``$LANDSCAPE_CACHE``) and ``results/luq.md``, both written atomically after every run. A
+run record is reused only under the configuration ``fit`` trains it under
+(``landscape.train.training_config``: widths, data, epochs, recipe, seed, jax build, XLA flags). A
 gradient-bias record is reused only when it was computed under the same configuration (the
 fingerprint of the network's weights — other training settings give another trained network —,
 the batch, the recipe, S, the draws and the seed); otherwise it is recomputed.
@@ -57,8 +59,8 @@ import numpy as np  # noqa: E402
 
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
-from figures.common import weights_fingerprint  # noqa: E402
 from landscape import layers, luq  # noqa: E402
+from landscape.train import weights_fingerprint  # noqa: E402
 
 VARIANTS = [
     ("FP32", dict(mode="fp32", finetune_epochs=0)),
@@ -162,9 +164,16 @@ def training_runs(name, data, epochs, seeds, store, save):
             run_id = f"{name}/{label}/seed{seed}"
             recipe = luq.Recipe(**kw)
             needed = label == "LUQ+SMP(2)" and seed == seeds[0]
-            old = store["runs"].get(run_id, {})
-            if old.get("epochs", epochs) != epochs or old.get("recipe", recipe.key()) != recipe.key():
-                del store["runs"][run_id]  # a record of another training length or recipe is not this run's
+            # The record is this run's only if trained under the same configuration: epochs and
+            # recipe, but also the widths, the data, the seed, the jax build and XLA flags.
+            training_key = ls.train.config_key(ls.train.training_config(model, data, epochs=epochs, seed=seed,
+                                                                        recipe=recipe))
+            if store["runs"].get(run_id, {}).get("training_key", training_key) != training_key:
+                print(f"  {run_id}: stored record trained under another configuration; recomputed", flush=True)
+                del store["runs"][run_id]
+            elif run_id in store["runs"] and "training_key" not in store["runs"][run_id]:
+                print(f"  {run_id}: stored record without its training configuration; recomputed", flush=True)
+                del store["runs"][run_id]
             diagnostics = {"batch_stats_acc": lambda net: batch_stats_accuracy(net, data.test),
                            "bn_reestimated_acc": lambda net, seed=seed: reestimated_accuracy(net, data, seed)}
             done = run_id in store["runs"] and all(k in store["runs"][run_id] for k in diagnostics)
@@ -183,7 +192,7 @@ def training_runs(name, data, epochs, seeds, store, save):
             last = net.history[-1]
             main = [h for h in net.history if h["phase"] == "train"][-1]
             store["runs"][run_id] = {
-                "dataset": name, "variant": label, "seed": seed, "recipe": recipe.key(),
+                "dataset": name, "variant": label, "seed": seed, "recipe": recipe.key(), "training_key": training_key,
                 "test_acc": net.accuracy(data.test), "train_loss": last["train_loss"],
                 "main_test_acc": main["test_acc"], "train_seconds": net.config["seconds"],
                 "epochs": epochs, "finetune_epochs": recipe.finetune_epochs,

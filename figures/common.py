@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from landscape.atomic import write_atomic
+from landscape.train import weights_fingerprint
 
 # --------------------------------------------------------------------------- presets
 
@@ -178,18 +179,6 @@ def code_fingerprint() -> str:
     for package in CODE_PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def weights_fingerprint(variables) -> str:
-    """SHA-256 (16 hex digits) of a network's variables (leaf paths, dtypes, shapes, bytes): the
-    same training key can give other weights on another CPU model (see the README)."""
-    import jax
-
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        a = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode() + a.tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -53,13 +53,14 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.optimize
 
-from landscape import checks, quantizers
+from landscape import atomic, checks, quantizers, runtime, train
 from landscape.data import Dataset, Split
 
 logger = logging.getLogger(__name__)
@@ -701,7 +702,8 @@ def _pm(values, digits: int) -> str:
 
 def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] = ALL_ROWS,
                     p_grid=DEFAULT_P_GRID, maxiter: int = 2, bias_correction: bool = True,
-                    progress: Callable[[str], None] | None = None) -> MethodComparison:
+                    progress: Callable[[str], None] | None = None,
+                    store: str | os.PathLike | None = None) -> MethodComparison:
     """Every method of the LAPQ comparison on fresh calibration samples.
 
     For each seed, the calibration set is ``data.with_calib(loss.n_calib, seed).calib``
@@ -716,6 +718,12 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
       rows: which rows of ``ALL_ROWS`` to compute (default all).
       p_grid, maxiter: as in :func:`lapq`.
       progress: optional ``print``-like function for one line per finished row.
+      store: optional JSON file of finished rows, rewritten atomically after each one. A
+        rerun under the same configuration (``setting``, network weights, data) takes the
+        rows it holds instead of recomputing them, so an interrupted comparison (hours at
+        W4A4 on MNIST) resumes at the row it was in; a store of another configuration
+        (network weights, data, jax build and XLA flags included) is started afresh. The
+        caller removes it once the table is kept elsewhere.
     Returns:
       a :class:`MethodComparison` (``str()`` is a markdown table of mean ± std).
     """
@@ -742,43 +750,94 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     maxiter = _check_maxiter(maxiter)
     rows = tuple(r for r in ALL_ROWS if r in rows)
     say = progress or (lambda _: None)
+    setting = dict(network=repr(loss), w_bits=loss.options.get("w_bits"), a_bits=loss.options.get("a_bits"),
+                   calib_size=int(loss.n_calib), bias_correction=bool(bias_correction), maxiter=maxiter,
+                   p_grid=[float(p) for p in grid])
+    done = _RowStore(store, setting, loss, data, say)
     out = {k: {r: [] for r in rows} for k in ("calib_loss", "test_acc", "n_evals", "seconds")}
     p_star, p_rule = [], []
 
-    def put(row, value, acc, evals=math.nan, seconds=math.nan):
-        for key, v in zip(out, (value, acc, evals, seconds), strict=True):
-            out[key][row].append(float(v))
-        say(f"  {row}: loss {value:.4f}, test accuracy {100 * acc:.2f}%")
+    def put(seed, row, compute):
+        record, resumed = done.get(f"{seed}/{row}", compute)
+        for key, v in zip(out, record, strict=True):
+            out[key][row].append(math.nan if v is None else float(v))
+        say(f"  {row}: loss {out['calib_loss'][row][-1]:.4f}, test accuracy {100 * out['test_acc'][row][-1]:.2f}%"
+            + (" (stored by an earlier run)" if resumed else ""))
 
-    for seed in seeds:
+    def evaluate(seed_loss, alpha, evals=math.nan, seconds=math.nan):
+        return [float(seed_loss(alpha)), seed_loss.accuracy(alpha, data.test), evals, seconds]
+
+    def run_seed(seed):
         say(f"seed {seed}")
         calib = data.with_calib(loss.n_calib, int(seed)).calib
         seed_loss = loss.with_options(calib=calib, bias_correction=bias_correction)
         if "FP32" in rows:
             fp32 = seed_loss.with_options(w_bits=None, a_bits=None)
-            none = np.zeros(0, np.float32)
-            put("FP32", float(fp32(none)), fp32.accuracy(none, data.test))
+            put(seed, "FP32", lambda: evaluate(fp32, np.zeros(0, np.float32)))
         for row, rule in RULE_ROWS:
             if row in rows:
-                alpha = seed_loss.init(rule)
-                put(row, float(seed_loss(alpha)), seed_loss.accuracy(alpha, data.test))
-        start, selection, _ = lp_start(seed_loss, grid)
-        p_star.append(selection.p_star)
-        p_rule.append(selection.rule)
+                put(seed, row, lambda rule=rule: evaluate(seed_loss, seed_loss.init(rule)))
+        start = []  # α_{p*}, computed at most once per seed and only when a row still needs it
+
+        def start_alpha(selection_only=False):
+            if not start:
+                alpha, selection, _ = lp_start(seed_loss, grid)
+                start.append((alpha, [float(selection.p_star), selection.rule]))
+            return start[0][1] if selection_only else start[0][0]
+
+        (p, rule), _ = done.get(f"{seed}/p*", lambda: start_alpha(selection_only=True))
+        p_star.append(p)
+        p_rule.append(rule)
         if "Lp(p*)" in rows:
-            put("Lp(p*)", float(seed_loss(start)), seed_loss.accuracy(start, data.test))
+            put(seed, "Lp(p*)", lambda: evaluate(seed_loss, start_alpha()))
         for row, method in OPTIMIZER_ROWS:
             if row in rows:
-                res = lapq(seed_loss, method=method, maxiter=maxiter, bias_correction=bias_correction,
-                           init=start, on_interrupt="raise")
-                put(row, res.loss, seed_loss.accuracy(res.alpha, data.test), res.n_evals, res.seconds)
+                def optimise(method=method):
+                    res = lapq(seed_loss, method=method, maxiter=maxiter, bias_correction=bias_correction,
+                               init=start_alpha(), on_interrupt="raise")
+                    return [res.loss, seed_loss.accuracy(res.alpha, data.test), res.n_evals, res.seconds]
 
-    setting = dict(network=repr(loss), w_bits=loss.options.get("w_bits"), a_bits=loss.options.get("a_bits"),
-                   calib_size=int(loss.n_calib), bias_correction=bool(bias_correction), maxiter=maxiter,
-                   p_grid=[float(p) for p in grid])
+                put(seed, row, optimise)
+
+    for seed in seeds:
+        run_seed(seed)
+
     arrays = {k: {r: np.asarray(v, np.float64) for r, v in d.items()} for k, d in out.items()}
     return MethodComparison(rows, tuple(int(s) for s in seeds), arrays["calib_loss"], arrays["test_acc"],
                             arrays["n_evals"], arrays["seconds"], np.asarray(p_star), p_rule, setting)
+
+
+class _RowStore:
+    """The finished rows of a :func:`compare_methods` run, by "seed/row", in a JSON file
+    rewritten atomically after each one (no file: nothing is kept). Keyed by the comparison's
+    ``setting``, fingerprints of the network's weights and of the data, and the numerics (jax
+    build, backend, XLA flags), so that a store left by another configuration is never read
+    as this one's and one table never mixes rows of two builds."""
+
+    def __init__(self, path, setting: dict, loss, data, say):
+        self.path, self.records = path, {}
+        if path is None:
+            return
+        self.path = os.fspath(path)
+        self.config = dict(setting, network_sha256=train.weights_fingerprint(loss.net.variables),
+                           data_fingerprint=data.fingerprint(), numerics=train.numerics())
+        self.config = json.loads(json.dumps(self.config))  # tuples → lists, as read back
+        saved = runtime.read_json(self.path, {})
+        if saved.get("config") == self.config:
+            self.records = saved["records"]
+            say(f"resuming: {len(self.records)} finished results in {self.path}")
+        elif saved:
+            say(f"{self.path} holds another configuration's results; starting afresh")
+
+    def get(self, key: str, compute) -> tuple[list, bool]:
+        """(the record under ``key``, whether it was stored before), computing and storing it if new."""
+        if key in self.records:
+            return self.records[key], True
+        record = [None if isinstance(v, float) and not math.isfinite(v) else v for v in compute()]
+        if self.path is not None:
+            self.records[key] = record
+            atomic.write_atomic(self.path, json.dumps({"config": self.config, "records": self.records}) + "\n")
+        return record, False
 
 
 # --------------------------------------------------------------------------- CLI
@@ -844,7 +903,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
     parser.add_argument("--no-bias-correction", action="store_true")
     parser.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=ALL_ROWS, metavar="ROW",
                         help=f"subset of {ALL_ROWS}")
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument("--json", default=None,
+                        help="also write the table as JSON here; finished rows are kept in <stem>.progress.json "
+                             "beside it as they finish, so a rerun with the same options resumes there")
     args = parser.parse_args(argv)
     landscape.enable_compilation_cache()
 
@@ -861,15 +922,25 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
     loss = landscape.ClipLoss(net, data.calib, w_bits=args.w_bits, a_bits=args.a_bits,
                               bias_correction=bias_correction)
     print(loss, flush=True)
+    store = None if args.json is None else progress_path(args.json)
     table = compare_methods(loss, data, seeds=range(args.seeds), rows=args.rows,
                             p_grid=np.linspace(2.0, 4.0, args.p_points), maxiter=args.maxiter,
-                            bias_correction=bias_correction, progress=lambda s: print(s, flush=True))
+                            bias_correction=bias_correction, progress=lambda s: print(s, flush=True), store=store)
     print()
     print(table)
     if args.json:
         payload = dict(table.to_dict(), software=landscape.runtime.software())
         landscape.atomic.write_atomic(args.json, json.dumps(payload, indent=1))
+        if os.path.exists(store):
+            os.remove(store)  # the table is kept; its rows are in the JSON now
     return table
+
+
+def progress_path(json_path: str) -> str:
+    """Where the command line keeps the finished rows of a ``--json`` run until it ends:
+    ``out.json`` → ``out.progress.json``."""
+    stem = json_path[:-5] if json_path.endswith(".json") else json_path
+    return f"{stem}.progress.json"
 
 
 if __name__ == "__main__":

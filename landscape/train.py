@@ -227,6 +227,17 @@ def numerics() -> str:
     return f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, {backend}, XLA_FLAGS={' '.join(flags)!r}"
 
 
+def weights_fingerprint(variables) -> str:
+    """SHA-256 (16 hex digits) of a network's variables (leaf paths, dtypes, shapes, bytes): what
+    stored results computed from a network are keyed by, since the same training key can give
+    other weights on another CPU model (see the README)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode() + a.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -279,18 +290,13 @@ def _cross_entropy(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
-        lr: float | None = None, batch_size: int | None = None, weight_decay: float | None = None,
-        seed: int = 0, recipe: Recipe | None = None, cache: bool = True, progress: bool | None = None,
-        ) -> Network:
-    """Train ``model`` on ``data.train`` and return a :class:`Network`.
-
-    Every argument but ``model`` and ``data`` has a per-dataset default (``DEFAULTS``), which
-    ``MODEL_DEFAULTS`` changes for some architectures (the ViT trains at lr 0.1).
-    Same seed, same result on CPU. With ``cache`` the trained variables are stored under
-    ``$LANDSCAPE_CACHE/networks/<hash of the configuration>`` and reused.
-    ``progress=None`` shows a bar unless ``$LANDSCAPE_PROGRESS=0``.
-    """
+def training_config(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
+                    lr: float | None = None, batch_size: int | None = None, weight_decay: float | None = None,
+                    seed: int = 0, recipe: Recipe | None = None) -> dict:
+    """The configuration :func:`fit` trains, caches and records under (``net.config`` less its
+    timings), with the defaults filled in and checked, computed without training: results
+    stored from a network can be keyed by ``config_key(training_config(...))`` and recognised
+    before the network is loaded or retrained."""
     checks.check_module(model, "fit")
     if not isinstance(data, data_lib.Dataset):
         raise ValueError(f"data must be a landscape.data.Dataset (from landscape.data.load), got "
@@ -309,12 +315,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     weight_decay = checks.check_positive(weight_decay, "weight_decay", allow_zero=True)
     seed = checks.check_int(seed, "seed", minimum=0)
     batch_size = min(batch_size, len(data.train))
-    cache = checks.check_flag(cache, "cache")
-    if progress is None:
-        progress = os.environ.get("LANDSCAPE_PROGRESS", "1") != "0"
-    progress = checks.check_flag(progress, "progress")
-
-    config = {
+    return {
         "format": FORMAT_VERSION, "model": repr(model), "data": data.name,
         "data_fingerprint": data.fingerprint(), "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
@@ -326,6 +327,29 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         # reduction order): a checkpoint trained under other numerics is not this run's network.
         "numerics": numerics(),
     }
+
+
+def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
+        lr: float | None = None, batch_size: int | None = None, weight_decay: float | None = None,
+        seed: int = 0, recipe: Recipe | None = None, cache: bool = True, progress: bool | None = None,
+        ) -> Network:
+    """Train ``model`` on ``data.train`` and return a :class:`Network`.
+
+    Every argument but ``model`` and ``data`` has a per-dataset default (``DEFAULTS``), which
+    ``MODEL_DEFAULTS`` changes for some architectures (the ViT trains at lr 0.1).
+    Same seed, same result on CPU. With ``cache`` the trained variables are stored under
+    ``$LANDSCAPE_CACHE/networks/<hash of the configuration>`` and reused.
+    ``progress=None`` shows a bar unless ``$LANDSCAPE_PROGRESS=0``.
+    """
+    config = training_config(model, data, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                             seed=seed, recipe=recipe)
+    recipe = recipe or Recipe()
+    epochs, lr, batch_size, weight_decay, seed = (config[k] for k in ("epochs", "lr", "batch_size", "weight_decay",
+                                                                      "seed"))
+    cache = checks.check_flag(cache, "cache")
+    if progress is None:
+        progress = os.environ.get("LANDSCAPE_PROGRESS", "1") != "0"
+    progress = checks.check_flag(progress, "progress")
     path = os.path.join(data_lib.cache_dir(), "networks",
                         f"{type(model).__name__.lower()}-{config_key(config)}")
     if cache and os.path.exists(path + ".msgpack") and os.path.exists(path + ".json"):

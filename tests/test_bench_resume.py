@@ -33,6 +33,41 @@ bench_luq, bench_lapq, bench_eq = _script("luq"), _script("lapq"), _script("equa
 Progress = bench_eq.Progress  # bench/mnist_resnet20.py's store of finished steps
 
 
+# --------------------------------------------------------------------------- luq: training-run records
+
+
+def test_luq_training_record_is_reused_only_under_its_training_configuration(monkeypatch):
+    """A stored run is kept only under fit's configuration (here the widths differ, which the old
+    epochs-and-recipe check missed); a record without one is retrained; a current one is not."""
+    data = ls.data.load("digits", calib_size=64, seed=0)
+    monkeypatch.setattr(bench_luq, "VARIANTS", [("FP32", dict(mode="fp32", finetune_epochs=0))])
+    monkeypatch.setattr(bench_luq, "WIDTHS", (4, 8))
+    fits = []
+    real_fit = ls.train.fit
+    monkeypatch.setattr(ls.train, "fit", lambda *a, **k: fits.append(k) or real_fit(*a, progress=False, **k))
+    store = {"runs": {}}
+    bench_luq.training_runs("digits", data, 1, [0], store, save=lambda: None)
+    record = store["runs"]["digits/FP32/seed0"]
+    model = models.create("cnn", num_classes=10, widths=(4, 8))
+    recipe = luq.Recipe(mode="fp32", finetune_epochs=0)
+    assert record["training_key"] == ls.train.config_key(ls.train.training_config(model, data, epochs=1,
+                                                                                  recipe=recipe))
+    assert len(fits) == 1
+
+    bench_luq.training_runs("digits", data, 1, [0], store, save=lambda: None)
+    assert len(fits) == 1 and store["runs"]["digits/FP32/seed0"] is record  # current: kept, not refit
+
+    other = models.create("cnn", num_classes=10, widths=(8, 16))  # same epochs and recipe, other widths
+    store["runs"]["digits/FP32/seed0"] = dict(record, training_key=ls.train.config_key(
+        ls.train.training_config(other, data, epochs=1, recipe=recipe)), test_acc=-1.0)
+    bench_luq.training_runs("digits", data, 1, [0], store, save=lambda: None)
+    assert len(fits) == 2 and store["runs"]["digits/FP32/seed0"]["test_acc"] == record["test_acc"]
+
+    del store["runs"]["digits/FP32/seed0"]["training_key"]  # written before the key was recorded
+    bench_luq.training_runs("digits", data, 1, [0], store, save=lambda: None)
+    assert len(fits) == 3 and "training_key" in store["runs"]["digits/FP32/seed0"]
+
+
 # --------------------------------------------------------------------------- luq: gradient-bias records
 
 
@@ -94,18 +129,6 @@ def test_lapq_table_reuses_a_setting_only_under_the_same_configuration():
     assert bench_lapq.reusable(payload, ident, setting, [0, 1]) is None
     assert bench_lapq.reusable(_committed("lapq_mnist"), ident, setting, seeds) is None  # no identity recorded
     assert bench_lapq.reusable({}, ident, setting, seeds) is None
-
-
-def test_lapq_single_seed_results_merge_into_the_multi_seed_table():
-    whole = _committed("lapq_mnist")["settings"][0]
-    parts = []
-    for i, seed in enumerate(whole["seeds"]):
-        part = {k: whole[k] for k in ("rows", "setting")}
-        part["seeds"], part["p_star"], part["p_rule"] = [seed], [whole["p_star"][i]], [whole["p_rule"][i]]
-        for field in ("calib_loss", "test_acc", "n_evals", "seconds"):
-            part[field] = {r: [whole[field][r][i]] for r in whole["rows"]}
-        parts.append(part)
-    assert bench_lapq.merge(parts) == {k: v for k, v in whole.items() if k != "claims"}
 
 
 @pytest.fixture(scope="module")

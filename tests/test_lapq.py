@@ -312,6 +312,57 @@ def test_cli_prints_the_method_table(capsys, digits_net, tmp_path):
     assert " ± " in str(table) and table.to_dict()["setting"]["w_bits"] == 2
     saved = json.loads((tmp_path / "table.json").read_text())
     assert saved["setting"] == table.to_dict()["setting"] and saved["software"]["jax"] == jax.__version__
+    assert not (tmp_path / "table.progress.json").exists()  # the rows' store goes once the table is written
+
+
+def test_compare_methods_resumes_from_its_store(tiny_loss, digits, tmp_path, monkeypatch):
+    """A comparison interrupted in its last row keeps every finished row in the store; the rerun
+    computes only that row (one joint optimisation, one Lp sweep) and gives the uninterrupted table."""
+    options = dict(seeds=[0, 1], rows=("FP32", "MSE", "Lp(p*)", "batched"), p_grid=[2.0, 3.0, 4.0], maxiter=1)
+    store = tmp_path / "rows.json"
+    batched, sweep = lq._batched, lq.lp_start
+    calls = {"batched": 0, "lp_start": 0}
+
+    def counted(name, fn, fail_at=None):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            if calls[name] == fail_at:
+                raise KeyboardInterrupt
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(lq, "_batched", counted("batched", batched, fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        lq.compare_methods(tiny_loss, digits, store=store, **options)
+    kept = json.loads(store.read_text())["records"]
+    assert sorted(kept) == ["0/FP32", "0/Lp(p*)", "0/MSE", "0/batched", "0/p*", "1/FP32", "1/Lp(p*)", "1/MSE",
+                            "1/p*"]
+    assert kept["0/MSE"][2] is None and kept["0/batched"][2] > 0  # NaN evaluations stored as null
+
+    lines = []
+    calls.update(batched=0, lp_start=0)
+    monkeypatch.setattr(lq, "_batched", counted("batched", batched))
+    monkeypatch.setattr(lq, "lp_start", counted("lp_start", sweep))
+    resumed = lq.compare_methods(tiny_loss, digits, store=store, progress=lines.append, **options)
+    assert calls == {"batched": 1, "lp_start": 1}
+    assert lines[0] == f"resuming: 9 finished results in {store}"
+    assert sum("(stored by an earlier run)" in line for line in lines) == 7
+    monkeypatch.setattr(lq, "lp_start", sweep)
+    monkeypatch.setattr(lq, "_batched", batched)
+    fresh = lq.compare_methods(tiny_loss, digits, **options)
+    for field in ("calib_loss", "test_acc", "n_evals"):
+        for row in options["rows"]:
+            np.testing.assert_array_equal(getattr(resumed, field)[row], getattr(fresh, field)[row])
+    np.testing.assert_array_equal(resumed.p_star, fresh.p_star)
+    assert resumed.p_rule == fresh.p_rule and resumed.setting == fresh.setting
+
+    lines.clear()  # another configuration (maxiter) does not read this store's rows
+    other = lq.compare_methods(tiny_loss, digits, store=store, progress=lines.append, **{**options, "maxiter": 2,
+                                                                                     "seeds": [0], "rows": ["MSE"]})
+    assert lines[0] == f"{store} holds another configuration's results; starting afresh"
+    assert sorted(json.loads(store.read_text())["records"]) == ["0/MSE", "0/p*"]
+    assert other.calib_loss["MSE"][0] == fresh.calib_loss["MSE"][0]
 
 
 def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
