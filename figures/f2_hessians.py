@@ -42,15 +42,20 @@ def compute(ctx) -> dict:
 
 
 def coupling_by_distance(H) -> tuple[float, float]:
-    """Mean |H_ij|/√(|H_ii H_jj|) over adjacent pairs (|i−j| = 1) and distant pairs (|i−j| ≥ n/2)."""
-    H = np.asarray(H, float)
-    n = len(H)
-    d = np.sqrt(np.abs(np.diag(H)))
-    C = np.abs(H) / np.maximum(np.outer(d, d), 1e-30)
+    """Mean |H_ij|/√(|H_ii H_jj|) over adjacent pairs (|i−j| = 1) and distant pairs (|i−j| ≥ n/2),
+    as ``separability(H).coupling``: pairs with a zero diagonal entry have no coupling and are left
+    out (NaN when none is left)."""
+    from landscape import separability
+
+    C = separability(np.asarray(H, float)).coupling
+    n = len(C)
     i, j = np.triu_indices(n, 1)
-    adjacent = C[i, j][(j - i) == 1]
-    distant = C[i, j][(j - i) >= max(2, n / 2)]
-    return float(adjacent.mean()), float(distant.mean()) if distant.size else float("nan")
+
+    def mean(values):
+        values = values[np.isfinite(values)]
+        return float(values.mean()) if values.size else float("nan")
+
+    return mean(C[i, j][(j - i) == 1]), mean(C[i, j][(j - i) >= max(2, n / 2)])
 
 
 def render(data, ctx):
@@ -87,7 +92,7 @@ def claims(data, ctx):
         return []
     adjacent, distant = coupling_by_distance(np.asarray(data["2"]["ste"], float))
     spec = C.spec("C6")
-    passed = np.isfinite(distant) and adjacent >= spec["min_ratio"] * distant
+    passed = np.isfinite(distant) and np.isfinite(adjacent) and adjacent >= spec["min_ratio"] * distant
     ours = f"adjacent {adjacent:.3f} vs distant {distant:.3f} (STE, A2)"
     fd_adj, fd_dist = coupling_by_distance(np.asarray(data["2"]["fd"], float))
     note = f"FD curvature: adjacent {fd_adj:.3f} vs distant {fd_dist:.3f}"

@@ -135,13 +135,17 @@ def claims(data, ctx):
     have = lambda *bs: all(str(b) in data for b in bs)  # noqa: E731
     if have(2, 4):
         t2, t4 = data["2"]["act_ste"]["trace"], data["4"]["act_ste"]["trace"]
-        ratio = t2 / t4 if t4 else float("inf")
-        fd = data["2"]["act_fd"]["trace"] / data["4"]["act_fd"]["trace"]
+        # A growth of curvature needs positive curvature at both widths: a ratio of two negative
+        # traces (or of anything over 0) says nothing about it, and fails.
+        ratio = t2 / t4 if t4 > 0 else float("nan")
+        fd2, fd4 = data["2"]["act_fd"]["trace"], data["4"]["act_fd"]["trace"]
+        fd = (f"FD (true-loss) trace ratio {fd2 / fd4:.1f}×" if fd2 > 0 and fd4 > 0
+              else f"FD (true-loss) traces {fd4:.3g} → {fd2:.3g}: not both positive, no ratio")
         out.append(C.make("C1", f"{ratio:.1f}× (trace {t4:.3g} → {t2:.3g})",
-                          ratio >= C.spec("C1")["min_ratio"], NAME,
-                          note=f"FD (true-loss) trace ratio {fd:.1f}×"))
+                          t2 > 0 and t4 > 0 and ratio >= C.spec("C1")["min_ratio"], NAME, note=fd))
         o2, o4 = data["2"]["act_ste"]["offdiag_ratio"], data["4"]["act_ste"]["offdiag_ratio"]
-        out.append(C.make("C2", f"{o4:.3f} → {o2:.3f}", o2 >= C.spec("C2")["min_ratio"] * o4, NAME,
+        # o4 > 0: two diagonal Hessians (0 → 0) show no growth of coupling
+        out.append(C.make("C2", f"{o4:.3f} → {o2:.3f}", o4 > 0 and o2 >= C.spec("C2")["min_ratio"] * o4, NAME,
                           note=f"FD: {data['4']['act_fd']['offdiag_ratio']:.3f} → "
                                f"{data['2']['act_fd']['offdiag_ratio']:.3f}"))
     if have(2, 8):

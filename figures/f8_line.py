@@ -67,4 +67,4 @@ PAPER = "Along the line 0.8·α* → 1.5·α* the loss is well fitted by a quadr
 
 
 def summary(data, ctx) -> str:
-    return f"Ours ({data['config']}): quadratic fit R² = {float(data['r2']):.3f} over 51 points."
+    return f"Ours ({data['config']}): quadratic fit R² = {float(data['r2']):.3f} over {len(data['scale'])} points."

@@ -24,6 +24,7 @@ registered globally, no display is needed (Agg-safe), and a figure is freed when
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -445,8 +446,11 @@ def spectral_density(spectra, *, ax=None, log: bool = True, mark_top: bool = Tru
     ax = _axes(ax, figsize=(5.0, 3.5))
     for k, (label, spec) in enumerate(items.items()):
         grid, values = (np.asarray(a, np.float64) for a in spec.density)
-        shown = np.maximum(values, floor * values.max()) if log else values
         name = label if label is not None else f"{spec.method}, n = {spec.dim}"
+        if not (np.all(np.isfinite(values)) and np.all(np.isfinite(grid))):
+            raise ValueError(f"spectrum {name!r} has a non-finite density (grid or values): "
+                             f"{int(np.sum(~np.isfinite(values)))} of {values.size} values")
+        shown = np.maximum(values, floor * values.max()) if log else values
         ax.plot(grid, shown, color=f"C{k % 10}", lw=1.2, label=str(name))
         if mark_top and len(spec.eigenvalues):
             ax.axvline(float(np.max(spec.eigenvalues)), color=f"C{k % 10}", lw=0.8, ls="--")
@@ -538,7 +542,8 @@ def bit_curves(bits: Sequence[int], metrics: Mapping, *, ncols: int | None = Non
         bits: (b,) bit widths, the shared x axis (e.g. ``[2, 3, 4, 6, 8]``).
         metrics: dict metric name → values, where values are either (b,) numbers (one curve) or a
             dict series label → (b,) numbers (several curves in the panel, e.g. one per method or
-            network). NaN entries leave gaps.
+            network). NaN entries leave gaps; values <= 0 in a ``logy`` panel are not drawn
+            either, with a warning naming them.
         ncols: panels per row (default: all in one row, at most 4).
         logy: names of the metrics whose panel has a log y axis.
         axes: a sequence of at least len(metrics) Axes to draw on (default: a new figure).
@@ -566,6 +571,10 @@ def bit_curves(bits: Sequence[int], metrics: Mapping, *, ncols: int | None = Non
             if v.shape != bits.shape:
                 where = f"metric {name!r}" + (f", series {label!r}" if label is not None else "")
                 raise ValueError(f"{where} has shape {v.shape}; bits has shape {bits.shape}")
+            if name in logy and np.any(v[np.isfinite(v)] <= 0):
+                where = f"metric {name!r}" + (f", series {label!r}" if label is not None else "")
+                warnings.warn(f"{where} has values <= 0 on a log axis, which are not drawn: "
+                              f"{[float(x) for x in v[np.isfinite(v) & (v <= 0)]]}", stacklevel=2)
             checked[label] = v
         panels[name] = checked  # keyed by the name itself: two names may print alike
     k = len(panels)

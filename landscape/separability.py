@@ -181,7 +181,9 @@ class SeparabilityIndex:
         gamma: mean over repeats of γ = mean_s g_s (0 in expectation iff L is additively separable).
         T: the repeats' T_r = √N γ_r / s_r (s_r the sample standard deviation of g, ddof=1)
             combined as Σ_r T_r / √k (Stouffer; the reference's T/√k over k repeats): a z-score
-            under separability, whatever the number of repeats.
+            whenever E[g] = 0 with g not identically 0 (approximately N(0, 1), whatever the number of
+            repeats). An exactly additive L makes every g_s vanish to rounding, and T is then 0
+            (s_r is floored at float32 rounding), not a draw from N(0, 1).
         gamma_normalized: gamma / L_max², L_max = max |L| over all evaluated points (scale-free).
         gammas, Ts: (n_repeats,) per-repeat values.
         g: (n_repeats, n_samples) the samples g_s.
@@ -380,23 +382,25 @@ def flat_fraction(z, tol: float) -> float:
     """Fraction of grid points whose loss is within ``tol`` of the grid minimum: mean(z ≤ min z + tol).
 
     Args:
-        z: (rows, cols) losses; +inf entries (e.g. α ≤ 0) count as not flat, NaN is an error.
+        z: (rows, cols) losses; +inf entries (e.g. α ≤ 0) count as not flat, NaN and -inf are errors.
         tol: absolute tolerance ≥ 0 (the LAPQ analysis uses 0.05 nats).
 
     Raises:
-        ValueError: bad shape, NaN entries, no finite entry, or a negative/non-finite tol.
+        ValueError: bad shape, NaN or -inf entries, no finite entry, or a negative/non-finite tol.
     """
     z = _grid(z, "z")
     if not (checks.is_real(tol) and math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if np.any(np.isnan(z)):
         raise ValueError("z contains NaN")
+    if np.any(z == -np.inf):  # it would be the minimum, and only itself within tol of it
+        raise ValueError(f"z contains {int(np.sum(z == -np.inf))} -inf entries; a loss grid must be > -inf")
     if not np.any(np.isfinite(z)):
         raise ValueError("z has no finite entry")
     return float(np.mean(z <= np.min(z) + tol))
 
 
-def gaussian_curvature(H2, g2) -> float:
+def gaussian_curvature(H2, g2, *, sym_tol: float = 1e-2) -> float:
     """Gaussian curvature K = det H / (1 + ‖∇L‖²)² of the loss surface over a two-site slice.
 
     For the graph of L over two coordinates, this is the classical surface formula. The LAPQ
@@ -405,14 +409,17 @@ def gaussian_curvature(H2, g2) -> float:
 
     Args:
         H2: (n, n) Hessian of L over the slice, g2: (n,) gradient there.
+        sym_tol: allowed max |H − Hᵀ| relative to max |H|, as in :func:`separability`; the
+            determinant is that of the symmetric part (H + Hᵀ)/2.
 
     Raises:
-        ValueError: shape mismatch or non-finite input.
+        ValueError: shape mismatch, non-finite input, or H not symmetric within ``sym_tol``.
     """
     H = np.asarray(H2, np.float64)
     g = np.asarray(g2, np.float64).reshape(-1)
     if H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] != g.size or g.size == 0:
         raise ValueError(f"need H (n, n) and g (n,) with the same n, got {H.shape} and {np.shape(g2)}")
-    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(g))):
-        raise ValueError("H and g must be finite")
+    if not np.all(np.isfinite(g)):
+        raise ValueError("g must be finite")
+    H, _ = _as_symmetric(H, sym_tol)
     return float(np.linalg.det(H) / (1.0 + g @ g) ** 2)

@@ -92,7 +92,7 @@ def loss_surface(loss, alpha, *, sites: Sequence = (0, 1), span=(0.5, 1.5), num:
         raise ValueError(f"sites={sites!r} must name exactly two sites, e.g. (0, 1) or two site names")
     i, j = (_site_index(loss, s) for s in sites)
     if i == j:
-        raise ValueError("the two sites must differ")
+        raise ValueError(f"sites={tuple(sites)!r} name site {i} twice; the two sites must differ")
     num = checks.check_int(num, "num", minimum=2)
     center = np.asarray(alpha, np.float64)
     if center.shape != (loss.n,) or not np.all(np.isfinite(center) & (center > 0)):
@@ -112,11 +112,13 @@ def loss_surface(loss, alpha, *, sites: Sequence = (0, 1), span=(0.5, 1.5), num:
     return Surface(xs, ys, z, (i, j), center)
 
 
-def loss_line(loss, start, direction, *, t=None, num: int = 51) -> Line:
+def loss_line(loss, start, direction, *, t=None, num: int = 71) -> Line:
     """Loss along ``start + t·direction`` (default t ∈ [−0.2, 0.5], ``num`` points).
 
     With ``direction = start`` this is the scaling line t ↦ (1 + t)·α used for the
-    quadratic-near-the-optimum check (lapq.md §3d: α*·[0.8, 1.5]).
+    quadratic-near-the-optimum check (lapq.md §3d: α*·[0.8, 1.5]). The default 71 points step
+    t by 0.01, so the grid holds t = 0, the start itself (51 points would step 0.014 and miss it);
+    any ``num`` with ``num − 1`` a multiple of 7 puts a point there (to rounding).
     """
     start = np.asarray(start, np.float64)
     direction = np.asarray(direction, np.float64)
@@ -216,7 +218,8 @@ def weight_surface(f: Callable, params, directions: Sequence, *, span=(-1.0, 1.0
                              f"against {structure}); pass a list of pytrees, e.g. [random_direction(params)]")
     checks.check_int(num, "num", minimum=2)
     checks.check_int(chunk, "chunk")
-    if len(span) != 2 or not all(np.isfinite(span)) or span[0] >= span[1]:
+    if (not isinstance(span, Sequence | np.ndarray) or len(span) != 2 or not all(checks.is_real(v) for v in span)
+            or not all(np.isfinite(span)) or span[0] >= span[1]):
         raise ValueError(f"span={span!r} must be (lo, hi) with finite lo < hi")
     coords = np.linspace(span[0], span[1], num)
     if len(directions) == 1:

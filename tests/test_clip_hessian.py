@@ -92,8 +92,13 @@ def test_loss_surface_and_line_on_quadratic():
     np.testing.assert_allclose(surf.z, expected, rtol=1e-5)
     line = loss_line(q, np.array([1.0, 1.0]), np.array([1.0, 1.0]), t=np.linspace(-0.2, 0.5, 8))
     np.testing.assert_allclose(line.values, 0.5 * A.sum() * line.t**2 + 1, rtol=1e-5)
+    default = loss_line(q, np.array([1.0, 1.0]), np.array([1.0, 1.0]))
+    assert default.t.size == 71 and 0.0 in default.t  # the start itself is on the default line
+    assert default.values[np.flatnonzero(default.t == 0.0)[0]] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="exactly two"):
         loss_surface(q, np.ones(2), sites=(0,))
+    with pytest.raises(ValueError, match=r"sites=\(1, 1\) name site 1 twice"):
+        loss_surface(q, np.ones(2), sites=(1, 1))
     with pytest.raises(ValueError, match="unknown site"):
         loss_surface(q, np.ones(2), sites=(0, "zz"))
     for bad in (np.array([1.0, -1.0]), np.array([np.nan, 1.0]), np.ones(3)):
@@ -157,7 +162,8 @@ def test_filter_normalised_direction_and_weight_surface(tiny_net, digits):
     assert float(fq(params)) == pytest.approx(float(loss(loss.init("max"))), rel=1e-5)
     for kw, match in (({"num": 0}, "num=0 must be an integer >= 2"),
                       ({"chunk": 0}, "chunk=0 must be a positive integer"),
-                      ({"span": (1.0, -1.0)}, r"span=\(1.0, -1.0\) must be \(lo, hi\)")):
+                      ({"span": (1.0, -1.0)}, r"span=\(1.0, -1.0\) must be \(lo, hi\)"),
+                      ({"span": 5}, r"span=5 must be \(lo, hi\)"), ({"span": ("a", 1)}, r"span=\('a', 1\)")):
         with pytest.raises(ValueError, match=match):
             weight_surface(f, params, [d], **kw)
     with pytest.raises(ValueError, match="seed='a' must be an integer >= 0"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.flatten_util
@@ -211,6 +212,11 @@ def test_spectral_density_one_and_several():
     no_density = hessian_spectrum(lambda v: jnp.sum(v**2), jnp.ones(3), density=False)
     with pytest.raises(ValueError, match="density=True"):
         plots.spectral_density(no_density)
+    grid, values = spec.density
+    broken = dataclasses.replace(spec, density=(grid, np.where(np.arange(values.size) == 7, np.nan, values)))
+    for log in (True, False):  # one NaN made every log-floored point NaN, then matplotlib failed at savefig
+        with pytest.raises(ValueError, match="'broken' has a non-finite density .*: 1 of 300 values"):
+            plots.spectral_density({"broken": broken}, log=log)
 
 
 def test_bit_curves_panels_and_series():
@@ -235,6 +241,9 @@ def test_bit_curves_panels_and_series():
         plots.bit_curves(bits, {"x": [1.0, 2.0]})
     with pytest.raises(ValueError, match="unknown metrics"):
         plots.bit_curves(bits, {"x": [1, 2, 3, 4]}, logy=["y"])
+    with pytest.warns(UserWarning, match=r"metric 'FD trace', series 'A' has values <= 0 on a log axis, which are "
+                                         r"not drawn: \[-2.19, 0.0\]"):
+        plots.bit_curves(bits, {"FD trace": {"A": [-2.19, 0.0169, 0.0, 1.0]}}, logy=["FD trace"])
     # names are keys, not their strings: 1 and "1" are two panels, and logy finds the int
     fig = plots.bit_curves(bits, {1: [1.0, 2.0, 3.0, 4.0], "1": [5.0, 6.0, 7.0, 8.0]}, logy=[1])
     visible = [ax for ax in fig.axes if ax.get_visible()]

@@ -190,6 +190,8 @@ def test_flat_fraction():
             flat_fraction(z, bad)
     with pytest.raises(ValueError, match="NaN"):
         flat_fraction(np.array([[1.0, np.nan], [1.0, 1.0]]), 0.1)
+    with pytest.raises(ValueError, match="1 -inf entries"):  # it returned 1/4 as the flat fraction
+        flat_fraction(np.array([[1.0, -np.inf], [1.0, 1.0]]), 0.1)
     with pytest.raises(ValueError, match="2-D"):
         flat_fraction(np.ones(4), 0.1)
     with pytest.raises(ValueError, match="finite"):
@@ -208,3 +210,7 @@ def test_gaussian_curvature():
         gaussian_curvature(np.eye(2), [0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="finite"):
         gaussian_curvature(np.eye(2), [np.nan, 0.0])
+    # A non-symmetric H is refused, as by separability(); within sym_tol its symmetric part counts.
+    with pytest.raises(ValueError, match="not symmetric"):
+        gaussian_curvature([[1.0, 2.0], [0.0, 1.0]], [0.0, 0.0])
+    assert gaussian_curvature([[1.0, 1.001], [0.999, 1.0]], [0.0, 0.0]) == pytest.approx(0.0, abs=1e-12)
