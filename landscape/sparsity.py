@@ -106,6 +106,7 @@ of SR-STE, Zhou et al. 2021):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -157,11 +158,16 @@ def _check_int(value, name: str) -> int:
     return int(value)
 
 
+#: The largest block M accepted: masks pad a short last group or tile out to M (memory and time
+#: grow with M, not with the weights), and N:M formats in use have M <= 16.
+MAX_BLOCK = 1024
+
+
 def _check_keep_block(keep, block) -> tuple[int, int]:
     K = _check_int(keep, "keep")
     M = _check_int(block, "block")
-    if M < 2:
-        raise ValueError(f"block must be an integer >= 2, got block={M}")
+    if not 2 <= M <= MAX_BLOCK:
+        raise ValueError(f"block must be an integer in [2, {MAX_BLOCK}], got block={M}")
     if not 1 <= K < M:
         raise ValueError(
             f"keep must satisfy 1 <= keep < block (keep = weights kept per block), "
@@ -172,6 +178,8 @@ def _check_keep_block(keep, block) -> tuple[int, int]:
 
 def _as_weights(w, name: str = "w") -> np.ndarray:
     arr = np.asarray(w)
+    if arr.dtype != object and arr.dtype.kind == "V" and jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(np.float32)  # bfloat16 and other ml_dtypes floats: exact in float32
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
@@ -344,6 +352,13 @@ def transposable_mask(w, *, keep: int, block: int, method: str = "exact") -> np.
     # float64 for integers (abs(int8(-128)) overflows); float32 stays float32 until a chunk is solved.
     dtype = np.result_type(arr.dtype, np.float32) if arr.dtype.kind == "f" else np.float64
     mag = np.abs(arr.astype(dtype, copy=False))
+    if dtype == np.float64:
+        # float64 beyond float32's range: scale by a power of two (exact) so that the largest
+        # magnitude is in (1/2, 1] before the float32 greedy and the exact solver's scaling see it
+        # (1e-310 overflowed 2**-log2(max); 1e39 and 1e300 both became inf and tied in float32).
+        top = float(mag.max(initial=0.0))
+        if top > 0:
+            mag = np.ldexp(mag, -math.frexp(top)[1])
     R, C = mag.shape
     full, edge = (_exact_full, _exact_edge) if method == "exact" else (_greedy_full, _greedy_edge)
     out = np.zeros((R, C), dtype=bool)
@@ -789,16 +804,26 @@ class MaskDiversity:
       kind: "unstructured", "nm" or "transposable".
       keep, block: K kept out of every M.
       size: number of weights T.
-      count: exact number of admissible masks (Python int).
-      log10: log10(count).
+      log10: log10(count), from log-gamma for "unstructured" (cheap for any T).
+      count: exact number of admissible masks (Python int), built on first access: for
+        "unstructured" at a layer's size that is C(T, T·K/M) with millions of digits (about 30 s
+        at T = 2.4 M), so ``log10`` is what tables should use.
     """
 
     kind: str
     keep: int
     block: int
     size: int
-    count: int
     log10: float
+
+    @functools.cached_property
+    def count(self) -> int:
+        T, K, M = self.size, self.keep, self.block
+        if self.kind == "unstructured":
+            return math.comb(T, T * K // M)
+        if self.kind == "nm":
+            return math.comb(M, K) ** (T // M)
+        return transposable_count(keep=K, block=M) ** (T // (M * M))
 
     def __repr__(self) -> str:
         # The count can exceed the float range, so its scientific form is built from log10.
@@ -832,18 +857,19 @@ def mask_diversity(kind: str, *, keep: int, block: int, size: int) -> MaskDivers
     if kind == "unstructured":
         if (T * K) % M:
             raise ValueError(f"size * keep / block must be an integer for unstructured, got size={T}")
-        count = math.comb(T, T * K // M)
+        k = T * K // M
+        log10 = (math.lgamma(T + 1) - math.lgamma(k + 1) - math.lgamma(T - k + 1)) / math.log(10)
     elif kind == "nm":
         if T % M:
             raise ValueError(f"size must be a multiple of block={M} for 'nm', got size={T}")
-        count = math.comb(M, K) ** (T // M)
+        log10 = (T // M) * math.log10(math.comb(M, K))
     elif kind == "transposable":
         if T % (M * M):
             raise ValueError(f"size must be a multiple of block**2={M * M} for 'transposable', got {T}")
-        count = transposable_count(keep=K, block=M) ** (T // (M * M))
+        log10 = (T // (M * M)) * math.log10(transposable_count(keep=K, block=M))
     else:
         raise ValueError(f"kind must be 'unstructured', 'nm' or 'transposable', got {kind!r}")
-    return MaskDiversity(kind=kind, keep=K, block=M, size=T, count=count, log10=math.log10(count))
+    return MaskDiversity(kind=kind, keep=K, block=M, size=T, log10=log10)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -390,6 +390,27 @@ def test_jax_and_integer_inputs():
     wi = np.array([[-128, 127, 3, -4]] * 4, dtype=np.int8)  # abs(int8(-128)) must not overflow
     m = sp.transposable_mask(wi, keep=1, block=4)
     assert m[:, 0].sum() == 1 and sp.is_transposable(m, keep=1, block=4, exact=True)
+    # bfloat16 kernels (refused as "not a real numeric array" before): the float32 masks of their values
+    wb = jnp.asarray(w, jnp.bfloat16)
+    w32 = np.asarray(wb.astype(jnp.float32))
+    np.testing.assert_array_equal(sp.transposable_mask(wb, keep=4, block=8), sp.transposable_mask(w32, keep=4, block=8))
+    np.testing.assert_array_equal(sp.nm_mask(wb, keep=2, block=4, axis=0), sp.nm_mask(w32, keep=2, block=4, axis=0))
+    assert sp.retained_magnitude(wb, sp.nm_mask(wb, keep=2, block=4, axis=0)) == pytest.approx(
+        sp.retained_magnitude(w32, sp.nm_mask(w32, keep=2, block=4, axis=0)))
+
+
+def test_float64_beyond_float32_range():
+    """Magnitudes far outside float32's range give the masks of the same values scaled into it: the
+    exact solver overflowed at 1e-310, and the greedy one tied 1e39 with 1e300 (both inf in float32)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 8))
+    for scale in (1e-310, 1e-300, 1e300):
+        for method in ("exact", "greedy"):
+            np.testing.assert_array_equal(sp.transposable_mask(w * scale, keep=2, block=4, method=method),
+                                          sp.transposable_mask(w, keep=2, block=4, method=method))
+    tile = np.array([[1e39, 1e300], [1e300, 1e39]])
+    for method in ("exact", "greedy"):
+        np.testing.assert_array_equal(sp.transposable_mask(tile, keep=1, block=2, method=method), tile > 1e40)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,6 +484,19 @@ def test_transposable_counts_and_symmetry():
     assert sp.transposable_count(keep=2, block=5) == int((col_sums == 2).all(1).sum()) == 2040
 
 
+def test_unstructured_diversity_at_a_layer_size_is_a_logarithm():
+    """log10 comes from log-gamma; the exact count (millions of digits at T = 2.4 M, ~30 s) only on access."""
+    for T in (64, 4096):
+        md = sp.mask_diversity("unstructured", keep=2, block=4, size=T)
+        assert md.log10 == pytest.approx(math.log10(math.comb(T, T // 2)), rel=1e-12)
+    big = sp.mask_diversity("unstructured", keep=4, block=8, size=3 * 3 * 512 * 512)
+    assert "count" not in vars(big)  # not built yet
+    T = big.size  # C(2k, k) = 4^k / √(πk) · (1 − 1/(8k) + …), k = T/2
+    assert big.log10 == pytest.approx(T * math.log10(2) - 0.5 * math.log10(math.pi * T / 2), abs=1e-4)
+    small = sp.mask_diversity("nm", keep=2, block=4, size=8)
+    assert small.count == 36 and vars(small)["count"] == 36
+
+
 def test_mask_diversity_scales_with_size():
     md = sp.mask_diversity("transposable", keep=4, block=8, size=64 * 1000)
     assert md.count == 116_963_796_250**1000
@@ -487,7 +521,8 @@ def test_mask_diversity_scales_with_size():
         ({"keep": "2", "block": 4}, "keep must be an integer"),
         ({"keep": True, "block": 4}, "keep must be an integer"),
         ({"keep": 1, "block": 4.5}, "block must be an integer"),
-        ({"keep": 1, "block": 1}, "block must be an integer >= 2"),
+        ({"keep": 1, "block": 1}, r"block must be an integer in \[2, 1024\], got block=1"),
+        ({"keep": 1, "block": 10**9}, r"block must be an integer in \[2, 1024\], got block=1000000000"),
     ],
 )
 def test_bad_keep_block(kwargs, match):
