@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import numbers
 import time
+import warnings
 from dataclasses import dataclass
 
 import flax
@@ -173,8 +174,10 @@ def _calibration_images(calib, input_shape=None) -> np.ndarray:
     return x
 
 
-def _test_split(test, image_shape, num_classes: int):
-    """``test`` as (x, y) arrays, checked before any pruning: the accuracies come last, minutes in."""
+def _test_split(test, image_shape, num_classes: int, calib_x):
+    """``test`` as (x, y) arrays, checked before any pruning: the accuracies come last, minutes in.
+    Calibration images found among the test images are refused: the layers would be refitted and
+    the BN statistics re-estimated on the images the accuracy is then reported on."""
     if isinstance(test, Dataset):
         raise ValueError("test is a whole Dataset; pass its test split, data.test")
     x, y = data_lib.as_arrays(test, "test")
@@ -182,6 +185,15 @@ def _test_split(test, image_shape, num_classes: int):
         raise ValueError(f"test images have shape {x.shape}; the calibration images, and so the network, "
                          f"take (N, {', '.join(map(str, image_shape))})")
     data_lib.check_labels(y, num_classes, "test")
+    in_test = {np.ascontiguousarray(image).tobytes() for image in x}
+    calib_x = np.asarray(calib_x)
+    shared = sum(np.ascontiguousarray(image).tobytes() in in_test for image in calib_x)
+    message = (f"{shared} of the {len(calib_x)} calibration images are also test images; calibrate on a sample "
+               "of the training split (data.calib), and keep the test split for the accuracy")
+    if 2 * shared >= len(calib_x):  # drawn from the test split
+        raise ValueError(message)
+    if shared:  # a few: datasets hold exact duplicates across their splits
+        warnings.warn(message, stacklevel=3)
     return x, y
 
 
@@ -362,7 +374,7 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
         all_layers = sparsity.gemm_layers(model, base, x[:1])
     if test is not None:  # abstract evaluation: the output width without compiling a forward pass
         width = jax.eval_shape(lambda v, xb: model.apply(v, xb, train=False), base, x[:1]).shape[-1]
-        test = _test_split(test, x.shape[1:], width)
+        test = _test_split(test, x.shape[1:], width, x)
     chosen = sparsity.select_layers(all_layers, dense_first_last=dense_first_last, names=layers)
     if not chosen:
         raise ValueError("no layer to prune: the selection is empty (a model with two conv/dense layers "

@@ -199,6 +199,17 @@ def test_adaprune_checks_arguments_before_pruning(tiny_net, digits, monkeypatch)
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             ap.adaprune(tiny_net, calib, **kw)
+    # calibrating on test images (DESIGN: calibration data come from the training split)
+    n_test = len(digits.test.x)
+    with pytest.raises(ValueError, match=rf"{n_test} of the {n_test} calibration images are also test images"):
+        ap.adaprune(tiny_net, digits.test, test=digits.test)
+    mixed = (np.concatenate([x[:4], digits.test.x[5:9]]), np.concatenate([calib.y[:4], digits.test.y[5:9]]))
+    with pytest.raises(ValueError, match="^4 of the 8 calibration images are also test images"):
+        ap.adaprune(tiny_net, mixed, test=digits.test)
+    few = (np.concatenate([x, digits.test.x[5:8]]), np.concatenate([calib.y, digits.test.y[5:8]]))
+    with pytest.warns(UserWarning, match=rf"^3 of the {len(x) + 3} calibration images are also test images"), \
+            pytest.raises(ValueError, match="no layer to prune"):  # warned, then stopped by the next check
+        ap.adaprune(tiny_net, few, test=digits.test, layers=[])
     for bad in (x.reshape(len(x), -1), x.transpose(0, 3, 1, 2)):
         with pytest.raises(ValueError, match=rf"calibration images have shape {re.escape(str(bad.shape))}; this "
                                              r"network takes \(N, 8, 8, 1\)"):
