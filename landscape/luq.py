@@ -72,8 +72,8 @@ Discrepancies between the paper, its reference code and the project notes, settl
    network's evaluation depends on the batch it runs in; ``Network.accuracy`` runs its last,
    smaller batch unpadded, so no padding rows enter them.
 5. **Fine-tuning learning rate.** The printed eq. (17) is garbled; :func:`finetune_schedule`
-   implements the intended triangle (linear up from the last 4-bit LR to a peak over T/2
-   steps, then linear down to ``end``).
+   is the intended triangle that ``fit`` runs (linear up from the last 4-bit LR to a peak over
+   ⌊T/2⌋ steps, then linear down to ``end``).
 6. **First/last layers.** Not stated in the paper's main text; the reference wrappers replace
    every conv/linear layer. The quantizers take whatever GEMM they are given; :class:`Recipe`
    keeps the first and last product (call order) FP32 by default, like the LAPQ reference and
@@ -94,8 +94,10 @@ the nearest power with a 4/3 factor" (eqs. 13–14). The two have the same distr
 (``tests/test_luq.py`` compares the level frequencies of ``max_mode="signed"`` with a numpy
 transcription of the reference code's noise-and-4/3 path, element by element); the direct form
 needs one random word instead of two, no log2 of noisy values, and is exact at powers of two
-(exponents come from ``frexp``, never from a float log2). Probabilities are resolved to 2^-32, so each element's
-bias is below 2^-32 of the width of its bracket.
+(exponents come from ``frexp``, never from a float log2). The fraction inside the bracket comes
+from a float32 division of mantissas, so the probability of rounding up is that fraction to
+about 2^-23 (measured: at most 8.4e-8 from the exact one over 10^5 elements), compared with a
+32-bit uniform word: each element's bias is below about 2^-23 of the width of its bracket.
 """
 
 from __future__ import annotations
@@ -169,18 +171,26 @@ def _check_float_array(name, x):
 
 def _check_key(key, where="key"):
     """One JAX PRNG key: a typed key, ``jax.random.key(seed)`` (shape ()), or a raw uint32 key,
-    ``jax.random.PRNGKey(seed)`` ((2,) for threefry, (4,) for rbg). Shape and dtype only, so it
-    also passes a traced key under jit and vmap (where a key of a batch is one key)."""
+    ``jax.random.PRNGKey(seed)``, of the default implementation's shape ((2,) for threefry, (4,)
+    for rbg). Shape and dtype only, so it also passes a traced key under jit and vmap (where a
+    key of a batch is one key)."""
     dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    raw = _raw_key_shape(str(jax.config.jax_default_prng_impl))
     if dtype is not None and shape is not None:
         if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and tuple(shape) == ():
             return key
-        if dtype == np.uint32 and tuple(shape) in ((2,), (4,)):
+        if dtype == np.uint32 and tuple(shape) == raw:
             return key
     got = (f"a {type(key).__name__} of dtype {dtype} and shape {tuple(shape)}" if dtype is not None
            and shape is not None else f"{type(key).__name__} {key!r:.60}")
     raise ValueError(f"{where} must be a JAX PRNG key, one key: jax.random.key(seed) or "
-                     f"jax.random.PRNGKey(seed) (split it for several draws), got {got}")
+                     f"jax.random.PRNGKey(seed) (uint32, shape {raw} here; split it for several draws), got {got}")
+
+
+@functools.cache
+def _raw_key_shape(impl: str) -> tuple[int, ...]:
+    """The shape of a raw key of the default PRNG implementation ``impl`` (no computation)."""
+    return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
 
 
 def _is_concrete(*xs):
@@ -211,10 +221,10 @@ def _check_gradient_args(bits, max_mode):
 def _reference_max(g, max_mode, *, with_abs=False):
     """The maximum m that fixes α = m / 2^E (float32 scalar; 0 for an all-zero g); with
     ``with_abs``, (m, max|g|)."""
-    m_abs = jnp.max(jnp.abs(g))
+    m_abs = jnp.max(jnp.abs(g), initial=0.0)  # initial: an empty g has m = 0, as an all-zero one
     m = m_abs
     if max_mode == "signed":
-        m_signed = jnp.max(g)
+        m_signed = jnp.max(g, initial=-jnp.inf)
         m = jnp.where(m_signed > 0, m_signed, m_abs)
     return (m, m_abs) if with_abs else m
 
@@ -229,7 +239,9 @@ def _scale_pow2(x, k):
 class _Bracket:
     """Where each |g|/α sits on the grid {0, 1, 2, 4, …}: between lo and hi = next level.
 
-    ``frac`` = (x − lo)/(hi − lo) ∈ [0, 1) is exact: x itself below 1, else 2·mantissa − 1.
+    ``frac`` = (x − lo)/(hi − lo) ∈ [0, 1): x itself below 1, else 2·mantissa − 1, exact given
+    x, which is the float32 quotient of |g|'s and the maximum's mantissas (rounded once: about
+    2^-23 relative).
     ``k_lo`` is the exponent of lo (unused below 1, where lo = 0 and hi = α).
 
     x is kept as a mantissa and an exponent, never formed: in the signed mode |g| may exceed
@@ -301,11 +313,13 @@ def _alpha_kernel(g, bits, max_mode):
 
 
 def gradient_variance(g, *, bits=4, max_mode="abs"):
-    """Per-element variance of one LUQ draw (closed form), same shape as ``g``.
+    """Per-element variance of one LUQ draw (closed form): float32, same shape as ``g``.
 
     Stochastic rounding between adjacent levels lo < |g| < hi has variance
     (|g| − lo)(hi − |g|): α|g| − g² below α (lo = 0, hi = α) and
     (|g| − 2^(n−1)α)(2^n α − |g|) inside the bin [2^(n−1)α, 2^n α]; zero on levels.
+    float32 whatever ``g``'s dtype: a variance is of the order of g², which float16 cannot hold
+    (N(0, 1e-3²) gradients gave 0 for about half the elements, and |g| = 300 gave inf).
     """
     bits, max_mode = _check_gradient_args(bits, max_mode)
     return _variance_kernel(_check_float_array("g", g), bits, max_mode)
@@ -315,7 +329,9 @@ def gradient_variance(g, *, bits=4, max_mode="abs"):
 def _variance_kernel(g, bits, max_mode):
     b = _Bracket(g, bits, max_mode, g.dtype)
     width = b.level(jnp.ones_like(b.below)) - b.level(jnp.zeros_like(b.below))  # hi − lo
-    return jnp.where(b.finite, width * width * b.frac * (1.0 - b.frac), jnp.nan).astype(g.dtype)
+    # On a level (frac = 0) the variance is 0 even where hi = 2·max overflows float32 (inf · 0).
+    var = jnp.where(b.frac > 0, (width * b.frac) * (width * (1.0 - b.frac)), 0.0)
+    return jnp.where(b.finite, var, jnp.nan)
 
 
 def quantize_gradient(g, key, *, bits=4, samples=1, max_mode="abs", prng="jax"):
@@ -464,10 +480,11 @@ def _sawb_args(bits, signed, coeffs, levels="strict"):
 def _sawb_grid(x, bits, signed, coeffs, levels):
     """(scale, lowest code, highest code) for the tensor x (float32 scalars)."""
     c1, c2 = coeffs
-    mean_abs = jnp.mean(jnp.abs(x))
-    clip = c1 * jnp.sqrt(jnp.mean(x * x)) - c2 * mean_abs
+    n = max(x.size, 1)  # an empty x has the statistics of an all-zero one: clip 0, scale 1
+    mean_abs = jnp.sum(jnp.abs(x)) / n
+    clip = c1 * jnp.sqrt(jnp.sum(x * x) / n) - c2 * mean_abs
     clip = jnp.maximum(clip, mean_abs)  # the guard, see the module docstring (item 4)
-    neg = jnp.min(x) < 0 if signed is None else jnp.asarray(signed)
+    neg = jnp.min(x, initial=0.0) < 0 if signed is None else jnp.asarray(signed)
     full = 2 ** bits - 1
     if levels == "strict":  # Δ = clip / (top code): the top code sits at the clip
         half = 2 ** (bits - 1) - 1
@@ -694,7 +711,9 @@ def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
         w = _check_float_array("w", w)
         cx, sx = _codes_ste(x, forward_bits, None, coeffs, levels)
         cw, sw = _codes_ste(w, forward_bits, True, coeffs, levels)
-        z = gemm(cx, cw) * (sx * sw).astype(cx.dtype)
+        # The rescale in float32: in float16, Δ_x·Δ_w falls below its normal range (6.1e-5) for
+        # small tensors and was rounded to a few bits (z off by 2–4 % at σ = 1e-3).
+        z = (gemm(cx, cw).astype(jnp.float32) * (sx.astype(jnp.float32) * sw.astype(jnp.float32))).astype(cx.dtype)
     elif quantize_forward == "weights":
         z = gemm(x, sawb(w, bits=forward_bits, signed=True, levels=levels))
     else:
@@ -827,13 +846,15 @@ def shift_add_matmul(a_int, g_fp4):
 
 
 def finetune_schedule(start, peak, steps, end=0.0):
-    """Triangular learning rate of the high-precision fine-tuning phase (FNT, paper §5.2).
+    """Triangular learning rate of the high-precision fine-tuning phase (FNT, paper §5.2): the
+    schedule ``train.fit`` runs for a :class:`Recipe` with ``finetune_epochs`` (one implementation,
+    :func:`landscape.train.triangular_schedule`, with its arguments checked here).
 
     The intended form of the paper's eq. (17), whose print lacks the factor t and restarts the
-    decay from the wrong value::
+    decay from the wrong value, with h = ⌊T/2⌋ (so that the peak is reached on a step)::
 
-        lr(t) = start + t·(peak − start)/(T/2)           0 ≤ t ≤ T/2
-              = peak + (t − T/2)·(end − peak)/(T/2)      T/2 < t ≤ T   (constant after)
+        lr(t) = start + t·(peak − start)/h               0 ≤ t ≤ h
+              = peak + (t − h)·(end − peak)/(T − h)      h < t ≤ T   (constant after)
 
     ``start`` is the last learning rate of the 4-bit run, ``peak`` the fine-tuning base LR.
     Returns an optax-style schedule ``count -> lr`` (float32 scalar).
@@ -842,13 +863,7 @@ def finetune_schedule(start, peak, steps, end=0.0):
     for name, v in (("start", start), ("peak", peak), ("end", end)):
         if isinstance(v, bool | str) or v is None or np.ndim(v) != 0 or not np.isfinite(float(v)) or v < 0:
             raise ValueError(f"{name} must be a finite learning rate ≥ 0, got {v!r}")
-    knots = jnp.array([0.0, steps / 2, float(steps)], jnp.float32)
-    values = jnp.array([start, peak, end], jnp.float32)
-
-    def schedule(count):
-        return jnp.interp(jnp.asarray(count, jnp.float32), knots, values)
-
-    return schedule
+    return train.triangular_schedule(float(start), float(peak), steps, float(end))
 
 
 # --------------------------------------------------------------------------------------------

@@ -423,15 +423,17 @@ def _schedule(lr: float, total: int):
                                               decay_steps=total, end_value=0.0)
 
 
-def triangular_schedule(lr_start: float, lr_peak: float, steps: int) -> Callable:
-    """LUQ's fine-tuning schedule: linear from ``lr_start`` to ``lr_peak`` over the first
-    half of ``steps``, then linear down to 0 (the intended form of the paper's eq. 17)."""
+def triangular_schedule(lr_start: float, lr_peak: float, steps: int, lr_end: float = 0.0) -> Callable:
+    """LUQ's fine-tuning schedule (the one :func:`fit` runs; :func:`landscape.luq.finetune_schedule`
+    is its checked public form): linear from ``lr_start`` to ``lr_peak`` over the first
+    h = max(1, ⌊steps/2⌋) steps, then linear down to ``lr_end`` at ``steps`` and constant
+    after (the intended form of the paper's eq. 17)."""
     half = max(1, steps // 2)
 
     def schedule(t):
         t = jnp.asarray(t, jnp.float32)
         up = lr_start + t * (lr_peak - lr_start) / half
-        down = lr_peak * jnp.clip((steps - t) / max(1, steps - half), 0.0, 1.0)
+        down = lr_end + (lr_peak - lr_end) * jnp.clip((steps - t) / max(1, steps - half), 0.0, 1.0)
         return jnp.where(t <= half, up, down)
 
     return schedule

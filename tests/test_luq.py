@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from landscape import luq
+from landscape import luq, train
 
 N = 1000  # size of the shared heavy-tailed test gradient
 
@@ -194,6 +194,43 @@ def test_zero_and_non_finite_gradients():
         assert np.all(np.isnan(fn(g, max_mode="signed"))), fn
 
 
+def test_empty_tensors_pass_through():
+    """An empty batch is an all-zero one: α = 0, empty outputs and gradients (every entry point
+    but quantize_gradient failed in a max reduction)."""
+    e = jnp.zeros((0, 3))
+    assert float(luq.gradient_alpha(e)) == 0.0 and float(luq.gradient_alpha(e, max_mode="signed")) == 0.0
+    for out in (luq.gradient_variance(e), luq.round_gradient(e), luq.sawb(e), luq.sawb_codes(e)[0]):
+        assert out.shape == (0, 3)
+    assert float(luq.sawb_codes(e)[1]) == 1.0
+    w = jnp.ones((3, 2))
+    for mode in ("luq", "rdn", "none"):
+        z, vjp = jax.vjp(lambda a, mode=mode: luq.luq_gemm(a, w, jax.random.key(0), jnp.dot, mode=mode), e)
+        assert z.shape == (0, 2) and vjp(z)[0].shape == (0, 3)
+
+
+def test_float16_gemm_rescales_in_float32():
+    """z = gemm(codes)·Δ_xΔ_w: in float16 the product of the two steps left the normal range for
+    small tensors and was rounded (z off by 4 % at σ = 1e-3); now only z's own rounding is left."""
+    rng = np.random.default_rng(0)
+    for sd in (1e-1, 3e-3):
+        x = jnp.asarray(rng.standard_normal((64, 32)) * sd, jnp.float16)
+        w = jnp.asarray(rng.standard_normal((32, 16)) * sd, jnp.float16)
+        z = luq.luq_gemm(x, w, None, jnp.dot, mode="none")
+        assert z.dtype == jnp.float16
+        (cx, sx), (cw, sw) = luq.sawb_codes(x), luq.sawb_codes(w, signed=True)
+        exact = (np.asarray(cx, np.float64) @ np.asarray(cw, np.float64)) * float(sx) * float(sw)
+        assert np.max(np.abs(np.asarray(z, np.float64) - exact)) / np.max(np.abs(exact)) < 1e-3, sd
+
+
+def test_variance_at_the_top_of_float32():
+    """The maximum is on a level (variance 0) even where the level above it, 2·max, overflows float32
+    (inf · 0 gave NaN there). Variances of the order of (1e38)² overflow to inf, never NaN."""
+    g = jnp.array([3e38, -1e38, 2.5e38, 1.0], jnp.float32)
+    var = np.asarray(luq.gradient_variance(g), np.float64)
+    assert var[0] == 0.0 and not np.any(np.isnan(var))
+    assert np.all(var[1:] > 0)
+
+
 def test_signed_mode_levels_far_above_the_signed_max():
     """The signed mode's levels α·2^k are unbounded above: |g| ≫ max(g) must not overflow."""
     g = jnp.array([1e-37, -1.0, -0.5], jnp.float32)  # |g|/α = 1.3e39 exceeds float32
@@ -215,8 +252,13 @@ def test_narrow_dtypes_stay_unbiased_on_their_own_levels(dtype):
     assert q.dtype == dtype
     q = np.asarray(q, np.float64)
     g64 = np.asarray(g, np.float64)
-    se = q.std(0) / np.sqrt(len(keys))  # (the closed-form variance underflows float16 here)
+    se = q.std(0) / np.sqrt(len(keys))
     assert np.sum(se > 0) >= 3  # the max is a fixed point; the others are rounded at random
+    # the closed-form variance is float32 (in float16 it underflowed to 0 here)
+    var = luq.gradient_variance(g)
+    assert var.dtype == jnp.float32
+    # (element 1 rounds up with probability ~2^-22: its variance, 8.5e-22, is 0 in 40,000 draws)
+    np.testing.assert_allclose(q.var(0), np.asarray(var, np.float64), rtol=0.1, atol=1e-18)
     np.testing.assert_array_equal(q.mean(0)[se == 0], g64[se == 0])
     z = (q.mean(0) - g64)[se > 0] / se[se > 0]
     assert np.all(np.abs(z) < 5), z
@@ -628,6 +670,10 @@ def test_finetune_schedule_is_triangular():
     assert vals[25] == pytest.approx(0.0505) and vals[75] == pytest.approx(0.05)
     assert np.all(np.diff(vals[:51]) > 0) and np.all(np.diff(vals[50:101]) < 0)
     assert np.all(vals[100:] == 0.0)
+    # odd T: the peak on step ⌊T/2⌋, as fit runs it (the float knot T/2 = 2.5 never reached the peak)
+    odd = np.asarray(jax.vmap(luq.finetune_schedule(0.0, 0.01, 5))(jnp.arange(6)))
+    np.testing.assert_allclose(odd, [0.0, 0.005, 0.01, 0.01 * 2 / 3, 0.01 / 3, 0.0], atol=1e-9)
+    np.testing.assert_array_equal(odd, np.asarray(jax.vmap(train.triangular_schedule(0.0, 0.01, 5))(jnp.arange(6))))
 
 
 def test_bad_inputs():
@@ -655,6 +701,8 @@ def test_bad_inputs():
         (lambda: luq.hash_bits(key, (1 << 20, 1 << 13)), "2\\^32"),
         (lambda: luq.luq_identity(g, key, mode="sr"), "mode"),
         (lambda: luq.luq_identity(g, None), "key"),
+        # a raw key of another implementation's shape (rbg's (4,) under threefry)
+        (lambda: luq.quantize_gradient(g, jnp.zeros(4, jnp.uint32)), r"uint32, shape \(2,\) here"),
         (lambda: luq.luq_identity(g, None, mode="rdn", samples=2), "samples"),
         (lambda: luq.luq_gemm(g, g, key, jnp.dot, quantize_forward="inputs"), "quantize_forward"),
         (lambda: luq.luq_gemm(g, g, key, jnp.dot, forward_bits=3), "coeffs"),
