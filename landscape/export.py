@@ -39,7 +39,7 @@ from landscape import atomic, checks, quantizers, runtime, sites, train
 
 __all__ = ["QuantizedNetwork", "SiteQuantization", "load", "quantize_network", "save"]
 
-FORMAT_VERSION = 2  # 2: the .npz's SHA-256 and the exact float kernels; 1 is still read
+FORMAT_VERSION = 3  # 3: the site table's SHA-256; 2: the .npz's SHA-256 and the exact float kernels; 1, 2 still read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,20 @@ class SiteQuantization:
         if len({a.shape for a in arrays.values()}) != 1 or arrays["alpha"].ndim != 1:
             raise ValueError(f"saved site: alpha, scale, offset and shift must be 1-D of one length, got "
                              f"{ {k: a.shape for k, a in arrays.items()} }")
+        # The table must be one grid: an edited α, width or scale would load and run another
+        # network than the one exported (α × 0.5 on one activation moved 132 of 500 predictions).
+        alpha = arrays["alpha"]
+        if not np.all(quantizers.valid_alpha(alpha)):
+            raise ValueError(f"saved site: alpha={alpha.tolist()[:4]} must be finite and in "
+                             f"(0, {quantizers.ALPHA_MAX:g}]")
+        derived = {"scale": np.asarray(quantizers.step_size(jnp.asarray(alpha), bits, grid), np.float32),
+                   "offset": -alpha if grid == "midrise" and d["kind"] == "weight" else np.zeros_like(alpha)}
+        if not bool(d["bias_correction"]):
+            derived["shift"] = np.zeros_like(alpha)
+        for key, value in derived.items():
+            if not np.allclose(arrays[key], value, rtol=1e-6, atol=0.0):
+                raise ValueError(f"saved site: {key}={arrays[key].tolist()[:4]} is not that of a {bits}-bit {grid} "
+                                 f"grid at alpha={alpha.tolist()[:4]} (expected {value.tolist()[:4]})")
         return cls(kind=d["kind"], bits=bits, grid=grid, per_channel=bool(d["per_channel"]),
                    bias_correction=bool(d["bias_correction"]), **arrays)
 
@@ -194,15 +208,7 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
                          f"(0, {quantizers.ALPHA_MAX:g}]")
     flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, jax.device_get(loss.variables)))
     slices = loss.site_slices()
-    alphas = {s.name: alpha[slices[s.name]] if loss.specs[s.name].per_channel else alpha[slices[s.name]][0]
-              for s in loss.sites}
-    # The grid values as the loss's own quantizer computes them inside a compiled pass: a
-    # re-derivation (another program, another rounding of (w + α)/Δ) can land a weight sitting
-    # on a rounding tie one level away.
-    with jax.default_matmul_precision(loss.precision):
-        grid_values = sites.quantized_weights(lambda v, x: loss.model.apply(v, x, train=False), loss.specs,
-                                              {k: jnp.asarray(v) for k, v in alphas.items()}, loss.variables,
-                                              jnp.asarray(loss.calib.x[:1]), bits=sites.traced_widths(loss.specs))
+    grid_values = grid_weights(loss, alpha)
     table, codes = {}, {}
     for site in loss.sites:
         spec = loss.specs[site.name]
@@ -229,6 +235,25 @@ def quantize_network(loss, alpha) -> QuantizedNetwork:
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return QuantizedNetwork(loss.model, variables, table, codes, loss.precision,
                             tuple(int(d) for d in loss.calib.x.shape[1:]))
+
+
+def grid_weights(loss, alpha, variables=None) -> dict:
+    """Weight site → (Q(W) on the grid, bias-correction shift, Q(W) − shift) as the loss's own
+    quantizer computes them inside a compiled pass at ``alpha`` (checked by the caller), for the
+    loss's variables or ``variables`` (e.g. kernels whose codes a rounding rule chose).
+
+    Why not Δ·q + offset in NumPy: XLA fuses round(z)·Δ + offset into one multiply-add, so a
+    re-derivation can differ in the last bit, and an ulp can move a later activation across a
+    rounding tie; the values formed in the program are the ones the loss, and the export, use.
+    """
+    slices = loss.site_slices()
+    alphas = {s.name: alpha[slices[s.name]] if loss.specs[s.name].per_channel else alpha[slices[s.name]][0]
+              for s in loss.sites}
+    with jax.default_matmul_precision(loss.precision):
+        return sites.quantized_weights(lambda v, x: loss.model.apply(v, x, train=False), loss.specs,
+                                       {k: jnp.asarray(v) for k, v in alphas.items()},
+                                       loss.variables if variables is None else variables,
+                                       jnp.asarray(loss.calib.x[:1]), bits=sites.traced_widths(loss.specs))
 
 
 def _stem(path, action: str) -> str:
@@ -276,9 +301,16 @@ def save(qnet: QuantizedNetwork, path: str) -> str:
     np.savez(buffer, **arrays)
     blob = buffer.getvalue()
     meta["npz_sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["sites_sha256"] = _table_sha256(meta["sites"])
     atomic.write_atomic(path + ".npz", blob)
     atomic.write_atomic(path + ".json", json.dumps(meta, indent=1) + "\n")
     return path
+
+
+def _table_sha256(table: Mapping) -> str:
+    """SHA-256 of a site table in a canonical JSON form (sorted keys): an edit of the .json's
+    table (a deleted activation entry ran that activation unquantized) no longer loads."""
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(filename: str) -> str:
@@ -296,14 +328,22 @@ def load(model, path: str) -> QuantizedNetwork:
     path = _stem(path, "a saved network's")
     with open(path + ".json") as fh:
         meta = json.load(fh)
-    if meta.get("format") not in (1, FORMAT_VERSION):
-        raise ValueError(f"{path}.json has format {meta.get('format')!r}; this version reads 1 and {FORMAT_VERSION}")
+    if meta.get("format") not in (1, 2, FORMAT_VERSION):
+        raise ValueError(f"{path}.json has format {meta.get('format')!r}; this version reads 1 to {FORMAT_VERSION}")
     if meta["model"] != repr(model):
         raise ValueError(f"{path} was saved for the model\n{meta['model']}\nnot\n{model!r}")
     if meta["format"] >= 2 and _sha256(path + ".npz") != meta.get("npz_sha256"):
         raise ValueError(f"{path}.npz is not the file {path}.json was saved with (its SHA-256 differs): "
                          "the two come from different saves, e.g. one interrupted between them; save again")
-    table = {n: SiteQuantization.from_json(d) for n, d in meta["sites"].items()}
+    if meta["format"] >= 3 and _table_sha256(meta["sites"]) != meta.get("sites_sha256"):
+        raise ValueError(f"{path}.json: its site table is not the one saved (its SHA-256 differs): an entry was "
+                         "edited or removed after saving; export the network again")
+    table = {}
+    for n, d in meta["sites"].items():
+        try:
+            table[n] = SiteQuantization.from_json(d)
+        except ValueError as err:
+            raise ValueError(f"{path}.json, site {n!r}: {err}") from None
     with np.load(path + ".npz", allow_pickle=False) as archive:
         codes = {k[len("code/"):]: archive[k] for k in archive.files if k.startswith("code/")}
         kernels = {k[len("kernel/"):]: archive[k] for k in archive.files if k.startswith("kernel/")}
@@ -337,4 +377,11 @@ def load(model, path: str) -> QuantizedNetwork:
             raise ValueError(f"{path}: the stored kernel of {name!r} is not Δ·q + offset − shift of its codes")
         flat[_kernel_path(name)] = kernel
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    if shape is not None:  # the model's own sites (abstract trace): every table entry must be one of them
+        found = {site.name: site.kind for site in sites.trace_sites(
+            lambda v, x: model.apply(v, x, train=False), variables, jnp.zeros((1, *shape), jnp.float32))[0]}
+        wrong = [f"{n!r} ({s.kind})" for n, s in table.items() if found.get(n) != s.kind]
+        if wrong:
+            raise ValueError(f"{path}.json lists {', '.join(wrong)}, which the model has no such site for; its "
+                             f"sites are {sorted(found)}")
     return dataclasses.replace(qnet, variables=variables)

@@ -208,18 +208,16 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
     if not names:
         raise ValueError(f"{loss!r} quantizes no weight site: nothing to round")
     with jax.default_matmul_precision(loss.precision):  # the loss's products, read while tracing
-        fits, codes = _round_layers(loss, nearest, names, rule, num_images, inputs)
+        fits, codes, kernels = _round_layers(loss, np.asarray(alpha, np.float32), nearest, names, rule, num_images,
+                                             inputs)
     variables = nearest.variables
     for name in names:
-        if np.array_equal(codes[name], nearest.codes[name]):
-            continue  # nearest kept: its kernel as the loss computes it (NumPy's Δ·q + offset can differ by an ulp)
-        s = nearest.sites[name]
-        variables = _with_kernel(variables, name, jnp.asarray(codes[name].astype(np.float32) * s.scale + s.offset))
+        variables = _with_kernel(variables, name, kernels[name])
     network = dataclasses.replace(nearest, variables=variables, codes=codes)
     return RoundingResult(method, network, nearest, fits, time.perf_counter() - t0)
 
 
-def _round_layers(loss, nearest, names, rule, num_images, inputs):
+def _round_layers(loss, alpha, nearest, names, rule, num_images, inputs):
     x = jnp.asarray(np.asarray(loss.calib.x[:num_images], np.float32))
     act = {n: s for n, s in nearest.sites.items() if s.kind == "activation"}
     act_specs = {n: sites.SiteSpec(s.bits, s.grid) for n, s in act.items()}
@@ -248,11 +246,18 @@ def _round_layers(loss, nearest, names, rule, num_images, inputs):
         fits[name] = fit
         codes[name] = fit.codes.astype(nearest.codes[name].dtype)
         # placed like the float kernel: same input types, so quantized_inputs compiles once
-        values = (kernel_of(nearest.variables, name) if np.array_equal(codes[name], nearest.codes[name])
-                  else fit.codes * site.scale + site.offset)
+        if np.array_equal(codes[name], nearest.codes[name]):
+            values = kernel_of(nearest.variables, name)
+        else:  # the codes' grid values as the loss's quantizer forms them (not NumPy's Δ·q + offset: an ulp off)
+            near = np.asarray(fit.codes, np.float64) * site.scale + site.offset  # within an ulp of the grid
+            values = export.grid_weights(loss, alpha, _with_kernel(current, name, jnp.asarray(near, np.float32)))
+            values = np.asarray(values[name][0], np.float32)
+            got = np.rint((values.astype(np.float64) - site.offset) / site.scale)
+            if not np.array_equal(got, fit.codes):  # a guard: the grid value of a code is that code
+                raise AssertionError(f"{name}: the loss's quantizer moved {int(np.sum(got != fit.codes))} codes")
         rounded = jax.device_put(np.asarray(values, np.float32), w.sharding)
         current = _with_kernel(current, name, rounded)
-    return fits, codes
+    return fits, codes, {name: kernel_of(current, name) for name in names}
 
 
 def _with_kernel(variables, name: str, kernel):

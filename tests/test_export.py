@@ -153,20 +153,41 @@ def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, digits, tmp_path):
     _rewrite(stem, tmp_path / "floats", bad)
     with pytest.raises(ValueError, match=f"the codes of '{name}' are float32, not integers"):
         ls.export.load(tiny_net.model, str(tmp_path / "floats"))
-    for change, match in ((dict(grid="log"), "saved site: grid='log' is not allowed"),
-                          (dict(bits=1), "saved site: bits=1 is not allowed"),
-                          (dict(kind="bias"), "site kind 'bias' is neither"),
-                          (dict(scale=[1.0, 2.0], alpha=[1.0, 2.0], offset=[0.0, 0.0], shift=[0.0, 0.0]),
-                           f"'{name}' has 2 scales for codes of shape")):
-        meta = json.loads(open(stem + ".json").read())
-        meta["sites"][name].update(change)
-        (tmp_path / "table.json").write_text(json.dumps(meta))
-        shutil.copy(stem + ".npz", tmp_path / "table.npz")
-        with pytest.raises(ValueError, match=match):
-            ls.export.load(tiny_net.model, str(tmp_path / "table"))
+    act = next(n for n, site in q3.sites.items() if site.kind == "activation")
+    saved = json.loads(open(stem + ".json").read())["sites"]
+    alpha, channels = saved[act]["alpha"][0], len(saved[name]["alpha"])
+    for site, change, match in (
+            (name, dict(grid="log"), "saved site: grid='log' is not allowed"),
+            (name, dict(bits=1), "saved site: bits=1 is not allowed"),
+            (name, dict(kind="bias"), "site kind 'bias' is neither"),
+            (name, dict(scale=[1.0, 2.0], alpha=[1.0, 2.0], offset=[-1.0, -2.0], shift=[0.0, 0.0]),
+             "scale=\\[1.0, 2.0\\] is not that of a 3-bit midrise grid"),
+            (name, dict(scale=[2 / 7, 4 / 7], alpha=[1.0, 2.0], offset=[-1.0, -2.0], shift=[0.0, 0.0]),
+             f"'{name}' has 2 scales for codes of shape"),  # one grid, but not one scale per channel
+            # edits that loaded and ran another network (α × 0.5 moved 132 of 500 predictions)
+            (act, dict(alpha=[alpha / 2]), rf"site '{act}': saved site: scale=.* is not that of a 3-bit unsigned grid"),
+            (act, dict(alpha=[-1.0]), rf"site '{act}': saved site: alpha=\[-1.0\] must be finite and in \(0, "),
+            (act, dict(bits=2), "is not that of a 2-bit unsigned grid"),
+            (name, dict(offset=[0.0] * channels), "offset=.* is not that of a 3-bit midrise grid"),
+            (name, dict(shift=[0.1] * channels), "shift=.* is not that of a 3-bit midrise grid")):
+        for rehash in (False, True):  # an edit, and one whose author recomputed the table's hash
+            meta = json.loads(open(stem + ".json").read())
+            meta["sites"][site].update(change)
+            if rehash:
+                meta["sites_sha256"] = ls.export._table_sha256(meta["sites"])
+            (tmp_path / "table.json").write_text(json.dumps(meta))
+            shutil.copy(stem + ".npz", tmp_path / "table.npz")
+            with pytest.raises(ValueError, match=match if rehash else "its site table is not the one saved"):
+                ls.export.load(tiny_net.model, str(tmp_path / "table"))
+    meta = json.loads(open(stem + ".json").read())  # a name the model has no site for (a typo, another model)
+    meta["sites"]["conv9_9"] = meta["sites"].pop(act)
+    meta["sites_sha256"] = ls.export._table_sha256(meta["sites"])
+    (tmp_path / "table.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"table.json lists 'conv9_9' \(activation\), which the model has no such"):
+        ls.export.load(tiny_net.model, str(tmp_path / "table"))
     bad = {k: v for k, v in arrays.items() if k != f"kernel/{name}"}
     _rewrite(stem, tmp_path / "nokernel", bad)
-    with pytest.raises(ValueError, match=f"lacks kernel/{name}, the float kernel format 2 stores"):
+    with pytest.raises(ValueError, match=f"lacks kernel/{name}, the float kernel format 3 stores"):
         ls.export.load(tiny_net.model, str(tmp_path / "nokernel"))
     bad = dict(arrays, **{f"kernel/{name}": arrays[f"kernel/{name}"] * 1.01})
     _rewrite(stem, tmp_path / "kernel", bad)

@@ -79,6 +79,24 @@ def test_round_network_drives_a_rule_of_ones_own(tiny_net, digits):
     assert {shape[0] for shape in calls} == {48}
 
 
+def test_rounded_kernels_are_the_loss_grid_values_of_their_codes(tiny_net, digits):
+    """GPTQ's kernels are formed as the loss's quantizer forms grid values (a fused multiply-add),
+    so re-quantizing them through the loss gives them back to the last bit; NumPy's Δ·q + offset
+    put hundreds of entries per layer an ulp off the grid, and later layers were fitted on those."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    alpha = loss.init("mse")
+    res = ls.gptq(loss, alpha, num_images=64, inputs="float")
+    again = ls.export.grid_weights(loss, alpha, res.network.variables)
+    changed = 0
+    for name, codes in res.network.codes.items():
+        node = res.network.variables["params"]
+        for part in name.split("/"):
+            node = node[part]
+        np.testing.assert_array_equal(np.asarray(again[name][0]), np.asarray(node["kernel"]), err_msg=name)
+        changed += int(np.sum(codes != res.nearest.codes[name]))
+    assert changed > 100  # GPTQ moved codes, so these kernels are not nearest's
+
+
 def test_round_network_names_what_it_was_given(tiny_net, digits):
     """A Network for the loss failed with an AttributeError ('precision'), a LAPQResult for α with
     NumPy's "float() argument must be ... not 'LAPQResult'"."""
