@@ -37,8 +37,11 @@ _HUB = {
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), classes=10),
     "cifar100": dict(hub="uoft-cs/cifar100", image="img", label="fine_label", test="test",
                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), classes=100),
+    # preprocess: part of the array cache's name, so that cached arrays of an earlier
+    # preprocessing (before it matched torchvision's eval transform) are not read again
     "imagenet": dict(hub="ILSVRC/imagenet-1k", image="image", label="label", test="validation",
-                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classes=1000),
+                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classes=1000,
+                     preprocess="tveval"),
 }
 
 
@@ -203,7 +206,8 @@ def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[
     meta = _HUB[name]
     if data_dir is not None:
         if not os.path.isdir(data_dir):
-            raise FileNotFoundError(f"data_dir={data_dir!r} does not exist (expected a local copy of "
+            what = "is a file, not a directory" if os.path.exists(data_dir) else "does not exist"
+            raise FileNotFoundError(f"data_dir={data_dir!r} {what} (expected a local copy of "
                                     f"{meta['hub']} in the hub's parquet layout)")
         files = {s: _parquet_files(data_dir, s) for s in ("train", meta["test"])}
         for split, found in files.items():
@@ -214,7 +218,8 @@ def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[
         key = _files_key(files)
     else:
         key = meta["hub"].replace("/", "__")
-    cached = os.path.join(cache_dir(), "data", f"{name}-{key}-{max_train}-{max_test}.npz")
+    tag = f"-{meta['preprocess']}" if "preprocess" in meta else ""
+    cached = os.path.join(cache_dir(), "data", f"{name}{tag}-{key}-{max_train}-{max_test}.npz")
     if os.path.exists(cached):
         with np.load(cached) as z:
             return Split(z["xtr"], z["ytr"]), Split(z["xte"], z["yte"]), meta["classes"]
@@ -256,12 +261,18 @@ def _load_with_datasets(name, meta, files):
 
 
 def _to_arrays(split, meta, limit) -> tuple[np.ndarray, np.ndarray]:
+    columns = list(getattr(split, "column_names", None) or split)
+    missing = [c for c in (meta["image"], meta["label"]) if c not in columns]
+    if missing:  # another dataset's copy (cifar10 is "img", mnist "image")
+        raise ValueError(f"this copy has no column(s) {missing} (it has {columns}); {meta['hub']} stores its images "
+                         f"in {meta['image']!r} and labels in {meta['label']!r}: is data_dir a copy of that dataset?")
     index = _subset_index(len(split), limit)
     if index is not None:
         split = split.select(index)
-    images = [np.asarray(_decode(im), dtype=np.uint8) for im in split[meta["image"]]]
-    if meta["hub"].startswith("ILSVRC"):
-        images = [_center_crop(im) for im in images]
+    if meta["hub"].startswith("ILSVRC"):  # cropped from the PIL image: CMYK/palette converted to RGB first
+        images = [_center_crop(_decode(im)) for im in split[meta["image"]]]
+    else:
+        images = [np.asarray(_decode(im), dtype=np.uint8) for im in split[meta["image"]]]
     x = np.stack(images).astype(np.float32) / 255.0
     if x.ndim == 3:
         x = x[..., None]
@@ -287,14 +298,21 @@ def _decode(im):
 
 
 def _center_crop(im, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """ImageNet eval transform: shorter side to 256, centre 224×224 crop, RGB."""
+    """ImageNet eval transform, as torchvision's ``Resize(256)`` + ``CenterCrop(224)`` on a PIL
+    image: RGB (CMYK, palette and grayscale images converted by PIL), the shorter side to 256 and
+    the longer to ⌊256·long/short⌋ (bilinear), then the centre crop at offsets round((size −
+    224)/2). Imported torchvision weights then see the images their reference evaluation saw."""
     from PIL import Image
 
     im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
     im = im.convert("RGB")
     w, h = im.size
-    scale = resize / min(w, h)
-    im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
+    if w <= h:
+        size = (resize, int(resize * h / w))
+    else:
+        size = (int(resize * w / h), resize)
+    if size != (w, h):
+        im = im.resize(size, Image.BILINEAR)
     w, h = im.size
-    left, top = (w - crop) // 2, (h - crop) // 2
+    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
     return np.asarray(im.crop((left, top, left + crop, top + crop)))

@@ -55,8 +55,9 @@ def _product(module, x, kernel, gemm):
     return gemm(x, kernel) if hook is None else hook(module, x, kernel, gemm)
 
 
-# PyTorch's default init for conv/linear (kaiming_uniform with a=√5) is U(±1/√fan_in);
-# He-normal (fan_out) is torchvision's ResNet init. Both are offered by the models.
+# Convolutions default to He-normal (fan_out), torchvision's ResNet init; dense layers to
+# LeCun-normal (Flax's default). PyTorch's own default for both (kaiming_uniform with a=√5,
+# U(±1/√fan_in)) is not used; ``kernel_init`` on the layers takes any Flax initializer.
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -157,6 +158,11 @@ class QuantIdentity(nn.Module):
 
 class BatchNorm(nn.Module):
     """Batch normalisation over all axes but the last (PyTorch's momentum 0.1 = 0.9 here).
+
+    The running variance averages the biased batch variance, as Flax's BatchNorm does;
+    PyTorch's averages the unbiased one, n/(n − 1) larger for n = N·H·W values per channel
+    (1.0005 at a 128-image batch of 4×4 maps, 1.06 at n = 18). Evaluation from imported
+    torchvision statistics is unaffected; networks trained here and in PyTorch differ by that.
 
     Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
     ``train=True`` normalises with batch statistics and updates the running averages

@@ -2,7 +2,9 @@
 
 * CIFAR-style (He et al. 2016, §4.2): ``resnet8`` (8×8 inputs, one block per stage) and
   ``resnet20`` (three blocks per stage, 28×28 or 32×32 inputs): a 3×3 stem, three stages of
-  16/32/64 channels, projection (1×1 conv + BN) shortcuts when the shape changes.
+  16/32/64 channels, projection (1×1 conv + BN) shortcuts when the shape changes (the
+  paper's option B; its CIFAR results used option A, identity with zero padding, which has
+  no parameters: resnet20 is 272,474 parameters here, 269,722 with option A).
 * ImageNet-style ``resnet18`` / ``resnet50`` with torchvision's parameter layout: module
   names follow torchvision with "." → "_" (``layer1.0.conv1`` → ``layer1_0/conv1``,
   ``downsample.0`` → ``downsample_0``), so :func:`models.import_torchvision` is a renaming.

@@ -111,9 +111,43 @@ def test_a_copy_with_labels_outside_the_classes_is_refused(tmp_path):
         ls.data.load("mnist", data_dir=str(d), calib_size=8, seed=0)
 
 
+def test_another_datasets_copy_is_named(tmp_path):
+    d = tmp_path / "mnist"
+    d.mkdir()
+    _write_parquet(d / "train-00000-of-00001.parquet", 20, 0)
+    _write_parquet(d / "test-00000-of-00001.parquet", 12, 1)
+    with pytest.raises(ValueError, match=r"this copy has no column\(s\) \['img'\] .*uoft-cs/cifar10 stores its "
+                                         r"images in 'img' .*is data_dir a copy of that dataset\?"):
+        ls.data.load("cifar10", data_dir=str(d), calib_size=8, seed=0)
+
+
+def test_imagenet_eval_crop_is_torchvisions():
+    """Resize(256) + CenterCrop(224) as torchvision computes them: the long side ⌊256·long/short⌋, the
+    offsets round((size − 224)/2); CMYK images converted to RGB by PIL (their 4 channels were read as RGBA)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for w, h, resized, box in ((640, 427, (383, 256), (80, 16)), (300, 301, (256, 256), (16, 16)),
+                               (375, 500, (256, 341), (16, 58)), (256, 300, (256, 300), (16, 38))):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = im.resize(resized, Image.BILINEAR) if resized != (w, h) else im
+        ref = np.asarray(ref.crop((box[0], box[1], box[0] + 224, box[1] + 224)))
+        np.testing.assert_array_equal(ls.data._center_crop(im), ref, err_msg=f"{w}x{h}")
+    red = Image.new("CMYK", (300, 260), (0, 255, 255, 0))
+    buffer = io.BytesIO()
+    red.save(buffer, format="JPEG")
+    meta = dict(ls.data._HUB["imagenet"])
+    x, y = ls.data._to_arrays({"image": [{"bytes": buffer.getvalue()}], "label": [3]}, meta, None)
+    pixel = x[0, 112, 112] * np.asarray(meta["std"]) + np.asarray(meta["mean"])
+    assert pixel[0] > 0.9 and pixel[1] < 0.1 and pixel[2] < 0.1 and y.tolist() == [3]
+
+
 def test_missing_local_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ls.data.load("mnist", data_dir=str(tmp_path / "absent"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        ls.data.load("mnist", data_dir=str(tmp_path / "file"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"\*train\*.parquet"):
         ls.data.load("mnist", data_dir=str(tmp_path / "empty"))
