@@ -66,7 +66,15 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
     """
     block = check_number(block, "block", integer=True)
     w = np.array(w_star, np.float64)
+    if w.ndim != 2 or w.size == 0:
+        raise ValueError(f"w_star must be a non-empty (K, C) matrix, got shape {w.shape}")
     k = w.shape[0]
+    H = np.asarray(H, np.float64)
+    if H.shape != (k, k):
+        raise ValueError(f"H has shape {H.shape}; w_star has K = {k} rows, so H must be ({k}, {k})")
+    for name, a in (("w_star", w), ("H", H)):
+        if not np.all(np.isfinite(a)):  # a NaN spreads through the error feedback to whole channels
+            raise ValueError(f"{name} has {int(np.sum(~np.isfinite(a)))} NaN/inf entries; GPTQ needs finite values")
     if not lo <= hi:
         raise ValueError(f"the code range lo={lo}, hi={hi} is empty; need lo <= hi")
     if not np.all(np.asarray(scale, np.float64) > 0):
@@ -75,7 +83,7 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
     if not np.issubdtype(order.dtype, np.integer) or sorted(order.tolist()) != list(range(k)):
         raise ValueError(f"order must be a permutation of range({k}) (integers), got {order.dtype} "
                          f"{order.tolist()[:8]}")
-    Hp = np.asarray(H, np.float64)[np.ix_(order, order)]
+    Hp = H[np.ix_(order, order)]
     w = w[order]
     U = np.linalg.cholesky(np.linalg.inv(Hp)).T  # upper triangular, UᵀU = H⁻¹ (numpy gives L = Uᵀ)
     scale = np.broadcast_to(np.asarray(scale, np.float64), (w.shape[1],))

@@ -135,6 +135,15 @@ def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32, precision: str =
 
 
 def _input_statistics(x, y, kernel_shape, gemm, chunk):
+    for name, a in (("x", x), ("y", y)):
+        n = np.shape(a)[0] if np.ndim(a) else 0
+        if n == 0:
+            raise ValueError(f"{name} has 0 examples; the layer's statistics need at least one input")
+        if not np.all(np.isfinite(np.asarray(a))):
+            raise ValueError(f"{name} has {int(np.sum(~np.isfinite(np.asarray(a))))} NaN/inf entries; the layer's "
+                             "statistics need finite inputs and outputs")
+    if np.shape(x)[0] != np.shape(y)[0]:
+        raise ValueError(f"x has {np.shape(x)[0]} examples and y {np.shape(y)[0]}; they must be the same ones")
     k = int(np.prod(kernel_shape[:-1]))
     eye = jnp.eye(k, dtype=jnp.float32).reshape(*kernel_shape[:-1], k)
     patches = functools.partial(_patches, gemm, eye=eye)

@@ -76,7 +76,8 @@ def test_adaround_network(tiny_net, digits):
         assert codes.min() >= lo and codes.max() <= hi
         assert fit.flipped == pytest.approx(float(np.mean(codes != nearest)))
         kernel = res.network.variables["params"][name]["kernel"]
-        np.testing.assert_array_equal(np.asarray(kernel), res.network.dequantize(name))
+        # the loss's grid values of the codes: Δ·q + offset to an ulp (XLA's fused multiply-add)
+        np.testing.assert_allclose(np.asarray(kernel), res.network.dequantize(name), rtol=1e-6, atol=1e-7)
     assert sum(f.flipped for f in res.layers.values()) > 0
     assert sum(f.mse for f in res.layers.values()) < 0.9 * sum(f.mse_nearest for f in res.layers.values())
     assert "mse_nearest" in repr(res)
