@@ -42,7 +42,8 @@ def _parse(argv):
     parser.add_argument("--out", default=None, help="output directory (default figures/ for small, "
                                                    "figures/<preset>/ otherwise)")
     parser.add_argument("--bits", default=None,
-                        help="bit widths of F1, F2 and F4 (instead of the paper's) and of T2, e.g. 2,3,4,8")
+                        help="bit widths of F1, F2 and F4 (instead of the paper's) and of T2 (those <= 4), "
+                             "e.g. 2,3,4,8")
     parser.add_argument("--seeds", type=int, default=None, help="calibration seeds for the tables")
     parser.add_argument("--train-seed", type=int, default=0,
                         help="fit's seed for the network (default 0): the claims on another trained network")
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--data-dir {args.data_dir!r} is not a directory (expected a local parquet copy "
                              "of the dataset in the hub's layout)")
         changes["data_dir"] = args.data_dir
-    if args.bits:
+    if args.bits is not None:
         try:
             bits = tuple(int(b) for b in args.bits.split(","))
         except ValueError:
@@ -103,8 +104,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--train-seed {args.train_seed}: must be an integer >= 0")
     changes["train_seed"] = args.train_seed
     preset = dataclasses.replace(preset, **changes)
-    if preset.data in ("mnist", "cifar10") and preset.data_dir is None and preset.name == "mnist":
-        raise SystemExit("--preset mnist needs --data-dir PATH (a local parquet copy of MNIST)")
+    if preset.data in ("mnist", "cifar10") and preset.data_dir is None:  # offline: no hub download unasked
+        raise SystemExit(f"--preset {preset.name} needs --data-dir PATH (a local parquet copy of {preset.data} in "
+                         "the hub's layout)")
+
     if args.out is None:
         # The default directories hold the committed galleries: a partial or non-default run
         # would replace some of their figures and the whole report with its own.
@@ -116,7 +119,68 @@ def main(argv=None) -> int:
                              f"the preset's gallery in figures/; pass --out DIR")
     out = Path(args.out) if args.out else (ROOT / "figures" if preset.name == "small"
                                            else ROOT / "figures" / preset.name)
-    return run(preset, modules, out, progress=not args.no_progress)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"--out {str(out)!r}: cannot write there ({err.strerror or err})") from None
+    if len(modules) < len(figures.load_all()):
+        _check_partial_run(out, preset)
+    with _exclusive(out):
+        return run(preset, modules, out, progress=not args.no_progress)
+
+
+def _check_partial_run(out: Path, preset) -> None:
+    """A partial run (--only) replaces some figures and the report of ``out``: refused where
+    ``out`` holds a run of another configuration, whose other figures it would leave beside a
+    report that no longer describes them."""
+    import json
+
+    try:
+        previous = json.loads((out / "report.json").read_text())["preset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no earlier run there (or not one of ours)
+    if previous != json.loads(json.dumps(preset.config())):
+        changed = sorted(k for k in previous.keys() | preset.config().keys()
+                         if previous.get(k) != json.loads(json.dumps(preset.config())).get(k))
+        raise SystemExit(f"--out {str(out)!r} holds a run of another configuration (it differs in {changed}); a "
+                         "partial run (--only) there would mix the two: use another --out, or run every figure")
+
+
+class _exclusive:
+    """Holds an exclusive lock on ``out/.lock`` for a run: a second run into the same directory
+    is refused (it would delete the first run's staging directory and publish its files)."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): runs are not guarded against each other
+            self.fh = None
+            return self
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip()
+            self.fh.close()
+            raise SystemExit(f"--out {str(self.path.parent)!r}: another paper_repro run is writing there"
+                             + (f" (pid {holder})" if holder else "") + "; wait for it or use another --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()  # releases the lock
+        return False
 
 
 def run(preset, modules, out: Path, *, progress: bool = True) -> int:
@@ -132,6 +196,12 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     stage = out / STAGING
     shutil.rmtree(stage, ignore_errors=True)  # an unfinished run's outputs: the cache redraws them
     ctx = common.Context(preset, stage, progress=progress, cache_dir=out / ".cache")
+    try:
+        ctx.data()  # a missing local copy or an unreachable hub: one line, before any work
+    except (OSError, ValueError, ImportError) as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        hint = "" if preset.data_dir else "; pass --data-dir PATH, a local parquet copy in the hub's layout"
+        raise SystemExit(f"preset {preset.name!r}: cannot load {preset.data!r} ({err}){hint}") from None
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -28,6 +28,8 @@ def select(names: str | None):
         return modules
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     known = {m.NAME.lower(): m for m in modules} | {m.SLUG.lower(): m for m in modules}
+    if not wanted:  # "," ran nothing and replaced a report with an empty one
+        raise ValueError("no figure named; known: " + ", ".join(f"{m.NAME} ({m.SLUG})" for m in modules))
     unknown = [n for n in wanted if n.lower() not in known]
     if unknown:
         listing = ", ".join(f"{m.NAME} ({m.SLUG})" for m in modules)

@@ -227,9 +227,10 @@ class Context:
         self._losses: dict = {}
         self.timings: dict[str, float] = {}
         # cached steps of this run: computed now, or loaded from an earlier run's cache (a step
-        # computed earlier in this run and asked for again counts once, as computed)
+        # asked for again counts once, as computed or loaded, in the figure that first asked)
         self.steps = {"computed": 0, "loaded": 0}
         self._computed_now: set[Path] = set()
+        self._loaded_now: set[Path] = set()  # a step loaded once counts once, in the figure that loaded it
         self._fingerprints = None  # (code, weights), taken at the first cached step
 
     # data and network ---------------------------------------------------------
@@ -356,7 +357,9 @@ class Context:
                 "code": code, "weights": weights}
         path = self.cache_dir / f"{name}-{config_hash(full)}.json"
         if path.exists():
-            self.steps["loaded"] += path not in self._computed_now
+            if path not in self._computed_now and path not in self._loaded_now:
+                self.steps["loaded"] += 1
+                self._loaded_now.add(path)
             return json.loads(path.read_text())
         t0 = time.time()
         value = to_jsonable(compute())

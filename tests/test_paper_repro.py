@@ -127,7 +127,22 @@ def test_cli_list_and_bad_arguments(capsys, tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit, match=f"--data-dir '{missing}' is not a directory"):
         paper_repro.main(["--preset", "mnist", "--data-dir", missing, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--preset cifar10 needs --data-dir PATH"):  # offline, as mnist
+        paper_repro.main(["--preset", "cifar10", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--bits '': use comma-separated integers"):  # was ignored
+        paper_repro.main(["--preset", "tiny", "--bits", "", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--only ',': no figure named; known: F1"):  # ran nothing
+        paper_repro.main(["--preset", "tiny", "--only", ",", "--out", str(tmp_path)])
     assert not os.listdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit, match=f"--out '{out}': cannot write there"):
+            paper_repro.main(["--preset", "tiny", "--out", str(out), "--no-progress"])
+    empty = tmp_path / "mnist"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=r"preset 'mnist': cannot load 'mnist' \(no '\*train\*.parquet' files"):
+        paper_repro.main(["--preset", "mnist", "--data-dir", str(empty), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m" / ".partial").exists()
     # partial or non-default runs need --out: they would overwrite the committed galleries
     for extra in (["--only", "F8"], ["--bits", "2"], ["--seeds", "1"], ["--train-seed", "1"]):
         with pytest.raises(SystemExit, match=f"{extra[0]} without --out would write a partial or non-default run"):
@@ -156,6 +171,9 @@ def test_report_says_what_came_from_the_cache_and_what_was_not_run(tiny_run):
     text = (tiny_run / "REPORT.md").read_text()
     loaded = sum(info["loaded"] for info in report["figures"].values())
     assert f"{loaded} of the {loaded} cached steps were loaded from an earlier run" in text
+    # each step counts once (a step asked for twice was counted twice, more than the cache held)
+    assert loaded <= len(list((tiny_run / ".cache").iterdir()))
+    assert "from `python paper_repro.py --preset tiny --only F4,T1`" in text
     assert "Not tested by this run (figures F4, T1 of F1," in text
 
 
@@ -170,6 +188,7 @@ def test_bits_sets_the_widths_of_the_headline_figures(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     claims = {c["id"]: c for c in report["claims"]}
     assert "C6" not in claims and "C6" in report["untested"]
+    assert "--only F2,F4 --bits 3`" in (tmp_path / "REPORT.md").read_text()
     assert claims["C7"]["ours"].startswith("W3A3:")
     # without --bits, the preset's configuration (and so every cache key) is what it was
     from figures.common import PRESETS
@@ -218,6 +237,55 @@ def test_compare_tables_the_claims_of_several_runs(tiny_run, tmp_path, capsys):
     assert "| b | tiny | 7 |" in text and "| a | tiny | 0 |" in text
     with pytest.raises(SystemExit, match="holds no report.json"):
         paper_repro.main(["--compare", str(tmp_path / "nowhere")])
+
+
+def test_a_step_asked_for_twice_counts_once(tmp_path):
+    """A step loaded from an earlier run and asked for again (another figure reusing it) is one
+    loaded step: counted per lookup, a warm run reported 30 of 30 steps loaded from a 27-step cache."""
+    from figures import common
+
+    first = common.Context(common.PRESETS["tiny"], tmp_path / "a", progress=False, cache_dir=tmp_path / "cache")
+    first.cached("step", {"k": 1}, lambda: {"v": 1})
+    first.cached("step", {"k": 1}, lambda: {"v": 2})
+    assert first.steps == {"computed": 1, "loaded": 0}
+    again = common.Context(common.PRESETS["tiny"], tmp_path / "b", progress=False, cache_dir=tmp_path / "cache")
+    assert [again.cached("step", {"k": 1}, lambda: {"v": 3}) for _ in range(3)] == [{"v": 1}] * 3
+    assert again.steps == {"computed": 0, "loaded": 1}
+
+
+def test_compare_names_a_damaged_report(tmp_path):
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "report.json").write_text('{"preset":\n')
+    with pytest.raises(SystemExit, match=r"--compare: .*cut/report.json is not valid JSON"):
+        paper_repro.main(["--compare", str(tmp_path / "cut")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "report.json").write_text('{"preset": {}, "claims": []}')
+    with pytest.raises(SystemExit, match=r"other/report.json lacks \['fp32_test_accuracy'\]"):
+        paper_repro.main(["--compare", str(tmp_path / "other")])
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
+    """Two runs sharing --out deleted each other's staging directory and published each other's
+    files; the second now stops at once, naming the first."""
+    import fcntl
+
+    with open(tmp_path / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(SystemExit, match=r"another paper_repro run is writing there \(pid 4242\)"):
+            paper_repro.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--only", "F8"])
+    assert not (tmp_path / ".partial").exists()
+
+
+def test_a_partial_run_over_another_configuration_is_refused(tiny_run, tmp_path):
+    """--only into a directory holding a run of another configuration would leave its other figures
+    beside a report that no longer describes them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tiny_run / "report.json", out / "report.json")
+    with pytest.raises(SystemExit, match=r"holds a run of another configuration \(it differs in \['train_seed'\]\)"):
+        paper_repro.main(["--preset", "tiny", "--out", str(out), "--no-progress", "--only", "F8", "--train-seed", "1"])
 
 
 def test_release_frees_compiled_programs_only_when_mappings_run_short(monkeypatch, tmp_path):
