@@ -72,7 +72,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--compare: {err}") from None
         return 0
     if args.list:
-        print(f"{'':4s} {'':18s} {'cost':>6s}  (compute seconds, small preset, cold; {figures.COST_SOURCE})")
+        print(f"{'':4s} {'':18s} {'cost':>6s}  (compute seconds, small preset, every step computed; "
+              f"{figures.COST_SOURCE})")
         for m in figures.load_all():
             print(f"{m.NAME:4s} {m.SLUG:18s} {m.EST_SECONDS:>4d} s  {m.TITLE}")
         return 0
