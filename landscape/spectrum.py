@@ -552,14 +552,24 @@ def _eigenvalue_errors(theta, res):
     return np.minimum(res, quadratic)
 
 
-def _thresholds(wanted, theta, tol, dtype):
+def _thresholds(wanted, theta, tol, eps):
     """Each wanted Ritz value's stopping threshold: tol · |θ_i|, its own size, not the largest
     |θ|'s, which can exceed the gap between a smaller wanted eigenvalue and the next one and so
     accept a neighbour in its place (λ = 1e5, 50, 40 over a unit bulk: θ₃ = 1.79 passed at
-    tol · 1e5). Floored at 100 ε · max|θ| (ε of the basis dtype), which the Lanczos residual
-    estimate reaches, so eigenvalues near zero still converge."""
-    floor = 100 * np.finfo(dtype).eps * np.max(np.abs(theta))
+    tol · 1e5). Floored at 100 ε · max|θ| (``eps``: of the least precise leaf of x0, see
+    :func:`_rounding_eps`), which the Lanczos residual estimate reaches, so eigenvalues near
+    zero still converge."""
+    floor = 100 * eps * np.max(np.abs(theta))
     return np.maximum(tol * np.abs(wanted), floor)
+
+
+def _rounding_eps(x0) -> float:
+    """ε of the HVPs' rounding: that of x0's least precise leaf, each leaf counted as at least
+    float32 (the Lanczos basis is float32 or wider). With float32 and float64 leaves (x64 on) the
+    products carry float32 rounding, which float64's ε would ask Lanczos to beat: it spent every
+    restart and reported failure on answers as accurate as an all-float32 run's."""
+    f32 = float(np.finfo(np.float32).eps)
+    return max(min(float(jnp.finfo(jnp.result_type(leaf)).eps), f32) for leaf in jax.tree_util.tree_leaves(x0))
 
 
 def _repeated(values, thresholds):
@@ -584,16 +594,25 @@ def _gradient_start(op, rng):
     return g / norm + START_NOISE * r / np.linalg.norm(r)
 
 
-def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng, v0=None):
+def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng, v0=None, eps=None):
     """Thick-restart Lanczos from ``v0`` (default: a Gaussian vector drawn from `rng`, a numpy
     Generator). Returns eigenvalues, Ritz coefficient matrix S (j, k), basis Q, active size j,
-    residuals, eigenvalue error estimates, converged flags and the number of restarts."""
+    residuals, eigenvalue error estimates, converged flags and the number of restarts.
+
+    After a breakdown (β = 0, or β ≤ √ε · max|θ|: the Krylov subspace is invariant to rounding,
+    so every Ritz residual is 0 there) the wanted set is accepted
+    only once it is the same at two consecutive steps: the
+    fresh direction taken at the breakdown gets a step to show an eigenvalue outside the
+    subspace (a further copy of a repeated one). Without this, the smallest 3 eigenvalues of a
+    rank-3 Hessian came out as [0, 187, 207] against [0, 0, 0], marked converged."""
     dtype = np.dtype(dtype)
+    eps = float(np.finfo(dtype).eps) if eps is None else eps
     Q, q = _start_basis(m + 1, (rng.standard_normal(n) if v0 is None else v0).astype(dtype), op.home)
     T = np.zeros((m + 1, m + 1))
     keep = min(k + max((m - k) // 2, 1), m - 1) if m < n else k
     j = 0  # number of basis vectors whose H q has been taken
     restarts = 0
+    broke, previous = False, None  # a breakdown seen; the wanted Ritz values of the last check
     while True:
         while j < m:
             Q, h, beta, q = op.lanczos_step(Q, q, j)
@@ -615,9 +634,18 @@ def _lanczos_top_k(op, n, dtype, k, m, which, tol, tol_on, max_restarts, rng, v0
             idx = _order(theta, which)
             res = np.abs(T[j, j - 1] * S[j - 1, :])
             err = _eigenvalue_errors(theta, res)
-            done = (res if tol_on == "residual" else err)[idx[:k]] <= _thresholds(theta[idx[:k]], theta, tol, dtype)
-            if np.all(done):
+            limits = _thresholds(theta[idx[:k]], theta, tol, eps)
+            done = (res if tol_on == "residual" else err)[idx[:k]] <= limits
+            # a breakdown to rounding counts: β ≤ √ε · max|θ| (float32 HVPs of a rank-3 Hessian
+            # left β = 3e-5 · max|θ| where the subspace was invariant)
+            broke = broke or (j < n and beta <= np.sqrt(eps) * np.max(np.abs(theta)))
+            wanted, stable = theta[idx[:k]], True
+            if broke and j < n:  # see the docstring: the wanted set must survive a fresh direction
+                stable = previous is not None and bool(np.all(np.abs(previous - wanted) <= limits))
+            previous = wanted
+            if np.all(done) and stable:
                 break
+            done = done & stable
         if np.all(done) or restarts >= max_restarts or m >= n:
             break
         # Keep the `keep` wanted Ritz pairs and the residual direction; T becomes an arrowhead whose
@@ -1015,10 +1043,21 @@ def hessian_spectrum(
 
     Note:
         Single-vector Lanczos finds one copy of an exactly repeated eigenvalue per invariant
-        subspace (in floating point, sometimes a second): the missing copies are replaced by
-        the next eigenvalues, converged pairs of H but not its top k. When two of the returned
-        eigenvalues agree within the tolerance, a RuntimeWarning says so; for exactly degenerate
-        spectra, "dense" (small n) is the reliable choice.
+        subspace (in floating point, sometimes a second). At an exact breakdown it goes on from
+        a fresh direction and accepts only a wanted set that the next step leaves unchanged, so
+        the copies of a null space's 0 (a rank-deficient Hessian) are found one per breakdown.
+        Copies missed otherwise are replaced by the next eigenvalues, converged pairs of H but
+        not its top k. When two of the returned eigenvalues agree within the tolerance, a
+        RuntimeWarning says so; for exactly degenerate spectra, "dense" (small n) is the
+        reliable choice. The residual test guarantees each returned pair, not that no eigenvalue
+        of the top k is missing: a tight cluster (relative gaps below ``tol``) can converge
+        before all its members have entered the Krylov space. Over 40 seeds of a spectrum
+        {5, 4.999, 4.998, 4.5, 3, …} at top_k = 4, a random start missed one in about half the
+        runs, the gradient start in none; a smaller ``tol`` (1e-6: 2 of 40) or a larger top_k
+        than needed makes it rarer.
+        ``residuals`` are those of the float32 (or wider) Ritz vectors; eigenvectors returned
+        in a float16/bfloat16 leaf are rounded to it, which alone can raise ‖Hv − λv‖ to the
+        order of that dtype's ε · |λ|.
         The compiled HVP programs are cached per (f, structure of x0), like ``jax.jit``: f is
         assumed pure, and data it closes over are captured when it is first traced. A
         ``jax.tree_util.Partial`` whose bound arguments are arrays is cached per function instead,
@@ -1122,8 +1161,9 @@ def hessian_spectrum(
         v0 = _gradient_start(op, rng_lanczos) if start == "gradient" else None
         _check_value(op, terms is not None)
         info["start"] = "random (zero or non-finite gradient)" if start == "gradient" and v0 is None else start
+        eps = _rounding_eps(x0)
         values, S, Q, j, residuals, errors, converged, restarts = _lanczos_top_k(
-            op, n, dtype, top_k, m, which, tol, tol_on, max_restarts, rng_lanczos, v0
+            op, n, dtype, top_k, m, which, tol, tol_on, max_restarts, rng_lanczos, v0, eps
         )
         info.update(lanczos_steps=m, lanczos_restarts=restarts, tol=tol, tol_on=tol_on)
         if not np.all(converged):
@@ -1133,7 +1173,7 @@ def hessian_spectrum(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        repeated = _repeated(values, _thresholds(values, values, tol, dtype))
+        repeated = _repeated(values, _thresholds(values, values, tol, eps))
         if repeated:
             warnings.warn(
                 f"Lanczos found the eigenvalue {repeated[0]:.6g} {repeated[1]} times: it may be repeated, and "

@@ -49,6 +49,21 @@ def test_fd_equals_ste_on_a_smooth_quadratic():
     np.testing.assert_array_equal(fd, fd.T)
 
 
+def test_fd_names_sites_whose_second_differences_are_rounding_noise():
+    """α spanning 1e-3 … 10: at step 0.05 the small sites' second differences are a few float32
+    roundings of L, and their FD curvature came out 1848× off, silently; now a warning names them.
+    At well-scaled α nothing is said."""
+    A = _spd(4, 1)
+    q = Quadratic(A, c=np.full(4, 2.0))
+    with pytest.warns(RuntimeWarning, match=r"second differences of sites \[0, 1\] are within float32 rounding"):
+        clip_hessian(q, np.array([1e-3, 1e-2, 1.0, 10.0]), method="fd", step=0.05)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        clip_hessian(q, np.linspace(1.0, 3.0, 4), method="fd", step=0.05)
+
+
 def test_fd_point_layout():
     pts, h = fd_points(np.array([1.0, 2.0, 4.0]), 0.1)
     assert pts.shape == (3 * 3 + 3 + 1, 3)

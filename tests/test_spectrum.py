@@ -426,17 +426,59 @@ def _four_eigenvalues(n=600):
 def test_lanczos_continues_after_breakdowns_to_repeated_eigenvalues():
     """After an invariant subspace Lanczos goes on from a fresh random direction orthogonal to the
     basis. Top-5 of a spectrum with four distinct values: the first Krylov block gives 10, 5, 3, 1,
-    the second (5, 3, 1 again) the other two pairs, exact (residual 0), so it stops there — one copy
-    of a repeated eigenvalue per block, the documented limit ("dense" for degenerate spectra)."""
+    the second (5, 3, 1 again) the other two pairs, exact (residual 0); one step of a third block
+    leaves the wanted set unchanged, so it stops there — one copy of a repeated eigenvalue per
+    block, the documented limit ("dense" for degenerate spectra)."""
     f, x0, _ = _four_eigenvalues()
     with pytest.warns(RuntimeWarning, match="found the eigenvalue 5 2 times"):
         res = hessian_spectrum(f, x0, top_k=5, trace=False, eigenvectors=True, seed=2)
-    assert np.all(res.converged) and res.n_hvp == 7  # two blocks: 4 + 3 steps
+    assert np.all(res.converged) and res.n_hvp == 8  # two blocks, 4 + 3 steps, and the confirming step
     np.testing.assert_allclose(res.eigenvalues, [10.0, 5.0, 5.0, 3.0, 3.0], rtol=1e-5)
     assert np.all(res.residuals <= 1e-5)
     V = np.stack([np.asarray(v["a"], np.float64) for v in res.eigenvectors])
     np.testing.assert_allclose(V @ V.T, np.eye(5), atol=1e-5)  # two independent copies of 5 and of 3
     assert np.abs(V[1:3, 1:201]).sum(axis=1).min() > 0.99 * np.abs(V[1:3]).sum(axis=1).min()
+
+
+def test_lanczos_finds_the_null_space_of_a_rank_deficient_hessian():
+    """The smallest eigenvalues of a rank-3 Hessian (least squares on 3 examples, n = 630 in two
+    leaves) are 0, 0, 0. float32 HVPs leave β at 3e-5·max|θ| where the Krylov space is invariant,
+    every residual ~0: the first check took [0, 187, 207] as converged. Accepting only a wanted
+    set that survives a step from there finds one more 0 per breakdown."""
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(3, 630)), jnp.float32)
+    x0 = {"w": jnp.asarray(rng.normal(size=(20, 30)), jnp.float32), "b": jnp.zeros(30, jnp.float32)}
+
+    def f(p):
+        return 0.5 * jnp.mean((X @ jnp.concatenate([p["b"], p["w"].ravel()])) ** 2)
+
+    res = hessian_spectrum(f, x0, top_k=3, which="smallest", trace=False)
+    top = np.sort(np.linalg.eigvalsh(np.asarray(X, np.float64).T @ np.asarray(X, np.float64) / 3))[-1]
+    assert np.all(res.converged) and np.all(np.abs(res.eigenvalues) < 1e-5 * top), res.eigenvalues
+
+
+def test_mixed_float32_float64_leaves_stop_at_float32_rounding():
+    """With x64 on, a float32 leaf next to float64 ones makes the products float32-accurate: the
+    stopping floor takes float32's ε (float64's had Lanczos spend every restart and report the
+    answers, as accurate as an all-float32 run's, as not converged)."""
+    from landscape.spectrum import _rounding_eps
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        Q, _ = np.linalg.qr(rng.normal(size=(600, 600)))
+        A = jnp.asarray((Q * np.concatenate([np.zeros(300), rng.uniform(1, 5, 300)])) @ Q.T)
+
+        def f(x):
+            v = jnp.concatenate([x["a"].ravel().astype(jnp.float64), x["b"]])
+            return 0.5 * v @ (A @ v)
+
+        x = {"a": jnp.asarray(rng.normal(size=(10, 10)), jnp.float32), "b": jnp.asarray(rng.normal(size=500))}
+        assert _rounding_eps(x) == np.finfo(np.float32).eps
+        assert _rounding_eps({"b": x["b"]}) == np.finfo(np.float64).eps
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # "not converged" failed this before
+            res = hessian_spectrum(f, x, top_k=3, which="smallest", trace=False)
+    assert np.all(res.converged) and np.all(np.abs(res.eigenvalues) < 1e-6), res.eigenvalues
 
 
 @pytest.mark.parametrize("probe_batch", [1, 3])
