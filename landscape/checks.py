@@ -67,6 +67,9 @@ def as_alpha(alpha, name: str = "alpha") -> np.ndarray:
     """
     if isinstance(alpha, str | bytes) or alpha is None:
         raise ValueError(f"{name} must be an (n,) array of clipping values; got {alpha!r}")
+    kind = getattr(getattr(alpha, "dtype", None), "kind", None)
+    if kind in ("c", "b"):  # complex would lose its imaginary part (a ComplexWarning), bool become 1.0
+        raise ValueError(f"{name} must be real numbers; got dtype {alpha.dtype}")
     try:
         return np.asarray(alpha, np.float32)
     except (TypeError, ValueError) as e:

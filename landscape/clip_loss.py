@@ -323,7 +323,7 @@ class ClipLoss:
         if weight_grid not in quantizers.WEIGHT_GRIDS:
             raise ValueError(f"ClipLoss weight_grid={weight_grid!r} is not allowed; use one of "
                              f"{quantizers.WEIGHT_GRIDS} (an unsigned grid would clip every negative weight to 0)")
-        w_bits, a_bits = _checked_bits(w_bits), _checked_bits(a_bits)
+        w_bits, a_bits = _checked_bits(w_bits, "w_bits"), _checked_bits(a_bits, "a_bits")
         self.options = dict(w_bits=w_bits, a_bits=a_bits, quantize_first_last=quantize_first_last,
                             sites=None if sites is None else tuple(sites), weight_grid=weight_grid,
                             per_channel=per_channel, bias_correction=bias_correction, fold_bn=fold_bn,
@@ -460,7 +460,7 @@ class ClipLoss:
         return {s.name: slice(o, o + k) for s, o, k in
                 zip(self._layout.sites, self._layout.offsets, self._layout.sizes, strict=True)}
 
-    def _check_alpha(self, alpha, batched: bool = False, positive: bool = False):
+    def _check_alpha(self, alpha, batched: bool = False, positive: bool = False, name: str = "alpha"):
         """α as float32 (host numpy, or jnp inside a user's transformation) of shape (n,) or
         (K, n). With ``positive``, every entry must be finite and > 0: the loss itself is +inf
         there (what optimizers expect), but a gradient, Hessian, logits or accuracy at such a
@@ -469,12 +469,12 @@ class ClipLoss:
         # Host-side conversion: an eager jnp op would compile a small XLA program for every new
         # input shape, and a long run (optimizers evaluate batches of many sizes) would pile up
         # thousands of them.
-        alpha = jnp.asarray(alpha, jnp.float32) if traced else checks.as_alpha(alpha)
+        alpha = jnp.asarray(alpha, jnp.float32) if traced else checks.as_alpha(alpha, name)
         want = (self.n,)
         got = alpha.shape[1:] if batched else alpha.shape
         if (batched and alpha.ndim != 2) or got != want:
             shape = "(K, n)" if batched else "(n,)"
-            raise ValueError(f"alpha has shape {alpha.shape}; expected {shape} with n = {self.n} "
+            raise ValueError(f"{name} has shape {alpha.shape}; expected {shape} with n = {self.n} "
                              f"({len(self.sites)} sites)")
         if positive and not traced:
             bad = np.flatnonzero(~quantizers.valid_alpha(alpha))
@@ -532,7 +532,7 @@ class ClipLoss:
 
     def hvp(self, alpha, v) -> jax.Array:
         """∇²L(α)·v of the straight-through surrogate (forward-over-reverse), (n,)."""
-        alpha, v = self._place(self._check_alpha(alpha, positive=True)), self._place(self._check_alpha(v))
+        alpha, v = self._place(self._check_alpha(alpha, positive=True)), self._place(self._check_alpha(v, name="v"))
         return self._run(self._programs.hvp, alpha, v, self._state, self._x, self._y, self._w)
 
     def hessian(self, alpha) -> jax.Array:
@@ -704,11 +704,13 @@ class ClipLoss:
                 f"calib={self.n_calib}, devices={len(jax.devices())})")
 
 
-def _checked_bits(bits):
-    """An int/None bit width unchanged; a mapping as a validated dict copy in site-name order, so
-    that ``options`` stays a stable (and JSON-serialisable) description of the loss."""
+def _checked_bits(bits, name: str = "bits"):
+    """An int bit width (numpy's too) checked and returned as a Python int, None as is; a mapping as a
+    validated dict copy in site-name order, so that ``options`` stays a stable (and JSON-serialisable)
+    description of the loss. A scalar is checked whether or not a site of its kind is quantized
+    (``w_bits=1`` with activation sites only was stored as given, and np.int64(4) broke JSON)."""
     if not isinstance(bits, Mapping):
-        return bits
+        return quantizers.check_bits(bits, name)
     out = {}
     for name in sorted(bits):
         if not isinstance(name, str):

@@ -213,16 +213,40 @@ def test_large_tensors_are_sampled_and_still_accurate():
                                            ("aciq", {"distribution": "cauchy"}, "cauchy"),
                                            ("lp", {"p": "3"}, "p='3' must be a number"),
                                            ("lp", {"p": float("nan")}, "p=nan must be a number"),
-                                           ("max", {"p": 2}, "unknown options")])
+                                           ("max", {"p": 2}, "unknown options"),
+                                           (["max"], {}, r"unknown calibration rule \['max'\]; known rules")])
 def test_bad_rules(name, kw, match):
     with pytest.raises(ValueError, match=match):
         cal.make_rule(name, **kw)
 
 
+def test_empty_tensor_is_named():
+    with pytest.raises(ValueError, match=r"clip_value needs a non-empty tensor x, got shape \(0,\)"):
+        cal.clip_value(np.zeros(0), "max", bits=4)
+
+
+def test_lp_rule_at_large_p_finds_the_minimiser():
+    """float32 |e|^16 underflows for 8-bit weights of σ = 0.01 (|e| ≈ 2e-4): the search took an α
+    whose error was 3.7e22× the minimum. Above p = 8 it compares log E|e|^p; the rule is then
+    equivariant under scaling x (it was off by 44× at p = 16, 2 bits) and agrees with a float64
+    brute force."""
+    x = np.random.default_rng(0).normal(scale=0.01, size=20000).astype(np.float32)
+    for bits, p in ((8, 16.0), (8, 12.0), (4, 16.0)):
+        alpha = cal.clip_value(x, "lp", bits=bits, p=p)
+        err = lambda a, bits=bits, p=p: float(np.mean(  # noqa: E731
+            np.abs(np.asarray(quantizers.quantize(jnp.asarray(x), a, bits, "midrise"), np.float64) - x) ** p
+            / 0.01**p))
+        best, best_err = _brute(err, float(np.abs(x).max()), num=2000)
+        assert err(alpha) <= best_err * 1.02, (bits, p, alpha, best)
+    for scale in (1e-4, 1e3):
+        assert cal.clip_value(x * scale, "lp", bits=2, p=16.0) == pytest.approx(
+            scale * cal.clip_value(x, "lp", bits=2, p=16.0), rel=1e-3)
+
+
 def test_numpy_scalars_are_numbers_for_rule_options():
     """p and q from a numpy array (a sweep's grid) are accepted, as Python numbers are."""
     x = np.random.default_rng(0).laplace(size=4096).astype(np.float32)
-    for kw in ({"p": np.float32(3.0)}, {"p": np.int64(2)}):
+    for kw in ({"p": np.float32(3.0)}, {"p": np.int64(2)}, {"p": jnp.float32(3.0)}, {"p": np.array(3.0)}):
         assert cal.clip_value(x, "lp", bits=4, **kw) == pytest.approx(cal.clip_value(x, "lp", bits=4, p=float(kw["p"])))
     assert cal.clip_value(x, "percentile", bits=4, q=np.float64(99.0)) > 0
 

@@ -287,8 +287,11 @@ def test_bad_per_site_bits(tiny_net, digits, kw, match):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"w_bits": 1, "a_bits": 4}, r"site 'conv0_1' \(weight\): bits=1"),
-    ({"w_bits": 4, "a_bits": 20}, r"site 'relu0_0' \(activation\): bits=20"),
+    ({"w_bits": 1, "a_bits": 4}, r"w_bits: bits=1 is not allowed; use an integer in \[2, 16\]"),
+    ({"w_bits": 4, "a_bits": 20}, r"a_bits: bits=20 is not allowed"),
+    # checked even where no site of its kind is quantized (stored as given before)
+    ({"w_bits": 1, "a_bits": 4, "sites": ["relu0_0"]}, r"w_bits: bits=1 is not allowed"),
+    ({"w_bits": "four", "a_bits": 4, "sites": ["relu0_0"]}, r"w_bits: bits='four' is not allowed"),
     ({"w_bits": 4, "a_bits": 4, "sites": ["nope"]}, "unknown sites"),
     ({"w_bits": 4, "a_bits": 4, "weight_grid": "log"}, "grid='log'"),
     ({"w_bits": 4, "a_bits": 4, "weight_grid": "unsigned"},  # accepted once: negative weights became 0
@@ -306,9 +309,23 @@ def test_bad_construction(tiny_net, digits, kw, match):
         ls.ClipLoss(tiny_net, digits.calib, **kw)
 
 
+def test_bit_widths_are_stored_as_python_ints(tiny_net, digits):
+    """np.int64(4) was stored as given, and json.dumps(loss.options) (compare_methods' store) failed."""
+    import json
+
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=np.int64(4), a_bits=np.int32(4))
+    assert type(loss.options["w_bits"]) is int and type(loss.options["a_bits"]) is int
+    assert json.loads(json.dumps(loss.options))["w_bits"] == 4
+
+
 def test_bad_alpha_shape(loss4):
     with pytest.raises(ValueError, match=r"shape \(3,\).*n = 6"):
         loss4(jnp.ones(3))
+    with pytest.raises(ValueError, match=r"^v has shape \(3,\)"):  # it said "alpha"
+        loss4.hvp(loss4.init("max"), np.ones(3))
+    for bad in (np.ones(6) + 1j, np.ones(6, bool)):  # complex dropped its imaginary part, bool became 1.0
+        with pytest.raises(ValueError, match=f"alpha must be real numbers; got dtype {bad.dtype}"):
+            loss4(bad)
     with pytest.raises(ValueError, match=r"\(K, n\)"):
         loss4.batch(jnp.ones(6))
 
