@@ -14,6 +14,7 @@ configuration, so a second ``fit`` with the same configuration loads instead of 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -338,7 +339,10 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     Every argument but ``model`` and ``data`` has a per-dataset default (``DEFAULTS``), which
     ``MODEL_DEFAULTS`` changes for some architectures (the ViT trains at lr 0.1).
     Same seed, same result on CPU. With ``cache`` the trained variables are stored under
-    ``$LANDSCAPE_CACHE/networks/<hash of the configuration>`` and reused.
+    ``$LANDSCAPE_CACHE/networks/<hash of the configuration>`` and reused, and the training state
+    after each epoch is kept beside them until then: an interrupted fit resumes after its last
+    finished epoch, to the same network as an uninterrupted one (``config["seconds"]`` then counts
+    the resumed run only).
     ``progress=None`` shows a bar unless ``$LANDSCAPE_PROGRESS=0``.
     """
     config = training_config(model, data, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
@@ -372,7 +376,8 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         tx_ft = ft_recipe.transform(sgd(triangular_schedule(main_end_lr, ft_lr, ft_total), weight_decay))
         ft_key = jax.random.fold_in(_phase_keys(seed)[1], 1)
         variables = _run_phase(model, data, main.variables, tx_ft, ft_recipe, ft_recipe.gemm_hook("train"),
-                               ft_epochs, batch_size, seed + 1, ft_key, history, progress, "finetune")
+                               ft_epochs, batch_size, seed + 1, ft_key, history, progress, "finetune",
+                               resume=_epoch_file(path, "finetune") if cache else None)
         config["seconds"] = round(main.config["seconds"] + time.time() - t0, 2)
         config["main_phase_seconds"] = main.config["seconds"]
     else:
@@ -393,12 +398,22 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         tx = recipe.transform(sgd(_schedule(lr, epochs * steps_per_epoch), weight_decay))
         history: list[dict[str, Any]] = []
         variables = _run_phase(model, data, variables, tx, recipe, recipe.gemm_hook("train"),
-                               epochs, batch_size, seed, key, history, progress, "train")
+                               epochs, batch_size, seed, key, history, progress, "train",
+                               resume=_epoch_file(path, "train") if cache else None)
         config["seconds"] = round(time.time() - t0, 2)
     net = Network(model, variables, config, history, recipe, path if cache else None, data.input_shape)
     if cache:
         save_network(net, path)
+        for phase in ("train", "finetune"):  # the network is saved: its epochs' states are not needed
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_epoch_file(path, phase))
     return net
+
+
+def _epoch_file(path: str, phase: str) -> str:
+    """Where fit keeps a phase's state after each epoch until the network is saved: an interrupted
+    fit resumes after its last finished epoch (to the same network as an uninterrupted one)."""
+    return f"{path}.{phase}-epoch.msgpack"
 
 
 def _phase_keys(seed: int):
@@ -467,8 +482,40 @@ def train_step(model, tx, hook=None, rng_streams=()):
     return step
 
 
+def _save_epoch(path: str, epoch: int, key, params, state, opt_state, records: list, seconds: float) -> None:
+    """The training state after ``epoch`` epochs of a phase, written atomically (msgpack, no
+    pickle): what :func:`_load_epoch` resumes from."""
+    tree = {"epoch": np.int64(epoch), "key": np.asarray(jax.random.key_data(key)),
+            "params": params, "state": state, "opt_state": flax.serialization.to_state_dict(opt_state),
+            "records": np.frombuffer(json.dumps(records).encode(), np.uint8), "seconds": np.float64(seconds)}
+    atomic.write_atomic(path, flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, tree)))
+
+
+def _load_epoch(path: str, params, state, opt_state):
+    """(epoch, key, params, state, opt_state, records, seconds) from :func:`_save_epoch`'s file, or
+    None when there is none or it does not fit this phase's variables (then the phase starts over)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            tree = flax.serialization.msgpack_restore(f.read())
+        restored = flax.serialization.from_state_dict({"params": params, "state": state, "opt_state": opt_state},
+                                                      {k: tree[k] for k in ("params", "state", "opt_state")})
+        same = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), restored["params"], params)
+        if not all(jax.tree.leaves(same)):
+            return None
+        key = jax.random.wrap_key_data(jnp.asarray(tree["key"]))
+        return (int(tree["epoch"]), key, restored["params"], restored["state"], restored["opt_state"],
+                json.loads(bytes(np.asarray(tree["records"], np.uint8)).decode()), float(tree["seconds"]))
+    except (ValueError, KeyError, TypeError):  # not a file this version wrote
+        return None
+
+
 def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, seed, key, history,
-               progress, phase):
+               progress, phase, resume: str | None = None):
+    """Train ``epochs`` epochs. With ``resume`` (a file name), the state after each epoch is kept
+    there (atomically) and a rerun continues after the last finished epoch, to the same result
+    as an uninterrupted run: the data order and the step keys are replayed or restored."""
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     opt_state = tx.init(params)
@@ -478,8 +525,19 @@ def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, see
     steps_per_epoch = n // batch_size
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A1]))
     bar = _progress(epochs * steps_per_epoch, progress, phase)
-    global_step = 0
-    for epoch in range(epochs):
+    global_step, start, earlier = 0, 0, 0.0
+    t0 = time.time()
+    saved = None if resume is None else _load_epoch(resume, params, state, opt_state)
+    if saved is not None and saved[0] < epochs:
+        start, key, params, state, opt_state, records, earlier = saved
+        for _ in range(start):
+            rng.permutation(n)  # the data order of the finished epochs, so the next one is as before
+        global_step = start * steps_per_epoch
+        history.extend(records)
+        if bar is not None:
+            bar.update(global_step)
+            bar.write(f"{phase}: resuming after epoch {start} of {epochs} ({resume})")
+    for epoch in range(start, epochs):
         order = rng.permutation(n)
         losses, accs = [], []
         for i in range(steps_per_epoch):
@@ -504,6 +562,9 @@ def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, see
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
         if not math.isfinite(record["train_loss"]):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {record['train_loss']})")
+        if resume is not None and epoch + 1 < epochs:
+            _save_epoch(resume, epoch + 1, key, params, state, opt_state,
+                        [h for h in history if h["phase"] == phase], earlier + time.time() - t0)
     if bar is not None:
         bar.close()
     variables = {"params": params, **state}

@@ -68,6 +68,50 @@ def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     assert _params_equal(ls.train.fit(model, digits, epochs=1, seed=0).variables, first.variables)
 
 
+@pytest.mark.parametrize("recipe", [None, "sparse", "luq-fnt"])
+def test_an_interrupted_fit_resumes_after_its_last_epoch(digits, tmp_path, monkeypatch, recipe):
+    """Killed in epoch 3 of 3, fit kept the state after epochs 1 and 2; the rerun trains epoch 3
+    only and gives the network of an uninterrupted run to the last bit (data order and step keys
+    replayed, optimizer state restored), for a plain, a sparse and a LUQ recipe with fine-tuning."""
+    from landscape import luq, sparsity
+
+    make = {None: lambda: None, "sparse": lambda: sparsity.Recipe(keep=2, block=4, update_every=5),
+            "luq-fnt": lambda: luq.Recipe(finetune_epochs=2)}[recipe]
+    model = models.create("cnn", num_classes=10, widths=(4, 8))
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "whole"))
+    whole = ls.train.fit(model, digits, epochs=3, seed=0, recipe=make())
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cut"))
+    real, calls = ls.train.Network.accuracy, []
+    last = 3 + (2 if recipe == "luq-fnt" else 0)  # the end-of-epoch evaluations: cut in the last epoch
+
+    def accuracy(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == last:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ls.train.Network, "accuracy", accuracy)
+    with pytest.raises(KeyboardInterrupt):
+        ls.train.fit(model, digits, epochs=3, seed=0, recipe=make())
+    monkeypatch.setattr(ls.train.Network, "accuracy", real)
+    kept = [f for f in os.listdir(tmp_path / "cut" / "networks") if f.endswith("-epoch.msgpack")]
+    assert len(kept) == 1
+    steps = []
+    real_step = ls.train.train_step
+
+    def counting(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+        return lambda *a: steps.append(1) or step(*a)
+
+    monkeypatch.setattr(ls.train, "train_step", counting)
+    resumed = ls.train.fit(model, digits, epochs=3, seed=0, recipe=make())
+    per_epoch = len(digits.train) // whole.config["batch_size"]
+    assert len(steps) == per_epoch  # one epoch trained, not three (or five)
+    assert _params_equal(resumed.variables, whole.variables)
+    assert [{k: v for k, v in h.items()} for h in resumed.history] == whole.history
+    assert not [f for f in os.listdir(tmp_path / "cut" / "networks") if f.endswith("-epoch.msgpack")]
+
+
 def test_a_single_training_step_is_refused_by_name(digits):
     model = models.create("mlp", num_classes=10, hidden=(8,))
     with pytest.raises(ValueError, match="training has 1 step .*needs at least 2: raise epochs or lower batch_size"):
