@@ -4,7 +4,6 @@ options, "W:A" configurations, and a resumable record of finished steps."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -12,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import landscape as ls  # noqa: E402
 import models  # noqa: E402
-from landscape import atomic, runtime  # noqa: E402
+from landscape import runtime  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
@@ -53,25 +52,6 @@ def parse_config(text: str) -> tuple[int, int | None]:
         raise SystemExit(f"config {text!r}: use W:A such as 4:4, or 4: for FP32 activations") from None
 
 
-class Progress:
-    """The finished steps of a run, by key, in a JSON file rewritten atomically after each one;
-    a rerun with the same configuration takes them from there instead of recomputing."""
-
-    def __init__(self, path: str, config: dict):
-        self.path, self.config, self.steps = path, config, {}
-        saved = runtime.read_json(path, {})
-        if saved.get("config") == config:
-            self.steps = saved["steps"]
-            print(f"resuming: {len(self.steps)} finished steps from {path}", flush=True)
-        elif saved:
-            print(f"{path} is from other settings; starting over", flush=True)
-
-    def get(self, key: str, compute):
-        if key not in self.steps:
-            self.steps[key] = compute()
-            atomic.write_atomic(self.path, json.dumps({"config": self.config, "steps": self.steps}) + "\n")
-        return self.steps[key]
-
-    def finish(self):
-        if os.path.exists(self.path):
-            os.remove(self.path)
+# The finished steps of a run, by key, in a JSON file rewritten atomically after each one; a
+# rerun with the same configuration takes them from there (the library's store).
+Progress = runtime.ResultStore

@@ -60,7 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import scipy.optimize
 
-from landscape import atomic, checks, quantizers, runtime, train
+from landscape import checks, quantizers, runtime, train
 from landscape.data import Dataset, Split
 
 logger = logging.getLogger(__name__)
@@ -753,12 +753,20 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     setting = dict(network=repr(loss), w_bits=loss.options.get("w_bits"), a_bits=loss.options.get("a_bits"),
                    calib_size=int(loss.n_calib), bias_correction=bool(bias_correction), maxiter=maxiter,
                    p_grid=[float(p) for p in grid])
-    done = _RowStore(store, setting, loss, data, say)
+    done = runtime.ResultStore(store, None if store is None else dict(
+        setting, network_sha256=train.weights_fingerprint(loss.net.variables), data_fingerprint=data.fingerprint(),
+        numerics=train.numerics()), say)  # keyed so that one table never mixes two configurations or builds
     out = {k: {r: [] for r in rows} for k in ("calib_loss", "test_acc", "n_evals", "seconds")}
     p_star, p_rule = [], []
 
+    def stored(key, compute):
+        """(the record under ``key``, whether an earlier run stored it); NaN kept as null."""
+        resumed = key in done.steps
+        return done.get(key, lambda: [None if isinstance(v, float) and not math.isfinite(v) else v
+                                      for v in compute()]), resumed
+
     def put(seed, row, compute):
-        record, resumed = done.get(f"{seed}/{row}", compute)
+        record, resumed = stored(f"{seed}/{row}", compute)
         for key, v in zip(out, record, strict=True):
             out[key][row].append(math.nan if v is None else float(v))
         say(f"  {row}: loss {out['calib_loss'][row][-1]:.4f}, test accuracy {100 * out['test_acc'][row][-1]:.2f}%"
@@ -785,7 +793,7 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
                 start.append((alpha, [float(selection.p_star), selection.rule]))
             return start[0][1] if selection_only else start[0][0]
 
-        (p, rule), _ = done.get(f"{seed}/p*", lambda: start_alpha(selection_only=True))
+        p, rule = done.get(f"{seed}/p*", lambda: start_alpha(selection_only=True))
         p_star.append(p)
         p_rule.append(rule)
         if "Lp(p*)" in rows:
@@ -805,39 +813,6 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     arrays = {k: {r: np.asarray(v, np.float64) for r, v in d.items()} for k, d in out.items()}
     return MethodComparison(rows, tuple(int(s) for s in seeds), arrays["calib_loss"], arrays["test_acc"],
                             arrays["n_evals"], arrays["seconds"], np.asarray(p_star), p_rule, setting)
-
-
-class _RowStore:
-    """The finished rows of a :func:`compare_methods` run, by "seed/row", in a JSON file
-    rewritten atomically after each one (no file: nothing is kept). Keyed by the comparison's
-    ``setting``, fingerprints of the network's weights and of the data, and the numerics (jax
-    build, backend, XLA flags), so that a store left by another configuration is never read
-    as this one's and one table never mixes rows of two builds."""
-
-    def __init__(self, path, setting: dict, loss, data, say):
-        self.path, self.records = path, {}
-        if path is None:
-            return
-        self.path = os.fspath(path)
-        self.config = dict(setting, network_sha256=train.weights_fingerprint(loss.net.variables),
-                           data_fingerprint=data.fingerprint(), numerics=train.numerics())
-        self.config = json.loads(json.dumps(self.config))  # tuples → lists, as read back
-        saved = runtime.read_json(self.path, {})
-        if saved.get("config") == self.config:
-            self.records = saved["records"]
-            say(f"resuming: {len(self.records)} finished results in {self.path}")
-        elif saved:
-            say(f"{self.path} holds another configuration's results; starting afresh")
-
-    def get(self, key: str, compute) -> tuple[list, bool]:
-        """(the record under ``key``, whether it was stored before), computing and storing it if new."""
-        if key in self.records:
-            return self.records[key], True
-        record = [None if isinstance(v, float) and not math.isfinite(v) else v for v in compute()]
-        if self.path is not None:
-            self.records[key] = record
-            atomic.write_atomic(self.path, json.dumps({"config": self.config, "records": self.records}) + "\n")
-        return record, False
 
 
 # --------------------------------------------------------------------------- CLI

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from landscape.atomic import write_atomic
 from landscape.data import cache_dir
 
 
@@ -50,6 +51,40 @@ def read_json(path: str, default: dict) -> dict:
             return json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); move it away to start afresh") from err
+
+
+class ResultStore:
+    """The finished results of a long run by key, in a JSON file rewritten atomically after each
+    one: a rerun under the same ``config`` takes them from there instead of recomputing, and a file
+    left by another configuration is started afresh. ``path=None`` keeps them in memory only.
+
+    ``store.get(key, compute)`` returns the stored result or ``compute()``'s (which must be
+    JSON-serialisable), stored first; ``key in store.steps`` says whether an earlier run left it;
+    ``finish()`` removes the file once the results are kept elsewhere. ``say`` reports resuming."""
+
+    def __init__(self, path: str | os.PathLike | None, config: dict, say: Callable[[str], None] = print):
+        self.path = None if path is None else os.fspath(path)
+        self.config = json.loads(json.dumps(config))  # as read back: tuples become lists
+        self.steps: dict = {}
+        if self.path is None:
+            return
+        saved = read_json(self.path, {})
+        if saved.get("config") == self.config:
+            self.steps = saved["steps"]
+            say(f"resuming: {len(self.steps)} finished results in {self.path}")
+        elif saved:
+            say(f"{self.path} holds another configuration's results; starting afresh")
+
+    def get(self, key: str, compute: Callable[[], object]):
+        if key not in self.steps:
+            self.steps[key] = compute()
+            if self.path is not None:
+                write_atomic(self.path, json.dumps({"config": self.config, "steps": self.steps}) + "\n")
+        return self.steps[key]
+
+    def finish(self) -> None:
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
 
 
 def classic_threefry():

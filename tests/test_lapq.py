@@ -335,7 +335,7 @@ def test_compare_methods_resumes_from_its_store(tiny_loss, digits, tmp_path, mon
     monkeypatch.setattr(lq, "_batched", counted("batched", batched, fail_at=2))
     with pytest.raises(KeyboardInterrupt):
         lq.compare_methods(tiny_loss, digits, store=store, **options)
-    kept = json.loads(store.read_text())["records"]
+    kept = json.loads(store.read_text())["steps"]
     assert sorted(kept) == ["0/FP32", "0/Lp(p*)", "0/MSE", "0/batched", "0/p*", "1/FP32", "1/Lp(p*)", "1/MSE",
                             "1/p*"]
     assert kept["0/MSE"][2] is None and kept["0/batched"][2] > 0  # NaN evaluations stored as null
@@ -361,7 +361,7 @@ def test_compare_methods_resumes_from_its_store(tiny_loss, digits, tmp_path, mon
     other = lq.compare_methods(tiny_loss, digits, store=store, progress=lines.append, **{**options, "maxiter": 2,
                                                                                      "seeds": [0], "rows": ["MSE"]})
     assert lines[0] == f"{store} holds another configuration's results; starting afresh"
-    assert sorted(json.loads(store.read_text())["records"]) == ["0/MSE", "0/p*"]
+    assert sorted(json.loads(store.read_text())["steps"]) == ["0/MSE", "0/p*"]
     assert other.calib_loss["MSE"][0] == fresh.calib_loss["MSE"][0]
 
 
