@@ -1043,9 +1043,12 @@ def hessian_spectrum(
 
     Note:
         Single-vector Lanczos finds one copy of an exactly repeated eigenvalue per invariant
-        subspace (in floating point, sometimes a second). At an exact breakdown it goes on from
-        a fresh direction and accepts only a wanted set that the next step leaves unchanged, so
-        the copies of a null space's 0 (a rank-deficient Hessian) are found one per breakdown.
+        subspace (in floating point, sometimes a second). At a breakdown it goes on from a fresh
+        direction and accepts only a wanted set that the next step leaves unchanged, so the
+        copies of a null space's 0 (a rank-deficient Hessian) are found one per breakdown when
+        ``lanczos_steps`` exceeds the rank + 1 (the default, max(40, 4·top_k), for a rank-3
+        Hessian); a smaller basis restarts before the fresh directions are taken and can still
+        stop at one copy (40×40, rank 5: [0, 2.15, 3.49] at lanczos_steps = 5, marked converged).
         Copies missed otherwise are replaced by the next eigenvalues, converged pairs of H but
         not its top k. When two of the returned eigenvalues agree within the tolerance, a
         RuntimeWarning says so; for exactly degenerate spectra, "dense" (small n) is the
