@@ -488,7 +488,8 @@ def _save_epoch(path: str, epoch: int, key, params, state, opt_state, records: l
     tree = {"epoch": np.int64(epoch), "key": np.asarray(jax.random.key_data(key)),
             "params": params, "state": state, "opt_state": flax.serialization.to_state_dict(opt_state),
             "records": np.frombuffer(json.dumps(records).encode(), np.uint8), "seconds": np.float64(seconds)}
-    atomic.write_atomic(path, flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, tree)))
+    blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, tree))
+    atomic.write_atomic(path, blob + hashlib.sha256(blob).digest())  # the digest: a damaged file is not resumed
 
 
 def _load_epoch(path: str, params, state, opt_state):
@@ -498,7 +499,11 @@ def _load_epoch(path: str, params, state, opt_state):
         return None
     try:
         with open(path, "rb") as f:
-            tree = flax.serialization.msgpack_restore(f.read())
+            raw = f.read()
+        blob, digest = raw[:-32], raw[-32:]
+        if hashlib.sha256(blob).digest() != digest:
+            return None
+        tree = flax.serialization.msgpack_restore(blob)
         restored = flax.serialization.from_state_dict({"params": params, "state": state, "opt_state": opt_state},
                                                       {k: tree[k] for k in ("params", "state", "opt_state")})
         same = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), restored["params"], params)

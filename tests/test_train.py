@@ -68,14 +68,16 @@ def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     assert _params_equal(ls.train.fit(model, digits, epochs=1, seed=0).variables, first.variables)
 
 
-@pytest.mark.parametrize("recipe", [None, "sparse", "luq-fnt"])
+@pytest.mark.parametrize("recipe", [None, "sparse", "luq-fnt", "damaged"])
 def test_an_interrupted_fit_resumes_after_its_last_epoch(digits, tmp_path, monkeypatch, recipe):
     """Killed in epoch 3 of 3, fit kept the state after epochs 1 and 2; the rerun trains epoch 3
     only and gives the network of an uninterrupted run to the last bit (data order and step keys
-    replayed, optimizer state restored), for a plain, a sparse and a LUQ recipe with fine-tuning."""
+    replayed, optimizer state restored), for a plain, a sparse and a LUQ recipe with fine-tuning; a
+    damaged epoch file (its SHA-256 differs) is not resumed from."""
     from landscape import luq, sparsity
 
-    make = {None: lambda: None, "sparse": lambda: sparsity.Recipe(keep=2, block=4, update_every=5),
+    make = {None: lambda: None, "damaged": lambda: None,
+            "sparse": lambda: sparsity.Recipe(keep=2, block=4, update_every=5),
             "luq-fnt": lambda: luq.Recipe(finetune_epochs=2)}[recipe]
     model = models.create("cnn", num_classes=10, widths=(4, 8))
     monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "whole"))
@@ -96,6 +98,10 @@ def test_an_interrupted_fit_resumes_after_its_last_epoch(digits, tmp_path, monke
     monkeypatch.setattr(ls.train.Network, "accuracy", real)
     kept = [f for f in os.listdir(tmp_path / "cut" / "networks") if f.endswith("-epoch.msgpack")]
     assert len(kept) == 1
+    if recipe == "damaged":  # one flipped byte of the stored weights: not resumed, the phase starts over
+        path = os.path.join(tmp_path / "cut" / "networks", kept[0])
+        good = open(path, "rb").read()
+        open(path, "wb").write(good[:-100] + bytes([good[-100] ^ 1]) + good[-99:])
     steps = []
     real_step = ls.train.train_step
 
@@ -106,7 +112,7 @@ def test_an_interrupted_fit_resumes_after_its_last_epoch(digits, tmp_path, monke
     monkeypatch.setattr(ls.train, "train_step", counting)
     resumed = ls.train.fit(model, digits, epochs=3, seed=0, recipe=make())
     per_epoch = len(digits.train) // whole.config["batch_size"]
-    assert len(steps) == per_epoch  # one epoch trained, not three (or five)
+    assert len(steps) == per_epoch * (3 if recipe == "damaged" else 1)  # one epoch trained, not three (or five)
     assert _params_equal(resumed.variables, whole.variables)
     assert [{k: v for k, v in h.items()} for h in resumed.history] == whole.history
     assert not [f for f in os.listdir(tmp_path / "cut" / "networks") if f.endswith("-epoch.msgpack")]
