@@ -143,9 +143,9 @@ def _check_partial_run(out: Path, preset) -> None:
         previous = json.loads((out / "report.json").read_text())["preset"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no earlier run there (or not one of ours)
-    if previous != json.loads(json.dumps(preset.config())):
-        changed = sorted(k for k in previous.keys() | preset.config().keys()
-                         if previous.get(k) != json.loads(json.dumps(preset.config())).get(k))
+    current = json.loads(json.dumps(preset.config()))  # as report.json holds it: tuples become lists
+    if isinstance(previous, dict) and previous != current:
+        changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
         raise SystemExit(f"--out {str(out)!r} holds a run of another configuration (it differs in {changed}); a "
                          "partial run (--only) there would mix the two: use another --out, or run every figure")
 
