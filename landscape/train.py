@@ -358,9 +358,12 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
                         f"{type(model).__name__.lower()}-{config_key(config)}")
     if cache and os.path.exists(path + ".msgpack") and os.path.exists(path + ".json"):
         try:
-            return dataclasses.replace(load_network(model, path, recipe), input_shape=data.input_shape)
+            net = dataclasses.replace(load_network(model, path, recipe), input_shape=data.input_shape)
         except MismatchedCheckpoint:  # a save killed between its two files: train again
             pass
+        else:
+            _remove_epoch_files(path)  # left by a fit killed after its save, before its cleanup
+            return net
 
     if recipe.finetune is not None:
         # The main phase does not depend on the fine-tuning that follows it: train (or load)
@@ -404,10 +407,14 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
     net = Network(model, variables, config, history, recipe, path if cache else None, data.input_shape)
     if cache:
         save_network(net, path)
-        for phase in ("train", "finetune"):  # the network is saved: its epochs' states are not needed
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(_epoch_file(path, phase))
+        _remove_epoch_files(path)  # the network is saved: its epochs' states are not needed
     return net
+
+
+def _remove_epoch_files(path: str) -> None:
+    for phase in ("train", "finetune"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_epoch_file(path, phase))
 
 
 def _epoch_file(path: str, phase: str) -> str:
