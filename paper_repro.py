@@ -13,7 +13,8 @@ atomically, so a killed run resumes), writes PNG + PDF + the JSON behind it, and
 the claims of lapq.md §6 it can test. The run ends with REPORT.md and report.json in the
 output directory (for the small preset: figures/, next to the modules). Until then its outputs
 wait in the output directory's .partial/, so that a killed run leaves the last finished run's
-figures and report as they were.
+figures and report as they were. A partial run (--only) over a run of the same configuration
+replaces its figures and carries the others, with their claims, into the report (marked).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -134,11 +136,9 @@ def main(argv=None) -> int:
 
 
 def _check_partial_run(out: Path, preset) -> None:
-    """A partial run (--only) replaces some figures and the report of ``out``: refused where
-    ``out`` holds a run of another configuration, whose other figures it would leave beside a
-    report that no longer describes them."""
-    import json
-
+    """A partial run (--only) replaces some figures of ``out`` and carries the others into its
+    report: refused where ``out`` holds a run of another configuration, whose figures and claims
+    cannot stand beside this one's in one report."""
     try:
         previous = json.loads((out / "report.json").read_text())["preset"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -251,9 +251,16 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     if bar is not None:
         bar.close()
     wall = time.time() - t0
-    report.write(stage, preset, claims, results, files, wall, ctx)
-    if {m.NAME for m in modules} == {m.NAME for m in figures.load_all()}:
-        report.gallery(stage, preset, modules, datas, ctx)
+    # A partial run over an earlier run of this configuration keeps that run's other figures, and
+    # the report carries them and their claims over (marked) rather than describing this run alone.
+    earlier = report.earlier_run(out, preset, list(results)) if len(modules) < len(figures.load_all()) else None
+    report.write(stage, preset, claims, results, files, wall, ctx, earlier)
+    everything = figures.load_all()
+    if {m.NAME for m in modules} | set(earlier.figures if earlier else ()) == {m.NAME for m in everything}:
+        for m in everything:  # the kept figures' data, as their JSON holds them
+            if m.NAME not in datas:
+                datas[m.NAME] = json.loads((out / f"{m.SLUG}.json").read_text())
+        report.gallery(stage, preset, everything, datas, ctx, earlier)
     publish(stage, out)
     print(report.claims_table(claims))
     print(f"\nwall time {wall / 60:.1f} min; report: {out / 'REPORT.md'}")

@@ -80,6 +80,8 @@ PAPER = ("From the same starts Powell improves steadily while coordinate descent
 
 def summary(data, ctx) -> str:
     runs = data["runs"]
-    best = min(runs, key=lambda k: runs[k]["loss"])
+    # In compute's order, start by start (the JSON on disk holds the runs sorted by name).
+    order = [f"{method}/{start}" for start in STARTS for method in METHODS]
+    best = min(order, key=lambda k: runs[k]["loss"])
     return (f"Ours ({data['config']}): final accuracies " + "; ".join(
-        f"{k} {100 * v['test_acc']:.1f}%" for k, v in runs.items()) + f"; lowest loss: {best}.")
+        f"{k} {100 * runs[k]['test_acc']:.1f}%" for k in order) + f"; lowest loss: {best}.")
