@@ -479,10 +479,10 @@ class ClipLoss:
         if positive and not traced:
             bad = np.flatnonzero(~quantizers.valid_alpha(alpha))
             if bad.size:
-                name = next(n for n, sl in self.site_slices().items() if sl.start <= bad[0] < sl.stop)
-                raise ValueError(f"alpha must be in (0, {quantizers.ALPHA_MAX:g}] here; "
-                                 f"alpha[{bad[0]}] = {alpha[bad[0]]} "
-                                 f"(site {name!r}), {bad.size} such entr{'y' if bad.size == 1 else 'ies'}")
+                site = next(n for n, sl in self.site_slices().items() if sl.start <= bad[0] < sl.stop)
+                raise ValueError(f"{name} must be in (0, {quantizers.ALPHA_MAX:g}] here; "
+                                 f"{name}[{bad[0]}] = {alpha[bad[0]]} "
+                                 f"(site {site!r}), {bad.size} such entr{'y' if bad.size == 1 else 'ies'}")
         return alpha
 
     def _place(self, alpha):

@@ -60,7 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import scipy.optimize
 
-from landscape import checks, quantizers, runtime, train
+from landscape import checks, runtime, train
 from landscape.data import Dataset, Split
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ DEFAULT_P_GRID = np.linspace(2.0, 4.0, 10)
 P_RANGE = (1.0, 8.0)  # open interval allowed for p
 PENALTY = 1e6  # what SciPy sees for α ≤ 0 (the reference CD's penalty)
 POWELL_TOL = 1e-4  # xtol = ftol, the reference's (SciPy's default) options
+FLAT_CURVATURE = 1e-9  # select_p: a fit whose a·(p range)² is at most this × max|L| is flat
 
 
 # --------------------------------------------------------------------------- p* selection
@@ -83,7 +84,10 @@ class PSelection:
       p_star: the chosen p.
       rule: ``"vertex"`` (the convex fit's minimiser, inside the grid), ``"concave"`` (fit
         not convex: best grid point), ``"outside"`` (vertex outside the grid: best grid
-        point) or ``"degenerate"`` (fewer than 3 finite losses: best grid point).
+        point), ``"flat"`` (the fitted curvature is rounding noise, a·(p range)² ≤ 1e-9·max|L|:
+        best grid point) or ``"degenerate"`` (fewer than 3 finite losses: best grid point).
+        :func:`lapq` interrupted after the sweep records ``"interrupted"``: the best grid
+        point, which is what it returned.
       coeffs: (a, b, c) of the fit L(p) ≈ a·p² + b·p + c (NaN when not fitted).
       best_grid_p: the grid p with the lowest loss.
     """
@@ -127,6 +131,10 @@ def select_p(ps, losses) -> PSelection:
     a, b, c = (float(v) for v in np.polyfit(ps[finite], losses[finite], 2))
     if not a > 0:
         return PSelection(best, "concave", (a, b, c), best)
+    span = float(np.ptp(ps[finite]))
+    # A constant sweep fits a ≈ 1e-17 of rounding noise, whose "vertex" is arbitrary.
+    if a * span**2 <= FLAT_CURVATURE * float(np.max(np.abs(losses[finite]))):
+        return PSelection(best, "flat", (a, b, c), best)
     vertex = -b / (2.0 * a)
     if not ps[finite].min() <= vertex <= ps[finite].max():  # inside the points fitted
         return PSelection(best, "outside", (a, b, c), best)
@@ -193,7 +201,7 @@ class LAPQResult:
 
     def __repr__(self) -> str:
         if self.p_selection is None:
-            start = "given init"
+            start = "given init" if len(self.p_grid) == 0 else "the Lp sweep's best α (interrupted)"
         else:
             start = f"Lp(p*={self.p_star:.3f}, {self.p_selection.rule})"
         lines = [
@@ -356,7 +364,8 @@ def _batched(tracker: _Tracker, alpha0: np.ndarray, f0: float, maxiter: int, *,
        2(f_old − f) ≤ 1e-4 (|f_old| + |f|) once every width is down to 4·``min_width``.
 
     Why it is cheaper than Powell: a coordinate costs 6 (first sweep) or 2 evaluations,
-    against ~20–30 for a Brent line search run to xtol 1e-4 on a piecewise-constant loss,
+    against ~20–30 for a Brent line search (SciPy's Powell runs it to tol = 100·xtol = 1e-2)
+    on a piecewise-constant loss,
     the gradient step moves every coordinate for the price of ~6 evaluations, and the
     candidates of one coordinate form one batched call (one vmapped program on an
     accelerator, one compiled sequential loop on CPU).
@@ -455,14 +464,17 @@ def lp_start(loss, p_grid=DEFAULT_P_GRID, tracker: _Tracker | None = None):
     grid = check_p_grid(p_grid)
     alphas, losses = lp_sweep(loss, grid, tracker)
     selection = select_p(grid, losses)
+    return _alpha_at(loss, grid, alphas, selection), selection, losses
+
+
+def _alpha_at(loss, grid, alphas, selection) -> np.ndarray:
+    """α_{p*}: a fresh Lp calibration at p* when the fit is used, else the sweep's α at the best grid p."""
     if selection.used_fit:
         logger.info("LAPQ: p* = %.3f from the convex quadratic fit of loss vs p", selection.p_star)
-        alpha = np.asarray(loss.init("lp", p=selection.p_star), np.float32)
-    else:
-        logger.warning("LAPQ: the quadratic fit of loss vs p is not usable (%s); p* = best grid point %.3f",
-                       selection.rule, selection.p_star)
-        alpha = alphas[int(np.argmin(np.abs(grid - selection.p_star)))]
-    return alpha, selection, losses
+        return np.asarray(loss.init("lp", p=selection.p_star), np.float32)
+    logger.warning("LAPQ: the quadratic fit of loss vs p is not usable (%s); p* = best grid point %.3f",
+                   selection.rule, selection.p_star)
+    return alphas[int(np.argmin(np.abs(grid - selection.p_star)))]
 
 
 def _check_loss(loss, what: str = "lapq"):
@@ -488,13 +500,9 @@ def _start_from(loss, init) -> np.ndarray:
     """α from ``init``: a calibration rule name or an (n,) positive finite vector."""
     if isinstance(init, str):
         return np.asarray(loss.init(init), np.float32)
-    alpha = checks.as_alpha(init, "init")
-    if alpha.shape != (loss.n,):
-        raise ValueError(f"init has shape {alpha.shape}; expected ({loss.n},), one α per clipping value")
-    if not np.all(quantizers.valid_alpha(alpha)):
-        raise ValueError(f"init must be in (0, {quantizers.ALPHA_MAX:g}] everywhere; got min "
-                         f"{float(np.nanmin(alpha)):.4g}, max {float(np.nanmax(alpha)):.4g}")
-    return alpha
+    # The loss's own check: shape, and the first entry that is not in (0, ALPHA_MAX] (NaN
+    # included) by index, value and site.
+    return np.asarray(loss._check_alpha(init, positive=True, name="init"), np.float32)
 
 
 def with_bias_correction(loss, bias_correction: bool | None):
@@ -524,8 +532,9 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
         linspace(2, 4, 10) as in the reference.
       method: "powell" (the paper's LAPQ), "cd" (the paper's coordinate-descent baseline)
         or "batched" (ours; see the module docstring).
-      maxiter: sweeps of the joint step (Powell/CD: SciPy iterations = coordinate sweeps;
-        batched: coordinate sweeps after its gradient step, see :func:`_batched`).
+      maxiter: iterations of the joint step (Powell: SciPy iterations, one line search along
+        each direction of its set, the coordinates in the first, updated directions after; CD:
+        coordinate sweeps; batched: coordinate sweeps after its gradient step, see :func:`_batched`).
       bias_correction: None (default) optimises ``loss`` as built — build it with
         ``bias_correction=True`` for the reference's per-channel weight bias correction
         (``-bcw``). True/False optimise a copy with that setting, ``loss.with_options(
@@ -557,7 +566,9 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
     interrupted = False
     try:
         if init is None:
-            alpha0, selection, p_losses = lp_start(loss, grid, tracker)
+            alphas, p_losses = lp_sweep(loss, grid, tracker)
+            selection = select_p(grid, p_losses)
+            alpha0 = _alpha_at(loss, grid, alphas, selection)
         else:
             alpha0 = _start_from(loss, init)
             grid = np.zeros(0)
@@ -568,6 +579,8 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
             raise
         interrupted = True
         alpha0, f0 = tracker.best_alpha, tracker.best_loss
+        if selection is not None:  # α_{p*} was not evaluated: the result is the sweep's best grid point
+            selection = dataclasses.replace(selection, p_star=selection.best_grid_p, rule="interrupted")
     if not math.isfinite(f0):
         raise ValueError(f"the start α gives a non-finite loss ({f0}); check init")
     tracker.best_alpha, tracker.best_loss = alpha0.copy(), f0
@@ -617,7 +630,8 @@ class MethodComparison:
       rows: the method names, in table order (see ``ALL_ROWS``).
       seeds: the calibration-sampling seeds (one calibration set each).
       calib_loss, test_acc, n_evals, seconds: row → (S,) arrays (n_evals / seconds are
-        those of the joint step for CD / Powell / batched, NaN for the other rows).
+        those of the joint step for CD / Powell / batched, NaN for the other rows; seconds
+        with the loss's programs compiled beforehand).
       p_star: (S,) the p* of each seed; p_rule: how each p* was chosen.
       setting: what was compared (network, bit widths, calibration size, options).
     """
@@ -746,6 +760,9 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0]
     if bad:
         raise ValueError(f"seeds must be integers >= 0, got {bad[0]!r}")
+    repeated = sorted({int(s) for s in seeds if seeds.count(s) > 1})
+    if repeated:  # one calibration sample twice: a spread over "seeds" of 0
+        raise ValueError(f"seeds {list(seeds)} repeat {repeated}; give distinct calibration-sampling seeds")
     grid = check_p_grid(p_grid)
     maxiter = _check_maxiter(maxiter)
     rows = tuple(r for r in ALL_ROWS if r in rows)
@@ -753,9 +770,13 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     setting = dict(network=repr(loss), w_bits=loss.options.get("w_bits"), a_bits=loss.options.get("a_bits"),
                    calib_size=int(loss.n_calib), bias_correction=bool(bias_correction), maxiter=maxiter,
                    p_grid=[float(p) for p in grid])
+    # Keyed so that one table never mixes two configurations or builds: every option of the loss
+    # (grid, per-channel, folding, precision, … which repr(loss) does not show) and its sites.
+    options = json.loads(json.dumps({**loss.options, "bias_correction": bool(bias_correction)}, default=str))
     done = runtime.ResultStore(store, None if store is None else dict(
-        setting, network_sha256=train.weights_fingerprint(loss.net.variables), data_fingerprint=data.fingerprint(),
-        numerics=train.numerics()), say)  # keyed so that one table never mixes two configurations or builds
+        setting, loss_options=options, sites=[[name, int(b)] for name, b in loss.bits.items()],
+        network_sha256=train.weights_fingerprint(loss.net.variables), data_fingerprint=data.fingerprint(),
+        numerics=train.numerics()), say)
     out = {k: {r: [] for r in rows} for k in ("calib_loss", "test_acc", "n_evals", "seconds")}
     p_star, p_rule = [], []
 
@@ -801,8 +822,14 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
         for row, method in OPTIMIZER_ROWS:
             if row in rows:
                 def optimise(method=method):
+                    alpha = start_alpha()
+                    # Compiled before the clock starts: the loss at one α and batched's STE gradient
+                    # (the first seed's batched row had counted 3.7 s of compilation in 3.9 s).
+                    seed_loss(alpha)
+                    if method == "batched":
+                        seed_loss.grad(alpha)
                     res = lapq(seed_loss, method=method, maxiter=maxiter, bias_correction=bias_correction,
-                               init=start_alpha(), on_interrupt="raise")
+                               init=alpha, on_interrupt="raise")
                     return [res.loss, seed_loss.accuracy(res.alpha, data.test), res.n_evals, res.seconds]
 
                 put(seed, row, optimise)
@@ -882,6 +909,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
                         help="also write the table as JSON here; finished rows are kept in <stem>.progress.json "
                              "beside it as they finish, so a rerun with the same options resumes there")
     args = parser.parse_args(argv)
+    if args.w_bits is None and args.a_bits is None:  # before training: nothing would be quantized
+        parser.error("--w-bits and --a-bits are both FP32 (0 or 32): nothing to quantize; give at least one width")
     landscape.enable_compilation_cache()
 
     try:

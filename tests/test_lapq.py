@@ -106,6 +106,16 @@ def test_select_p_vertex_must_lie_among_the_fitted_points():
     assert sel.rule == "outside" and sel.p_star == 3.0 and not sel.used_fit
 
 
+def test_select_p_calls_a_flat_sweep_flat():
+    """Equal losses fit a ≈ 1e-17 of rounding noise, whose vertex (p* = 2.65) had passed as a fit;
+    a sweep with curvature at the loss's own scale still gives its vertex."""
+    ps = np.linspace(2, 4, 10)
+    sel = lq.select_p(ps, np.full(10, 0.3))
+    assert sel.rule == "flat" and not sel.used_fit and sel.p_star == sel.best_grid_p
+    sel = lq.select_p(ps, 0.3 + 1e-6 * (ps - 3.3) ** 2)
+    assert sel.rule == "vertex" and sel.p_star == pytest.approx(3.3, abs=1e-6)
+
+
 @pytest.mark.parametrize("ps", [[2.0, np.nan, 3.0], [3.0, 3.0, 3.0]])
 def test_select_p_refuses_nan_and_repeated_p(ps):
     with pytest.raises(ValueError, match="ps must be distinct finite p values"):
@@ -139,14 +149,20 @@ def test_bad_method_maxiter_init_and_fp32_loss(tiny_net, digits, tiny_loss):
     good = np.asarray(tiny_loss.init("max"))
     with pytest.raises(ValueError, match="shape"):
         lq.lapq(tiny_loss, init=good[:-1])
-    with pytest.raises(ValueError, match=r"init must be in \(0, 1e\+38\] everywhere; got min -1"):
+    site = next(n for n, sl in tiny_loss.site_slices().items() if sl.start <= 2 < sl.stop)
+    with pytest.raises(ValueError, match=rf"init must be in \(0, 1e\+38\] here; init\[2\] = -1.0 \(site '{site}'\)"):
         lq.lapq(tiny_loss, init=np.where(np.arange(len(good)) == 2, -1.0, good))
+    # a NaN is named as such (the message had given the finite min and max only)
+    with pytest.raises(ValueError, match=r"init\[2\] = nan \(site"):
+        lq.lapq(tiny_loss, init=np.where(np.arange(len(good)) == 2, np.nan, good))
     with pytest.raises(ValueError, match="bias_correction='no' must be True or False"):
         lq.lapq(tiny_loss, init=good, bias_correction="no")
     with pytest.raises(ValueError, match="callback=5 must be a callable"):
         lq.lapq(tiny_loss, init=good, callback=5)
     for seeds, match in ((3, "seeds=3 must be a sequence"), ([0.5], "seeds must be integers >= 0, got 0.5"),
-                         ([0, -1], "got -1")):
+                         ([0, -1], "got -1"),
+                         # one calibration sample twice: a spread of 0 over "seeds"
+                         ([3, 1, 3], r"seeds \[3, 1, 3\] repeat \[3\]; give distinct")):
         with pytest.raises(ValueError, match=match):
             lq.compare_methods(tiny_loss, digits, seeds=seeds, rows=["FP32"])
     with pytest.raises(ValueError, match=r"unknown rows \['max '\]"):  # one string is one row
@@ -277,6 +293,31 @@ def test_keyboard_interrupt_in_the_sweep(tiny_loss):
         lq.lapq(Interrupting(tiny_loss, k=1), p_grid=grid)
 
 
+def test_an_interrupt_after_the_sweep_records_the_p_it_returns(tiny_loss):
+    """Ctrl-C at L(α_{p*}) (the sweep done) returns the sweep's best grid point: p_star and the rule
+    say so, and the sweep's losses are kept (they had reported the vertex's p, whose α was never
+    evaluated; one during the fresh Lp calibration at p* had dropped the sweep and said "given init")."""
+    grid = [2.0, 3.0, 4.0]
+    spy = Interrupting(tiny_loss, k=len(grid) + 1)
+    res = lq.lapq(spy, p_grid=grid)
+    sweep = np.asarray(tiny_loss.batch(np.asarray(spy.seen)), np.float64)
+    assert res.p_selection.rule == "interrupted" and res.p_star == grid[int(np.argmin(sweep))]
+    np.testing.assert_array_equal(res.p_losses, sweep)
+    assert "interrupted)" in repr(res) and "given init" not in repr(res)
+
+    class InterruptingInit(Interrupting):
+        def init(self, rule, **options):
+            if rule == "lp" and options.get("p") not in grid:  # the fresh calibration at the vertex
+                raise KeyboardInterrupt
+            return self._loss.init(rule, **options)
+
+    vertex = lq.select_p(grid, sweep)
+    res = lq.lapq(InterruptingInit(tiny_loss, k=100), p_grid=grid)
+    assert res.interrupted and len(res.p_losses) == len(grid)
+    if vertex.used_fit:
+        assert res.p_selection.rule == "interrupted" and res.p_star == vertex.best_grid_p
+
+
 def test_seed_std_needs_values_per_seed():
     assert lq.seed_std([1.0, 3.0]) == pytest.approx(np.sqrt(2.0))
     assert lq.seed_std([[1.0], [2.0]]).tolist() == [0.0, 0.0]  # one seed
@@ -363,6 +404,17 @@ def test_compare_methods_resumes_from_its_store(tiny_loss, digits, tmp_path, mon
     assert lines[0] == f"{store} holds another configuration's results; starting afresh"
     assert sorted(json.loads(store.read_text())["steps"]) == ["0/MSE", "0/p*"]
     assert other.calib_loss["MSE"][0] == fresh.calib_loss["MSE"][0]
+    # Options repr(loss) does not show are part of the key too: the midtread grid, or the same
+    # counts of other sites, had taken this store's rows (MSE loss 0.18 stored, 0.24 fresh).
+    one = {**options, "maxiter": 2, "seeds": [0], "rows": ["MSE"]}
+    names = [s.name for s in tiny_loss.sites]
+    first, second = [s.name for s in tiny_loss.sites if s.kind == "weight"][:2]
+    without = [tiny_loss.with_options(sites=[n for n in names if n != left]) for left in (first, second)]
+    assert repr(without[0]) == repr(without[1])  # other sites, the same counts
+    for changed in (tiny_loss.with_options(weight_grid="midtread"), *without):
+        lines.clear()
+        lq.compare_methods(changed, digits, store=store, progress=lines.append, **one)
+        assert lines[0] == f"{store} holds another configuration's results; starting afresh", changed
 
 
 def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
@@ -374,7 +426,9 @@ def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
            (["--train-seed", "-1"], "'-1' is not an integer >= 0"),
            (["--rows", "FP32", "Powell"], "invalid choice: 'Powell'"),
            (["--data", "mnist", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
-           (["--data", "digits", "--calib-size", "99999"], "calib_size=99999 must be an integer in")]
+           (["--data", "digits", "--calib-size", "99999"], "calib_size=99999 must be an integer in"),
+           # before training, not after it
+           (["--w-bits", "32", "--a-bits", "0"], "--w-bits and --a-bits are both FP32 (0 or 32): nothing to")]
     for argv, message in bad:
         with pytest.raises(SystemExit) as exit_info:
             lq.main(argv)
