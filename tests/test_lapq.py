@@ -4,6 +4,7 @@ and the paper's ordering on the digits resnet8 (layer-wise < Lp(p*) < joint)."""
 import ast
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,51 @@ def test_select_p_calls_a_flat_sweep_flat():
     assert sel.rule == "flat" and not sel.used_fit and sel.p_star == sel.best_grid_p
     sel = lq.select_p(ps, 0.3 + 1e-6 * (ps - 3.3) ** 2)
     assert sel.rule == "vertex" and sel.p_star == pytest.approx(3.3, abs=1e-6)
+
+
+class _LpLine:
+    """A stand-in loss whose Lp calibration at p is α = (p, …, p) and whose loss is h(α₀): step 1
+    of LAPQ seen through the α it starts from."""
+
+    def __init__(self, h, n=3):
+        self.h, self.n, self.inits = h, n, []
+
+    def init(self, rule, p):
+        assert rule == "lp"
+        self.inits.append(float(p))
+        return np.full(self.n, p, np.float32)
+
+    def batch(self, alphas):
+        return self.h(np.asarray(alphas, np.float64)[:, 0])
+
+
+def test_lp_start_begins_at_the_fitted_p_or_the_best_grid_point():
+    """The start is a fresh Lp calibration at the vertex when the fit is used, else the sweep's
+    α at the best grid p (a start from the best grid p, or from the grid's first row, passed
+    every other test)."""
+    grid = np.linspace(2.0, 4.0, 10)
+    line = _LpLine(lambda p: 0.7 * (p - 3.3) ** 2 + 1.0)
+    alpha, sel, losses = lq.lp_start(line, grid)
+    assert sel.rule == "vertex" and line.inits[-1] == pytest.approx(3.3)
+    np.testing.assert_allclose(alpha, 3.3, rtol=1e-6)
+    np.testing.assert_allclose(losses, 0.7 * (grid - 3.3) ** 2 + 1.0)
+    alpha, sel, _ = lq.lp_start(_LpLine(lambda p: (p - 6.0) ** 2), grid)
+    assert sel.rule == "outside" and sel.p_star == 4.0
+    np.testing.assert_array_equal(alpha, np.full(3, 4.0, np.float32))  # the sweep's own row, not row 0
+
+
+def test_coordinate_descent_never_moves_to_a_penalised_alpha():
+    """CD's Brent line search from the bracket (0, 1) sees only the penalty when the loss is finite
+    on a narrow band of α alone; the coordinate keeps its value (the returned α is always positive)."""
+    import time
+
+    def band(alpha):
+        a = float(np.asarray(alpha)[0])
+        return 0.01 + (a - 5.0) ** 2 if 4.5 <= a <= 5.5 else math.inf
+
+    tracker = lq._Tracker(band, time.perf_counter(), None)
+    alpha, value, _ = lq._coordinate_descent(tracker, np.array([5.0], np.float32), 0.01, 1)
+    assert alpha.tolist() == [5.0] and value == 0.01
 
 
 @pytest.mark.parametrize("ps", [[2.0, np.nan, 3.0], [3.0, 3.0, 3.0]])
