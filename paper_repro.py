@@ -10,7 +10,7 @@
 
 Each figure module in figures/ computes its data (cached by configuration, written
 atomically, so a killed run resumes), writes PNG + PDF + the JSON behind it, and checks
-the claims of lapq.md §6 it can test. The run ends with REPORT.md and report.json in the
+the paper's claims it can test (figures/claims.py). The run ends with REPORT.md and report.json in the
 output directory (for the small preset: figures/, next to the modules). Until then its outputs
 wait in the output directory's .partial/, so that a killed run leaves the last finished run's
 figures and report as they were. A partial run (--only) over a run of the same configuration
@@ -46,12 +46,13 @@ def _parse(argv):
     parser.add_argument("--bits", default=None,
                         help="bit widths of F1, F2 and F4 (instead of the paper's) and of T2 (those <= 4), "
                              "e.g. 2,3,4,8")
-    parser.add_argument("--seeds", type=int, default=None, help="calibration seeds for the tables")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="calibration seeds for the tables (default: the preset's, 3 for small and mnist)")
     parser.add_argument("--train-seed", type=int, default=0,
                         help="fit's seed for the network (default 0): the claims on another trained network")
     parser.add_argument("--compare", nargs="+", metavar="[LABEL=]DIR", default=None,
                         help="print a table of the claims of earlier runs' output directories and exit")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     return parser.parse_args(argv)
 
 

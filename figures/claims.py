@@ -1,10 +1,10 @@
-"""The LAPQ paper's checkable claims (lapq.md §6) and the thresholds we hold them to.
+"""The LAPQ paper's checkable claims and the thresholds we hold them to.
 
 Every threshold is fixed here, in code, before any run; the report compares our measured
 value against it and prints PASS or FAIL. A FAIL is reported as is — never re-tuned. The
 paper's magnitudes come from ImageNet ResNets; a small network is more robust, so most
 thresholds ask for the *direction* of the effect with a modest margin rather than the
-paper's factor (lapq.md §6, "Caveats for the small model").
+paper's factor.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ A figure module (``figures/f1_contours.py`` …) defines::
     EST_SECONDS = 40             # its compute seconds on the small preset (progress bar, --list)
     def compute(ctx) -> dict     # the data behind the figure (JSON-able), via ctx.cached(...)
     def render(data, ctx) -> list[Path]   # PNG + PDF files written under ctx.out
-    def claims(data, ctx) -> list[Claim]  # the lapq.md §6 claims it can test (may be empty)
+    def claims(data, ctx) -> list[Claim]  # the paper's claims (figures/claims.py) it can test (may be empty)
 
 ``compute`` stores every expensive step with :meth:`Context.cached`, keyed by a hash of
 its configuration, the network's weights and the code (:func:`code_fingerprint`) and written

@@ -1,6 +1,6 @@
 """F1 — loss contours over two adjacent activation sites, at 2 and 4 bits.
 
-As in the reference (lapq.md §3a): only two tensors are quantized — the two ReLU outputs
+As in the reference repository's 2-D surface scripts: only two tensors are quantized — the two ReLU outputs
 of the first residual block (``layer1_0/relu1``, ``layer1_0/relu2``; for other models the
 second and third activation sites) — the rest of the network is FP32. The grid spans
 [max|x_i|/100, max|x_i|] per axis; the L2, L3 and ACIQ starting points and the grid

@@ -1,6 +1,6 @@
 """F2 — Hessians of the loss over the activation sites at 2 and 4 bits, STE and true-loss (FD).
 
-The paper's heat maps (lapq.md §3b) show the 15×15 activation-site Hessian of ResNet-18
+The paper's heat maps show the 15×15 activation-site Hessian of ResNet-18
 at 2 and 4 bits: raw values and the normalised |H_ij| / min(H_ii, H_jj). Those were STE
 Hessians (autodiff through straight-through rounding). We draw both curvatures side by
 side: the STE Hessian and the finite-difference curvature of the true, piecewise-constant

@@ -6,7 +6,7 @@ paper's activation-site measures):
 * STE and FD clip Hessians at the Lp(p = 3) init (activation sites; the W+A Hessian
   by STE only): trace, off-diagonal ratio
   ‖H − diag H‖_F / ‖H‖_F, mean coupling |H_ij|/min(H_ii, H_jj), condition number;
-* the sampling separability test γ, T (lapq.md §3c) over the box [α_L2, α_L3] per site;
+* the sampling separability test γ, T (the reference's) over the box [α_L2, α_L3] per site;
 * the two-way ANOVA interaction fraction and the fraction of the grid within min + 0.05 of
   the two-site surface of F1 (grid [max/100, max] per axis);
 * the matrix-product toy: MSE(Q(X₁; α₁)·Q(X₂; α₂), X₁X₂) for 100×100 N(0, 1) matrices
@@ -51,7 +51,7 @@ def _toy_mse(x1, x2, a1, a2, bits):
 
 
 def toy_matmul(bits: int, num: int = 30, seed: int = 0) -> dict:
-    """The matrix-product toy of lapq.md §3c: its MSE grid and ANOVA interaction."""
+    """The reference's matrix-product toy: its MSE grid and ANOVA interaction."""
     from landscape import anova_interaction
 
     rng = np.random.default_rng(seed)

@@ -1,6 +1,6 @@
 """F4 — calibration loss against p, with the quadratic fit and p*, and test accuracy against p.
 
-LAPQ's first step (lapq.md §2.2, §3d): for every p the layer-wise Lp-optimal clipping
+LAPQ's first step (the reference implementation's choice of p): for every p the layer-wise Lp-optimal clipping
 α_p = argmin E|Q_α(x) − x|^p, and the calibration loss L(α_p). The paper found the loss
 close to quadratic in p on [2, 4.5] with an interior minimum near p* ≈ 3.2 at 2 bits.
 W = A = 2, 3, 4 bits, bias correction on (as in LAPQ), p ∈ linspace(2, 4.5, 50).

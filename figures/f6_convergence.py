@@ -1,6 +1,6 @@
 """F6 — convergence of coordinate descent, Powell and our batched optimizer from three starts.
 
-The reference's CD-vs-Powell study (lapq.md §4.2) ran both from L1/L2/L3 starts and
+The reference's CD-vs-Powell study (its data/results/cd_vs_powell.csv) ran both from L1/L2/L3 starts and
 logged accuracy per iteration: Powell improved steadily, CD sometimes collapsed (W3A32 from
 L3: CD 0.7% vs Powell 40.7%). Here: the most aggressive table configuration, starts L2,
 L3 and max, methods CD, Powell and batched, calibration loss and test accuracy after every

@@ -1,6 +1,6 @@
 """F7 — LAPQ test accuracy against the calibration-set size.
 
-The reference's ablation (lapq.md §4.5, ResNet-18 W4A4): 50.4% with 32 images rising to
+The reference repository's calibration-size ablation (ResNet-18 W4A4): 50.4% with 32 images rising to
 59.8% with 512 and 59.9% with 1024 — more calibration data helps, then saturates. Here:
 LAPQ-Powell at the most aggressive table configuration, calibration sizes 32 … 1024 (as far
 as the training split allows), averaged over the calibration seeds.

@@ -1,7 +1,7 @@
 """F8 — the loss along a line through the LAPQ optimum α*: quadratic near the optimum.
 
 The reference (``lapq_linear_parametrization.py``) evaluated the calibration loss on the
-line 0.8·α* → 1.5·α* and fitted a quadratic (lapq.md §3d), supporting the local model
+line 0.8·α* → 1.5·α* and fitted a quadratic, supporting the local model
 L(α* + δ) ≈ L* + ½ δᵀHδ behind the joint optimisation. Here α* is LAPQ-Powell's result at
 the most aggressive table configuration (calibration seed 0).
 """

@@ -1,6 +1,6 @@
 """The Hessian of the calibration loss with respect to the clipping values.
 
-Two curvatures exist and both matter (lapq.md §3b):
+Two curvatures exist and both matter:
 
 * ``method="ste"`` — the Hessian of the straight-through surrogate, by forward-over-reverse
   autodiff (n HVPs with the basis vectors, ``ClipLoss.hessian``), compiled once per network and

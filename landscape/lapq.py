@@ -659,7 +659,8 @@ class MethodComparison:
     def to_markdown(self) -> str:
         s = self.setting
         head = (f"{s.get('network', '')} W{_width(s.get('w_bits'))}A{_width(s.get('a_bits'))}, calibration "
-                f"{s.get('calib_size')} images × {len(self.seeds)} seeds {list(self.seeds)}, "
+                f"{s.get('calib_size')} images × {len(self.seeds)} seed{'' if len(self.seeds) == 1 else 's'} "
+                f"{list(self.seeds)}, "
                 f"bias correction {'on' if s.get('bias_correction') else 'off'}, maxiter {s.get('maxiter')}; "
                 f"p* = {', '.join(f'{p:.2f} ({r})' for p, r in zip(self.p_star, self.p_rule, strict=True))}")
         lines = [head, "", "| method | calibration loss | test accuracy (%) | evaluations | seconds |",
@@ -889,19 +890,19 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m landscape.
     import models
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet8", choices=models.NAMES)
-    parser.add_argument("--data", default="digits", choices=landscape.data.NAMES)
+    parser.add_argument("--model", default="resnet8", choices=models.NAMES, help="default resnet8")
+    parser.add_argument("--data", default="digits", choices=landscape.data.NAMES, help="default digits")
     parser.add_argument("--data-dir", default=None, help="local parquet copy (mnist, cifar, imagenet)")
-    parser.add_argument("--w-bits", type=_bits, default=4, help="weight bits (32 or 0: FP32)")
-    parser.add_argument("--a-bits", type=_bits, default=4, help="activation bits (32 or 0: FP32)")
-    parser.add_argument("--calib-size", type=_count(1), default=512)
+    parser.add_argument("--w-bits", type=_bits, default=4, help="weight bits (32 or 0: FP32; default 4)")
+    parser.add_argument("--a-bits", type=_bits, default=4, help="activation bits (32 or 0: FP32; default 4)")
+    parser.add_argument("--calib-size", type=_count(1), default=512, help="calibration images per seed (default 512)")
     parser.add_argument("--epochs", type=_count(1), default=None, help="training epochs (default: the dataset's)")
     parser.add_argument("--lr", type=_positive, default=None,
                         help="peak learning rate (default: the dataset's; 0.1 for the ViT)")
     parser.add_argument("--train-seed", type=_count(0), default=0, help="fit's seed: another trained network")
-    parser.add_argument("--seeds", type=_count(1), default=3, help="number of calibration seeds (0, 1, …)")
-    parser.add_argument("--maxiter", type=_count(1), default=2)
-    parser.add_argument("--p-points", type=_count(3), default=10, help="points of the p grid on [2, 4]")
+    parser.add_argument("--seeds", type=_count(1), default=3, help="number of calibration seeds (0, 1, …; default 3)")
+    parser.add_argument("--maxiter", type=_count(1), default=2, help="iterations of the joint step (default 2)")
+    parser.add_argument("--p-points", type=_count(3), default=10, help="points of the p grid on [2, 4] (default 10)")
     parser.add_argument("--no-bias-correction", action="store_true")
     parser.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=ALL_ROWS, metavar="ROW",
                         help=f"subset of {ALL_ROWS}")

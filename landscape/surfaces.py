@@ -116,7 +116,7 @@ def loss_line(loss, start, direction, *, t=None, num: int = 71) -> Line:
     """Loss along ``start + t·direction`` (default t ∈ [−0.2, 0.5], ``num`` points).
 
     With ``direction = start`` this is the scaling line t ↦ (1 + t)·α used for the
-    quadratic-near-the-optimum check (lapq.md §3d: α*·[0.8, 1.5]). The default 71 points step
+    quadratic-near-the-optimum check (the reference's α*·[0.8, 1.5]). The default 71 points step
     t by 0.01, so the grid holds t = 0, the start itself (51 points would step 0.014 and miss it);
     any ``num`` with ``num − 1`` a multiple of 7 puts a point there (to rounding).
     """
