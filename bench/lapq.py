@@ -6,8 +6,10 @@ one bit width. Powell (the paper's LAPQ, the named competitor), CD and our "batc
 from the same Lp(p*) α; the script prints each one's final calibration loss, loss
 evaluations and wall seconds, and the ratio of wall seconds Powell / batched
 (target: ≥ 3 with batched's loss ≤ Powell's), twice: batched with the same ``maxiter``, and
-batched run until its loss is ≤ Powell's (the time to the same loss; at most
-``--to-target-iter`` iterations). Every program is compiled before timing.
+batched run until its loss is ≤ Powell's (at most ``--to-target-iter`` iterations). The
+verdict is the time to Powell's final loss for both, each to the evaluation that first reached
+it (``LAPQResult.improvements``): Powell may reach it long before its run ends. Every program
+is compiled before timing.
 
     python bench/lapq.py                       # W3A3 by default
     python bench/lapq.py --w-bits 4 --a-bits 4 --skip-cd
@@ -124,6 +126,12 @@ def benchmark(args):
               f"{100 * loss.accuracy(res.alpha, data.test):.2f} |")
     powell, batched = results["powell"], results["batched"]
     print()
+    if target == 0.0:
+        print("note: Powell's calibration loss is exactly 0 in float32: every image's cross-entropy is below "
+              "float32's resolution at 1 (~6e-8); the target is reaching that.")
+    print("Powell, iteration by iteration: " + "; ".join(f"{h['iteration']}: loss {h['loss']:.4g} at "
+                                                        f"{h['seconds']:.1f} s ({h['n_evals']} evals)"
+                                                        for h in powell.history))
     runs = (("batched (same maxiter)", batched), ("batched → Powell's loss", results["batched → Powell's loss"]))
     for label, run in runs:
         ratio = powell.seconds / run.seconds
@@ -132,6 +140,25 @@ def benchmark(args):
         print(f"{label}: wall seconds powell / batched = {ratio:.2f}; batched loss {relation} powell's "
               f"({run.loss:.4g} vs {powell.loss:.4g}); evaluations powell / batched = "
               f"{powell.n_evals / run.n_evals:.2f}  ({verdict} the target: ratio ≥ 3 with loss ≤ Powell's)")
+    # Time to the same loss for both, to the evaluation that first reached it: Powell may get
+    # there long before its last iteration ends, and timing its whole run against batched's
+    # time to that loss flattered batched (this session's audit).
+    fast = results["batched → Powell's loss"]
+    p_at, b_at = first_at(powell, target), first_at(fast, target)
+    if b_at is None:
+        print(f"time to Powell's loss ({target:.4g}): batched did not reach it in {args.to_target_iter} iterations "
+              f"(best {fast.loss:.4g}; MISSES the target)")
+    else:
+        ratio = p_at["seconds"] / b_at["seconds"]
+        print(f"time to Powell's loss ({target:.4g}), to the first evaluation at or below it: Powell "
+              f"{p_at['seconds']:.1f} s ({p_at['n_evals']} evaluations), batched {b_at['seconds']:.1f} s "
+              f"({b_at['n_evals']} evaluations): powell / batched = {ratio:.2f}  "
+              f"({'meets' if ratio >= 3 else 'MISSES'} the target ≥ 3)")
+
+
+def first_at(res, target):
+    """The first fall of ``res``'s best loss to ``target`` or below (None if it never got there)."""
+    return next((h for h in res.improvements if h["loss"] <= target), None)
 
 
 def claims(table: lq.MethodComparison) -> list[tuple[str, bool]]:

@@ -180,6 +180,9 @@ class LAPQResult:
       p_selection: the :class:`PSelection` of the sweep (None when ``init`` was given).
       p_grid, p_losses: the sweep (empty when ``init`` was given).
       bias_correction: whether the loss applied per-channel bias correction.
+      improvements: every fall of the best loss evaluated so far (the sweep's included): dicts
+        with ``loss``, ``n_evals`` and ``seconds`` at that evaluation — the time to a given loss
+        to the evaluation, where ``history`` has it to the end of an iteration.
     """
 
     alpha: np.ndarray
@@ -198,6 +201,7 @@ class LAPQResult:
     p_losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     bias_correction: bool = True
     n_grads: int = 0
+    improvements: list = dataclasses.field(default_factory=list)
 
     def __repr__(self) -> str:
         if self.p_selection is None:
@@ -242,10 +246,13 @@ class _Tracker:
         self.best_alpha: np.ndarray | None = None
         self.best_loss = math.inf
         self.history: list[dict] = []
+        self.improvements: list[dict] = []
 
     def _offer(self, alpha: np.ndarray, value: float):
         if math.isfinite(value) and value < self.best_loss:
             self.best_loss, self.best_alpha = value, np.array(alpha, np.float32)
+            self.improvements.append(dict(loss=value, n_evals=self.n_evals,
+                                          seconds=time.perf_counter() - self.t0))
 
     def value(self, alpha) -> float:
         """L(α) for one (n,) α (float32 on the way in, float on the way out)."""
@@ -607,6 +614,7 @@ def lapq(loss, *, p_grid=DEFAULT_P_GRID, method: str = "powell", maxiter: int = 
         seconds=time.perf_counter() - t0, history=tracker.history, interrupted=interrupted,
         message=message, p_selection=selection, p_grid=grid, p_losses=np.asarray(p_losses),
         bias_correction=bool(loss.options.get("bias_correction")), n_grads=tracker.n_grads,
+        improvements=tracker.improvements,
     )
 
 

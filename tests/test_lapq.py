@@ -301,6 +301,14 @@ def test_methods_keep_alpha_positive_and_do_not_lose_to_start(tiny_loss, method)
     assert [h["iteration"] for h in res.history] == list(range(len(res.history)))
     assert np.all(np.diff([h["n_evals"] for h in res.history]) > 0)
     assert method in repr(res) and "loss:" in repr(res)
+    # every fall of the best loss, to the evaluation: what the bench times Powell and batched by
+    falls = res.improvements
+    assert falls[0]["loss"] == res.init_loss and falls[0]["n_evals"] == 1
+    assert np.all(np.diff([h["n_evals"] for h in falls]) > 0)
+    assert np.all(np.diff([h["loss"] for h in falls]) < 0) and np.all(np.diff([h["seconds"] for h in falls]) >= 0)
+    assert falls[-1]["n_evals"] <= res.n_evals and falls[-1]["loss"] <= res.loss
+    if method != "cd":
+        assert falls[-1]["loss"] == res.loss
 
 
 def test_batched_only_evaluates_positive_alpha(tiny_loss):
