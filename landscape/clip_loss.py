@@ -272,6 +272,10 @@ def _programs_for(model, layout: _Layout, precision: str) -> _Programs:
 class ClipLoss:
     """The calibration cross-entropy as a function of the clipping vector α (n,).
 
+    The per-image loss is optax's float32 cross-entropy logsumexp(z) − z_y, as the reference's
+    PyTorch loss: an image whose correct logit leads by more than about 17 contributes exactly 0,
+    so on an easily fitted calibration set L(α) can be exactly 0 over a region of α.
+
     Args:
       net: a trained network (anything with ``.model`` and ``.variables``, e.g. the result
         of :func:`landscape.train.fit`).
