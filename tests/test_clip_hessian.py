@@ -82,6 +82,11 @@ def test_clip_hessians_of_a_network_are_symmetric(tiny_net, digits):
         assert h.shape == (loss.n, loss.n) and np.all(np.isfinite(h))
         np.testing.assert_array_equal(h, h.T)
     assert np.trace(ste) != 0
+    # Symmetric by construction whatever the scale: the STE values are the HVP columns (a
+    # symmetrisation h + hᵀ without the ½ doubled them).
+    eye = np.eye(loss.n, dtype=np.float32)
+    columns = np.stack([np.asarray(loss.hvp(alpha, eye[i]), np.float64) for i in range(loss.n)], axis=1)
+    np.testing.assert_allclose(ste, columns, rtol=1e-3, atol=1e-4 * np.abs(ste).max())
 
 
 @pytest.mark.parametrize("kw,match", [({"method": "x"}, "method='x'"),
@@ -232,3 +237,35 @@ def test_fd_step_may_be_a_numpy_scalar():
     np.testing.assert_allclose(h, clip_hessian(q, alpha, method="fd", step=0.02), rtol=1e-6)
     with pytest.raises(ValueError, match=r"step=True must be a relative step in \(0, 1\)"):
         clip_hessian(q, alpha, method="fd", step=True)
+
+
+class _Staircase:
+    """A piecewise-constant loss with the ``.n`` / ``.batch`` interface of the FD method,
+    L(α) = Σ_i floor(50 α_i)² / 2500, recording the points it is evaluated at."""
+
+    def __init__(self, n):
+        self.n, self.points = n, []
+
+    def batch(self, alphas):
+        alphas = np.asarray(alphas)
+        self.points.append(alphas.copy())
+        return np.sum(np.floor(50 * alphas.astype(np.float64)) ** 2, axis=1) / 2500
+
+
+def test_default_fd_step_is_two_percent_of_alpha():
+    """The default FD step is 2 % of each α (DEFAULT_STEP, as documented): the loss is evaluated at
+    α ± 0.02·α_i e_i, the result is that of step=0.02, and on a staircase whose treads are 0.02
+    wide it sees the rounding events a step of 0.002 (flat between them) misses."""
+    alpha = np.array([1.01, 0.51])
+    loss = _Staircase(2)
+    default = clip_hessian(loss, alpha, method="fd")
+    assert len(loss.points) == 1
+    points = loss.points[0].astype(np.float64)
+    np.testing.assert_array_equal(loss.points[0], fd_points(alpha, 0.02)[0].astype(np.float32))
+    # α ± h_i e_i with h_i = 0.02·α_i (to float32 rounding of the points)
+    np.testing.assert_allclose(points[1:3] - alpha, np.diag(0.02 * alpha), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(alpha - points[3:5], np.diag(0.02 * alpha), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(default, clip_hessian(loss, alpha, method="fd", step=0.02))
+    # floor(50α) steps 49 → 50 → 51 (and 24 → 25 → 26) across α ± h: 2 / 2500 / h² on the diagonal
+    np.testing.assert_allclose(np.diag(default), 2 / 2500 / (0.02 * alpha) ** 2, rtol=1e-9)
+    np.testing.assert_array_equal(clip_hessian(loss, alpha, method="fd", step=0.002), np.zeros((2, 2)))

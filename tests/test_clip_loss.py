@@ -190,6 +190,16 @@ def test_grad_and_hessian_are_ste_derivatives(loss4):
     h = np.asarray(loss4.hessian(alpha))
     assert h.shape == (6, 6)
     np.testing.assert_allclose(h, h.T, rtol=1e-3, atol=1e-5)
+    # Symmetry alone holds by construction (h + hᵀ was symmetric too, at twice the curvature):
+    # the values are the Hessian's. Each column is the HVP with that basis vector, and the whole
+    # matrix is JAX's forward-over-reverse Hessian of the same loss.
+    scale = np.abs(h).max()
+    assert scale > 1e-3  # a point with curvature, so a factor of 2 shows
+    eye = np.eye(loss4.n, dtype=np.float32)
+    columns = np.stack([np.asarray(loss4.hvp(alpha, eye[i])) for i in range(loss4.n)], axis=1)
+    np.testing.assert_allclose(h, columns, rtol=1e-3, atol=1e-4 * scale)
+    reference = np.asarray(jax.hessian(loss4.alpha_loss())(alpha))
+    np.testing.assert_allclose(h, reference, rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_init_rules_and_stats_modes(loss4):
@@ -223,6 +233,37 @@ def test_init_rules_and_stats_modes(loss4):
         loss4.init("max", stats="x")
     with pytest.raises(ValueError, match="unknown calibration rule"):
         loss4.init("median")
+
+
+def test_init_stats_size_takes_the_first_calibration_images(tiny_net, digits, loss4):
+    """init(stats_size=k) takes its activation statistics from the first k calibration images:
+    the α of a loss built on those k images alone, and not the α of all 256 (an ignored
+    stats_size calibrated on every image)."""
+    x, y = digits.calib.x, digits.calib.y
+    assert len(x) == 256
+    first = ls.ClipLoss(tiny_net, (x[:64], y[:64]), w_bits=4, a_bits=4)
+    got = np.asarray(loss4.init("max", stats_size=64))
+    np.testing.assert_array_equal(got, np.asarray(first.init("max")))
+    full = np.asarray(loss4.init("max"))  # stats_size=512 > 256: every image
+    np.testing.assert_array_equal(full, np.asarray(loss4.init("max", stats_size=256)))
+    assert not np.array_equal(got, full)  # so the first comparison can tell them apart
+    activations = [i for i, s in enumerate(loss4.sites) if s.kind == "activation"]
+    assert not np.array_equal(got[activations], full[activations])
+
+
+def test_per_channel_max_init_is_each_output_channels_max_abs_weight(tiny_net, digits):
+    """init("max") of a per-channel weight site: max |W| over each output channel (the kernel's
+    last axis, HWIO). Reshaping the kernel to (C, −1) without moving that axis first grouped
+    consecutive entries of the flattened kernel instead, mixing the channels."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=None, per_channel=True)
+    alpha, slices = np.asarray(loss.init("max")), loss.site_slices()
+    assert [s.kind for s in loss.sites] == ["weight"] * 3 and loss.n == 8 + 16 + 16
+    for site in loss.sites:
+        kernel = np.asarray(tiny_net.variables["params"][site.name]["kernel"])
+        assert kernel.shape == site.shape and kernel.ndim == 4
+        expected = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
+        assert len(np.unique(expected)) == kernel.shape[-1]  # the channels' maxima differ
+        np.testing.assert_allclose(alpha[slices[site.name]], expected, rtol=1e-6, err_msg=site.name)
 
 
 def test_accuracy_and_monotone_damage(tiny_net, digits):

@@ -321,6 +321,15 @@ def test_round_to_nearest_is_the_biased_baseline():
     assert np.all(r[a < 0.499 * alpha] == 0)
 
 
+def test_round_to_nearest_breaks_ties_away_from_zero():
+    """Exact ties (fraction 1/2 in the bracket) go up, away from zero, as documented: at
+    max|g| = 64 (α = 1, levels 0, 1, 2, 4, …, 64) the midpoints 48, 0.5, −1.5 and 3 round to
+    64, 1, −2 and 4 (rounding only above 1/2 gave 32, 0, −1 and 2)."""
+    g = jnp.array([64.0, 48.0, 0.5, -1.5, 3.0], jnp.float32)
+    assert float(luq.gradient_alpha(g)) == 1.0
+    np.testing.assert_array_equal(np.asarray(luq.round_gradient(g)), [64.0, 64.0, 1.0, -2.0, 4.0])
+
+
 def test_vmap_and_key_types():
     g = heavy_tailed(12, 64).reshape(8, 8)
     key = jax.random.key(13)
@@ -446,6 +455,16 @@ def test_sawb_guard_and_zero():
     # an inf makes the scale NaN and the output NaN, not a finite tensor clamped at scale 1
     for bad in ([1.0, jnp.inf, 2.0], [1.0, -jnp.inf, 2.0, -0.5]):
         assert np.all(np.isnan(luq.sawb(jnp.array(bad, jnp.float32)))), bad
+
+
+def test_sawb_rounds_exact_ties_half_to_even():
+    """coeffs=(0, 0) makes the clip the guard's mean|x| = 7, so Δ = 7/7 = 1 exactly and x/Δ lands
+    on the ties: half to even gives 0, 2, −2 (round half up gave 1, 3, −1), 23.5 clamps to 7."""
+    x = jnp.array([0.5, 2.5, -1.5, 23.5], jnp.float32)
+    codes, scale = luq.sawb_codes(x, coeffs=(0, 0))
+    assert float(scale) == 1.0
+    np.testing.assert_array_equal(np.asarray(codes), [0, 2, -2, 7])
+    np.testing.assert_array_equal(np.asarray(luq.sawb(x, coeffs=(0, 0))), [0.0, 2.0, -2.0, 7.0])
 
 
 def test_sawb_straight_through():

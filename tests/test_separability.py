@@ -142,6 +142,59 @@ def test_plain_batch_callable_is_accepted():
     assert abs(res.gamma_normalized) < 1e-6
 
 
+def test_additive_loss_with_site_dependent_terms_has_gamma_zero():
+    """Each site its own 1-D loss and box: the bracket L(x) + (n − 1) L(z) − Σ_i L(z^(i)) vanishes
+    only if z^(i) takes x's i-th coordinate into place i (a site-symmetric loss, as in the tests
+    above, cannot tell which coordinate went where; mixing them reversed gave γ/L² = −0.022 and
+    T = −5.6 here)."""
+    w = np.array([1.0, 5.0, 0.2, 3.0])
+    lo, hi = np.array([0.5, 1.0, 0.1, 2.0]), np.array([2.0, 4.0, 0.3, 9.0])
+    fn = lambda A: (w * np.log(np.asarray(A, np.float64)) ** 2).sum(axis=1)  # float64: exact to rounding
+    res = separability_index(fn, lo, hi, n_samples=200, seed=0)
+    assert abs(res.gamma_normalized) < 1e-6
+    assert res.T == 0.0 and np.all(res.Ts == 0.0)  # g vanishes to rounding: below the floor
+
+
+class _Recording:
+    """A plain batch callable that keeps every value it returns."""
+
+    def __init__(self, fn):
+        self.fn, self.values = fn, []
+
+    def __call__(self, A):
+        out = self.fn(np.asarray(A, np.float64))
+        self.values.append(out)
+        return out
+
+
+def test_gamma_normalized_is_gamma_over_the_squared_max_loss():
+    """gamma_normalized = γ / L_max², L_max = max |L| over the evaluated points (documented as
+    scale-free): L → 10 L multiplies γ by 100 and leaves gamma_normalized as it was."""
+    lo, hi = np.full(3, 0.5), np.full(3, 2.0)
+    prod = _Recording(lambda A: np.prod(A, axis=1))
+    res = separability_index(prod, lo, hi, n_samples=50, seed=0)
+    fmax = max(np.max(np.abs(v)) for v in prod.values)
+    assert res.gamma != 0
+    assert res.gamma_normalized == pytest.approx(res.gamma / fmax**2, rel=1e-12)
+    scaled = separability_index(lambda A: 10 * np.prod(np.asarray(A, np.float64), axis=1), lo, hi,
+                                n_samples=50, seed=0)
+    assert scaled.gamma == pytest.approx(100 * res.gamma, rel=1e-9)
+    assert scaled.gamma_normalized == pytest.approx(res.gamma_normalized, rel=1e-9)
+
+
+def test_T_is_the_t_statistic_of_the_returned_samples():
+    """T_r = √N γ_r / s_r with s_r the sample standard deviation (ddof=1) of the returned g; at
+    N = 10 the population one (ddof=0) is 5 % larger."""
+    prod = lambda A: np.prod(np.asarray(A, np.float64), axis=1)
+    res = separability_index(prod, np.full(3, 0.5), np.full(3, 2.0), n_samples=10, seed=0)
+    g = res.g[0]
+    assert res.g.shape == (1, 10) and g.std(ddof=1) > 0
+    expected = np.sqrt(10) * g.mean() / g.std(ddof=1)
+    assert res.Ts[0] == pytest.approx(expected, rel=1e-12)
+    assert res.T == pytest.approx(expected, rel=1e-12)  # one repeat: Σ T_r / √1
+    assert res.gamma == pytest.approx(g.mean(), rel=1e-12)
+
+
 def test_bad_sampling_inputs():
     loss = _BatchLoss(lambda a: jnp.sum(a), 3)
     with pytest.raises(ValueError, match="same shape"):

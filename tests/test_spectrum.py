@@ -267,6 +267,41 @@ def test_hutchinson_with_relative_tolerance(spd1000):
     assert res.info["trace_hvp"] % 32 == 0
 
 
+def test_trace_stderr_is_the_sample_standard_error_of_the_probe_estimates(monkeypatch):
+    """Hutchinson's standard error is std(ddof=1)/√m of the m probe estimates gᵀHg (at m = 6 the
+    population std, ddof=0, is 9 % smaller). The probes and their HVPs are read from the trace's
+    calls to ``_apply_blocks`` (so the check does not depend on how the probes are drawn); an
+    off-diagonal H makes the estimates differ from probe to probe."""
+    rng = np.random.default_rng(40)
+    n = 50
+    M = rng.standard_normal((n, n))
+    A = (M + M.T) / 2
+    A_j = jnp.asarray(A, jnp.float32)
+    f = lambda x: 0.5 * x @ (A_j @ x)
+    calls = []
+    original = spectrum._apply_blocks
+
+    def recording(op, V, block, task, **kw):
+        out = original(op, V, block, task, **kw)
+        if task == "trace":
+            calls.append((np.asarray(V, np.float64), np.asarray(out, np.float64)))
+        return out
+
+    monkeypatch.setattr(spectrum, "_apply_blocks", recording)
+    res = hessian_spectrum(f, jnp.zeros(n), top_k=1, method="lanczos", tol=1e-2, trace=True,
+                           trace_method="hutchinson", num_probes=6, probe_batch=2, seed=3)
+    G = np.concatenate([v for v, _ in calls])
+    HG = np.concatenate([out for _, out in calls])
+    assert G.shape == (6, n) and np.all(np.abs(G) == 1)  # Rademacher probes, one call of 6
+    np.testing.assert_allclose(HG, G @ A, rtol=1e-4, atol=1e-4)  # they are HVPs of this H
+    estimates = np.sum(G * HG, axis=1)
+    assert estimates.std() > 0.1 * abs(estimates.mean())
+    assert res.trace == pytest.approx(estimates.mean(), rel=1e-12)
+    assert res.trace_stderr == pytest.approx(estimates.std(ddof=1) / np.sqrt(6), rel=1e-12)
+    # one leaf: its block's standard error is the global one
+    assert res.trace_per_leaf_stderr == pytest.approx(res.trace_stderr, rel=1e-12)
+
+
 def test_lanczos_path_on_a_small_problem_is_exact():
     # method="lanczos" with n below the basis size spans the whole space: exact to rounding.
     rng = np.random.default_rng(10)
@@ -396,6 +431,26 @@ def test_density_integrates_to_one_and_peaks_at_isolated_eigenvalues(method, n):
     # The smoothed density's mean is the (unbiased) estimate of tr H / n.
     assert np.trapezoid(grid * values, grid) == pytest.approx(lam.mean(), rel=0.05)
     assert res.eigenvalues[0] == pytest.approx(8.0, rel=1e-4)
+
+
+def test_default_density_sigma_is_one_percent_of_the_spectral_range():
+    """density_sigma=None: σ = 1 % of the spectral range (as documented), recorded in
+    info["density_sigma"]; the grid reaches 5σ beyond the extreme eigenvalues and the density is
+    the one computed with that σ given explicitly."""
+    d = np.arange(1.0, 9.0)  # eigenvalues 1 … 8: range 7
+    d_j = jnp.asarray(d, jnp.float32)
+    f = lambda x: 0.5 * jnp.sum(d_j * x * x)
+    kw = dict(top_k=1, trace=False, density=True, method="dense", density_grid=400)
+    res = hessian_spectrum(f, jnp.ones(8), **kw)
+    sigma = res.info["density_sigma"]
+    assert sigma == pytest.approx(0.07, rel=1e-6)
+    grid, values = res.density
+    assert grid[0] == pytest.approx(1.0 - 5 * sigma, rel=1e-6) and grid[-1] == pytest.approx(8.0 + 5 * sigma, rel=1e-6)
+    given = hessian_spectrum(f, jnp.ones(8), density_sigma=0.07, **kw)
+    np.testing.assert_allclose(values, given.density[1], rtol=1e-5, atol=1e-8)
+    # σ narrow enough to resolve unit-spaced eigenvalues: the density nearly vanishes between them
+    at = lambda t: values[np.argmin(np.abs(grid - t))]
+    assert at(4.5) < 1e-6 * at(4.0)
 
 
 def test_a_density_narrower_than_the_grid_loses_no_eigenvalue():
