@@ -248,3 +248,57 @@ def test_weight_sensitivity_checks_the_rule_before_the_spectrum(tiny_net, digits
                       ({"rule": "lp", "rule_kw": {"p": -1}}, r"lp p=-1 must be a number")):
         with pytest.raises(ValueError, match=match):
             ls.weight_sensitivity(loss, **kw)
+
+
+def test_a_positive_trace_within_two_standard_errors_still_warns(sensitivity):
+    """The warning's bound is two standard errors: a trace of 1.5 standard errors (positive, but not
+    reliably so) warns; one of 2.5 does not. Guards against a bound of one standard error."""
+    loss, s = sensitivity
+    err = float(s.spectrum.trace_per_leaf_stderr["conv1_0"]["kernel"])
+    assert err > 0
+
+    def with_trace(t):
+        traces = jax.tree.map(lambda v: v, s.spectrum.trace_per_leaf)
+        traces["conv1_0"]["kernel"] = t
+        return dataclasses.replace(s.spectrum, trace_per_leaf=traces)
+
+    with pytest.warns(RuntimeWarning, match=r"block traces of \['conv1_0'\] are within two standard errors"):
+        ls.weight_sensitivity(loss, bits=(2, 4), spectrum=with_trace(1.5 * err))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ls.weight_sensitivity(loss, bits=(2, 4), spectrum=with_trace(2.5 * err))
+
+
+@pytest.mark.parametrize("option", ["per_channel", "bias_correction"])
+def test_the_perturbation_is_the_losss_own_per_channel_and_bias_corrected_quantizer(sensitivity, tiny_net, digits,
+                                                                                   option):
+    """With per-channel α or bias correction on the ClipLoss, ‖Q_b(W) − W‖² is measured with them:
+    one α per output channel (not the first channel's α for all), the per-channel mean restored. Guards
+    against either option being dropped from the sensitivity."""
+    _, s = sensitivity
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=None, **{option: True})
+    got = ls.weight_sensitivity(loss, bits=(3,), spectrum=s.spectrum)
+    single = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=None, sites=["conv1_0"], **{option: True})
+    alpha = np.asarray(single.init("mse"))
+    w = np.asarray(tiny_net.variables["params"]["conv1_0"]["kernel"], np.float32)
+    w_hat = quantizers.quantize(w, alpha if option == "per_channel" else alpha[0], 3, "midrise")
+    if option == "bias_correction":
+        w_hat = quantizers.bias_correct(w_hat, w)
+    want = float(np.sum((np.asarray(w_hat, np.float64) - w) ** 2))
+    assert got.error[1, 0] == pytest.approx(want, rel=1e-5)
+    assert got.error[1, 0] != pytest.approx(s.error[1, 1], rel=1e-3)  # not the plain per-tensor error
+    if option == "per_channel":
+        assert alpha.shape == (w.shape[-1],) and np.ptp(alpha) > 0
+
+
+def test_fp32_inputs_are_32_bit_activations_in_a_bops_count():
+    """a_bits=32 stands for FP32 inputs (input_widths' default for layers fed by no quantized site):
+    counted, not refused, at 32 bit operations per MAC and weight bit."""
+    s = synthetic(1)
+    s = dataclasses.replace(s, macs=s.sizes * 9)
+    w4 = dict.fromkeys(s.sites, 4)
+    assert s.bops(w4, 32) == 4 * s.bops(w4, 8) == int(np.sum(s.macs)) * 4 * 32
+    mixed = {**dict.fromkeys(s.sites, 8), "l0": 32}
+    assert s.bops(w4, mixed) == int(s.macs[0]) * 4 * 32 + int(np.sum(s.macs[1:])) * 4 * 8
+    got = allocate_bits(s, budget_bops=s.bops(dict.fromkeys(s.sites, 3), mixed), a_bits=mixed)
+    assert got.cost == s.bops(got.bits, mixed) <= got.budget

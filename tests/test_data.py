@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import os
@@ -309,3 +310,78 @@ def test_result_files_record_the_cpu_model(tmp_path):
     versions = ls.runtime.software()
     assert versions["cpu"] == ls.runtime.cpu_model()
     assert f"cpu {versions['cpu']}" in ls.runtime.describe_software(versions)
+
+
+def test_calibration_sample_is_distinct_rows_from_the_whole_training_split(digits):
+    """calib_index: sorted distinct rows (a draw without replacement), spread over the whole training
+    split, up to all of it. Guards against a draw with replacement (repeated calibration images), a
+    calib_size equal to the training split refused, and a sample drawn from range(len(test))."""
+    n = len(digits.train)
+    index = digits.calib_index
+    assert len(index) == 256 and np.all(np.diff(index) > 0)  # sorted, no repeats
+    assert index.max() > len(digits.test)  # rows beyond the first len(test) rows are drawn too
+    np.testing.assert_array_equal(ls.data.calibration_index(n, n, seed=5), np.arange(n))
+    whole = ls.data.load("digits", calib_size=n, seed=2)
+    np.testing.assert_array_equal(whole.calib_index, np.arange(n))
+    np.testing.assert_array_equal(whole.calib.x, whole.train.x)
+    for size in (2, 100, n - 1):
+        drawn = ls.data.calibration_index(n, size, seed=3)
+        assert len(np.unique(drawn)) == size and drawn.min() >= 0 and drawn.max() < n
+
+
+def test_with_calib_draws_the_sample_of_its_seed(digits):
+    """with_calib(size, seed) is the sample load(calib_size=size, seed=seed) draws, and another seed
+    draws another (the seed was not passed on)."""
+    a, b = digits.with_calib(50, seed=3), digits.with_calib(50, seed=4)
+    np.testing.assert_array_equal(a.calib_index, ls.data.load("digits", calib_size=50, seed=3).calib_index)
+    np.testing.assert_array_equal(a.calib_index, ls.data.calibration_index(len(digits.train), 50, 3))
+    assert not np.array_equal(a.calib_index, b.calib_index)
+    np.testing.assert_array_equal(a.calib.x, digits.train.x[a.calib_index])
+    np.testing.assert_array_equal(a.test.x, digits.test.x)  # train and test untouched
+
+
+def test_digits_test_split_is_a_stratified_fifth(digits):
+    """Within each class, round(20 %) of its images go to test (359 of 1797 in all). Guards against
+    another test fraction (the suite's accuracy thresholds are on this split)."""
+    assert len(digits.test) == 359 and len(digits.train) == 1438
+    for c in range(10):
+        in_test, in_train = int(np.sum(digits.test.y == c)), int(np.sum(digits.train.y == c))
+        assert in_test == int(round(0.2 * (in_test + in_train))), c
+
+
+def test_fingerprint_covers_the_labels_and_the_test_split(digits):
+    """The fingerprint keys cached networks: relabelled training images, relabelled or other test
+    images must not find a network trained on the original data. The calibration sample is no part
+    of it (it does not change what fit trains)."""
+    fp = digits.fingerprint()
+    assert digits.with_calib(10, seed=7).fingerprint() == fp
+    relabel = lambda s: ls.data.Split(s.x, ((s.y + 1) % 10).astype(np.int32))  # noqa: E731
+    changed = [dataclasses.replace(digits, train=relabel(digits.train)),
+               dataclasses.replace(digits, test=relabel(digits.test)),
+               dataclasses.replace(digits, test=ls.data.Split(digits.test.x * 1.01, digits.test.y)),
+               dataclasses.replace(digits, train=ls.data.Split(digits.train.x * 1.01, digits.train.y))]
+    assert len({fp} | {d.fingerprint() for d in changed}) == 5
+
+
+def test_local_parquet_pixels_are_normalised_from_0_255(tmp_path):
+    """Every decoded pixel p becomes (p/255 − 0.1307)/0.3081: the brightest pixel 255 maps to
+    (1 − 0.1307)/0.3081 (a division by 256 was off by 0.4 % there, invisible at pixel 0)."""
+    d = tmp_path / "mnist"
+    d.mkdir()
+    _write_parquet(d / "train-00000-of-00001.parquet", 12, 0)
+    _write_parquet(d / "test-00000-of-00001.parquet", 12, 1)
+    data = ls.data.load("mnist", data_dir=str(d), calib_size=4, seed=0)
+    rng = np.random.default_rng(0)  # the images _write_parquet drew for the training split
+    pixels = np.stack([rng.integers(0, 256, size=(28, 28), dtype=np.uint8) for _ in range(12)])
+    assert pixels.max() == 255
+    want = (pixels.astype(np.float32) / 255.0 - 0.1307) / 0.3081
+    np.testing.assert_allclose(data.train.x[..., 0], want, rtol=1e-6, atol=1e-6)
+    assert data.train.x.max() == pytest.approx((1 - 0.1307) / 0.3081, rel=1e-6)
+
+
+def test_check_labels_refuses_the_label_equal_to_the_class_count():
+    """Labels run over [0, num_classes): the label num_classes itself is one too many."""
+    ls.data.check_labels(np.array([0, 3, 9]), 10)
+    for y, low, high in (([0, 10], 0, 10), ([-1, 2], -1, 2)):
+        with pytest.raises(ValueError, match=rf"labels y must be in \[0, 10\) .*got labels from {low} to {high}"):
+            ls.data.check_labels(np.array(y), 10, "split")

@@ -176,3 +176,37 @@ def test_equalization_names_a_network_passed_for_its_module_and_images_in_anothe
         with pytest.raises(ValueError, match=re.escape(f"images x have shape {bad.shape}, which the network's "
                                                        "variables do not fit (images are NHWC")):
             cross_layer_equalization(tiny_net.model, tiny_net.variables, bad)
+
+
+def test_folding_is_the_formula_with_epsilon_and_the_conv_bias(digits):
+    """W' = W·s and b' = b·s with s = γ/√(σ² + ε), the BN left as scale 1, bias β − μ·s, mean 0 and
+    var 1 − ε (an exact identity plus bias). A conv with a bias and a BN with a large ε (0.5) and small
+    variances make each term count: ε left out of s or of the var, or the conv bias left unscaled,
+    moved these logits (and the folding refused them as a side path)."""
+    import flax.linen as nn
+
+    from landscape.layers import BatchNorm, QuantConv, QuantDense, QuantReLU
+
+    class BiasedConvBN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            y = BatchNorm(epsilon=0.5, name="bn")(QuantConv(4, use_bias=True, name="conv")(x), train)
+            return QuantDense(10, name="fc")(jnp.mean(QuantReLU(name="relu")(y), axis=(1, 2)))
+
+    model, x = BiasedConvBN(), jnp.asarray(digits.calib.x[:16])
+    v = model.init(jax.random.key(0), x[:1])
+    gamma, beta = jnp.array([1.5, 0.4, 2.0, 0.8]), jnp.array([0.3, -0.2, 0.1, 0.5])
+    mean, var = jnp.array([0.2, -0.5, 1.0, 0.0]), jnp.array([0.05, 0.3, 0.1, 2.0])
+    bias = jnp.array([1.0, -0.7, 0.4, 0.2])
+    params = {**v["params"], "conv": {**v["params"]["conv"], "bias": bias}, "bn": {"scale": gamma, "bias": beta}}
+    v = {"params": params, "batch_stats": {"bn": {"mean": mean, "var": var}}}
+    folded = ls.folding.fold_batchnorm(model, v, x[:1])
+    s = np.asarray(gamma) / np.sqrt(np.asarray(var) + 0.5)
+    np.testing.assert_allclose(folded["params"]["conv"]["kernel"], np.asarray(params["conv"]["kernel"]) * s, rtol=1e-6)
+    np.testing.assert_allclose(folded["params"]["conv"]["bias"], np.asarray(bias) * s, rtol=1e-6)
+    np.testing.assert_allclose(folded["params"]["bn"]["bias"], np.asarray(beta) - np.asarray(mean) * s, rtol=1e-6)
+    np.testing.assert_allclose(folded["params"]["bn"]["scale"], np.ones(4))
+    np.testing.assert_allclose(folded["batch_stats"]["bn"]["mean"], np.zeros(4))
+    np.testing.assert_allclose(np.asarray(folded["batch_stats"]["bn"]["var"]) + 0.5, np.ones(4), rtol=1e-7)
+    before, after = model.apply(v, x, train=False), model.apply(folded, x, train=False)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * float(jnp.abs(before).max()))

@@ -198,3 +198,36 @@ def test_fold_batchnorm_is_exact(tiny_net, digits):
     np.testing.assert_allclose(tiny_net.model.apply(folded, x), ref, rtol=1e-4, atol=1e-4)
     k0 = np.asarray(tiny_net.variables["params"]["conv0_0"]["kernel"])
     assert not np.allclose(np.asarray(folded["params"]["conv0_0"]["kernel"]), k0)
+
+
+@pytest.mark.parametrize("name,macs,params", [("resnet18", 1_814_073_344, 11_689_512),
+                                              ("resnet50", 4_089_184_256, 25_557_032)])
+def test_imagenet_resnets_match_torchvisions_compute_and_size(name, macs, params):
+    """At 224×224 the ImageNet ResNets have torchvision's parameter counts and MACs (1.81 G for
+    resnet18, 4.09 G for resnet50: v1.5, the stride on the bottleneck's 3×3 conv). Imported
+    torchvision weights only reproduce torchvision's outputs on this exact topology: guards against
+    another stem padding, max-pool padding, or the stride on the bottleneck's first 1×1 conv (v1,
+    3.86 G MACs)."""
+    model = models.create(name, num_classes=1000)
+    x = jnp.zeros((1, 224, 224, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == params
+    weight_sites = [s for s in ls.sites_of(model, variables, x)[0] if s.kind == "weight"]
+    by_name = {s.name: s.macs for s in weight_sites}
+    assert by_name["conv1"] == 7 * 7 * 3 * 64 * 112 * 112  # stem: 224 → 112 (padding 3)
+    assert by_name["layer1_0/conv1"] == (3 * 3 * 64 * 64 if name == "resnet18" else 64 * 64) * 56 * 56  # pool: → 56
+    assert sum(by_name.values()) == macs
+
+
+def test_cnn_pools_between_stages_down_to_1x1():
+    """Pooling halves the resolution after every stage but the last while the maps are at least 2×2:
+    four stages on 8×8 images run at 8, 4, 2 and 1 pixels (a 2×2 map was left unpooled)."""
+    model = models.create("cnn", num_classes=10, widths=(2, 3, 4, 5))
+    x = jnp.zeros((1, 8, 8, 1))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    macs = {s.name: s.macs for s in ls.sites_of(model, variables, x)[0] if s.kind == "weight"}
+    assert macs["conv0_0"] == 9 * 1 * 2 * 8 * 8
+    assert macs["conv1_1"] == 9 * 3 * 3 * 4 * 4
+    assert macs["conv2_1"] == 9 * 4 * 4 * 2 * 2
+    assert macs["conv3_0"] == 9 * 4 * 5 * 1 * 1 and macs["conv3_1"] == 9 * 5 * 5
+    assert macs["fc"] == 5 * 10

@@ -1,10 +1,12 @@
 import json
+import math
 import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import landscape as ls
@@ -72,17 +74,19 @@ def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     assert _params_equal(ls.train.fit(model, digits, epochs=1, seed=0).variables, first.variables)
 
 
-@pytest.mark.parametrize("recipe", [None, "sparse", "luq-fnt", "damaged"])
+@pytest.mark.parametrize("recipe", [None, "sparse", "luq", "luq-fnt", "damaged"])
 def test_an_interrupted_fit_resumes_after_its_last_epoch(digits, tmp_path, monkeypatch, recipe):
     """Killed in epoch 3 of 3, fit kept the state after epochs 1 and 2; the rerun trains epoch 3
     only and gives the network of an uninterrupted run to the last bit (data order and step keys
-    replayed, optimizer state restored), for a plain, a sparse and a LUQ recipe with fine-tuning; a
-    damaged epoch file (its SHA-256 differs) is not resumed from."""
+    replayed, optimizer state restored), for a plain, a sparse and a LUQ recipe with and without
+    fine-tuning; a damaged epoch file (its SHA-256 differs) is not resumed from. The LUQ main phase
+    draws its gradient samples from the step keys: a resume that restarted the key chain instead of
+    restoring it trained another network."""
     from landscape import luq, sparsity
 
     make = {None: lambda: None, "damaged": lambda: None,
             "sparse": lambda: sparsity.Recipe(keep=2, block=4, update_every=5),
-            "luq-fnt": lambda: luq.Recipe(finetune_epochs=2)}[recipe]
+            "luq": lambda: luq.Recipe(finetune_epochs=0), "luq-fnt": lambda: luq.Recipe(finetune_epochs=2)}[recipe]
     model = models.create("cnn", num_classes=10, widths=(4, 8))
     monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "whole"))
     whole = ls.train.fit(model, digits, epochs=3, seed=0, recipe=make())
@@ -319,3 +323,97 @@ def test_network_records_its_input_shape_and_names_other_images(digits, tiny_net
     with open(path + ".json", "w") as f:
         json.dump(meta, f)
     assert ls.train.load_network(tiny_net.model, path).input_shape is None
+
+
+def test_learning_rate_warms_up_over_5_percent_of_the_steps_then_decays_to_zero_by_a_cosine():
+    """fit's main-phase schedule, step by step: linear from 0 to the peak over the first 5% of the
+    steps (at least one), then a cosine to exactly 0 at the last step. Guards against another warm-up
+    length (10%) and a cosine that ends above 0."""
+    peak, total, warm = 0.1, 200, 10
+    s = ls.train._schedule(peak, total)
+    for t in (0, 3, 5, 10):
+        assert float(s(t)) == pytest.approx(peak * t / warm, abs=1e-8)
+    for t in (10, 57, 105, 150, 199, 200):
+        want = 0.5 * peak * (1.0 + math.cos(math.pi * (t - warm) / (total - warm)))
+        assert float(s(t)) == pytest.approx(want, abs=1e-7)
+    assert float(s(105)) == pytest.approx(peak / 2)  # halfway through the cosine
+    assert float(s(total)) == pytest.approx(0.0, abs=1e-9)
+    assert float(ls.train._schedule(peak, 10)(1)) == pytest.approx(peak)  # 10 steps: a one-step warm-up
+
+
+def test_sgd_is_nesterov_momentum_with_weight_decay_coupled_on_the_kernels_only():
+    """Three updates of ``sgd`` against PyTorch's SGD(momentum=0.9, nesterov=True) written out: the
+    kernel's gradient gets + wd·W before the momentum (coupled L2), the bias none. Guards against
+    plain momentum, decay on the biases instead of the kernels, and decay of the wrong sign."""
+    lr, wd, m = 0.1, 0.05, 0.9
+    params = {"fc": {"kernel": jnp.array([[1.0, -2.0], [0.5, 4.0]]), "bias": jnp.array([0.5, -3.0])}}
+    grads = {"fc": {"kernel": jnp.array([[0.3, 0.1], [-0.2, 0.0]]), "bias": jnp.array([-0.2, 0.4])}}
+    tx = ls.train.sgd(lambda step: lr, wd)
+    state = tx.init(params)
+    want = {k: np.asarray(v, np.float64) for k, v in params["fc"].items()}
+    buf = dict.fromkeys(want, 0.0)
+    p = params
+    for _ in range(3):
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+        for k in want:
+            g = np.asarray(grads["fc"][k], np.float64) + (wd * want[k] if k == "kernel" else 0.0)
+            buf[k] = m * buf[k] + g
+            want[k] = want[k] - lr * (g + m * buf[k])
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p["fc"][k]), want[k], rtol=1e-6, err_msg=k)
+
+
+def _indexed_dataset(n=64):
+    """A small dataset whose rows are told apart by their first pixel (distinct random values)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4, 4, 1)).astype(np.float32)
+    y = (np.arange(n) % 10).astype(np.int32)
+    train = ls.data.Split(x, y)
+    return ls.data.Dataset("digits", train, train.take(np.arange(8)), ls.data.Split(x[:16], y[:16]), 10,
+                           np.arange(8))
+
+
+def test_each_epoch_trains_on_a_new_permutation_drawn_from_the_seed(monkeypatch):
+    """The rows of every training step, recorded: each epoch visits every training row once, in an
+    order (and batches) of its own, and the order follows the seed. Guards against one order for every
+    epoch and an order that ignores the seed (different seeds then differ only in initialisation)."""
+    data = _indexed_dataset()
+    row_of = {float(v): i for i, v in enumerate(data.train.x[:, 0, 0, 0])}
+    model = models.create("mlp", num_classes=10, hidden=(4,))
+    real_step = ls.train.train_step
+
+    def batches(seed):
+        seen = []
+
+        def recording(*args, **kwargs):
+            step = real_step(*args, **kwargs)
+
+            def run(params, state, opt_state, x, y, key):
+                seen.append(tuple(row_of[float(v)] for v in np.asarray(x)[:, 0, 0, 0]))
+                return step(params, state, opt_state, x, y, key)
+
+            return run
+
+        monkeypatch.setattr(ls.train, "train_step", recording)
+        ls.train.fit(model, data, epochs=3, batch_size=16, seed=seed, cache=False, progress=False)
+        return [seen[e * 4:(e + 1) * 4] for e in range(3)]  # 64 rows / 16: four steps per epoch
+
+    epochs = batches(seed=0)
+    assert len(epochs) == 3 and all(len(e) == 4 for e in epochs)
+    for epoch in epochs:
+        assert sorted(i for batch in epoch for i in batch) == list(range(64))
+    assert len({frozenset(map(frozenset, e)) for e in epochs}) == 3  # three different partitions
+    assert batches(seed=0) == epochs
+    other = batches(seed=1)
+    assert all(a != b for a, b in zip(other, epochs, strict=True))
+
+
+def test_digits_training_defaults():
+    """The documented digits recipe (DEFAULTS): 30 epochs of batches of 64 at peak lr 0.05 with weight
+    decay 5e-4. The cached networks, the README's accuracies and the paper_repro presets are trained
+    under these; another default silently trains (and caches) other networks."""
+    digits = ls.data.load("digits", calib_size=16, seed=0)
+    config = ls.train.training_config(models.create("mlp", num_classes=10, hidden=(8,)), digits)
+    assert {k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")} == dict(
+        epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4, seed=0)
