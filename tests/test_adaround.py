@@ -135,3 +135,88 @@ def test_layers_of_one_shape_share_the_compiled_rounding_loop(digits_net, digits
     shapes = {np.shape(codes) for codes in result.network.codes.values()}
     assert len(result.layers) > len(shapes) >= 2  # some layers share a shape
     assert loop._cache_size() == len(shapes)
+
+
+def _quantized_input_layer(seed):
+    """A dense layer 8 → 2 at 2 bits whose recorded inputs are not the float ones (y ≠ x W), as
+    for every layer after the first with inputs="quantized"."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(256, 3)) @ rng.normal(size=(3, 8)) + 0.05 * rng.normal(size=(256, 8))).astype(np.float32)
+    xq = (x + 0.3 * rng.normal(size=x.shape)).astype(np.float32)
+    w = rng.normal(size=(8, 2)).astype(np.float32)
+    alpha = float(np.abs(w).max())
+    return xq, x @ w, w, float(quantizers.step_size(alpha, 2, "midrise")), -alpha
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_beta_falls_from_its_start_after_the_warm_up(seed):
+    """β runs from beta[0] (20: a flat regulariser that leaves h free) down to beta[1] (2: pulls
+    h to 0 or 1): with one regularised step (the last of 10, warmup 0.9), that step uses β =
+    beta[0], so (20, 2) is (20, 20) there and not (2, 2). A schedule running the other way
+    (2 → 20) pinned every h at once."""
+    xq, y, w, scale, offset = _quantized_input_layer(seed)
+
+    def run(beta):
+        return round_layer(xq, y, w, scale, offset, 0, 3, lambda a, b: a @ b, iterations=10, warmup=0.9,
+                           reg=10.0, lr=1.0, beta=beta)
+
+    falling, flat, steep = run((20.0, 2.0)), run((20.0, 20.0)), run((2.0, 2.0))
+    assert flat.history != steep.history  # β decides this step
+    assert falling.history == flat.history
+    np.testing.assert_array_equal(falling.codes, flat.codes)
+
+
+def test_history_is_the_hard_roundings_error_every_tenth_of_the_steps():
+    """history[k] is the output MSE (per output channel, as mse) of the hard rounding after step
+    (k + 1) · iterations/10: its last entry is the learnt codes' MSE. An index off by one left
+    history[0] at 0 and dropped the last report; a missing 1/C made it C times the MSE."""
+    x, w = next(small_layers(1, seed=2))
+    alpha = float(np.abs(w).max())
+    scale = float(quantizers.step_size(alpha, 2, "midrise"))
+    fit = round_layer(x, x @ w, w, scale, -alpha, 0, 3, lambda a, b: a @ b, iterations=200, reg=0.1)
+    assert len(fit.history) == 10 and min(fit.history) > 0
+    assert fit.kept and fit.flipped > 0
+    assert fit.history[-1] == pytest.approx(fit.mse, rel=1e-3)
+    assert fit.history[0] == pytest.approx(fit.mse_nearest, rel=1e-3)  # no reg in the warm-up: still nearest
+    short = round_layer(x, x @ w, w, scale, -alpha, 0, 3, lambda a, b: a @ b, iterations=7)
+    assert len(short.history) == 7  # fewer than 10 steps: one report per step
+
+
+def test_adaround_hands_its_options_to_every_layer(tiny_net, digits):
+    """adaround(loss, alpha, iterations=..., ...) runs every layer with those options (they were
+    validated, then dropped: every layer ran the default 1000 steps)."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=None)
+    res = adaround(loss, loss.init("mse"), num_images=16, inputs="float", iterations=5)
+    assert [len(f.history) for f in res.layers.values()] == [5] * len(res.layers)
+
+
+def test_round_layer_defaults_are_the_papers():
+    """Without options round_layer runs λ = 0.01, β 20 → 2 after a 20 % warm-up, 1000 Adam steps
+    at lr 1e-2 (the module docstring): the same codes and history as those options spelt out."""
+    xq, y, w, scale, offset = _quantized_input_layer(0)
+    gemm = lambda a, b: a @ b  # noqa: E731
+    default = round_layer(xq, y, w, scale, offset, 0, 3, gemm)
+    spelt = round_layer(xq, y, w, scale, offset, 0, 3, gemm, iterations=1000, reg=0.01, beta=(20.0, 2.0),
+                        warmup=0.2, lr=1e-2)
+    assert len(default.history) == 10 and default.history == spelt.history
+    np.testing.assert_array_equal(default.codes, spelt.codes)
+    other = round_layer(xq, y, w, scale, offset, 0, 3, gemm, iterations=1000, reg=0.1)
+    assert other.history != default.history  # λ matters here
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_round_layer_with_weights_beyond_alpha(seed):
+    """A clipping α below max|W| (an MSE rule's) puts weights beyond the grid, where W̃ stays at the
+    end level: the soft objective must clip ⌊z⌋ + h(V) as the hard rounding does, or it optimises
+    weights the layer never runs (the rounding found was 2.4-2.7× the best one's MSE, here 1.1-1.3×)."""
+    x, w = next(small_layers(1, seed=seed))
+    alpha = 0.6 * float(np.abs(w).max())
+    scale, offset = float(quantizers.step_size(alpha, 2, "midrise")), -alpha
+    assert np.sum(np.abs(w) > alpha) >= 1
+    fit = round_layer(x, x @ w, w, scale, offset, 0, 3, lambda a, b: a @ b, iterations=1000, reg=0.1)
+    z = (w - offset) / scale
+    flips = np.array(list(itertools.product((0, 1), repeat=w.size)), np.float32).reshape(-1, *w.shape)
+    every = np.clip(np.floor(z)[None] + flips, 0, 3) * scale + offset
+    best = float(np.min(np.mean((np.einsum("nd,kdc->knc", x, every) - (x @ w)[None]) ** 2, axis=(1, 2))))
+    assert fit.kept and fit.mse < 0.7 * fit.mse_nearest
+    assert fit.mse <= 1.3 * best

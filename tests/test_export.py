@@ -269,3 +269,74 @@ def test_save_and_load_take_either_file_name_for_the_stem(tiny_net, digits, tmp_
     for bad in (".npz", str(tmp_path) + "/.json"):
         with pytest.raises(ValueError, match="must name a file"):
             ls.export.save(qnet, bad)
+
+
+def test_load_refuses_what_the_hashes_and_the_table_checks_leave_open(tiny_net, digits, tmp_path):
+    """Edits that kept a file loading as another network: a format-2 pair from two saves (format 2
+    stores the .npz's hash too), an activation relabelled as a weight site (it then ran
+    unquantized), codes for an activation site, and an input shape with a zero dimension."""
+    loss3 = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
+    loss4 = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    q3 = ls.export.quantize_network(loss3, np.asarray(loss3.init("mse")))
+    q4 = ls.export.quantize_network(loss4, np.asarray(loss4.init("mse")))
+    stem = str(tmp_path / "net")
+    ls.export.save(q3, stem)
+    meta3 = json.loads(open(stem + ".json").read())
+    # a format-2 .json (no table hash) beside the .npz of another save
+    ls.export.save(q4, stem)
+    old = dict(meta3, format=2)
+    del old["sites_sha256"]
+    open(stem + ".json", "w").write(json.dumps(old))
+    with pytest.raises(ValueError, match="net.npz is not the file .*net.json was saved with"):
+        ls.export.load(tiny_net.model, stem)
+    ls.export.save(q3, stem)
+    act = next(n for n, site in q3.sites.items() if site.kind == "activation")
+    name = next(iter(q3.codes))
+
+    def edited(change, arrays=None):
+        meta = json.loads(open(stem + ".json").read())
+        change(meta)
+        meta["sites_sha256"] = ls.export._table_sha256(meta["sites"])  # an author who rehashed the table
+        (tmp_path / "edit.json").write_text(json.dumps(meta))
+        if arrays is None:
+            shutil.copy(stem + ".npz", tmp_path / "edit.npz")
+        else:
+            _rewrite(tmp_path / "edit", tmp_path / "edit", arrays)
+        return str(tmp_path / "edit")
+
+    # the activation relabelled "weight": its unsigned grid passes the table checks, and the
+    # network ran that activation unquantized
+    path = edited(lambda meta: meta["sites"][act].update(kind="weight"))
+    with pytest.raises(ValueError, match=rf"lists '{act}' \(weight\), which the model has no such site for"):
+        ls.export.load(tiny_net.model, path)
+    # codes (and a matching kernel) for the activation site
+    with np.load(stem + ".npz") as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    codes = np.array([[1, 2], [3, 4]], np.uint8)
+    extra = dict(arrays, **{f"code/{act}": codes,
+                            f"kernel/{act}": (codes * q3.sites[act].scale[0]).astype(np.float32)})
+    path = edited(lambda meta: None, extra)
+    with pytest.raises(ValueError, match=rf"edit.npz has codes for '{act}', which .*edit.json lists as no weight site"):
+        ls.export.load(tiny_net.model, path)
+    # a zero in the input shape
+    path = edited(lambda meta: meta.update(input_shape=[8, 0, 1]))
+    with pytest.raises(ValueError, match=r"input_shape=\[8, 0, 1\] is not a list of positive integers"):
+        ls.export.load(tiny_net.model, path)
+    # the unedited table still loads (the checks above are the edits')
+    back = ls.export.load(tiny_net.model, edited(lambda meta: None))
+    np.testing.assert_array_equal(back.codes[name], q3.codes[name])
+
+
+def test_a_saved_network_keeps_its_precision(tiny_net, digits, tmp_path):
+    """The loss's matmul precision is part of the network (a GPU's TF32 products evaluate another
+    network): load gives back the saved one, not "highest" whatever was saved."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, precision="float32")
+    qnet = ls.export.quantize_network(loss, loss.init("max"))
+    assert qnet.precision == "float32"
+    back = ls.export.load(tiny_net.model, ls.export.save(qnet, tmp_path / "q"))
+    assert back.precision == "float32"
+    meta = json.loads((tmp_path / "q.json").read_text())
+    meta["precision"] = "fast"
+    (tmp_path / "q.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"q.json: precision='fast'; allowed"):
+        ls.export.load(tiny_net.model, tmp_path / "q")

@@ -3,6 +3,8 @@ float-input case against the published algorithm's fixed point, and the rounded 
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -159,3 +161,60 @@ def test_gptq_per_channel_midtread_folded(tiny_net, digits):
         np.testing.assert_allclose(np.asarray(res.network.variables["params"][name]["kernel"]),
                                    codes * site.scale, rtol=1e-6, atol=1e-7)  # midtread: no offset
     assert sum(f.mse for f in res.layers.values()) < sum(f.mse_nearest for f in res.layers.values())
+
+
+def test_gptq_layer_defaults_are_the_documented_objective():
+    """Without options, gptq_layer is the module docstring's algorithm with the reference's 1 %
+    damping and act-order: H = G + λI, λ = 0.01 · mean diag G, W* = H⁻¹ (B + λ W), rows by
+    decreasing H_kk. Inputs that are not the float ones (y ≠ x W) make W* depend on λ too; the
+    round-to-nearest it is compared with is the float kernel's."""
+    rng = np.random.default_rng(8)
+    x = (rng.normal(size=(300, 3)) @ rng.normal(size=(3, 12)) + 0.05 * rng.normal(size=(300, 12))).astype(np.float32)
+    x *= rng.uniform(0.2, 3.0, 12).astype(np.float32)  # unequal H_kk: act-order is not the identity
+    w = rng.normal(size=(12, 4)).astype(np.float32)
+    xq = (x + 0.1 * rng.normal(size=x.shape)).astype(np.float32)  # the quantized network's inputs
+    y = x @ w
+    scale, offset = 0.3, -1.05  # 3-bit midrise over [-1.05, 1.05]
+    fit = gptq_layer(xq, y, w, scale, offset, 0, 7, lambda a, b: a @ b)
+    P, Y = xq.astype(np.float64), y.astype(np.float64)
+    G, B = P.T @ P / len(P), P.T @ Y / len(P)
+    lam = 0.01 * np.mean(np.diag(G))
+    H = G + lam * np.eye(12)
+    w_star = np.linalg.solve(H, B + lam * w)
+    order = np.argsort(-np.diag(H), kind="stable")
+    assert not np.array_equal(order, np.arange(12))
+    expect = gptq_rows(w_star, H, scale, offset, 0, 7, order)
+    assert fit.kept
+    np.testing.assert_array_equal(fit.codes, expect)
+    # nearest (the fallback, and what mse_nearest and flipped refer to) rounds the float kernel W,
+    # not W*: the loss's own round-to-nearest
+    nearest = np.clip(np.round((w - offset) / scale), 0, 7)
+    assert not np.array_equal(nearest, np.clip(np.round((w_star - offset) / scale), 0, 7))
+    assert fit.mse_nearest == pytest.approx(float(np.mean((P @ (nearest * scale + offset) - Y) ** 2)), rel=1e-4)
+    assert fit.flipped == pytest.approx(float(np.mean(fit.codes != nearest)))
+    # and those options are what they decide: another damping or the natural order differ
+    assert not np.array_equal(fit.codes, gptq_layer(xq, y, w, scale, offset, 0, 7, lambda a, b: a @ b,
+                                                    damp=0.1).codes)
+    assert not np.array_equal(fit.codes, gptq_layer(xq, y, w, scale, offset, 0, 7, lambda a, b: a @ b,
+                                                    act_order=False).codes)
+
+
+def test_gptq_hands_its_options_to_every_layer(tiny_net, digits, monkeypatch):
+    """gptq(loss, alpha, damp=..., act_order=...) rounds every layer with those options (and by
+    default with damp=0.01, act_order=True, the loss's precision)."""
+    gptq_module = importlib.import_module("landscape.gptq")  # the attribute landscape.gptq is the function
+    real, seen = gptq_module.gptq_layer, []
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gptq_module, "gptq_layer", spy)
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=None)
+    alpha = loss.init("mse")
+    weights = [s.name for s in loss.sites if s.kind == "weight"]
+    ls.gptq(loss, alpha, num_images=16, inputs="float")
+    assert seen == [dict(damp=0.01, act_order=True, precision=loss.precision)] * len(weights)
+    seen.clear()
+    ls.gptq(loss, alpha, num_images=16, inputs="float", damp=0.2, act_order=False)
+    assert seen == [dict(damp=0.2, act_order=False, precision=loss.precision)] * len(weights)

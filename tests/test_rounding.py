@@ -117,3 +117,85 @@ def test_round_network_names_what_it_was_given(tiny_net, digits):
         with pytest.raises(ValueError, match=r"alpha must be an \(n,\) array of clipping values; got a LAPQResult "
                                              r"— pass its clipping vector, res.alpha"):
             run()
+
+
+def test_nearest_codes_round_ties_to_even_as_the_loss_quantizer():
+    """nearest_codes is the loss's round-to-nearest (half to even): rounding ties up (⌊z + ½⌋) gave
+    a "nearest" that was not the loss's own quantization for weights sitting on a tie, so a layer
+    that kept nearest ran other weights than the loss."""
+    from landscape import quantizers
+    from landscape.rounding import nearest_codes
+
+    alpha, scale, offset = 1.75, 0.5, -1.75  # 3-bit midrise: Δ = 2α/7 = 0.5 exactly
+    z = np.array([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 0.25, 6.75, 9.0, -2.0], np.float32)
+    w = (z * scale + offset).astype(np.float32)  # exact: every tie is a tie in float32
+    codes = np.asarray(nearest_codes(w, np.float32(scale), np.float32(offset), np.float32(0), np.float32(7)))
+    np.testing.assert_array_equal(codes, [0, 2, 2, 4, 4, 6, 6, 0, 7, 7, 0])
+    np.testing.assert_array_equal(codes * scale + offset, np.asarray(quantizers.quantize(w, alpha, 3, "midrise")))
+
+
+def test_keep_better_reports_the_rounding_it_keeps():
+    """When a rule's codes reconstruct worse, the fit holds nearest's codes and must describe them:
+    its mse was the rejected codes' (above mse_nearest) and its flipped fraction the rejected
+    codes' changes, though the network runs nearest. Codes equal to nearest count as kept."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    w = rng.normal(size=(6, 3)).astype(np.float32)
+    y = x @ w
+    scale, offset, gemm = np.float32(0.5), np.float32(-1.75), (lambda a, b: a @ b)
+    nearest = np.asarray(jnp.clip(jnp.round((w - offset) / scale), 0, 7))
+    worse = np.clip(nearest + 1, 0, 7)
+
+    def mse(codes):
+        return float(np.mean((x.astype(np.float64) @ (codes * scale + offset) - y) ** 2))
+
+    assert mse(worse) > 2 * mse(nearest)
+    fit = keep_better(x, y, gemm, worse, nearest, scale, offset)
+    assert not fit.kept and fit.codes.dtype == np.int32
+    np.testing.assert_array_equal(fit.codes, nearest)
+    assert fit.flipped == 0.0
+    assert fit.mse == fit.mse_nearest == pytest.approx(mse(nearest), rel=1e-5)
+    # the other way round: the rule's codes win, and the flipped fraction counts their changes
+    fit = keep_better(x, y, gemm, nearest, worse, scale, offset)
+    assert fit.kept and fit.flipped == pytest.approx(np.mean(nearest != worse))
+    assert fit.mse == pytest.approx(mse(nearest), rel=1e-5) and fit.mse_nearest == pytest.approx(mse(worse), rel=1e-5)
+    # a rule that reproduces nearest did not reconstruct worse: it is kept
+    same = keep_better(x, y, gemm, nearest, nearest, scale, offset)
+    assert same.kept and same.flipped == 0.0 and same.mse == same.mse_nearest
+
+
+def test_quantized_inputs_come_from_the_network_rounded_so_far(tiny_net, digits):
+    """inputs="quantized" fits each layer on its input in the network rounded so far (earlier
+    layers at their codes, activations at α), not on the float kernels' network with quantized
+    activations: the latter drops the error the earlier layers' rounding left. The target is the
+    float network's output of the layer (asymmetric reconstruction), not the float kernel applied
+    to the quantized input, which leaves nothing to correct."""
+    from landscape.layerwise import layer_inputs
+    from landscape.sites import SiteSpec
+
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=4)
+    alpha = loss.init("mse")
+    seen = []
+
+    def nearest_rule(x, y, kernel, scale, offset, lo, hi, gemm):
+        seen.append((np.asarray(x), np.asarray(y), np.asarray(kernel), gemm))
+        codes = jnp.clip(jnp.round((jnp.asarray(kernel) - offset) / scale), lo, hi)
+        return keep_better(x, y, gemm, codes, codes, scale, offset)
+
+    res = round_network(loss, alpha, nearest_rule, method="nearest", num_images=32)
+    names = list(res.layers)
+    act = {n: s for n, s in res.network.sites.items() if s.kind == "activation"}
+    specs = {n: SiteSpec(s.bits, s.grid) for n, s in act.items()}
+    alphas = {n: float(s.alpha[0]) for n, s in act.items()}
+    x = jnp.asarray(digits.calib.x[:32])
+    rounded = layer_inputs(loss.model, names, specs, alphas)(res.network.variables, x)
+    with_float_kernels = layer_inputs(loss.model, names, specs, alphas)(loss.variables, x)
+    float_network = layer_inputs(loss.model, names, {}, {})(loss.variables, x)
+    assert len(seen) == len(names)
+    for name, (xq, y, kernel, gemm) in zip(names, seen, strict=True):
+        np.testing.assert_allclose(xq, np.asarray(rounded[name]), rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(y, np.asarray(gemm(float_network[name], kernel)), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    last = names[-1]
+    assert np.max(np.abs(np.asarray(rounded[last]) - np.asarray(with_float_kernels[last]))) > 1e-2
+    assert np.max(np.abs(np.asarray(rounded[last]) - np.asarray(float_network[last]))) > 1e-2

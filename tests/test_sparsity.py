@@ -837,3 +837,21 @@ def test_transposable_count_of_large_blocks_is_refused_not_left_running():
         sp.mask_diversity("transposable", keep=12, block=24, size=576)
     md = sp.mask_diversity("transposable", keep=2, block=32, size=1024)
     assert md.count == sp.transposable_count(keep=2, block=32)
+
+
+def test_layer_mask_uses_the_method_it_is_given():
+    """layer_mask(method="greedy") is the greedy transposable mask of the GEMM matrix (what the
+    recipe's updates use), not the exact one; with transposable=False it is plain N:M along R."""
+    rng = np.random.default_rng(51)
+    kernel = rng.standard_normal((3, 3, 8, 16)).astype(np.float32)
+    g = sp.gemm_matrix(kernel)
+    exact = sp.layer_mask(kernel, keep=4, block=8, method="exact")
+    greedy = sp.layer_mask(kernel, keep=4, block=8, method="greedy")
+    np.testing.assert_array_equal(exact, sp.transposable_mask(g, keep=4, block=8).reshape(kernel.shape))
+    np.testing.assert_array_equal(greedy, sp.transposable_mask(g, keep=4, block=8, method="greedy")
+                                  .reshape(kernel.shape))
+    assert not np.array_equal(greedy, exact) and greedy.sum() < exact.sum()
+    plain = sp.layer_mask(kernel, keep=4, block=8, transposable=False, method="greedy")
+    np.testing.assert_array_equal(plain, sp.nm_mask(g, keep=4, block=8, axis=0).reshape(kernel.shape))
+    recipe = sp.Recipe(keep=4, block=8)
+    np.testing.assert_array_equal(recipe.layer_mask(kernel, "greedy"), greedy)
