@@ -127,13 +127,20 @@ def _rewrite(src, dst, arrays):
     open(f"{dst}.json", "w").write(json.dumps(meta))
 
 
-def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, digits, tmp_path):
+@pytest.fixture(scope="module")
+def w3_and_w4(tiny_net, digits):
+    """The same network exported at W3A3 and at W4A4 (MSE α): two saves to mix up."""
+    out = []
+    for bits in (3, 4):
+        loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=bits, a_bits=bits)
+        out.append(ls.export.quantize_network(loss, np.asarray(loss.init("mse"))))
+    return tuple(out)
+
+
+def test_load_refuses_a_mixed_or_damaged_pair(tiny_net, w3_and_w4, tmp_path):
     """A .json and .npz from two saves (one interrupted between its files), codes off their grid,
     and kernels that are not their codes' values are errors, not a silently different network."""
-    loss3 = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
-    loss4 = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
-    q3 = ls.export.quantize_network(loss3, np.asarray(loss3.init("mse")))
-    q4 = ls.export.quantize_network(loss4, np.asarray(loss4.init("mse")))
+    q3, q4 = w3_and_w4
     stem = str(tmp_path / "net")
     ls.export.save(q3, stem)
     json3 = open(stem + ".json").read()
@@ -271,14 +278,11 @@ def test_save_and_load_take_either_file_name_for_the_stem(tiny_net, digits, tmp_
             ls.export.save(qnet, bad)
 
 
-def test_load_refuses_what_the_hashes_and_the_table_checks_leave_open(tiny_net, digits, tmp_path):
+def test_load_refuses_what_the_hashes_and_the_table_checks_leave_open(tiny_net, w3_and_w4, tmp_path):
     """Edits that kept a file loading as another network: a format-2 pair from two saves (format 2
     stores the .npz's hash too), an activation relabelled as a weight site (it then ran
     unquantized), codes for an activation site, and an input shape with a zero dimension."""
-    loss3 = ls.ClipLoss(tiny_net, digits.calib, w_bits=3, a_bits=3)
-    loss4 = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
-    q3 = ls.export.quantize_network(loss3, np.asarray(loss3.init("mse")))
-    q4 = ls.export.quantize_network(loss4, np.asarray(loss4.init("mse")))
+    q3, q4 = w3_and_w4
     stem = str(tmp_path / "net")
     ls.export.save(q3, stem)
     meta3 = json.loads(open(stem + ".json").read())
