@@ -746,11 +746,11 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
       p_grid, maxiter: as in :func:`lapq`.
       progress: optional ``print``-like function for one line per finished row.
       store: optional JSON file of finished rows, rewritten atomically after each one. A
-        rerun under the same configuration (``setting``, network weights, data) takes the
-        rows it holds instead of recomputing them, so an interrupted comparison (hours at
-        W4A4 on MNIST) resumes at the row it was in; a store of another configuration
-        (network weights, data, jax build and XLA flags included) is started afresh. The
-        caller removes it once the table is kept elsewhere.
+        rerun under the same configuration (``setting``, every option of the loss and its
+        sites, network weights, data) takes the rows it holds instead of recomputing them, so
+        an interrupted comparison (hours at W4A4 on MNIST) resumes at the row it was in; a
+        store of another configuration (network weights, data, jax build and XLA flags
+        included) is started afresh. The caller removes it once the table is kept elsewhere.
     Returns:
       a :class:`MethodComparison` (``str()`` is a markdown table of mean ± std).
     """
