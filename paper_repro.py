@@ -140,12 +140,13 @@ def _check_partial_run(out: Path, preset) -> None:
     """A partial run (--only) replaces some figures of ``out`` and carries the others into its
     report: refused where ``out`` holds a run of another configuration, whose figures and claims
     cannot stand beside this one's in one report."""
-    try:
-        previous = json.loads((out / "report.json").read_text())["preset"]
-    except (OSError, ValueError, KeyError, TypeError):
+    from figures import report
+
+    previous = report.previous_report(out)
+    if previous is None:
         return  # no earlier run there (or not one of ours)
-    current = json.loads(json.dumps(preset.config()))  # as report.json holds it: tuples become lists
-    if isinstance(previous, dict) and previous != current:
+    previous, current = previous["preset"], report.preset_config(preset)
+    if previous != current:
         changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
         raise SystemExit(f"--out {str(out)!r} holds a run of another configuration (it differs in {changed}); a "
                          "partial run (--only) there would mix the two: use another --out, or run every figure")
@@ -254,7 +255,7 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     wall = time.time() - t0
     # A partial run over an earlier run of this configuration keeps that run's other figures, and
     # the report carries them and their claims over (marked) rather than describing this run alone.
-    earlier = report.earlier_run(out, preset, list(results)) if len(modules) < len(figures.load_all()) else None
+    earlier = report.earlier_run(out, preset, list(results))  # None after a full run: nothing left to keep
     report.write(stage, preset, claims, results, files, wall, ctx, earlier)
     everything = figures.load_all()
     if {m.NAME for m in modules} | set(earlier.figures if earlier else ()) == {m.NAME for m in everything}:

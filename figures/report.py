@@ -74,18 +74,31 @@ class EarlierRun:
     claims: list
 
 
+def previous_report(out: Path) -> dict | None:
+    """The report.json of the run already in ``out``, or None (none there, or not one of ours)."""
+    try:
+        previous = json.loads((Path(out) / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) and isinstance(previous.get("preset"), dict) else None
+
+
+def preset_config(preset) -> dict:
+    """``preset.config()`` as report.json holds it (tuples become lists)."""
+    return json.loads(json.dumps(preset.config()))
+
+
 def earlier_run(out: Path, preset, ran) -> EarlierRun | None:
     """What a partial run into ``out`` keeps of the run there: the figures it does not rerun, when
     that run had this configuration and their files are all still in ``out``; else None."""
+    previous = previous_report(out)
+    if previous is None or previous["preset"] != preset_config(preset):
+        return None
     try:
-        previous = json.loads((Path(out) / "report.json").read_text())
-        same = previous["preset"] == json.loads(json.dumps(preset.config()))
         entries, files, claims = previous["figures"], previous["files"], previous["claims"]
         code = previous["software"].get("code") or "not a git checkout"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # no earlier run there, or not one of ours
-    if not same:
-        return None
+    except (KeyError, TypeError, AttributeError):
+        return None  # not one of ours
     kept = {}
     for name, info in entries.items():
         if name in ran or not files.get(name) or not all((Path(out) / f).is_file() for f in files[name]):
@@ -150,21 +163,20 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx, earlier: 
     configuration (``earlier``) carries that run's other figures and their claims over, marked
     with the code that computed them, so the report still covers every figure in the directory."""
     ran = list(results)
+    everything = [m.NAME for m in figures.load_all()]
     kept_claims = []
     if earlier is not None:
         kept_claims = [Claim(**{k: v for k, v in c.items() if k in Claim.__dataclass_fields__})
                        for c in earlier.claims]
         claims = list(claims) + kept_claims
-        everything_order = [m.NAME for m in figures.load_all()]
         merged = {**results, **earlier.figures}
-        results = {name: merged[name] for name in everything_order if name in merged}
+        results = {name: merged[name] for name in everything if name in merged}
         files = {**files, **earlier.files}
     kept_ids = {c.id for c in kept_claims}
     tested = {c.id for c in claims}
     untested = [cid for cid in claim_specs.CLAIMS if cid not in tested]
     passed = sum(c.passed for c in claims)
     net = ctx.net
-    everything = [m.NAME for m in figures.load_all()]
     partial = [name for name in everything if name in ran] != everything
     fresh = [results[name] for name in ran]
     loaded = sum(info["loaded"] for info in fresh)
@@ -199,11 +211,9 @@ def write(out: Path, preset, claims, results, files, wall: float, ctx, earlier: 
     if notes:
         lines += ["## Notes", ""] + [f"* **{c.id}** — {c.note}" for c in notes] + [""]
     if untested:
-        if earlier is not None and list(results) != everything:
-            scope = (f"this run and the earlier one it kept (figures {', '.join(results)} of "
-                     f"{', '.join(everything)})")
-        elif earlier is None and partial:
-            scope = f"this run (figures {', '.join(results)} of {', '.join(everything)})"
+        if list(results) != everything:  # some figures neither ran nor were kept
+            scope = ("this run" + (" and the earlier one it kept" if earlier is not None else "")
+                     + f" (figures {', '.join(results)} of {', '.join(everything)})")
         elif preset.headline_bits:
             scope = f"this run (`{command(preset)}`: a claim made at a width --bits leaves out is untested)"
         else:
