@@ -259,20 +259,27 @@ class _Tracker:
                                           seconds=time.perf_counter() - self.t0))
 
     def value(self, alpha) -> float:
-        """L(α) for one (n,) α (float32 on the way in, float on the way out)."""
+        """L(α) for one (n,) α (float32 on the way in, float on the way out; NaN reads as +inf)."""
         alpha = np.asarray(alpha, np.float32)
         v = float(self.loss(alpha))
+        v = math.inf if math.isnan(v) else v
         self.n_evals += 1
         self._offer(alpha, v)
         return v
 
     def values(self, alphas) -> np.ndarray:
-        """L for each row of a (K, n) stack, in one ``loss.batch`` call; (K,) float64."""
+        """L for each row of a (K, n) stack, in one ``loss.batch`` call; (K,) float64.
+
+        A NaN (a loss object that failed on a row; a ClipLoss overflows to +inf instead) reads
+        as +inf, the worst value: the optimizers' ``argmin`` over a batch would otherwise take
+        the first NaN row and miss the batch's best.
+        """
         alphas = np.asarray(alphas, np.float32)
         v = np.asarray(self.loss.batch(alphas), np.float64)
+        v = np.where(np.isnan(v), np.inf, v)
         self.n_evals += len(alphas)
         if len(v):
-            i = int(np.argmin(np.where(np.isfinite(v), v, np.inf)))
+            i = int(np.argmin(v))
             self._offer(alphas[i], float(v[i]))
         return v
 

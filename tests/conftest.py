@@ -7,7 +7,9 @@ import collections
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 
 import pytest
 
@@ -46,6 +48,45 @@ LONGEST_FILES_FIRST = ("test_paper_repro.py", "test_lapq.py", "test_clip_loss.py
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order within a file
+
+
+# A test that hangs (an iterative solver whose loop never ends) fails after TEST_TIMEOUT seconds
+# instead of holding CI until its 90-minute limit. SIGALRM raises in the test's Python code. A hang
+# inside compiled code, which a signal cannot interrupt (the library has no unbounded XLA loop),
+# gets every thread's stack written to stderr a minute later by pytest's own faulthandler_timeout
+# (pyproject.toml), so the CI log shows where it is.
+TEST_TIMEOUT = float(os.environ.get("LANDSCAPE_TEST_TIMEOUT", "600"))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """Raise TimeoutError in the block after ``seconds`` (0: no limit; the main thread only)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{what} ran past {seconds:g} s (the limit is LANDSCAPE_TEST_TIMEOUT, in seconds)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with time_limit(TEST_TIMEOUT, f"the setup of {item.nodeid}"):  # module fixtures train networks
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with time_limit(TEST_TIMEOUT, item.nodeid):
+        yield
 
 
 @pytest.fixture

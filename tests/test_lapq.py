@@ -562,6 +562,34 @@ def test_batched_gradient_step_follows_the_surrogate_then_coordinates_finish():
     np.testing.assert_allclose(np.log(alpha), fake.c, atol=0.15)
 
 
+class FirstRowNaN(LogQuadratic):
+    """LogQuadratic whose batches fail (NaN) on their first row: a custom loss object that
+    breaks on some α."""
+
+    def batch(self, alphas):
+        out = super().batch(alphas)
+        out[0] = np.nan
+        return out
+
+
+def test_batched_steps_read_a_nan_row_as_the_worst_value():
+    """np.argmin takes the first NaN of a batch: the gradient step, a ladder and a pattern move
+    would see no improvement whenever a loss object fails on one row."""
+    fake = FirstRowNaN(c=[0.5, -1.0, 2.0], s=[1.0, 3.0, 0.5])
+    tracker = lq._Tracker(fake, 0.0, None)
+    u0 = np.zeros(3)
+    f0 = fake(np.exp(u0))
+    u1, f1, improved = lq._gradient_step(tracker, u0, f0, np.array([0.0625, 0.125, 0.25, 0.5, 1.0]))
+    assert improved and f1 < f0 and math.isfinite(f1)
+    u2, f2, _ = lq._ladder_step(tracker, u1, f1, 2, np.array([-0.5, -0.25, 0.25, 0.5]), 1e-3, 4.0)
+    assert f2 < f1
+    assert tracker.best_loss == f2 and np.all(np.isfinite(tracker.values(np.ones((3, 3)))[1:]))
+    assert tracker.values(np.ones((2, 3)))[0] == math.inf
+    alpha, value, _ = lq._batched(lq._Tracker(fake, 0.0, None), np.ones(3, np.float32), f0, 8)
+    assert value < 1e-2 * f0
+    np.testing.assert_allclose(np.log(alpha), fake.c, atol=0.15)
+
+
 def test_python_m_landscape_dispatches_commands_without_runpy_warning(capsys):
     from landscape import __main__ as cli
 
