@@ -382,6 +382,6 @@ def load(model, path: str) -> QuantizedNetwork:
             lambda v, x: model.apply(v, x, train=False), variables, jnp.zeros((1, *shape), jnp.float32))[0]}
         wrong = [f"{n!r} ({s.kind})" for n, s in table.items() if found.get(n) != s.kind]
         if wrong:
-            raise ValueError(f"{path}.json lists {', '.join(wrong)}, which the model has no such site for; its "
-                             f"sites are {sorted(found)}")
+            raise ValueError(f"{path}.json lists sites the model does not have (name and kind): {', '.join(wrong)}; "
+                             f"the model's sites are {sorted(f'{n} ({k})' for n, k in found.items())}")
     return dataclasses.replace(qnet, variables=variables)
