@@ -115,12 +115,36 @@ def check_module(model, what: str) -> None:
     import flax.linen as nn
 
     if isinstance(model, nn.Module):
+        check_call_signature(model, what)
         return
     if hasattr(model, "model") and hasattr(model, "variables"):
         got = f"a trained {type(model).__name__}; pass its module (and variables): net.model, net.variables"
     else:
         got = f"a {type(model).__name__} {model!r:.60}; build one, e.g. models.create('cnn', num_classes=10)"
     raise ValueError(f"{what} needs a flax module, got {got}")
+
+
+def check_call_signature(model, what: str) -> None:
+    """The contract every model of the library's is called by: ``model.apply(variables, x,
+    train=...)``, so ``__call__(self, x, train: bool = False)`` returning (N, classes) logits.
+    A module without ``train`` otherwise fails deep in Flax with an unexpected keyword."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call itself decide
+        return
+    if "train" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        required = [n for n, p in list(params.items())[2:] if p.default is p.empty and n != "train"
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not required:
+            return
+        problem = f"also requires {required}, which the library never passes"
+    else:
+        problem = "takes no train argument"
+    raise ValueError(f"{what}: {type(model).__name__}.__call__{inspect.signature(type(model).__call__)} {problem}; "
+                     "the library calls model.apply(variables, x, train=...), so define "
+                     "__call__(self, x, train: bool = False) returning (N, classes) logits")
 
 
 def check_image_shape(shape, expected, what: str) -> None:

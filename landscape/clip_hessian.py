@@ -20,7 +20,11 @@ Two curvatures exist and both matter:
       H_ij = [L(α+h_i e_i+h_j e_j) − L(α+h_i e_i) − L(α+h_j e_j) + 2L(α)
               − L(α−h_i e_i) − L(α−h_j e_j) + L(α−h_i e_i−h_j e_j)] / (2 h_i h_j)
 
-  (second-order accurate; n² + n + 1 evaluations, all through ``loss.batch``).
+  (second-order accurate; n² + n + 1 evaluations, all through ``loss.batch``). For a
+  piecewise-constant loss this is the curvature at the scale of the step, not a limit: with
+  few calibration images few elements cross a rounding boundary within a step, single jumps
+  dominate, and entries can change sign and magnitude from one step to the next. Compare two
+  steps (e.g. 2 % and 5 %) before reading an FD Hessian as curvature; more images smooth it.
 """
 
 from __future__ import annotations

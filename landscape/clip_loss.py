@@ -294,7 +294,9 @@ class ClipLoss:
       per_channel: one α per output channel of every weight site.
       bias_correction: per-channel mean correction of quantized weights, inside every
         evaluation (the reference's ``-bcw``).
-      fold_bn: fold BatchNorm into the preceding conv before quantizing.
+      fold_bn: fold BatchNorm into the preceding conv before quantizing. The loss then holds
+        the folded variables (:attr:`variables`, :attr:`params`), and its weight-space losses
+        take the folded params.
       batch_size: calibration images per forward pass (default: all of them when there are
         at most 1024, else 512).
       chunk: α rows per vmapped call in :meth:`batch` (default from a 2 GB budget).
@@ -319,6 +321,7 @@ class ClipLoss:
             sites = (sites,)
         self.net = net
         self.model = net.model
+        checks.check_call_signature(self.model, "ClipLoss (net.model)")
         x, y = as_arrays(calib, "calib")
         checks.check_image_shape(x.shape, getattr(net, "input_shape", None), "calib images")
         # A NaN image turns every activation statistic (init) NaN and L(α) +inf for every α.
@@ -337,6 +340,10 @@ class ClipLoss:
             if fold_bn:
                 variables = folding.fold_batchnorm(self.model, variables, x[:1], precision=precision)
             self.all_sites, _, logits = sites_of(self.model, variables, x[:1], output=True)
+        if getattr(logits, "ndim", None) != 2:
+            got = f"shape {logits.shape}" if hasattr(logits, "shape") else f"a {type(logits).__name__}"
+            raise ValueError(f"ClipLoss: {type(self.model).__name__} must return (N, classes) logits, got {got}; "
+                             "a model with several outputs needs a wrapper that returns the logits alone")
         self.num_classes = int(logits.shape[-1])
         check_labels(y, self.num_classes, "calib")  # labels the logits can score
         self._layout = self._make_layout(sites, w_bits, a_bits, quantize_first_last, weight_grid,
@@ -385,9 +392,25 @@ class ClipLoss:
                 spec = sites.SiteSpec(bits, site.grid)  # "unsigned" after a ReLU, else "midtread"
             active.append(site)
             specs[site.name] = spec
+        if not active and names is None and any(isinstance(b, int) for b in (w_bits, a_bits)):
+            raise ValueError(self._no_sites_message(w_bits, a_bits))
         sizes = tuple(specs[s.name].alpha_size(s) for s in active)
         offsets = tuple(int(o) for o in np.cumsum((0,) + sizes[:-1])) if sizes else ()
         return _Layout(tuple(active), specs, offsets, sizes)
+
+    def _no_sites_message(self, w_bits, a_bits) -> str:
+        """Why bit widths were given and no site is quantized: a model without landscape's
+        quantized layers, or one whose only sites are the first and last layers (FP32 by default).
+        An empty loss would otherwise pass silently and fail later with errors about α."""
+        given = ", ".join(f"{k}={v}" for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None)
+        kinds = [kind for kind, b in (("weight", w_bits), ("activation", a_bits)) if b is not None]
+        candidates = [s.name for s in self.all_sites if s.kind in kinds]
+        head = f"ClipLoss({given}) quantizes no site of this {type(self.model).__name__}"
+        if not candidates:
+            return (f"{head}: it has no {' or '.join(kinds)} sites. Build its layers from landscape.layers "
+                    "(QuantConv, QuantDense, QuantReLU, QuantIdentity); flax.linen's own layers are not quantized")
+        return (f"{head}: its only {' and '.join(kinds)} sites {candidates} are the first and last layers, "
+                "which stay FP32 by default; pass quantize_first_last=True or sites=[...]")
 
     def _place_data(self, variables, x, y, batch_size):
         devices = jax.devices()
@@ -622,8 +645,11 @@ class ClipLoss:
 
         Quantized at the fixed clipping vector ``alpha`` (straight-through in the weights),
         or FP32 with ``alpha=None``. For weight-space analyses such as
-        ``landscape.hessian_spectrum(loss.weight_loss(alpha), net.variables["params"])``;
-        the calibration batches and the other collections (BN statistics) are bound to it,
+        ``landscape.hessian_spectrum(loss.weight_loss(alpha), loss.params)``. It takes this
+        loss's params (:attr:`params`): with ``fold_bn=True`` those are the folded kernels
+        beside BatchNorms reduced to a bias, and the network's own ``net.variables["params"]``
+        would put unfolded kernels before those BNs, another network, with no error. The
+        calibration batches and the other collections (BN statistics) are bound to it,
         so one call differentiates through all of them at once: its memory grows with the
         calibration set. :meth:`weight_loss_batches` takes one batch at a time.
 
@@ -632,7 +658,7 @@ class ClipLoss:
         bound as data. Calling it runs that one compiled program, and ``hessian_spectrum``
         passes the bound data to its programs as arguments, so a second α, another bit width
         or a second call compiles nothing. At ``alpha`` its forward pass is :meth:`__call__`'s,
-        so ``weight_loss(alpha)(params) == loss(alpha)`` to the last bit.
+        so ``weight_loss(alpha)(loss.params) == loss(alpha)`` to the last bit.
         """
         data = self._weight_data(alpha)
         return jax.tree_util.Partial(self._programs.weight_mean[alpha is not None], data,
@@ -648,7 +674,8 @@ class ClipLoss:
         the Hessian of the same loss as ``weight_loss(alpha)`` with the memory of one batch (a
         smaller last batch compiles its own programs once). The batches are placed on the
         devices once, split over them where the batch size allows. ``f`` is a
-        ``jax.tree_util.Partial`` with α bound as data, as for :meth:`weight_loss`.
+        ``jax.tree_util.Partial`` with α bound as data and takes :attr:`params`, as
+        :meth:`weight_loss` does.
         """
         n = self.n_calib
         batch_size = self.batch_size if batch_size is None else batch_size
@@ -680,6 +707,12 @@ class ClipLoss:
     def precision(self) -> str:
         """The matmul/convolution precision of this loss's compiled programs."""
         return self.options["precision"]
+
+    @property
+    def params(self):
+        """The params this loss quantizes, the point :meth:`weight_loss` and
+        :meth:`weight_loss_batches` take: the network's, or with ``fold_bn=True`` the folded ones."""
+        return self.variables["params"]
 
     @property
     def calib(self) -> Split:

@@ -13,6 +13,7 @@ Conv → BN pairs are found by tracing: a BN whose input is exactly a conv's out
 from __future__ import annotations
 
 import functools
+import warnings
 
 import flax
 import jax
@@ -44,6 +45,12 @@ def fold_batchnorm(model, variables, x, *, precision: str = "highest") -> dict:
             see the scaled kernel. The error names the pairs that change the logits on their own.
     """
     pairs = batchnorm_pairs(model, variables, x)
+    if not pairs and "batch_stats" in variables:
+        # BatchNorm statistics but no pair: flax.linen.BatchNorm, or a BN not right after a conv
+        warnings.warn(f"fold_batchnorm: {type(model).__name__} has BatchNorm statistics but no BatchNorm "
+                      "applied directly to a QuantConv's output, so nothing is folded; only "
+                      "landscape.layers.BatchNorm (not flax.linen.BatchNorm) right after a conv folds",
+                      RuntimeWarning, stacklevel=2)
     folded = _fold(variables, pairs)
     if pairs:
         runtime.check_precision(precision, "fold_batchnorm")

@@ -288,6 +288,13 @@ def test_per_channel_bias_correction_and_fold(tiny_net, digits):
     folded = ls.ClipLoss(tiny_net, digits.calib, w_bits=16, a_bits=None, fold_bn=True)
     fp = ls.ClipLoss(tiny_net, digits.calib, w_bits=16, a_bits=None)
     assert float(folded(folded.init("max"))) == pytest.approx(float(fp(fp.init("max"))), rel=1e-3)
+    # the weight-space loss of a folded loss takes its folded params; the network's own params
+    # before the folded BNs are another network
+    alpha = folded.init("max")
+    f = folded.weight_loss(alpha)
+    assert float(f(folded.params)) == float(folded(alpha))
+    assert folded.params is folded.variables["params"]
+    assert abs(float(f(tiny_net.variables["params"])) - float(folded(alpha))) > 0.1 * float(folded(alpha))
 
 
 def test_per_site_bit_widths(tiny_net, digits, loss4):
@@ -659,3 +666,84 @@ def test_a_result_for_alpha_is_named(loss4):
         with pytest.raises(ValueError, match=r"alpha must be an \(n,\) array of clipping values; got a LAPQResult "
                                              r"— pass its clipping vector, res.alpha"):
             call(res)
+
+
+class _FlaxOnly(nn.Module):
+    """flax.linen layers only: no quantization site."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(10)(nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1)))))
+
+
+class _TwoLayer(nn.Module):
+    """Quantizable, but every site is the first or last layer's."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = QuantReLU(name="r1")(QuantDense(16, name="d1")(x.reshape((x.shape[0], -1))))
+        return QuantDense(10, name="head")(x)
+
+
+class _NoTrain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return QuantDense(10, name="head")(x.reshape((x.shape[0], -1)))
+
+
+class _TupleOut(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = QuantReLU(name="r1")(QuantDense(16, name="d1")(x.reshape((x.shape[0], -1))))
+        h = QuantReLU(name="r2")(QuantDense(16, name="d2")(h))
+        return QuantDense(10, name="head")(h), h
+
+
+class _FlaxBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = QuantReLU(name="r1")(QuantConv(4, name="c1")(x))
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(QuantConv(4, name="c2")(x))
+        x = QuantReLU(name="r2")(x)
+        return QuantDense(10, name="head")(x.mean(axis=(1, 2)))
+
+
+def _untrained(model, digits, **init_kw):
+    variables = model.init(jax.random.key(0), digits.calib.x[:2], **init_kw)
+    return ls.train.Network(model, variables, {}, [])
+
+
+def test_a_loss_that_quantizes_nothing_says_why(digits):
+    """Bit widths given and no site chosen: an empty loss had passed silently, and lapq then
+    asked for bit widths that had been given."""
+    with pytest.raises(ValueError, match=r"ClipLoss\(w_bits=4, a_bits=4\) quantizes no site of this _FlaxOnly: it "
+                                         r"has no weight or activation sites\. Build its layers from landscape"):
+        ls.ClipLoss(_untrained(_FlaxOnly(), digits), digits.calib, w_bits=4, a_bits=4)
+    two = _untrained(_TwoLayer(), digits)
+    with pytest.raises(ValueError, match=r"its only weight sites \['d1', 'head'\] are the first and last layers.*"
+                                         r"quantize_first_last=True"):
+        ls.ClipLoss(two, digits.calib, w_bits=4, a_bits=None)
+    with pytest.raises(ValueError, match=r"its only weight and activation sites \['d1', 'r1', 'head'\]"):
+        ls.ClipLoss(two, digits.calib, w_bits=4, a_bits=4)
+    # asked for, the same sites quantize; and an FP32 loss (no widths) stays allowed
+    assert ls.ClipLoss(two, digits.calib, w_bits=4, a_bits=4, quantize_first_last=True).n == 3
+    assert ls.ClipLoss(two, digits.calib, w_bits=None, a_bits=None).n == 0
+
+
+def test_models_outside_the_call_contract_are_named(digits):
+    with pytest.raises(ValueError, match=r"_NoTrain.__call__\(self, x\) takes no train argument.*"
+                                         r"__call__\(self, x, train: bool = False\)"):
+        ls.ClipLoss(_untrained(_NoTrain(), digits), digits.calib, w_bits=4, a_bits=4)
+    with pytest.raises(ValueError, match=r"fit: _NoTrain.__call__\(self, x\) takes no train argument"):
+        ls.train.fit(_NoTrain(), digits, epochs=1)
+    with pytest.raises(ValueError, match=r"_TupleOut must return \(N, classes\) logits, got a tuple"):
+        ls.ClipLoss(_untrained(_TupleOut(), digits), digits.calib, w_bits=4, a_bits=4)
+
+
+def test_fold_bn_warns_when_a_batchnorm_does_not_fold(digits):
+    """flax.linen.BatchNorm is not a site the tracer sees: fold_bn folded nothing, silently."""
+    net = _untrained(_FlaxBatchNorm(), digits)
+    with pytest.warns(RuntimeWarning, match=r"_FlaxBatchNorm has BatchNorm statistics but no BatchNorm applied "
+                                            r"directly to a QuantConv's output, so nothing is folded"):
+        folded = ls.ClipLoss(net, digits.calib, w_bits=4, a_bits=4, fold_bn=True)
+    np.testing.assert_array_equal(folded.params["c2"]["kernel"], net.variables["params"]["c2"]["kernel"])
