@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -105,30 +106,120 @@ def _conv_gemm(strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]):
 class QuantConv(nn.Module):
     """2-D convolution (NHWC, HWIO kernel) whose kernel is a weight site.
 
-    ``padding`` is symmetric and explicit (PyTorch semantics; default k // 2), so weights
-    imported from torchvision give the same outputs.
+    ``padding`` defaults to symmetric and explicit, k // 2 on each side (PyTorch semantics), so
+    weights imported from torchvision give the same outputs. The arguments also take the forms of
+    ``flax.linen.Conv``, with its meaning:
+
+    * ``kernel_size``: ``(kh, kw)``, or one int k for ``(k, k)`` (``flax.linen.Conv`` would read
+      an int as a 1-D kernel; this layer is 2-D);
+    * ``strides``: ``(sh, sw)``, one int s for ``(s, s)``, or None for ``(1, 1)``;
+    * ``padding``: None (the default above); ``"SAME"`` (output size ⌈input / stride⌉, the total
+      padding split as XLA does, the odd pixel after: strided and even kernels included);
+      ``"VALID"`` (none); one int p ≥ 0 (p on both sides of both dimensions); or a sequence of two
+      entries, one per spatial dimension (H, W), each an int p (p on both sides) or a
+      ``(lo, hi)`` pair.
+
+    Anything else raises a ValueError naming the argument and these forms. Dilated, grouped and
+    circular/reflect-padded convolutions are not supported.
     """
 
     features: int
-    kernel_size: tuple[int, int] = (3, 3)
-    strides: tuple[int, int] = (1, 1)
-    padding: int | None = None
+    kernel_size: int | Sequence[int] = (3, 3)
+    strides: int | Sequence[int] | None = (1, 1)
+    padding: str | int | Sequence[int | Sequence[int]] | None = None
     use_bias: bool = False
     kernel_init: Callable = he_normal_fan_out
 
+    def __post_init__(self):
+        # the arguments' errors at construction, where they were written; __call__ reads them again
+        kernel = _conv_kernel_size(self.kernel_size)
+        _conv_strides(self.strides)
+        _conv_padding(self.padding, kernel)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x):
-        kh, kw = self.kernel_size
+        kh, kw = _conv_kernel_size(self.kernel_size)
+        strides = _conv_strides(self.strides)
+        layer = f"QuantConv {self.name!r}" if self.name else "QuantConv"
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{layer}: the input must be NHWC (batch, height, width, channels), got shape "
+                             f"{jnp.shape(x)}")
+        pads = _conv_padding(self.padding, (kh, kw), strides, x.shape[1:3])
+        spans = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True)]
+        if spans[0] < kh or spans[1] < kw:
+            raise ValueError(f"{layer}: a {kh}x{kw} kernel with padding {pads} leaves no output "
+                             f"position on an input of height x width {x.shape[1]}x{x.shape[2]}")
         shape = (kh, kw, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         kernel = sites.weight_site(self, kernel)
-        ph, pw = (kh // 2, kw // 2) if self.padding is None else (self.padding, self.padding)
-        y = _product(self, x, kernel, conv_general(self.strides, ((ph, ph), (pw, pw))))
+        y = _product(self, x, kernel, conv_general(strides, pads))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         sites.note_output(self, y, x)
         sites.note_conv_output(self, y)
         return y
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_pair(value, minimum: int) -> tuple[int, int] | None:
+    """(v, v) for one int, (a, b) for a sequence of two; None if not such ints >= minimum."""
+    if _is_int(value):
+        pair = (int(value), int(value))
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(map(_is_int, value)):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        return None
+    return pair if min(pair) >= minimum else None
+
+
+def _conv_kernel_size(kernel_size) -> tuple[int, int]:
+    pair = _int_pair(kernel_size, 1)
+    if pair is None:
+        raise ValueError(f"QuantConv kernel_size={kernel_size!r} is not allowed; allowed: a positive int k (a k x k "
+                         "kernel) or a sequence of two positive ints (kh, kw)")
+    return pair
+
+
+def _conv_strides(strides) -> tuple[int, int]:
+    pair = (1, 1) if strides is None else _int_pair(strides, 1)
+    if pair is None:
+        raise ValueError(f"QuantConv strides={strides!r} is not allowed; allowed: a positive int s (s in both "
+                         "dimensions), a sequence of two positive ints (sh, sw), or None (1)")
+    return pair
+
+
+_PADDING_FORMS = ('None (k // 2 on both sides), "SAME", "VALID", an int p >= 0 (p on both sides of both '
+                  "dimensions), or a sequence of two entries (H, W), each an int p >= 0 or a pair (lo, hi) of "
+                  "ints >= 0")
+
+
+def _conv_padding(padding, kernel_size, strides=None, spatial=None):
+    """((lo, hi), (lo, hi)) for QuantConv's ``padding``: "SAME" needs the input's ``spatial``
+    (H, W) and ``strides``; without them (checking the argument only) it returns None."""
+    if padding is None:
+        return tuple((k // 2, k // 2) for k in kernel_size)
+    if isinstance(padding, str):
+        kind = padding.upper()
+        if kind == "VALID":
+            return ((0, 0), (0, 0))
+        if kind == "SAME":
+            if spatial is None:
+                return None
+            # XLA's own rule (what flax.linen.Conv's "SAME" runs): output ⌈n / s⌉, the odd pixel after
+            pads = jax.lax.padtype_to_pads(tuple(spatial), kernel_size, strides, "SAME")
+            return tuple((int(lo), int(hi)) for lo, hi in pads)
+    elif _is_int(padding):
+        if padding >= 0:
+            return ((int(padding),) * 2,) * 2
+    elif isinstance(padding, Sequence) and len(padding) == 2:
+        pairs = [_int_pair(p, 0) for p in padding]
+        if None not in pairs:
+            return tuple(pairs)
+    raise ValueError(f"QuantConv padding={padding!r} is not allowed; allowed: {_PADDING_FORMS}")
 
 
 class QuantReLU(nn.Module):

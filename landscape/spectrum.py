@@ -844,23 +844,42 @@ def _check_value(op, batched):
                          "(e.g. no log or sqrt of a value <= 0) and that f's data are finite")
 
 
+def _leaf_name(path) -> str:
+    """A leaf of x0 named by its pytree path, e.g. ``x0['params']['dense']['kernel']`` (``x0`` itself
+    when x0 is one array)."""
+    return "x0" + jax.tree_util.keystr(path)
+
+
+def _first_few(items, limit=5) -> str:
+    """The first ``limit`` items, "; "-joined, and how many more there are."""
+    more = f"; and {len(items) - limit} more leaves" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
 def _flatten_and_check(f, x0, args=()):
     """(x0 as one host vector, the traceable inverse, the host inverse, x0's structure, the arrays
     f closes over) after checking x0 and f(x0, *args); see :func:`_ravel_on_host`."""
-    leaves, treedef = jax.tree_util.tree_flatten(x0)
-    if not leaves:
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(x0)
+    if not with_paths:
         raise ValueError("x0 has no array leaves; pass a pytree of floating-point arrays")
-    for leaf in leaves:
-        dt = jnp.result_type(leaf)
-        if not jnp.issubdtype(dt, jnp.floating):
-            raise ValueError(f"every leaf of x0 must be a floating-point array, got dtype {dt}")
+    names = [_leaf_name(path) for path, _ in with_paths]
+    leaves = [leaf for _, leaf in with_paths]
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    wrong = [f"{name} has dtype {dt}" for name, dt in zip(names, dtypes, strict=True)
+             if not jnp.issubdtype(dt, jnp.floating)]
+    if wrong:
+        raise ValueError(f"every leaf of x0 must be a floating-point array (a float dtype such as float32 or "
+                         f"bfloat16): {_first_few(wrong)}")
     flat, unravel, unravel_host, structure = _ravel_on_host(leaves, treedef)
     if flat.size == 0:
         raise ValueError("x0 has zero elements; the Hessian of an empty problem is undefined")
     finite = np.isfinite(flat)
     if not finite.all():
-        bad = int(np.size(finite) - np.count_nonzero(finite))
-        raise ValueError(f"x0 contains {bad} NaN/inf value(s); the Hessian needs a finite point")
+        cuts = np.cumsum([int(np.prod(np.shape(leaf))) for leaf in leaves])[:-1]
+        counts = [int(part.size - np.count_nonzero(part)) for part in np.split(finite, cuts)]
+        bad = [f"{name} contains {count} NaN/inf value(s)"
+               for name, count in zip(names, counts, strict=True) if count]
+        raise ValueError(f"x0 is not finite: {_first_few(bad)}; the Hessian needs a finite point")
     try:
         traced, out = jax.make_jaxpr(f, return_shape=True)(x0, *args)
     except Exception as err:  # surface tracing failures with the offending call named

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -699,6 +700,38 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="Hessian-vector product of Lanczos step 1 are not finite"):
         hessian_spectrum(lambda x: jnp.sum(jnp.sqrt(x)), -jnp.ones(600), method="lanczos", trace=False,
                          hvp="recompute", start="random")
+
+
+def test_bad_x0_leaves_are_named_by_their_pytree_path():
+    """A nested (Flax-style) x0 with one bad leaf: the message names that leaf by its path, as
+    random_direction does, not only the dtype or the count of non-finite values."""
+    params = {"block0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+              "block1": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+    f = lambda p: sum(jnp.sum(jnp.asarray(leaf, jnp.float32) ** 2) for leaf in jax.tree.leaves(p))
+    ints = {**params, "block1": {**params["block1"], "bias": jnp.zeros(2, jnp.int32)}}
+    with pytest.raises(ValueError, match=re.escape("x0['block1']['bias'] has dtype int32")) as err:
+        hessian_spectrum(f, ints, top_k=1)
+    assert "block0" not in str(err.value) and "floating-point" in str(err.value)
+    # every wrong leaf is named, in pytree order: a bool mask and a Python int as well
+    mixed = {**ints, "mask": jnp.ones(2, bool), "step": 3}
+    with pytest.raises(ValueError, match=re.escape("x0['block1']['bias'] has dtype int32; x0['mask'] has dtype "
+                                                   "bool; x0['step'] has dtype int32")):
+        hessian_spectrum(f, mixed, top_k=1)
+    nan = {**params, "block0": {**params["block0"], "kernel": params["block0"]["kernel"].at[1, 0].set(jnp.nan)}}
+    nan["block1"] = {**params["block1"], "bias": jnp.array([jnp.inf, -jnp.inf])}
+    with pytest.raises(ValueError, match=re.escape("x0['block0']['kernel'] contains 1 NaN/inf value(s); "
+                                                   "x0['block1']['bias'] contains 2 NaN/inf value(s)")) as err:
+        hessian_spectrum(f, nan, top_k=1)
+    assert "block1']['kernel" not in str(err.value) and "block0']['bias" not in str(err.value)
+    # a list x0 and a bare array: their paths, and "x0" itself
+    with pytest.raises(ValueError, match=re.escape("x0[1] has dtype int32")):
+        hessian_spectrum(lambda v: jnp.sum(v[0] ** 2), [jnp.ones(2), jnp.arange(2)], top_k=1)
+    with pytest.raises(ValueError, match=re.escape("x0 is not finite: x0 contains 1 NaN/inf value(s)")):
+        hessian_spectrum(lambda v: jnp.sum(v ** 2), jnp.array([1.0, jnp.nan]), top_k=1)
+    # many bad leaves: the first five, then a count
+    many = {f"w{i}": jnp.zeros(1, jnp.int32) for i in range(7)}
+    with pytest.raises(ValueError, match=re.escape("x0['w4'] has dtype int32; and 2 more leaves")):
+        hessian_spectrum(lambda p: 0.0, many, top_k=1)
 
 
 # ------------------------------------------------------------------------------------------------ sharding
