@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from landscape import checks
 from landscape.atomic import open_atomic
 
 NAMES = ("digits", "mnist", "cifar10", "cifar100", "imagenet")
@@ -64,8 +65,11 @@ class Split:
 
 def as_arrays(split, what: str = "split") -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` as float32 images and int32 labels from a :class:`Split` or an ``(x, y)`` pair,
-    checking that both are non-empty arrays of one length; ``what`` names the argument in errors.
-    Labels against a model's outputs: :func:`check_labels`."""
+    checking that both are non-empty arrays of one length, that the images are floating point
+    (integer and bool images are refused: uint8 pixels 0–255 cast to float32 give a network
+    inputs far outside the normalised range it was trained on, and a silently wrong accuracy)
+    and that the labels are integer class indices (not one-hot); ``what`` names the argument in
+    errors. Labels against a model's outputs: :func:`check_labels`."""
     if isinstance(split, Split):
         x, y = split.x, split.y
     elif isinstance(split, (tuple, list)) and len(split) == 2:
@@ -73,13 +77,50 @@ def as_arrays(split, what: str = "split") -> tuple[np.ndarray, np.ndarray]:
     else:
         raise ValueError(f"{what} must be a landscape.data.Split or an (x, y) pair of arrays, got "
                          f"{type(split).__name__} {split!r:.60}")
-    x, y = np.asarray(x, np.float32), np.asarray(y)
+    x, y = np.asarray(x), np.asarray(y)
+    if y.ndim == 2 and x.ndim >= 2 and len(x) == len(y) and len(x) > 0:
+        hint = "a column: pass y[:, 0]" if y.shape[1] == 1 else "one-hot labels?: pass y.argmax(axis=1)"
+        raise ValueError(f"{what}: labels y must be class indices of shape (N,), got shape {y.shape} ({hint})")
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
         raise ValueError(f"{what} needs images x (N, ...) and labels y (N,) with the same N >= 1; got x "
                          f"{x.shape}, y {y.shape}")
+    _check_float_images(x, what)
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{what}: labels y must be integers, got dtype {y.dtype}")
-    return x, y.astype(np.int32)
+    return np.asarray(x, np.float32), y.astype(np.int32)
+
+
+def _check_float_images(x: np.ndarray, what: str) -> None:
+    """Images of a floating dtype (numpy's, or ml_dtypes' bfloat16 / float8 as JAX arrays give
+    them); integer and bool images are named with their range."""
+    dtype = x.dtype
+    if dtype.kind == "f" or (dtype.kind == "V" and dtype.name.startswith(("bfloat", "float"))):
+        return
+    if dtype.kind in "biu" or (dtype.kind == "V" and dtype.name.startswith(("int", "uint"))):
+        values = f" with values in [{x.min()}, {x.max()}]" if x.size else ""
+        raise ValueError(f"{what}: images x must be floating point, normalised as the network was trained "
+                         f"(landscape.data.load gives float32 (x/255 - mean)/std); got dtype {dtype}{values}. "
+                         "Integer pixels (uint8 0-255) are not converted: scale and normalise them first")
+    raise ValueError(f"{what}: images x must be a floating-point array, got dtype {dtype}")
+
+
+def check_dataset(data: Dataset, what: str = "data") -> None:
+    """The checks of :func:`as_arrays` on each split of a :class:`Dataset` (named
+    ``data.train``, ``data.calib``, ``data.test`` in errors), with every image finite and the
+    three splits' images of one shape: what :func:`landscape.train.fit` runs on a dataset, so
+    that a user-built one is refused by name before any training step."""
+    if not isinstance(data, Dataset):
+        raise ValueError(f"{what} must be a landscape.data.Dataset (from landscape.data.load), got "
+                         f"{type(data).__name__}")
+    shape = None
+    for name in ("train", "calib", "test"):
+        x, _ = as_arrays(getattr(data, name), f"{what}.{name}")
+        checks.check_finite_images(x, f"{what}.{name}")
+        if shape is None:
+            shape = x.shape[1:]
+        elif x.shape[1:] != shape:
+            raise ValueError(f"{what}.{name} images have shape {x.shape}; {what}.train's are "
+                             f"(N, {', '.join(map(str, shape))}): every split must hold images of one shape")
 
 
 def check_labels(y, num_classes: int, what: str = "split") -> None:

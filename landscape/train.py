@@ -52,13 +52,25 @@ MODEL_DEFAULTS = {
     "ViT": dict(lr=0.1),
 }
 
+#: The PRNG stream every training step supplies besides a recipe's own (Flax's name for it, read by
+#: ``flax.linen.Dropout``): the step's key folded with :data:`DROPOUT_FOLD`, so that dropout masks
+#: follow ``fit``'s seed, are new at every step and are the same under every recipe. A recipe that
+#: names the stream in its ``rng_streams`` keeps its own derivation. Evaluation (``train=False``)
+#: draws nothing. Neither is part of the cache key (models without dropout draw nothing from the
+#: stream, and their keys stay those of earlier versions): a change to either trains other networks
+#: of dropout models under the same key, so it must add an entry to training_config when made.
+DROPOUT_STREAM = "dropout"
+DROPOUT_FOLD = 0xD80
+
 
 class Recipe:
     """How ``fit`` computes the training products. The base class is plain FP32 training.
 
     Subclasses override what they need:
 
-    * ``rng_streams``: names of extra PRNG streams the forward needs (e.g. ``("luq",)``);
+    * ``rng_streams``: names of extra PRNG streams the forward needs (e.g. ``("luq",)``); the
+      ``"dropout"`` stream (:data:`DROPOUT_STREAM`) is supplied by every training step whatever the
+      recipe, so ``flax.linen.Dropout`` trains under any recipe without naming it here;
     * ``gemm_hook(phase)``: a :func:`landscape.layers.gemm_hook` for ``"train"`` / ``"eval"``;
     * ``init_variables(model, variables, x)``: add collections (e.g. sparsity masks);
     * ``transform(tx)``: wrap the optimizer (e.g. decay on pruned weights);
@@ -299,9 +311,9 @@ def training_config(model: nn.Module, data: data_lib.Dataset, *, epochs: int | N
     stored from a network can be keyed by ``config_key(training_config(...))`` and recognised
     before the network is loaded or retrained."""
     checks.check_module(model, "fit")
-    if not isinstance(data, data_lib.Dataset):
-        raise ValueError(f"data must be a landscape.data.Dataset (from landscape.data.load), got "
-                         f"{type(data).__name__}")
+    # each split as ClipLoss checks its calibration split (integer images, one-hot or float labels,
+    # NaN images, mismatched shapes), named here rather than by optax or Flax inside the first step
+    data_lib.check_dataset(data, "data")
     if recipe is not None and not isinstance(recipe, Recipe):
         raise ValueError(f"recipe={recipe!r} must be a landscape.train.Recipe or None (FP32 training)")
     recipe = recipe or Recipe()
@@ -390,7 +402,12 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
         with runtime.classic_threefry():  # one compiled program: op-by-op init compiled per shape
             variables = jax.jit(functools.partial(model.init, train=False))(init_key, x0)
         # Labels beyond the logits would make the loss NaN one epoch later, hiding the cause.
-        width = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x0[:1]).shape[-1]
+        out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x0[:1])
+        if getattr(out, "ndim", None) != 2:
+            got = f"shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+            raise ValueError(f"fit: {type(model).__name__} must return (N, classes) logits, got {got}; a model "
+                             "with several outputs needs a wrapper that returns the logits alone")
+        width = out.shape[-1]
         for name, split in (("data.train", data.train), ("data.test", data.test)):
             data_lib.check_labels(split.y, width, name)
         if width != data.num_classes:  # too many outputs: trains, with logits no label ever uses
@@ -467,14 +484,17 @@ def train_step(model, tx, hook=None, rng_streams=()):
 
     ``step(params, state, opt_state, x, y, key) -> (params, state, opt_state, loss, acc)``, with
     state the non-parameter collections (batch_stats) and key split into one stream per name
-    in ``rng_streams`` (the recipe's random-number streams)."""
+    in ``rng_streams`` (the recipe's random-number streams) and the ``"dropout"`` stream
+    (:data:`DROPOUT_STREAM`), drawn in threefry's classic layout (:func:`runtime.classic_threefry`)."""
 
     @jax.jit
     def step(params, state, opt_state, x, y, key):
         rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(rng_streams)}
+        if DROPOUT_STREAM not in rngs:  # unused (and compiled away) by a model without dropout
+            rngs[DROPOUT_STREAM] = jax.random.fold_in(key, DROPOUT_FOLD)
 
         def loss_fn(p):
-            with layers.gemm_hook(hook):
+            with layers.gemm_hook(hook), runtime.classic_threefry():
                 logits, updates = model.apply({"params": p, **state}, x, train=True,
                                               mutable=["batch_stats"], rngs=rngs)
             return _cross_entropy(logits, y), (logits, updates)
@@ -556,8 +576,14 @@ def _run_phase(model, data, variables, tx, recipe, hook, epochs, batch_size, see
             idx = np.sort(order[i * batch_size:(i + 1) * batch_size])
             with runtime.classic_threefry():
                 key, sub = jax.random.split(key)
-            params, state, opt_state, loss, acc = step(
-                params, state, opt_state, data.train.x[idx], data.train.y[idx], sub)
+            try:
+                params, state, opt_state, loss, acc = step(
+                    params, state, opt_state, data.train.x[idx], data.train.y[idx], sub)
+            except flax.errors.InvalidRngError as e:  # a stream fit does not know of
+                streams = ", ".join(repr(n) for n in dict.fromkeys((*recipe.rng_streams, DROPOUT_STREAM)))
+                raise ValueError(f"{e}: fit's training steps supply the PRNG streams {streams}; a model that "
+                                 "draws from another stream in training needs a landscape.train.Recipe subclass "
+                                 "naming it in rng_streams") from e
             global_step += 1
             variables = recipe.after_step(global_step, {"params": params, **state})
             params = variables["params"]
@@ -596,12 +622,16 @@ def recalibrate_batchnorm(model, variables, x, *, hook=None, precision: str = "h
     :class:`landscape.layers.BatchNorm` input h (N, ..., C) is intercepted and its running
     statistics become ``mean(h)`` and the biased ``var(h)`` over all axes but the last. ``hook``
     is a GEMM hook active during the pass (e.g. a sparsity recipe's ``gemm_hook("eval")``);
-    ``precision`` the pass's matmul/convolution precision.
+    ``precision`` the pass's matmul/convolution precision. ``flax.linen.Dropout`` layers pass their
+    input through unchanged in this pass: the statistics are those of the evaluation forward, which
+    drops nothing (and the pass needs no PRNG key).
     """
     runtime.check_precision(precision, "recalibrate_batchnorm")
     stats: dict[tuple[str, ...], tuple] = {}
 
     def intercept(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+            return args[0] if args else kwargs["inputs"]
         if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
             h = args[0]
             axes = tuple(range(h.ndim - 1))

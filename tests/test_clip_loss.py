@@ -738,6 +738,8 @@ def test_models_outside_the_call_contract_are_named(digits):
         ls.train.fit(_NoTrain(), digits, epochs=1)
     with pytest.raises(ValueError, match=r"_TupleOut must return \(N, classes\) logits, got a tuple"):
         ls.ClipLoss(_untrained(_TupleOut(), digits), digits.calib, w_bits=4, a_bits=4)
+    with pytest.raises(ValueError, match=r"fit: _TupleOut must return \(N, classes\) logits, got a tuple"):
+        ls.train.fit(_TupleOut(), digits, epochs=1, cache=False)
 
 
 def test_fold_bn_warns_when_a_batchnorm_does_not_fold(digits):

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -275,6 +276,63 @@ def test_splits_and_pairs_are_accepted_and_anything_else_is_named(digits, tiny_n
     with pytest.raises(ValueError, match="calib must be a landscape.data.Split"):
         ls.ClipLoss(tiny_net, digits.calib.x, w_bits=4, a_bits=4)
     assert loss.accuracy(alpha, (digits.test.x, digits.test.y)) == loss.accuracy(alpha, digits.test)
+
+
+def test_integer_and_bool_images_are_refused_with_their_dtype_and_range(digits, tiny_net):
+    """uint8 pixels 0-255 were cast to float32 as they were: a network trained on normalised images
+    scored a silent fraction of its accuracy on them. Every entry point that takes images through
+    as_arrays (ClipLoss, its accuracy, Network.accuracy, an exported network's) now names them."""
+    x, y = digits.test.x[:64], digits.test.y[:64]
+    pixels = ((x - x.min()) / (x.max() - x.min()) * 255).round().astype(np.uint8)
+    assert pixels.min() == 0 and pixels.max() == 255
+    bad = [(pixels, r"got dtype uint8 with values in \[0, 255\]"),
+           (pixels.astype(np.int64) - 128, r"got dtype int64 with values in \[-128, 127\]"),
+           (x > 0, r"got dtype bool with values in \[False, True\]")]
+    for images, match in bad:
+        with pytest.raises(ValueError, match=r"split: images x must be floating point, normalised as the network "
+                                             r"was trained \(landscape.data.load gives float32 .* " + match):
+            ls.data.as_arrays((images, y))
+    with pytest.raises(ValueError, match=r"split: images x must be a floating-point array, got dtype <U1"):
+        ls.data.as_arrays((np.full(x.shape, "a"), y))
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    alpha = loss.init("max")
+    entry_points = [lambda: ls.ClipLoss(tiny_net, (pixels, y), w_bits=4, a_bits=4),
+                    lambda: loss.accuracy(alpha, (pixels, y)), lambda: tiny_net.accuracy((pixels, y)),
+                    lambda: ls.train.accuracy(tiny_net, ls.data.Split(pixels, y)),
+                    lambda: ls.export.quantize_network(loss, alpha).accuracy((pixels, y))]
+    for call in entry_points:
+        with pytest.raises(ValueError, match=r"images x must be floating point.*got dtype uint8"):
+            call()
+    # floating images of any width are accepted, as float32
+    for images in (x.astype(np.float16), x.astype(np.float64), np.asarray(jnp.asarray(x, jnp.bfloat16))):
+        x32, y32 = ls.data.as_arrays((images, y))
+        assert x32.dtype == np.float32 and y32.dtype == np.int32
+        np.testing.assert_allclose(x32, x, atol=0.05 * np.abs(x).max())
+
+
+def test_one_hot_labels_are_named_as_such(digits):
+    x, y = digits.test.x[:16], digits.test.y[:16]
+    with pytest.raises(ValueError, match=r"calib: labels y must be class indices of shape \(N,\), got shape "
+                                         r"\(16, 10\) \(one-hot labels\?: pass y.argmax\(axis=1\)\)"):
+        ls.data.as_arrays((x, np.eye(10, dtype=np.int32)[y]), "calib")
+    with pytest.raises(ValueError, match=r"got shape \(16, 1\) \(a column: pass y\[:, 0\]\)"):
+        ls.data.as_arrays((x, y[:, None]), "calib")
+
+
+def test_check_dataset_names_the_split_and_passes_the_loaders_datasets(digits):
+    ls.data.check_dataset(digits)  # load's float32 images and int32 labels pass
+    with pytest.raises(ValueError, match="data must be a landscape.data.Dataset .* got Split"):
+        ls.data.check_dataset(digits.train)
+    nan = digits.test.x.copy()
+    nan[0, 0, 0, 0] = np.inf
+    cases = [(dict(calib=ls.data.Split(digits.calib.x.astype(np.int32), digits.calib.y)),
+              r"data.calib: images x must be floating point.*got dtype int32"),
+             (dict(test=ls.data.Split(nan, digits.test.y)), r"data.test images must be finite: 1 of 359"),
+             (dict(calib=ls.data.Split(digits.calib.x.reshape(256, 8, 4, 2), digits.calib.y)),
+              r"data.calib images have shape \(256, 8, 4, 2\); data.train's are \(N, 8, 8, 1\)")]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ls.data.check_dataset(dataclasses.replace(digits, **change))
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")

@@ -1,8 +1,10 @@
+import dataclasses
 import json
 import math
 import os
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 
 import landscape as ls
 import models
+from landscape import luq
+from landscape.layers import BatchNorm, QuantDense, QuantReLU
 
 
 def _params_equal(a, b):
@@ -417,3 +421,120 @@ def test_digits_training_defaults():
     config = ls.train.training_config(models.create("mlp", num_classes=10, hidden=(8,)), digits)
     assert {k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")} == dict(
         epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4, seed=0)
+
+
+class _DropoutNet(nn.Module):
+    """flax.linen.Dropout between two quantized dense layers, a BatchNorm after it (so that the
+    BatchNorm statistics LUQ re-estimates see the dropout's output)."""
+
+    rate: float = 0.5
+    stream: str = "dropout"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = QuantReLU(name="r1")(QuantDense(32, name="d1")(x.reshape((x.shape[0], -1))))
+        x = nn.Dropout(self.rate, deterministic=not train, rng_collection=self.stream)(x)
+        x = QuantReLU(name="r2")(BatchNorm(name="bn")(QuantDense(32, name="d2")(x), train))
+        return QuantDense(10, name="head")(x)
+
+
+def test_fit_trains_dropout_models_from_its_seed_and_evaluates_them_without_dropout(digits):
+    """fit passed no "dropout" key: Flax raised InvalidRngError for any nn.Dropout model. Every
+    training step now supplies the stream, from fit's seed: a seed gives one network, another
+    seed another, and the masks change what is trained (rate 0.5 against rate 0)."""
+    a = ls.train.fit(_DropoutNet(), digits, epochs=2, seed=3, cache=False, progress=False)
+    b = ls.train.fit(_DropoutNet(), digits, epochs=2, seed=3, cache=False, progress=False)
+    c = ls.train.fit(_DropoutNet(), digits, epochs=2, seed=4, cache=False, progress=False)
+    plain = ls.train.fit(_DropoutNet(rate=0.0), digits, epochs=2, seed=3, cache=False, progress=False)
+    assert _params_equal(a.variables, b.variables)
+    assert not _params_equal(a.variables, c.variables)
+    assert not _params_equal(a.variables, plain.variables)
+    assert a.history[-1]["test_acc"] > 0.8
+    # evaluation (train=False) drops nothing: repeatable, and the model's deterministic forward
+    x = digits.test.x[:32]
+    first, again = np.asarray(a.apply(x)), np.asarray(a.apply(x))
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, np.asarray(a.model.apply(a.variables, x, train=False)), rtol=1e-6, atol=1e-6)
+    loss = ls.ClipLoss(a, digits.calib, w_bits=4, a_bits=4)
+    alpha = loss.init("max")
+    assert loss(alpha) == loss(alpha) and np.isfinite(loss(alpha))
+
+
+def test_training_step_draws_a_fresh_dropout_mask_from_each_step_key(digits):
+    """The step's "dropout" key comes from its key: the same key gives the same update, another key
+    another; a recipe's own streams (LUQ's "luq") do not take its place."""
+    model = _DropoutNet()
+    x, y = jnp.asarray(digits.train.x[:16]), jnp.asarray(digits.train.y[:16])
+    variables = model.init(jax.random.key(0), x, train=False)
+    params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    tx = ls.train.sgd(0.1, 0.0)
+    for streams in ((), ("luq",)):
+        step = ls.train.train_step(model, tx, None, streams)
+        losses = [float(step(params, state, tx.init(params), x, y, jax.random.key(k))[3]) for k in (0, 0, 1)]
+        assert losses[0] == losses[1] and losses[0] != losses[2], (streams, losses)
+
+
+def test_dropout_models_train_under_luq_with_fine_tuning_and_batchnorm_reestimation(digits):
+    """LUQ's recipe replaces the base recipe's streams with its own ("luq"; none in the fine-tuning
+    phase) and its finish re-estimates BatchNorm statistics in a training-mode pass: with a dropout
+    model both failed for want of a "dropout" key."""
+    recipe = luq.Recipe(bits=4, finetune_epochs=1, finetune_bn_images=128)
+    net = ls.train.fit(_DropoutNet(), digits, epochs=1, recipe=recipe, seed=0, cache=False, progress=False)
+    again = ls.train.fit(_DropoutNet(), digits, epochs=1, recipe=recipe, seed=0, cache=False, progress=False)
+    assert [h["phase"] for h in net.history] == ["train", "finetune"]
+    assert "test_acc_before_finish" in net.history[-1]  # the BatchNorm statistics were re-estimated
+    assert _params_equal(net.variables, again.variables)
+    assert net.history[-1]["test_acc"] > 0.5
+
+
+def test_batchnorm_reestimation_passes_dropout_through(digits):
+    """recalibrate_batchnorm runs the model in training mode; its Dropout layers pass their input
+    through, so the statistics are the evaluation forward's (the same as without dropout) and no
+    key is needed."""
+    x = digits.train.x[:200]
+    variables = _DropoutNet(rate=0.0).init(jax.random.key(0), jnp.asarray(x[:1]), train=False)
+    dropped = ls.train.recalibrate_batchnorm(_DropoutNet(rate=0.9), variables, x)
+    kept = ls.train.recalibrate_batchnorm(_DropoutNet(rate=0.0), variables, x)
+    for k in ("mean", "var"):
+        np.testing.assert_array_equal(np.asarray(dropped["batch_stats"]["bn"][k]),
+                                      np.asarray(kept["batch_stats"]["bn"][k]))
+    assert not np.allclose(np.asarray(kept["batch_stats"]["bn"]["var"]), 1.0)  # re-estimated, not the init
+
+
+def test_a_model_drawing_from_a_stream_fit_does_not_supply_is_named(digits):
+    with pytest.raises(ValueError, match=r"fit's training steps supply the PRNG streams 'dropout'; a model that "
+                                         r"draws from another stream .* rng_streams"):
+        ls.train.fit(_DropoutNet(stream="noise"), digits, epochs=1, cache=False, progress=False)
+
+
+def test_fit_checks_each_split_of_a_user_built_dataset_by_name(digits):
+    """A Dataset built from a user's arrays goes through the checks ClipLoss runs on its calibration
+    split; one-hot labels failed inside the first step with "indices and arr must have the same
+    number of dimensions", float labels with optax's dtype TypeError, uint8 images trained."""
+    mlp = models.create("mlp", num_classes=10, hidden=(8,))
+    onehot = lambda s: ls.data.Split(s.x, np.eye(10, dtype=np.int32)[s.y])  # noqa: E731
+    nan = digits.calib.x.copy()
+    nan[3, 2, 1, 0] = np.nan
+    cases = [
+        (dict(train=onehot(digits.train), calib=onehot(digits.calib), test=onehot(digits.test)),
+         r"data.train: labels y must be class indices of shape \(N,\), got shape \(1438, 10\) "
+         r"\(one-hot labels\?: pass y.argmax\(axis=1\)\)"),
+        (dict(test=ls.data.Split(digits.test.x, digits.test.y.astype(np.float32))),
+         r"data.test: labels y must be integers, got dtype float32"),
+        (dict(train=ls.data.Split((digits.train.x * 50 + 100).clip(0, 255).astype(np.uint8), digits.train.y)),
+         r"data.train: images x must be floating point, normalised as the network was trained .* got dtype uint8 "
+         r"with values in \[\d+, \d+\]"),
+        (dict(calib=ls.data.Split(nan, digits.calib.y)), r"data.calib images must be finite: 1 of 256"),
+        (dict(test=ls.data.Split(digits.test.x[..., 0], digits.test.y)),
+         r"data.test images have shape \(359, 8, 8\); data.train's are \(N, 8, 8, 1\)"),
+    ]
+    for change, match in cases:
+        bad = dataclasses.replace(digits, **change)
+        with pytest.raises(ValueError, match=match):
+            ls.train.fit(mlp, bad, epochs=1, cache=False, progress=False)
+        with pytest.raises(ValueError, match=match):
+            ls.train.training_config(mlp, bad, epochs=1)
+    # float64 images and int64 labels are numbers of the right kind: trained as given
+    wide = dataclasses.replace(digits, train=ls.data.Split(digits.train.x.astype(np.float64),
+                                                           digits.train.y.astype(np.int64)))
+    assert ls.train.fit(mlp, wide, epochs=1, cache=False, progress=False).history[-1]["test_acc"] > 0.3
