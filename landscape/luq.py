@@ -1172,11 +1172,12 @@ def gradient_error(model, variables, x, y, *, recipe, samples=(1, 16, 256), draw
     variables = recipe.init_variables(model, dict(variables), x[:1])
     reference = recipe if recipe.mode == "fp32" else dataclasses.replace(recipe, mode="none", samples=1)
 
-    def flat_grad(hook, variables, x, y, key):
+    def flat_grad(hook, variables, x, y, key, dropout_key):
         def loss(p):
             with layers.gemm_hook(hook):
-                logits, _ = model.apply({**variables, "params": p}, x, train=True,
-                                        mutable=["batch_stats"], rngs={"luq": key})
+                # one dropout mask for the reference and every draw: only the backward differs
+                logits, _ = model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"],
+                                        rngs={"luq": key, "dropout": dropout_key})
             log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
             return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
 
@@ -1185,17 +1186,18 @@ def gradient_error(model, variables, x, y, *, recipe, samples=(1, 16, 256), draw
 
     # Data and variables are arguments, not closed-over constants, which XLA would try to fold.
     @jax.jit
-    def deviations(variables, x, y, keys):
-        g = flat_grad(reference.gemm_hook("train"), variables, x, y, keys[0])
+    def deviations(variables, x, y, keys, dropout_key):
+        g = flat_grad(reference.gemm_hook("train"), variables, x, y, keys[0], dropout_key)
         hook = recipe.gemm_hook("train")
-        d = lax.map(lambda k: flat_grad(hook, variables, x, y, k) - g, keys,
+        d = lax.map(lambda k: flat_grad(hook, variables, x, y, k, dropout_key) - g, keys,
                     batch_size=min(batch_size, keys.shape[0]))
         return d, jnp.linalg.norm(g)
 
     k = draws if recipe.mode == "luq" else 1
     with runtime.classic_threefry():
         keys = jax.random.split(jax.random.key(seed), k)
-    d, norm = deviations(variables, x, y, keys)
+        dropout_key = jax.random.fold_in(jax.random.key(seed), 0xD80)  # unused by a model without dropout
+    d, norm = deviations(variables, x, y, keys, dropout_key)
     d = np.asarray(d, np.float64)
     errs = []
     for s in samples:

@@ -210,6 +210,30 @@ def test_network_gradient_unbiased_under_luq_biased_under_rdn(batch, cnn_variabl
     assert none.rel_error[0] < 1e-5
 
 
+def test_gradient_error_of_a_dropout_model_holds_its_mask_fixed(batch):
+    """A dropout model drew from a stream gradient_error did not supply (InvalidRngError). One mask
+    serves the reference and every draw, so the error is the backward quantizer's alone: the
+    mode-"none" reference against itself is 0, and LUQ's error still falls as 1/√S."""
+    import flax.linen as nn
+
+    from landscape.layers import QuantDense, QuantReLU
+
+    class DropoutMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = QuantReLU(name="r1")(QuantDense(32, name="d1")(x.reshape((x.shape[0], -1))))
+            x = nn.Dropout(0.3, deterministic=not train)(x)
+            x = QuantReLU(name="r2")(QuantDense(32, name="d2")(x))
+            return QuantDense(10, name="head")(x)
+
+    model, (x, y) = DropoutMLP(), batch
+    variables = model.init(jax.random.key(0), x[:2])
+    none = luq.gradient_error(model, variables, x, y, recipe=luq.Recipe(mode="none"), samples=(1,))
+    assert none.rel_error[0] < 1e-5
+    lq = luq.gradient_error(model, variables, x, y, recipe=luq.Recipe(samples=1), samples=(1, 16), draws=64, seed=1)
+    assert 0.75 < lq.rel_error[1] * 4 / lq.rel_error[0] < 1.25
+
+
 # ---------------------------------------------------------------------------------------------
 # training through fit
 
