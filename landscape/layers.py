@@ -142,6 +142,10 @@ class QuantConv(nn.Module):
         kh, kw = _conv_kernel_size(self.kernel_size)
         strides = _conv_strides(self.strides)
         layer = f"QuantConv {self.name!r}" if self.name else "QuantConv"
+        shape = (kh, kw, x.shape[-1], self.features)
+        # the kernel first: images of another layout meet a trained kernel's shape here, in the
+        # ScopeParamShapeError that checks.explained_input_shape turns into an error about images
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         if jnp.ndim(x) != 4:
             raise ValueError(f"{layer}: the input must be NHWC (batch, height, width, channels), got shape "
                              f"{jnp.shape(x)}")
@@ -150,8 +154,6 @@ class QuantConv(nn.Module):
         if spans[0] < kh or spans[1] < kw:
             raise ValueError(f"{layer}: a {kh}x{kw} kernel with padding {pads} leaves no output "
                              f"position on an input of height x width {x.shape[1]}x{x.shape[2]}")
-        shape = (kh, kw, x.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         kernel = sites.weight_site(self, kernel)
         y = _product(self, x, kernel, conv_general(strides, pads))
         if self.use_bias:
