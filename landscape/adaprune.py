@@ -376,6 +376,7 @@ def adaprune(net: train.Network, calib, *, keep: int = 4, block: int = 8, transp
         width = jax.eval_shape(lambda v, xb: model.apply(v, xb, train=False), base, x[:1]).shape[-1]
         test = _test_split(test, x.shape[1:], width, x)
     chosen = sparsity.select_layers(all_layers, dense_first_last=dense_first_last, names=layers)
+    sparsity.refuse_grouped(chosen, "adaprune", "; leave it dense by naming the other layers in layers=[...]")
     if not chosen:
         raise ValueError("no layer to prune: the selection is empty (a model with two conv/dense layers "
                          "and dense_first_last=True, or layers=[])")

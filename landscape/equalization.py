@@ -18,6 +18,13 @@ LayerNorm and GELU outputs of a transformer, are not positively homogeneous and 
 candidates), keeps only the pairs whose rescaling
 leaves the logits on the given batch unchanged (a skip connection reading the same activation
 would not), and rescales until the scales stop moving.
+
+Grouped convolutions (``QuantConv(feature_group_count=g)``) take part on either side. As layer a,
+its output channel c scales like any conv's. As layer b, its input channel i = j·C_in/g + r
+(group j) is row r of the output channels of group j, so s_i multiplies exactly those entries and
+r_b,i is their range; for a depthwise b (g = C_in) that is its channel i, so in DFQ's
+conv → depthwise → pointwise both pairs are equalized, the depthwise kernel sharing the scales of
+its two neighbours (the rounds alternate until they stop moving).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape import checks, folding, runtime, sites
+from landscape import checks, folding, runtime, sites, sparsity
 from landscape import data as data_lib
 
 __all__ = ["Equalization", "cross_layer_equalization"]
@@ -68,23 +75,44 @@ def _channel_ranges(kernel, axis):
     return np.max(np.abs(kernel), axis=axes)
 
 
-def _rescale(flat, a, b, bn, s):
+def _input_channels(kernel, groups):
+    """kernel (..., C_in / g, C_out) of a conv with g groups as (..., C_in, C_out / g): input
+    channel i = j·C_in/g + r (group j) with the C_out/g output channels of group j. g = 1: the
+    kernel itself. Every entry of the kernel appears once; :func:`_from_input_channels` inverts it."""
+    if groups == 1:
+        return kernel
+    *spatial, k, c_out = kernel.shape
+    grouped = kernel.reshape(*spatial, k, groups, c_out // groups)
+    return np.moveaxis(grouped, -2, -3).reshape(*spatial, groups * k, c_out // groups)
+
+
+def _from_input_channels(by_input, groups):
+    if groups == 1:
+        return by_input
+    *spatial, c_in, co = by_input.shape
+    grouped = by_input.reshape(*spatial, groups, c_in // groups, co)
+    return np.moveaxis(grouped, -3, -2).reshape(*spatial, c_in // groups, groups * co)
+
+
+def _rescale(flat, a, b, bn, s, groups=1):
     """flat (a "/"-keyed dict) with channel c of layer a divided by s_c and the matching input
-    channel of layer b multiplied by it."""
+    channel of layer b (a conv of ``groups`` groups: a depthwise one's input channel c is its
+    channel c) multiplied by it."""
     out = dict(flat)
     out[f"params/{a}/kernel"] = flat[f"params/{a}/kernel"] / s
     for key in (f"params/{a}/bias", f"params/{bn}/bias" if bn else None):
         if key in flat:
             out[key] = flat[key] / s
-    shape = [1] * flat[f"params/{b}/kernel"].ndim
+    by_input = _input_channels(flat[f"params/{b}/kernel"], groups)
+    shape = [1] * by_input.ndim
     shape[-2] = len(s)
-    out[f"params/{b}/kernel"] = flat[f"params/{b}/kernel"] * s.reshape(shape)
+    out[f"params/{b}/kernel"] = _from_input_channels(by_input * s.reshape(shape), groups)
     return out
 
 
-def _scales(flat, a, b):
+def _scales(flat, a, b, groups=1):
     r_a = _channel_ranges(flat[f"params/{a}/kernel"], -1)
-    r_b = _channel_ranges(flat[f"params/{b}/kernel"], -2)
+    r_b = _channel_ranges(_input_channels(flat[f"params/{b}/kernel"], groups), -2)
     ok = (r_a > 0) & (r_b > 0)
     return np.where(ok, np.sqrt(np.where(ok, r_a, 1.0) / np.where(ok, r_b, 1.0)), 1.0).astype(np.float32)
 
@@ -138,6 +166,7 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     direct = sites.direct_inputs(apply, folded, x[:1], through=frozenset({"reduce_window_max"}))
     bn_of = {conv: bn for conv, bn, _ in bn_pairs}
     by_name = {s.name: s for s in all_sites}
+    groups = {layer.name: layer.groups for layer in sparsity.gemm_layers(model, folded, x[:1])}
     weights = [s for s in all_sites if s.kind == "weight"]
     candidates = []
     for b in weights:
@@ -147,7 +176,7 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
         if not before or len(b.shape) < 2:
             continue
         a = before[-1]
-        if a.shape[-1] == b.shape[-2]:
+        if a.shape[-1] == b.shape[-2] * groups.get(b.name, 1):  # b's input channels: C_in / g per group
             candidates.append((a.name, b.name))
 
     forward = jax.jit(apply)
@@ -161,7 +190,8 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     bound = tol * max(float(np.max(np.abs(reference))), 1e-12)
     pairs, rejected = [], []
     for a, b in candidates:
-        trial = _rescale(flat, a, b, bn_of.get(a), _scales(flat, a, b))
+        g = groups.get(b, 1)
+        trial = _rescale(flat, a, b, bn_of.get(a), _scales(flat, a, b, g), g)
         (pairs if np.max(np.abs(logits(trial) - reference)) <= bound else rejected).append((a, b))
 
     scales = {p: np.ones(flat[f"params/{p[0]}/kernel"].shape[-1], np.float32) for p in pairs}
@@ -169,8 +199,9 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
     for rounds in range(1, max_rounds + 1):  # noqa: B007  (the count is reported)
         moved = 0.0
         for a, b in pairs:
-            s = _scales(flat, a, b)
-            flat = _rescale(flat, a, b, bn_of.get(a), s)
+            g = groups.get(b, 1)
+            s = _scales(flat, a, b, g)
+            flat = _rescale(flat, a, b, bn_of.get(a), s, g)
             scales[(a, b)] = scales[(a, b)] * s
             moved = max(moved, float(np.max(np.abs(np.log(s)))))
         if moved < 1e-6:

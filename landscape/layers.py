@@ -85,22 +85,42 @@ def dense_gemm(x, w):
     return jnp.dot(x, w)
 
 
-def conv_general(strides: Sequence[int], padding: Sequence[tuple[int, int]]):
+def conv_general(strides: Sequence[int], padding: Sequence[tuple[int, int]], feature_group_count: int = 1):
     """The NHWC × HWIO convolution used by :class:`QuantConv`, as a bilinear callable.
 
-    One callable per (strides, padding): the layer-wise rules pass it to ``jax.jit`` as a static
-    argument, so layers of one configuration and shape share their compiled programs."""
-    return _conv_gemm(tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding))
+    One callable per (strides, padding, feature_group_count): the layer-wise rules pass it to
+    ``jax.jit`` as a static argument, so layers of one configuration and shape share their
+    compiled programs. A grouped product (``feature_group_count`` g > 1, kernel (kh, kw, C_in / g,
+    C_out)) carries g as its attribute ``feature_group_count`` (:func:`feature_groups`), so a
+    method that needs each output channel to read every input channel can tell and refuse it."""
+    groups = _check_groups(feature_group_count)
+    return _conv_gemm(tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding), groups)
+
+
+def feature_groups(gemm) -> int:
+    """The group count g of a layer's product (:func:`conv_general`); 1 for dense and ungrouped
+    products and for any other bilinear callable."""
+    return int(getattr(gemm, "feature_group_count", 1))
 
 
 @functools.cache
-def _conv_gemm(strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]):
+def _conv_gemm(strides: tuple[int, ...], padding: tuple[tuple[int, int], ...], groups: int = 1):
     def gemm(x, w):
         return jax.lax.conv_general_dilated(
             x, w, window_strides=strides, padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
         )
 
+    gemm.feature_group_count = groups
+    gemm.strides, gemm.padding = strides, padding
     return gemm
+
+
+def _check_groups(feature_group_count) -> int:
+    if not _is_int(feature_group_count) or feature_group_count < 1:
+        raise ValueError(f"QuantConv feature_group_count={feature_group_count!r} is not allowed; allowed: a positive "
+                         "int g (1: an ordinary convolution; the input and output channels both divisible by g)")
+    return int(feature_group_count)
 
 
 class QuantConv(nn.Module):
@@ -119,7 +139,12 @@ class QuantConv(nn.Module):
       entries, one per spatial dimension (H, W), each an int p (p on both sides) or a
       ``(lo, hi)`` pair.
 
-    Anything else raises a ValueError naming the argument and these forms. Dilated, grouped and
+    * ``feature_group_count``: g ≥ 1, as in ``flax.linen.Conv``: the input channels split into g
+      groups, each convolved with its own C_out / g output channels; the kernel is
+      (kh, kw, C_in / g, C_out), and C_in and C_out must both be divisible by g. g = C_in is a
+      depthwise convolution (MobileNet's), g = 1 (the default) the ordinary one.
+
+    Anything else raises a ValueError naming the argument and these forms. Dilated and
     circular/reflect-padded convolutions are not supported.
     """
 
@@ -129,12 +154,17 @@ class QuantConv(nn.Module):
     padding: str | int | Sequence[int | Sequence[int]] | None = None
     use_bias: bool = False
     kernel_init: Callable = he_normal_fan_out
+    feature_group_count: int = 1
 
     def __post_init__(self):
         # the arguments' errors at construction, where they were written; __call__ reads them again
         kernel = _conv_kernel_size(self.kernel_size)
         _conv_strides(self.strides)
         _conv_padding(self.padding, kernel)
+        groups = _check_groups(self.feature_group_count)
+        if _is_int(self.features) and self.features % groups:
+            raise ValueError(f"QuantConv feature_group_count={groups} does not divide features={self.features}; "
+                             "the output channels must be divisible by the group count")
         super().__post_init__()
 
     @nn.compact
@@ -142,7 +172,10 @@ class QuantConv(nn.Module):
         kh, kw = _conv_kernel_size(self.kernel_size)
         strides = _conv_strides(self.strides)
         layer = f"QuantConv {self.name!r}" if self.name else "QuantConv"
-        shape = (kh, kw, x.shape[-1], self.features)
+        groups = _check_groups(self.feature_group_count)
+        divisible = x.shape[-1] % groups == 0 and self.features % groups == 0
+        # (kh, kw, C_in / g, C_out); channels that g does not divide are refused below, after the rank
+        shape = (kh, kw, x.shape[-1] // groups if divisible else x.shape[-1], self.features)
         # the kernel first: images of another layout meet a trained kernel's shape here, in the
         # ScopeParamShapeError that checks.explained_input_shape turns into an error about images
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
@@ -154,8 +187,11 @@ class QuantConv(nn.Module):
         if spans[0] < kh or spans[1] < kw:
             raise ValueError(f"{layer}: a {kh}x{kw} kernel with padding {pads} leaves no output "
                              f"position on an input of height x width {x.shape[1]}x{x.shape[2]}")
+        if not divisible:
+            raise ValueError(f"{layer}: feature_group_count={groups} must divide both the input channels "
+                             f"(C_in={x.shape[-1]}) and features (C_out={self.features})")
         kernel = sites.weight_site(self, kernel)
-        y = _product(self, x, kernel, conv_general(strides, pads))
+        y = _product(self, x, kernel, conv_general(strides, pads, groups))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         sites.note_output(self, y, x)

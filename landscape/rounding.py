@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from landscape import checks, export, runtime, sites
+from landscape import layers as qlayers
 from landscape.layerwise import layer_inputs, layer_mse, record_layers
 
 __all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "nearest_codes",
@@ -135,6 +136,12 @@ def input_statistics(x, y, kernel_shape, gemm, chunk: int = 32, precision: str =
 
 
 def _input_statistics(x, y, kernel_shape, gemm, chunk):
+    groups = qlayers.feature_groups(gemm)
+    if groups > 1:
+        raise ValueError(f"the layer's product is a grouped convolution (feature_group_count={groups}, kernel "
+                         f"{tuple(kernel_shape)}): its output channels read different inputs, so there is no one "
+                         "quadratic form; fit each group on its own input channels with an ungrouped product "
+                         "(round_network does)")
     for name, a in (("x", x), ("y", y)):
         n = np.shape(a)[0] if np.ndim(a) else 0
         if n == 0:
@@ -251,7 +258,10 @@ def _round_layers(loss, alpha, nearest, names, rule, num_images, inputs):
         y = gemms[name](float_inputs[name], w)
         xq = quantized_inputs(current, x)[name] if inputs == "quantized" else float_inputs[name]
         lo, hi = site.code_range()
-        fit = rule(xq, y, w, site.scale, site.offset, lo, hi, gemms[name])
+        if qlayers.feature_groups(gemms[name]) > 1:
+            fit = _round_groups(rule, xq, y, w, site.scale, site.offset, lo, hi, gemms[name])
+        else:
+            fit = rule(xq, y, w, site.scale, site.offset, lo, hi, gemms[name])
         fits[name] = fit
         codes[name] = fit.codes.astype(nearest.codes[name].dtype)
         # placed like the float kernel: same input types, so quantized_inputs compiles once
@@ -267,6 +277,29 @@ def _round_layers(loss, alpha, nearest, names, rule, num_images, inputs):
         rounded = jax.device_put(np.asarray(values, np.float32), w.sharding)
         current = _with_kernel(current, name, rounded)
     return fits, codes, {name: kernel_of(current, name) for name in names}
+
+
+def _round_groups(rule, x, y, w, scale, offset, lo, hi, gemm) -> RoundingFit:
+    """``rule`` on each group of a grouped convolution (g = ``feature_group_count``) apart: group j
+    is an ordinary convolution (same strides and padding) of input channels [j·C_in/g, (j+1)·C_in/g)
+    with output channels [j·C_out/g, (j+1)·C_out/g), whose error is its own quadratic form; the
+    layer's output MSE is the mean of the groups' (each group has as many outputs)."""
+    groups = qlayers.feature_groups(gemm)
+    one = qlayers.conv_general(gemm.strides, gemm.padding)
+    x, y, w = np.asarray(x), np.asarray(y), np.asarray(w)
+    k, co = w.shape[-2], w.shape[-1] // groups
+    channels = w.shape[-1]
+    scale = np.broadcast_to(np.asarray(scale, np.float32), (channels,))
+    offset = np.broadcast_to(np.asarray(offset, np.float32), (channels,))
+    fits = []
+    for j in range(groups):
+        out = slice(j * co, (j + 1) * co)
+        fits.append(rule(x[..., j * k:(j + 1) * k], y[..., out], w[..., out], scale[out], offset[out], lo, hi, one))
+    codes = np.concatenate([f.codes for f in fits], axis=-1)
+    histories = {len(f.history) for f in fits}
+    history = tuple(np.mean([f.history for f in fits], axis=0).tolist()) if len(histories) == 1 else ()
+    return RoundingFit(codes, float(np.mean([f.mse_nearest for f in fits])), float(np.mean([f.mse for f in fits])),
+                       float(np.mean([f.flipped for f in fits])), any(f.kept for f in fits), history)
 
 
 def _with_kernel(variables, name: str, kernel):

@@ -57,7 +57,8 @@ class Site:
         per-channel weight site.
       macs: weight sites: multiply-accumulates per example of the product the kernel takes part
         in, Σ over its applications of size(kernel) · (output positions), e.g. H_out·W_out·kh·kw·
-        C_in·C_out for a convolution, in·out for a dense layer on (batch, in) — the MACs of a
+        C_in·C_out for a convolution (H_out·W_out·kh·kw·(C_in/g)·C_out for one of g groups, whose
+        kernel is (kh, kw, C_in/g, C_out)), in·out for a dense layer on (batch, in) — the MACs of a
         BOPs count (MACs · weight bits · activation bits). None for activation sites and for
         layers that do not report their output (:func:`note_output`).
       signed: activation sites whose values can be negative (quantized on the symmetric

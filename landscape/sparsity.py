@@ -132,6 +132,7 @@ __all__ = [
     "is_transposable",
     "layer_mask",
     "mask_diversity",
+    "refuse_grouped",
     "nm_mask",
     "retained_magnitude",
     "select_layers",
@@ -883,13 +884,16 @@ class GemmLayer:
     Attributes:
       path: the Flax module path, e.g. ``("layer1_0", "conv1")``: the kernel is
         ``params[path]["kernel"]`` and a mask ``masks[path]["kernel"]``.
-      shape: the kernel's shape, ``(H, W, Cin, Cout)`` or ``(in, out)``.
+      shape: the kernel's shape, ``(H, W, Cin, Cout)`` or ``(in, out)`` (a grouped conv's is
+        ``(H, W, Cin / g, Cout)``).
       index: position in call order.
+      groups: the conv's ``feature_group_count`` g (1: dense layers and ordinary convs).
     """
 
     path: tuple[str, ...]
     shape: tuple[int, ...]
     index: int
+    groups: int = 1
 
     @property
     def name(self) -> str:
@@ -903,10 +907,10 @@ def gemm_layers(model, variables, x) -> tuple[GemmLayer, ...]:
     Found by abstract tracing (``jax.eval_shape``) with a recording GEMM hook, so nothing is computed;
     a module applied twice is listed once. ``x`` is an example batch (one image is enough).
     """
-    found: dict[tuple[str, ...], tuple[int, ...]] = {}
+    found: dict[tuple[str, ...], tuple[tuple[int, ...], int]] = {}
 
     def record(module, inputs, kernel, gemm):
-        found.setdefault(tuple(module.path), tuple(int(d) for d in kernel.shape))
+        found.setdefault(tuple(module.path), (tuple(int(d) for d in kernel.shape), layers.feature_groups(gemm)))
         return gemm(inputs, kernel)
 
     def run(v, inputs):
@@ -914,7 +918,18 @@ def gemm_layers(model, variables, x) -> tuple[GemmLayer, ...]:
             return model.apply(v, inputs, train=False)
 
     jax.eval_shape(run, variables, x)
-    return tuple(GemmLayer(path, shape, i) for i, (path, shape) in enumerate(found.items()))
+    return tuple(GemmLayer(path, shape, i, groups) for i, (path, (shape, groups)) in enumerate(found.items()))
+
+
+def refuse_grouped(chosen, method: str, hint: str = "") -> None:
+    """A ValueError naming the first grouped/depthwise conv among ``chosen`` (:class:`GemmLayer`):
+    K:M masks group the rows of the GEMM matrix ``(H*W*Cin, Cout)`` and, transposable, its columns,
+    but a grouped conv is g separate products (a depthwise one's reduction is its H*W taps alone)."""
+    for layer in chosen:
+        if layer.groups > 1:
+            raise ValueError(f"{method}: layer {layer.name!r} is a grouped convolution (feature_group_count="
+                             f"{layer.groups}, kernel {layer.shape}); grouped/depthwise convolutions are not "
+                             f"supported by K:M sparsity{hint}")
 
 
 def select_layers(all_layers, *, dense_first_last: bool = True, names=None) -> tuple[GemmLayer, ...]:
@@ -1094,6 +1109,8 @@ class Recipe(train.Recipe):
 
     def init_variables(self, model, variables, x):
         chosen = select_layers(gemm_layers(model, variables, x[:1]), dense_first_last=self.dense_first_last)
+        refuse_grouped(chosen, f"{self!r}", "; the recipe masks every conv/dense layer but (with dense_first_last) "
+                       "the first and last, so it does not train a network with grouped convs")
         if not chosen:
             raise ValueError(
                 f"{self!r} leaves no layer to sparsify: the model has "

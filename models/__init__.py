@@ -21,6 +21,7 @@ import numpy as np
 from landscape import checks
 from models.cnn import CNN
 from models.mlp import MLP
+from models.mobilenet import InvertedResidual, MobileNetV2
 from models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet
 from models.vit import ViT
 
@@ -32,6 +33,7 @@ _REGISTRY: dict[str, Callable] = {
     "resnet18": lambda num_classes, **kw: ImageNetResNet(num_classes, "basic", (2, 2, 2, 2), **kw),
     "resnet50": lambda num_classes, **kw: ImageNetResNet(num_classes, "bottleneck", (3, 4, 6, 3), **kw),
     "vit": lambda num_classes, **kw: ViT(num_classes, **kw),
+    "mobilenet": lambda num_classes, **kw: MobileNetV2(num_classes, **kw),
 }
 
 NAMES = tuple(_REGISTRY)
@@ -63,6 +65,19 @@ def create(name: str, num_classes: int, **kw):
             if (count is None and not value) or (count is not None and len(value) != count):
                 raise ValueError(f"{name}: {key}={value!r} must hold "
                                  + ("at least one width" if count is None else f"{count} widths, one per stage"))
+    if name == "mobilenet":
+        for key in ("stem", "last"):
+            if key in kw:
+                kw[key] = checks.check_int(kw[key], f"mobilenet: {key}")
+        if "stages" in kw:
+            stages = kw["stages"]
+            if not isinstance(stages, tuple | list) or not stages or not all(
+                    isinstance(st, tuple | list) and len(st) == 4
+                    and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in st)
+                    for st in stages):
+                raise ValueError(f"mobilenet: stages={stages!r} must be a non-empty tuple of (expansion, channels, "
+                                 "blocks, stride) tuples of positive integers")
+            kw["stages"] = tuple(tuple(int(v) for v in st) for st in stages)
     if name == "vit":
         for key in _VIT_SIZES:
             if kw.get(key) is not None:
@@ -130,6 +145,7 @@ def import_torchvision(variables: Mapping, state_dict: Mapping[str, np.ndarray])
 
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "CNN", "CifarResNet", "ImageNetResNet", "MLP", "NAMES", "ViT", "create",
+    "BasicBlock", "Bottleneck", "CNN", "CifarResNet", "ImageNetResNet", "InvertedResidual", "MLP", "MobileNetV2",
+    "NAMES", "ViT", "create",
     "import_torchvision",
 ]

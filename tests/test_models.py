@@ -20,6 +20,9 @@ import models
     ("resnet50", (1, 64, 64, 3), 54, 49),
     ("vit", (2, 8, 8, 1), 18, 17),
     ("vit", (2, 28, 28, 1), 18, 17),
+    ("mobilenet", (2, 8, 8, 1), 17, 16),
+    ("mobilenet", (2, 28, 28, 1), 17, 16),
+    ("mobilenet", (2, 32, 32, 3), 17, 16),
 ])
 def test_zoo_shapes_and_sites(name, shape, weights, acts):
     model = models.create(name, num_classes=7)
@@ -231,3 +234,31 @@ def test_cnn_pools_between_stages_down_to_1x1():
     assert macs["conv2_1"] == 9 * 4 * 4 * 2 * 2
     assert macs["conv3_0"] == 9 * 4 * 5 * 1 * 1 and macs["conv3_1"] == 9 * 5 * 5
     assert macs["fc"] == 5 * 10
+
+
+def test_mobilenet_layout_macs_and_short_fit(digits):
+    model = models.create("mobilenet", num_classes=10)
+    x = jnp.asarray(digits.calib.x[:2])
+    variables = model.init(jax.random.key(0), x)
+    all_sites, pairs = ls.sites_of(model, variables, x)
+    by_name = {s.name: s for s in all_sites}
+    names = [s.name for s in all_sites]
+    assert names[:6] == ["stem", "stem_relu", "block0/dw", "block0/dw_relu", "block0/project", "block0/out"]
+    assert names[-3:] == ["last", "last_relu", "fc"]
+    assert "block0/expand" not in by_name and "block1/expand" in by_name  # expansion 1: no expand conv
+    # depthwise kernels (3, 3, 1, C): one input channel per group
+    assert by_name["block1/dw"].shape == (3, 3, 1, 32) and by_name["block4/dw"].shape == (3, 3, 1, 96)
+    assert by_name["block1/out"].signed and not by_name["block1/dw_relu"].signed
+    assert len(pairs) == 16  # every conv is followed by its BatchNorm
+    # MACs: out_h · out_w · kh · kw · (C_in / g) · C_out; the depthwise convs of blocks 1 and 3 stride
+    macs = {s.name: s.macs for s in all_sites if s.kind == "weight"}
+    assert macs["block1/dw"] == 4 * 4 * 3 * 3 * 1 * 32 and macs["block2/dw"] == 4 * 4 * 3 * 3 * 1 * 64
+    assert macs["block3/dw"] == 2 * 2 * 3 * 3 * 1 * 64
+    assert macs["block1/expand"] == 8 * 8 * 8 * 32 and macs["block1/project"] == 4 * 4 * 32 * 16
+    assert macs["stem"] == 8 * 8 * 3 * 3 * 1 * 8 and macs["fc"] == 32 * 10
+    out = model.apply(variables, x)
+    assert out.shape == (2, 10) and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(ValueError, match=r"mobilenet: stages=.* must be a non-empty tuple"):
+        models.create("mobilenet", num_classes=10, stages=((4, 16, 2),))
+    net = ls.train.fit(model, digits, epochs=3)
+    assert net.accuracy(digits.test) > 0.5
