@@ -1,10 +1,13 @@
-"""Layer-wise reconstruction helpers: recording layer inputs/outputs and the output MSE."""
+"""Layer-wise reconstruction helpers (recording layer inputs/outputs, the output MSE) and the quantizable layers."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from landscape import layers as qlayers
 from landscape import layerwise, sites
+from landscape.layers import BatchNorm, QuantConv, QuantDense
 
 LAYERS = ["conv0_0", "conv0_1", "conv1_0", "conv1_1", "fc"]
 
@@ -90,3 +93,76 @@ def test_a_layer_applied_twice_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a layer applied once is no warning
         layerwise.record_layers(model, variables, x, ["head"])
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+def test_conv_pads_each_axis_by_its_own_kernel_size_and_takes_strides_and_explicit_padding():
+    x = np.random.default_rng(0).normal(size=(2, 6, 7, 3)).astype(np.float32)
+    for kernel_size, strides, padding, out_hw in (((3, 1), (1, 1), None, (6, 7)), ((1, 5), (1, 1), None, (6, 7)),
+                                                  ((3, 3), (2, 2), None, (3, 4)), ((3, 3), (1, 1), 0, (4, 5))):
+        conv = QuantConv(4, kernel_size=kernel_size, strides=strides, padding=padding)
+        variables = conv.init(jax.random.key(0), x)
+        y = np.asarray(conv.apply(variables, x))
+        assert y.shape == (2, *out_hw, 4), (kernel_size, strides, padding)
+        # one output pixel by hand: the window at (i, j) of the zero-padded input
+        k = np.asarray(variables["params"]["kernel"], np.float64)
+        kh, kw = kernel_size
+        ph, pw = (kh // 2, kw // 2) if padding is None else (padding, padding)
+        xp = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+        i, j = out_hw[0] - 1, 1
+        si, sj = i * strides[0], j * strides[1]
+        want = np.einsum("hwc,hwco->o", xp[1, si:si + kh, sj:sj + kw], k)
+        np.testing.assert_allclose(y[1, i, j], want, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_trains_on_the_biased_batch_variance_and_updates_the_running_averages():
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.normal(size=(4, 2, 2, 3))).astype(np.float32)
+    bn = BatchNorm(epsilon=0.1)
+    variables = bn.init(jax.random.key(0), x, train=True)
+    np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(3))  # initialising updates nothing
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(3))
+    params = {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, -1.0, 1.0])}
+    y, updated = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                          mutable=["batch_stats"])
+    x64 = x.astype(np.float64).reshape(-1, 3)
+    mean, var = x64.mean(0), x64.var(0)  # biased (ddof=0), as Flax's BatchNorm
+    scale, bias = np.asarray(params["scale"]), np.asarray(params["bias"])
+    want = (x.astype(np.float64) - mean) / np.sqrt(var + 0.1) * scale + bias
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updated["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)  # 0.9 · 0 + 0.1 · mean
+    np.testing.assert_allclose(updated["batch_stats"]["var"], 0.9 + 0.1 * var, rtol=1e-5)  # 0.9 · 1 + 0.1 · var
+    y_eval = bn.apply({"params": params, "batch_stats": updated["batch_stats"]}, x)  # evaluation: running stats
+    rm, rv = 0.1 * mean, 0.9 + 0.1 * var
+    want_eval = (x.astype(np.float64) - rm) / np.sqrt(rv + 0.1) * scale + bias
+    np.testing.assert_allclose(np.asarray(y_eval), want_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_initialisers_he_fan_out_for_convs_lecun_for_dense():
+    conv = QuantConv(64).init(jax.random.key(0), jnp.zeros((1, 4, 4, 16)))["params"]["kernel"]
+    assert float(jnp.std(conv)) == pytest.approx(np.sqrt(2.0 / (3 * 3 * 64)), rel=0.05)  # fan_out = kh·kw·C_out
+    dense = QuantDense(32).init(jax.random.key(0), jnp.zeros((1, 256)))["params"]
+    assert float(jnp.std(dense["kernel"])) == pytest.approx(np.sqrt(1.0 / 256), rel=0.05)  # fan_in
+    assert not np.any(np.asarray(dense["bias"]))
+
+
+def test_gemm_hook_routes_products_inside_its_block_only():
+    x = np.ones((2, 3, 3, 2), np.float32)
+    conv, dense = QuantConv(2), QuantDense(3)
+    cv, dv = conv.init(jax.random.key(0), x), dense.init(jax.random.key(1), x[:, 0, 0])
+    seen = []
+
+    def hook(module, inputs, kernel, gemm):
+        seen.append(type(module).__name__)
+        return 2.0 * gemm(inputs, kernel)  # the hook's result is the product
+
+    with qlayers.gemm_hook(hook):
+        y_dense = dense.apply(dv, x[:, 0, 0])
+        y_conv = conv.apply(cv, x)
+    assert seen == ["QuantDense", "QuantConv"]
+    plain_dense, plain_conv = dense.apply(dv, x[:, 0, 0]), conv.apply(cv, x)
+    assert seen == ["QuantDense", "QuantConv"]  # the hook is gone after its block
+    np.testing.assert_allclose(np.asarray(y_dense), 2.0 * np.asarray(plain_dense))  # bias 0 at init
+    np.testing.assert_allclose(np.asarray(y_conv), 2.0 * np.asarray(plain_conv))

@@ -267,3 +267,41 @@ def test_gaussian_curvature():
     with pytest.raises(ValueError, match="not symmetric"):
         gaussian_curvature([[1.0, 2.0], [0.0, 1.0]], [0.0, 0.0])
     assert gaussian_curvature([[1.0, 1.001], [0.999, 1.0]], [0.0, 0.0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_negative_diagonal_and_off_diagonal_entries_by_hand():
+    # An indefinite Hessian (a saddle in α_0): the couplings use |H_ij| and |H_ii|, the trace is signed.
+    H = np.array([[-4.0, -1.0, 0.0], [-1.0, 1.0, 0.5], [0.0, 0.5, 9.0]])
+    rep = separability(H)
+    assert rep.offdiag_ratio == pytest.approx(np.sqrt(2.5 / 100.5))  # ‖off‖² = 1 + 1 + ¼ + ¼, ‖H‖² = 100.5
+    assert rep.coupling[0, 1] == pytest.approx(0.5) == rep.coupling[1, 0]  # |−1| / √(|−4| · 1)
+    assert rep.coupling[1, 2] == pytest.approx(0.5 / 3.0)
+    np.testing.assert_allclose(np.diag(rep.coupling), 1.0)
+    assert rep.coupling_min[0, 1] == pytest.approx(1.0)  # |−1| / min(4, 1)
+    assert rep.trace == pytest.approx(6.0)
+    assert rep.condition_number == np.inf
+
+
+def test_eigenvalues_and_condition_numbers_in_closed_form():
+    rep = separability(np.array([[2.0, 1.0], [1.0, 2.0]]))  # eigenvalues 3 and 1
+    np.testing.assert_allclose(rep.eigenvalues, [3.0, 1.0])
+    assert rep.condition_number == pytest.approx(3.0) and rep.trace == pytest.approx(4.0)
+    rep = separability(np.array([[0.0, 2.0], [2.0, 0.0]]))  # ±2: indefinite, trace 0
+    np.testing.assert_allclose(rep.eigenvalues, [2.0, -2.0], atol=1e-12)
+    assert rep.condition_number == np.inf and rep.abs_condition_number == pytest.approx(1.0)
+    assert rep.trace == pytest.approx(0.0, abs=1e-12)
+    rep = separability(np.zeros((2, 2)))  # not positive definite: no finite condition number
+    assert rep.condition_number == np.inf and rep.trace == 0.0
+
+
+def test_anova_interaction_of_a_two_by_two_grid_by_hand():
+    # z = [[0, 1], [1, 3]]: grand mean 5/4, residuals ±1/4 (‖R‖ = 1/2), ‖z − m‖² = 19/4.
+    assert anova_interaction(np.array([[0.0, 1.0], [1.0, 3.0]])) == pytest.approx(0.5 / np.sqrt(4.75))
+    # 3 × 2, z_ij = i · j + 5 = [[5, 5], [5, 6], [5, 7]]: m = 5.5, R = [[½, −½], [0, 0], [−½, ½]] (‖R‖² = 1),
+    # ‖z − m‖² = 5 · ¼ + 1.5² = 3.5.
+    assert anova_interaction(np.outer([0.0, 1.0, 2.0], [0.0, 1.0]) + 5.0) == pytest.approx(np.sqrt(1 / 3.5))
+
+
+def test_gaussian_curvature_uses_the_squared_gradient_norm():
+    # det [[2, 1], [1, 3]] = 5, ‖g‖² = 0.3² + 0.4² = 0.25: K = 5 / 1.25².
+    assert gaussian_curvature(np.array([[2.0, 1.0], [1.0, 3.0]]), [0.3, -0.4]) == pytest.approx(3.2)
