@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     for w_bits, a_bits in lapq_configs:
         for label, network, options in variants[:2]:
             loss = ls.ClipLoss(network, data.calib, w_bits=w_bits, a_bits=a_bits, **options)
-            res = ls.lapq(loss, method="batched")
+            res = ls.lapq(loss, method="batched", on_interrupt="raise")  # an interrupted row is not a result
             row = dict(w_bits=w_bits, a_bits=a_bits, variant=label, calib_loss=float(res.loss),
                        test_acc=float(loss.accuracy(res.alpha, data.test)), seconds=float(res.seconds))
             lapq_rows.append(row)

@@ -1177,7 +1177,7 @@ def gradient_error(model, variables, x, y, *, recipe, samples=(1, 16, 256), draw
             with layers.gemm_hook(hook):
                 # one dropout mask for the reference and every draw: only the backward differs
                 logits, _ = model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"],
-                                        rngs={"luq": key, "dropout": dropout_key})
+                                        rngs={"luq": key, train.DROPOUT_STREAM: dropout_key})
             log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
             return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
 
@@ -1196,7 +1196,7 @@ def gradient_error(model, variables, x, y, *, recipe, samples=(1, 16, 256), draw
     k = draws if recipe.mode == "luq" else 1
     with runtime.classic_threefry():
         keys = jax.random.split(jax.random.key(seed), k)
-        dropout_key = jax.random.fold_in(jax.random.key(seed), 0xD80)  # unused by a model without dropout
+        dropout_key = jax.random.fold_in(jax.random.key(seed), train.DROPOUT_FOLD)  # unused by a model without dropout
     d, norm = deviations(variables, x, y, keys, dropout_key)
     d = np.asarray(d, np.float64)
     errs = []
