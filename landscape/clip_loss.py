@@ -36,6 +36,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 
 import jax
@@ -84,6 +85,20 @@ class _Layout:
         bit widths or whether weights are bias-corrected, which the programs take as data."""
         return tuple((site, dataclasses.replace(self.specs[site.name], bits=0, bias_correction=False))
                      for site in self.sites)
+
+
+def _masked(variables, weight_grid: str) -> dict:
+    """A sparse network's variables with every masked kernel as ``kernel * mask``: the network
+    its ``Network.apply`` evaluates through the recipe's GEMM hook, which a ClipLoss's programs
+    do not run (the dense straight-through kernels had been quantized instead, silently). The
+    midrise grid has no zero level, so a pruned weight would come back as ±Δ/2: warned."""
+    from landscape import sparsity  # sparsity imports train, which this module must not
+
+    if weight_grid == "midrise":
+        warnings.warn("ClipLoss: the network is sparse (a 'masks' collection) and weight_grid='midrise' has no "
+                      "zero level, so every pruned weight is quantized to ±Δ/2; weight_grid='midtread' keeps "
+                      "them 0", RuntimeWarning, stacklevel=3)
+    return {**variables, "params": sparsity.effective_params(variables)}
 
 
 def default_sites(all_sites: Iterable[sites.Site], quantize_first_last: bool) -> list[sites.Site]:
@@ -336,6 +351,8 @@ class ClipLoss:
                             per_channel=per_channel, bias_correction=bias_correction, fold_bn=fold_bn,
                             batch_size=batch_size, chunk=chunk, precision=precision)
         variables = net.variables
+        if "masks" in variables:  # a sparse network (sparsity.Recipe, adaprune): its masked kernels
+            variables = _masked(variables, weight_grid)
         with checks.explained_input_shape(x.shape, "calib images"):  # a network that does not record its input shape
             if fold_bn:
                 variables = folding.fold_batchnorm(self.model, variables, x[:1], precision=precision)

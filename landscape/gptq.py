@@ -53,7 +53,8 @@ from landscape.rounding import (
 __all__ = ["gptq", "gptq_layer", "gptq_rows"]
 
 
-def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int = 128) -> np.ndarray:
+def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int = 128,
+              pinned=None) -> np.ndarray:
     """Integer codes (K, C) of W* rounded row by row with GPTQ's error feedback.
 
     Args:
@@ -63,6 +64,10 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
         block: rows updated one by one inside a block; the rows after it receive the block's
             errors in one (K − end, block) × (block, C) product (the paper's lazy batch update,
             the same codes up to float rounding; 2.5× faster at K = 4608, C = 512 on 2 cores).
+        pinned: optional (K, C) bool, entries whose code is the grid's zero level whatever W*
+            says (a pruned weight stays 0; needs a grid with a zero level, Δ·z + offset = 0 for
+            an integer z in [lo, hi]). Setting one is a rounding like any other: its error is
+            fed back to the rows after it, as SparseGPT prunes and compensates.
     """
     block = check_number(block, "block", integer=True)
     w = np.array(w_star, np.float64)
@@ -88,12 +93,24 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
     U = np.linalg.cholesky(np.linalg.inv(Hp)).T  # upper triangular, UᵀU = H⁻¹ (numpy gives L = Uᵀ)
     scale = np.broadcast_to(np.asarray(scale, np.float64), (w.shape[1],))
     offset = np.broadcast_to(np.asarray(offset, np.float64), (w.shape[1],))
+    zero = None
+    if pinned is not None:
+        pinned = np.asarray(pinned, bool)
+        if pinned.shape != w.shape:
+            raise ValueError(f"pinned has shape {pinned.shape}; w_star's is {w.shape}")
+        pinned = pinned[order]
+        zero = -offset / scale
+        if np.any(pinned) and not np.all((zero == np.round(zero)) & (lo <= zero) & (zero <= hi)):
+            raise ValueError("pinned entries need a grid with a zero level (offset/Δ an integer code in "
+                             f"[{lo}, {hi}]); this grid has none (the midrise grid): use weight_grid='midtread'")
     codes = np.empty_like(w)
     for start in range(0, k, block):
         end = min(start + block, k)
         errors = np.empty((end - start, w.shape[1]))
         for i in range(start, end):
             q = np.clip(np.round((w[i] - offset) / scale), lo, hi)
+            if zero is not None:
+                q = np.where(pinned[i], zero, q)
             codes[i] = q
             errors[i - start] = (w[i] - (q * scale + offset)) / U[i, i]
             w[i + 1:end] -= np.outer(U[i, i + 1:end], errors[i - start])
@@ -135,7 +152,12 @@ def gptq_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, damp: flo
     H = G + lam * np.eye(k)
     w_star = np.linalg.solve(H, B + lam * wm)
     order = np.argsort(-np.diag(H), kind="stable") if act_order else None
-    codes = gptq_rows(w_star, H, scale, offset, lo, hi, order).reshape(w.shape)
+    # A pruned weight (exactly 0: an N:M network's, or adaprune's) stays 0 where the grid has a
+    # zero level: the error feedback would otherwise un-prune it (the midrise grid has no 0).
+    zero = -np.asarray(offset, np.float64) / np.asarray(scale, np.float64)
+    has_zero = bool(np.all((zero == np.round(zero)) & (lo <= zero) & (zero <= hi)))
+    pinned = (wm == 0) if has_zero and np.any(wm == 0) else None
+    codes = gptq_rows(w_star, H, scale, offset, lo, hi, order, pinned=pinned).reshape(w.shape)
     scale32, offset32 = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
     nearest = nearest_codes(np.asarray(kernel, np.float32), scale32, offset32, np.float32(lo), np.float32(hi))
     with jax.default_matmul_precision(precision):

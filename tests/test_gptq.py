@@ -218,3 +218,43 @@ def test_gptq_hands_its_options_to_every_layer(tiny_net, digits, monkeypatch):
     seen.clear()
     ls.gptq(loss, alpha, num_images=16, inputs="float", damp=0.2, act_order=False)
     assert seen == [dict(damp=0.2, act_order=False, precision=loss.precision)] * len(weights)
+
+
+def test_pinned_weights_keep_the_zero_code_and_feed_their_error_back():
+    """A pruned weight (exactly 0 in the kernel) stays 0: GPTQ's feedback had un-pruned N:M
+    networks. Pinning is a rounding like any other, so the explicit re-solve with the pinned codes
+    forced gives the same codes."""
+    H, w_star = quadratic(seed=5)
+    scale, offset, lo, hi = 0.4, 0.0, -3, 3  # midtread: code 0 is the value 0
+    rng = np.random.default_rng(5)
+    pinned = rng.random(w_star.shape) < 0.5
+    order = rng.permutation(len(H))
+    codes = gptq_rows(w_star, H, scale, offset, lo, hi, order, pinned=pinned)
+    assert np.all(codes[pinned] == 0) and np.any(codes[~pinned] != 0)
+    # reference: the re-solve of test_cholesky_update_equals_the_explicit_re_solve with pinned codes
+    w = np.array(w_star, np.float64)
+    expect = np.zeros_like(w)
+    done = []
+    for i in order:
+        expect[i] = np.where(pinned[i], 0, np.clip(np.round((w[i] - offset) / scale), lo, hi))
+        done.append(i)
+        free = [j for j in range(len(w)) if j not in done]
+        if free:
+            fixed_delta = expect[done] * scale + offset - w_star[done]
+            w[free] = w_star[free] - np.linalg.solve(H[np.ix_(free, free)], H[np.ix_(free, done)] @ fixed_delta)
+    np.testing.assert_array_equal(codes, expect.astype(np.int32))
+    with pytest.raises(ValueError, match="pinned entries need a grid with a zero level"):
+        gptq_rows(w_star, H, 0.4, -1.4, 0, 7, pinned=pinned)  # midrise: no zero level
+    with pytest.raises(ValueError, match=r"pinned has shape \(2, 2\)"):
+        gptq_rows(w_star, H, scale, offset, lo, hi, pinned=np.ones((2, 2), bool))
+
+
+def test_gptq_layer_keeps_a_pruned_kernels_zeros():
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(512, 3)) @ rng.normal(size=(3, 16)) + 0.05 * rng.normal(size=(512, 16))).astype(np.float32)
+    w = rng.normal(size=(16, 4)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0.0  # pruned
+    alpha = float(np.abs(w).max())
+    scale = float(quantizers.step_size(alpha, 3, "midtread"))
+    fit = gptq_layer(x, x @ w, w, scale, 0.0, -3, 3, lambda a, b: a @ b)
+    assert np.all(fit.codes[w == 0] == 0) and fit.mse < fit.mse_nearest

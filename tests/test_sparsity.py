@@ -855,3 +855,29 @@ def test_layer_mask_uses_the_method_it_is_given():
     np.testing.assert_array_equal(plain, sp.nm_mask(g, keep=4, block=8, axis=0).reshape(kernel.shape))
     recipe = sp.Recipe(keep=4, block=8)
     np.testing.assert_array_equal(recipe.layer_mask(kernel, "greedy"), greedy)
+
+
+def test_clip_loss_quantizes_the_masked_kernels_and_warns_on_the_midrise_grid(sparse_run, digits):
+    """A network fit returns under the recipe keeps dense straight-through kernels beside its masks;
+    ClipLoss had quantized those dense kernels (an accuracy far from net.accuracy, pruned weights
+    exported non-zero). The midrise grid has no 0, so pruned weights there become ±Δ/2: warned."""
+    import warnings
+
+    import landscape as ls
+
+    net, _ = sparse_run
+    baked = sp.apply_masks(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the midtread grid keeps the zeros: no warning
+        loss = ls.ClipLoss(net, digits.calib, w_bits=8, a_bits=8, weight_grid="midtread")
+    reference = ls.ClipLoss(baked, digits.calib, w_bits=8, a_bits=8, weight_grid="midtread")
+    alpha = reference.init("max")
+    np.testing.assert_array_equal(np.asarray(loss.init("max")), np.asarray(alpha))
+    assert float(loss(alpha)) == float(reference(alpha))
+    masks = _np_tree(net.variables["masks"])
+    q = ls.export.quantize_network(loss, alpha)
+    for name, mask in masks.items():
+        site = name.rsplit("/", 1)[0]
+        assert np.all(q.dequantize(site)[~mask] == 0.0), site
+    with pytest.warns(RuntimeWarning, match=r"the network is sparse .* weight_grid='midrise' has no zero level"):
+        ls.ClipLoss(net, digits.calib, w_bits=8, a_bits=8)
