@@ -459,15 +459,18 @@ def _rdn_kernel(g, bits, max_mode):
 # SAWB: the INT4 forward quantizer
 
 
-def _sawb_args(bits, signed, coeffs, levels="strict"):
-    bits = _check_int("bits", bits, 2, 8)
-    levels = _check_choice("levels", levels, SAWB_LEVELS)
+_FORWARD_NAMES = ("forward_bits", "forward_levels")  # the forward quantizer's SAWB arguments, named in errors
+
+
+def _sawb_args(bits, signed, coeffs, levels="strict", names=("bits", "levels")):
+    bits = _check_int(names[0], bits, 2, 8)
+    levels = _check_choice(names[1], levels, SAWB_LEVELS)
     if signed is not None and not isinstance(signed, bool):
         raise ValueError(f"signed must be None, True or False, got {signed!r}")
     if coeffs is None:
         if bits != 4:
             raise ValueError(
-                f"SAWB coefficients are built in only for bits=4, got bits={bits}; "
+                f"SAWB coefficients are built in only for {names[0]}=4, got {names[0]}={bits}; "
                 "pass coeffs=(c1, c2) for other widths"
             )
         coeffs = SAWB_COEFFS_4BIT
@@ -700,7 +703,7 @@ def luq_gemm(x, w, key, gemm, *, bits=4, samples=1, max_mode="abs", mode="luq",
     """
     bits, samples, max_mode, mode = _check_backward_args(bits, samples, max_mode, mode)
     quantize_forward = _check_quantize_forward(quantize_forward)
-    _, _, coeffs, levels = _sawb_args(forward_bits, None, None, forward_levels)
+    _, _, coeffs, levels = _sawb_args(forward_bits, None, None, forward_levels, _FORWARD_NAMES)
     if quantize_forward is True:
         # Integer GEMM, then one rescale. The integer sums are exact in any summation order,
         # so zeros and signs of z (hence every ReLU mask after it) are reproducible across
@@ -732,7 +735,7 @@ def layer_hook(*, bits=4, samples=1, max_mode="abs", mode="luq", quantize_forwar
     _check_backward_args(bits, samples, max_mode, mode)
     _check_choice("prng", prng, PRNGS)
     _check_quantize_forward(quantize_forward)
-    _sawb_args(forward_bits, None, None, forward_levels)
+    _sawb_args(forward_bits, None, None, forward_levels, _FORWARD_NAMES)
     if not isinstance(collection, str) or not collection:
         raise ValueError(f"collection must be a non-empty string, got {collection!r}")
 
@@ -836,7 +839,8 @@ def shift_add_matmul(a_int, g_fp4):
         raise ValueError(f"g_fp4 must have shape ({a.shape[1]}, N), got {g.shape}")
     sign, rel, e_min, exact = _decompose_pow2(g)
     if _is_concrete(g) and not bool(exact):
-        raise ValueError("g_fp4 entries must be 0 or ±2^e (a zero-mantissa FP value)")
+        raise ValueError("g_fp4 entries must be 0 or ±2^e (a zero-mantissa FP value); a gradient from "
+                         "quantize_gradient(g, key) is α·2^e: pass it divided by gradient_alpha(g)")
     _check_no_overflow(a, sign, rel)
     return _shift_add_scaled(a, sign, rel, e_min)
 
@@ -979,7 +983,7 @@ class Recipe(train.Recipe):
         samples = (2 if mode == "luq" else 1) if self.samples is None else self.samples
         bits, samples, max_mode, _ = _check_backward_args(
             self.bits, samples, self.max_mode, "none" if mode == "fp32" else mode)
-        _sawb_args(self.forward_bits, None, None, self.forward_levels)
+        _sawb_args(self.forward_bits, None, None, self.forward_levels, _FORWARD_NAMES)
         lr = self.finetune_lr
         if not checks.is_real(lr) or not (np.isfinite(lr) and lr > 0):  # numpy scalars too
             raise ValueError(f"finetune_lr must be a finite learning rate > 0, got {lr!r}")
@@ -1021,8 +1025,9 @@ class Recipe(train.Recipe):
         chosen = found if self.quantize_first_last else found[1:-1]
         if not chosen:
             raise ValueError(
-                f"{self!r} quantizes no layer: the model has {len(found)} conv/dense layer(s) "
-                "and the first and last stay FP32 (pass quantize_first_last=True)"
+                f"{self!r} quantizes no layer: the model has {len(found)} landscape.layers conv/dense layer(s)"
+                + (" (flax.linen's own layers are not seen: build them from landscape.layers)" if not found else
+                   " and the first and last stay FP32 (pass quantize_first_last=True)")
             )
         marks = {layer.path + ("index",): jnp.asarray(layer.index, jnp.int32) for layer in chosen}
         return {**variables, LAYERS_COLLECTION: flax.traverse_util.unflatten_dict(marks)}

@@ -1114,8 +1114,8 @@ class Recipe(train.Recipe):
         if not chosen:
             raise ValueError(
                 f"{self!r} leaves no layer to sparsify: the model has "
-                f"{len(gemm_layers(model, variables, x[:1]))} conv/dense layer(s) and "
-                f"dense_first_last={self.dense_first_last}"
+                f"{len(gemm_layers(model, variables, x[:1]))} landscape.layers conv/dense layer(s) (flax.linen's "
+                f"own are not seen) and dense_first_last={self.dense_first_last}"
             )
         params = _flat(variables["params"])
         masks = {

@@ -728,7 +728,9 @@ def test_bad_inputs():
         (lambda: luq.layer_hook(collection=""), "collection"),
         (lambda: luq.layer_hook(max_mode="absolute"), "max_mode"),
         (lambda: luq.shift_add_matmul(np.ones((2, 3)), np.ones((3, 2))), "integer"),
-        (lambda: luq.shift_add_matmul(ints, np.full((3, 2), 3.0)), "2\\^e"),
+        (lambda: luq.shift_add_matmul(ints, np.full((3, 2), 3.0)),
+         r"2\^e \(a zero-mantissa FP value\); a gradient from quantize_gradient\(g, key\) is α·2\^e: pass it "
+         r"divided by gradient_alpha\(g\)"),
         (lambda: luq.shift_add_matmul(ints, (np.full((3, 2), 2), np.ones((3, 2), int))), "sign"),
         (lambda: luq.shift_add_matmul(ints, (np.ones((3, 2), int), -np.ones((3, 2), int))), "exponent"),
         (lambda: luq.shift_add_matmul(ints, (np.ones((3, 2), int), np.full((3, 2), 30))), "overflow"),

@@ -76,9 +76,11 @@ def test_recipe_fields_repr_and_cache_key():
     ({"bits": 9}, "bits"), ({"finetune_epochs": -1}, "finetune_epochs"),
     ({"finetune_epochs": 1.5}, "finetune_epochs"), ({"finetune_lr": 0.0}, "finetune_lr"),
     ({"finetune_lr": float("nan")}, "finetune_lr"), ({"quantize_first_last": 1}, "quantize_first_last"),
-    ({"prng": "threefry"}, "prng"), ({"max_mode": "max"}, "max_mode"), ({"forward_bits": 3}, "coeffs"),
+    ({"prng": "threefry"}, "prng"), ({"max_mode": "max"}, "max_mode"),
+    ({"forward_bits": 3}, "forward_bits=4, got forward_bits=3"),
     ({"finetune_bn_images": -1}, "finetune_bn_images"), ({"finetune_bn_images": 2.0}, "finetune_bn_images"),
-    ({"forward_levels": "code"}, "levels"),
+    ({"forward_levels": "code"}, "forward_levels"),
+    ({"forward_bits": 0}, r"^forward_bits must be an integer in \[2, 8\]"),
 ])
 def test_recipe_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -96,6 +98,19 @@ def test_recipe_bad_phase_and_empty_selection(batch):
     assert luq.Recipe.quantized_layers(every) == ("fc0", "fc1")
     with pytest.raises(ValueError, match="luq.Recipe"):
         luq.gradient_error(two, v, *batch, recipe=ls.train.Recipe())
+    # a model of flax.linen layers only: no layer the recipe sees, whatever quantize_first_last says
+    import flax.linen as nn
+
+    class PlainFlax(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(10)(nn.relu(nn.Dense(8)(x.reshape((x.shape[0], -1)))))
+
+    plain = PlainFlax()
+    pv = plain.init(jax.random.key(0), batch[0][:1])
+    with pytest.raises(ValueError, match=r"has 0 landscape.layers conv/dense layer\(s\) \(flax.linen's own layers "
+                                         r"are not seen: build them from landscape.layers\)"):
+        luq.Recipe(quantize_first_last=True).init_variables(plain, pv, batch[0])
 
 
 # ---------------------------------------------------------------------------------------------
