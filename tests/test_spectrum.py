@@ -635,6 +635,10 @@ def test_result_repr_plot_and_determinism(spd1000):
 
     ax = a.plot()
     assert ax.get_xlabel() == "eigenvalue"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["spectral density (SLQ)", "top eigenvalues"]
+    plt.close("all")
+    low = hessian_spectrum(f, x0, **dict(kw, which="smallest", trace=False)).plot()
+    assert "smallest eigenvalues" in [t.get_text() for t in low.get_legend().get_texts()]
     plt.close("all")
     ax = hessian_spectrum(lambda x: jnp.sum(jnp.cos(x)), jnp.ones(5), top_k=2, trace=False).plot()
     assert ax.get_ylabel() == "eigenvalue"
@@ -1103,3 +1107,21 @@ def test_a_non_finite_weighted_mean_over_batches_is_an_error():
     bad[4, 7] = np.nan
     with pytest.raises(ValueError, match=r"f\(x0, batch\) \(the batches' weighted mean\) = nan is not finite"):
         hessian_spectrum(f, x0, batches=[bad[:3], bad[3:]], trace=False, hvp="linearize")
+
+
+def test_a_loss_without_curvature_is_warned_about():
+    """An argmax-based loss has zero derivatives: the spectrum came back as zeros, and Lanczos'
+    only warning was about a repeated eigenvalue."""
+    w = jnp.linspace(-1.0, 1.0, 6)
+
+    def accuracy(x):
+        return jnp.mean((jnp.argmax(x[:, None] * w[None], axis=0) == 2).astype(jnp.float32))
+
+    for method in ("dense", "lanczos"):
+        with pytest.warns(RuntimeWarning, match=r"every eigenvalue found is exactly 0 and so is the trace: f may not "
+                                                r"depend differentiably on x0"):
+            spec = hessian_spectrum(accuracy, jnp.ones(4), top_k=2, method=method, num_probes=6)
+        assert not np.any(spec.eigenvalues) and spec.trace == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a loss with curvature: no such warning
+        hessian_spectrum(lambda x: jnp.sum(x ** 2), jnp.ones(4), top_k=2, method="dense")
