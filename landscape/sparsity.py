@@ -1048,8 +1048,8 @@ def apply_masks(net: train.Network) -> train.Network:
 
     A network trained with :class:`Recipe` keeps dense kernels (the straight-through weights) and
     applies its masks in its GEMM hook, which only ``Network.apply``/``accuracy`` use. Tools that
-    apply the model without the recipe's hook (``ClipLoss``, BN folding, weight-space spectra) see
-    the sparse network after this call.
+    apply the model without the recipe's hook (BN folding, weight-space spectra of
+    ``net.variables``) see the sparse network after this call; ``ClipLoss`` applies the masks itself.
     """
     variables = {**flax.core.unfreeze(net.variables), "params": effective_params(net.variables)}
     return dataclasses.replace(net, variables=variables, path=None)
