@@ -99,8 +99,8 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
         if pinned.shape != w.shape:
             raise ValueError(f"pinned has shape {pinned.shape}; w_star's is {w.shape}")
         pinned = pinned[order]
-        zero = -offset / scale
-        if np.any(pinned) and not np.all((zero == np.round(zero)) & (lo <= zero) & (zero <= hi)):
+        zero = _zero_code(scale, offset, lo, hi)
+        if zero is None and np.any(pinned):
             raise ValueError("pinned entries need a grid with a zero level (offset/Δ an integer code in "
                              f"[{lo}, {hi}]); this grid has none (the midrise grid): use weight_grid='midtread'")
     codes = np.empty_like(w)
@@ -118,6 +118,13 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
     out = np.empty_like(codes)
     out[order] = codes
     return out.astype(np.int32)
+
+
+def _zero_code(scale, offset, lo, hi):
+    """The code z with Δ·z + offset = 0 (per channel, float64), or None where the grid has no
+    zero level (the midrise grid's offset is half a step off)."""
+    zero = -np.asarray(offset, np.float64) / np.asarray(scale, np.float64)
+    return zero if np.all((zero == np.round(zero)) & (lo <= zero) & (zero <= hi)) else None
 
 
 def _checked_options(damp, act_order) -> float:
@@ -154,8 +161,7 @@ def gptq_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, damp: flo
     order = np.argsort(-np.diag(H), kind="stable") if act_order else None
     # A pruned weight (exactly 0: an N:M network's, or adaprune's) stays 0 where the grid has a
     # zero level: the error feedback would otherwise un-prune it (the midrise grid has no 0).
-    zero = -np.asarray(offset, np.float64) / np.asarray(scale, np.float64)
-    has_zero = bool(np.all((zero == np.round(zero)) & (lo <= zero) & (zero <= hi)))
+    has_zero = _zero_code(scale, offset, lo, hi) is not None
     pinned = (wm == 0) if has_zero and np.any(wm == 0) else None
     codes = gptq_rows(w_star, H, scale, offset, lo, hi, order, pinned=pinned).reshape(w.shape)
     scale32, offset32 = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
