@@ -147,6 +147,17 @@ def check_call_signature(model, what: str) -> None:
                      "__call__(self, x, train: bool = False) returning (N, classes) logits")
 
 
+def check_logits(out, model, what: str) -> int:
+    """``out``, what ``model.apply`` returned (an array or its abstract shape), must be (N, classes)
+    logits; returns the number of classes. A model with several outputs otherwise failed later on
+    ``'tuple' object has no attribute 'shape'``."""
+    if getattr(out, "ndim", None) != 2:
+        got = f"shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+        raise ValueError(f"{what}: {type(model).__name__} must return (N, classes) logits, got {got}; a model "
+                         "with several outputs needs a wrapper that returns the logits alone")
+    return int(out.shape[-1])
+
+
 def check_image_shape(shape, expected, what: str) -> None:
     """Images of shape ``shape`` (N, ...) against the per-example shape ``expected`` a network
     takes (None: unknown, nothing checked); ``what`` names them in the error ("calib images").

@@ -357,11 +357,7 @@ class ClipLoss:
             if fold_bn:
                 variables = folding.fold_batchnorm(self.model, variables, x[:1], precision=precision)
             self.all_sites, _, logits = sites_of(self.model, variables, x[:1], output=True)
-        if getattr(logits, "ndim", None) != 2:
-            got = f"shape {logits.shape}" if hasattr(logits, "shape") else f"a {type(logits).__name__}"
-            raise ValueError(f"ClipLoss: {type(self.model).__name__} must return (N, classes) logits, got {got}; "
-                             "a model with several outputs needs a wrapper that returns the logits alone")
-        self.num_classes = int(logits.shape[-1])
+        self.num_classes = checks.check_logits(logits, self.model, "ClipLoss")
         check_labels(y, self.num_classes, "calib")  # labels the logits can score
         self._layout = self._make_layout(sites, w_bits, a_bits, quantize_first_last, weight_grid,
                                          per_channel, bias_correction)

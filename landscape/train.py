@@ -403,11 +403,7 @@ def fit(model: nn.Module, data: data_lib.Dataset, *, epochs: int | None = None,
             variables = jax.jit(functools.partial(model.init, train=False))(init_key, x0)
         # Labels beyond the logits would make the loss NaN one epoch later, hiding the cause.
         out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x0[:1])
-        if getattr(out, "ndim", None) != 2:
-            got = f"shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
-            raise ValueError(f"fit: {type(model).__name__} must return (N, classes) logits, got {got}; a model "
-                             "with several outputs needs a wrapper that returns the logits alone")
-        width = out.shape[-1]
+        width = checks.check_logits(out, model, "fit")
         for name, split in (("data.train", data.train), ("data.test", data.test)):
             data_lib.check_labels(split.y, width, name)
         if width != data.num_classes:  # too many outputs: trains, with logits no label ever uses
