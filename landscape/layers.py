@@ -85,16 +85,19 @@ def dense_gemm(x, w):
     return jnp.dot(x, w)
 
 
-def conv_general(strides: Sequence[int], padding: Sequence[tuple[int, int]], feature_group_count: int = 1):
+def conv_general(strides: Sequence[int], padding: Sequence[tuple[int, int]], feature_group_count: int = 1,
+                 dilation: Sequence[int] = (1, 1)):
     """The NHWC × HWIO convolution used by :class:`QuantConv`, as a bilinear callable.
 
-    One callable per (strides, padding, feature_group_count): the layer-wise rules pass it to
-    ``jax.jit`` as a static argument, so layers of one configuration and shape share their
+    One callable per (strides, padding, feature_group_count, dilation): the layer-wise rules pass
+    it to ``jax.jit`` as a static argument, so layers of one configuration and shape share their
     compiled programs. A grouped product (``feature_group_count`` g > 1, kernel (kh, kw, C_in / g,
     C_out)) carries g as its attribute ``feature_group_count`` (:func:`feature_groups`), so a
-    method that needs each output channel to read every input channel can tell and refuse it."""
+    method that needs each output channel to read every input channel can tell and refuse it.
+    ``dilation`` (dh, dw) spaces the kernel's taps (``rhs_dilation``, atrous convolution)."""
     groups = _check_groups(feature_group_count)
-    return _conv_gemm(tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding), groups)
+    return _conv_gemm(tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding), groups,
+                      tuple(int(d) for d in dilation))
 
 
 def feature_groups(gemm) -> int:
@@ -104,15 +107,16 @@ def feature_groups(gemm) -> int:
 
 
 @functools.cache
-def _conv_gemm(strides: tuple[int, ...], padding: tuple[tuple[int, int], ...], groups: int = 1):
+def _conv_gemm(strides: tuple[int, ...], padding: tuple[tuple[int, int], ...], groups: int = 1,
+               dilation: tuple[int, ...] = (1, 1)):
     def gemm(x, w):
         return jax.lax.conv_general_dilated(
-            x, w, window_strides=strides, padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
+            x, w, window_strides=strides, padding=padding, rhs_dilation=dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
         )
 
     gemm.feature_group_count = groups
-    gemm.strides, gemm.padding = strides, padding
+    gemm.strides, gemm.padding, gemm.dilation = strides, padding, dilation
     return gemm
 
 
@@ -143,9 +147,14 @@ class QuantConv(nn.Module):
       groups, each convolved with its own C_out / g output channels; the kernel is
       (kh, kw, C_in / g, C_out), and C_in and C_out must both be divisible by g. g = C_in is a
       depthwise convolution (MobileNet's), g = 1 (the default) the ordinary one.
+    * ``kernel_dilation``: ``(dh, dw)`` or one int d, as in ``flax.linen.Conv`` (an atrous
+      convolution: the taps d apart, so a k-tap kernel spans k_e = (k − 1)·d + 1 pixels). The
+      default padding is then k_e // 2 on both sides (d for a 3×3 kernel: torchvision's dilated
+      convolutions), and "SAME" pads for the span k_e. The kernel is still (kh, kw, C_in / g,
+      C_out), and the MACs per output position kh·kw·C_in / g·C_out.
 
-    Anything else raises a ValueError naming the argument and these forms. Dilated and
-    circular/reflect-padded convolutions are not supported.
+    Anything else raises a ValueError naming the argument and these forms. Input (transposed)
+    dilation and circular/reflect-padded convolutions are not supported.
     """
 
     features: int
@@ -155,12 +164,13 @@ class QuantConv(nn.Module):
     use_bias: bool = False
     kernel_init: Callable = he_normal_fan_out
     feature_group_count: int = 1
+    kernel_dilation: int | Sequence[int] = 1
 
     def __post_init__(self):
         # the arguments' errors at construction, where they were written; __call__ reads them again
         kernel = _conv_kernel_size(self.kernel_size)
         _conv_strides(self.strides)
-        _conv_padding(self.padding, kernel)
+        _conv_padding(self.padding, kernel, dilation=_conv_dilation(self.kernel_dilation))
         groups = _check_groups(self.feature_group_count)
         if _is_int(self.features) and self.features % groups:
             raise ValueError(f"QuantConv feature_group_count={groups} does not divide features={self.features}; "
@@ -171,6 +181,7 @@ class QuantConv(nn.Module):
     def __call__(self, x):
         kh, kw = _conv_kernel_size(self.kernel_size)
         strides = _conv_strides(self.strides)
+        dilation = _conv_dilation(self.kernel_dilation)
         layer = f"QuantConv {self.name!r}" if self.name else "QuantConv"
         groups = _check_groups(self.feature_group_count)
         divisible = x.shape[-1] % groups == 0 and self.features % groups == 0
@@ -182,16 +193,18 @@ class QuantConv(nn.Module):
         if jnp.ndim(x) != 4:
             raise ValueError(f"{layer}: the input must be NHWC (batch, height, width, channels), got shape "
                              f"{jnp.shape(x)}")
-        pads = _conv_padding(self.padding, (kh, kw), strides, x.shape[1:3])
+        pads = _conv_padding(self.padding, (kh, kw), strides, x.shape[1:3], dilation)
         spans = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True)]
-        if spans[0] < kh or spans[1] < kw:
-            raise ValueError(f"{layer}: a {kh}x{kw} kernel with padding {pads} leaves no output "
+        eh, ew = _dilated_size((kh, kw), dilation)
+        if spans[0] < eh or spans[1] < ew:
+            dilated = "" if dilation == (1, 1) else f" dilated {dilation} (spanning {eh}x{ew})"
+            raise ValueError(f"{layer}: a {kh}x{kw} kernel{dilated} with padding {pads} leaves no output "
                              f"position on an input of height x width {x.shape[1]}x{x.shape[2]}")
         if not divisible:
             raise ValueError(f"{layer}: feature_group_count={groups} must divide both the input channels "
                              f"(C_in={x.shape[-1]}) and features (C_out={self.features})")
         kernel = sites.weight_site(self, kernel)
-        y = _product(self, x, kernel, conv_general(strides, pads, groups))
+        y = _product(self, x, kernel, conv_general(strides, pads, groups, dilation))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         sites.note_output(self, y, x)
@@ -230,14 +243,29 @@ def _conv_strides(strides) -> tuple[int, int]:
     return pair
 
 
-_PADDING_FORMS = ('None (k // 2 on both sides), "SAME", "VALID", an int p >= 0 (p on both sides of both '
-                  "dimensions), or a sequence of two entries (H, W), each an int p >= 0 or a pair (lo, hi) of "
-                  "ints >= 0")
+def _conv_dilation(kernel_dilation) -> tuple[int, int]:
+    pair = _int_pair(kernel_dilation, 1)
+    if pair is None:
+        raise ValueError(f"QuantConv kernel_dilation={kernel_dilation!r} is not allowed; allowed: a positive int d "
+                         "(d in both dimensions; 1: no dilation) or a sequence of two positive ints (dh, dw)")
+    return pair
 
 
-def _conv_padding(padding, kernel_size, strides=None, spatial=None):
+def _dilated_size(kernel_size, dilation) -> tuple[int, ...]:
+    """The span k_e = (k − 1)·d + 1 of each dimension of a dilated kernel."""
+    return tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True))
+
+
+_PADDING_FORMS = ('None (k // 2 on both sides, k the span of the dilated kernel), "SAME", "VALID", an int p >= 0 '
+                  "(p on both sides of both dimensions), or a sequence of two entries (H, W), each an int p >= 0 or "
+                  "a pair (lo, hi) of ints >= 0")
+
+
+def _conv_padding(padding, kernel_size, strides=None, spatial=None, dilation=(1, 1)):
     """((lo, hi), (lo, hi)) for QuantConv's ``padding``: "SAME" needs the input's ``spatial``
-    (H, W) and ``strides``; without them (checking the argument only) it returns None."""
+    (H, W) and ``strides``; without them (checking the argument only) it returns None. A dilated
+    kernel pads for its span (:func:`_dilated_size`)."""
+    kernel_size = _dilated_size(kernel_size, dilation)
     if padding is None:
         return tuple((k // 2, k // 2) for k in kernel_size)
     if isinstance(padding, str):

@@ -281,11 +281,11 @@ def _round_layers(loss, alpha, nearest, names, rule, num_images, inputs):
 
 def _round_groups(rule, x, y, w, scale, offset, lo, hi, gemm) -> RoundingFit:
     """``rule`` on each group of a grouped convolution (g = ``feature_group_count``) apart: group j
-    is an ordinary convolution (same strides and padding) of input channels [j·C_in/g, (j+1)·C_in/g)
+    is an ordinary convolution (same strides, padding and dilation) of input channels [j·C_in/g, (j+1)·C_in/g)
     with output channels [j·C_out/g, (j+1)·C_out/g), whose error is its own quadratic form; the
     layer's output MSE is the mean of the groups' (each group has as many outputs)."""
     groups = qlayers.feature_groups(gemm)
-    one = qlayers.conv_general(gemm.strides, gemm.padding)
+    one = qlayers.conv_general(gemm.strides, gemm.padding, dilation=gemm.dilation)
     x, y, w = np.asarray(x), np.asarray(y), np.asarray(w)
     k, co = w.shape[-2], w.shape[-1] // groups
     channels = w.shape[-1]
