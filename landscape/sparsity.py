@@ -124,6 +124,7 @@ __all__ = [
     "MaskDiversity",
     "Recipe",
     "apply_masks",
+    "check_grouped_masks",
     "density",
     "effective_params",
     "gemm_layers",
@@ -932,6 +933,30 @@ def refuse_grouped(chosen, method: str, hint: str = "") -> None:
                              f"supported by K:M sparsity{hint}")
 
 
+def check_grouped_masks(chosen, *, block: int, transposable: bool, method: str) -> None:
+    """A ValueError naming the first grouped conv among ``chosen`` that K:M masks cannot serve.
+
+    A grouped conv's GEMM matrix ``(H*W*Cin/g, Cout)`` is g products side by side, group j on the
+    columns ``[j*Cout/g, (j+1)*Cout/g)``, each column still the reduction of one output channel.
+    Plain K:M groups entries along that reduction, so it fits any g. A transposable mask also makes
+    every row K:M along the columns of an M x M tile, and the backward data gradient of an input
+    channel of group j reads that row over group j's columns only: the tiles must not straddle two
+    groups, so M must divide Cout/g (a depthwise conv with one output per channel has Cout/g = 1).
+    """
+    if not transposable:
+        return
+    for layer in chosen:
+        per_group = layer.shape[-1] // layer.groups
+        if layer.groups > 1 and per_group % block:
+            raise ValueError(
+                f"{method}: layer {layer.name!r} is a grouped convolution (feature_group_count={layer.groups}, "
+                f"kernel {layer.shape}) with Cout/g = {per_group} output channels per group; a transposable "
+                f"K:M mask needs block={block} to divide Cout/g, so that no M x M tile straddles two groups. "
+                "Pass transposable=False (plain K:M along each output channel's reduction, valid for any "
+                "group count) or leave the layer dense by naming the others in layers=[...]"
+            )
+
+
 def select_layers(all_layers, *, dense_first_last: bool = True, names=None) -> tuple[GemmLayer, ...]:
     """The layers to make sparse, in call order.
 
@@ -1069,6 +1094,11 @@ class Recipe(train.Recipe):
       dense_first_last: keep the first and last conv/dense layers (call order) dense.
       init_method: solver of the initial transposable masks ("exact", as the reference's IP
         initialisation, or "greedy"); updates always use the greedy 2-approximation.
+      layers: the "/"-joined module paths of the layers to make sparse (in place of
+        ``dense_first_last``'s choice), e.g. to leave a MobileNet's depthwise layers dense.
+
+    Grouped and depthwise convolutions take plain K:M masks along each output channel's reduction;
+    transposable ones need M to divide their output channels per group (:func:`check_grouped_masks`).
 
     The masks are a ``"masks"`` collection (see the module docstring), so a trained
     :class:`landscape.train.Network` carries them and evaluates sparse.
@@ -1081,9 +1111,20 @@ class Recipe(train.Recipe):
     decay: float = 2e-4
     dense_first_last: bool = True
     init_method: str = "exact"
+    layers: tuple[str, ...] | None = None
 
     def __post_init__(self):
         K, M = _check_keep_block(self.keep, self.block)
+        if self.layers is not None:
+            names = (self.layers,) if isinstance(self.layers, str) else self.layers
+            try:
+                names = tuple(names)
+            except TypeError:
+                names = None
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"layers must be None or a non-empty sequence of layer names ('/'-joined module "
+                                 f"paths), got {self.layers!r}")
+            object.__setattr__(self, "layers", names)
         for name in ("transposable", "dense_first_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -1108,9 +1149,9 @@ class Recipe(train.Recipe):
                           method=method)
 
     def init_variables(self, model, variables, x):
-        chosen = select_layers(gemm_layers(model, variables, x[:1]), dense_first_last=self.dense_first_last)
-        refuse_grouped(chosen, f"{self!r}", "; the recipe masks every conv/dense layer but (with dense_first_last) "
-                       "the first and last, so it does not train a network with grouped convs")
+        chosen = select_layers(gemm_layers(model, variables, x[:1]), dense_first_last=self.dense_first_last,
+                               names=self.layers)
+        check_grouped_masks(chosen, block=self.block, transposable=self.transposable, method=f"{self!r}")
         if not chosen:
             raise ValueError(
                 f"{self!r} leaves no layer to sparsify: the model has "
@@ -1160,5 +1201,7 @@ class Recipe(train.Recipe):
         return (
             f"sparsity.Recipe(keep={self.keep}, block={self.block}, transposable={self.transposable}, "
             f"update_every={self.update_every}, decay={self.decay!r}, "
-            f"dense_first_last={self.dense_first_last}, init_method={self.init_method!r})"
+            f"dense_first_last={self.dense_first_last}, init_method={self.init_method!r}"
+            # only when given, so that the cache keys of networks trained before the option stay the same
+            + ("" if self.layers is None else f", layers={self.layers!r}") + ")"
         )

@@ -1,8 +1,8 @@
 """Grouped and depthwise convolutions (QuantConv(feature_group_count=g)) through every consumer of
 conv kernels: the layer against flax.linen.Conv, MACs, ClipLoss (per-tensor and per-channel α,
 bias correction, BN folding), calibration and LAPQ, the clip Hessian, export, GPTQ/AdaRound (per
-group), CLE through depthwise layers, LUQ, and the methods that refuse grouped layers (K:M sparsity,
-AdaPrune)."""
+group), CLE through depthwise layers, LUQ, K:M sparse training (plain K:M on any group count,
+transposable where M divides Cout/g) and AdaPrune's refusal."""
 
 from __future__ import annotations
 
@@ -231,11 +231,7 @@ def test_luq_products_and_training_on_grouped_layers(digits):
     assert losses[-1] < 0.9 * losses[0] and net.accuracy(digits.test) > 0.3
 
 
-def test_sparsity_and_adaprune_refuse_grouped_layers(group_net, digits):
-    with pytest.raises(ValueError, match=r"layer 'dw' is a grouped convolution \(feature_group_count=8, kernel "
-                                         r"\(3, 3, 1, 8\)\); grouped/depthwise convolutions are not supported by "
-                                         r"K:M sparsity"):
-        ls.train.fit(GroupNet(), digits, epochs=1, recipe=ls.sparsity.Recipe(keep=2, block=4), cache=False)
+def test_adaprune_refuses_grouped_layers(group_net, digits):
     with pytest.raises(ValueError, match=r"adaprune: layer 'gc' is a grouped convolution .*layers=\["):
         adaprune(group_net, digits.calib, keep=2, block=4, layers=["gc", "pw"], iterations=1)
     layers = {layer.name: layer.groups for layer in ls.sparsity.gemm_layers(group_net.model, group_net.variables,
@@ -245,6 +241,58 @@ def test_sparsity_and_adaprune_refuse_grouped_layers(group_net, digits):
     res = adaprune(group_net, digits.calib, keep=2, block=4, layers=["pw"], iterations=5,
                                recalibrate_bn=False)
     assert res is not None
+
+
+def _group_rows_are_nm(mask, groups, keep, block):
+    """Every row of the GEMM matrix, restricted to one group's columns, K:M in consecutive blocks of M
+    columns: the mask the backward data gradient of each input channel of that group sees."""
+    m = ls.sparsity.gemm_matrix(mask)
+    per = m.shape[1] // groups
+    blocks = m.reshape(m.shape[0], groups, per // block, block)
+    return bool(np.all(blocks.sum(-1) <= keep))
+
+
+def _masks(net):
+    flat = flax.traverse_util.flatten_dict(net.variables["masks"])
+    return {"/".join(path[:-1]): np.asarray(mask) for path, mask in flat.items()}
+
+
+def test_sparse_recipe_on_grouped_layers(digits):
+    """Plain K:M masks any grouped conv, depthwise included (each output channel's reduction is a
+    column of the GEMM matrix); a transposable mask needs M | Cout/g and is refused otherwise, naming
+    the layer and both ways out; ``layers=`` leaves the others dense."""
+    with pytest.raises(ValueError, match=r"layer 'dw' is a grouped convolution \(feature_group_count=8, kernel "
+                                         r"\(3, 3, 1, 8\)\) with Cout/g = 1 output channels per group; a transposable "
+                                         r"K:M mask needs block=4 to divide Cout/g.*transposable=False.*layers="):
+        ls.train.fit(GroupNet(), digits, epochs=1, recipe=ls.sparsity.Recipe(keep=2, block=4), cache=False)
+    with pytest.raises(ValueError, match=r"layer 'gc' .* Cout/g = 6 output channels per group.*block=4"):
+        ls.train.fit(GroupNet(), digits, epochs=1, recipe=ls.sparsity.Recipe(keep=2, block=4, layers=("gc",)),
+                     cache=False)
+
+    plain = ls.train.fit(GroupNet(), digits, epochs=2, cache=False,
+                         recipe=ls.sparsity.Recipe(keep=2, block=4, transposable=False, update_every=5))
+    masks = _masks(plain)
+    assert sorted(masks) == ["c2", "dw", "gc", "pw"]
+    for name, mask in masks.items():  # K of every M along each output channel's reduction (dw: its 9 taps)
+        assert ls.sparsity.is_nm(ls.sparsity.gemm_matrix(mask), keep=2, block=4, axis=0), name
+    assert masks["dw"].sum() == 8 * (2 + 2 + 1)  # 9 taps: blocks of 4, 4 and a padded 1
+    # the network computes with the masks: zeroing the pruned weights by hand changes no logit
+    x = jnp.asarray(digits.test.x[:16])
+    pruned = ls.sparsity.apply_masks(plain)
+    np.testing.assert_allclose(plain.apply(x), pruned.apply(x), rtol=1e-5, atol=1e-5)
+    assert plain.accuracy(digits.test) > 0.3
+
+    recipe = ls.sparsity.Recipe(keep=1, block=2, layers=["gc", "pw"], update_every=5)
+    assert recipe.layers == ("gc", "pw") and "layers=('gc', 'pw')" in repr(recipe)
+    assert "layers" not in repr(ls.sparsity.Recipe())  # the cache keys of earlier networks stay the same
+    trans = ls.train.fit(GroupNet(), digits, epochs=2, cache=False, recipe=recipe)
+    masks = _masks(trans)
+    assert sorted(masks) == ["gc", "pw"]
+    assert ls.sparsity.is_transposable(ls.sparsity.gemm_matrix(masks["gc"]), keep=1, block=2)
+    assert _group_rows_are_nm(masks["gc"], groups=2, keep=1, block=2)
+    for bad in ([], "", [3], 7):
+        with pytest.raises(ValueError, match="layers must be None or a non-empty sequence of layer names"):
+            ls.sparsity.Recipe(layers=bad)
 
 
 def test_ordinary_convs_are_unchanged():
