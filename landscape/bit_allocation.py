@@ -68,13 +68,18 @@ class Sensitivity:
         """Σ_i MACs_i · b_i · a_i per example: the bit operations of the weight widths ``widths``
         (site → bits, every site) with input activations at ``a_bits`` (one width, or site → the
         width of that layer's input)."""
+        if not isinstance(widths, Mapping):  # one width is a_bits' form; here it was a TypeError about an int
+            raise ValueError(f"bops: widths={widths!r} must map every site to its weight width, e.g. "
+                             f"dict.fromkeys(sensitivity.sites, 4) for uniform 4-bit weights")
         missing = [n for n in self.sites if n not in widths]
         if missing:
             raise ValueError(f"widths has no entry for sites {missing}")
-        bits = [quantizers.check_bits(widths[n], f"bops: site {n!r}") for n in self.sites]
-        if None in bits:
-            raise ValueError(f"bops: site {self.sites[bits.index(None)]!r} has width None (FP32); a BOPs count "
-                             "needs an integer width for every site")
+        none = [n for n in self.sites if widths[n] is None]
+        if none:
+            raise ValueError(f"bops: site {none[0]!r} has width None (FP32); a BOPs count needs an integer width "
+                             "for every site (32 for FP32 weights)")
+        # a price, not a quantizer: 1 (the BOPs per weight bit, as bench/bit_allocation.py asks) to 32
+        bits = [_bops_width(widths[n], f"bops: site {n!r}") for n in self.sites]
         return int(np.sum(self._bops_per_bit(a_bits) * np.array(bits)))
 
     def _bops_per_bit(self, a_bits) -> np.ndarray:
@@ -105,6 +110,14 @@ class Sensitivity:
             mac = f"  {self.macs[i]:>12}" if macs else ""
             lines.append(f"  {name:<{width}} {self.sizes[i]:>7}{mac} {self.trace[i] / self.sizes[i]:>11.3g}  {row}")
         return "\n".join(lines)
+
+
+def _bops_width(bits, where: str) -> int:
+    """A weight width for a BOPs count: an integer in [1, 32] (1: the count per weight bit)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 32:
+        raise ValueError(f"{where}: bits={bits!r} is not allowed; use an integer in [1, 32] (1 prices one "
+                         "weight bit, 32 FP32 weights)")
+    return int(bits)
 
 
 def _activation_width(bits, where: str) -> int:
@@ -254,12 +267,37 @@ def weight_sensitivity(loss, bits: Sequence[int] = (2, 3, 4, 8), *, rule: str = 
                 w_hat = quantizers.bias_correct(w_hat, w)
             error[i, j] = float(np.sum((np.asarray(w_hat, np.float64) - w) ** 2))
     omega = (trace / sizes)[:, None] * error
-    doubtful = [n for n, t, e in zip(names, trace, trace_stderr, strict=True) if t - 2 * e <= 0]
+    broken = [n for n, t, e in zip(names, trace, trace_stderr, strict=True) if not np.isfinite(t + e)]
+    if broken:  # a NaN compared false below: no warning, and allocate_bits stopped at the smallest widths
+        warnings.warn(f"weight_sensitivity: the Hessian block traces of {broken} (or their standard errors) are "
+                      "not finite, so their Ω is undefined and allocate_bits refuses these sensitivities; is the "
+                      "weight-space loss finite at these params?", RuntimeWarning, stacklevel=2)
+    doubtful = [n for n, t, e in zip(names, trace, trace_stderr, strict=True) if n not in broken and t - 2 * e <= 0]
     if doubtful:  # Ω ∝ trace: a trace at or below zero would rank the layer's widths backwards
         warnings.warn(f"weight_sensitivity: the Hessian block traces of {doubtful} are within two standard "
                       "errors of zero or below it, so their Ω (∝ trace) is not a reliable sensitivity; "
                       "raise num_probes (spectrum_kw) for a tighter trace", RuntimeWarning, stacklevel=2)
     return Sensitivity(tuple(names), sizes, bits, trace, trace_stderr, error, omega, rule, spectrum, macs)
+
+
+def _check_table(s: Sensitivity) -> None:
+    """A Sensitivity that allocate_bits can optimise: at least one site, distinct widths, sizes (and MACs)
+    one per site, and a finite Ω of shape (sites, widths). A hand-made table that broke these was used as far
+    as it went (extra rows ignored), and one NaN Ω stopped the search at the smallest widths."""
+    n_sites, n_bits = len(s.sites), len(s.bits)
+    if n_sites == 0 or n_bits == 0 or len(set(s.bits)) != n_bits:
+        raise ValueError(f"the Sensitivity has sites {list(s.sites)} and widths {list(s.bits)}; allocate_bits "
+                         "needs at least one site and one or more distinct widths")
+    shapes = {"sizes": (n_sites,), "omega": (n_sites, n_bits)} | ({"macs": (n_sites,)} if s.macs is not None else {})
+    for field, want in shapes.items():
+        if np.shape(getattr(s, field)) != want:
+            raise ValueError(f"the Sensitivity's {field} has shape {np.shape(getattr(s, field))}; {n_sites} sites "
+                             f"and widths {list(s.bits)} need {want}")
+    bad = [name for name, row in zip(s.sites, np.asarray(s.omega, np.float64), strict=True)
+           if not np.all(np.isfinite(row))]
+    if bad:
+        raise ValueError(f"the Ω of sites {bad} is not finite (a NaN or infinite block trace?); allocate_bits "
+                         "needs a finite Ω for every site and width")
 
 
 def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None,
@@ -284,8 +322,9 @@ def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None
 
     Raises:
         ValueError: ``sensitivity`` not a :class:`Sensitivity` (a ClipLoss: pass
-        ``weight_sensitivity(loss)``), no budget or two, ``a_bits`` missing or given without ``budget_bops``, or a
-        budget below the smallest width everywhere.
+        ``weight_sensitivity(loss)``), no budget or two, ``a_bits`` missing or given without ``budget_bops``, a
+        budget below the smallest width everywhere, or (a hand-made table) no sites, repeated widths, ``sizes``,
+        ``omega`` or ``macs`` not one row per site (and ``omega`` one column per width), or an Ω not finite.
     """
     if not isinstance(sensitivity, Sensitivity):
         hint = (": compute it from the loss first, ls.weight_sensitivity(loss)"
@@ -293,6 +332,7 @@ def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None
         raise ValueError(f"allocate_bits needs the Sensitivity that weight_sensitivity returns, got a "
                          f"{type(sensitivity).__name__}{hint}")
     s = sensitivity
+    _check_table(s)
     if sum(b is not None for b in (average_bits, budget_bits, budget_bops)) != 1:
         raise ValueError("give exactly one of average_bits, budget_bits and budget_bops")
     if (budget_bops is None) != (a_bits is None):
@@ -312,8 +352,11 @@ def allocate_bits(sensitivity: Sensitivity, *, average_bits: float | None = None
     budget = int(budget)
     floor = int(np.sum(per_bit)) * min(s.bits)
     if budget < floor:
-        raise ValueError(f"budget of {budget} {unit} is below the {floor} {unit} of every site at "
-                         f"{min(s.bits)} bits; allowed: ≥ {floor}")
+        given, allowed = f"budget of {budget} {unit}", f"≥ {floor}"
+        if average_bits is not None:
+            given, allowed = f"average_bits={average_bits!r} (a {given})", f"average_bits ≥ {min(s.bits)}"
+        raise ValueError(f"{given} is below the {floor} {unit} of every site at {min(s.bits)} bits; "
+                         f"allowed: {allowed}")
     # Front entries: (cost, omega, choice index per layer so far); kept sorted by cost with
     # strictly decreasing omega.
     cost_so_far = np.zeros(1, np.int64)

@@ -54,13 +54,27 @@ def layer_inputs(model, names, act_specs=None, act_alphas=None):
     With ``act_specs`` ({site: :class:`~landscape.sites.SiteSpec`}) and ``act_alphas`` ({site: α})
     those activation sites are quantized on the way (the inputs the quantized network feeds each
     layer); without, the float network's. Evaluation mode; the caller's matmul precision applies.
+    A name in ``act_specs`` that is not an activation site of ``model`` is refused when the returned
+    function first runs (a typo left the inputs unquantized), one without an α at once.
     """
+    if isinstance(names, str):  # one layer's name, as in record_layers
+        names = [names]
     act_specs = act_specs or {}
+    no_alpha = sorted(set(act_specs) - set(act_alphas or {}))
+    if no_alpha:
+        raise ValueError(f"act_specs names {no_alpha}, which act_alphas gives no α; give one α per site")
     # α and widths enter as arguments, as in ClipLoss (see landscape.sites.quantizing)
     alphas = {k: jnp.asarray(v, jnp.float32) for k, v in (act_alphas or {}).items()}
     widths = sites.traced_widths(act_specs)
 
     def run(variables, x, act_alphas, widths):  # the checks run once, when jit traces it
+        if act_specs:
+            found, _ = sites.trace_sites(lambda v, u: model.apply(v, u, train=False), variables, x)
+            known = [s.name for s in found if s.kind == "activation"]
+            unknown = sorted(set(act_specs) - set(known))
+            if unknown:
+                raise ValueError(f"act_specs names {unknown}, which are not activation sites of the model; its "
+                                 f"activation sites are {known}")
         store, calls = {}, {}
         with qlayers.gemm_hook(_recorder(names, store, calls, lambda x, y, gemm: x)), \
                 sites.quantizing(act_specs, act_alphas, widths):

@@ -302,3 +302,73 @@ def test_fp32_inputs_are_32_bit_activations_in_a_bops_count():
     assert s.bops(w4, mixed) == int(s.macs[0]) * 4 * 32 + int(np.sum(s.macs[1:])) * 4 * 8
     got = allocate_bits(s, budget_bops=s.bops(dict.fromkeys(s.sites, 3), mixed), a_bits=mixed)
     assert got.cost == s.bops(got.bits, mixed) <= got.budget
+
+
+def test_bops_prices_one_weight_bit():
+    """bench/bit_allocation.py sets its BOPs budget as budget · bops(every site at 1 bit, a): the count per
+    weight bit. A price, not a quantizer width: 1 to 32 bits are counted (1 was refused as a quantizer width,
+    so the benchmark's first BOPs row raised); 0, 33 and fractions are not."""
+    s = dataclasses.replace(synthetic(2), macs=synthetic(2).sizes * 9)
+    per_bit = s.bops(dict.fromkeys(s.sites, 1), 8)
+    assert per_bit == int(np.sum(s.macs)) * 8 and s.bops(dict.fromkeys(s.sites, 3), 8) == 3 * per_bit
+    assert s.bops(dict.fromkeys(s.sites, 32), 8) == 32 * per_bit
+    got = allocate_bits(s, budget_bops=int(2.5 * per_bit), a_bits=8)
+    assert got.cost == s.bops(got.bits, 8) <= 2.5 * per_bit
+    for bad in (0, 33, 2.5):
+        with pytest.raises(ValueError, match=rf"site 'l1'.*bits={bad} is not allowed; use an integer in \[1, 32\]"):
+            s.bops({**dict.fromkeys(s.sites, 2), "l1": bad}, 8)
+
+
+def test_bops_names_one_width_given_for_the_weight_widths():
+    """One width is a_bits' form, not widths': bops(4, 8) was a TypeError about iterating an int."""
+    s = dataclasses.replace(synthetic(2), macs=synthetic(2).sizes * 9)
+    for bad in (4, None):
+        with pytest.raises(ValueError, match=rf"widths={bad} must map every site to its weight width, e.g. "
+                                             r"dict.fromkeys\(sensitivity.sites, 4\)"):
+            s.bops(bad, 8)
+
+
+def test_allocation_refuses_a_table_it_cannot_optimise():
+    """A hand-made criterion (an Ω table in a Sensitivity) whose Ω is not finite or does not match its sites
+    and widths is refused, naming the field: a NaN Ω stopped the search at a worse choice (Σ Ω 10 where 4 was
+    within the budget), extra rows were ignored, duplicated widths made the chosen Ω ambiguous, and missing
+    entries or no sites failed with an IndexError or a ZeroDivisionError."""
+    sizes = np.array([16, 48, 96])
+    omega = np.array([[4.0, 2.0, 1.0], [8.0, 3.0, 1.0], [2.0, 1.0, 0.5]])
+    s = Sensitivity(("a", "b", "c"), sizes, (2, 3, 4), np.ones(3), np.zeros(3), omega, omega, "x")
+    budget = 3 * int(sizes.sum())
+    assert allocate_bits(s, budget_bits=budget).omega == 4.0
+    nan = omega.copy()
+    nan[1, 1] = np.nan
+    cases = ((dict(omega=nan), r"the Ω of sites \['b'\] is not finite"),
+             (dict(omega=np.vstack([omega, omega[:1]])), r"omega has shape \(4, 3\); 3 sites and widths \[2, 3, 4\] "
+                                                         r"need \(3, 3\)"),
+             (dict(omega=omega[:, :2]), r"omega has shape \(3, 2\)"),
+             (dict(sizes=sizes[:2]), r"sizes has shape \(2,\)"),
+             (dict(macs=sizes[:2]), r"macs has shape \(2,\)"),
+             (dict(bits=(2, 2, 4)), r"widths \[2, 2, 4\]; allocate_bits needs at least one site and one or more "
+                                    "distinct widths"),
+             (dict(sites=(), sizes=sizes[:0], omega=omega[:0]), r"sites \[\] and widths"))
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            allocate_bits(dataclasses.replace(s, **change), budget_bits=budget)
+
+
+def test_a_too_small_average_is_named_with_the_average_allowed():
+    s = synthetic(0)
+    with pytest.raises(ValueError, match=r"average_bits=1.9 \(a budget of \d+ bits\) is below the \d+ bits of every "
+                                         r"site at 2 bits; allowed: average_bits ≥ 2$"):
+        allocate_bits(s, average_bits=1.9)
+
+
+def test_a_nan_trace_warns_and_is_refused_by_the_allocation(sensitivity):
+    """A NaN block trace compared false against two standard errors: no warning, and allocate_bits returned
+    the smallest widths with Σ Ω nan."""
+    loss, s = sensitivity
+    traces = jax.tree.map(lambda v: v, s.spectrum.trace_per_leaf)
+    traces["conv1_0"]["kernel"] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"block traces of \['conv1_0'\] \(or their standard errors\) are not "
+                                            "finite"):
+        nan = ls.weight_sensitivity(loss, bits=(2, 4), spectrum=dataclasses.replace(s.spectrum, trace_per_leaf=traces))
+    with pytest.raises(ValueError, match=r"the Ω of sites \['conv1_0'\] is not finite"):
+        allocate_bits(nan, average_bits=3.0)

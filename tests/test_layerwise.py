@@ -166,3 +166,19 @@ def test_gemm_hook_routes_products_inside_its_block_only():
     assert seen == ["QuantDense", "QuantConv"]  # the hook is gone after its block
     np.testing.assert_allclose(np.asarray(y_dense), 2.0 * np.asarray(plain_dense))  # bias 0 at init
     np.testing.assert_allclose(np.asarray(y_conv), 2.0 * np.asarray(plain_conv))
+
+
+def test_layer_inputs_take_one_name_and_refuse_unknown_activation_sites(tiny_net, digits):
+    """A str is one layer (as in record_layers; it was read as a set of letters), and act_specs naming
+    something other than an activation site of the model (a typo, a weight site) is refused: those inputs
+    came back unquantized. A site without an α is named (it was a bare KeyError)."""
+    x = jnp.asarray(np.asarray(digits.calib.x[:4], np.float32))
+    assert list(layerwise.layer_inputs(tiny_net.model, "conv0_1")(tiny_net.variables, x)) == ["conv0_1"]
+    spec = sites.SiteSpec(2, "unsigned")
+    for name in ("relu0_O", "conv0_1"):
+        run = layerwise.layer_inputs(tiny_net.model, ["conv0_1"], {name: spec}, {name: 0.9})
+        with pytest.raises(ValueError, match=rf"act_specs names \['{name}'\], which are not activation sites of the "
+                                             r"model; its activation sites are \['relu0_0', "):
+            run(tiny_net.variables, x)
+    with pytest.raises(ValueError, match=r"act_specs names \['relu0_0'\], which act_alphas gives no α"):
+        layerwise.layer_inputs(tiny_net.model, ["conv0_1"], {"relu0_0": spec}, {"relu0_1": 0.9})
