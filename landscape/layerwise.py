@@ -21,6 +21,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from landscape import checks, runtime, sites
 from landscape import layers as qlayers
@@ -120,6 +121,9 @@ def layer_mse(gemm, x, y, w, b=0.0, chunk: int = 256) -> float:
     """mean of (gemm(x, w) + b − y)² over all entries of y: the output MSE of kernel ``w`` with
     bias shift ``b`` ((C,) or a scalar), in chunks of ``chunk`` rows (bounded memory)."""
     chunk = checks.check_int(chunk, "chunk")  # chunk=-1 made the loop empty: an MSE of 0
+    if np.shape(x)[0] != np.shape(y)[0]:  # a y of one row broadcast against every output: a wrong mean
+        raise ValueError(f"layer_mse: x has {np.shape(x)[0]} rows and y {np.shape(y)[0]}; y must hold the layer's "
+                         "outputs for the same examples as x")
     if x.shape[0] <= chunk:  # no slicing: an eager slice of a device array compiles per shape
         return float(_sum_of_squares(gemm, x, y, w, b)) / y.size
     total = 0.0

@@ -56,6 +56,8 @@ def test_layer_mse_is_the_mean_squared_output_error_in_any_chunking():
     for bad in (-1, 0, 2.5):  # chunk=-1 gave an MSE of 0 (an empty loop)
         with pytest.raises(ValueError, match=f"chunk={bad} must be a positive integer"):
             layerwise.layer_mse(gemm, x, y, w, chunk=bad)
+    with pytest.raises(ValueError, match="x has 37 rows and y 1"):  # y of one row broadcast: a wrong mean
+        layerwise.layer_mse(gemm, x, y[:1], w)
 
 
 def test_unknown_layers_are_named_in_the_error(tiny_net, digits):
