@@ -91,7 +91,9 @@ def main(argv=None) -> int:
         if not Path(args.data_dir).is_dir():
             raise SystemExit(f"--data-dir {args.data_dir!r} is not a directory (expected a local parquet copy "
                              "of the dataset in the hub's layout)")
-        changes["data_dir"] = args.data_dir
+        # The path is part of every cached step's key and of the configuration a partial run must
+        # match: one copy named two ways (relative, absolute, a trailing slash) is one configuration.
+        changes["data_dir"] = str(Path(args.data_dir).resolve())
     if args.bits is not None:
         try:
             bits = tuple(int(b) for b in args.bits.split(","))
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--bits {args.bits!r}: use comma-separated integers such as 2,3,4,8") from None
         if any(not 2 <= b <= 16 for b in bits):
             raise SystemExit(f"--bits {args.bits!r}: every bit width must be in [2, 16]")
-        changes["bits"] = changes["headline_bits"] = bits
+        # one set of widths, ascending: --bits 4,2 and 2,4,2 are the run (and the cache keys) of --bits 2,4
+        changes["bits"] = changes["headline_bits"] = tuple(sorted(set(bits)))
     if args.seeds is not None:
         if args.seeds < 1:
             raise SystemExit(f"--seeds {args.seeds}: need at least one calibration seed")

@@ -36,6 +36,15 @@ def compare(runs: list[tuple[str, Path]]) -> str:
         missing = [k for k in ("preset", "claims", "fp32_test_accuracy") if not isinstance(r, dict) or k not in r]
         if missing:
             raise ValueError(f"{file} lacks {missing}: not a report.json written by paper_repro")
+        fields = ("id", "claim", "threshold", "ours", "passed")  # what the tables read of each claim
+        damaged = [k for k, ok in (
+            ("preset", isinstance(r["preset"], dict) and "name" in r["preset"]),
+            ("fp32_test_accuracy", isinstance(r["fp32_test_accuracy"], int | float)),
+            ("claims", isinstance(r["claims"], list)
+             and all(isinstance(c, dict) and all(f in c for f in fields) for c in r["claims"]))) if not ok]
+        if damaged:  # a KeyError or a format error after the others had been read
+            raise ValueError(f"{file}: {damaged} not as paper_repro writes them (a preset with its name, a number, "
+                             f"a list of claims with {list(fields)}): a damaged or hand-edited report")
         reports.append((label, r))
     lines = ["| run | preset | training seed | FP32 test accuracy | PASS | FAIL | code | CPU |",
              "|---|---|---|---|---|---|---|---|"]

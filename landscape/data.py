@@ -290,7 +290,18 @@ def _load_with_datasets(name, meta, files):
         raise ImportError(f"loading {name!r} needs the Hugging Face `datasets` package: "
                           "pip install datasets") from e
     if files is not None:
-        return datasets.load_dataset("parquet", data_files={k: list(v) for k, v in files.items()})
+        # Local files need no network, yet unless HF_HUB_OFFLINE is set, datasets first sends a
+        # request to count the load (datasets.load.increase_load_count): offline while it reads them.
+        saved = datasets.config.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = True
+        try:
+            return datasets.load_dataset("parquet", data_files={k: list(v) for k, v in files.items()})
+        except Exception as e:  # an empty or damaged file: datasets' own errors come in many types
+            cause = f"{e}" + (f": {e.__cause__}" if e.__cause__ is not None else "")
+            raise ValueError(f"could not read the parquet files of this copy of {meta['hub']} "
+                             f"({', '.join(f for v in files.values() for f in v)}): {cause}") from e
+        finally:
+            datasets.config.HF_HUB_OFFLINE = saved
     try:
         return datasets.load_dataset(meta["hub"])
     except Exception as e:  # connection errors come in many types across datasets versions
@@ -312,19 +323,49 @@ def _to_arrays(split, meta, limit) -> tuple[np.ndarray, np.ndarray]:
         split = split.select(index)
     if meta["hub"].startswith("ILSVRC"):  # cropped from the PIL image: CMYK/palette converted to RGB first
         images = [_center_crop(_decode(im)) for im in split[meta["image"]]]
-    else:
-        images = [np.asarray(_decode(im), dtype=np.uint8) for im in split[meta["image"]]]
-    x = np.stack(images).astype(np.float32) / 255.0
+    else:  # as decoded: a cast to uint8 here wrapped 16-bit pixels and zeroed float ones
+        images = [np.asarray(_decode(im)) for im in split[meta["image"]]]
+    x = _check_images(images, meta).astype(np.float32) / 255.0
     if x.ndim == 3:
         x = x[..., None]
-    if x.shape[-1] != len(meta["mean"]):  # e.g. grayscale ImageNet images
+    if x.shape[-1] != len(meta["mean"]):  # grayscale images of an RGB dataset (e.g. ImageNet's)
         x = np.broadcast_to(x[..., :1], x.shape[:-1] + (len(meta["mean"]),)).copy()
     x = (x - np.asarray(meta["mean"], np.float32)) / np.asarray(meta["std"], np.float32)
-    y = np.asarray(split[meta["label"]], dtype=np.int32)
+    y = np.asarray(split[meta["label"]])
+    if y.dtype.kind not in "iu":  # float labels were truncated (3.7 → 3), strings parsed, nulls a TypeError
+        nulls = sum(v is None for v in y.ravel()) if y.dtype == object else 0
+        raise ValueError(f"the labels of this copy of {meta['hub']} ({meta['label']!r}) must be integer class "
+                         f"indices; got dtype {y.dtype}, first {y.ravel()[:3].tolist()}"
+                         + (f", {nulls} missing (null)" if nulls else "") + ": is data_dir a copy of that dataset?")
+    y = y.astype(np.int32)
     if y.size and (y.min() < 0 or y.max() >= meta["classes"]):  # a wrong copy, caught before it is cached
         raise ValueError(f"the labels of this copy of {meta['hub']} run from {y.min()} to {y.max()}, outside "
                          f"[0, {meta['classes']}): is data_dir a copy of that dataset?")
     return x.astype(np.float32), y
+
+
+def _check_images(images: list, meta) -> np.ndarray:
+    """The decoded images of a split stacked, once they are what the hub's copy holds: 8-bit pixels
+    (integers in [0, 255]), each (H, W) or (H, W, C) with C = 1 or the dataset's channels, all of
+    one shape. Anything else (float or 16-bit pixels, flat pixel lists, RGBA or RGB images of a
+    grayscale dataset) is named here instead of being cast into silently wrong inputs."""
+    what = f"this copy of {meta['hub']}"
+    if not images:
+        raise ValueError(f"a split of {what} holds no images")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"the images of {what} differ in shape ({', '.join(map(str, sorted(shapes)[:4]))}"
+                         f"{', …' if len(shapes) > 4 else ''}): every image of a split must have one shape")
+    shape, channels = images[0].shape, len(meta["mean"])
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (1, channels)):
+        raise ValueError(f"the images of {what} have shape {shape}; expected (H, W) or (H, W, C) with C in "
+                         f"{sorted({1, channels})}: is data_dir a copy of that dataset?")
+    x = np.stack(images)
+    if x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
+        values = f" with values in [{x.min()}, {x.max()}]" if x.size and x.dtype.kind in "biuf" else ""
+        raise ValueError(f"the images of {what} must hold 8-bit pixels (integers 0-255, as the hub's PNGs); "
+                         f"got dtype {x.dtype}{values}")
+    return x
 
 
 def _decode(im):

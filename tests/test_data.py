@@ -443,3 +443,100 @@ def test_check_labels_refuses_the_label_equal_to_the_class_count():
     for y, low, high in (([0, 10], 0, 10), ([-1, 2], -1, 2)):
         with pytest.raises(ValueError, match=rf"labels y must be in \[0, 10\) .*got labels from {low} to {high}"):
             ls.data.check_labels(np.array(y), 10, "split")
+
+
+def _write_table(path, images, labels, label_type=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": images, "label": pa.array(labels, label_type)}), path)
+
+
+def _png(arr):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+@pytest.mark.parametrize("case", ["rgb", "flat", "float pixels", "16-bit", "mixed shapes", "float labels",
+                                  "string labels", "null label"])
+def test_a_copy_in_another_layout_is_named_not_cast(case, tmp_path):
+    """A local copy whose images or labels are not what the hub's holds was cast into silently
+    wrong data: RGB images for MNIST lost two channels, flat pixel lists became (N, 1) "images",
+    float pixels in [0, 1] became all zero, 16-bit pixels wrapped modulo 256 and float labels
+    were truncated (3.7 → 3). Each is now refused by name before anything is cached."""
+    rng = np.random.default_rng(0)
+    gray = lambda i: _png(rng.integers(0, 256, (28, 28), dtype=np.uint8))  # noqa: E731
+    image, labels, label_type = gray, [i % 10 for i in range(6)], None
+    if case == "rgb":
+        image = lambda i: _png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))  # noqa: E731
+    elif case == "flat":
+        image = lambda i: rng.integers(0, 256, 784).tolist()  # noqa: E731
+    elif case == "float pixels":
+        image = lambda i: rng.random((28, 28)).tolist()  # noqa: E731
+    elif case == "16-bit":
+        image = lambda i: _png(rng.integers(0, 65536, (28, 28)).astype(np.uint16))  # noqa: E731
+    elif case == "mixed shapes":
+        image = lambda i: _png(rng.integers(0, 256, (28, 28 + i % 2), dtype=np.uint8))  # noqa: E731
+    elif case == "float labels":
+        labels = [i % 10 + 0.7 for i in range(6)]
+    elif case == "string labels":
+        labels = [str(i % 10) for i in range(6)]
+    elif case == "null label":
+        labels = [None, 1, 2, 3, 4, 5]
+    expected = {"rgb": r"have shape \(32, 32, 3\); expected \(H, W\) or \(H, W, C\) with C in \[1\]",
+                "flat": r"have shape \(784,\)", "float pixels": r"8-bit pixels .*got dtype float64 with values in \[0",
+                "16-bit": r"8-bit pixels .*got dtype uint16 with values in", "mixed shapes": r"differ in shape",
+                "float labels": r"integer class indices; got dtype float64, first \[0.7, 1.7, 2.7\]",
+                "string labels": r"integer class indices; got dtype <U1", "null label": r"1 missing \(null\)"}[case]
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for split in ("train", "test"):
+        _write_table(d / f"{split}-00000-of-00001.parquet", [image(i) for i in range(6)], labels, label_type)
+    with pytest.raises(ValueError, match=expected):
+        ls.data.load("mnist", data_dir=str(d), calib_size=2)
+
+
+def test_an_empty_or_damaged_copy_is_a_value_error_naming_the_files(tmp_path):
+    """An empty split made datasets raise its own DatasetGenerationError, which paper_repro did
+    not catch (a traceback instead of its one-line 'cannot load')."""
+    import pyarrow as pa
+
+    d = tmp_path / "mnist"
+    d.mkdir()
+    _write_parquet(d / "train-00000-of-00001.parquet", 12, 0)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    _write_table(d / "test-00000-of-00001.parquet", pa.array([], image_type), [], pa.int64())
+    with pytest.raises(ValueError, match=r"could not read the parquet files of this copy of ylecun/mnist \(.*"
+                                         r"test-00000-of-00001.parquet\)"):
+        ls.data.load("mnist", data_dir=str(d), calib_size=2)
+
+
+def test_a_local_copy_is_read_without_the_network(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE in the environment, datasets sent a request to count the load
+    (datasets.load.increase_load_count) before reading local parquet files."""
+    import socket
+
+    import datasets
+    from huggingface_hub import constants
+
+    for module in (datasets.config, constants):  # as for a user without HF_HUB_OFFLINE (conftest sets it)
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    d = tmp_path / "mnist"
+    d.mkdir()
+    _write_parquet(d / "train-00000-of-00001.parquet", 12, 0)
+    _write_parquet(d / "test-00000-of-00001.parquet", 12, 1)
+    data = ls.data.load("mnist", data_dir=str(d), calib_size=4)
+    assert len(data.train) == 12 and attempts == []
+    assert datasets.config.HF_HUB_OFFLINE is False  # the caller's setting is restored

@@ -356,3 +356,50 @@ def test_the_listed_costs_are_the_committed_runs_seconds(capsys):
     for module in figures.load_all():
         assert module.EST_SECONDS == max(1, round(measured[module.NAME]["seconds"])), module.NAME
         assert f"{module.NAME:4s} {module.SLUG:18s} {module.EST_SECONDS:>4d} s  {module.TITLE}" in listing
+
+
+def test_a_step_computed_now_is_what_a_resumed_run_loads(tmp_path):
+    """A fresh step kept its keys in the order computed, one loaded after an interruption came back
+    sorted (the JSON's order): F1's markers and colours swapped between an uninterrupted run and a
+    resumed one."""
+    from figures import common
+
+    step = lambda: {"points": {"L2": 1, "L3": 2, "ACIQ": 3}, "z": (1.0, float("inf"))}  # noqa: E731
+    fresh = common.Context(common.PRESETS["tiny"], tmp_path / "a", progress=False, cache_dir=tmp_path / "cache")
+    computed = fresh.cached("step", {"k": 1}, step)
+    resumed = common.Context(common.PRESETS["tiny"], tmp_path / "b", progress=False, cache_dir=tmp_path / "cache")
+    loaded = resumed.cached("step", {"k": 1}, step)
+    assert resumed.steps == {"computed": 0, "loaded": 1}
+    assert computed == loaded and list(computed["points"]) == list(loaded["points"])
+
+
+def test_one_data_dir_named_two_ways_is_one_configuration(tmp_path, monkeypatch):
+    """--data-dir is part of every cached step's key and of the configuration a partial run must
+    match: a relative path, the absolute one or a trailing slash recomputed every step (and refused
+    --only over the run) though they name one copy; so did --bits 4,2 after --bits 2,4."""
+    (tmp_path / "copy").mkdir()
+    monkeypatch.chdir(tmp_path)
+    presets = []
+    monkeypatch.setattr(paper_repro, "run", lambda preset, modules, out, progress=True: presets.append(preset))
+    for spelling in ("copy", "./copy/", str(tmp_path / "copy")):
+        paper_repro.main(["--preset", "mnist", "--data-dir", spelling, "--out", str(tmp_path / "out")])
+    assert {p.data_dir for p in presets} == {str((tmp_path / "copy").resolve())}
+    assert len({json.dumps(p.config(), sort_keys=True) for p in presets}) == 1
+    presets.clear()
+    for bits in ("2,4", "4,2", "2,4,2"):  # likewise one set of widths in another order, or repeated
+        paper_repro.main(["--preset", "tiny", "--bits", bits, "--out", str(tmp_path / "out")])
+    assert {p.headline_bits for p in presets} == {(2, 4)} and {p.bits for p in presets} == {(2, 4)}
+
+
+def test_compare_names_a_report_whose_claims_are_damaged(tmp_path):
+    """A report.json with its keys but a claim without "passed", or an accuracy that is not a
+    number, ended --compare in a KeyError traceback or a bare format error."""
+    for name, report in (("claim", {"preset": {"name": "tiny"}, "claims": [{"id": "C1", "ours": "x"}],
+                                    "fp32_test_accuracy": 0.5}),
+                         ("accuracy", {"preset": {"name": "tiny"}, "claims": [], "fp32_test_accuracy": "n/a"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        damaged = "claims" if name == "claim" else "fp32_test_accuracy"
+        with pytest.raises(SystemExit, match=rf"--compare: .*{name}/report.json: \['{damaged}'\] not as paper_repro "
+                                             r"writes them"):
+            paper_repro.main(["--compare", str(tmp_path / name)])
