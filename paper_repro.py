@@ -136,7 +136,12 @@ def main(argv=None) -> int:
     if len(modules) < len(figures.load_all()):
         _check_partial_run(out, preset)
     with _exclusive(out):
-        return run(preset, modules, out, progress=not args.no_progress)
+        try:
+            return run(preset, modules, out, progress=not args.no_progress)
+        except KeyboardInterrupt:  # one line instead of JAX's traceback: nothing finished is lost
+            print(f"\npaper_repro: interrupted; the finished steps are kept in {out / '.cache'} and {out} is as "
+                  "the last finished run left it: rerun the same command to resume", file=sys.stderr)
+            return 130
 
 
 def _check_partial_run(out: Path, preset) -> None:

@@ -8,14 +8,17 @@ inside :func:`landscape.sites.calibrating`; :func:`make_rule` builds one by name
 ``percentile`` α = the q-th percentile of |x| (default q = 99.99): q is a percentage in
                (0, 100], so q = 0.9999 means the 0.9999th percentile (α ≈ 0), not 99.99 %;
                q < 1 is allowed but warns (UserWarning)
-``mse``        α = argmin E[(clip(x, ±α) − x)²] + Δ²/12 with Δ = 2α/2^M (signed) or α/2^M
-               (unsigned): the reference's "MSE with a uniform-noise prior"
+``mse``        α = argmin E[(clip(x, ±α) − x)²] + Δ²/12 with Δ = α/L, L = 2^(M−1) (midrise: the
+               reference's Δ = 2α/2^M), 2^M (unsigned; the clip error's sum divided by the
+               count of positive entries, as the reference does) or 2^(M−1) − 1 (midtread, its
+               exact step): the reference's "MSE with a uniform-noise prior"
 ``lp``         α = argmin E|Q_α(x) − x|^p with the site's own quantizer (LAPQ's init)
 ``aciq``       α = c_M·b (Laplace, b = E|x|) or c_M·σ (Gaussian, σ = √E[x²]); unsigned
                tensors use the non-zero entries and c_{M+1}; c_M minimises the clip + noise
-               MSE of the unit distribution: Laplace t·eᵗ = 3·4^M exactly (Lambert W)
-``kl``         TensorRT-style entropy calibration: 2048-bin histogram of |x|, the
-               threshold bin i ∈ [n_q, 2048] minimising KL(P_i ‖ Q_i), among those
+               MSE of the unit distribution with the ``mse`` rule's Δ = α/L: Laplace
+               t·eᵗ = 12·L² exactly (Lambert W; 3·4^M on the midrise grid)
+``kl``         TensorRT-style entropy calibration: 2048-bin histogram of the non-zero |x|,
+               the threshold bin i ∈ [n_q, 2048] minimising KL(P_i ‖ Q_i), among those
                whose first i bins hold values in at least n_q bins (else the max)
 =============  ==========================================================================
 
@@ -28,6 +31,9 @@ reference, can land in a poor local minimum or outside [0, max|x|]). The search 
 on small contrived tensors (x = ±{0.4, 1}, 2-bit midrise, p = 2: error 0.00200 at α = 1.02
 against 0.00222 at the best α ≤ 1), but no longer clips anything. Tensors larger than
 2^18 elements are searched on a fixed-seed sample of 2^18 elements (with replacement).
+Both errors are evaluated in units of the tensor's scale (``mse``: x/max|x|; ``lp``: |e| over
+the step at α = max|x|), so α(s·x) = s·α(x): in plain float32, |e|^8 overflowed for |x| ≳ 6·10⁴
+and (clip(x) − x)² for |x| ≳ 2·10¹⁹, and the search returned an α tens of times too small.
 """
 
 from __future__ import annotations
@@ -132,24 +138,43 @@ def lp_error(x, alpha, bits: int, grid: str, p: float):
 LP_LOG_ABOVE = 8.0
 
 
-def _lp_search_objective(x, alpha, bits: int, grid: str, p):
-    """What the Lp rule minimises over α: E|e|^p for p ≤ LP_LOG_ABOVE, else log E|e|^p (the same
-    minimiser) as a log-sum-exp of p·log|e|, which neither under- nor overflows."""
-    err = jnp.abs(quantizers.quantize(x, alpha, bits, grid) - x)
+def _lp_search_objective(x, alpha, bits: int, grid: str, p, unit=1.0):
+    """What the Lp rule minimises over α: E|e/u|^p for p ≤ LP_LOG_ABOVE, else log E|e/u|^p (the
+    same minimiser) as a log-sum-exp of p·log|e/u|, which neither under- nor overflows. ``u``
+    (``unit``) is a fixed scale, the step at α = max|x| in the rule: |e/u| is then about 1/2 at
+    the minimiser whatever the tensor's magnitude (plain |e|^8 overflowed float32 for |e| > 6·10⁴)."""
+    err = jnp.abs(quantizers.quantize(x, alpha, bits, grid) - x) / unit
     log_terms = jnp.where(err > 0, p * jnp.log(jnp.where(err > 0, err, 1.0)), -jnp.inf)
     log_mean = jax.nn.logsumexp(log_terms) - jnp.log(err.size)
     return jnp.where(p > LP_LOG_ABOVE, log_mean, jnp.mean(err**p))
 
 
-def mse_prior_error(x, alpha, bits: int, grid: str):
-    """E[(clip(x) − x)²] + Δ²/12 with Δ = 2α/2^M (signed) or α/2^M (unsigned)."""
+def noise_levels(bits, grid: str):
+    """L of the uniform-noise prior Δ = α/L: 2^(M−1) on the midrise grid (the reference's
+    Δ = 2α/2^M), 2^M unsigned (the reference's α/2^M) and 2^(M−1) − 1 on the midtread grid, its
+    exact step (at 2 bits its levels are {−α, 0, α}: Δ = α, where 2α/2^M would be α/2).
+    ``bits`` may be traced."""
     if grid == "unsigned":
-        clipped = jnp.clip(x, 0.0, alpha)
-        noise = alpha**2 / (12.0 * 4.0**bits)
-    else:
-        clipped = jnp.clip(x, -alpha, alpha)
-        noise = alpha**2 / (3.0 * 4.0**bits)
-    return jnp.mean((clipped - x) ** 2) + noise
+        return 2.0**bits
+    if grid == "midtread":
+        return 2.0 ** (bits - 1) - 1.0
+    return 2.0 ** (bits - 1)
+
+
+def mse_prior_error(x, alpha, bits: int, grid: str):
+    """E[(clip(x) − x)²] + Δ²/12 with Δ = α/L (:func:`noise_levels`): 2α/2^M (midrise), α/2^M
+    (unsigned), α/(2^(M−1) − 1) (midtread).
+
+    On the unsigned grid the clip error is summed over every entry but divided by the number of
+    positive ones, as the reference does (its post-ReLU zeros sit on the level 0 and carry no
+    noise; dividing by all N weighted the noise term by N/N₊, 2× on a half-zero tensor, and gave
+    an α ~7 % smaller than the reference's at 4 bits).
+    """
+    noise = alpha**2 / (12.0 * noise_levels(bits, grid) ** 2)
+    if grid == "unsigned":
+        clip_err = jnp.sum((jnp.clip(x, 0.0, alpha) - x) ** 2)
+        return clip_err / jnp.maximum(jnp.sum(x > 0), 1) + noise
+    return jnp.mean((jnp.clip(x, -alpha, alpha) - x) ** 2) + noise
 
 
 # --------------------------------------------------------------------------- rules
@@ -179,31 +204,41 @@ def percentile_rule(x, spec, kind, *, q: float = 99.99):
 
 
 def mse_rule(x, spec, kind):
-    xs = _sample(jnp.ravel(x).astype(jnp.float32))
-    hi = jnp.max(_magnitude(x, spec))
-    return _safe_alpha(search_1d(lambda a: mse_prior_error(xs, a, spec.bits, spec.grid), hi), x)
+    # Searched on x / max|x| over (0, 1] (the error is scale-equivariant), so squares neither
+    # over- nor underflow float32.
+    hi = jnp.maximum(jnp.max(_magnitude(x, spec)), _TINY)
+    xs = _sample(jnp.ravel(x).astype(jnp.float32)) / hi
+    return _safe_alpha(hi * search_1d(lambda a: mse_prior_error(xs, a, spec.bits, spec.grid), 1.0), x)
 
 
 def lp_rule(x, spec, kind, *, p: float = 2.0):
     xs = _sample(jnp.ravel(x).astype(jnp.float32))
     hi = jnp.max(_magnitude(x, spec))
-    return _safe_alpha(search_1d(lambda a: _lp_search_objective(xs, a, spec.bits, spec.grid, p), hi), x)
+    unit = quantizers.step_size(jnp.maximum(hi, _TINY), spec.bits, spec.grid)
+    return _safe_alpha(search_1d(lambda a: _lp_search_objective(xs, a, spec.bits, spec.grid, p, unit), hi), x)
 
 
 @functools.cache
-def aciq_constant(bits: int, distribution: str) -> float:
-    """c_M minimising the clip + uniform-noise MSE of a unit Laplace(b=1) / N(0, 1).
+def aciq_constant(bits: int, distribution: str, grid: str = "midrise") -> float:
+    """c_M minimising the clip + uniform-noise MSE of a unit Laplace(b=1) / N(0, 1), with the
+    noise Δ²/12 = t²/(12·L²) of :func:`noise_levels` (12·L² = 3·4^M on the midrise grid).
 
-    Laplace: 2e^{−t} + t²/(3·4^M) is minimal at t·eᵗ = 3·4^M, so t = W₀(3·4^M).
-    Gaussian: 2[(1 + t²)Q(t) − tφ(t)] + t²/(3·4^M), minimised numerically.
+    Laplace: 2e^{−t} + t²/(12·L²) is minimal at t·eᵗ = 12·L², so t = W₀(12·L²).
+    Gaussian: 2[(1 + t²)Q(t) − tφ(t)] + t²/(12·L²), minimised numerically.
+    The unsigned grid's constant is the midrise one at M + 1 (the reference's c_{M+1}).
     """
     from scipy import optimize, special, stats
 
+    quantizers.check_grid(grid, "aciq_constant")
+    levels = noise_levels(bits, grid)
+    if levels <= 0:
+        raise ValueError(f"aciq_constant: the {grid} grid has no step at bits={bits!r}; use bits ≥ 2")
+    k = 12.0 * levels**2
     if distribution == "laplace":
-        return float(np.real(special.lambertw(3.0 * 4.0**bits)))
+        return float(np.real(special.lambertw(k)))
     if distribution == "gauss":
         def mse(t):
-            return 2 * ((1 + t * t) * stats.norm.sf(t) - t * stats.norm.pdf(t)) + t * t / (3 * 4.0**bits)
+            return 2 * ((1 + t * t) * stats.norm.sf(t) - t * stats.norm.pdf(t)) + t * t / k
 
         return float(optimize.minimize_scalar(mse, bounds=(1e-3, 40.0), method="bounded",
                                               options={"xatol": 1e-10}).x)
@@ -211,22 +246,26 @@ def aciq_constant(bits: int, distribution: str) -> float:
 
 
 @functools.cache
-def aciq_table(distribution: str) -> np.ndarray:
-    """c_M for M = 0 … 17 (index M), so a traced bit width can look its constant up."""
-    return np.array([aciq_constant(m, distribution) for m in range(18)], np.float32)
+def aciq_table(distribution: str, grid: str = "midrise") -> np.ndarray:
+    """c_M of ``grid`` for M = 0 … 16 (index M), so a traced bit width can look its constant up;
+    NaN where the grid has no step (midtread below 2 bits)."""
+    return np.array([aciq_constant(m, distribution, grid) if noise_levels(m, grid) > 0 else np.nan
+                     for m in range(quantizers.MAX_BITS + 1)], np.float32)
 
 
 def aciq_rule(x, spec, kind, *, distribution: str = "laplace"):
     x = jnp.ravel(x).astype(jnp.float32)
-    # The unsigned grid uses c_{M+1} and the statistics of the non-zero entries (the reference).
-    index = jnp.asarray(spec.bits, jnp.int32) + (0 if _signed(spec) else 1)
-    c = jnp.asarray(aciq_table(distribution))[index]
+    # The unsigned grid uses c_{M+1} (its own table) and the statistics of the non-zero entries (the
+    # reference); the midtread grid its own constants (its step is α/(2^(M−1) − 1)).
+    c = jnp.asarray(aciq_table(distribution, spec.grid))[jnp.asarray(spec.bits, jnp.int32)]
     weights = jnp.ones_like(x) if _signed(spec) else (x > 0).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(weights), 1.0)
     if distribution == "laplace":
         scale = jnp.sum(jnp.abs(x) * weights) / count
     else:
-        scale = jnp.sqrt(jnp.sum(x * x * weights) / count)
+        # σ in units of max|x|: x² overflows float32 for |x| > 1.8·10¹⁹ (α was inf)
+        top = jnp.maximum(jnp.max(jnp.abs(x) * weights), _TINY)
+        scale = top * jnp.sqrt(jnp.sum((x / top) ** 2 * weights) / count)
     return _safe_alpha(c * scale, x)
 
 
@@ -296,8 +335,10 @@ def kl_rule(x, spec, kind, *, bins: int = KL_BINS):
     bits = jnp.asarray(spec.bits, jnp.int32)
     n_q = jnp.where(spec.grid == "unsigned", 2**bits - 1, 2 ** (bits - 1))
     hist = jnp.histogram(mag, bins=bins, range=(0.0, top))[0].astype(jnp.float32)
-    if not _signed(spec):  # post-ReLU zeros would dominate bin 0 (TensorRT drops them too)
-        hist = hist.at[0].add(-jnp.sum(mag == 0))
+    # Exact zeros leave the histogram on every grid: post-ReLU zeros (TensorRT drops them too) and a
+    # pruned or N:M-sparse kernel's zeros, whose bin-0 spike decided the threshold (α = 0.7 % of
+    # max|x| on a 50 %-zero Laplace kernel at 4 bits, with 13× the MSE rule's error).
+    hist = hist.at[0].add(-jnp.sum(mag == 0))
     kl = kl_divergences(hist, jnp.minimum(n_q, bins))
     i = jnp.argmin(kl) + 1
     # At ≥ 12 bits the threshold search is empty (n_q ≥ bins), and a tensor with values in fewer
@@ -370,13 +411,23 @@ def make_rule(name: str, **kw):
 
 
 def clip_value(x, rule: str, *, bits: int, grid: str = "midrise", **kw) -> float:
-    """α for a standalone tensor (tests, figures): ``make_rule(rule, **kw)`` on x."""
+    """α for a standalone tensor (tests, figures): ``make_rule(rule, **kw)`` on x (float32).
+
+    Raises ValueError for an empty x or one holding NaN or ±inf (its α would be NaN or inf).
+    """
     from landscape.sites import SiteSpec
 
-    quantizers.check_bits(bits, "clip_value")
+    if quantizers.check_bits(bits, "clip_value") is None:
+        raise ValueError(f"clip_value: bits=None (FP32) has no grid and no α; use an integer in "
+                         f"[{quantizers.MIN_BITS}, {quantizers.MAX_BITS}]")
     quantizers.check_grid(grid, "clip_value")
     spec = SiteSpec(bits=bits, grid=grid)
     kind = "activation" if grid == "unsigned" else "weight"
     if np.size(x) == 0:
         raise ValueError(f"clip_value needs a non-empty tensor x, got shape {np.shape(x)}")
-    return float(make_rule(rule, **kw)(jnp.asarray(x, jnp.float32), spec, kind))
+    x = jnp.asarray(x, jnp.float32)
+    bad = int(jnp.sum(~jnp.isfinite(x)))
+    if bad:
+        raise ValueError(f"clip_value: x holds {bad} NaN or ±inf value(s) of {x.size} (in float32, where |x| > 3.4e38 "
+                         f"is inf); every rule would return α = NaN or inf. Drop or replace them first")
+    return float(make_rule(rule, **kw)(x, spec, kind))

@@ -111,6 +111,8 @@ def quantize(x, alpha, bits: int, grid: str):
       grid: "midrise" | "unsigned" | "midtread".
     Returns:
       x̂ with x's shape and dtype; differentiable in x and α through straight-through rounding.
+      Half-precision x (float16, bfloat16) is quantized in float32, so x̂ is the grid level
+      rounded to x's dtype (α too is kept in float32).
     Raises:
       ValueError: an unknown grid, a width outside [2, 16] or an integer/bool ``x`` (its rounding
         would make every value NaN or 0). The checks run once per trace, at no cost per call.
@@ -122,34 +124,45 @@ def quantize(x, alpha, bits: int, grid: str):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"quantize: x must be a floating-point array, got dtype {x.dtype}; convert it, "
                          "e.g. x.astype(np.float32)")
-    alpha = jnp.asarray(alpha, x.dtype)
-    delta = step_size(alpha, bits, grid).astype(x.dtype)
+    # Half-precision x (float16, bfloat16) is quantized in float32 and the result cast back: in its
+    # own dtype the code z = (x + α)/Δ, round(z)·Δ − α and even α itself lose the grid (bfloat16 holds
+    # integers exactly only up to 256: 8-bit levels came out 1.7 steps off, and float16's largest
+    # finite value 65504 is below the 16-bit top code 65535, which made every level NaN).
+    dtype = x.dtype
+    compute = jnp.promote_types(dtype, jnp.float32)
+    x = x.astype(compute)
+    alpha = jnp.asarray(alpha, compute)
+    delta = step_size(alpha, bits, grid).astype(compute)
     if grid == "midrise":
         top = 2**bits - 1
         z = jnp.clip((x + alpha) / delta, 0.0, top)
-        return round_ste(z) * delta - alpha
+        return (round_ste(z) * delta - alpha).astype(dtype)
     if grid == "unsigned":
         top = 2**bits - 1
         z = jnp.clip(x / delta, 0.0, top)
-        return round_ste(z) * delta
+        return (round_ste(z) * delta).astype(dtype)
     top = 2 ** (bits - 1) - 1
     z = jnp.clip(x / delta, -top, top)
-    return round_ste(z) * delta
+    return (round_ste(z) * delta).astype(dtype)
 
 
 def levels(alpha: float, bits: int, grid: str):
-    """The sorted level set of a grid (for tests and plots): (num_levels,) float32."""
+    """The sorted level set of a grid (for tests and plots): (num_levels,) float32.
+
+    The levels :func:`quantize` outputs, with its Δ floor: below α ≈ 1e-8·(2^M − 1) they run past α
+    (kΔ with Δ = 1e-8; at α = 1e-8, the α of an all-zero tensor, 4-bit unsigned levels reach 1.5e-7).
+    """
     bits = check_bits(bits, "levels")
     if bits is None:
         raise ValueError(f"levels: bits=None (FP32) has no grid; use an integer in [{MIN_BITS}, {MAX_BITS}]")
     check_grid(grid, "levels")
+    delta = step_size(jnp.float32(alpha), bits, grid)
     if grid == "midrise":
-        delta = 2.0 * alpha / (2**bits - 1)
         return jnp.arange(2**bits, dtype=jnp.float32) * delta - alpha
     if grid == "unsigned":
-        return jnp.arange(2**bits, dtype=jnp.float32) * (alpha / (2**bits - 1))
+        return jnp.arange(2**bits, dtype=jnp.float32) * delta
     top = 2 ** (bits - 1) - 1
-    return jnp.arange(-top, top + 1, dtype=jnp.float32) * (alpha / top)
+    return jnp.arange(-top, top + 1, dtype=jnp.float32) * delta
 
 
 def bias_correct(w_hat, w, channel_axis: int = -1):

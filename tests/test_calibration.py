@@ -51,9 +51,12 @@ def test_mse_matches_brute_force(grid, bits):
     ours = cal.clip_value(x, "mse", bits=bits, grid=grid)
 
     def objective(a):
+        # The reference's MseUniformPriorQuantization: the clip error summed and divided by the
+        # non-zero count on the unsigned (post-ReLU) grid, by every entry on the signed one.
         lo = 0.0 if grid == "unsigned" else -a
         noise = a * a / (12 * 4.0**bits) if grid == "unsigned" else a * a / (3 * 4.0**bits)
-        return np.mean((np.clip(x, lo, a) - x) ** 2) + noise
+        count = np.count_nonzero(x) if grid == "unsigned" else x.size
+        return np.sum((np.clip(x, lo, a) - x) ** 2) / count + noise
 
     best, best_err = _brute(objective, float(np.abs(x).max()))
     assert abs(ours - best) / best < 2e-3
@@ -268,3 +271,85 @@ def test_percentile_below_one_warns_that_q_is_a_percentage():
         warnings.simplefilter("error")
         cal.make_rule("percentile", q=99.99)
         cal.make_rule("percentile", q=1)
+
+
+def test_mse_on_the_unsigned_grid_divides_the_clip_error_by_the_non_zero_count():
+    """The reference (MseUniformPriorQuantization, HEAD 12cd3bf) divides the summed clip error by
+    the non-zero count on a post-ReLU tensor; the mean over all entries weighted the noise prior by
+    N/N₊ (2× here) and gave an α 7-10 % smaller. Zeros and negatives change nothing but the count."""
+    a = np.maximum(np.random.default_rng(0).normal(size=20000), 0).astype(np.float32)
+    bits = 4
+
+    def ref(al):
+        return np.sum((np.clip(a, 0, al) - a) ** 2) / np.count_nonzero(a) + al**2 / (12 * 4.0**bits)
+
+    best, _ = _brute(ref, float(a.max()))
+    ours = cal.clip_value(a, "mse", bits=bits, grid="unsigned")
+    assert ours == pytest.approx(best, rel=2e-3)
+    # Extra zeros leave the non-zero statistics, and so α, unchanged.
+    padded = np.concatenate([a, np.zeros(20000, np.float32)])
+    assert cal.clip_value(padded, "mse", bits=bits, grid="unsigned") == pytest.approx(ours, rel=2e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_and_aciq_use_the_midtread_step(bits):
+    """The midtread grid's step is α/(2^(M−1) − 1) (levels {−α, 0, α} at 2 bits), not the midrise
+    2α/2^M the noise prior assumed: α was 42 % too large at 2 bits. Now the MSE rule minimises
+    clip + Δ²/12 with that step and ACIQ's Laplace constant solves t·eᵗ = 12·(2^(M−1) − 1)²."""
+    x = _tensor("weight", seed=8) / 0.05  # unit Laplace
+    steps = 2 ** (bits - 1) - 1
+
+    def objective(a):
+        return np.mean((np.clip(x, -a, a) - x) ** 2) + (a / steps) ** 2 / 12
+
+    best, _ = _brute(objective, float(np.abs(x).max()))
+    assert cal.clip_value(x, "mse", bits=bits, grid="midtread") == pytest.approx(best, rel=2e-3)
+    t = cal.aciq_constant(bits, "laplace", "midtread")
+    assert t * math.exp(t) == pytest.approx(12 * steps**2, rel=1e-9)
+    assert cal.clip_value(x, "aciq", bits=bits, grid="midtread") == pytest.approx(
+        t * float(np.mean(np.abs(x))), rel=1e-5)
+    # The midrise and unsigned constants are the reference's (unsigned: c_{M+1}).
+    assert cal.aciq_constant(bits, "gauss", "unsigned") == pytest.approx(cal.aciq_constant(bits + 1, "gauss"))
+    if bits == 2:  # 3 levels: ACIQ's 1-bit-midrise constant (1.86), not 2.83
+        assert t == pytest.approx(1.86, abs=0.011)
+
+
+@pytest.mark.parametrize("rule,kw,bits", [("lp", {"p": 8.0}, 2), ("lp", {"p": 4.0}, 3), ("lp", {"p": 2.0}, 4),
+                                          ("mse", {}, 4), ("aciq", {"distribution": "gauss"}, 4)])
+def test_rules_are_scale_equivariant_on_large_tensors(rule, kw, bits):
+    """α(s·x) = s·α(x): |e|^8 overflowed float32 at |x| ~ 1e5 (lp p=8 gave α 38× too small), |e|^4
+    at 1e10, squares at 1e20 (mse and lp p=2 ~40× too small, ACIQ-Gauss α = inf)."""
+    x = np.random.default_rng(0).normal(size=20000).astype(np.float32)
+    base = cal.clip_value(x, rule, bits=bits, **kw)
+    for s in (1e5, 1e10, 1e20, 1e-3):
+        assert cal.clip_value(x * np.float32(s), rule, bits=bits, **kw) == pytest.approx(s * base, rel=1e-3), s
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])
+def test_clip_value_names_non_finite_values(bad):
+    """A NaN or ±inf (or a float64 value beyond float32's range) made every rule return a NaN or inf α."""
+    x = np.array([0.1, bad, -0.3, 0.2])
+    for rule in ("max", "mse", "kl"):
+        with pytest.raises(ValueError, match=r"clip_value: x holds 1 NaN or ±inf value\(s\) of 4"):
+            cal.clip_value(x, rule, bits=4)
+
+
+def test_clip_value_refuses_fp32_bits_by_name():
+    """bits=None (FP32) passed check_bits: max returned an α, mse a TypeError (None ** …)."""
+    for rule in ("max", "mse", "aciq"):
+        with pytest.raises(ValueError, match=r"clip_value: bits=None \(FP32\) has no grid"):
+            cal.clip_value(np.ones(5, np.float32), rule, bits=None)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kl_ignores_the_exact_zeros_of_a_sparse_kernel(bits):
+    """A 50 %-zero kernel (a 2:4 mask) kept its zeros in bin 0 on the signed grid, and their spike
+    chose α ≈ 0.062 (4 bits) / 1.05 (8 bits) of max|x| = 8.4: MSE 13× / 550× the MSE rule's. Exact
+    zeros now leave the histogram as on the unsigned grid: α is the non-zero entries' α."""
+    w = np.random.default_rng(0).laplace(size=20000).astype(np.float32)
+    sparse = w.copy()
+    sparse[::2] = 0.0
+    ours = cal.clip_value(sparse, "kl", bits=bits)
+    assert ours == pytest.approx(cal.clip_value(sparse[1::2], "kl", bits=bits), rel=1e-5)
+    assert ours > 0.4 * np.abs(sparse).max()

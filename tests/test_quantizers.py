@@ -130,3 +130,30 @@ def test_quantize_takes_numpy_and_traced_widths():
     traced = jax.jit(lambda b: q.quantize(x, 1.0, b, "midrise"))(jnp.float32(3))
     np.testing.assert_allclose(np.asarray(traced), ref, atol=1e-6)  # 2**b in float32: an ulp apart
     np.testing.assert_array_equal(np.asarray(q.quantize(np.asarray(x), 1.0, 3, "midrise")), ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("bits,grid", [(4, "midrise"), (8, "midrise"), (8, "unsigned"), (8, "midtread"),
+                                       (16, "midrise")])
+def test_half_precision_input_is_quantized_on_the_float32_grid(dtype, bits, grid):
+    """float16/bfloat16 x was quantized in its own dtype: levels off the grid by 1.7 steps (bfloat16,
+    8 bits), 304 steps (bfloat16, 16 bits) and NaN (float16, 16 bits: the top code 65535 > 65504).
+    Now x̂ is the float32 grid level rounded to x's dtype, in x's dtype."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=4000).astype(np.float32)).astype(dtype)
+    got = q.quantize(x, 2.5, bits, grid)
+    assert got.dtype == dtype
+    want = q.quantize(x.astype(jnp.float32), 2.5, bits, grid).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    g = jax.grad(lambda a: jnp.sum(q.quantize(x, a, bits, grid).astype(jnp.float32)))(jnp.float32(2.5))
+    assert np.isfinite(float(g))
+
+
+@pytest.mark.parametrize("grid", ["midrise", "unsigned", "midtread"])
+def test_levels_are_what_quantize_outputs_at_the_delta_floor(grid):
+    """At α = 1e-8 (an all-zero tensor's calibrated α) quantize floors Δ at 1e-8; levels() ignored
+    the floor and listed levels up to α that quantize never outputs."""
+    alpha, bits = 1e-8, 4
+    lv = np.asarray(q.levels(alpha, bits, grid))
+    x = jnp.linspace(-float(lv.max()) * 1.1, float(lv.max()) * 1.1, 20001)
+    out = np.unique(np.asarray(q.quantize(x, alpha, bits, grid)))
+    np.testing.assert_allclose(out, lv, rtol=1e-5, atol=1e-15)
