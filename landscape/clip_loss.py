@@ -638,6 +638,10 @@ class ClipLoss:
         alphas = self._run(program, self._state, x, traced)
         flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
         alpha = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
+        bad = [s.name for s, a in zip(self.sites, flat, strict=True) if not np.all(np.isfinite(np.asarray(a)))]
+        if bad:  # a NaN/inf weight or activation gives a NaN/inf α, which every later step would carry on
+            raise ValueError(f"init({rule!r}): the α of sites {bad} is not finite: their weights or (on the first "
+                             f"{len(x)} calibration images) activations hold NaN or ±inf values")
         self._init_cache[result_key] = jax.device_put(alpha, self._replicated)
         return self._init_cache[result_key]
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -655,6 +656,22 @@ def test_non_finite_calibration_images_are_refused(tiny_net, digits):
     with pytest.raises(ValueError, match=re.escape(f"calib images must be finite: 2 of {len(x)} hold NaN or inf "
                                                    "(images 3, 7; 2 values in all), the first at x[3, 0, 0, 0]")):
         ls.ClipLoss(tiny_net, (x, digits.calib.y), w_bits=4, a_bits=4)
+
+
+def test_a_non_finite_alpha_from_init_is_named(tiny_net, digits):
+    """Finite images, but a weight that overflowed to inf: init("max") returned inf α for that
+    layer (and the sites downstream), silently; now the sites are named."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    weight = next(s for s in loss.sites if s.kind == "weight")
+    params = flax.traverse_util.flatten_dict(tiny_net.variables["params"], sep="/")
+    kernel = np.array(params[weight.name + "/kernel"])
+    kernel.flat[0] = np.inf
+    params[weight.name + "/kernel"] = kernel
+    variables = {**tiny_net.variables, "params": flax.traverse_util.unflatten_dict(params, sep="/")}
+    broken = ls.ClipLoss(dataclasses.replace(tiny_net, variables=variables), digits.calib, w_bits=4, a_bits=4)
+    with pytest.raises(ValueError, match=rf"init\('max'\): the α of sites \['{weight.name}'.*\] is not finite"):
+        broken.init("max")
+    assert np.all(np.isfinite(np.asarray(loss.init("max"))))
 
 
 def test_a_result_for_alpha_is_named(loss4):
