@@ -269,3 +269,61 @@ def test_default_fd_step_is_two_percent_of_alpha():
     # floor(50α) steps 49 → 50 → 51 (and 24 → 25 → 26) across α ± h: 2 / 2500 / h² on the diagonal
     np.testing.assert_allclose(np.diag(default), 2 / 2500 / (0.02 * alpha) ** 2, rtol=1e-9)
     np.testing.assert_array_equal(clip_hessian(loss, alpha, method="fd", step=0.002), np.zeros((2, 2)))
+
+
+class _Steep:
+    """L(α) = 1000 (α_0 − 1) + 0.005 (α_0 − 1)² + ½ (α_1 − 1)², in float32: L(1, 1) = 0 exactly, but
+    site 0's losses at α ± h are ±20, whose float32 roundings (~2e-6) swamp its true second
+    difference 2 · 0.005 · h² = 4e-6."""
+
+    n = 2
+
+    def batch(self, alphas):
+        d = jnp.asarray(alphas, jnp.float32) - 1.0
+        return 1000.0 * d[:, 0] + 0.005 * d[:, 0] ** 2 + 0.5 * d[:, 1] ** 2
+
+
+def test_fd_rounding_noise_is_judged_against_the_losses_at_the_points():
+    """The noise floor is a few roundings of the largest loss evaluated, not of L(α) alone: here
+    L(α) = 0, and a floor of 8·eps·|L(α)| = 0 let site 0's noise pass as curvature. Site 1 (second
+    difference h² = 4e-4, losses ~2e-4) is resolved and not named."""
+    import warnings
+
+    with pytest.warns(RuntimeWarning, match=r"second differences of sites \[0\] are within float32 rounding"):
+        h = clip_hessian(_Steep(), np.array([1.0, 1.0]), method="fd")
+    assert h[1, 1] == pytest.approx(1.0, rel=1e-3)
+    # Exactly zero second differences (a flat staircase at a small step) are kept as 0, silently;
+    # curvature resolved by many roundings (A_ii h² ~ 1e-4 against losses ~2: ~500 roundings) too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert not np.any(clip_hessian(_Staircase(2), np.array([1.01, 0.51]), method="fd", step=0.002))
+        clip_hessian(Quadratic(_spd(5, 0), c=np.full(5, 2.0)), np.linspace(1.0, 3.0, 5), method="fd", step=0.01)
+
+
+def test_clip_hessian_refuses_a_wrong_shape_a_whole_step_and_non_finite_losses():
+    q = Quadratic(np.eye(2), np.zeros(2))
+    with pytest.raises(ValueError, match=r"alpha has shape \(3,\); expected \(2,\)"):
+        clip_hessian(q, np.ones(3))
+    with pytest.raises(ValueError, match=r"alpha has shape \(1, 2\); expected \(2,\)"):
+        clip_hessian(q, np.ones((1, 2)), method="fd")
+    with pytest.raises(ValueError, match=r"step=1.0 must be a relative step in \(0, 1\)"):
+        clip_hessian(q, np.ones(2), method="fd", step=1.0)  # α − h would be 0
+
+    class Overflow:
+        n = 2
+
+        def batch(self, alphas):
+            return np.where(np.asarray(alphas)[:, 0] > 1.0, np.inf, 1.0)
+
+    with pytest.raises(FloatingPointError, match="non-finite loss at a finite-difference point"):
+        clip_hessian(Overflow(), np.ones(2), method="fd")
+
+
+def test_ste_hessian_is_symmetrised_whatever_the_loss_returns():
+    """clip_hessian returns ½(H + Hᵀ) of ``loss.hessian``, exactly symmetric even for a loss whose
+    own Hessian is not (ClipLoss symmetrises its HVP columns; a stand-in need not)."""
+    A = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, -1.0], [0.5, 0.0, 1.0]])
+    q = Quadratic(A, np.zeros(3))
+    h = clip_hessian(q, np.ones(3), method="ste")
+    np.testing.assert_array_equal(h, h.T)
+    np.testing.assert_allclose(h, 0.5 * (A + A.T), rtol=1e-7)

@@ -157,7 +157,7 @@ def test_equalization_tolerance_and_rounds_are_checked(digits):
     cnn = models.create("cnn", num_classes=10, widths=(4,))
     x = digits.calib.x[:8]
     v = cnn.init(jax.random.key(0), x[:1])
-    for tol in (float("inf"), True, 1.5, 0.0, "1e-4"):  # inf kept the skip-connection pairs of resnet8
+    for tol in (float("inf"), True, 1.0, 1.5, 0.0, "1e-4"):  # inf kept the skip-connection pairs of resnet8
         with pytest.raises(ValueError, match=r"must be a number in \(0, 1\)"):
             cross_layer_equalization(cnn, v, x, tol=tol)
     with pytest.raises(ValueError, match="max_rounds=True must be a positive integer"):
@@ -210,3 +210,153 @@ def test_folding_is_the_formula_with_epsilon_and_the_conv_bias(digits):
     np.testing.assert_allclose(np.asarray(folded["batch_stats"]["bn"]["var"]) + 0.5, np.ones(4), rtol=1e-7)
     before, after = model.apply(v, x, train=False), model.apply(folded, x, train=False)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * float(jnp.abs(before).max()))
+
+
+def test_equalization_is_the_closed_form_on_one_pair_with_biases_and_dead_channels():
+    """One dense → ReLU → dense pair with hand-set weights: s_c = √(r_a,c / r_b,c), layer a's kernel
+    column and bias divided by s_c, layer b's kernel row multiplied by it, b's bias kept. A channel
+    that layer a never drives (r_a = 0) or layer b never reads (r_b = 0) keeps s = 1 (a zero
+    range would give s = 0 or ∞, and NaN kernels). One round equalizes a single pair; the second finds
+    nothing to move and stops (``max_rounds=1`` runs exactly one)."""
+    model = models.create("mlp", num_classes=2, hidden=(4,))
+    x = jax.random.normal(jax.random.key(7), (16, 2, 2, 1))
+    k0 = np.array([[4.0, -0.5, 0.0, 1.0],
+                   [-1.0, 0.25, 0.0, -3.0],
+                   [2.0, 0.1, 0.0, 0.5],
+                   [0.5, -0.2, 0.0, 2.0]], np.float32)  # channel 2 is dead (r_a = 0)
+    b0 = np.array([0.3, -0.2, 0.7, 0.4], np.float32)  # nonzero biases: a bias left unscaled moves the logits
+    k1 = np.array([[0.25, -1.0], [2.0, 8.0], [1.0, -1.5], [0.0, 0.0]], np.float32)  # channel 3 unread (r_b = 0)
+    b1 = np.array([0.1, -0.3], np.float32)
+    variables = {"params": {"fc0": {"kernel": jnp.asarray(k0), "bias": jnp.asarray(b0)},
+                            "fc1": {"kernel": jnp.asarray(k1), "bias": jnp.asarray(b1)}}}
+    s = np.array([np.sqrt(4.0 / 1.0), np.sqrt(0.5 / 8.0), 1.0, 1.0], np.float32)  # [2, 1/4, 1, 1]
+    eq = cross_layer_equalization(model, variables, x)
+    assert eq.pairs == (("fc0", "fc1"),) and not eq.rejected
+    assert eq.rounds == 2
+    np.testing.assert_allclose(eq.scales[("fc0", "fc1")], s, rtol=1e-6)
+    p = eq.variables["params"]
+    np.testing.assert_allclose(p["fc0"]["kernel"], k0 / s, rtol=1e-6)
+    np.testing.assert_allclose(p["fc0"]["bias"], b0 / s, rtol=1e-6)
+    np.testing.assert_allclose(p["fc1"]["kernel"], k1 * s[:, None], rtol=1e-6)
+    np.testing.assert_allclose(p["fc1"]["bias"], b1, rtol=1e-6)
+    before, after = model.apply(variables, x), model.apply(eq.variables, x)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * float(jnp.abs(before).max()))
+    once = cross_layer_equalization(model, variables, x, max_rounds=1)
+    assert once.rounds == 1
+    np.testing.assert_allclose(once.scales[("fc0", "fc1")], s, rtol=1e-6)
+
+
+def test_folding_refuses_a_side_path_that_moves_the_logits_by_under_one_percent(digits):
+    """In true float32 folding is exact to ~1e-6 of the logits, so a change above FOLD_TOL = 1e-3
+    of max |logit| is a side path, at any scale of the logits; the TF32 allowance FOLD_TOL_FAST = 2e-2
+    is for faster precisions only (at "highest" it let this side path, ~0.5 % of the logits, fold
+    silently)."""
+    import flax.linen as nn
+
+    from landscape.layers import BatchNorm, QuantConv, QuantDense, QuantReLU
+
+    class FaintSidePath(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            y = QuantConv(4, name="conv")(x)
+            h = QuantReLU(name="relu")(BatchNorm(name="bn")(y, train) + 0.005 * y)
+            return QuantDense(10, name="fc")(jnp.mean(h, axis=(1, 2)))
+
+    model, x = FaintSidePath(), jnp.asarray(digits.calib.x[:16])
+    variables = model.init(jax.random.key(0), x[:1])
+    variables = {**variables, "params": {**variables["params"], "bn": {"scale": jnp.array([3.0, 0.2, 1.5, 0.5]),
+                                                                       "bias": jnp.zeros(4)}}}
+    # the change folding makes, measured here: between FOLD_TOL and FOLD_TOL_FAST of max |logit|
+    folded = ls.folding._fold(variables, ls.folding.batchnorm_pairs(model, variables, x[:1]))
+    with jax.default_matmul_precision("highest"):
+        before = np.asarray(model.apply(variables, x))
+        moved = np.abs(np.asarray(model.apply(folded, x)) - before).max() / np.abs(before).max()
+    assert ls.folding.FOLD_TOL < moved < ls.folding.FOLD_TOL_FAST
+    # The bound is relative: the network is positively homogeneous (no biases, BN at mean 0 and
+    # var 1), so at x · 1e-4 the logits and their change shrink alike, and the side path is refused.
+    for scale in (1.0, 1e-4):
+        with pytest.raises(ValueError, match="the output of conv → bn is also read besides its BatchNorm"):
+            ls.folding.fold_batchnorm(model, variables, scale * x)
+
+
+def test_equalization_tolerance_is_relative_to_the_largest_logit():
+    """A pair is kept when the logits move by at most tol · max |logit|, at any scale of the logits
+    (the network is positively homogeneous here: no biases, so scaling x scales the logits). At
+    logits ~1e5 float rounding alone moves them by more than 1e-4 in absolute terms, and the exact
+    pair must still be kept; at logits ~1e-5 a skip path reading the ReLU moves them by less than
+    1e-4, and the pair must still be rejected."""
+    import flax.linen as nn
+
+    from landscape.layers import QuantDense, QuantReLU
+
+    class Skip(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = QuantReLU(name="relu")(QuantDense(6, use_bias=False, name="fc0")(x.reshape(len(x), -1)))
+            return QuantDense(3, use_bias=False, name="fc1")(h) + jnp.sum(h, axis=-1, keepdims=True)
+
+    x = jax.random.normal(jax.random.key(8), (16, 2, 2, 1))
+    mlp = models.create("mlp", num_classes=3, hidden=(6,))
+    v = mlp.init(jax.random.key(9), x[:1])
+    v = {"params": {name: {"kernel": layer["kernel"], "bias": jnp.zeros_like(layer["bias"])}
+                    for name, layer in v["params"].items()}}
+    big = cross_layer_equalization(mlp, v, 1e5 * x)
+    assert big.pairs == (("fc0", "fc1"),) and big.max_logit_change > 1e-4
+    skip = Skip()
+    w = skip.init(jax.random.key(9), x[:1])
+    small = cross_layer_equalization(skip, w, 1e-5 * x)
+    assert small.pairs == () and small.rejected == (("fc0", "fc1"),)
+
+
+def test_equalization_rounds_run_until_no_pair_moves():
+    """A chain fc0 → fc1 → fc2 → fc3 (ReLUs between) of diagonal middle layers whose last pair is
+    balanced after the first round while the first pair is not (the middle pair's rescaling
+    unbalanced it again): rounds go on until no pair moves, not just the last one, and every pair
+    ends with equal ranges."""
+    model = models.create("mlp", num_classes=2, hidden=(2, 2, 2))
+    x = jax.random.normal(jax.random.key(10), (8, 2, 2, 1))
+    kernels = {"fc0": [[16.0, 0.5], [1.0, 1.0], [-2.0, 0.2], [3.0, -0.5]],  # column ranges 16, 1
+               "fc1": [[1.0, 0.0], [0.0, 1.0]], "fc2": [[1.0, 0.0], [0.0, 4.0]],
+               "fc3": [[2.0, 0.5], [1.0, -2.0]]}  # row ranges 2, 2: round 1 leaves fc2 → fc3 balanced
+    variables = {"params": {name: {"kernel": jnp.asarray(k, jnp.float32), "bias": jnp.zeros(len(k[0]))}
+                            for name, k in kernels.items()}}
+    eq = cross_layer_equalization(model, variables, x)
+    assert eq.pairs == (("fc0", "fc1"), ("fc1", "fc2"), ("fc2", "fc3"))
+    assert eq.rounds > 2
+    p = eq.variables["params"]
+    for a, b in eq.pairs:
+        np.testing.assert_allclose(ranges(p[a]["kernel"], -1), ranges(p[b]["kernel"], -2), rtol=1e-5)
+    # Every scale of the first round ≤ 1 (s = [1/2, 1] and [1/2, 1/2]): a round moves the
+    # network when any |log s| is large, whichever its sign.
+    model = models.create("mlp", num_classes=2, hidden=(2, 2))
+    kernels = {"fc0": [[1.0, -0.5], [0.5, 1.0]], "fc1": [[4.0, 0.0], [0.0, 1.0]], "fc2": [[8.0, 1.0], [-4.0, 2.0]]}
+    variables = {"params": {name: {"kernel": jnp.asarray(k, jnp.float32), "bias": jnp.zeros(len(k[0]))}
+                            for name, k in kernels.items()}}
+    eq = cross_layer_equalization(model, variables, jax.random.normal(jax.random.key(11), (8, 2, 1, 1)))
+    assert eq.pairs == (("fc0", "fc1"), ("fc1", "fc2")) and eq.rounds > 2
+    p = eq.variables["params"]
+    for a, b in eq.pairs:
+        np.testing.assert_allclose(ranges(p[a]["kernel"], -1), ranges(p[b]["kernel"], -2), rtol=1e-5)
+
+
+def test_equalization_checks_the_kept_pairs_together(monkeypatch):
+    """Each kept pair is exact on its own, so the pairs together should be too; were a rescaling
+    round to break that (simulated here: every rescaling after the pair's trial scales layer b's
+    kernel by 1.1 more), the result is refused, not returned with moved logits."""
+    import landscape.equalization as eq_module
+
+    model = models.create("mlp", num_classes=2, hidden=(4,))
+    x = jax.random.normal(jax.random.key(12), (8, 2, 2, 1))
+    variables = model.init(jax.random.key(13), x[:1])
+    real, calls = eq_module._rescale, []
+
+    def drifting(flat, a, b, bn, s, groups=1):
+        out = real(flat, a, b, bn, s, groups)
+        calls.append(b)
+        if len(calls) > 1:
+            out[f"params/{b}/kernel"] = out[f"params/{b}/kernel"] * np.float32(1.1)
+        return out
+
+    monkeypatch.setattr(eq_module, "_rescale", drifting)
+    with pytest.raises(RuntimeError, match="the kept pairs together move the logits by"):
+        cross_layer_equalization(model, variables, x)
