@@ -52,6 +52,9 @@ def parse_config(text: str) -> tuple[int, int | None]:
         raise SystemExit(f"config {text!r}: use W:A such as 4:4, or 4: for FP32 activations") from None
 
 
-# The finished steps of a run, by key, in a JSON file rewritten atomically after each one; a
-# rerun with the same configuration takes them from there (the library's store).
-Progress = runtime.ResultStore
+def Progress(path, config: dict, say=print) -> runtime.ResultStore:  # noqa: N802 (named as the class it makes)
+    """The finished steps of a run, by key, in a JSON file rewritten atomically after each one; a
+    rerun with the same configuration and the same code (``runtime.code_version()``) takes them
+    from there. Without the code in the key, a rerun after a change had mixed the steps of two
+    versions in one table (bench/bit_allocation.py after the MSE rule's fix)."""
+    return runtime.ResultStore(path, {**config, "code": runtime.code_version()}, say)

@@ -175,3 +175,16 @@ def test_equalization_rows_resume_by_key(tmp_path):
     other = Data()
     other.fingerprint = lambda: "d1"
     assert Progress(path, bench_eq.progress_settings(other)).steps == {}  # other data: nothing reused
+
+
+def test_a_bench_rerun_after_a_code_change_starts_afresh(tmp_path, monkeypatch):
+    """The benches' progress files are keyed by the code too: a rerun after a change had taken
+    the earlier code's steps into the new table (bench/bit_allocation.py's sensitivities and MSE
+    rows, after the MSE rule changed)."""
+    path, lines = str(tmp_path / "b.progress.json"), []
+    monkeypatch.setattr(ls.runtime, "code_version", lambda root=None: "aaaaaaaaaaaa")
+    Progress(path, {"seed": 0}, say=lines.append).get("row", lambda: 1)
+    assert Progress(path, {"seed": 0}, say=lines.append).steps == {"row": 1}  # same code: resumed
+    monkeypatch.setattr(ls.runtime, "code_version", lambda root=None: "bbbbbbbbbbbb")
+    assert Progress(path, {"seed": 0}, say=lines.append).steps == {}
+    assert lines[-1].endswith("holds another configuration's results; starting afresh")
