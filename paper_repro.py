@@ -194,6 +194,15 @@ class _exclusive:
         return False
 
 
+def _quiet_datasets() -> None:
+    """--no-progress for Hugging Face ``datasets`` too (its "Generating train split" bars)."""
+    try:
+        import datasets
+    except ImportError:  # the loader names the missing package itself
+        return
+    datasets.disable_progress_bars()
+
+
 def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     import figures
     import landscape as ls
@@ -207,6 +216,8 @@ def run(preset, modules, out: Path, *, progress: bool = True) -> int:
     stage = out / STAGING
     shutil.rmtree(stage, ignore_errors=True)  # an unfinished run's outputs: the cache redraws them
     ctx = common.Context(preset, stage, progress=progress, cache_dir=out / ".cache")
+    if not progress and preset.data != "digits":
+        _quiet_datasets()
     try:
         ctx.data()  # a missing local copy or an unreachable hub: one line, before any work
     except (OSError, ValueError, ImportError) as err:

@@ -134,6 +134,17 @@ def test_a_killed_run_leaves_the_finished_run_as_it_was(tiny_run, tmp_path, monk
     assert body(gallery) == body(before["README.md"].decode())
 
 
+def test_no_progress_silences_the_datasets_bars_too():
+    """--no-progress left datasets' "Generating train split" bars on for the parquet presets."""
+    logging = pytest.importorskip("datasets.utils.logging")
+    try:
+        logging.enable_progress_bars()
+        paper_repro._quiet_datasets()
+        assert not logging.is_progress_bar_enabled()
+    finally:
+        logging.enable_progress_bars()
+
+
 def test_cli_list_and_bad_arguments(capsys, tmp_path):
     assert paper_repro.main(["--list"]) == 0
     listing = capsys.readouterr().out
