@@ -136,13 +136,13 @@ def test_a_killed_run_leaves_the_finished_run_as_it_was(tiny_run, tmp_path, monk
 
 def test_no_progress_silences_the_datasets_bars_too():
     """--no-progress left datasets' "Generating train split" bars on for the parquet presets."""
-    logging = pytest.importorskip("datasets.utils.logging")
+    datasets = pytest.importorskip("datasets")
     try:
-        logging.enable_progress_bars()
+        datasets.enable_progress_bars()
         paper_repro._quiet_datasets()
-        assert not logging.is_progress_bar_enabled()
+        assert datasets.are_progress_bars_disabled()
     finally:
-        logging.enable_progress_bars()
+        datasets.enable_progress_bars()
 
 
 def test_cli_list_and_bad_arguments(capsys, tmp_path):
