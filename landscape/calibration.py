@@ -16,7 +16,9 @@ inside :func:`landscape.sites.calibrating`; :func:`make_rule` builds one by name
 ``aciq``       α = c_M·b (Laplace, b = E|x|) or c_M·σ (Gaussian, σ = √E[x²]); unsigned
                tensors use the non-zero entries and c_{M+1}; c_M minimises the clip + noise
                MSE of the unit distribution with the ``mse`` rule's Δ = α/L: Laplace
-               t·eᵗ = 12·L² exactly (Lambert W; 3·4^M on the midrise grid)
+               t·eᵗ = 12·L² exactly (Lambert W; 3·4^M on the midrise grid). Not capped at
+               max|x|, as in the reference: at 8 bits and above α can exceed it (levels that
+               no value reaches)
 ``kl``         TensorRT-style entropy calibration: 2048-bin histogram of the non-zero |x|,
                the threshold bin i ∈ [n_q, 2048] minimising KL(P_i ‖ Q_i), among those
                whose first i bins hold values in at least n_q bins (else the max)
