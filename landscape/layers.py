@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from landscape import sites
+from landscape import checks, sites
 
 GemmHook = Callable[[nn.Module, jax.Array, jax.Array, Callable], jax.Array]
 _GEMM_HOOK: contextvars.ContextVar = contextvars.ContextVar("landscape_gemm_hook", default=None)
@@ -307,6 +307,12 @@ class QuantIdentity(nn.Module):
     """
 
     signed: bool = True
+
+    def __post_init__(self):
+        # at construction: a truthy string ("false" from a config file) had made the site signed,
+        # and None or 0 unsigned, silently
+        checks.check_flag(self.signed, "QuantIdentity signed")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):

@@ -58,12 +58,14 @@ class Site:
       macs: weight sites: multiply-accumulates per example of the product the kernel takes part
         in, Σ over its applications of size(kernel) · (output positions), e.g. H_out·W_out·kh·kw·
         C_in·C_out for a convolution (H_out·W_out·kh·kw·(C_in/g)·C_out for one of g groups, whose
-        kernel is (kh, kw, C_in/g, C_out)), in·out for a dense layer on (batch, in) — the MACs of a
-        BOPs count (MACs · weight bits · activation bits). None for activation sites and for
-        layers that do not report their output (:func:`note_output`).
+        kernel is (kh, kw, C_in/g, C_out)), in·out for a dense layer on (batch, in) and T·in·out on
+        (batch, T, in) (a transformer's token-wise layers, once per token) — the MACs of a BOPs
+        count (MACs · weight bits · activation bits). None for activation sites and for layers
+        that do not report their output (:func:`note_output`).
       signed: activation sites whose values can be negative (quantized on the symmetric
-        "midtread" grid, levels kΔ for |k| ≤ 2^(M−1) − 1); False for ReLU outputs (the
-        "unsigned" grid) and for weight sites, whose grid ClipLoss chooses.
+        "midtread" grid, levels kΔ for |k| ≤ 2^(M−1) − 1); False for ReLU outputs and
+        ``QuantIdentity(signed=False)`` sites such as softmax probabilities (the "unsigned"
+        grid), and for weight sites, whose grid ClipLoss chooses.
     """
 
     name: str

@@ -47,7 +47,8 @@ DEFAULTS = {
 }
 
 # Per-model changes to DEFAULTS, by the model's class name, for every dataset. The ViT (pre-LN,
-# no BatchNorm) reaches 93.3 % test accuracy on digits at the CNNs' 0.05, 99.7 % at 0.1.
+# no BatchNorm) trains worse on digits at the CNNs' 0.05; at 0.1 the zoo ViT reaches 96.94 % test
+# accuracy (100 % train; figures/vit).
 MODEL_DEFAULTS = {
     "ViT": dict(lr=0.1),
 }

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from landscape import checks
 from landscape.layers import QuantDense, QuantIdentity
 
 
@@ -61,8 +62,8 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer on NHWC images; ``patch`` (default H // 4: a 4 × 4 grid of tokens)
-    must divide the height and width; ``quantize_attention`` makes the operands of the two
+    """Vision Transformer on NHWC images; ``patch`` (default H // 4: a 4 × 4 grid of tokens on a
+    square image) must divide the height and width; ``quantize_attention`` makes the operands of the two
     attention products sites too (see the module docstring)."""
 
     num_classes: int
@@ -73,9 +74,18 @@ class ViT(nn.Module):
     mlp_dim: int = 128
     quantize_attention: bool = False
 
+    def __post_init__(self):
+        # at construction, where they were written: heads=0 or patch=0 had failed in the first call
+        # with "integer modulo by zero", naming neither
+        for key in ("dim", "depth", "heads", "mlp_dim") + (() if self.patch is None else ("patch",)):
+            checks.check_int(getattr(self, key), f"ViT {key}")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no batch statistics, no dropout
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"ViT: the input must be NHWC (batch, height, width, channels), got shape {jnp.shape(x)}")
         b, h, w, c = x.shape
         p = self.patch if self.patch is not None else max(h // 4, 1)
         if h % p or w % p:

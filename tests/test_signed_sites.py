@@ -1,6 +1,7 @@
 """Signed activation sites (QuantIdentity) and the Vision Transformer built on them."""
 
 import dataclasses
+import re
 import types
 
 import flax
@@ -90,6 +91,18 @@ def test_unsigned_identity_site_quantizes_probabilities_on_the_unsigned_grid():
     np.testing.assert_allclose(np.asarray(loss.init("max")), [p.max()], rtol=1e-6)
 
 
+@pytest.mark.parametrize("signed", ["false", "no", None, 0.0, 1])
+def test_quant_identity_refuses_a_signed_flag_that_is_not_a_bool(signed):
+    """signed="false" (read from a config file) had made the site signed, None and 0 unsigned, silently."""
+    x = jnp.zeros((2, 5))
+    with pytest.raises(ValueError, match=rf"QuantIdentity signed={re.escape(repr(signed))} must be True or False"):
+        QuantIdentity(signed=signed).init(jax.random.key(0), x)
+    for flag, grid in ((True, "midtread"), (np.bool_(False), "unsigned")):
+        m = QuantIdentity(signed=flag)
+        (site,), _ = ls.sites.trace_sites(m.apply, m.init(jax.random.key(0), x), x)
+        assert site.grid == grid
+
+
 def test_calibration_rules_see_the_negative_tail_of_a_signed_site():
     net, x, y = _probe(signed=True)
     x[0, 0] = -7.5  # the largest magnitude is negative
@@ -109,6 +122,14 @@ def test_vit_builds_with_a_patch_that_divides_the_image():
         model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
     with pytest.raises(ValueError, match="dim=30 must be a multiple of heads=4"):
         models.create("vit", num_classes=10, dim=30).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    # built directly (not through models.create), sizes are checked too: heads=0 and patch=0 had
+    # failed with "integer modulo by zero", naming neither; images without a channel axis with
+    # "not enough values to unpack"
+    for key in ("heads", "patch", "dim", "depth", "mlp_dim"):
+        with pytest.raises(ValueError, match=f"ViT {key}=0 must be a positive integer"):
+            models.ViT(10, **{key: 0})
+    with pytest.raises(ValueError, match=r"ViT: the input must be NHWC .* got shape \(1, 8, 8\)"):
+        models.ViT(10).init(jax.random.key(0), jnp.zeros((1, 8, 8)))
 
 
 @pytest.fixture(scope="module")
