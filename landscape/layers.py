@@ -227,28 +227,28 @@ def _int_pair(value, minimum: int) -> tuple[int, int] | None:
     return pair if min(pair) >= minimum else None
 
 
-def _conv_kernel_size(kernel_size) -> tuple[int, int]:
-    pair = _int_pair(kernel_size, 1)
+def _positive_pair(value, argument: str, forms: str) -> tuple[int, int]:
+    """(v, v) or (a, b) for a QuantConv size argument of positive ints, else a ValueError naming it."""
+    pair = _int_pair(value, 1)
     if pair is None:
-        raise ValueError(f"QuantConv kernel_size={kernel_size!r} is not allowed; allowed: a positive int k (a k x k "
-                         "kernel) or a sequence of two positive ints (kh, kw)")
+        raise ValueError(f"QuantConv {argument}={value!r} is not allowed; allowed: {forms}")
     return pair
+
+
+def _conv_kernel_size(kernel_size) -> tuple[int, int]:
+    return _positive_pair(kernel_size, "kernel_size",
+                          "a positive int k (a k x k kernel) or a sequence of two positive ints (kh, kw)")
 
 
 def _conv_strides(strides) -> tuple[int, int]:
-    pair = (1, 1) if strides is None else _int_pair(strides, 1)
-    if pair is None:
-        raise ValueError(f"QuantConv strides={strides!r} is not allowed; allowed: a positive int s (s in both "
-                         "dimensions), a sequence of two positive ints (sh, sw), or None (1)")
-    return pair
+    return (1, 1) if strides is None else _positive_pair(
+        strides, "strides", "a positive int s (s in both dimensions), a sequence of two positive ints (sh, sw), "
+        "or None (1)")
 
 
 def _conv_dilation(kernel_dilation) -> tuple[int, int]:
-    pair = _int_pair(kernel_dilation, 1)
-    if pair is None:
-        raise ValueError(f"QuantConv kernel_dilation={kernel_dilation!r} is not allowed; allowed: a positive int d "
-                         "(d in both dimensions; 1: no dilation) or a sequence of two positive ints (dh, dw)")
-    return pair
+    return _positive_pair(kernel_dilation, "kernel_dilation", "a positive int d (d in both dimensions; 1: no "
+                          "dilation) or a sequence of two positive ints (dh, dw)")
 
 
 def _dilated_size(kernel_size, dilation) -> tuple[int, ...]:

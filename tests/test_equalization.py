@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,20 @@ import pytest
 import landscape as ls
 import models
 from landscape.equalization import cross_layer_equalization
+from landscape.layers import BatchNorm, QuantConv, QuantDense, QuantReLU
+
+
+class SidePath(nn.Module):
+    """conv → BN(conv) + ``weight``·conv → ReLU → dense: the conv's output has a second reader
+    besides its BN, so folding the BN would change what that side path sees."""
+
+    weight: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        y = QuantConv(4, name="conv")(x)
+        h = QuantReLU(name="relu")(BatchNorm(name="bn")(y, train) + self.weight * y)
+        return QuantDense(10, name="fc")(jnp.mean(h, axis=(1, 2)))
 
 
 def ranges(kernel, axis):
@@ -124,17 +139,6 @@ def test_folding_refuses_a_conv_whose_output_has_another_reader(digits):
     """A conv read by its BN and by a side path: folding would scale what the side path sees.
     It changed the logits by 0.26 (of 2.8) silently, and CLE, measuring against the folded
     network, reported no change; now both refuse, naming the pair."""
-    import flax.linen as nn
-
-    from landscape.layers import BatchNorm, QuantConv, QuantDense, QuantReLU
-
-    class SidePath(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            y = QuantConv(4, name="conv")(x)
-            h = QuantReLU(name="relu")(BatchNorm(name="bn")(y, train) + 0.1 * y)
-            return QuantDense(10, name="fc")(jnp.mean(h, axis=(1, 2)))
-
     model, x = SidePath(), digits.calib.x[:16]
     variables = model.init(jax.random.key(0), x[:1])
     variables = {**variables, "params": {**variables["params"], "bn": {"scale": jnp.array([3.0, 0.2, 1.5, 0.5]),
@@ -183,10 +187,6 @@ def test_folding_is_the_formula_with_epsilon_and_the_conv_bias(digits):
     var 1 − ε (an exact identity plus bias). A conv with a bias and a BN with a large ε (0.5) and small
     variances make each term count: ε left out of s or of the var, or the conv bias left unscaled,
     moved these logits (and the folding refused them as a side path)."""
-    import flax.linen as nn
-
-    from landscape.layers import BatchNorm, QuantConv, QuantDense, QuantReLU
-
     class BiasedConvBN(nn.Module):
         @nn.compact
         def __call__(self, x, train=False):
@@ -251,18 +251,7 @@ def test_folding_refuses_a_side_path_that_moves_the_logits_by_under_one_percent(
     of max |logit| is a side path, at any scale of the logits; the TF32 allowance FOLD_TOL_FAST = 2e-2
     is for faster precisions only (at "highest" it let this side path, ~0.5 % of the logits, fold
     silently)."""
-    import flax.linen as nn
-
-    from landscape.layers import BatchNorm, QuantConv, QuantDense, QuantReLU
-
-    class FaintSidePath(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            y = QuantConv(4, name="conv")(x)
-            h = QuantReLU(name="relu")(BatchNorm(name="bn")(y, train) + 0.005 * y)
-            return QuantDense(10, name="fc")(jnp.mean(h, axis=(1, 2)))
-
-    model, x = FaintSidePath(), jnp.asarray(digits.calib.x[:16])
+    model, x = SidePath(weight=0.005), jnp.asarray(digits.calib.x[:16])
     variables = model.init(jax.random.key(0), x[:1])
     variables = {**variables, "params": {**variables["params"], "bn": {"scale": jnp.array([3.0, 0.2, 1.5, 0.5]),
                                                                        "bias": jnp.zeros(4)}}}
@@ -285,10 +274,6 @@ def test_equalization_tolerance_is_relative_to_the_largest_logit():
     logits ~1e5 float rounding alone moves them by more than 1e-4 in absolute terms, and the exact
     pair must still be kept; at logits ~1e-5 a skip path reading the ReLU moves them by less than
     1e-4, and the pair must still be rejected."""
-    import flax.linen as nn
-
-    from landscape.layers import QuantDense, QuantReLU
-
     class Skip(nn.Module):
         @nn.compact
         def __call__(self, x, train=False):
