@@ -11,10 +11,12 @@ inside :func:`landscape.sites.calibrating`; :func:`make_rule` builds one by name
 ``mse``        α = argmin E[(clip(x, ±α) − x)²] + Δ²/12 with Δ = α/L, L = 2^(M−1) (midrise: the
                reference's Δ = 2α/2^M), 2^M (unsigned; the clip error's sum divided by the
                count of positive entries, as the reference does) or 2^(M−1) − 1 (midtread, its
-               exact step): the reference's "MSE with a uniform-noise prior"
+               exact step; divided by the count of non-zero entries): the reference's "MSE with
+               a uniform-noise prior"
 ``lp``         α = argmin E|Q_α(x) − x|^p with the site's own quantizer (LAPQ's init)
 ``aciq``       α = c_M·b (Laplace, b = E|x|) or c_M·σ (Gaussian, σ = √E[x²]); unsigned
-               tensors use the non-zero entries and c_{M+1}; c_M minimises the clip + noise
+               tensors use the non-zero entries and c_{M+1}, midtread ones the non-zero
+               entries (their zeros sit on the zero level); c_M minimises the clip + noise
                MSE of the unit distribution with the ``mse`` rule's Δ = α/L: Laplace
                t·eᵗ = 12·L² exactly (Lambert W; 3·4^M on the midrise grid). Not capped at
                max|x|, as in the reference: at 8 bits and above α can exceed it (levels that
@@ -170,12 +172,17 @@ def mse_prior_error(x, alpha, bits: int, grid: str):
     On the unsigned grid the clip error is summed over every entry but divided by the number of
     positive ones, as the reference does (its post-ReLU zeros sit on the level 0 and carry no
     noise; dividing by all N weighted the noise term by N/N₊, 2× on a half-zero tensor, and gave
-    an α ~7 % smaller than the reference's at 4 bits).
+    an α ~7 % smaller than the reference's at 4 bits). The midtread grid has a zero level too, so
+    its exact zeros (a pruned or N:M-sparse kernel's) are left out the same way: zeros added to a
+    tensor leave its α unchanged. The midrise grid has no zero level; there every entry counts.
     """
     noise = alpha**2 / (12.0 * noise_levels(bits, grid) ** 2)
     if grid == "unsigned":
         clip_err = jnp.sum((jnp.clip(x, 0.0, alpha) - x) ** 2)
         return clip_err / jnp.maximum(jnp.sum(x > 0), 1) + noise
+    if grid == "midtread":
+        clip_err = jnp.sum((jnp.clip(x, -alpha, alpha) - x) ** 2)
+        return clip_err / jnp.maximum(jnp.sum(x != 0), 1) + noise
     return jnp.mean((jnp.clip(x, -alpha, alpha) - x) ** 2) + noise
 
 
@@ -258,9 +265,13 @@ def aciq_table(distribution: str, grid: str = "midrise") -> np.ndarray:
 def aciq_rule(x, spec, kind, *, distribution: str = "laplace"):
     x = jnp.ravel(x).astype(jnp.float32)
     # The unsigned grid uses c_{M+1} (its own table) and the statistics of the non-zero entries (the
-    # reference); the midtread grid its own constants (its step is α/(2^(M−1) − 1)).
+    # reference); the midtread grid its own constants (its step is α/(2^(M−1) − 1)) and, having a
+    # zero level too, the non-zero entries' statistics (a sparse kernel's zeros had halved b).
     c = jnp.asarray(aciq_table(distribution, spec.grid))[jnp.asarray(spec.bits, jnp.int32)]
-    weights = jnp.ones_like(x) if _signed(spec) else (x > 0).astype(jnp.float32)
+    if spec.grid == "midrise":
+        weights = jnp.ones_like(x)
+    else:
+        weights = ((x != 0) if spec.grid == "midtread" else (x > 0)).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(weights), 1.0)
     if distribution == "laplace":
         scale = jnp.sum(jnp.abs(x) * weights) / count

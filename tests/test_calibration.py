@@ -342,6 +342,21 @@ def test_clip_value_refuses_fp32_bits_by_name():
             cal.clip_value(np.ones(5, np.float32), rule, bits=None)
 
 
+@pytest.mark.parametrize("rule,kw", [("mse", {}), ("aciq", {}), ("aciq", {"distribution": "gauss"})])
+def test_a_sparse_kernels_zeros_leave_its_midtread_alpha_unchanged(rule, kw):
+    """On the midtread grid (the one for sparse networks) an exact zero sits on the zero level and
+    carries no error, so a 2:4 kernel's zeros must not move α: MSE's mean over all entries had
+    weighted the noise prior 2× and ACIQ's b and σ had been taken over the zeros too (α 0.5× and
+    0.71×). On the midrise grid, with no zero level, zeros do cost noise and still count."""
+    w = np.random.default_rng(1).laplace(size=20000).astype(np.float32)
+    sparse = w.copy()
+    sparse[::2] = 0.0
+    ours = cal.clip_value(sparse, rule, bits=4, grid="midtread", **kw)
+    assert ours == pytest.approx(cal.clip_value(sparse[1::2], rule, bits=4, grid="midtread", **kw), rel=1e-4)
+    dense = cal.clip_value(sparse, rule, bits=4, grid="midrise", **kw)
+    assert dense < 0.9 * cal.clip_value(sparse[1::2], rule, bits=4, grid="midrise", **kw)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_kl_ignores_the_exact_zeros_of_a_sparse_kernel(bits):
     """A 50 %-zero kernel (a 2:4 mask) kept its zeros in bin 0 on the signed grid, and their spike
