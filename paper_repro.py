@@ -75,6 +75,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--compare: {err}") from None
         return 0
     if args.list:
+        if args.preset not in common.PRESETS:  # the listing is the small preset's; a typo was accepted
+            raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(common.PRESETS)}")
         print(f"{'':4s} {'':18s} {'cost':>6s}  (compute seconds, small preset, every step computed; "
               f"{figures.COST_SOURCE})")
         for m in figures.load_all():

@@ -293,6 +293,10 @@ def _check_table(s: Sensitivity) -> None:
         if np.shape(getattr(s, field)) != want:
             raise ValueError(f"the Sensitivity's {field} has shape {np.shape(getattr(s, field))}; {n_sites} sites "
                              f"and widths {list(s.bits)} need {want}")
+    empty = [name for name, size in zip(s.sites, np.asarray(s.sizes), strict=True) if not size >= 1]
+    if empty:  # a size of 0 or below costs nothing: the search would give that site every bit for free
+        raise ValueError(f"the Sensitivity's sizes of sites {empty} are not positive; allocate_bits needs each "
+                         "site's weight count (≥ 1)")
     bad = [name for name, row in zip(s.sites, np.asarray(s.omega, np.float64), strict=True)
            if not np.all(np.isfinite(row))]
     if bad:

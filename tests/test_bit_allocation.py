@@ -348,7 +348,8 @@ def test_allocation_refuses_a_table_it_cannot_optimise():
              (dict(macs=sizes[:2]), r"macs has shape \(2,\)"),
              (dict(bits=(2, 2, 4)), r"widths \[2, 2, 4\]; allocate_bits needs at least one site and one or more "
                                     "distinct widths"),
-             (dict(sites=(), sizes=sizes[:0], omega=omega[:0]), r"sites \[\] and widths"))
+             (dict(sites=(), sizes=sizes[:0], omega=omega[:0]), r"sites \[\] and widths"),
+             (dict(sizes=np.array([16, 0, -4])), r"sizes of sites \['b', 'c'\] are not positive"))
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
             allocate_bits(dataclasses.replace(s, **change), budget_bits=budget)

@@ -148,6 +148,8 @@ def test_no_progress_silences_the_datasets_bars_too():
 def test_cli_list_and_bad_arguments(capsys, tmp_path):
     assert paper_repro.main(["--list"]) == 0
     listing = capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: "):  # --list had accepted a typo
+        paper_repro.main(["--preset", "nope", "--list"])
     for module in figures.load_all():
         assert module.NAME in listing and module.SLUG in listing
     with pytest.raises(SystemExit, match=r"--only 'F99': unknown figure\(s\) \['F99'\]; known: F1"):
