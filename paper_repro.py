@@ -74,16 +74,14 @@ def main(argv=None) -> int:
         except ValueError as err:
             raise SystemExit(f"--compare: {err}") from None
         return 0
+    if args.preset not in common.PRESETS:  # before --list too, which had accepted a typo
+        raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(common.PRESETS)}")
     if args.list:
-        if args.preset not in common.PRESETS:  # the listing is the small preset's; a typo was accepted
-            raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(common.PRESETS)}")
         print(f"{'':4s} {'':18s} {'cost':>6s}  (compute seconds, small preset, every step computed; "
               f"{figures.COST_SOURCE})")
         for m in figures.load_all():
             print(f"{m.NAME:4s} {m.SLUG:18s} {m.EST_SECONDS:>4d} s  {m.TITLE}")
         return 0
-    if args.preset not in common.PRESETS:
-        raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(common.PRESETS)}")
     preset = common.PRESETS[args.preset]
     changes = {}
     if args.data_dir:

@@ -177,13 +177,20 @@ def mse_prior_error(x, alpha, bits: int, grid: str):
     tensor leave its α unchanged. The midrise grid has no zero level; there every entry counts.
     """
     noise = alpha**2 / (12.0 * noise_levels(bits, grid) ** 2)
-    if grid == "unsigned":
-        clip_err = jnp.sum((jnp.clip(x, 0.0, alpha) - x) ** 2)
-        return clip_err / jnp.maximum(jnp.sum(x > 0), 1) + noise
-    if grid == "midtread":
-        clip_err = jnp.sum((jnp.clip(x, -alpha, alpha) - x) ** 2)
-        return clip_err / jnp.maximum(jnp.sum(x != 0), 1) + noise
-    return jnp.mean((jnp.clip(x, -alpha, alpha) - x) ** 2) + noise
+    clip_err = (jnp.clip(x, 0.0 if grid == "unsigned" else -alpha, alpha) - x) ** 2
+    counted = _counted(x, grid)
+    if counted is None:
+        return jnp.mean(clip_err) + noise
+    return jnp.sum(clip_err) / jnp.maximum(jnp.sum(counted), 1) + noise
+
+
+def _counted(x, grid: str):
+    """The entries that carry quantization noise on ``grid``, or None for all of them: on a grid
+    with a zero level the exact zeros sit on it (unsigned: the positive entries, as the reference
+    counts post-ReLU tensors; midtread: the non-zero ones); midrise has no zero level."""
+    if grid == "midrise":
+        return None
+    return x > 0 if grid == "unsigned" else x != 0
 
 
 # --------------------------------------------------------------------------- rules
@@ -268,10 +275,8 @@ def aciq_rule(x, spec, kind, *, distribution: str = "laplace"):
     # reference); the midtread grid its own constants (its step is α/(2^(M−1) − 1)) and, having a
     # zero level too, the non-zero entries' statistics (a sparse kernel's zeros had halved b).
     c = jnp.asarray(aciq_table(distribution, spec.grid))[jnp.asarray(spec.bits, jnp.int32)]
-    if spec.grid == "midrise":
-        weights = jnp.ones_like(x)
-    else:
-        weights = ((x != 0) if spec.grid == "midtread" else (x > 0)).astype(jnp.float32)
+    counted = _counted(x, spec.grid)
+    weights = jnp.ones_like(x) if counted is None else counted.astype(jnp.float32)
     count = jnp.maximum(jnp.sum(weights), 1.0)
     if distribution == "laplace":
         scale = jnp.sum(jnp.abs(x) * weights) / count
