@@ -244,7 +244,7 @@ class _Programs:
                 with sites.calibrating(specs, rule_fn, quantize_upstream=stats == "quantized",
                                        bits=bits if traced_bits else None, corrections=corrections) as ctx:
                     self.model.apply(state["variables"], x, train=False)
-                return ctx.alphas
+                return ctx.alphas, ctx.minima
 
             self.init[key] = jax.jit(self._traced(f"init:{rule}", calibrate))
         return self.init[key]
@@ -635,7 +635,8 @@ class ClipLoss:
         x = self._calib_host[0][:stats_size]
         if len(x) % len(jax.devices()) == 0:
             x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
-        alphas = self._run(program, self._state, x, traced)
+        alphas, minima = self._run(program, self._state, x, traced)
+        _warn_negative_unsigned(minima, alphas)
         flat = [jnp.reshape(alphas[s.name], (-1,)) for s in self.sites]
         alpha = (jnp.concatenate(flat) if flat else jnp.zeros((0,))).astype(jnp.float32)
         bad = [s.name for s, a in zip(self.sites, flat, strict=True) if not np.all(np.isfinite(np.asarray(a)))]
@@ -756,6 +757,18 @@ class ClipLoss:
         desc = ", ".join(f"{kinds[k]} {k} @ {label[k]}" for k in ("weight", "activation") if k in kinds)
         return (f"ClipLoss({type(self.model).__name__}, n={self.n} ({desc or 'all FP32'}), "
                 f"calib={self.n_calib}, devices={len(jax.devices())})")
+
+
+def _warn_negative_unsigned(minima: Mapping, alphas: Mapping) -> None:
+    """Warn about activation sites on the unsigned grid (ReLU outputs, ``QuantIdentity(signed=False)``)
+    whose calibration values go below 0: their quantizer clips every negative value to 0."""
+    bad = {name: float(m) for name, m in minima.items() if float(m) < 0.0}
+    if bad:
+        listed = ", ".join(f"{name} (least value {m:.4g}, α {float(np.max(alphas[name])):.4g})"
+                           for name, m in bad.items())
+        warnings.warn(f"activation sites on the unsigned grid see negative values, which their quantizer "
+                      f"clips to 0: {listed}; make them signed (QuantIdentity(signed=True)) if the tensor "
+                      f"can be negative", stacklevel=3)
 
 
 def _checked_bits(bits, name: str = "bits"):

@@ -300,7 +300,8 @@ class QuantIdentity(nn.Module):
     """Identity whose output is an activation site: signed (default), on the symmetric grid with
     a zero level ("midtread": levels kΔ, |k| ≤ 2^(M−1) − 1, Δ = α/(2^(M−1) − 1)), or with
     ``signed=False`` on the unsigned grid of a ReLU output (levels kΔ, 0 ≤ k ≤ 2^M − 1) for a
-    tensor that cannot be negative (softmax probabilities).
+    tensor that cannot be negative (softmax probabilities; ``ClipLoss.init`` warns when such a
+    site sees negative calibration values, which its grid clips to 0).
 
     The name follows Brevitas; place one wherever a tensor feeds a product (transformers: after
     each LayerNorm, GELU and attention; the operands of QKᵀ and of the attention-weighted sum).

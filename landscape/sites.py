@@ -457,6 +457,8 @@ class _Calibrator:
         self.bits = bits or {}
         self.corrections = corrections or {}
         self.alphas: dict[str, jax.Array] = {}
+        # the least value each unsigned activation site saw: the unsigned grid clips negatives to 0
+        self.minima: dict[str, jax.Array] = {}
         self._seen: dict[str, list[jax.Array]] = {}  # each activation site's values so far
 
     def _spec(self, name):
@@ -494,6 +496,8 @@ class _Calibrator:
         values = x if len(seen) == 1 else jnp.concatenate(seen)
         alpha = self._alpha(values, spec, "activation")
         self.alphas[name] = alpha
+        if spec.grid == "unsigned":
+            self.minima[name] = jnp.min(values)
         if not self.quantize_upstream:
             return x
         return quantizers.quantize(x, alpha, spec.bits, spec.grid)
@@ -507,9 +511,10 @@ def calibrating(specs: Mapping[str, SiteSpec], rule: Rule, *, quantize_upstream:
     With ``quantize_upstream`` the tensor is quantized with its new α before it flows on,
     so every activation's statistics are taken with all upstream sites quantized (the
     LAPQ reference's online initialisation); otherwise statistics are FP32. After the
-    traced call, ``ctx.alphas`` maps site name → α. An activation site applied more than
-    once (one module called twice shares its α) gets the rule over all its applications'
-    values; each application is quantized with the α of the values seen up to it. ``bits``
+    traced call, ``ctx.alphas`` maps site name → α, and ``ctx.minima`` each activation site on
+    the unsigned grid → the least value it saw (negative values there are clipped to 0). An
+    activation site applied more than once (one module called twice shares its α) gets the rule
+    over all its applications' values; each application is quantized with the α of the values seen up to it. ``bits``
     optionally overrides ``spec.bits`` with traced values (for rules whose program does not
     depend on the bit width), and
     ``corrections`` overrides ``spec.bias_correction`` as in :func:`quantizing`.

@@ -3,6 +3,7 @@
 import dataclasses
 import re
 import types
+import warnings
 
 import flax
 import flax.linen as nn
@@ -89,6 +90,32 @@ def test_unsigned_identity_site_quantizes_probabilities_on_the_unsigned_grid():
     expected = _cross_entropy(p_hat @ np.asarray(params["kernel"]) + np.asarray(params["bias"]), y)
     np.testing.assert_allclose(float(loss(jnp.array([alpha]))), expected, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(loss.init("max")), [p.max()], rtol=1e-6)
+
+
+class _UnsignedIdentity(nn.Module):
+    """logits = Q(x) @ W + b with the site declared unsigned: a tensor that does go negative."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return QuantDense(3, name="fc")(QuantIdentity(signed=False, name="act")(x.reshape(x.shape[0], -1)))
+
+
+def test_init_warns_when_an_unsigned_site_sees_negative_values():
+    """The unsigned grid clips negatives to 0: a misdeclared site (GELU, LayerNorm) had lost them silently."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=40)
+    model = _UnsignedIdentity()
+    net = types.SimpleNamespace(model=model, variables=model.init(jax.random.key(2), jnp.asarray(x)))
+    loss = ls.ClipLoss(net, (x, y), w_bits=None, a_bits=4, quantize_first_last=True)
+    least = f"{float(x.min()):.4g}"
+    with pytest.warns(UserWarning, match=rf"unsigned grid see negative values.*act \(least value {re.escape(least)}"):
+        loss.init("max")
+    # a post-ReLU site and a softmax site are never negative: no warning
+    for signed_net, xs in ((_probe(signed=False)[0], x), (_probe(signed=True)[0], x)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ls.ClipLoss(signed_net, (xs, y), w_bits=None, a_bits=4, quantize_first_last=True).init("max")
 
 
 @pytest.mark.parametrize("signed", ["false", "no", None, 0.0, 1])
