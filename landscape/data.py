@@ -12,11 +12,13 @@ Calibration images are a seeded sample of the training split (never the test spl
   parquet layout (``**/*train*.parquet`` and ``**/*test*.parquet``, or
   ``*validation*`` for ImageNet). Decoded arrays are cached as ``.npz`` under the cache
   directory (``$LANDSCAPE_CACHE``, default ``~/.cache/landscape``), keyed by the files'
-  names, sizes and modification times, so a second load skips PNG decoding.
+  names, sizes and modification times, so a second load skips PNG decoding; decoding a
+  rewritten copy removes the arrays of its earlier versions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -270,17 +272,34 @@ def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[
     )
     with open_atomic(cached, "wb") as f:  # a killed run never leaves a half-written cache
         np.savez(f, xtr=xtr, ytr=ytr, xte=xte, yte=yte)
+    if data_dir is not None:
+        _drop_older_versions(cached, *key.split("-"))
     return Split(xtr, ytr), Split(xte, yte), meta["classes"]
 
 
 def _files_key(files: dict[str, Sequence[str]]) -> str:
-    h = hashlib.sha256()
+    """``copy-version``: a hash of the files' paths (which copy), then of their sizes and
+    modification times (which version of it)."""
+    where, version = hashlib.sha256(), hashlib.sha256()
     for split in sorted(files):
         for f in files[split]:
             st = os.stat(f)
+            where.update(f"{os.path.abspath(f)}\n".encode())
             # nanoseconds: a file rewritten within the same second must not hit the old cache
-            h.update(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+            version.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return f"{where.hexdigest()[:12]}-{version.hexdigest()[:12]}"
+
+
+def _drop_older_versions(cached: str, copy: str, version: str) -> None:
+    """Remove the decoded arrays of earlier versions of the same copy (same files, sizes and
+    limits; another modification time): a copy rewritten again and again had left one stale
+    .npz of some hundred MB per rewrite."""
+    folder, name = os.path.split(cached)
+    prefix, suffix = name.split(f"-{copy}-{version}-")
+    for other in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(prefix)}-{copy}-*-{glob.escape(suffix)}")):
+        if other != cached:
+            with contextlib.suppress(OSError):  # another process may have removed it first
+                os.remove(other)
 
 
 def _load_with_datasets(name, meta, files):

@@ -102,6 +102,39 @@ def test_the_parquet_cache_key_sees_a_rewrite_within_the_same_second(tmp_path):
         os.utime(f, ns=(ns, ns))
         keys.append(ls.data._files_key({"train": [str(f)]}))
     assert keys[0] != keys[1]
+    assert keys[0].split("-")[0] == keys[1].split("-")[0]  # the same copy, another version of it
+
+
+def test_a_rewritten_copy_replaces_its_earlier_decoded_arrays(tmp_path, monkeypatch):
+    """One decoded .npz per copy and sizes: each rewrite of a copy had left another one behind."""
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache"))
+    copies = []
+    for name in ("a", "b"):
+        d = tmp_path / name / "mnist"
+        d.mkdir(parents=True)
+        copies.append(d)
+    cache = tmp_path / "cache" / "data"
+
+    def write(d, ns, seed=0):
+        for i, split in enumerate(("train", "test")):
+            f = d / f"{split}-00000-of-00001.parquet"
+            _write_parquet(f, 20 - 8 * i, seed + i)
+            os.utime(f, ns=(ns, ns))
+
+    write(copies[0], 1_700_000_000_000_000_000)
+    write(copies[1], 1_700_000_000_000_000_000)
+    old = [ls.data.load("mnist", data_dir=str(d), calib_size=8, seed=0) for d in copies]
+    ls.data.load("mnist", data_dir=str(copies[0]), max_train=10, calib_size=8, seed=0)  # other sizes: kept
+    first = sorted(p.name for p in cache.glob("*.npz"))
+    assert len(first) == 3
+    write(copies[0], 1_700_000_001_000_000_000, seed=5)  # copy a rewritten
+    data = ls.data.load("mnist", data_dir=str(copies[0]), calib_size=8, seed=0)
+    assert not np.array_equal(data.test.x, old[0].test.x)  # decoded again, not the old arrays
+    after = sorted(p.name for p in cache.glob("*.npz"))
+    assert len(after) == 3 and len(set(after) - set(first)) == 1
+    (gone,) = set(first) - set(after)  # copy a's earlier full-size arrays; b's and the 10-image ones stay
+    copy_a = ls.data._files_key({s: [str(copies[0] / f"{s}-00000-of-00001.parquet")] for s in ("train", "test")})
+    assert gone.startswith(f"mnist-{copy_a.split('-')[0]}-") and gone.endswith("-None-None.npz")
 
 
 def test_a_copy_with_labels_outside_the_classes_is_refused(tmp_path):
