@@ -10,6 +10,7 @@ Python's runpy warns before running it a second time as ``__main__``; this dispa
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,9 +19,15 @@ COMMANDS = {
 }
 
 
+def program() -> str:
+    """How the user called us: ``landscape`` (the console script) or ``python -m landscape``."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "landscape" if invoked == "landscape" else "python -m landscape"
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: python -m landscape COMMAND [options]   (COMMAND --help for its options)", "", "commands:"]
+    lines = [f"usage: {program()} COMMAND [options]   (COMMAND --help for its options)", "", "commands:"]
     lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -35,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{usage()}\n\nerror: unknown command {name!r}; choose from {sorted(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    module.main(rest, prog=f"python -m landscape {name}")
+    module.main(rest, prog=f"{program()} {name}")
     return 0
 
 

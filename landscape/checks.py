@@ -71,7 +71,8 @@ def as_alpha(alpha, name: str = "alpha") -> np.ndarray:
     if kind in ("c", "b"):  # complex would lose its imaginary part (a ComplexWarning), bool become 1.0
         raise ValueError(f"{name} must be real numbers; got dtype {alpha.dtype}")
     try:
-        return np.asarray(alpha, np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: +inf, which the loss reports as +inf
+            return np.asarray(alpha, np.float32)
     except (TypeError, ValueError) as e:
         kind = type(alpha).__name__
         hint = " — pass its clipping vector, res.alpha" if hasattr(alpha, "alpha") else ""

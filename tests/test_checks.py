@@ -48,3 +48,14 @@ def test_check_positive_with_allow_zero():
     for bad in (-1e-4, float("nan"), False):
         with pytest.raises(ValueError, match=re.escape(f"weight_decay={bad!r} must be a finite number >= 0")):
             checks.check_positive(bad, "weight_decay", allow_zero=True)
+
+
+def test_as_alpha_beyond_float32_range_is_inf_without_a_numpy_overflow_warning():
+    """A float64 α above float32's range is +inf, which the loss reports as +inf: numpy's cast
+    had printed "overflow encountered in cast" on the way."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = checks.as_alpha(np.array([1.0, 1e300, -1e300]))
+    assert out.dtype == np.float32 and out[0] == 1.0 and out[1] == np.inf and out[2] == -np.inf

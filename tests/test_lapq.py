@@ -606,6 +606,19 @@ def test_python_m_landscape_dispatches_commands_without_runpy_warning(capsys):
     assert "RuntimeWarning" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv0, expected", [("/usr/local/bin/landscape", "landscape"),
+                                              ("/x/landscape/__main__.py", "python -m landscape"),
+                                              ("", "python -m landscape")])
+def test_usage_names_the_console_script_when_called_as_landscape(monkeypatch, capsys, argv0, expected):
+    from landscape import __main__ as cli
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert cli.usage().startswith(f"usage: {expected} COMMAND")
+    with pytest.raises(SystemExit):
+        cli.main(["lapq", "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {expected} lapq")
+
+
 @pytest.mark.parametrize("method", lq.METHODS)
 def test_on_interrupt_raise_propagates_instead_of_returning_a_partial_result(tiny_loss, method):
     """Callers that store results pass on_interrupt="raise": the CLI, paper_repro's cache and the
