@@ -1,15 +1,16 @@
 """The LAPQ paper's clip landscape on a Vision Transformer, next to a CNN (digits or MNIST).
 
 Trains (or loads, cached by ``fit``) the networks of ``--networks`` with training seed 0: the
-default resnet8 (``fit``'s settings) and a ViT (``models.create("vit")``: 16 tokens of 2×2 patches
-on digits, 7×7 on MNIST, width 64, 4 blocks of 4 heads, MLP 128; lr 0.1, where ``fit``'s digits
-default of 0.05 leaves it at 93 %), on the bundled digits by default or, with ``--data mnist
---data-dir PATH``, on a local parquet copy of MNIST (``fit``'s 3 epochs; results in
-``results/vit_landscape_mnist``). The ViT's activation sites are signed (``QuantIdentity``, the
-symmetric grid with a zero level): each LayerNorm output, attention output and GELU output, the
-inputs of its dense layers. ``vit_attention`` is the same trained ViT analysed with
-``quantize_attention=True``: the operands of the two attention products are sites too (q, k, v
-signed; the softmax probabilities on the unsigned grid), so every product is low-precision.
+default resnet8 (``fit``'s settings) and a ViT (``models.create("vit")``: 16 tokens of 2×2
+patches on digits, 7×7 on MNIST, width 64, 4 blocks of 4 heads, MLP 128; lr 0.1, where ``fit``'s
+digits default of 0.05 leaves it at 93 %), on the bundled digits by default or, with ``--data
+mnist``, on a local parquet copy of MNIST (``--data-dir``, default the shared copy the resnet20
+benches read; ``fit``'s 3 epochs; results in ``results/vit_landscape_mnist``). The ViT's
+activation sites are signed (``QuantIdentity``, the symmetric grid with a zero level): each
+LayerNorm output, attention output and GELU output, the inputs of its dense layers.
+``vit_attention`` is the same trained ViT analysed with ``quantize_attention=True``: the
+operands of the two attention products are sites too (q, k, v signed; the softmax probabilities
+on the unsigned grid), so every product is low-precision.
 Then, for each network:
 
 1. **The activation clip landscape** (weights FP32, α = the layer-wise Lp(p = 3) init, as
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="calibration seeds of the LAPQ tables")
     parser.add_argument("--networks", default="resnet8,vit,vit_attention", help=f"subset of {','.join(NETWORKS)}")
     parser.add_argument("--data", default="digits", choices=("digits", "mnist"))
-    parser.add_argument("--data-dir", default=None, help="MNIST in the hub's parquet layout (--data mnist)")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"MNIST in the hub's parquet layout (--data mnist; default {mnist_resnet20.MNIST_DIR})")
     parser.add_argument("--out", default=None, help="default results/vit_landscape (digits), …_mnist (MNIST)")
     args = parser.parse_args(argv)
     bits = [int(b) for b in args.bits.split(",") if b]
@@ -185,8 +187,11 @@ def main(argv=None) -> int:
     settings = {"bits": bits, "configs": args.configs, "seeds": args.seeds, "networks": names,
                 "p_eval": P_EVAL, "fd_step": FD_STEP, "data": args.data}
     out = args.out or (OUT if args.data == "digits" else f"{OUT}_{args.data}")
+    data_dir = args.data_dir
+    if args.data == "mnist" and data_dir is None:  # the shared copy, as the resnet20 benches; never the hub
+        data_dir = mnist_resnet20.MNIST_DIR
     try:
-        data = ls.data.load(args.data, data_dir=args.data_dir, calib_size=512, seed=0)
+        data = ls.data.load(args.data, data_dir=data_dir, calib_size=512, seed=0)
     except (ValueError, OSError) as err:  # no --data-dir for MNIST, or a missing copy
         raise SystemExit(f"--data {args.data}: {err}") from None
     progress = Progress(out + ".progress.json", settings)
