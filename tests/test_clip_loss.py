@@ -766,3 +766,82 @@ def test_fold_bn_warns_when_a_batchnorm_does_not_fold(digits):
                                             r"directly to a QuantConv's output, so nothing is folded"):
         folded = ls.ClipLoss(net, digits.calib, w_bits=4, a_bits=4, fold_bn=True)
     np.testing.assert_array_equal(folded.params["c2"]["kernel"], net.variables["params"]["c2"]["kernel"])
+
+
+def test_batch_spans_several_chunks(tiny_net, digits, loss4):
+    """K = 5 rows in chunks of 2 (2 + 2 + 1 real rows, one padding row): each row's own loss, in order
+    (every chunk had been given the first chunk's rows, or its last row was dropped)."""
+    rng = np.random.default_rng(3)
+    alphas = np.asarray(loss4.init("max")) * rng.uniform(0.3, 1.2, size=(5, loss4.n)).astype(np.float32)
+    want = np.array([float(loss4(a)) for a in alphas])
+    assert len(np.unique(want)) == 5
+    small = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, chunk=2)
+    assert small.chunk == 2
+    np.testing.assert_allclose(np.asarray(small.batch(alphas)), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(small.batch(alphas[:4])), want[:4], rtol=1e-5)
+
+
+def test_padded_calibration_batches_do_not_enter_the_mean(tiny_net, digits, loss4):
+    """256 images in batches of 100 hold 44 padding images (zeros, label 0): the loss is still the mean
+    over the 256 real images, the value of one batch of all of them."""
+    alpha = loss4.init("max")
+    batched = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, batch_size=100)
+    assert batched.batch_size == 100 and batched.n_calib == 256
+    assert float(batched(alpha)) == pytest.approx(float(loss4(alpha)), rel=1e-5)
+
+
+def test_default_batch_size_is_every_image_up_to_1024(tiny_net, digits):
+    """The documented default: all calibration images in one pass when there are at most 1024, else 512;
+    a batch_size above the number of images is one batch of them all."""
+    x, y = digits.train.x, digits.train.y
+    for n, want in ((1024, 1024), (1025, 512), (40, 40)):
+        assert ls.ClipLoss(tiny_net, (x[:n], y[:n]), w_bits=4, a_bits=4).batch_size == want, n
+    assert ls.ClipLoss(tiny_net, (x[:40], y[:40]), w_bits=4, a_bits=4, batch_size=1000).batch_size == 40
+
+
+def test_init_remembers_each_statistics_mode_apart(tiny_net, digits):
+    """init("max") then init("max", stats="fp32") on one loss: the second is the FP32-statistics α (a
+    fresh loss's), not the first call's remembered quantized-statistics α."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=4)
+    quantized = np.asarray(loss.init("max"))
+    fp32 = np.asarray(loss.init("max", stats="fp32"))
+    fresh = np.asarray(loss.with_options().init("max", stats="fp32"))
+    np.testing.assert_array_equal(fp32, fresh)
+    assert not np.array_equal(fp32, quantized)
+    np.testing.assert_array_equal(np.asarray(loss.init("max")), quantized)
+
+
+def test_accuracy_counts_a_partial_last_batch(tiny_net, digits, loss4):
+    """359 test images in batches of 50: seven full batches and 9 images in a padded last one; the
+    accuracy is the fraction of argmax-correct logits over all 359."""
+    alpha = loss4.init("max")
+    x, y = digits.test.x, digits.test.y
+    assert len(x) % 50 != 0
+    want = float(np.mean(np.argmax(np.asarray(loss4.logits(alpha, x)), axis=-1) == y))
+    assert loss4.accuracy(alpha, digits.test, batch_size=50) == pytest.approx(want, abs=1e-12)
+    # a different answer on the last batch alone shows: the first 350 images scored on their own
+    head = float(np.mean(np.argmax(np.asarray(loss4.logits(alpha, x[:350])), axis=-1) == y[:350]))
+    assert head != want
+
+
+def test_shared_programs_drop_the_least_recently_used(tiny_net, digits):
+    """Beyond 8 shared program sets the least recently used goes: a layout used again stays, and the
+    oldest untouched one is the one dropped."""
+    clip_loss_module._PROGRAMS.clear()
+    names = [s.name for s in ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, quantize_first_last=True).sites]
+    clip_loss_module._PROGRAMS.clear()
+    assert len(names) >= 9
+
+    def build(name):
+        return ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, sites=[name])
+
+    first = build(names[0])
+    second = build(names[1])
+    for name in names[2:8]:
+        build(name)
+    assert len(clip_loss_module._PROGRAMS) == 8
+    assert build(names[0])._programs is first._programs  # shared, and now the most recently used
+    build(names[8])  # a ninth layout: one set goes
+    assert len(clip_loss_module._PROGRAMS) == 8
+    assert build(names[0])._programs is first._programs
+    assert build(names[1])._programs is not second._programs  # the least recently used was dropped

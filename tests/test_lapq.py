@@ -682,3 +682,226 @@ def test_lapq_and_compare_methods_name_what_they_were_given(tiny_net, digits, ti
         lq.compare_methods(tiny_loss, digits, seeds=(0,), rows=())
     with pytest.raises(ValueError, match="compare_methods needs a ClipLoss, got a Network"):
         lq.compare_methods(tiny_net, digits, seeds=(0,), rows=("max",))
+
+
+class Plateau:
+    """A piecewise-constant loss seen from one plateau: L ≡ 1 wherever it is evaluated, while its
+    straight-through surrogate still has a gradient (ones). Keeps every α it evaluated, in order.
+    It has the attributes lapq reads from a ClipLoss."""
+
+    sites, options = (), {}
+
+    def __init__(self, n=3, level=1.0):
+        self.n, self.level, self.rows, self.grads, self.inits = n, level, [], 0, []
+
+    def init(self, rule, **options):
+        self.inits.append(rule)
+        return np.full(self.n, 2.0, np.float32)
+
+    def with_options(self, **changes):
+        raise AssertionError(f"with_options{changes}: nothing to change")
+
+    def _check_alpha(self, alpha, positive=False, name="alpha"):
+        return np.asarray(alpha, np.float32)
+
+    def __call__(self, alpha):
+        self.rows.append(np.asarray(alpha, np.float64))
+        return self.level
+
+    def batch(self, alphas):
+        self.rows.extend(np.asarray(alphas, np.float64))
+        return np.full(len(alphas), self.level)
+
+    def grad(self, alpha):
+        self.grads += 1
+        return np.ones(self.n, np.float32)
+
+
+@pytest.mark.parametrize("level", [1.0, 0.0])
+def test_batched_on_a_plateau_spends_the_documented_evaluations_and_stops(level):
+    """Nothing improves on a plateau, so every count is the schedule's own: one gradient ladder (5 α,
+    then the switch to coordinates), a first sweep of 6-point ladders of width 1.6, compass sweeps
+    ±w after it with w /4 per failed step (1.6 → 0.4 → 0.1 → 0.025), no pattern move (no
+    displacement), and the stop after the third sweep, the first whose widths are all ≤ 4·0.01. Also on a
+    plateau at L = 0 exactly (an easily fitted calibration set), where the relative stop test is 0 ≤ 0."""
+    fake = Plateau(n=3, level=level)
+    res = lq.lapq(fake, init=np.ones(3), method="batched", maxiter=10)
+    assert res.message == "converged after 3 iteration(s)" and not res.interrupted
+    n = 3
+    assert res.n_grads == 1 and fake.grads == 1
+    assert res.n_evals == 1 + 5 + 6 * n + 2 * n + 2 * n == len(fake.rows)
+    assert [h["iteration"] for h in res.history] == [0, 1, 2, 3]
+    assert [h["n_evals"] for h in res.history] == [1, 1 + 5 + 6 * n, 1 + 5 + 8 * n, 1 + 5 + 10 * n]
+    assert [h["n_grads"] for h in res.history] == [0, 1, 1, 1]
+    np.testing.assert_array_equal(res.alpha, np.ones(3, np.float32))
+    assert res.loss == res.init_loss == level
+    assert [(d["loss"], d["n_evals"]) for d in res.improvements] == [(level, 1)]  # the start, and no fall after it
+    rows = np.log(np.asarray(fake.rows[1:]))  # u of every candidate after the start
+    # the gradient ladder: u − t·g/max|g| with g = ∂L/∂u = 1·α = 1
+    np.testing.assert_allclose(rows[:5], -np.array([0.0625, 0.125, 0.25, 0.5, 1.0])[:, None] * np.ones(3), atol=1e-6)
+    # sweep 1, coordinate 0 then 1: u_i + 1.6·(−1, −½, −¼, ¼, ½, 1), the others at 0
+    ladder = 1.6 * np.array([-1.0, -0.5, -0.25, 0.25, 0.5, 1.0])
+    for i in range(2):
+        block = rows[5 + 6 * i:5 + 6 * (i + 1)]
+        np.testing.assert_allclose(block[:, i], ladder, atol=1e-6)
+        np.testing.assert_allclose(np.delete(block, i, axis=1), 0.0, atol=1e-7)
+    # sweeps 2 and 3, coordinate 0: ±0.4, then ±0.1
+    np.testing.assert_allclose(rows[5 + 6 * n:7 + 6 * n, 0], [-0.4, 0.4], atol=1e-6)
+    np.testing.assert_allclose(rows[5 + 8 * n:7 + 8 * n, 0], [-0.1, 0.1], atol=1e-6)
+
+
+def test_batched_ladder_expands_past_an_improving_end_and_widens():
+    """L(u) = (u − 5)² from u = 0: the ladder's end +1.6 improves, so it goes on to 3.2 and 6.4 in one more
+    batch (8 evaluations) and takes 6.4; the width becomes 2·6.4. An interior best (c = 0.3: +0.4) is taken
+    without expansion, width 2·0.4; a failed ladder quarters its widest step."""
+    ladder = 1.6 * np.array([-1.0, -0.5, -0.25, 0.25, 0.5, 1.0])
+    tracker = lq._Tracker(LogQuadratic(c=[5.0], s=[1.0]), 0.0, None)
+    u, f, w = lq._ladder_step(tracker, np.zeros(1), 25.0, 0, ladder, 0.01, 20.0)
+    assert tracker.n_evals == 8
+    np.testing.assert_allclose(u, [6.4])
+    assert f == pytest.approx((6.4 - 5.0) ** 2, rel=1e-5) and w == pytest.approx(12.8)
+    assert lq._ladder_step(tracker, np.zeros(1), 25.0, 0, ladder, 0.01, 3.0)[2] == 3.0  # capped at max_width
+    tracker = lq._Tracker(LogQuadratic(c=[0.3], s=[1.0]), 0.0, None)
+    u, f, w = lq._ladder_step(tracker, np.zeros(1), 0.09, 0, ladder, 0.01, 20.0)
+    assert tracker.n_evals == 6
+    np.testing.assert_allclose(u, [0.4])
+    assert f == pytest.approx(0.01, rel=1e-4) and w == pytest.approx(0.8)
+    u, f, w = lq._ladder_step(tracker, np.array([0.3]), 0.0, 0, ladder, 0.01, 20.0)
+    assert u.tolist() == [0.3] and f == 0.0 and w == pytest.approx(0.4)
+
+
+def test_pattern_move_tries_half_to_four_times_the_displacement():
+    """Σ (u_i − 2)² from u = 0 along d = (½, ½): the candidates are t·d for t ∈ {½, 1, 2, 4} (one batch),
+    and t = 4 lands on the minimum."""
+    tracker = lq._Tracker(LogQuadratic(c=[2.0, 2.0], s=[1.0, 1.0]), 0.0, None)
+    u, f = lq._pattern_move(tracker, np.zeros(2), 8.0, np.array([0.5, 0.5]))
+    assert tracker.n_evals == 4
+    np.testing.assert_allclose(u, [2.0, 2.0])
+    assert f == pytest.approx(0.0, abs=1e-10)
+    assert lq._pattern_move(tracker, np.array([2.0, 2.0]), 0.0, np.array([0.5, 0.5]))[1] == 0.0  # nothing better
+
+
+def test_batched_gradient_steps_land_where_the_formula_says():
+    """L(u) = Σ s_i (u_i − c_i)², c = (½, −1, 2), s = (1, 3, ½) from u = 0: g = 2s(u − c) = (−1, 6, −2) and
+    the ladder's best t = 1 moves u to −g/max|g| = (1/6, −1, 1/3) exactly (a step normalised by ‖g‖₂ fell short
+    of it); the second and third steps improve too (L: 5.5 → 1.5 → 0.227 → 0.015), so all gradient_steps = 3
+    run before the coordinates. ∂L/∂u is the α-gradient times α, checked away from α = 1."""
+    fake = LogQuadratic(c=[0.5, -1.0, 2.0], s=[1.0, 3.0, 0.5])
+    steps = np.array([0.0625, 0.125, 0.25, 0.5, 1.0])
+    tracker = lq._Tracker(fake, 0.0, None)
+    u1, f1, improved = lq._gradient_step(tracker, np.zeros(3), fake(np.ones(3)), steps)
+    assert improved
+    np.testing.assert_allclose(u1, [1 / 6, -1.0, 1 / 3], rtol=1e-12)
+    assert f1 == pytest.approx(1.5, rel=1e-6)
+    u = np.array([0.3, -0.2, 1.0])
+    np.testing.assert_allclose(tracker.grad_log(u), 2 * fake.s * (u - fake.c), rtol=1e-6)
+    tracker = lq._Tracker(fake, 0.0, None)
+    lq._batched(tracker, np.ones(3, np.float32), fake(np.ones(3)), 1)
+    assert tracker.n_grads == 3
+    assert [round(h["loss"], 3) for h in tracker.improvements[:3]] == [1.5, 0.227, 0.015]
+
+
+def test_powell_runs_scipys_powell_with_the_references_options():
+    """On a smooth stand-in, _powell's α is SciPy's Powell from the same start with xtol = ftol = 1e-4 and
+    maxiter sweeps (the reference's options), and its history has one entry per sweep."""
+    import scipy.optimize
+
+    def fake(alpha):  # a smooth loss of α, coupled through its last term
+        a = np.asarray(alpha, np.float64)
+        return float(np.sum((a - [1.5, 0.4, 2.5]) ** 2 * [1.0, 3.0, 0.5]) + 0.3 * a[0] * a[1])
+
+    start = np.array([1.0, 2.0, 0.5])
+    for maxiter in (1, 2):
+        tracker = lq._Tracker(fake, 0.0, None)
+        alpha, value, _ = lq._powell(tracker, start.astype(np.float32), fake(start), maxiter)
+        want = scipy.optimize.minimize(lambda x: fake(np.asarray(x, np.float32)), start, method="Powell",
+                                       options=dict(xtol=1e-4, ftol=1e-4, maxiter=maxiter))
+        np.testing.assert_allclose(alpha, want.x, rtol=1e-6)
+        assert value == pytest.approx(want.fun, rel=1e-6)
+        assert [h["iteration"] for h in tracker.history] == list(range(1, maxiter + 1))
+
+
+def test_coordinate_descent_takes_brents_minimiser_from_the_default_bracket_even_when_worse():
+    """The reference's CD: Brent from SciPy's default bracket (0, 1) in absolute α walks downhill into the
+    shallow well at 0.6 and the coordinate is set there, although the start α = 5 was the deeper well
+    (L = −2 against −1): CD can collapse, as in the reference."""
+    import time
+
+    def wells(alpha):
+        a = float(np.asarray(alpha)[0])
+        return -math.exp(-(a - 0.6) ** 2 / 0.1) - 2.0 * math.exp(-(a - 5.0) ** 2 / 0.1)
+
+    tracker = lq._Tracker(wells, time.perf_counter(), None)
+    alpha, value, message = lq._coordinate_descent(tracker, np.array([5.0], np.float32), wells([5.0]), 1)
+    assert alpha[0] == pytest.approx(0.6, abs=1e-3) and value == pytest.approx(-1.0, abs=1e-4)
+    assert message == "1 coordinate sweep(s) done" and [h["iteration"] for h in tracker.history] == [1]
+
+
+def test_select_p_with_two_finite_losses_is_degenerate():
+    """Three parameters are not fitted to two points: the best grid point, and no coefficients."""
+    sel = lq.select_p([2.0, 3.0, 4.0], [1.0, 0.5, np.inf])
+    assert sel.rule == "degenerate" and sel.p_star == 3.0 == sel.best_grid_p
+    assert all(math.isnan(c) for c in sel.coeffs)
+
+
+class Step(Plateau):
+    """L = 0 where α₀ > 1.2, else 1; no surrogate gradient. From α = 1 the first ladder finds the drop."""
+
+    def __call__(self, alpha):
+        super().__call__(alpha)
+        return float(np.asarray(alpha)[0] <= 1.2)
+
+    def batch(self, alphas):
+        super().batch(alphas)
+        return (np.asarray(alphas)[:, 0] <= 1.2).astype(np.float64)
+
+    def grad(self, alpha):
+        self.grads += 1
+        return np.zeros(self.n, np.float32)
+
+
+def test_batched_takes_only_moves_that_lower_the_loss():
+    """From α = 1 on a step (L drops to 0 past α₀ = 1.2): the first ladder takes u₀ = 0.4, its first point
+    past the step; the pattern move (0.2 … 1.6), the other coordinates and later sweeps only tie, so nothing
+    else moves. Sweep 2 compares with sweep 1's loss and stalls; the widths 0.8/0.4 → 0.2/0.1 → 0.05/0.025 →
+    0.0125/0.01 stop it after sweep 4; the pattern move is tried once (sweep 1's displacement; none after)."""
+    fake = Step(n=3)
+    res = lq.lapq(fake, init=np.ones(3), method="batched", maxiter=10)
+    np.testing.assert_allclose(res.alpha, [np.exp(0.4), 1.0, 1.0], rtol=1e-6)
+    assert res.loss == 0.0 and res.init_loss == 1.0
+    assert res.message == "converged after 4 iteration(s)"
+    assert res.n_evals == 1 + (6 * 3 + 4) + 6 + 6 + 6 == len(fake.rows)
+    assert [(d["loss"], d["n_evals"]) for d in res.improvements] == [(1.0, 1), (0.0, 7)]
+    pattern = np.log(np.asarray(fake.rows[19:23]))[:, 0]
+    np.testing.assert_allclose(pattern, [0.6, 0.8, 1.2, 2.0], atol=1e-6)
+
+
+def test_lapq_starts_from_a_named_rule_and_refuses_a_non_finite_start():
+    fake = Plateau(n=3)
+    res = lq.lapq(fake, init="mse", method="batched", maxiter=1)
+    assert fake.inits == ["mse"] and res.p_star is None and len(res.p_grid) == 0
+    np.testing.assert_array_equal(res.init_alpha, np.full(3, 2.0, np.float32))
+    assert np.allclose(fake.rows[0], 2.0)
+    with pytest.raises(ValueError, match=r"the start α gives a non-finite loss \(inf\); check init"):
+        lq.lapq(Plateau(n=3, level=math.inf), init=np.ones(3), method="batched")
+
+
+def test_bias_correction_is_left_alone_without_weight_sites():
+    """bias_correction=True on a loss with activation sites only changes nothing: the loss itself is
+    optimised (no copy), and the result says bias correction was off."""
+    fake = Plateau(n=2)
+    fake.sites = (types.SimpleNamespace(kind="activation"),) * 2
+    fake.options = {"bias_correction": False}
+    res = lq.lapq(fake, init=np.ones(2), method="batched", maxiter=1, bias_correction=True)
+    assert res.bias_correction is False
+
+
+def test_scipy_sees_the_finite_penalty_where_the_loss_is_inf():
+    tracker = lq._Tracker(lambda a: math.inf if np.asarray(a)[0] <= 0 else 1.0, 0.0, None)
+    objective = lq._scipy_objective(tracker)
+    assert objective(np.array([-1.0])) == 1e6 == lq.PENALTY and objective(np.array([2.0])) == 1.0
+    assert tracker.n_evals == 2 and tracker.best_loss == 1.0
+
+
+def test_default_p_grid_is_the_references():
+    np.testing.assert_array_equal(lq.DEFAULT_P_GRID, np.linspace(2.0, 4.0, 10))
