@@ -213,6 +213,8 @@ def test_large_tensors_are_sampled_and_still_accurate():
 @pytest.mark.parametrize("name,kw,match", [("nope", {}, "unknown calibration rule"),
                                            ("lp", {"p": -1}, "p=-1"),
                                            ("percentile", {"q": 150}, "q=150"),
+                                           ("percentile", {"q": 0}, r"q=0 must be a number in \(0, 100\]"),
+                                           ("lp", {"p": 0}, r"p=0 must be a number in \(0, 16\]"),
                                            ("aciq", {"distribution": "cauchy"}, "cauchy"),
                                            ("lp", {"p": "3"}, "p='3' must be a number"),
                                            ("lp", {"p": float("nan")}, "p=nan must be a number"),
@@ -368,3 +370,127 @@ def test_kl_ignores_the_exact_zeros_of_a_sparse_kernel(bits):
     ours = cal.clip_value(sparse, "kl", bits=bits)
     assert ours == pytest.approx(cal.clip_value(sparse[1::2], "kl", bits=bits), rel=1e-5)
     assert ours > 0.4 * np.abs(sparse).max()
+
+
+@pytest.mark.parametrize("grid,x,bits,want,rel", [
+    # midrise, x = ±1: (1 − α)² + α²/(3·4^M) is minimal at α = 3·4^M / (3·4^M + 1)
+    ("midrise", [-1.0, 1.0], 2, 48 / 49, 2e-4),
+    ("midrise", [-1.0, 1.0], 3, 192 / 193, 2e-4),
+    # unsigned, one positive entry among zeros (which are not counted): (1 − α)² + α²/(12·4^M)
+    ("unsigned", [1.0, 0.0, 0.0], 2, 192 / 193, 2e-4),
+    # ... and negatives change nothing: their clip error (0 − x)² does not depend on α, nor do they count
+    # (the constant 2.25 costs float32 resolution, hence 1e-3: clipping them at −α gave 1, counting them 96/97)
+    ("unsigned", [1.0, 0.0, -1.5], 2, 192 / 193, 1e-3),
+    # midtread, the mean over the 2 non-zero entries: (1 − α)² + α²/(12·(2^(M−1) − 1)²)
+    ("midtread", [1.0, -1.0, 0.0, 0.0], 2, 12 / 13, 2e-4),
+    ("midtread", [1.0, -1.0, 0.0, 0.0], 3, 108 / 109, 2e-4),
+])
+def test_mse_rule_hits_the_closed_form_minimiser(grid, x, bits, want, rel):
+    """Two-valued tensors where the MSE-with-uniform-prior minimiser is a fraction worked by hand."""
+    assert cal.clip_value(np.array(x, np.float32), "mse", bits=bits, grid=grid) == pytest.approx(want, rel=rel)
+
+
+def test_search_1d_refines_to_the_minimiser_and_keeps_to_the_range():
+    """Golden section after the grid: a quadratic's minimiser to 1e-6 (the 128-point grid alone is
+    within 1/256), also in the first grid cell, and never past ``hi``."""
+    for m in (0.3217, 0.0031, 0.9973):
+        assert float(cal.search_1d(lambda a, m=m: (a - m) ** 2, 1.0)) == pytest.approx(m, abs=1e-6)
+    assert float(cal.search_1d(lambda a: (a - 2.0) ** 2, 1.0)) == pytest.approx(1.0, abs=1e-6)
+    assert float(cal.search_1d(lambda a: (a - 1.5) ** 2, 4.0)) == pytest.approx(1.5, abs=1e-5)
+
+
+def test_lp_error_and_the_lp_search_range_by_hand():
+    """x = ±{0.4, 1}, 2-bit midrise: at α = 1 the levels are ±1/3, ±1, so |e| = 1/15 on ±0.4 and 0 on
+    ±1: E|e|² = 1/450, E|e|³ = 1/6750 (the mean of four entries, not the sum). A coarser grid at α ≈ 1.02
+    fits better (error 0.0020), but the rule searches only α ≤ max|x| (the module docstring's example)."""
+    x = jnp.asarray([-1.0, -0.4, 0.4, 1.0])
+    assert float(cal.lp_error(x, 1.0, 2, "midrise", 2.0)) == pytest.approx(1 / 450, rel=1e-5)
+    assert float(cal.lp_error(x, 1.0, 2, "midrise", 3.0)) == pytest.approx(1 / 6750, rel=1e-4)
+    assert float(cal.lp_error(x, 1.02, 2, "midrise", 2.0)) < 1 / 450
+    alpha = cal.clip_value(np.asarray(x), "lp", bits=2, p=2.0)
+    assert alpha <= 1.0
+    assert float(cal.lp_error(x, alpha, 2, "midrise", 2.0)) == pytest.approx(1 / 450, rel=1e-4)
+
+
+@pytest.mark.parametrize("grid", ["midrise", "unsigned", "midtread"])
+def test_an_all_zero_tensor_gets_the_smallest_alpha(grid):
+    """Every rule returns α = 1e-8 (never 0, nor NaN from a zero count) for an all-zero tensor."""
+    z = np.zeros(64, np.float32)
+    for rule, kw in (("max", {}), ("percentile", {}), ("mse", {}), ("lp", {}), ("aciq", {}),
+                     ("aciq", {"distribution": "gauss"}), ("kl", {})):
+        assert cal.clip_value(z, rule, bits=4, grid=grid, **kw) == pytest.approx(1e-8, rel=1e-6), (rule, kw)
+
+
+def test_the_unsigned_grid_calibrates_on_the_positive_part():
+    """On the unsigned grid negative values are clipped to 0 before max, percentile and KL: a pre-ReLU
+    tensor whose most negative value (−5) is larger in magnitude than its max (2)."""
+    x = np.random.default_rng(3).normal(size=4000).astype(np.float32)
+    x[:2] = [-5.0, 2.0]
+    x = np.minimum(x, 2.0)
+    pos = np.maximum(x, 0)
+    assert cal.clip_value(x, "max", bits=4, grid="unsigned") == pytest.approx(2.0)
+    assert cal.clip_value(x, "percentile", bits=4, grid="unsigned", q=99.0) == pytest.approx(
+        float(np.percentile(pos, 99.0)), rel=1e-6)
+    n_q = cal.kl_levels(SiteSpec(4, "unsigned"))
+    assert cal.clip_value(x, "kl", bits=4, grid="unsigned") == pytest.approx(
+        _kl_reference(pos, n_q, bins=2048, drop_zeros=True, guard=True), rel=1e-5)
+
+
+def test_kl_divergences_on_a_hand_made_histogram():
+    """TensorRT's KL(P_i ‖ Q_i) on hist = [3, 1, 2, 2] with n_q = 2, worked by hand (no empty bin, so no
+    smoothing): i = 1 < n_q is +inf; i = 2 (exactly n_q filled bins, allowed) P = [3, 1 + 4]/8 with the
+    outliers in its last bin, Q = [3, 1]/4; i = 3 Q merges bins 1-2 (the remainder joins the last
+    chunk): [3, 1.5, 1.5]/6; i = 4 two chunks of two bins: Q uniform."""
+    kl = np.asarray(cal.kl_divergences(np.array([3.0, 1.0, 2.0, 2.0]), 2))
+
+    def entropy(p, q):
+        p, q = np.asarray(p, float) / np.sum(p), np.asarray(q, float) / np.sum(q)
+        return float(np.sum(p * np.log(p / q)))
+
+    assert kl[0] == np.inf
+    want = [entropy([3, 5], [3, 1]), entropy([3, 1, 4], [3, 1.5, 1.5]), entropy([3, 1, 2, 2], [1, 1, 1, 1])]
+    np.testing.assert_allclose(kl[1:], want, rtol=1e-5)
+    # An empty bin inside the support is smoothed in counts (MXNet): ε = 1e-4 on it, ε/2 taken from each of
+    # the two full bins. hist = [2, 0, 1, 1], i = 3: P = [2, 0, 2], Q = [2, 0, 1] (bin 1's chunk mass
+    # spread over the non-zero bin 2 only).
+    eps = 1e-4
+    kl = np.asarray(cal.kl_divergences(np.array([2.0, 0.0, 1.0, 1.0]), 2))
+    assert kl[2] == pytest.approx(entropy([2 - eps / 2, eps, 2 - eps / 2], [2 - eps / 2, eps, 1 - eps / 2]), rel=1e-5)
+
+
+def test_the_closed_ends_of_the_option_ranges_are_allowed():
+    """q = 100 (the max), p = 16 and bins = 16 or KL_MAX_BINS are inside the documented ranges."""
+    x = np.array([0.5, -2.0, 1.0, 0.25], np.float32)
+    assert cal.clip_value(x, "percentile", bits=4, q=100) == pytest.approx(2.0)
+    cal.make_rule("lp", p=16)
+    cal.make_rule("kl", bins=16)
+    cal.make_rule("kl", bins=cal.KL_MAX_BINS)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: cal.aciq_constant(1, "laplace", "midtread"), r"aciq_constant: the midtread grid has no step at bits=1"),
+    (lambda: cal.aciq_constant(4, "cauchy"), "aciq distribution='cauchy' is not allowed"),
+    (lambda: cal.aciq_constant(4, "laplace", "midtred"), "aciq_constant: grid='midtred' is not allowed"),
+    (lambda: cal.clip_value(np.ones(4, np.float32), "max", bits=4, grid="midtred"), "clip_value: grid='midtred'"),
+])
+def test_aciq_constant_and_clip_value_check_their_arguments(call, match):
+    """A 2-level midtread grid has no step (its constant would be W₀(0) = 0); unknown names are refused."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_aciq_gauss_on_a_large_all_negative_tensor():
+    """σ is computed in units of max|x| (not max x, which is negative here): α = c_M·σ with σ in float64."""
+    x = -np.abs(np.random.default_rng(4).normal(size=1000)).astype(np.float32) * np.float32(1e20)
+    sigma = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+    assert cal.clip_value(x, "aciq", bits=4, distribution="gauss") == pytest.approx(
+        cal.aciq_constant(4, "gauss") * sigma, rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_mse_on_the_unsigned_grid_is_unmoved_by_negative_entries(bits):
+    """A negative entry's clip error (0 − x)² is a constant in α and is not counted, so α(x) = α(max(x, 0)):
+    as a constant in the float32 objective it cost resolution, α 0.3 % off at 8 bits (pre-ReLU N(0, 1))."""
+    x = np.random.default_rng(0).normal(size=20000).astype(np.float32)
+    assert cal.clip_value(x, "mse", bits=bits, grid="unsigned") == pytest.approx(
+        cal.clip_value(np.maximum(x, 0), "mse", bits=bits, grid="unsigned"), rel=1e-5)

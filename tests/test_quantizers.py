@@ -115,6 +115,8 @@ def test_bias_correct_matches_channel_means():
     (lambda: q.step_size(1.0, 4, "mid"), "step_size: grid='mid' is not allowed"),
     (lambda: q.levels(1.0, 0, "midtread"), "levels: bits=0 is not allowed"),
     (lambda: q.levels(1.0, 4, "midtred"), "levels: grid='midtred' is not allowed"),
+    (lambda: q.levels(1.0, None, "midrise"), "levels: bits=None"),
+    (lambda: q.quantize(jnp.ones(3), 1.0, jnp.array([3, 4]), "midrise"), r"quantize: bits must be a scalar bit width"),
 ])
 def test_quantize_step_size_and_levels_check_their_arguments(call, match):
     """A grid typo no longer falls through to midtread; bits 0 or 1 and integer x no longer give NaN."""
@@ -157,3 +159,39 @@ def test_levels_are_what_quantize_outputs_at_the_delta_floor(grid):
     x = jnp.linspace(-float(lv.max()) * 1.1, float(lv.max()) * 1.1, 20001)
     out = np.unique(np.asarray(q.quantize(x, alpha, bits, grid)))
     np.testing.assert_allclose(out, lv, rtol=1e-5, atol=1e-15)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_num_levels_counts_the_levels_quantize_outputs(bits):
+    """2^M levels on the midrise and unsigned grids, 2^M − 1 on the midtread grid (its zero level and
+    2^(M−1) − 1 on each side): by hand, and as the distinct outputs of quantize over a dense sweep."""
+    want = {"midrise": 2**bits, "unsigned": 2**bits, "midtread": 2**bits - 1}
+    x = jnp.linspace(-1.5, 1.5, 20001)
+    for grid, n in want.items():
+        assert q.num_levels(bits, grid) == n
+        assert np.unique(np.asarray(q.quantize(x, 1.0, bits, grid))).size == n
+
+
+def test_valid_alpha_is_the_open_closed_range_up_to_alpha_max():
+    """0 < α ≤ ALPHA_MAX: 0, negatives, NaN, ±inf and values past 1e38 are invalid."""
+    alpha = np.array([0.0, -0.0, -1.0, 1e-30, 1.0, 1e38, 1.1e38, np.inf, -np.inf, np.nan], np.float32)
+    want = [False, False, False, True, True, True, False, False, False, False]
+    np.testing.assert_array_equal(np.asarray(q.valid_alpha(alpha)), want)
+    np.testing.assert_array_equal(np.asarray(q.valid_alpha(jnp.asarray(alpha))), want)
+
+
+def test_quantize_takes_a_python_list():
+    """x without a dtype (a list) is converted: 2-bit midrise at α = 1 has levels ±1/3, ±1."""
+    np.testing.assert_allclose(np.asarray(q.quantize([0.3, -0.2, 0.9, -5.0], 1.0, 2, "midrise")),
+                               [1 / 3, -1 / 3, 1.0, -1.0], rtol=1e-6)
+
+
+def test_a_half_precision_alpha_is_kept_in_float32():
+    """α given as a bfloat16 array is used in float32 too: in bfloat16 the 8-bit midrise step 2/255
+    rounds to 2^−7, and the top level came out 255·2^−7 − 1 = 0.992 instead of α = 1."""
+    x = jnp.asarray([5.0, -5.0, 0.0], jnp.bfloat16)
+    got = q.quantize(x, jnp.asarray(1.0, jnp.bfloat16), 8, "midrise")
+    assert got.dtype == jnp.bfloat16
+    out = np.asarray(got.astype(jnp.float32))
+    np.testing.assert_array_equal(out[:2], [1.0, -1.0])
+    assert abs(out[2]) == pytest.approx(1 / 255, rel=1e-2)  # the two levels next to 0 are ±Δ/2 = ±1/255
