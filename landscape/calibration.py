@@ -224,6 +224,10 @@ def mse_rule(x, spec, kind):
     # over- nor underflow float32.
     hi = jnp.maximum(jnp.max(_magnitude(x, spec)), _TINY)
     xs = _sample(jnp.ravel(x).astype(jnp.float32)) / hi
+    if not _signed(spec):
+        # A negative entry's clip error (0 − x)² does not depend on α, and it is not counted: as a
+        # constant it only cost float32 resolution (α 0.3 % off at 8 bits on a pre-ReLU N(0, 1) tensor).
+        xs = jnp.maximum(xs, 0.0)
     return _safe_alpha(hi * search_1d(lambda a: mse_prior_error(xs, a, spec.bits, spec.grid), 1.0), x)
 
 
