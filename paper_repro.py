@@ -135,6 +135,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--out {str(out)!r}: cannot write there ({err.strerror or err})") from None
     if len(modules) < len(figures.load_all()):
         _check_partial_run(out, preset)
+    from landscape import runtime
+
+    runtime.code_version()  # the code this run imports, whatever is committed while it runs
     with _exclusive(out):
         try:
             return run(preset, modules, out, progress=not args.no_progress)

@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     for b in bits:
         ls.quantizers.check_bits(b, "--bits")
     ls.enable_compilation_cache()
+    runtime.code_version()  # the code this run imports, whatever is committed while it runs
     t0 = time.perf_counter()
     settings = {"bits": bits, "configs": args.configs, "seeds": args.seeds, "networks": names,
                 "p_eval": P_EVAL, "fd_step": FD_STEP, "data": args.data}

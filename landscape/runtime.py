@@ -13,6 +13,7 @@ change global JAX configuration on its own.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -158,8 +159,23 @@ def code_version(root: str | os.PathLike | None = None) -> str | None:
     """The git commit (12 hex digits) of the checkout at ``root`` (default: the one this package
     was imported from), ``+dirty`` when tracked files differ from it; None when ``root`` is not
     the top of a git checkout (an installed package) or git is missing. Result files record it so
-    that a committed figure or table says which code made it."""
-    root = Path(root if root is not None else Path(__file__).parent.parent).resolve()
+    that a committed figure or table says which code made it.
+
+    For the default root the first answer is kept for the rest of the process: the process runs
+    the code it imported, and a commit made while a long run was going (paper_repro took 43
+    minutes) had been recorded as the run's code. Long runs call it when they start."""
+    if root is None:
+        return _own_code_version()
+    return _checkout_version(Path(root))
+
+
+@functools.cache
+def _own_code_version() -> str | None:
+    return _checkout_version(Path(__file__).parent.parent)
+
+
+def _checkout_version(root: Path) -> str | None:
+    root = root.resolve()
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,

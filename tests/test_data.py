@@ -390,6 +390,22 @@ def test_code_version_names_the_commit_of_a_checkout(tmp_path):
     assert ls.runtime.code_version(repo / "sub") is None  # inside a repository, not its root
 
 
+def test_the_own_code_version_is_the_one_at_the_first_call(monkeypatch):
+    """A long run records the code it imported: a commit made while paper_repro ran (43 minutes) had
+    been recorded as the run's code. An explicit root is asked afresh each time."""
+    answers = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc", "dddddddddddd"])
+    monkeypatch.setattr(ls.runtime, "_checkout_version", lambda root: next(answers))
+    ls.runtime._own_code_version.cache_clear()
+    try:
+        assert ls.runtime.code_version() == "aaaaaaaaaaaa"
+        assert ls.runtime.code_version() == "aaaaaaaaaaaa"  # a commit since: still the code this process runs
+        assert ls.runtime.software()["code"] == "aaaaaaaaaaaa"
+        assert ls.runtime.code_version("/elsewhere") == "bbbbbbbbbbbb"
+        assert ls.runtime.code_version("/elsewhere") == "cccccccccccc"
+    finally:
+        ls.runtime._own_code_version.cache_clear()
+
+
 def test_result_files_record_the_cpu_model(tmp_path):
     """XLA:CPU compiles for the host's instruction set, so result files name the CPU model."""
     info = tmp_path / "cpuinfo"
