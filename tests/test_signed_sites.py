@@ -73,13 +73,17 @@ class _Probabilities(nn.Module):
         return QuantDense(3, name="fc")(p)
 
 
-def test_unsigned_identity_site_quantizes_probabilities_on_the_unsigned_grid():
-    rng = np.random.default_rng(1)
+def _one_site_loss(model, seed, a_bits):
+    """(net, x, y, loss): ``model`` on 40 seeded N(0, 1) rows of 5 features, its activation site at ``a_bits``."""
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=(40, 5)).astype(np.float32)
     y = rng.integers(0, 3, size=40)
-    model = _Probabilities()
-    net = types.SimpleNamespace(model=model, variables=model.init(jax.random.key(1), jnp.asarray(x)))
-    loss = ls.ClipLoss(net, (x, y), w_bits=None, a_bits=3, quantize_first_last=True)
+    net = types.SimpleNamespace(model=model, variables=model.init(jax.random.key(seed), jnp.asarray(x)))
+    return net, x, y, ls.ClipLoss(net, (x, y), w_bits=None, a_bits=a_bits, quantize_first_last=True)
+
+
+def test_unsigned_identity_site_quantizes_probabilities_on_the_unsigned_grid():
+    net, x, y, loss = _one_site_loss(_Probabilities(), 1, 3)
     (site,) = loss.sites
     assert site.name == "probs" and not site.signed and site.grid == "unsigned"
     alpha = 0.5  # probabilities above α clip to α; levels kΔ, 0 ≤ k ≤ 7, Δ = α / 7
@@ -102,20 +106,15 @@ class _UnsignedIdentity(nn.Module):
 
 def test_init_warns_when_an_unsigned_site_sees_negative_values():
     """The unsigned grid clips negatives to 0: a misdeclared site (GELU, LayerNorm) had lost them silently."""
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(40, 5)).astype(np.float32)
-    y = rng.integers(0, 3, size=40)
-    model = _UnsignedIdentity()
-    net = types.SimpleNamespace(model=model, variables=model.init(jax.random.key(2), jnp.asarray(x)))
-    loss = ls.ClipLoss(net, (x, y), w_bits=None, a_bits=4, quantize_first_last=True)
+    _, x, _, loss = _one_site_loss(_UnsignedIdentity(), 2, 4)
     least = f"{float(x.min()):.4g}"
     with pytest.warns(UserWarning, match=rf"unsigned grid see negative values.*act \(least value {re.escape(least)}"):
         loss.init("max")
-    # a post-ReLU site and a softmax site are never negative: no warning
-    for signed_net, xs in ((_probe(signed=False)[0], x), (_probe(signed=True)[0], x)):
+    # a post-ReLU site, a softmax site (never negative) and a signed site: no warning
+    for model in (_Probe(signed=False), _Probabilities(), _Probe(signed=True)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            ls.ClipLoss(signed_net, (xs, y), w_bits=None, a_bits=4, quantize_first_last=True).init("max")
+            _one_site_loss(model, 2, 4)[3].init("max")
 
 
 @pytest.mark.parametrize("signed", ["false", "no", None, 0.0, 1])
