@@ -14,7 +14,7 @@ FIGURES = (
 
 #: Where each module's ``EST_SECONDS`` comes from: its seconds in the run that made the committed
 #: figures/ (``figures/report.json``, "figures" → seconds, rounded, at least 1).
-COST_SOURCE = "figures/report.json: the committed figures' run, 2-core AMD EPYC"
+COST_SOURCE = "figures/report.json: the committed figures' run, 2-core Intel Xeon"
 
 
 def load_all():

@@ -16,7 +16,7 @@ import numpy as np
 NAME = "F5"
 SLUG = "f5_lp_error"
 TITLE = "Lp quantization error vs clipping value; optimal clip vs p (2 bits)"
-EST_SECONDS = 4
+EST_SECONDS = 7
 
 P_CURVES = (0.5, 1.0, 2.0, 3.0, 4.0)
 BITS = 2

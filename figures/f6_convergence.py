@@ -14,7 +14,7 @@ import numpy as np
 NAME = "F6"
 SLUG = "f6_convergence"
 TITLE = "Convergence of CD, Powell and batched from L2, L3 and max starts"
-EST_SECONDS = 36
+EST_SECONDS = 62
 
 STARTS = {"L2": ("lp", 2.0), "L3": ("lp", 3.0), "max": "max"}
 METHODS = ("cd", "powell", "batched")
