@@ -222,12 +222,12 @@ def percentile_rule(x, spec, kind, *, q: float = 99.99):
 def mse_rule(x, spec, kind):
     # Searched on x / max|x| over (0, 1] (the error is scale-equivariant), so squares neither
     # over- nor underflow float32.
-    hi = jnp.maximum(jnp.max(_magnitude(x, spec)), _TINY)
-    xs = _sample(jnp.ravel(x).astype(jnp.float32)) / hi
-    if not _signed(spec):
-        # A negative entry's clip error (0 − x)² does not depend on α, and it is not counted: as a
-        # constant it only cost float32 resolution (α 0.3 % off at 8 bits on a pre-ReLU N(0, 1) tensor).
-        xs = jnp.maximum(xs, 0.0)
+    # On the unsigned grid the search sees x clipped at 0 (_magnitude): a negative entry's clip
+    # error (0 − x)² does not depend on α and is not counted, and as a constant it only cost float32
+    # resolution (α 0.3 % off at 8 bits on a pre-ReLU N(0, 1) tensor).
+    values = _magnitude(x, spec) if not _signed(spec) else jnp.ravel(x).astype(jnp.float32)
+    hi = jnp.maximum(jnp.max(jnp.abs(values)), _TINY)
+    xs = _sample(values) / hi
     return _safe_alpha(hi * search_1d(lambda a: mse_prior_error(xs, a, spec.bits, spec.grid), 1.0), x)
 
 
