@@ -465,10 +465,19 @@ def test_compare_methods_resumes_from_its_store(tiny_loss, digits, tmp_path, mon
     first, second = [s.name for s in tiny_loss.sites if s.kind == "weight"][:2]
     without = [tiny_loss.with_options(sites=[n for n in names if n != left]) for left in (first, second)]
     assert repr(without[0]) == repr(without[1])  # other sites, the same counts
+
+    class Stop(Exception):
+        pass
+
+    def first_line(line):  # the verdict on the store is said before any work: stop there
+        lines.append(line)
+        raise Stop
+
     for changed in (tiny_loss.with_options(weight_grid="midtread"), *without):
         lines.clear()
-        lq.compare_methods(changed, digits, store=store, progress=lines.append, **one)
-        assert lines[0] == f"{store} holds another configuration's results; starting afresh", changed
+        with pytest.raises(Stop):
+            lq.compare_methods(changed, digits, store=store, progress=first_line, **one)
+        assert lines == [f"{store} holds another configuration's results; starting afresh"], changed
 
 
 def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
