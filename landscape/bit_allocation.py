@@ -72,8 +72,10 @@ class Sensitivity:
             raise ValueError(f"bops: widths={widths!r} must map every site to its weight width, e.g. "
                              f"dict.fromkeys(sensitivity.sites, 4) for uniform 4-bit weights")
         missing = [n for n in self.sites if n not in widths]
-        if missing:
-            raise ValueError(f"widths has no entry for sites {missing}")
+        stray = sorted(set(widths) - set(self.sites), key=str)
+        if missing or stray:  # a misspelt site had been priced as nothing, silently
+            raise ValueError(f"widths must map every weight site to its width: no entry for sites {missing}, "
+                             f"unknown sites {stray}")
         none = [n for n in self.sites if widths[n] is None]
         if none:
             raise ValueError(f"bops: site {none[0]!r} has width None (FP32); a BOPs count needs an integer width "

@@ -106,8 +106,10 @@ def test_bops_budget_errors():
             s.bops(dict.fromkeys(s.sites, 2), bad)
     with pytest.raises(ValueError, match=r"a_bits\['l1'\]=0 is not an activation width"):
         allocate_bits(s, budget_bops=floor, a_bits={**dict.fromkeys(s.sites, 8), "l1": 0})
-    with pytest.raises(ValueError, match="no entry for sites"):
+    with pytest.raises(ValueError, match=r"no entry for sites \['l1', 'l2', 'l3', 'l4'\], unknown sites \[\]"):
         s.bops({"l0": 2}, 8)
+    with pytest.raises(ValueError, match=r"no entry for sites \[\], unknown sites \['l5'\]"):  # not priced as 0
+        s.bops({**dict.fromkeys(s.sites, 2), "l5": 2}, 8)
 
 
 def test_allocation_rejects_bad_budgets():
