@@ -473,11 +473,25 @@ def test_compare_methods_resumes_from_its_store(tiny_loss, digits, tmp_path, mon
         lines.append(line)
         raise Stop
 
-    for changed in (tiny_loss.with_options(weight_grid="midtread"), *without):
-        lines.clear()
-        with pytest.raises(Stop):
-            lq.compare_methods(changed, digits, store=store, progress=first_line, **one)
-        assert lines == [f"{store} holds another configuration's results; starting afresh"], changed
+    def after_fp32(line):  # the FP32 row is stored before this line reports it
+        if line.startswith("  FP32:"):
+            raise Stop
+
+    # the midtread grid, against the store of the run above (the sites' grid alone differs)
+    lines.clear()
+    with pytest.raises(Stop):
+        lq.compare_methods(tiny_loss.with_options(weight_grid="midtread"), digits, store=store, progress=first_line,
+                           **one)
+    assert lines == [f"{store} holds another configuration's results; starting afresh"]
+    # other sites of the same counts: a store holding without[0]'s FP32 row, then without[1]
+    fp32_only = {**one, "rows": ["FP32"]}
+    with pytest.raises(Stop):
+        lq.compare_methods(without[0], digits, store=store, progress=after_fp32, **fp32_only)
+    assert sorted(json.loads(store.read_text())["steps"]) == ["0/FP32"]
+    lines.clear()
+    with pytest.raises(Stop):
+        lq.compare_methods(without[1], digits, store=store, progress=first_line, **fp32_only)
+    assert lines == [f"{store} holds another configuration's results; starting afresh"]
 
 
 def test_cli_names_bad_arguments_before_any_work(capsys, tmp_path):
