@@ -199,6 +199,9 @@ def test_grad_and_hessian_are_ste_derivatives(loss4):
     eye = np.eye(loss4.n, dtype=np.float32)
     columns = np.stack([np.asarray(loss4.hvp(alpha, eye[i])) for i in range(loss4.n)], axis=1)
     np.testing.assert_allclose(h, columns, rtol=1e-3, atol=1e-4 * scale)
+    # and symmetrised exactly, (C + Cᵀ)/2 of those columns (unsymmetrised they differ in the last bits)
+    assert not np.array_equal(columns, columns.T)
+    np.testing.assert_array_equal(h, 0.5 * (columns + columns.T))
     reference = np.asarray(jax.hessian(loss4.alpha_loss())(alpha))
     np.testing.assert_allclose(h, reference, rtol=1e-3, atol=1e-4 * scale)
 
@@ -441,10 +444,10 @@ def _sharded_measure(net, data):
     out = dict(devices=len(jax.devices()), loss=float(loss(a)),
                batch=np.asarray(loss.batch(np.stack([a, a * 1.1]))).tolist(), grad=np.asarray(loss.grad(a)).tolist(),
                alpha=np.asarray(a).tolist(), mse=np.asarray(loss.init("mse")).tolist())
-    f, batches = loss.weight_loss_batches(a, batch_size=24)  # 24, 24, 16: each splits over 4
-    out["weight_batches"] = sum(len(b["y"]) / 64 * float(f(loss.variables["params"], b)) for b in batches)
+    f, batches = loss.weight_loss_batches(a, batch_size=24)  # 24, 24, 18: the last does not split over 4
+    out["weight_batches"] = sum(len(b["y"]) / loss.n_calib * float(f(loss.variables["params"], b)) for b in batches)
     out["weight_full"] = float(loss.weight_loss(a)(loss.variables["params"]))
-    out["shards"] = [len(b["x"].sharding.device_set) for b in batches]
+    out["shards"] = [len(b["x"].addressable_shards[0].data) for b in batches]  # rows per device
     return out
 
 
@@ -452,7 +455,7 @@ def _sharded_measure(net, data):
 _SHARDED_MAIN = textwrap.dedent("""
     import json, sys
     import models
-    data = ls.data.load("digits", calib_size=64, seed=0)
+    data = ls.data.load("digits", calib_size=66, seed=0)
     net = ls.train.load_network(models.create("cnn", num_classes=10, widths=(4, 8)), sys.argv[1])
     print("RESULT" + json.dumps(_sharded_measure(net, data)))
 """)
@@ -460,8 +463,9 @@ _SHARDED_MAIN = textwrap.dedent("""
 
 def test_sharded_calibration_matches_single_device(tmp_path):
     """One network and calibration set on this process's single CPU device and, in a child
-    process, on four virtual devices (each calibration batch split over them)."""
-    data = ls.data.load("digits", calib_size=64, seed=0)
+    process, on four virtual devices (each calibration batch split over them). 66 images: on four devices one
+    batch of 68, two of them padding, which must not enter the mean."""
+    data = ls.data.load("digits", calib_size=66, seed=0)
     # No training needed to compare devices: a seeded initialisation, written for the child.
     model = models.create("cnn", num_classes=10, widths=(4, 8))
     variables = jax.device_get(model.init(jax.random.PRNGKey(0), data.calib.x[:1]))
@@ -484,7 +488,7 @@ def test_sharded_calibration_matches_single_device(tmp_path):
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
     np.testing.assert_allclose(four["batch"], one["batch"], rtol=1e-5)
     np.testing.assert_allclose(four["grad"], one["grad"], rtol=1e-4, atol=1e-6)
-    assert one["shards"] == [1, 1, 1] and four["shards"] == [4, 4, 4]
+    assert one["shards"] == [24, 24, 18] and four["shards"] == [6, 6, 18]  # 18 rows: on every device
     for run in (one, four):
         assert run["weight_batches"] == pytest.approx(run["weight_full"], rel=1e-5)
     assert four["weight_batches"] == pytest.approx(one["weight_batches"], rel=1e-5)
@@ -845,3 +849,167 @@ def test_shared_programs_drop_the_least_recently_used(tiny_net, digits):
     assert len(clip_loss_module._PROGRAMS) == 8
     assert build(names[0])._programs is first._programs
     assert build(names[1])._programs is not second._programs  # the least recently used was dropped
+
+
+def test_with_options_takes_another_calibration_set_and_names_unknown_options(tiny_net, digits, loss4):
+    """with_options(calib=...) is the loss on those images (a fresh loss's size, images and values) with every
+    other option kept (dropping calib would keep the old images, silently); an unknown option
+    is named, not passed on to the constructor as a TypeError."""
+    x, y = digits.calib.x[:64], digits.calib.y[:64]
+    alpha = loss4.init("max")
+    other = loss4.with_options(calib=(x, y), w_bits=3)
+    fresh = ls.ClipLoss(tiny_net, (x, y), w_bits=3, a_bits=4)
+    assert other.n_calib == 64 and other.options == fresh.options
+    np.testing.assert_array_equal(other.calib.x, x)
+    assert float(other(alpha)) == float(fresh(alpha))
+    assert float(other(alpha)) != pytest.approx(float(loss4.with_options(w_bits=3)(alpha)), rel=1e-4)
+    with pytest.raises(ValueError, match=r"unknown ClipLoss options \['a_bit', 'calib_size'\]; allowed: \['a_bits', "):
+        loss4.with_options(a_bit=3, calib_size=64)
+
+
+def test_midtread_weight_grid_is_the_loss_of_the_kernel_rounded_by_hand(tiny_net, digits):
+    """weight_grid="midtread" at 2 bits: L(α) is the FP32 loss of the network whose kernel is rounded by hand
+    to the levels {−α, 0, α}; the midrise grid ({±α/3, ±α}) gives another value."""
+    site = "conv1_0"
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=2, a_bits=None, sites=[site], weight_grid="midtread")
+    assert loss.specs[site].grid == "midtread"
+    params = flax.traverse_util.flatten_dict(loss.params, sep="/")
+    kernel = np.asarray(params[site + "/kernel"])
+    a = np.float32(0.5 * np.abs(kernel).max())
+    hand = np.round(np.clip(kernel / a, -1.0, 1.0)).astype(np.float32) * a
+    assert set(np.unique(hand)) == {-a, 0.0, a}
+    params[site + "/kernel"] = hand
+    want = float(loss.weight_loss()(flax.traverse_util.unflatten_dict(params, sep="/")))
+    assert float(loss(np.array([a]))) == pytest.approx(want, rel=1e-5)
+    assert float(loss.with_options(weight_grid="midrise")(np.array([a]))) != pytest.approx(want, rel=1e-3)
+
+
+def test_sites_are_quantized_in_network_order_whatever_the_order_given(tiny_net, digits, loss4):
+    """sites=[...] in any order: α follows the network's order (as the sites property says), and each entry is
+    its site's (weight α depend on the weights alone, the first activation site on the FP32 stem alone)."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, sites=["conv1_1", "relu0_0", "conv0_1"])
+    assert [s.name for s in loss.sites] == ["relu0_0", "conv0_1", "conv1_1"]
+    assert loss.site_slices() == {"relu0_0": slice(0, 1), "conv0_1": slice(1, 2), "conv1_1": slice(2, 3)}
+    full = np.asarray(loss4.init("max"))
+    np.testing.assert_array_equal(np.asarray(loss.init("max")), full[[0, 1, 5]])
+
+
+def test_init_remembers_each_rule_option_apart_and_traces_p_once(tiny_net, digits, fresh_programs):
+    """init("lp", p=2) then p=3 on one loss: two α (not the first call's, remembered for both), each
+    a fresh loss's, from one traced program (p is data, not a constant of the program)."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=None, a_bits=4, sites=["relu0_1", "relu1_0"])
+    two, three = np.asarray(loss.init("lp", p=2.0)), np.asarray(loss.init("lp", p=3.0))
+    assert not np.array_equal(two, three)
+    assert loss.compilations == {"init:lp": 1}
+    np.testing.assert_array_equal(np.asarray(loss.with_options().init("lp", p=3.0)), three)
+
+
+def test_accuracy_pads_a_partial_last_batch_into_the_same_program(tiny_net, digits, fresh_programs):
+    """359 images in batches of 50: the last 9 are padded to 50, so one predict program serves every batch
+    (an unpadded last batch would trace a second one)."""
+    loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    loss.accuracy(loss.init("max"), digits.test, batch_size=50)
+    assert len(digits.test.x) % 50 == 9 and loss.compilations["predict"] == 1
+
+
+def test_the_site_list_of_a_loss_is_its_own(tiny_net, digits):
+    """sites_of remembers each network's sites: a loss hands out a copy, so changing one loss's list does not
+    change the next loss's."""
+    first = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
+    names = [s.name for s in first.all_sites]
+    first.all_sites.clear()
+    assert [s.name for s in ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4).all_sites] == names
+
+
+def test_repr_and_options_describe_the_loss(tiny_net, digits, loss4):
+    """repr names the model, the sites per kind with their widths and the calibration size; a bit-width mapping
+    is stored in site-name order, whatever the order given (options is a stable description)."""
+    assert repr(loss4) == (f"ClipLoss(CNN, n=6 (3 weight @ 4b, 3 activation @ 4b), calib=256, "
+                           f"devices={len(jax.devices())})")
+    fp32 = ls.ClipLoss(tiny_net, (digits.calib.x[:40], digits.calib.y[:40]), w_bits=None, a_bits=None)
+    assert "n=0 (all FP32), calib=40," in repr(fp32)
+    mixed = ls.ClipLoss(tiny_net, digits.calib, w_bits={"conv1_1": 3, "conv0_1": 2}, a_bits=None)
+    assert list(mixed.options["w_bits"]) == ["conv0_1", "conv1_1"]
+    assert json.dumps(mixed.options) == json.dumps(mixed.with_options(w_bits={"conv0_1": 2, "conv1_1": 3}).options)
+
+
+def test_a_batch_of_no_rows_is_no_losses(loss4):
+    """K = 0 (an optimizer's empty batch): an empty (0,) float32 array, not NumPy's "need at least one array to
+    concatenate"."""
+    out = loss4.batch(np.zeros((0, loss4.n), np.float32))
+    assert out.shape == (0,) and out.dtype == jnp.float32
+
+
+def test_the_gradient_at_an_invalid_alpha_is_zero_not_nan(loss4):
+    """Inside a transformation α is not refused: at α with a NaN or negative entry the loss is +inf and its
+    gradient 0 (the forward pass runs at a placeholder α), not NaN, which would poison a line search or an
+    optimizer state."""
+    alpha = np.asarray(loss4.init("max"))
+    for bad in (np.full(6, np.nan, np.float32), np.where(np.arange(6) == 3, np.nan, alpha).astype(np.float32),
+                np.where(np.arange(6) == 1, -alpha, alpha).astype(np.float32)):
+        assert float(loss4(bad)) == np.inf
+        np.testing.assert_array_equal(np.asarray(jax.grad(loss4)(bad)), np.zeros(6, np.float32))
+
+
+def test_one_non_finite_channel_of_a_per_channel_alpha_is_named(tiny_net, digits):
+    """Per-channel weight α: one inf weight makes one channel's α inf and the others finite; the site is named
+    all the same (every entry must be finite, not just one)."""
+    params = flax.traverse_util.flatten_dict(tiny_net.variables["params"], sep="/")
+    kernel = np.array(params["conv1_0/kernel"])
+    kernel[..., 5] = 0.0
+    kernel[0, 0, 0, 5] = np.inf
+    params["conv1_0/kernel"] = kernel
+    variables = {**tiny_net.variables, "params": flax.traverse_util.unflatten_dict(params, sep="/")}
+    broken = ls.ClipLoss(dataclasses.replace(tiny_net, variables=variables), digits.calib, w_bits=4, a_bits=None,
+                         per_channel=True, sites=["conv1_0"])
+    with pytest.raises(ValueError, match=r"init\('max'\): the α of sites \['conv1_0'\] is not finite"):
+        broken.init("max")
+
+
+_FORWARDS: list = []
+
+
+class _CountingForwards(nn.Module):
+    """A small quantizable MLP that counts its forward passes as they run (a host callback in compiled code)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        jax.debug.callback(lambda: _FORWARDS.append(1))
+        h = QuantReLU(name="r1")(QuantDense(16, name="d1")(x.reshape((x.shape[0], -1))))
+        h = QuantReLU(name="r2")(QuantDense(16, name="d2")(h))
+        return QuantDense(10, name="head")(h)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the compiled loop over the real rows is the CPU path")
+def test_a_batch_of_k_rows_runs_k_forward_passes_on_cpu(digits):
+    """On CPU a chunk of 32 rows runs only its real rows (the module docstring: "a batch of K costs K evaluations
+    whatever the padding"), and loss(α), one row of that program, one forward pass per calibration batch: 2 here."""
+    loss = ls.ClipLoss(_untrained(_CountingForwards(), digits), digits.calib, w_bits=4, a_bits=4, batch_size=128,
+                       quantize_first_last=True)
+    alpha = np.asarray(loss.init("max"))
+    assert loss.chunk == 32 and loss.n == 5
+    for run, rows, passes in ((lambda: loss(alpha), 1, 2), (lambda: loss.batch(np.stack([alpha] * 3)), 3, 6),
+                              (lambda: loss.batch(np.stack([alpha] * 33)), 33, 66)):
+        jax.effects_barrier()
+        _FORWARDS.clear()
+        out = np.asarray(run())
+        jax.effects_barrier()
+        assert len(_FORWARDS) == passes, (rows, len(_FORWARDS))
+        assert out.size == rows and np.all(out == out.flat[0])
+
+
+def test_batch_inside_a_transformation_is_k_losses(loss4):
+    """loss.batch under jit (a traced (K, n)): the K losses, not the K rows padded to the chunk's 32."""
+    alpha = np.asarray(loss4.init("max"))
+    alphas = np.stack([alpha, 0.5 * alpha, -alpha])
+    got = np.asarray(jax.jit(loss4.batch)(alphas))
+    assert got.shape == (3,) and got[2] == np.inf
+    np.testing.assert_allclose(got, np.asarray(loss4.batch(alphas)), rtol=1e-6)
+
+
+def test_alpha_loss_weights_out_the_padding_of_the_last_batch(tiny_net, digits):
+    """256 images in batches of 100 (44 padding images): the pure function alpha_loss() is the loss itself, the
+    mean over the real images (the padding is weighted out there too)."""
+    batched = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, batch_size=100)
+    alpha = batched.init("max")
+    assert float(batched.alpha_loss()(alpha)) == pytest.approx(float(batched(alpha)), rel=1e-6)
