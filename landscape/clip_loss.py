@@ -405,8 +405,15 @@ class ClipLoss:
                 spec = sites.SiteSpec(bits, site.grid)  # "unsigned" after a ReLU, else "midtread"
             active.append(site)
             specs[site.name] = spec
-        if not active and names is None and any(isinstance(b, int) for b in (w_bits, a_bits)):
-            raise ValueError(self._no_sites_message(w_bits, a_bits))
+        if not active and any(isinstance(b, int) for b in (w_bits, a_bits)):
+            if names is None:
+                raise ValueError(self._no_sites_message(w_bits, a_bits))
+            # sites=[...] of other kinds than the widths given: an empty loss had passed silently
+            given = ", ".join(f"{k}={v}" for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None)
+            kinds = {s.name: s.kind for s in chosen}
+            raise ValueError(f"ClipLoss({given}, sites={names}) quantizes no site: the sites chosen are {kinds}, "
+                             "and their kinds have no bit width; give it (w_bits= for weight sites, a_bits= for "
+                             "activation sites) or choose sites of the kind given")
         sizes = tuple(specs[s.name].alpha_size(s) for s in active)
         offsets = tuple(int(o) for o in np.cumsum((0,) + sizes[:-1])) if sizes else ()
         return _Layout(tuple(active), specs, offsets, sizes)

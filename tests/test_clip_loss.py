@@ -1013,3 +1013,16 @@ def test_alpha_loss_weights_out_the_padding_of_the_last_batch(tiny_net, digits):
     batched = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, batch_size=100)
     alpha = batched.init("max")
     assert float(batched.alpha_loss()(alpha)) == pytest.approx(float(batched(alpha)), rel=1e-6)
+
+
+def test_chosen_sites_without_a_width_of_their_kind_are_named(tiny_net, digits):
+    """sites=[...] holding only weight sites with a_bits alone given (or no site at all): no α to choose, which
+    had given an empty loss silently. Widths None for both kinds stay an FP32 loss of those sites."""
+    with pytest.raises(ValueError, match=r"ClipLoss\(a_bits=4, sites=\['conv0_1'\]\) quantizes no site: the "
+                                         r"sites chosen are \{'conv0_1': 'weight'\}, and their kinds have no bit "
+                                         r"width; give it \(w_bits= for weight sites"):
+        ls.ClipLoss(tiny_net, digits.calib, w_bits=None, a_bits=4, sites=["conv0_1"])
+    with pytest.raises(ValueError, match=r"ClipLoss\(w_bits=4, a_bits=4, sites=\[\]\) quantizes no site"):
+        ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4, sites=[])
+    assert ls.ClipLoss(tiny_net, digits.calib, w_bits=None, a_bits=None, sites=["conv0_1"]).n == 0
+    assert ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=None, sites=["conv0_1", "relu0_1"]).n == 1
