@@ -406,23 +406,22 @@ class ClipLoss:
             active.append(site)
             specs[site.name] = spec
         if not active and any(isinstance(b, int) for b in (w_bits, a_bits)):
-            if names is None:
-                raise ValueError(self._no_sites_message(w_bits, a_bits))
-            # sites=[...] of other kinds than the widths given: an empty loss had passed silently
-            given = ", ".join(f"{k}={v}" for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None)
-            kinds = {s.name: s.kind for s in chosen}
-            raise ValueError(f"ClipLoss({given}, sites={names}) quantizes no site: the sites chosen are {kinds}, "
-                             "and their kinds have no bit width; give it (w_bits= for weight sites, a_bits= for "
-                             "activation sites) or choose sites of the kind given")
+            raise ValueError(self._no_sites_message(w_bits, a_bits, names, chosen))
         sizes = tuple(specs[s.name].alpha_size(s) for s in active)
         offsets = tuple(int(o) for o in np.cumsum((0,) + sizes[:-1])) if sizes else ()
         return _Layout(tuple(active), specs, offsets, sizes)
 
-    def _no_sites_message(self, w_bits, a_bits) -> str:
-        """Why bit widths were given and no site is quantized: a model without landscape's
-        quantized layers, or one whose only sites are the first and last layers (FP32 by default).
-        An empty loss would otherwise pass silently and fail later with errors about α."""
+    def _no_sites_message(self, w_bits, a_bits, names, chosen) -> str:
+        """Why bit widths were given and no site is quantized: sites=[...] (``names``) of other kinds
+        than the widths given, a model without landscape's quantized layers, or one whose only sites
+        are the first and last layers (FP32 by default). An empty loss would otherwise pass silently
+        and fail later with errors about α."""
         given = ", ".join(f"{k}={v}" for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None)
+        if names is not None:
+            kinds = {s.name: s.kind for s in chosen}
+            return (f"ClipLoss({given}, sites={names}) quantizes no site: the sites chosen are {kinds}, and their "
+                    "kinds have no bit width; give it (w_bits= for weight sites, a_bits= for activation sites) or "
+                    "choose sites of the kind given")
         kinds = [kind for kind, b in (("weight", w_bits), ("activation", a_bits)) if b is not None]
         candidates = [s.name for s in self.all_sites if s.kind in kinds]
         head = f"ClipLoss({given}) quantizes no site of this {type(self.model).__name__}"
