@@ -302,7 +302,9 @@ class ClipLoss:
         kind, those not named staying FP32 (see :func:`landscape.bit_allocation.allocate_bits`).
       quantize_first_last: also quantize the first and last layers (default FP32).
       sites: names of the sites to quantize (overrides the first/last rule); others FP32. A
-        single name (a str) is one site.
+        single name (a str) is one site. A named site whose kind has no width (``a_bits=None``
+        for an activation site) stays FP32; names that leave no site quantized while a width
+        is given raise (both widths None is the FP32 loss).
       weight_grid: "midrise" (reference, no zero level) or "midtread" (signed with zero).
         Activation sites take their grid from the layer: "unsigned" for a ReLU output,
         "midtread" for a signed site (:class:`landscape.layers.QuantIdentity`).
