@@ -662,17 +662,26 @@ def test_non_finite_calibration_images_are_refused(tiny_net, digits):
         ls.ClipLoss(tiny_net, (x, digits.calib.y), w_bits=4, a_bits=4)
 
 
+def _kernel(net, layer: str) -> np.ndarray:
+    """A writable copy of ``layer``'s kernel in ``net``."""
+    return np.array(flax.traverse_util.flatten_dict(net.variables["params"], sep="/")[layer + "/kernel"])
+
+
+def _with_kernel(net, layer: str, kernel):
+    """``net`` with ``layer``'s kernel replaced by ``kernel``."""
+    params = {**flax.traverse_util.flatten_dict(net.variables["params"], sep="/"), layer + "/kernel": kernel}
+    return dataclasses.replace(net, variables={**net.variables,
+                                               "params": flax.traverse_util.unflatten_dict(params, sep="/")})
+
+
 def test_a_non_finite_alpha_from_init_is_named(tiny_net, digits):
     """Finite images, but a weight that overflowed to inf: init("max") returned inf α for that
     layer (and the sites downstream), silently; now the sites are named."""
     loss = ls.ClipLoss(tiny_net, digits.calib, w_bits=4, a_bits=4)
     weight = next(s for s in loss.sites if s.kind == "weight")
-    params = flax.traverse_util.flatten_dict(tiny_net.variables["params"], sep="/")
-    kernel = np.array(params[weight.name + "/kernel"])
+    kernel = _kernel(tiny_net, weight.name)
     kernel.flat[0] = np.inf
-    params[weight.name + "/kernel"] = kernel
-    variables = {**tiny_net.variables, "params": flax.traverse_util.unflatten_dict(params, sep="/")}
-    broken = ls.ClipLoss(dataclasses.replace(tiny_net, variables=variables), digits.calib, w_bits=4, a_bits=4)
+    broken = ls.ClipLoss(_with_kernel(tiny_net, weight.name, kernel), digits.calib, w_bits=4, a_bits=4)
     with pytest.raises(ValueError, match=rf"init\('max'\): the α of sites \['{weight.name}'.*\] is not finite"):
         broken.init("max")
     assert np.all(np.isfinite(np.asarray(loss.init("max"))))
@@ -954,13 +963,10 @@ def test_the_gradient_at_an_invalid_alpha_is_zero_not_nan(loss4):
 def test_one_non_finite_channel_of_a_per_channel_alpha_is_named(tiny_net, digits):
     """Per-channel weight α: one inf weight makes one channel's α inf and the others finite; the site is named
     all the same (every entry must be finite, not just one)."""
-    params = flax.traverse_util.flatten_dict(tiny_net.variables["params"], sep="/")
-    kernel = np.array(params["conv1_0/kernel"])
+    kernel = _kernel(tiny_net, "conv1_0")
     kernel[..., 5] = 0.0
     kernel[0, 0, 0, 5] = np.inf
-    params["conv1_0/kernel"] = kernel
-    variables = {**tiny_net.variables, "params": flax.traverse_util.unflatten_dict(params, sep="/")}
-    broken = ls.ClipLoss(dataclasses.replace(tiny_net, variables=variables), digits.calib, w_bits=4, a_bits=None,
+    broken = ls.ClipLoss(_with_kernel(tiny_net, "conv1_0", kernel), digits.calib, w_bits=4, a_bits=None,
                          per_channel=True, sites=["conv1_0"])
     with pytest.raises(ValueError, match=r"init\('max'\): the α of sites \['conv1_0'\] is not finite"):
         broken.init("max")
