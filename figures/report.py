@@ -158,13 +158,9 @@ def command(preset, only=None) -> str:
 
 def machine() -> str:
     """Where the run computed: JAX's accelerator when it has one, else the CPU cores."""
-    import jax
-
     cpu = f"{os.cpu_count()} CPU core(s) ({runtime.cpu_model()}, {platform.machine()})"
-    devices = jax.devices()
-    if devices[0].platform == "cpu":
-        return cpu
-    return f"{len(devices)} × {devices[0].device_kind} ({devices[0].platform}) with {cpu}"
+    accelerator = runtime.accelerator()
+    return cpu if accelerator is None else f"{accelerator} with {cpu}"
 
 
 def write(out: Path, preset, claims, results, files, wall: float, ctx, earlier: EarlierRun | None = None) -> None:

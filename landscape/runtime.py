@@ -210,9 +210,18 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def accelerator() -> str | None:
+    """JAX's accelerator, ``"1 × NVIDIA H200 (gpu)"``, or None when JAX computes on the CPU."""
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        return None
+    return f"{len(devices)} × {devices[0].device_kind} ({devices[0].platform})"
+
+
 def software() -> dict:
     """The code (:func:`code_version`), library versions and CPU model (:func:`cpu_model`) of
-    this process, for result files."""
+    this process, for result files; also the accelerator (:func:`accelerator`) when JAX has one,
+    since a GPU's float32 arithmetic differs from the CPU's in the last bits."""
     import flax
     import jaxlib
     import numpy
@@ -220,7 +229,8 @@ def software() -> dict:
 
     return {"code": code_version(), "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "numpy": numpy.__version__, "cpu": cpu_model()}
+            "numpy": numpy.__version__, "cpu": cpu_model(),
+            **({"accelerator": accelerator()} if accelerator() is not None else {})}
 
 
 def describe_software(versions: dict | None = None) -> str:

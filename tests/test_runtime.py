@@ -122,6 +122,25 @@ def test_describe_software_names_the_code_once():
     assert runtime.describe_software({**versions, "code": None}).startswith("code `not a git checkout`; python")
 
 
+def test_software_names_the_accelerator_only_when_jax_has_one(monkeypatch):
+    """A GPU's float32 rounds differently from the CPU's, so result files name it (a GPU table had
+    recorded only its host's CPU model); CPU runs keep the keys they had."""
+    class FakeCPU:
+        platform, device_kind = "cpu", "cpu"
+
+    class FakeGPU:
+        platform, device_kind = "gpu", "NVIDIA H200"
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [FakeCPU()])
+    assert runtime.accelerator() is None and "accelerator" not in runtime.software()
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [FakeGPU(), FakeGPU()])
+    assert runtime.accelerator() == "2 × NVIDIA H200 (gpu)"
+    versions = runtime.software()
+    assert versions["accelerator"] == "2 × NVIDIA H200 (gpu)" and versions["cpu"] == runtime.cpu_model()
+    assert "accelerator 2 × NVIDIA H200 (gpu)" in runtime.describe_software(versions)
+
+
 def test_atomic_write_renames_within_the_target_directory_with_the_usual_permissions(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
