@@ -345,10 +345,19 @@ class _HVP:
         return self._combine([self._programs["hvp"](self._x, v, *args) for _, args in self._terms])
 
     def _hvp_block(self, V):
-        """H applied to each row of V (b, n), on the device."""
-        if self._lins is not None:
-            return self._combine([jax.vmap(lin)(V) for lin in self._lins])
-        return self._combine([self._programs["matmat"](self._x, V, *args) for _, args in self._terms])
+        """H applied to each row of V (b, n), on the device: one vmapped program, or row by row
+        through the single HVP where JAX cannot batch f's second derivative."""
+        if self._programs["vmappable"]:
+            try:
+                if self._lins is not None:
+                    return self._combine([jax.vmap(lin)(V) for lin in self._lins])
+                return self._combine([self._programs["matmat"](self._x, V, *args) for _, args in self._terms])
+            except NotImplementedError:
+                # JAX has no batching rule for a grouped convolution's kernel gradient whose output
+                # sits on a mesh (a ClipLoss's calibration set; jax 0.10-0.11), so a depthwise
+                # network failed with probe_batch > 1, the default on accelerators. Same numbers.
+                self._programs["vmappable"] = False
+        return jnp.stack([self._hvp(v) for v in V])
 
     def gradient(self) -> np.ndarray:
         """∇f(x) (with batches Σ_b w_b ∇f(x, batch_b)) as a host array: the linearization's
@@ -436,7 +445,8 @@ _OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _compiled_operator(f, unravel, structure, precision, batched=False, bound=False):
     """The jitted programs for f at points of the given pytree structure, f traced under
     ``jax.default_matmul_precision(precision)``: a dict with the gradient ("grad"), the fused
-    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("hvp"); "grad" returns
+    Lanczos step ("step"), the block HVP ("matmat") and the single HVP ("hvp"), and whether JAX can
+    vmap the HVP ("vmappable", until a call finds otherwise); "grad" returns
     (∇f, f), the value as an aux output that ``jax.linearize`` does not differentiate. Every program
     takes the point first (after it, the step its basis, row and index, the HVPs the vector),
     then with ``bound`` the data ``(args, keywords)`` bound to f, called as
@@ -467,6 +477,7 @@ def _compiled_operator(f, unravel, structure, precision, batched=False, bound=Fa
             "step": jax.jit(lanczos_step, donate_argnums=1),
             "matmat": jax.jit(jax.vmap(hvp, in_axes=(None, 0) + (None,) * (bound + batched))),
             "hvp": jax.jit(hvp),
+            "vmappable": True,  # False once JAX fails to vmap the HVP (see _HVP._hvp_block)
         }
     return per_f[key]
 

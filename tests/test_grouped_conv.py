@@ -98,6 +98,25 @@ def test_grouped_macs_and_bops(group_net, digits):
     assert sens.bops(dict.fromkeys(sens.sites, 8), a_bits=4) == sum(macs[n] * 8 * 4 for n in sens.sites)
 
 
+@pytest.mark.parametrize("hvp", ["linearize", "recompute"])
+def test_weight_spectrum_of_grouped_convs_in_probe_blocks(group_net, digits, hvp):
+    """HVPs in blocks (probe_batch > 1, the default on accelerators) of a grouped network whose data
+    sit on a mesh: JAX cannot vmap the grouped kernels' gradient there (NotImplementedError; it
+    failed weight_sensitivity on an H200), so the block runs row by row, with the same probes
+    giving the same trace, per leaf too, and the same density as one vector at a time."""
+    from landscape.spectrum import hessian_spectrum
+
+    loss = ls.ClipLoss(group_net, digits.calib, w_bits=4, a_bits=None)
+    kw = dict(top_k=1, trace=True, num_probes=6, density=True, density_runs=2, density_steps=8, seed=3, hvp=hvp)
+    one, block = (hessian_spectrum(loss.weight_loss(None), loss.variables["params"], probe_batch=b, **kw)
+                  for b in (1, 2))
+    assert one.n_hvp == block.n_hvp and one.info["hvp"] == block.info["hvp"] == hvp
+    assert block.trace == pytest.approx(one.trace, rel=1e-5)
+    np.testing.assert_allclose(jax.tree.leaves(block.trace_per_leaf), jax.tree.leaves(one.trace_per_leaf),
+                               rtol=1e-4, atol=1e-6 * abs(one.trace))
+    np.testing.assert_allclose(block.density[1], one.density[1], rtol=1e-4, atol=1e-6 * one.density[1].max())
+
+
 def _quantized(w, alpha, bits, grid, correct):
     w_hat = quantizers.quantize(w, alpha, bits, grid)
     return w_hat - quantizers.bias_shift(w_hat, w) if correct else w_hat
