@@ -74,7 +74,7 @@ DEFAULT_P_GRID = np.linspace(2.0, 4.0, 10)
 P_RANGE = (1.0, 8.0)  # open interval allowed for p
 PENALTY = 1e6  # what SciPy sees for α ≤ 0 (the reference CD's penalty)
 POWELL_TOL = 1e-4  # xtol = ftol, the reference's (SciPy's default) options
-FLAT_CURVATURE = 1e-9  # select_p: a fit whose a·(p range)² is at most this × max|L| is flat
+FLAT_CURVATURE = 1e-9  # select_p: a fit whose |a|·(p range)² is at most this × max|L| is flat
 
 
 # --------------------------------------------------------------------------- p* selection
@@ -88,7 +88,7 @@ class PSelection:
       p_star: the chosen p.
       rule: ``"vertex"`` (the convex fit's minimiser, inside the grid), ``"concave"`` (fit
         not convex: best grid point), ``"outside"`` (vertex outside the grid: best grid
-        point), ``"flat"`` (the fitted curvature is rounding noise, a·(p range)² ≤ 1e-9·max|L|:
+        point), ``"flat"`` (the fitted curvature is rounding noise, |a|·(p range)² ≤ 1e-9·max|L|:
         best grid point) or ``"degenerate"`` (fewer than 3 finite losses: best grid point).
         :func:`lapq` interrupted after the sweep records ``"interrupted"``: the best grid
         point, which is what it returned.
@@ -133,12 +133,13 @@ def select_p(ps, losses) -> PSelection:
     if finite.sum() < 3:
         return PSelection(best, "degenerate", (math.nan,) * 3, best)
     a, b, c = (float(v) for v in np.polyfit(ps[finite], losses[finite], 2))
+    span = float(np.ptp(ps[finite]))
+    # A constant sweep fits a ≈ ±1e-17 of rounding noise, whose "vertex" is arbitrary; its sign
+    # depends on the LAPACK build (an H200 machine's numpy fitted −1e-17: "concave").
+    if abs(a) * span**2 <= FLAT_CURVATURE * float(np.max(np.abs(losses[finite]))):
+        return PSelection(best, "flat", (a, b, c), best)
     if not a > 0:
         return PSelection(best, "concave", (a, b, c), best)
-    span = float(np.ptp(ps[finite]))
-    # A constant sweep fits a ≈ 1e-17 of rounding noise, whose "vertex" is arbitrary.
-    if a * span**2 <= FLAT_CURVATURE * float(np.max(np.abs(losses[finite]))):
-        return PSelection(best, "flat", (a, b, c), best)
     vertex = -b / (2.0 * a)
     if not ps[finite].min() <= vertex <= ps[finite].max():  # inside the points fitted
         return PSelection(best, "outside", (a, b, c), best)

@@ -113,6 +113,10 @@ def test_select_p_calls_a_flat_sweep_flat():
     ps = np.linspace(2, 4, 10)
     sel = lq.select_p(ps, np.full(10, 0.3))
     assert sel.rule == "flat" and not sel.used_fit and sel.p_star == sel.best_grid_p
+    # noise of either sign (another LAPACK fitted −1e-17 to the sweep above: "concave")
+    sel = lq.select_p(ps, 0.3 - 1e-14 * (ps - 3.3) ** 2)
+    assert sel.coeffs[0] < 0 and sel.rule == "flat" and sel.p_star == sel.best_grid_p
+    assert lq.select_p(ps, 0.3 - 1e-6 * (ps - 3.3) ** 2).rule == "concave"  # curvature at the loss's scale
     sel = lq.select_p(ps, 0.3 + 1e-6 * (ps - 3.3) ** 2)
     assert sel.rule == "vertex" and sel.p_star == pytest.approx(3.3, abs=1e-6)
 
