@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_aciq_rule_uses_mean_abs_and_nonzero_stats():
         cal.aciq_constant(4, "gauss") * float(np.sqrt(np.mean(nz**2))), rel=1e-5)
 
 
-def _kl_reference(mag, n_q, bins=2048, drop_zeros=False, guard=False):
+def _kl_reference(mag, n_q, bins=2048, drop_zeros=False, guard=False, divergences=False):
     """MXNet's ``_get_optimal_threshold`` on the magnitude histogram (TensorRT's entropy
     calibration), step by step as MXNet writes it: P with the outliers in its last bin, Q from
     the sliced histogram spread over P's non-zero bins, both smoothed in counts
@@ -164,6 +165,8 @@ def _kl_reference(mag, n_q, bins=2048, drop_zeros=False, guard=False):
             divergence.append(stats.entropy(p, smooth(q)))
         except ValueError:
             divergence.append(np.inf)
+    if divergences:  # KL(P_i ‖ Q_i) for i = n_q … bins
+        return np.asarray(divergence)
     if not np.isfinite(divergence).any():
         return float(mag.max())
     return (n_q + int(np.argmin(divergence))) * mag.max() / bins
@@ -180,7 +183,15 @@ def test_kl_matches_loop_reference(grid, bits):
     # here, and 6.38 instead of 6.67 for the activations.
     ours = cal.clip_value(x, "kl", bits=bits, grid=grid, bins=2048)
     ref = _kl_reference(mag, n_q, bins=2048, drop_zeros=grid == "unsigned")
-    assert ours == pytest.approx(ref, rel=1e-5)
+    # Near its minimum KL is flat to float32's resolution (at 3 bits here, thresholds 1834-1840 of
+    # 2048 bins lie within 1e-7 of each other): on every backend ours is a minimiser of the float64
+    # reference's KL up to that; the CPU picks the reference's own bin, while an H200's float32 sums
+    # picked bin 1840 (α 6.693 against 6.671).
+    kl64 = _kl_reference(mag, n_q, bins=2048, drop_zeros=grid == "unsigned", divergences=True)
+    chosen = round(ours / float(mag.max()) * 2048)
+    assert kl64[chosen - n_q] <= kl64.min() * (1 + 1e-5)
+    if jax.default_backend() == "cpu":
+        assert ours == pytest.approx(ref, rel=1e-5)
     # Dense histograms: the sparsity guard changes nothing.
     assert _kl_reference(mag, n_q, bins=2048, drop_zeros=grid == "unsigned", guard=True) == ref
 
