@@ -49,7 +49,8 @@ def conv(x, k):
 
 def test_the_reader_tells_highest_from_default(tmp_path):
     x, k = jnp.ones((1, 2, 5, 5)), jnp.ones((3, 2, 3, 3))
-    with compiled_products(tmp_path / "default") as default:
+    # explicitly: off CPU the suite's own default is "highest" (conftest)
+    with compiled_products(tmp_path / "default") as default, jax.default_matmul_precision("default"):
         jax.jit(lambda a, b: conv(a, b) + 1.0)(x, k)
     with compiled_products(tmp_path / "highest") as high, jax.default_matmul_precision("highest"):
         jax.jit(lambda a, b: conv(a, b) + 2.0)(x, k)

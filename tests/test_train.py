@@ -191,11 +191,12 @@ def test_recipe_revision_separates_cached_networks(digits, tmp_path, monkeypatch
 def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
     """Virtual devices, dumps and the other backend's flags do not retrain a cached network; flag
     order does not either; a flag that changes the arithmetic does."""
-    guard = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+    on_cpu = jax.default_backend() == "cpu"
+    # a flag of this backend that can change the floats (which convolution algorithm runs, on a GPU)
+    guard = "--xla_cpu_experimental_ynn_fusion_type=-reduce" if on_cpu else "--xla_gpu_autotune_level=0"
     monkeypatch.setenv("XLA_FLAGS", guard)
     base = ls.train.numerics()
     assert guard in base and jax.default_backend() in base
-    on_cpu = jax.default_backend() == "cpu"
     foreign = "--xla_gpu_deterministic_ops=true" if on_cpu else "--xla_cpu_enable_fast_math=true"
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {foreign} "
                                     f"--xla_dump_to=/tmp/dump {guard}")
