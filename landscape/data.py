@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -306,8 +307,10 @@ def _load_with_datasets(name, meta, files):
     try:
         import datasets
     except ImportError as e:  # the GPU image and minimal installs may lack it
+        if files is not None and importlib.util.find_spec("pyarrow") is not None:
+            return _load_with_pyarrow(meta, files)
         raise ImportError(f"loading {name!r} needs the Hugging Face `datasets` package: "
-                          "pip install datasets") from e
+                          "pip install datasets" + ("" if files is None else " (or pyarrow, for a local copy)")) from e
     if files is not None:
         # Local files need no network, yet unless HF_HUB_OFFLINE is set, datasets first sends a
         # request to count the load (datasets.load.increase_load_count): offline while it reads them.
@@ -329,6 +332,43 @@ def _load_with_datasets(name, meta, files):
             f"Without network access, download the parquet files elsewhere and pass "
             f"data_dir='path/to/{name}' (a local copy in the hub's parquet layout)."
         ) from e
+
+
+class _Columns:
+    """A parquet split read by pyarrow, as much of a ``datasets.Dataset`` as :func:`_to_arrays`
+    uses: ``column_names``, ``len``, a column by name (a list) and ``select`` (rows)."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+        self.column_names = list(columns)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()), []))
+
+    def __getitem__(self, name: str) -> list:
+        return self.columns[name]
+
+    def select(self, index) -> _Columns:
+        return _Columns({k: [v[i] for i in index] for k, v in self.columns.items()})
+
+
+def _load_with_pyarrow(meta, files) -> dict[str, _Columns]:
+    """A local copy read without ``datasets`` (absent from, e.g., a GPU image that has pyarrow):
+    the same rows and columns, images left as ``{"bytes": …}`` for :func:`_decode`."""
+    import pyarrow.parquet as pq
+
+    splits = {}
+    for split, paths in files.items():
+        try:
+            tables = [pq.read_table(path).to_pydict() for path in paths]
+            columns = _Columns({k: [v for t in tables for v in t.get(k, [])] for k in tables[0]})
+            if not len(columns):  # datasets refuses an empty split too
+                raise ValueError(f"the {split!r} split has no rows")
+        except Exception as e:  # noqa: BLE001  pyarrow's errors for a damaged file vary
+            raise ValueError(f"could not read the parquet files of this copy of {meta['hub']} "
+                             f"({', '.join(f for v in files.values() for f in v)}): {e}") from e
+        splits[split] = columns
+    return splits
 
 
 def _to_arrays(split, meta, limit) -> tuple[np.ndarray, np.ndarray]:

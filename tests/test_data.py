@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -6,6 +7,7 @@ import platform
 import shutil
 import stat
 import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +191,7 @@ def test_missing_local_files(tmp_path):
 
 
 def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch, tmp_path):
+    pytest.importorskip("datasets")  # the hub needs it (the GPU image has none)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -563,12 +566,40 @@ def test_an_empty_or_damaged_copy_is_a_value_error_naming_the_files(tmp_path):
         ls.data.load("mnist", data_dir=str(d), calib_size=2)
 
 
+def test_a_local_copy_without_datasets_reads_the_same_arrays_with_pyarrow(tmp_path, monkeypatch):
+    """Without `datasets` (a GPU image with pyarrow had none) a local copy is read by pyarrow: the
+    same arrays, the same errors; the hub still needs `datasets` and says so."""
+    d = tmp_path / "mnist"
+    d.mkdir()
+    _write_parquet(d / "train-00000-of-00001.parquet", 20, 0)
+    _write_parquet(d / "test-00000-of-00001.parquet", 12, 1)
+    with_datasets = None
+    if importlib.util.find_spec("datasets") is not None:
+        monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache_datasets"))
+        with_datasets = ls.data.load("mnist", data_dir=str(d), calib_size=4, max_train=15, max_test=10)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache_pyarrow"))
+    data = ls.data.load("mnist", data_dir=str(d), calib_size=4, max_train=15, max_test=10)
+    assert (len(data.train), len(data.test), data.input_shape) == (15, 10, (28, 28, 1))
+    if with_datasets is not None:
+        for ours, theirs in ((data.train, with_datasets.train), (data.test, with_datasets.test)):
+            np.testing.assert_array_equal(ours.x, theirs.x)
+            np.testing.assert_array_equal(ours.y, theirs.y)
+    (d / "test-00000-of-00001.parquet").write_bytes(b"PAR1 not a parquet file")
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache_damaged"))
+    with pytest.raises(ValueError, match=r"could not read the parquet files of this copy of ylecun/mnist \(.*"
+                                         r"test-00000-of-00001.parquet\)"):
+        ls.data.load("mnist", data_dir=str(d), calib_size=4)
+    with pytest.raises(ImportError, match=r"loading 'mnist' needs the Hugging Face `datasets` package"):
+        ls.data.load("mnist", calib_size=4)
+
+
 def test_a_local_copy_is_read_without_the_network(tmp_path, monkeypatch):
     """Without HF_HUB_OFFLINE in the environment, datasets sent a request to count the load
     (datasets.load.increase_load_count) before reading local parquet files."""
     import socket
 
-    import datasets
+    datasets = pytest.importorskip("datasets")  # what is tested is datasets' own request
     from huggingface_hub import constants
 
     for module in (datasets.config, constants):  # as for a user without HF_HUB_OFFLINE (conftest sets it)
