@@ -236,13 +236,18 @@ def _scale_pow2(x, k):
     return x * _pow2(k1) * _pow2(k - k1)
 
 
-def _on_grid(x, dtype):
-    """float32 ``x`` rounded to the narrow ``dtype``'s grid, as float32. Through a bitcast: XLA
-    may drop a plain f32 → f16 → f32 convert pair (excess precision, allowed by default on GPUs),
-    and an H200 then measured float16 probabilities between the exact levels (variance 42 % off)."""
-    narrow = x.astype(dtype)
-    word = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
-    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(narrow, word), dtype).astype(jnp.float32)
+def _on_grid(level, dtype):
+    """LUQ levels (float32 normals; each a dtype value times 2^−j, j ≥ 0) rounded to the narrow
+    ``dtype``'s grid, as float32. Such a level is already on the grid where ``dtype`` is normal;
+    below, it rounds to a multiple of ``dtype``'s smallest subnormal, ties to even, as a conversion
+    does. In arithmetic, not through an f32 → f16 → f32 convert pair, which XLA may drop (excess
+    precision, allowed by default on GPUs): an H200 then measured float16 variances 42 % off."""
+    info = jnp.finfo(dtype)
+    if info.smallest_normal <= np.finfo(np.float32).smallest_normal:
+        return level  # bfloat16: float32's exponent range, so every level in it is on the grid
+    e = int(np.log2(float(info.smallest_subnormal)))  # −24 for float16, −9 for float8_e4m3fn
+    subnormal = jnp.round(level * np.float32(2.0**-e)) * np.float32(2.0**e)
+    return jnp.where(level >= float(info.smallest_normal), level, subnormal)
 
 
 class _Bracket:
