@@ -227,10 +227,11 @@ def software() -> dict:
     import numpy
     import optax
 
-    return {"code": code_version(), "python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "numpy": numpy.__version__, "cpu": cpu_model(),
-            **({"accelerator": accelerator()} if accelerator() is not None else {})}
+    versions = {"code": code_version(), "python": platform.python_version(), "jax": jax.__version__,
+                "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                "numpy": numpy.__version__, "cpu": cpu_model()}
+    device = accelerator()
+    return versions if device is None else {**versions, "accelerator": device}
 
 
 def describe_software(versions: dict | None = None) -> str:
