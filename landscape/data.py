@@ -361,7 +361,9 @@ def _load_with_pyarrow(meta, files) -> dict[str, _Columns]:
     for split, paths in files.items():
         try:
             tables = [pq.read_table(path).to_pydict() for path in paths]
-            columns = _Columns({k: [v for t in tables for v in t.get(k, [])] for k in tables[0]})
+            if any(list(t) != list(tables[0]) for t in tables):  # rows would fall out of step
+                raise ValueError(f"the {split!r} files hold other columns: {[list(t) for t in tables]}")
+            columns = _Columns({k: [v for t in tables for v in t[k]] for k in tables[0]})
             if not len(columns):  # datasets refuses an empty split too
                 raise ValueError(f"the {split!r} split has no rows")
         except Exception as e:  # noqa: BLE001  pyarrow's errors for a damaged file vary
