@@ -591,7 +591,8 @@ def test_a_local_copy_without_datasets_reads_the_same_arrays_with_pyarrow(tmp_pa
     pq.write_table(pa.table({"image": pq.read_table(d / "train-00000-of-00001.parquet")["image"]}),
                    d / "train-00001-of-00001.parquet")  # a second file without labels
     monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "cache_columns"))
-    with pytest.raises(ValueError, match=r"the 'train' files hold other columns: \[\['image', 'label'\], \['image'\]\]"):
+    columns = r"the 'train' files hold other columns: \[\['image', 'label'\], \['image'\]\]"
+    with pytest.raises(ValueError, match=columns):
         ls.data.load("mnist", data_dir=str(d), calib_size=4)
     (d / "train-00001-of-00001.parquet").unlink()
     (d / "test-00000-of-00001.parquet").write_bytes(b"PAR1 not a parquet file")
