@@ -267,7 +267,7 @@ def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[
     if os.path.exists(cached):
         with np.load(cached) as z:
             return Split(z["xtr"], z["ytr"]), Split(z["xte"], z["yte"]), meta["classes"]
-    raw = _load_with_datasets(name, meta, files if data_dir is not None else None)
+    raw = _load_splits(name, meta, files if data_dir is not None else None)
     (xtr, ytr), (xte, yte) = (
         _to_arrays(raw[s], meta, limit) for s, limit in (("train", max_train), (meta["test"], max_test))
     )
@@ -303,7 +303,9 @@ def _drop_older_versions(cached: str, copy: str, version: str) -> None:
                 os.remove(other)
 
 
-def _load_with_datasets(name, meta, files):
+def _load_splits(name, meta, files):
+    """The raw splits, by split name: the local parquet ``files`` (None: the hub) read by
+    ``datasets``, or by pyarrow where ``datasets`` is not installed (local files only)."""
     try:
         import datasets
     except ImportError as e:  # the GPU image and minimal installs may lack it

@@ -465,7 +465,7 @@ def test_sharded_calibration_matches_single_device(tmp_path):
     """One network and calibration set on this process's single CPU device and, in a child
     process, on four virtual devices (each calibration batch split over them). 66 images: on four devices one
     batch of 68, two of them padding, which must not enter the mean. Off CPU, the single device is
-    a second CPU child: a GPU's float32 moved STE gradients by 80 % (activations across bins)."""
+    a second CPU child: an H200's float32 moved the STE gradients by up to 80 % against the CPU's."""
     data = ls.data.load("digits", calib_size=66, seed=0)
     # No training needed to compare devices: a seeded initialisation, written for the child.
     model = models.create("cnn", num_classes=10, widths=(4, 8))
