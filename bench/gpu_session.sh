@@ -7,8 +7,8 @@
 # Steps (default: hessian hessian_batches suite): hessian, hessian_batches, clip_loss, luq_overhead,
 # lapq_tables (the MNIST method table at W3A3 and W2A4 in one file; needs MNIST_DIR, a local parquet
 # copy), suite (pytest, a worker per 2 CPU cores). Where pip cannot reach PyPI, PyHessian (pure
-# Python) travels as a copy of its package folder on PYTHONPATH; without it the Hessian benches time ours only. Local data are
-# read with pyarrow when `datasets` is not installed.
+# Python) travels as a copy of its package folder on PYTHONPATH; without it the Hessian benches
+# time ours only. Local data are read with pyarrow when `datasets` is not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_session.sh OUT [SECONDS] [STEP ...]}
