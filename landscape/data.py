@@ -259,7 +259,8 @@ def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[
                 raise FileNotFoundError(
                     f"no '*{split}*.parquet' files under data_dir={data_dir!r}; expected the hub's "
                     f"parquet layout of {meta['hub']}, e.g. {split}-00000-of-00001.parquet")
-        key = _files_key(files)
+        copy, version = _files_key(files)
+        key = f"{copy}-{version}"
     else:
         key = meta["hub"].replace("/", "__")
     tag = f"-{meta['preprocess']}" if "preprocess" in meta else ""
@@ -274,13 +275,13 @@ def _hub_dataset(name: str, data_dir: str | None, max_train, max_test) -> tuple[
     with open_atomic(cached, "wb") as f:  # a killed run never leaves a half-written cache
         np.savez(f, xtr=xtr, ytr=ytr, xte=xte, yte=yte)
     if data_dir is not None:
-        _drop_older_versions(cached, *key.split("-"))
+        _drop_older_versions(cached, copy, version)
     return Split(xtr, ytr), Split(xte, yte), meta["classes"]
 
 
-def _files_key(files: dict[str, Sequence[str]]) -> str:
-    """``copy-version``: a hash of the files' paths (which copy), then of their sizes and
-    modification times (which version of it)."""
+def _files_key(files: dict[str, Sequence[str]]) -> tuple[str, str]:
+    """``(copy, version)``: a hash of the files' paths (which copy) and one of their sizes and
+    modification times (which version of it), 12 hex digits each."""
     where, version = hashlib.sha256(), hashlib.sha256()
     for split in sorted(files):
         for f in files[split]:
@@ -288,7 +289,7 @@ def _files_key(files: dict[str, Sequence[str]]) -> str:
             where.update(f"{os.path.abspath(f)}\n".encode())
             # nanoseconds: a file rewritten within the same second must not hit the old cache
             version.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return f"{where.hexdigest()[:12]}-{version.hexdigest()[:12]}"
+    return where.hexdigest()[:12], version.hexdigest()[:12]
 
 
 def _drop_older_versions(cached: str, copy: str, version: str) -> None:
