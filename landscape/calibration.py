@@ -79,6 +79,11 @@ def _magnitude(x, spec):
 
 
 def _sample(x, limit: int = SAMPLE_LIMIT):
+    """x flattened, or ``limit`` of its entries drawn uniformly (with replacement) when it has more.
+
+    The key is fixed on purpose: a rule is a function of the tensor alone, so the same tensor
+    gets the same α in every run, whatever the calibration seed that produced it.
+    """
     x = jnp.ravel(x)
     if x.size <= limit:
         return x
