@@ -107,7 +107,8 @@ def test_lapq_committed_tables_read_back_and_render_as_before(name, bits):
         stored = {k: v for k, v in entry.items() if k != "claims"}
         assert bench_lapq.lq.MethodComparison.from_dict(entry).to_dict() == stored
     args = argparse.Namespace(bits=[bits], seeds=3, maxiter=1, p_points=5, calib_size=512, out=name,
-                              network="results/networks/cifarresnet-8888f8fd66902a057f7b")
+                              network="results/networks/cifarresnet-8888f8fd66902a057f7b",
+                              rows=list(bench_lapq.lq.ALL_ROWS))
 
     def mask(text):
         return re.sub(r" ± [0-9.]+", "", text.replace(" --calib-size 512", ""))
@@ -129,6 +130,62 @@ def test_lapq_table_reuses_a_setting_only_under_the_same_configuration():
     assert bench_lapq.reusable(payload, ident, setting, [0, 1]) is None
     assert bench_lapq.reusable(_committed("lapq_mnist"), ident, setting, seeds) is None  # no identity recorded
     assert bench_lapq.reusable({}, ident, setting, seeds) is None
+
+
+def _only_rows(entry, rows):
+    """A stored setting as if computed with ``--rows rows``."""
+    part = {k: ({r: v[r] for r in rows} if isinstance(v, dict) and set(v) == set(entry["rows"]) else v)
+            for k, v in entry.items() if k != "claims"}
+    return dict(part, rows=list(rows))
+
+
+@pytest.mark.parametrize("name", ["lapq_mnist", "lapq_mnist_w2a4"])
+def test_lapq_claims_of_a_full_table_are_the_committed_ones(name):
+    for entry in _committed(name)["settings"]:
+        table = bench_lapq.lq.MethodComparison.from_dict(entry)
+        assert [dict(claim=text, holds=ok) for text, ok in bench_lapq.claims(table)] == entry["claims"]
+
+
+def test_lapq_claims_without_their_rows_are_listed_as_not_checked():
+    entry = _committed("lapq_mnist")["settings"][0]
+    only = bench_lapq.lq.MethodComparison.from_dict(_only_rows(entry, ("FP32", "max", "MSE")))
+    checks = bench_lapq.claims(only)
+    assert [ok for _, ok in checks] == [None, None, None]
+    assert checks[0][0] == ("best layer-wise rule vs FP32: not checked (rows not computed: percentile, ACIQ, "
+                            "KL, Lp(p*))")
+    assert checks[1][0].endswith("not checked (rows not computed: LAPQ (Powell), Lp(p*))")
+    # every layer-wise rule and FP32: the first claim is checked, as in the full table
+    rules = ("FP32", *bench_lapq.LAYERWISE, "batched")
+    checks = bench_lapq.claims(bench_lapq.lq.MethodComparison.from_dict(_only_rows(entry, rules)))
+    assert checks[0] == (entry["claims"][0]["claim"], entry["claims"][0]["holds"])
+    assert [ok for _, ok in checks[1:]] == [None, None]
+    assert "rows not computed: LAPQ (Powell))" in checks[2][0]
+
+
+def test_lapq_table_with_some_rows_renders_its_command_and_unchecked_claims():
+    entry = _committed("lapq_mnist")["settings"][0]
+    rows = ["FP32", "MSE", "Lp(p*)", "LAPQ (Powell)"]
+    part = _only_rows(entry, rows)
+    table = bench_lapq.lq.MethodComparison.from_dict(part)
+    claimed = [dict(claim=text, holds=ok) for text, ok in bench_lapq.claims(table)]
+    payload = dict(entry=None, software=_committed("lapq_mnist")["software"],
+                   settings=[dict(part, claims=claimed)])
+    args = argparse.Namespace(bits=["3,3"], seeds=3, maxiter=1, p_points=5, calib_size=512, out="x",
+                              network=None, rows=rows)
+    text = bench_lapq.render(payload, args)
+    assert "--calib-size 512 --rows FP32 MSE 'Lp(p*)' 'LAPQ (Powell)' --out x`" in text
+    assert "- [–] best layer-wise rule vs FP32: not checked" in text
+    assert "| KL |" not in text and "| LAPQ (Powell) |" in text
+    # a stored setting of other rows is not reused; of the same rows, it is
+    ident = dict(network_sha256="aa", data_fingerprint="bb")
+    stored = dict(settings=[part], **ident)
+    assert bench_lapq.reusable(stored, ident, part["setting"], part["seeds"]) is None  # all rows asked
+    assert bench_lapq.reusable(stored, ident, part["setting"], part["seeds"], tuple(rows)) is part
+
+
+def test_lapq_rows_is_an_option_of_the_table_only():
+    with pytest.raises(SystemExit, match="--rows: options of --table"):
+        bench_lapq.main(["--rows", "FP32", "MSE"])
 
 
 @pytest.fixture(scope="module")
