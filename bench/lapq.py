@@ -165,39 +165,50 @@ def first_at(res, target):
 
 
 LAYERWISE = ("max", "percentile", "MSE", "ACIQ", "KL", "Lp(p*)")
-# The rows each claim compares (all of the layer-wise rules for "the best" of them).
-CLAIM_ROWS = (("FP32", *LAYERWISE), ("LAPQ (Powell)", "Lp(p*)", "MSE", "max"), ("LAPQ (Powell)", *LAYERWISE))
+
+
+def _best_rule(table):
+    rule = max(LAYERWISE, key=lambda r: table.mean("test_acc", r))
+    return rule, table.mean("test_acc", rule)
+
+
+def _rules_lose_vs_fp32(table):
+    rule, acc = _best_rule(table)
+    fp32 = table.mean("test_acc", "FP32")
+    return (f"best layer-wise rule ({rule}, {100 * acc:.2f}%) loses ≥ {100 * LAYERWISE_DROP:.0f} points vs FP32 "
+            f"({100 * fp32:.2f}%)", acc <= fp32 - LAYERWISE_DROP)
+
+
+def _loss_order(table):
+    lapq_loss, lp_loss = table.mean("calib_loss", "LAPQ (Powell)"), table.mean("calib_loss", "Lp(p*)")
+    floor = min(table.mean("calib_loss", "MSE"), table.mean("calib_loss", "max"))
+    return (f"calibration loss LAPQ ({lapq_loss:.4f}) < Lp(p*) ({lp_loss:.4f}) < min(MSE, max) ({floor:.4f})",
+            lapq_loss < lp_loss < floor)
+
+
+def _lapq_beats_rules(table):
+    rule, acc = _best_rule(table)
+    lapq_acc = table.mean("test_acc", "LAPQ (Powell)")
+    return f"LAPQ test accuracy ({100 * lapq_acc:.2f}%) ≥ best layer-wise rule's ({100 * acc:.2f}%)", lapq_acc >= acc
+
+
+# (what it says, the rows it compares, the check): "the best layer-wise rule" needs all six.
+CLAIMS = (("best layer-wise rule vs FP32", ("FP32", *LAYERWISE), _rules_lose_vs_fp32),
+          ("calibration loss LAPQ < Lp(p*) < min(MSE, max)", ("LAPQ (Powell)", "Lp(p*)", "MSE", "max"), _loss_order),
+          ("LAPQ test accuracy vs the best layer-wise rule", ("LAPQ (Powell)", *LAYERWISE), _lapq_beats_rules))
 
 
 def claims(table: lq.MethodComparison) -> list[tuple[str, bool | None]]:
     """The paper's claims on one setting, as (statement, holds); holds is None for a claim whose
-    rows the table does not have (``--rows``), which is not checked."""
-    mean = table.mean
-    missing = [[r for r in rows if r not in table.rows] for rows in CLAIM_ROWS]
-    best_rule = best_acc = None
-    if not missing[0] or not missing[2]:
-        best_rule = max(LAYERWISE, key=lambda r: mean("test_acc", r))
-        best_acc = mean("test_acc", best_rule)
-    checks = []
-    if not missing[0]:
-        fp32 = mean("test_acc", "FP32")
-        checks.append((f"best layer-wise rule ({best_rule}, {100 * best_acc:.2f}%) loses ≥ "
-                       f"{100 * LAYERWISE_DROP:.0f} points vs FP32 ({100 * fp32:.2f}%)",
-                       best_acc <= fp32 - LAYERWISE_DROP))
-    if not missing[1]:
-        lapq_loss, lp_loss = mean("calib_loss", "LAPQ (Powell)"), mean("calib_loss", "Lp(p*)")
-        floor = min(mean("calib_loss", "MSE"), mean("calib_loss", "max"))
-        checks.append((f"calibration loss LAPQ ({lapq_loss:.4f}) < Lp(p*) ({lp_loss:.4f}) < min(MSE, max) "
-                       f"({floor:.4f})", lapq_loss < lp_loss < floor))
-    if not missing[2]:
-        lapq_acc = mean("test_acc", "LAPQ (Powell)")
-        checks.append((f"LAPQ test accuracy ({100 * lapq_acc:.2f}%) ≥ best layer-wise rule's "
-                       f"({100 * best_acc:.2f}%)", lapq_acc >= best_acc))
-    what = ("best layer-wise rule vs FP32", "calibration loss LAPQ < Lp(p*) < min(MSE, max)",
-            "LAPQ test accuracy vs the best layer-wise rule")
-    checks += [(f"{claim}: not checked (rows not computed: {', '.join(gone)})", None)
-               for claim, gone in zip(what, missing, strict=True) if gone]
-    return checks
+    rows the table does not have (``--rows``), which is not checked (listed after the others)."""
+    checked, unchecked = [], []
+    for what, rows, check in CLAIMS:
+        missing = [r for r in rows if r not in table.rows]
+        if missing:
+            unchecked.append((f"{what}: not checked (rows not computed: {', '.join(missing)})", None))
+        else:
+            checked.append(check(table))
+    return checked + unchecked
 
 
 def expected_setting(loss, args) -> dict:
