@@ -652,7 +652,8 @@ class MethodComparison:
       calib_loss, test_acc, n_evals, seconds: row → (S,) arrays (n_evals / seconds are
         those of the joint step for CD / Powell / batched, NaN for the other rows; seconds
         with the loss's programs compiled beforehand).
-      p_star: (S,) the p* of each seed; p_rule: how each p* was chosen.
+      p_star: (S,) the p* of each seed; p_rule: how each p* was chosen. NaN and "not computed"
+        when no row starts from α_{p*} (Lp(p*), CD, LAPQ, batched): the Lp sweep is skipped.
       setting: what was compared (network, bit widths, calibration size, options).
     """
 
@@ -682,7 +683,8 @@ class MethodComparison:
                 f"{s.get('calib_size')} images × {len(self.seeds)} seed{'' if len(self.seeds) == 1 else 's'} "
                 f"{list(self.seeds)}, "
                 f"bias correction {'on' if s.get('bias_correction') else 'off'}, maxiter {s.get('maxiter')}; "
-                f"p* = {', '.join(f'{p:.2f} ({r})' for p, r in zip(self.p_star, self.p_rule, strict=True))}")
+                + (f"p* = {', '.join(f'{p:.2f} ({r})' for p, r in zip(self.p_star, self.p_rule, strict=True))}"
+                   if np.all(np.isfinite(self.p_star)) else "p* not computed (no row starts from α_{p*})"))
         lines = [head, "", "| method | calibration loss | test accuracy (%) | evaluations | seconds |",
                  "|---|---|---|---|---|"]
         for row in self.rows:
@@ -700,7 +702,7 @@ class MethodComparison:
 
         return dict(rows=list(self.rows), seeds=list(self.seeds), calib_loss=clean(self.calib_loss),
                     test_acc=clean(self.test_acc), n_evals=clean(self.n_evals),
-                    seconds=clean(self.seconds), p_star=[float(p) for p in self.p_star],
+                    seconds=clean(self.seconds), p_star=clean({"p*": self.p_star})["p*"],
                     p_rule=list(self.p_rule), setting=dict(self.setting))
 
     @classmethod
@@ -710,7 +712,7 @@ class MethodComparison:
             return {k: np.asarray([np.nan if v is None else v for v in a], np.float64) for k, a in part.items()}
 
         return cls(tuple(d["rows"]), tuple(d["seeds"]), arrays(d["calib_loss"]), arrays(d["test_acc"]),
-                   arrays(d["n_evals"]), arrays(d["seconds"]), np.asarray(d["p_star"], np.float64),
+                   arrays(d["n_evals"]), arrays(d["seconds"]), arrays({"p*": d["p_star"]})["p*"],
                    list(d["p_rule"]), dict(d["setting"]))
 
     def __str__(self) -> str:
@@ -733,6 +735,10 @@ def seed_std(values, axis=-1) -> np.ndarray:
 def _pm(values, digits: int) -> str:
     values = np.asarray(values, np.float64)
     return f"{np.mean(values):.{digits}f} ± {float(seed_std(values)):.{digits}f}"
+
+
+# The rows that start from α_{p*}: only these need the Lp sweep.
+STARTS_FROM_P_STAR = ("Lp(p*)",) + tuple(r for r, _ in OPTIMIZER_ROWS)
 
 
 def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] = ALL_ROWS,
@@ -835,7 +841,10 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
                 start.append((alpha, [float(selection.p_star), selection.rule]))
             return start[0][1] if selection_only else start[0][0]
 
-        p, rule = done.get(f"{seed}/p*", lambda: start_alpha(selection_only=True))
+        if any(row in rows for row in STARTS_FROM_P_STAR):
+            p, rule = done.get(f"{seed}/p*", lambda: start_alpha(selection_only=True))
+        else:  # the Lp sweep (a calibration per grid point) would serve no row
+            p, rule = math.nan, "not computed"
         p_star.append(p)
         p_rule.append(rule)
         if "Lp(p*)" in rows:

@@ -460,7 +460,7 @@ def test_compare_methods_resumes_from_its_store(tiny_loss, digits, tmp_path, mon
     other = lq.compare_methods(tiny_loss, digits, store=store, progress=lines.append, **{**options, "maxiter": 2,
                                                                                      "seeds": [0], "rows": ["MSE"]})
     assert lines[0] == f"{store} holds another configuration's results; starting afresh"
-    assert sorted(json.loads(store.read_text())["steps"]) == ["0/MSE", "0/p*"]
+    assert sorted(json.loads(store.read_text())["steps"]) == ["0/MSE"]  # no row of it needs p*
     assert other.calib_loss["MSE"][0] == fresh.calib_loss["MSE"][0]
     # Options repr(loss) does not show are part of the key too: the midtread grid, or the same
     # counts of other sites, had taken this store's rows (MSE loss 0.18 stored, 0.24 fresh).
@@ -658,6 +658,25 @@ def test_on_interrupt_raise_propagates_instead_of_returning_a_partial_result(tin
         lq.lapq(Interrupting(tiny_loss, k=4), p_grid=[2.0, 3.0, 4.0], method=method, on_interrupt="raise")
     with pytest.raises(ValueError, match=r"on_interrupt='keep' is not allowed; use one of \('return', 'raise'\)"):
         lq.lapq(tiny_loss, init=start, on_interrupt="keep")
+
+
+def test_compare_methods_skips_the_lp_sweep_when_no_row_starts_from_p_star(tiny_loss, digits, monkeypatch):
+    """Rows of layer-wise rules only: no Lp sweep (a calibration per grid point, minutes per seed
+    on resnet20/MNIST), p* reported as not computed, and the table stored as strict JSON."""
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("lp_start called for rows that do not need p*")
+
+    monkeypatch.setattr(lq, "lp_start", no_sweep)
+    table = lq.compare_methods(tiny_loss, digits, seeds=[0, 1], rows=("FP32", "max", "MSE"))
+    assert np.all(np.isnan(table.p_star)) and table.p_rule == ["not computed"] * 2
+    assert "p* not computed (no row starts from α_{p*})" in table.to_markdown()
+    stored = json.loads(json.dumps(table.to_dict(), allow_nan=False))
+    assert stored["p_star"] == [None, None]
+    back = lq.MethodComparison.from_dict(stored)
+    assert np.all(np.isnan(back.p_star)) and back.to_markdown() == table.to_markdown()
+    assert set(lq.STARTS_FROM_P_STAR) == {"Lp(p*)", "CD", "LAPQ (Powell)", "batched"}
+    with pytest.raises(AssertionError, match="lp_start called"):
+        lq.compare_methods(tiny_loss, digits, seeds=[0], rows=("MSE", "batched"))
 
 
 def test_compare_methods_lets_an_interrupt_through(tiny_loss, digits, monkeypatch):
