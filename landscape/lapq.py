@@ -696,23 +696,28 @@ class MethodComparison:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        def finite(a):  # NaN → None: strict JSON
+            return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64)]
+
         def clean(d):
-            return {k: [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64)]
-                    for k, a in d.items()}
+            return {k: finite(a) for k, a in d.items()}
 
         return dict(rows=list(self.rows), seeds=list(self.seeds), calib_loss=clean(self.calib_loss),
                     test_acc=clean(self.test_acc), n_evals=clean(self.n_evals),
-                    seconds=clean(self.seconds), p_star=clean({"p*": self.p_star})["p*"],
+                    seconds=clean(self.seconds), p_star=finite(self.p_star),
                     p_rule=list(self.p_rule), setting=dict(self.setting))
 
     @classmethod
     def from_dict(cls, d: dict) -> MethodComparison:
         """The inverse of :meth:`to_dict` (None → NaN): a stored table read back, e.g. to resume."""
+        def array(values):
+            return np.asarray([np.nan if v is None else v for v in values], np.float64)
+
         def arrays(part):
-            return {k: np.asarray([np.nan if v is None else v for v in a], np.float64) for k, a in part.items()}
+            return {k: array(a) for k, a in part.items()}
 
         return cls(tuple(d["rows"]), tuple(d["seeds"]), arrays(d["calib_loss"]), arrays(d["test_acc"]),
-                   arrays(d["n_evals"]), arrays(d["seconds"]), arrays({"p*": d["p_star"]})["p*"],
+                   arrays(d["n_evals"]), arrays(d["seconds"]), array(d["p_star"]),
                    list(d["p_rule"]), dict(d["setting"]))
 
     def __str__(self) -> str:
@@ -756,7 +761,8 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
       loss: a :class:`landscape.ClipLoss` giving the network, bit widths and options.
       data: the :class:`landscape.data.Dataset` the network was trained on.
       seeds: calibration-sampling seeds.
-      rows: which rows of ``ALL_ROWS`` to compute (default all).
+      rows: which rows of ``ALL_ROWS`` to compute (default all). The Lp sweep runs only when one
+        of them starts from α_{p*} (``STARTS_FROM_P_STAR``); otherwise p* is not computed.
       p_grid, maxiter: as in :func:`lapq`.
       progress: optional ``print``-like function for one line per finished row.
       store: optional JSON file of finished rows, rewritten atomically after each one. A
