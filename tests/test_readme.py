@@ -1,0 +1,273 @@
+"""The README's examples name only what exists.
+
+Running the tour for real would train and compile for minutes, so this is a static check, as a
+reader meets the examples: every ``ls.…`` reference in the text resolves; every ```python block
+parses; every attribute taken from a module, a class or an instance exists; and every call binds
+to the signature of what it calls (keywords, number of positional arguments). Types flow through
+the blocks in order: a name assigned from a landscape class, or from a function or property whose
+return annotation is one, is an instance of it in the lines and blocks after (``loss =
+ls.ClipLoss(...)``, then ``loss.init(...)`` is checked against ``ClipLoss.init``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+import landscape as ls
+import models
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+OURS = ("landscape", "models")
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def inline_code(text: str) -> list[str]:
+    """The prose's `code` spans that are Python expressions with a call or an attribute; file
+    names (``bench/lapq.py``, ``results/luq.md``) parse as attributes and are left out."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = []
+    for span in dict.fromkeys(re.findall(r"(?<!`)`([^`\n]+)`(?!`)", prose)):
+        if "/" in span or re.fullmatch(r"[\w.-]+\.(py|md|txt|json|png|pdf|toml|sh|parquet|npz|cfg)", span):
+            continue
+        try:
+            tree = ast.parse(span, mode="eval")
+        except SyntaxError:
+            continue
+        if any(isinstance(node, ast.Call | ast.Attribute) for node in ast.walk(tree)):
+            spans.append(span)
+    return spans
+
+
+def inline_references(text: str) -> list[str]:
+    """``ls.a.b`` as written anywhere in the text (a trailing dot is the sentence's)."""
+    return sorted(set(re.findall(r"\bls(?:\.[A-Za-z_]\w*)+", text)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """A value known only by its class: what a call of a landscape constructor returns."""
+
+    cls: type
+
+
+def _ours(cls) -> bool:
+    return isinstance(cls, type) and cls.__module__.split(".")[0] in OURS
+
+
+def _returned(fn) -> Instance | None:
+    """The instance a function returns, from its return annotation, when that is one of our classes."""
+    try:
+        result = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve says nothing about the type
+        return None
+    return Instance(result) if _ours(result) else None
+
+
+def _instance_attributes(cls) -> set[str]:
+    """Attributes an instance has beyond the class's: dataclass fields, annotations, ``self.x = …``."""
+    names = set()
+    for klass in cls.__mro__[:-1]:
+        names |= set(getattr(klass, "__annotations__", {}))
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        names |= set(re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?=", source))
+    return names
+
+
+class ExampleChecker:
+    """Walk code blocks in order; ``problems`` lists what does not exist or does not bind,
+    ``bound`` counts the calls checked against a signature."""
+
+    def __init__(self):
+        self.env: dict[str, object] = {"ls": ls, "models": models}
+        self.problems: list[str] = []
+        self.bound = 0
+
+    def check(self, blocks: list[str]) -> ExampleChecker:
+        for number, block in enumerate(blocks):
+            self.where = f"block {number}"
+            try:
+                tree = ast.parse(block)
+            except SyntaxError as err:
+                self.problems.append(f"{self.where}: does not parse ({err})")
+                continue
+            for stmt in tree.body:
+                self._statement(stmt)
+        return self
+
+    def _say(self, node, what: str):
+        self.problems.append(f"{self.where} line {getattr(node, 'lineno', '?')}: {what}")
+
+    def _statement(self, stmt):
+        if isinstance(stmt, ast.Import | ast.ImportFrom):
+            self._import(stmt)
+        elif isinstance(stmt, ast.ClassDef | ast.FunctionDef):
+            self.env[stmt.name] = None  # the reader's own code: its calls are not ours to check
+        elif isinstance(stmt, ast.Assign):
+            value = self._value(stmt.value)
+            for target in stmt.targets:
+                names = target.elts if isinstance(target, ast.Tuple) else [target]
+                for name in names:
+                    if isinstance(name, ast.Name):
+                        self.env[name.id] = value if len(names) == 1 else None
+        else:
+            self._value(stmt)
+
+    def _import(self, stmt):
+        for alias in stmt.names:
+            try:
+                if isinstance(stmt, ast.ImportFrom):
+                    module = importlib.import_module(stmt.module)
+                    value = (getattr(module, alias.name) if hasattr(module, alias.name)
+                             else importlib.import_module(f"{stmt.module}.{alias.name}"))
+                    self.env[alias.asname or alias.name] = value
+                else:
+                    top = alias.name if alias.asname else alias.name.split(".")[0]
+                    self.env[alias.asname or top] = importlib.import_module(top if not alias.asname else alias.name)
+            except ImportError as err:
+                self._say(stmt, f"import {alias.name}: {err}")
+
+    def _value(self, node):
+        """What ``node`` evaluates to, as far as known (None: unknown), checking it on the way."""
+        if isinstance(node, ast.Name):
+            return self.env.get(node.id)
+        if isinstance(node, ast.Attribute):
+            return self._attribute(node)
+        if isinstance(node, ast.Call):
+            return self._call(node)
+        for child in ast.iter_child_nodes(node):  # tuples, subscripts, comprehensions, ...: their calls
+            self._value(child)
+        return None
+
+    def _attribute(self, node):
+        base = self._value(node.value)
+        if base is None:
+            return None
+        if isinstance(base, Instance):
+            cls = base.cls
+            if hasattr(cls, node.attr):
+                static = inspect.getattr_static(cls, node.attr)
+                if isinstance(static, property):
+                    return _returned(static.fget)
+                return ("method", cls, getattr(cls, node.attr))
+            if node.attr not in _instance_attributes(cls):
+                self._say(node, f"{cls.__name__} has no attribute {node.attr!r}")
+            return None
+        if isinstance(base, tuple):  # an attribute of a method: not taken in the README
+            return None
+        if not hasattr(base, node.attr):
+            self._say(node, f"{getattr(base, '__name__', base)!s} has no attribute {node.attr!r}")
+            return None
+        return getattr(base, node.attr)
+
+    def _call(self, node):
+        target = self._value(node.func)
+        for arg in [*node.args, *(k.value for k in node.keywords)]:
+            self._value(arg)
+        if target is None:
+            return None
+        function = target[2] if isinstance(target, tuple) else target
+        self._bind(target, function, node)
+        if isinstance(function, type):
+            return Instance(function) if _ours(function) else None
+        return _returned(function) if callable(function) else None
+
+    def _bind(self, target, function, node):
+        if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
+            return
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):  # a builtin without one
+            return
+        args = [None] * len(node.args)
+        if isinstance(target, tuple):  # a method looked up on an instance's class: self comes first
+            static = inspect.getattr_static(target[1], function.__name__, None)
+            if not isinstance(static, staticmethod | classmethod):
+                args.insert(0, None)
+        try:
+            signature.bind(*args, **{k.arg: None for k in node.keywords})
+        except TypeError as err:
+            self._say(node, f"{getattr(function, '__qualname__', function)}: {err}")
+        else:
+            self.bound += 1
+
+
+def test_every_inline_reference_resolves():
+    refs = inline_references(README.read_text())
+    assert len(refs) >= 20, refs  # the text does name the API
+    missing = []
+    for ref in refs:
+        obj = ls
+        for part in ref.split(".")[1:]:
+            if not hasattr(obj, part):
+                missing.append(ref)
+                break
+            obj = getattr(obj, part)
+    assert not missing, missing
+
+
+def test_the_python_examples_call_what_exists():
+    blocks = python_blocks(README.read_text())
+    assert len(blocks) >= 8
+    checker = ExampleChecker().check(blocks)
+    assert not checker.problems, "\n".join(checker.problems)
+    # not a vacuous pass: the types flowed and the calls were bound
+    assert checker.bound >= 40, checker.bound
+    env = checker.env
+    assert env["loss"] == Instance(ls.ClipLoss) and env["spec"] == Instance(ls.HessianSpectrum)
+    assert env["qnet"] == Instance(ls.export.QuantizedNetwork)
+
+
+def test_inline_code_names_what_exists():
+    """`loss.weight_loss_batches(batch_size=...)` in a sentence is checked like the blocks' code,
+    with the names the blocks defined (``loss`` a ClipLoss, ``spec`` a HessianSpectrum, ...)."""
+    text = README.read_text()
+    checker = ExampleChecker().check(python_blocks(text))
+    before = checker.bound
+    spans = inline_code(text)
+    assert len(spans) >= 60, len(spans)
+    for span in spans:
+        checker.where = f"`{span}`"
+        checker._value(ast.parse(span, mode="eval").body)
+    assert not checker.problems, "\n".join(checker.problems)
+    assert checker.bound - before >= 10
+
+
+DRIFT = [
+    ("loss = ls.ClipLoss(None, None, w_bits=4, a_bits=4, bias_corection=True)",
+     "unexpected keyword argument 'bias_corection'"),
+    ("loss = ls.ClipLoss(None, None, w_bits=4, a_bits=4)\nloss.hesian(None)", "ClipLoss has no attribute 'hesian'"),
+    ("res = ls.lapq(None)\nres.alpah", "LAPQResult has no attribute 'alpah'"),
+    ("ls.clip_hessian(None, None, 'ste')", "too many positional arguments"),
+    ("ls.data.lode('digits')", "has no attribute 'lode'"),
+    ("from landscape.layers import QuantConvolution", "QuantConvolution"),
+    ("spec = ls.hessian_spectrum(None, None)\nspec.plot(None, log=True, colour='r')", "colour"),
+    ("ls.ClipLoss(None, w_bits=4, a_bits=4)", "missing a required argument: 'calib'"),
+    ("x = (", "does not parse"),
+]
+
+
+@pytest.mark.parametrize("code, says", DRIFT, ids=[d[1][:24] for d in DRIFT])
+def test_the_check_catches_drift(code, says):
+    problems = ExampleChecker().check([code]).problems
+    assert len(problems) == 1 and says in problems[0], problems
+
+
+def test_types_flow_from_annotations_and_across_blocks():
+    checker = ExampleChecker().check(["loss = ls.ClipLoss(None, None, w_bits=4, a_bits=4)\nres = ls.lapq(loss)",
+                                      "q = ls.export.quantize_network(loss, res.alpha)\nq.accuracy(None)"])
+    assert not checker.problems and checker.env["q"] == Instance(ls.export.QuantizedNetwork)
+    assert checker.bound == 4
