@@ -170,9 +170,11 @@ class HessianSpectrum:
         fmt = lambda a: np.array2string(np.asarray(a), precision=6, separator=", ", max_line_width=100)
         lines = [f"HessianSpectrum(method={self.method!r}, dim={self.dim}, which={self.which!r})"]
         lines.append(f"  eigenvalues: {fmt(self.eigenvalues)}")
+        # scientific notation always: a fixed-point precision printed a 1.7e-4 residual as "0."
+        sci = lambda a: np.array2string(np.asarray(a, np.float64), separator=", ", max_line_width=100,
+                                        formatter={"float_kind": lambda v: f"{v:.2e}"})
         lines.append(
-            f"    residuals: {np.array2string(self.residuals, precision=2, separator=', ')}"
-            f"  errors: {np.array2string(self.errors, precision=2, separator=', ')}"
+            f"    residuals: {sci(self.residuals)}  errors: {sci(self.errors)}"
             f"  (converged {int(np.sum(self.converged))}/{self.converged.size})"
         )
         if self.trace is not None:

@@ -1137,3 +1137,15 @@ def test_a_loss_without_curvature_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a loss with curvature: no such warning
         hessian_spectrum(lambda x: jnp.sum(x ** 2), jnp.ones(4), top_k=2, method="dense")
+
+
+def test_repr_prints_small_residuals_in_scientific_notation():
+    """A 1.7e-4 residual beside a 1.7e-8 error estimate (a converged Lanczos pair of a resnet8
+    weight Hessian) had read "residuals: [0.]" at a fixed two-decimal precision."""
+    res = HessianSpectrum(eigenvalues=np.array([4.169085, 2.5]), eigenvectors=None,
+                          residuals=np.array([1.6857e-4, 0.0]), errors=np.array([1.687e-8, 3.1e-2]),
+                          converged=np.array([True, False]), trace=None, trace_stderr=None,
+                          trace_per_leaf=None, trace_per_leaf_stderr=None, density=None, density_nodes=None,
+                          method="lanczos", which="largest", dim=77754, n_hvp=6, hvp_counts={"lanczos": 6})
+    text = repr(res)
+    assert "residuals: [1.69e-04, 0.00e+00]  errors: [1.69e-08, 3.10e-02]  (converged 1/2)" in text, text
