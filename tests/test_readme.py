@@ -134,9 +134,10 @@ class ExampleChecker:
                     value = (getattr(module, alias.name) if hasattr(module, alias.name)
                              else importlib.import_module(f"{stmt.module}.{alias.name}"))
                     self.env[alias.asname or alias.name] = value
-                else:
-                    top = alias.name if alias.asname else alias.name.split(".")[0]
-                    self.env[alias.asname or top] = importlib.import_module(top if not alias.asname else alias.name)
+                else:  # `import a.b` binds a (with a.b imported), `import a.b as c` binds a.b
+                    module = importlib.import_module(alias.name)
+                    top = alias.name.split(".")[0]
+                    self.env[alias.asname or top] = module if alias.asname else importlib.import_module(top)
             except ImportError as err:
                 self._say(stmt, f"import {alias.name}: {err}")
 
