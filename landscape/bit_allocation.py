@@ -49,7 +49,7 @@ class Sensitivity:
         omega: (L, B) Ω_i(b) = trace / sizes · error.
         rule: the calibration rule that set each site's α at each width.
         spectrum: the :class:`~landscape.HessianSpectrum` behind ``trace``.
-        macs: (L,) multiply-accumulates per example of each site's layer (:attr:`Site.macs`), for
+        macs: (L,) multiply-accumulates per example of each site's layer (:attr:`~landscape.sites.Site.macs`), for
             BOPs budgets; None when a layer does not report them.
     """
 

@@ -11,7 +11,7 @@ recipes (LUQ, N:M sparsity) and every analyzer, exactly like a zoo model:
   output, an attention output, a query/key/value) or unsigned (softmax probabilities);
 * :class:`BatchNorm` — running statistics in evaluation (``train=False``), batch statistics
   and a running-average update in training; foldable into the preceding conv
-  (:func:`landscape.train.fold_batchnorm`).
+  (:func:`landscape.folding.fold_batchnorm`).
 
 Two extension points, both read at trace time:
 
