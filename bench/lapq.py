@@ -182,7 +182,8 @@ def _rules_lose_vs_fp32(table):
 def _loss_order(table):
     lapq_loss, lp_loss = table.mean("calib_loss", "LAPQ (Powell)"), table.mean("calib_loss", "Lp(p*)")
     floor = min(table.mean("calib_loss", "MSE"), table.mean("calib_loss", "max"))
-    return (f"calibration loss LAPQ ({lapq_loss:.4f}) < Lp(p*) ({lp_loss:.4f}) < min(MSE, max) ({floor:.4f})",
+    text = lq.loss_text
+    return (f"calibration loss LAPQ ({text(lapq_loss)}) < Lp(p*) ({text(lp_loss)}) < min(MSE, max) ({text(floor)})",
             lapq_loss < lp_loss < floor)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from landscape.lapq import seed_std
+from landscape.lapq import loss_text, seed_std
 
 NAME = "T1"
 SLUG = "t1_accuracy"
@@ -78,7 +78,7 @@ def markdown(data) -> str:
     lines += ["", "Calibration loss, mean over seeds.", "",
               "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in ROWS:
-        lines.append(f"| {row} | " + " | ".join(f"{stat(data, n, row, 'loss').mean():.4f}" for n in names) + " |")
+        lines.append(f"| {row} | " + " | ".join(loss_text(stat(data, n, row, 'loss').mean()) for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 

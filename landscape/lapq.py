@@ -692,7 +692,8 @@ class MethodComparison:
             ev, sec = self.n_evals[row], self.seconds[row]
             ev_s = "–" if np.all(np.isnan(ev)) else f"{np.mean(ev):.0f}"
             sec_s = "–" if np.all(np.isnan(sec)) else f"{np.mean(sec):.1f}"
-            lines.append(f"| {row} | {_pm(loss, 4)} | {_pm(acc, 2)} | {ev_s} | {sec_s} |")
+            loss_s = loss_text(float(np.mean(loss)), float(seed_std(loss)))
+            lines.append(f"| {row} | {loss_s} | {_pm(acc, 2)} | {ev_s} | {sec_s} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -735,6 +736,18 @@ def seed_std(values, axis=-1) -> np.ndarray:
         raise ValueError(f"seed_std needs an array with one value per seed along axis {axis}; got "
                          f"shape {values.shape}")
     return values.std(axis=axis, ddof=1) if values.shape[axis] > 1 else np.zeros_like(values.mean(axis=axis))
+
+
+def loss_text(value: float, spread: float | None = None) -> str:
+    """A calibration loss for a table, with its spread over seeds when given: four decimals, or
+    three significant digits below 0.001, where four decimals printed a saturated cross-entropy
+    of 3e-5 and one of exactly 0 alike as 0.0000 (``loss_text(3.2e-5, 1e-5)`` → ``3.20e-05 ±
+    1.0e-05``)."""
+    small = abs(value) < 1e-3
+    text = (f"{value:.2e}" if value else "0") if small else f"{value:.4f}"
+    if spread is None:
+        return text
+    return f"{text} ± " + ((f"{spread:.1e}" if spread else "0") if small else f"{spread:.4f}")
 
 
 def _pm(values, digits: int) -> str:
@@ -823,7 +836,8 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
         record, resumed = stored(f"{seed}/{row}", compute)
         for key, v in zip(out, record, strict=True):
             out[key][row].append(math.nan if v is None else float(v))
-        say(f"  {row}: loss {out['calib_loss'][row][-1]:.4f}, test accuracy {100 * out['test_acc'][row][-1]:.2f}%"
+        calib, acc = out["calib_loss"][row][-1], out["test_acc"][row][-1]
+        say(f"  {row}: loss {loss_text(calib)}, test accuracy {100 * acc:.2f}%"
             + (" (stored by an earlier run)" if resumed else ""))
 
     def evaluate(seed_loss, alpha, evals=math.nan, seconds=math.nan):

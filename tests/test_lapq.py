@@ -951,3 +951,30 @@ def test_scipy_sees_the_finite_penalty_where_the_loss_is_inf():
 
 def test_default_p_grid_is_the_references():
     np.testing.assert_array_equal(lq.DEFAULT_P_GRID, np.linspace(2.0, 4.0, 10))
+
+
+@pytest.mark.parametrize("value, spread, text", [
+    (0.46621, 0.00314, "0.4662 ± 0.0031"),
+    (0.0013, 0.0, "0.0013 ± 0.0000"),
+    (8.94e-4, 9.04e-6, "8.94e-04 ± 9.0e-06"),
+    (3.73e-8, 5.3e-8, "3.73e-08 ± 5.3e-08"),
+    (0.0, 0.0, "0 ± 0"),              # a saturated loss, exactly 0: told apart from 3e-5
+    (3.2e-5, None, "3.20e-05"),
+    (14.8771, None, "14.8771"),
+])
+def test_loss_text_keeps_significant_digits_below_a_thousandth(value, spread, text):
+    assert lq.loss_text(value, spread) == text
+
+
+def test_method_table_prints_a_saturated_loss_with_its_digits():
+    """resnet8's W4A4 Powell loss on digits, 3.7e-8, had read 0.0000 ± 0.0000 (results/vit_landscape.md)."""
+    rows = ("FP32", "LAPQ (Powell)")
+    nan = np.array([np.nan, np.nan])
+    table = lq.MethodComparison(
+        rows, (0, 1), {"FP32": np.array([8.85e-4, 9.03e-4]), "LAPQ (Powell)": np.array([0.0, 7.5e-8])},
+        {r: np.array([0.99, 0.98]) for r in rows}, {"FP32": nan, "LAPQ (Powell)": np.array([690.0, 692.0])},
+        {"FP32": nan, "LAPQ (Powell)": np.array([15.0, 16.0])}, np.array([3.0, 3.1]), ["vertex"] * 2,
+        {"w_bits": 4, "a_bits": 4})
+    text = table.to_markdown()
+    assert "| FP32 | 8.94e-04 ± 1.3e-05 | 98.50 ± 0.71 | – | – |" in text, text
+    assert "| LAPQ (Powell) | 3.75e-08 ± 5.3e-08 | 98.50 ± 0.71 | 691 | 15.5 |" in text, text
