@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from landscape.lapq import loss_text
+
 NAME = "T2"
 SLUG = "t2_spectrum"
 TITLE = "Weight-space Hessian spectrum: FP32 vs W4A4 vs W2A2 (top-k, trace, density, per-layer trace)"
@@ -75,7 +77,7 @@ def table(data) -> str:
             "| network | loss | top eigenvalues | trace ± s.e. | HVPs |", "|---|---|---|---|---|"]
     for label, d in data.items():
         eig = ", ".join(f"{float(e):.4g}" for e in d["eigenvalues"])
-        rows.append(f"| {label} | {float(d['loss']):.4f} | {eig} | {float(d['trace']):.4g} ± "
+        rows.append(f"| {label} | {loss_text(float(d['loss']))} | {eig} | {float(d['trace']):.4g} ± "
                     f"{float(d['trace_stderr']):.2g} | {d['n_hvp']} |")
     labels = list(data)
     kernels = {label: _kernels(d) for label, d in data.items()}
