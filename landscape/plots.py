@@ -185,7 +185,7 @@ def coupling_heatmap(H, *, variant: str = "sqrt", labels: Sequence[str] | None =
     Args:
         H: (n, n) symmetric matrix.
         variant: "sqrt" or "min".
-        other arguments: as :func:`hessian_heatmap`.
+        labels, ax, annotate, fmt, cmap, fontsize, colorbar, title: as :func:`hessian_heatmap`.
 
     Returns:
         The Axes.

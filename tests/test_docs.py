@@ -9,7 +9,8 @@ property whose return annotation is one, is an instance of it in the lines and b
 (``loss = ls.ClipLoss(...)``, then ``loss.init(...)`` is checked against ``ClipLoss.init``).
 
 Docstrings: every Sphinx-style cross-reference (``:func:`…```, ``:class:`…```, ``:attr:`…```, ...)
-in landscape/, models/, figures/ and paper_repro.py resolves to an object.
+in landscape/, models/, figures/ and paper_repro.py resolves to an object, and every name an
+``Args:`` section documents is a parameter of its function (or of its class's constructor).
 """
 
 from __future__ import annotations
@@ -267,6 +268,73 @@ def test_docstring_cross_references_resolve():
                 missing.append(f"{module.__name__}:{line}: {match.group(0)}")
     assert checked >= 300, checked
     assert not missing, "\n".join(missing)
+
+
+def documented_arguments(doc: str) -> list[str] | None:
+    """The names a Google-style ``Args:`` section documents (``a, b: ...`` documents two; a
+    ``*args`` entry its bare name), or None without one."""
+    head = re.search(r"^\s*Args:\s*\n", doc, re.M)
+    if head is None:
+        return None
+    names, indent = [], None
+    for line in doc[head.end():].splitlines():
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:
+            break
+        entry = re.match(r"\s*([\w*, ]+?)(?:\s*\([^)]*\))?:\s", line + " ")
+        if depth == indent and entry:
+            names += [name.strip().lstrip("*") for name in entry.group(1).split(",")]
+    return names
+
+
+def _functions(module):
+    """The module's own functions and classes, and its classes' methods."""
+    for name, obj in vars(module).items():
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj):
+            yield name, obj
+        elif inspect.isclass(obj):
+            yield name, obj
+            yield from ((f"{name}.{m}", f) for m, f in vars(obj).items() if inspect.isfunction(f))
+
+
+def test_args_sections_name_the_parameters():
+    checked, wrong = 0, []
+    for module in _documented_modules():
+        for name, fn in _functions(module):
+            names = documented_arguments(inspect.getdoc(fn) or "")
+            if names is None:
+                continue
+            try:
+                parameters = set(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):
+                continue
+            checked += 1
+            if set(names) - parameters:
+                wrong.append(f"{module.__name__}.{name}: {sorted(set(names) - parameters)} are not parameters")
+    assert checked >= 40, checked
+    assert not wrong, "\n".join(wrong)
+
+
+def test_documented_arguments_reads_an_args_section():
+    doc = """Summary.
+
+    Args:
+        H: (n, n) matrix,
+            continued: on a second line.
+        labels, ax: as before.
+        n_samples (int): N.
+        *arrays: the rest.
+
+    Returns:
+        x: not an argument.
+    """
+    assert documented_arguments(inspect.cleandoc(doc)) == ["H", "labels", "ax", "n_samples", "arrays"]
+    assert documented_arguments("No section.") is None
 
 
 @pytest.mark.parametrize("module, target, ok", [
