@@ -11,16 +11,21 @@ property whose return annotation is one, is an instance of it in the lines and b
 Docstrings: every Sphinx-style cross-reference (``:func:`…```, ``:class:`…```, ``:attr:`…```, ...)
 in landscape/, models/, figures/ and paper_repro.py resolves to an object, and every name an
 ``Args:`` section documents is a parameter of its function (or of its class's constructor).
+
+Command lines: every ``python paper_repro.py …``, ``python bench/….py …`` and ``python -m
+landscape …`` the README shows is accepted by that program's argument parser (parsed, not run).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import importlib
 import inspect
 import pkgutil
 import re
+import shlex
 import typing
 from pathlib import Path
 
@@ -390,6 +395,69 @@ def test_inline_code_names_what_exists():
         checker._value(ast.parse(span, mode="eval").body)
     assert not checker.problems, "\n".join(checker.problems)
     assert checker.bound - before >= 10
+
+
+def readme_commands(text: str) -> list[list[str]]:
+    """argv of each ``python paper_repro.py``, ``python bench/X.py`` and ``python -m landscape``
+    command in the README: inline code and ```bash lines (comments and ``&&`` chains split off),
+    without those that abbreviate (…) or name a placeholder (COMMAND)."""
+    bash = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    found = []
+    for line in bash + re.findall(r"(?<!`)`([^`]+)`(?!`)", prose):
+        for part in line.split("#")[0].split("&&"):
+            words = shlex.split(" ".join(part.split()))
+            if (len(words) >= 2 and words[0] in ("python", "python3") and not any("…" in w for w in words)
+                    and "COMMAND" not in words
+                    and (words[1] == "paper_repro.py" or words[1].startswith("bench/")
+                         or words[1:3] == ["-m", "landscape"])):
+                found.append(words[1:])
+    return list(dict.fromkeys(map(tuple, found)))
+
+
+class _Parsed(Exception):
+    """Raised in place of running a program once its arguments are parsed."""
+
+
+def _program(argv):
+    """The ``main(argv)`` a command line runs, and its arguments."""
+    if argv[:2] == ("-m", "landscape"):
+        return importlib.import_module("landscape.__main__").main, list(argv[2:])
+    if argv[0] == "paper_repro.py":
+        return paper_repro.main, list(argv[1:])
+    path = Path(__file__).resolve().parents[1] / argv[0]
+    spec = importlib.util.spec_from_file_location(f"readme_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main, list(argv[1:])
+
+
+README_COMMANDS = readme_commands(README.read_text())
+
+
+def test_readme_shows_commands():
+    programs = {argv[0] if argv[0] != "-m" else "landscape" for argv in README_COMMANDS}
+    assert {"paper_repro.py", "landscape", "bench/lapq.py", "bench/rounding.py"} <= programs, programs
+    assert len(README_COMMANDS) >= 15
+
+
+@pytest.mark.parametrize("argv", README_COMMANDS, ids=[" ".join(a)[:60] for a in README_COMMANDS])
+def test_readme_command_lines_parse(argv, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(README.parent / "bench"))  # the scripts import their shared modules
+    main, args = _program(argv)
+    parse = argparse.ArgumentParser.parse_args
+
+    def parsed(self, args=None, namespace=None):
+        raise _Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed)
+    try:
+        returned = main(args)
+    except _Parsed:
+        return
+    except SystemExit as exit:  # argparse's error (or --help): the message is on stderr
+        pytest.fail(f"{' '.join(argv)}: exit {exit.code}: {capsys.readouterr().err.strip()[-500:]}")
+    assert returned == 0 and "usage" in capsys.readouterr().out  # `python -m landscape`: its command list
 
 
 DRIFT = [
