@@ -13,7 +13,8 @@ in landscape/, models/, figures/ and paper_repro.py resolves to an object, and e
 ``Args:`` section documents is a parameter of its function (or of its class's constructor).
 
 Command lines: every ``python paper_repro.py …``, ``python bench/….py …`` and ``python -m
-landscape …`` the README shows is accepted by that program's argument parser (parsed, not run).
+landscape …`` the README and the scripts' own docstrings show is accepted by that program's
+argument parser (parsed, not run).
 """
 
 from __future__ import annotations
@@ -397,22 +398,40 @@ def test_inline_code_names_what_exists():
     assert checker.bound - before >= 10
 
 
-def readme_commands(text: str) -> list[list[str]]:
+def commands(lines) -> list[tuple[str, ...]]:
     """argv of each ``python paper_repro.py``, ``python bench/X.py`` and ``python -m landscape``
-    command in the README: inline code and ```bash lines (comments and ``&&`` chains split off),
-    without those that abbreviate (…) or name a placeholder (COMMAND)."""
-    bash = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    command in ``lines`` (comments and ``&&`` chains split off; a usage synopsis read as one
+    call: ``[--n 128]`` as ``--n 128``, ``trained|random`` as ``trained``), without those that
+    abbreviate (…) or name a placeholder (COMMAND)."""
     found = []
-    for line in bash + re.findall(r"(?<!`)`([^`]+)`(?!`)", prose):
+    for line in lines:
+        line = re.sub(r"(\S+?)\|\S+", r"\1", line.replace("[", "").replace("]", ""))
         for part in line.split("#")[0].split("&&"):
-            words = shlex.split(" ".join(part.split()))
+            try:
+                words = shlex.split(" ".join(part.split()))
+            except ValueError:  # prose with an apostrophe, not a command
+                continue
             if (len(words) >= 2 and words[0] in ("python", "python3") and not any("…" in w for w in words)
                     and "COMMAND" not in words
                     and (words[1] == "paper_repro.py" or words[1].startswith("bench/")
                          or words[1:3] == ["-m", "landscape"])):
-                found.append(words[1:])
-    return list(dict.fromkeys(map(tuple, found)))
+                found.append(tuple(words[1:]))
+    return list(dict.fromkeys(found))
+
+
+def readme_commands(text: str) -> list[tuple[str, ...]]:
+    """The commands of the README's inline code and ```bash blocks."""
+    bash = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    return commands(bash + re.findall(r"(?<!`)`([^`]+)`(?!`)", prose))
+
+
+def docstring_commands() -> list[tuple[str, ...]]:
+    """The commands the scripts' module docstrings show (their usage lines)."""
+    root = README.parent
+    scripts = sorted((root / "bench").glob("*.py")) + [root / "paper_repro.py"]
+    docs = [ast.get_docstring(ast.parse(path.read_text())) or "" for path in scripts]
+    return commands(line for doc in docs for line in doc.splitlines())
 
 
 class _Parsed(Exception):
@@ -433,16 +452,25 @@ def _program(argv):
 
 
 README_COMMANDS = readme_commands(README.read_text())
+DOCSTRING_COMMANDS = docstring_commands()
+COMMANDS = list(dict.fromkeys(README_COMMANDS + DOCSTRING_COMMANDS))
 
 
-def test_readme_shows_commands():
+def test_readme_and_scripts_show_commands():
     programs = {argv[0] if argv[0] != "-m" else "landscape" for argv in README_COMMANDS}
     assert {"paper_repro.py", "landscape", "bench/lapq.py", "bench/rounding.py"} <= programs, programs
     assert len(README_COMMANDS) >= 15
+    # every benchmark script shows how it is called (bench/ also holds two shared modules)
+    shown = {argv[0] for argv in DOCSTRING_COMMANDS}
+    scripts = {f"bench/{p.name}" for p in (README.parent / "bench").glob("*.py")} - {"bench/mnist_resnet20.py",
+                                                                                     "bench/torch_models.py"}
+    assert scripts <= shown, sorted(scripts - shown)
+    assert commands(["python bench/hessian.py [--n 128] [--weights trained|random]"]) == [
+        ("bench/hessian.py", "--n", "128", "--weights", "trained")]
 
 
-@pytest.mark.parametrize("argv", README_COMMANDS, ids=[" ".join(a)[:60] for a in README_COMMANDS])
-def test_readme_command_lines_parse(argv, monkeypatch, capsys):
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a)[:60] for a in COMMANDS])
+def test_command_lines_parse(argv, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(README.parent / "bench"))  # the scripts import their shared modules
     main, args = _program(argv)
     parse = argparse.ArgumentParser.parse_args
