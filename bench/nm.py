@@ -4,7 +4,9 @@ The weights are random (seeded, He-normal float32) with the shapes of ResNet-50'
 and its classifier, each as a GEMM matrix (H*W*Cin, Cout): 25.5 M weights, about 399 k 8x8 tiles.
 Prints
 
-* seconds for ``transposable_mask(..., method="exact")`` and ``method="greedy"`` over all layers;
+* seconds for ``transposable_mask(..., method="exact")``, ``method="greedy"`` (the reference code's
+  keep-side 2-approximation) and ``method="greedy_prune"`` (the paper's prune-side one) over all
+  layers, with each greedy's density and kept magnitude relative to exact;
 * the reference approach (the N:M paper's code): one networkx min-cost flow per 8x8 tile,
   source -> row (capacity K) -> column (capacity 1, cost -|w| scaled to integers) -> sink
   (capacity K). It is timed on a random sample of tiles and **extrapolated** to all tiles;
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
 
     sp.transposable_mask(weights[0][:64, :64], keep=KEEP, block=BLOCK)  # warm-up (imports, caches)
     sp.transposable_mask(weights[0][:64, :64], keep=KEEP, block=BLOCK, method="greedy")
+    sp.transposable_mask(weights[0][:64, :64], keep=KEEP, block=BLOCK, method="greedy_prune")
 
     t_exact, exact = timed(lambda: [sp.transposable_mask(w, keep=KEEP, block=BLOCK) for w in weights])
     cpu_exact = timed.cpu
@@ -169,19 +172,34 @@ def main(argv=None) -> int:
         lambda: [sp.transposable_mask(w, keep=KEEP, block=BLOCK, method="greedy") for w in weights]
     )
     cpu_greedy = timed.cpu
+    t_prune, prune = timed(
+        lambda: [sp.transposable_mask(w, keep=KEEP, block=BLOCK, method="greedy_prune") for w in weights]
+    )
+    cpu_prune = timed.cpu
     valid_exact = all(sp.is_transposable(m, keep=KEEP, block=BLOCK, exact=True) for m in exact)
     valid_greedy = all(sp.is_transposable(m, keep=KEEP, block=BLOCK) for m in greedy)
+    valid_prune = all(sp.is_transposable(m, keep=KEEP, block=BLOCK) for m in prune)  # >= N zeros per line
     kept_exact = np.array([np.abs(w)[m].sum(dtype=np.float64) for w, m in zip(weights, exact, strict=True)])
     kept_greedy = np.array([np.abs(w)[m].sum(dtype=np.float64) for w, m in zip(weights, greedy, strict=True)])
     quality_layers = kept_greedy / kept_exact
     quality_all = kept_greedy.sum() / kept_exact.sum()
     dens_greedy = sum(int(m.sum()) for m in greedy) / n_weights
+    kept_prune = np.array([np.abs(w)[m].sum(dtype=np.float64) for w, m in zip(weights, prune, strict=True)])
+    quality_prune = kept_prune / kept_exact
+    dens_prune = sum(int(m.sum()) for m in prune) / n_weights
+    total = np.array([np.abs(w).sum(dtype=np.float64) for w in weights])
+    pruned_ratio = (total - kept_prune).sum() / (total - kept_exact).sum()  # the paper's bound: <= 2 per tile
 
     print()
     print(f"  exact  (vectorised exchange solver): {t_exact:8.3f} s (cpu {cpu_exact:.3f} s)  "
           f"{t_exact / n_tiles * 1e6:6.2f} us/tile   valid: {valid_exact}")
     print(f"  greedy (vectorised 2-approximation): {t_greedy:8.3f} s (cpu {cpu_greedy:.3f} s)  "
           f"{t_greedy / n_tiles * 1e6:6.2f} us/tile   valid: {valid_greedy}   density {dens_greedy:.4f}")
+    print(f"  greedy_prune (paper's, prune-side):  {t_prune:8.3f} s (cpu {cpu_prune:.3f} s)  "
+          f"{t_prune / n_tiles * 1e6:6.2f} us/tile   valid: {valid_prune}   density {dens_prune:.4f}")
+    print(f"  greedy_prune / exact: kept magnitude {kept_prune.sum() / kept_exact.sum():.4f} "
+          f"(layers: mean {quality_prune.mean():.4f}, min {quality_prune.min():.4f}), "
+          f"pruned magnitude {pruned_ratio:.4f}")
 
     rng = np.random.default_rng(args.seed + 1)
     all_tiles = [tile for w in weights for tile in full_tiles(w)]
@@ -224,6 +242,7 @@ def main(argv=None) -> int:
     flat_w = np.concatenate([w.ravel() for w in weights])
     retained_exact = sp.retained_magnitude(flat_w, np.concatenate([m.ravel() for m in exact]))
     retained_greedy = sp.retained_magnitude(flat_w, np.concatenate([m.ravel() for m in greedy]))
+    retained_prune = sp.retained_magnitude(flat_w, np.concatenate([m.ravel() for m in prune]))
     print(f"  reference / exact  = {r_exact:10.1f}x   (target >= {TARGET_EXACT:g})   "
           f"{verdict(r_exact >= TARGET_EXACT)}")
     print(f"  reference / greedy = {r_greedy:10.1f}x   (target >= {TARGET_GREEDY:g})  "
@@ -234,7 +253,8 @@ def main(argv=None) -> int:
     print(f"  greedy / exact kept magnitude: mean over layers {quality_layers.mean():.4f} "
           f"(min {quality_layers.min():.4f}), all weights {quality_all:.4f}   (target >= {TARGET_QUALITY})   "
           f"{verdict(quality_layers.mean() >= TARGET_QUALITY)}")
-    print(f"  retained |w| fraction: exact {retained_exact:.4f}, greedy {retained_greedy:.4f}")
+    print(f"  retained |w| fraction: exact {retained_exact:.4f}, greedy {retained_greedy:.4f}, "
+          f"greedy_prune {retained_prune:.4f}")
     return 0
 
 

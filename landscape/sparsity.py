@@ -71,14 +71,51 @@ unwalkable, that tile is re-solved by the HiGHS LP, so the result is always feas
 
 Greedy
 ------
-The reference's "approx2" 2-approximation: visit the entries of a tile by decreasing magnitude and
-keep one when its row and its column both have fewer than K kept. It builds a maximal b-matching
-greedily, so its kept magnitude is >= 1/2 of the optimum with at most K per row and column (which
-is >= the exact-K optimum; on rare tiles greedy even beats "exact", which must keep exactly K). It
-never keeps more than K per row or column but may keep fewer (density 0.49 at 4:8). Vectorised: one
-sort of every tile, then M*M steps that are elementwise over all tiles (for M <= 8 each tile's
-counters and kept set are packed into three uint64 words). Bench: 0.7 s wall (0.34 s CPU) for
-ResNet-50 at 4:8, kept magnitude 0.988 of exact.
+Two different 2-approximations go by that name; ``method="greedy"`` is the reference CODE's
+algorithm, not the one the paper states.
+
+``"greedy"``, the reference code's keep-side "approx2" (``dynamic_TNM``'s ``update_mask_approx2``,
+without its early ``break``): visit the entries of a tile by decreasing magnitude and keep one when
+its row and its column both have fewer than K kept. It builds a maximal b-matching greedily, so its
+kept magnitude is >= 1/2 of the optimum with at most K per row and column (which is >= the exact-K
+optimum; on rare tiles greedy even beats "exact", which must keep exactly K). It never keeps more
+than K per row or column but may keep fewer (density 0.49 at 4:8). Vectorised: one sort of every
+tile, then M*M steps that are elementwise over all tiles (for M <= 8 each tile's counters and kept
+set are packed into three uint64 words). Bench: 0.7 s wall (0.34 s CPU) for ResNet-50 at 4:8, kept
+magnitude 0.988 of exact.
+
+``"greedy_prune"``, the paper's prune-side algorithm (Hubara et al. 2021, N = M - K zeros): visit
+the entries of a tile by increasing magnitude and prune one when its row **or** its column has
+fewer than N pruned. The pruned set is a greedy b-edge cover, so its magnitude is <= 2x the optimal
+pruned magnitude (over masks with >= N zeros per row and column, whose optimum is <= that of the
+exact solver's exactly-N masks). Every row and column ends with at least N zeros (at most K kept),
+but an entry pruned for its row's sake can push its column past N (and vice versa), so it
+over-prunes: on Gaussian tiles density 0.373 at 2:4 and 0.404 at 4:8 (not 0.5), fewer than 2% of
+tiles end at exactly N per line; pruned / exact pruned magnitude max 1.73 (2:4) and 1.45 (4:8),
+kept / exact kept magnitude min 0.64 (2:4) and 0.84 (4:8), mean 0.90 and 0.92 (3600 and 1600
+seeded tiles, matching the dossier). Among equal magnitudes the higher index is pruned first (the
+keep-side greedy keeps the lower index first). In a partial edge tile the padded entries count as
+pruned (they are zeros of the padded tile): a real row or column prunes real entries only while it
+has fewer than N zeros in all, so it keeps at most K (a corner tile of r, c <= K real rows and
+columns keeps everything, as "exact" does). Vectorised as
+"greedy" (its counters saturate at N). Bench: 0.59 s wall (0.59 s CPU) for ResNet-50 at 4:8,
+density 0.405, kept magnitude 0.923 of exact (pruned magnitude 1.22x exact's).
+
+Reference layout
+----------------
+The reference code tiles a conv weight differently: it permutes PyTorch's (Cout, Cin, kh, kw) to
+NHWC, flattens each output filter to a row of length kh*kw*Cin, pads it to a multiple of M*M and
+takes each consecutive M*M chunk of ONE filter, reshaped (M, M), as a tile (``dynamic_TNM``'s
+updates chunk the NCHW order (Cin, kh, kw) instead). ``layer_mask(..., layout="reference")`` and
+``Recipe(layout="reference")`` reproduce the NHWC chunks for bit-parity experiments
+(:func:`reference_mask`; a Flax kernel ``(kh, kw, Cin, Cout)`` is already in that order, filter c
+is ``kernel[..., c].ravel()``; a Dense kernel chunks each output column). Each tile still keeps K
+per row and column, so the constraint count and the mask diversity are those of the GEMM layout
+and the mask is K:M along the reduction axis, but a tile's columns are strided entries of one
+filter rather than M output channels: the mask is in general NOT K:M along C_out, so the backward
+data-gradient GEMM gets no sparsity. A last chunk with l < M*M real entries keeps, by "exact",
+``min(K, real entries)`` in each of its rows (q*K + min(K, s) for l = q*M + s), its padding never
+kept (the reference code pads with zeros that it may keep).
 
 Sparse training
 ---------------
@@ -89,9 +126,10 @@ of SR-STE, Zhou et al. 2021):
 * the masks live in a ``"masks"`` collection beside ``"params"``, one boolean array of the kernel's
   shape per sparse layer (``masks/<module path>/kernel``); layers without an entry are dense. By
   default every conv/dense layer is sparse except the first and the last in call order;
-* ``init_variables`` computes the masks of the initial weights (exact solver), ``after_step``
-  recomputes them from |W| after every ``update_every``-th step (greedy transposable solver, or
-  plain N:M along the reduction axis), so step s trains with the masks of step
+* ``init_variables`` computes the masks of the initial weights (``init_method``, default the exact
+  solver), ``after_step`` recomputes them from |W| after every ``update_every``-th step
+  (``update_method``, default the keep-side greedy transposable solver, or plain N:M along the
+  reduction axis), on the tiles ``layout`` names, so step s trains with the masks of step
   ``update_every * floor((s - 1) / update_every)`` (the first update follows step ``update_every``);
 * the forward product uses ``W * mask``; the backward is straight-through (:func:`ste_mask`)::
 
@@ -135,6 +173,7 @@ __all__ = [
     "mask_diversity",
     "refuse_grouped",
     "nm_mask",
+    "reference_mask",
     "retained_magnitude",
     "select_layers",
     "ste_mask",
@@ -176,6 +215,19 @@ def _check_keep_block(keep, block) -> tuple[int, int]:
             f"got keep={K}, block={M}"
         )
     return K, M
+
+
+#: The transposable solvers (see the module docstring): the optimum, the reference code's keep-side
+#: greedy and the paper's prune-side greedy.
+TRANSPOSABLE_METHODS = ("exact", "greedy", "greedy_prune")
+#: Where a layer's M x M tiles come from: tiles of its GEMM matrix, or chunks of one output filter.
+LAYOUTS = ("gemm", "reference")
+
+
+def _check_choice(value, name: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
 
 
 def _as_weights(w, name: str = "w") -> np.ndarray:
@@ -337,9 +389,12 @@ def transposable_mask(w, *, keep: int, block: int, method: str = "exact") -> np.
       keep: K, kept entries per tile row and tile column (1 <= K < M).
       block: M, tile side.
       method: ``"exact"`` maximises ``sum(|w| * mask)`` with exactly K per row and column of every
-        full tile (partial edge tiles: module docstring); ``"greedy"`` is the 2-approximation (kept
-        magnitude >= 1/2 of the optimum), at most K per row and column, visiting entries by their
-        float32-rounded magnitude.
+        full tile (partial edge tiles: module docstring); ``"greedy"`` is the reference code's
+        keep-side 2-approximation (kept magnitude >= 1/2 of the optimum), at most K per row and
+        column; ``"greedy_prune"`` is the paper's prune-side 2-approximation (pruned magnitude <= 2x
+        the optimum), at least N = M - K pruned per row and column, so also at most K kept, usually
+        fewer. Both greedy methods visit entries by their float32-rounded magnitude (module
+        docstring, "Greedy").
 
     Returns:
       bool ``(R, C)`` mask. Padding is never kept.
@@ -349,20 +404,10 @@ def transposable_mask(w, *, keep: int, block: int, method: str = "exact") -> np.
     """
     K, M = _check_keep_block(keep, block)
     arr = _as_matrix(w)
-    if method not in ("exact", "greedy"):
-        raise ValueError(f"method must be 'exact' or 'greedy', got {method!r}")
-    # float64 for integers (abs(int8(-128)) overflows); float32 stays float32 until a chunk is solved.
-    dtype = np.result_type(arr.dtype, np.float32) if arr.dtype.kind == "f" else np.float64
-    mag = np.abs(arr.astype(dtype, copy=False))
-    if dtype == np.float64:
-        # float64 beyond float32's range: scale by a power of two (exact) so that the largest
-        # magnitude is in (1/2, 1] before the float32 greedy and the exact solver's scaling see it
-        # (1e-310 overflowed 2**-log2(max); 1e39 and 1e300 both became inf and tied in float32).
-        top = float(mag.max(initial=0.0))
-        if top > 0:
-            mag = np.ldexp(mag, -math.frexp(top)[1])
+    _check_choice(method, "method", TRANSPOSABLE_METHODS)
+    mag = _magnitudes(arr)
     R, C = mag.shape
-    full, edge = (_exact_full, _exact_edge) if method == "exact" else (_greedy_full, _greedy_edge)
+    full, edge = _solvers(method)
     out = np.zeros((R, C), dtype=bool)
     Rf, Cf = R - R % M, C - C % M
     if Rf and Cf:
@@ -373,6 +418,29 @@ def transposable_mask(w, *, keep: int, block: int, method: str = "exact") -> np.
     if Rf < R and Cf:
         out[Rf:, :Cf] = edge(mag[Rf:, :Cf], M, K)
     return out
+
+
+def _magnitudes(arr: np.ndarray) -> np.ndarray:
+    """|arr| in the solvers' dtype: float32 stays float32, everything else is float64 (and rescaled)."""
+    # float64 for integers (abs(int8(-128)) overflows); float32 stays float32 until a chunk is solved.
+    dtype = np.result_type(arr.dtype, np.float32) if arr.dtype.kind == "f" else np.float64
+    mag = np.abs(arr.astype(dtype, copy=False))
+    if dtype == np.float64:
+        # float64 beyond float32's range: scale by a power of two (exact) so that the largest
+        # magnitude is in (1/2, 1] before the float32 greedy and the exact solver's scaling see it
+        # (1e-310 overflowed 2**-log2(max); 1e39 and 1e300 both became inf and tied in float32).
+        top = float(mag.max(initial=0.0))
+        if top > 0:
+            mag = np.ldexp(mag, -math.frexp(top)[1])
+    return mag
+
+
+def _solvers(method: str):
+    """(solver of a region of whole tiles, solver of an edge strip of partial tiles) for ``method``."""
+    if method == "exact":
+        return _exact_full, _exact_edge
+    prune = method == "greedy_prune"
+    return partial(_greedy_full, prune=prune), partial(_greedy_edge, prune=prune)
 
 
 def is_transposable(mask, *, keep: int, block: int, exact: bool = False) -> bool:
@@ -641,42 +709,57 @@ def _lp_tile(a: np.ndarray, rq: np.ndarray, cq: np.ndarray) -> np.ndarray:
     return res.x.reshape(M, M) > 0.5
 
 
-def _greedy_full(mag: np.ndarray, M: int, K: int) -> np.ndarray:
-    """Greedy masks of a region (R, C) made of whole tiles."""
+def _greedy_full(mag: np.ndarray, M: int, K: int, prune: bool = False) -> np.ndarray:
+    """Greedy masks of a region (R, C) made of whole tiles (``prune``: the paper's prune-side rule)."""
     R, C = mag.shape
     Rb, Cb = R // M, C // M
     flat = mag.astype(np.float32).reshape(Rb, M, Cb, M).transpose(0, 2, 1, 3).reshape(Rb * Cb, M * M)
+    packed, indexed = (_prune_packed, _prune_indexed) if prune else (_greedy_packed, _greedy_indexed)
     if M <= 8:
         kept = np.empty(flat.shape, dtype=bool)
         for start in range(0, flat.shape[0], _GREEDY_CHUNK):
             sl = slice(start, start + _GREEDY_CHUNK)
-            kept[sl] = _greedy_packed(flat[sl], M, K)
+            kept[sl] = packed(flat[sl], M, K)
     else:
-        kept = _greedy_indexed(flat, M, K)
+        kept = indexed(flat, M, K)
     return kept.reshape(Rb, Cb, M, M).transpose(0, 2, 1, 3).reshape(R, C)
 
 
-def _greedy_edge(mag: np.ndarray, M: int, K: int) -> np.ndarray:
-    """Greedy masks of an edge strip of partial tiles (padding = -inf, never visited as real)."""
+def _greedy_edge(mag: np.ndarray, M: int, K: int, prune: bool = False) -> np.ndarray:
+    """Greedy masks of an edge strip of partial tiles (padding = -inf, never kept)."""
     tiles = _to_tiles(mag.astype(np.float32), M, -np.inf)
     flat = np.ascontiguousarray(tiles.reshape(M * M, -1).T)
-    kept = _greedy_indexed(flat, M, K)
+    kept = (_prune_indexed if prune else _greedy_indexed)(flat, M, K)
     return _from_tiles(np.ascontiguousarray(kept.T).reshape(M, M, -1), mag.shape)
+
+
+def _sorted_keys(flat: np.ndarray) -> np.ndarray:
+    """Unique ascending sort keys of flat (n, M*M <= 64) non-negative float32 magnitudes, per tile.
+
+    Key = the float64 bit pattern of |w| (monotone for non-negative floats; a float32 value leaves the
+    low 29 mantissa bits zero) OR-ed with ``63 - index``: among equal magnitudes the higher index
+    sorts first, and the index is read back as ``63 - (key & 63)``.
+    """
+    key = flat.astype(np.float64).view(np.uint64) | (np.uint64(63) - np.arange(flat.shape[1], dtype=np.uint64))
+    key.sort(axis=1)
+    return key
+
+
+def _unpack(bits: np.ndarray, size: int) -> np.ndarray:
+    """uint64 (n,) bit sets -> bool (n, size), bit k = entry k."""
+    bytes_ = bits.astype("<u8").view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(bytes_, axis=1, bitorder="little")[:, :size].view(bool)
 
 
 def _greedy_packed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
     """Greedy for whole tiles with M <= 8: flat (n, M*M) float32 magnitudes -> kept (n, M*M).
 
-    Sort key per entry: the float64 bit pattern of |w| (monotone for non-negative floats; a float32
-    value leaves the low 29 mantissa bits zero) OR-ed with ``63 - index``, so keys are unique, ties
-    go to the lower index, and the index is read back from the sorted key. Every tile's M row
-    counters, M column counters (bits(K) bits each) and kept set (M*M <= 64 bits) live in three
+    Entries are visited by decreasing :func:`_sorted_keys` (ties to the lower index). Every tile's M
+    row counters, M column counters (bits(K) bits each) and kept set (M*M <= 64 bits) live in three
     uint64 words, so each of the M*M visiting steps is a few elementwise operations over all tiles.
     """
     n, size = flat.shape
-    key = flat.astype(np.float64).view(np.uint64) | (np.uint64(63) - np.arange(size, dtype=np.uint64))
-    key.sort(axis=1)
-    visit = np.ascontiguousarray(key[:, ::-1].T)  # (M*M, n): k-th largest key of every tile
+    visit = np.ascontiguousarray(_sorted_keys(flat)[:, ::-1].T)  # (M*M, n): k-th largest key of every tile
     bits = np.uint64(K.bit_length())
     field = np.uint64((1 << K.bit_length()) - 1)
     limit, m = np.uint64(K), np.uint64(M)
@@ -693,8 +776,7 @@ def _greedy_packed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
         rows += one << r_shift
         cols += one << c_shift
         kept |= one << idx
-    bytes_ = kept.astype("<u8").view(np.uint8).reshape(n, 8)
-    return np.unpackbits(bytes_, axis=1, bitorder="little")[:, :size].view(bool)
+    return _unpack(kept, size)
 
 
 def _greedy_indexed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
@@ -714,6 +796,62 @@ def _greedy_indexed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
         col_count[tiles, c] += ok
         kept[tiles, idx] = ok
     return kept
+
+
+def _prune_packed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
+    """The paper's prune-side greedy for whole tiles with M <= 8: flat (n, M*M) float32 -> kept.
+
+    Entries are visited by increasing :func:`_sorted_keys` (among ties the higher index is pruned
+    first, the mirror of the keep-side greedy's ties to the lower index); entry (i, j) is pruned when
+    row i or column j has fewer than N = M - K pruned. The counters saturate at N (only "< N" is
+    ever asked), so a field of bits(N) bits per row and column suffices, packed as in
+    :func:`_greedy_packed`.
+    """
+    n, size = flat.shape
+    visit = np.ascontiguousarray(_sorted_keys(flat).T)  # (M*M, n): k-th smallest key of every tile
+    N = M - K
+    bits = np.uint64(N.bit_length())
+    field = np.uint64((1 << N.bit_length()) - 1)
+    limit, m = np.uint64(N), np.uint64(M)
+    rows = np.zeros(n, dtype=np.uint64)
+    cols = np.zeros(n, dtype=np.uint64)
+    pruned = np.zeros(n, dtype=np.uint64)
+    for k in range(size):
+        idx = np.uint64(63) - (visit[k] & np.uint64(63))
+        r_shift = (idx // m) * bits
+        c_shift = (idx % m) * bits
+        row_short = ((rows >> r_shift) & field) < limit
+        col_short = ((cols >> c_shift) & field) < limit
+        rows += row_short.astype(np.uint64) << r_shift
+        cols += col_short.astype(np.uint64) << c_shift
+        pruned |= (row_short | col_short).astype(np.uint64) << idx
+    return _unpack(~pruned, size)
+
+
+def _prune_indexed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
+    """The paper's prune-side greedy with explicit counters: any M, padding (-inf) allowed.
+
+    flat (n, M*M) -> kept (n, M*M). Padding sorts first and is pruned unconditionally: it counts
+    towards its row's and column's N zeros (it is a zero of the padded tile), so a real line of c
+    real entries prunes real entries only while it has fewer than N zeros in all.
+    """
+    n, size = flat.shape
+    N = M - K
+    # Ascending, ties to the higher index (as _prune_packed): a stable sort of the reversed tile.
+    order = (size - 1) - np.argsort(flat[:, ::-1], axis=1, kind="stable")
+    pad = np.take_along_axis(flat, order, axis=1) == -np.inf
+    tiles = np.arange(n)
+    row_count = np.zeros((n, M), dtype=np.int32)
+    col_count = np.zeros((n, M), dtype=np.int32)
+    pruned = np.zeros((n, size), dtype=bool)
+    for k in range(size):
+        idx = order[:, k]
+        r, c = idx // M, idx % M
+        cut = (row_count[tiles, r] < N) | (col_count[tiles, c] < N) | pad[:, k]
+        row_count[tiles, r] += cut
+        col_count[tiles, c] += cut
+        pruned[tiles, idx] = cut
+    return ~pruned
 
 
 # --------------------------------------------------------------------------------------------------
@@ -980,26 +1118,110 @@ def select_layers(all_layers, *, dense_first_last: bool = True, names=None) -> t
 
 
 def layer_mask(kernel, *, keep: int, block: int, transposable: bool = True,
-               method: str = "greedy") -> np.ndarray:
-    """Mask of a layer kernel ``(..., Cin, Cout)``, computed on its GEMM matrix ``(R, C)``.
+               method: str = "greedy", layout: str = "gemm") -> np.ndarray:
+    """Mask of a layer kernel ``(..., Cin, Cout)``.
 
-    ``transposable=True``: :func:`transposable_mask` with ``method`` ("exact" or "greedy"), so the
-    GEMM matrix (forward, groups along R) and its transpose (backward data gradient, groups along C)
-    are both K:M. ``transposable=False``: :func:`nm_mask` along the reduction axis (``axis=0``, the
-    forward GEMM); it is exact, and ``method`` is only validated.
+    ``transposable=True``: a transposable mask by ``method`` ("exact", "greedy" or "greedy_prune",
+    see :func:`transposable_mask`) on the M x M tiles that ``layout`` names:
+
+    * ``"gemm"`` (default): tiles of the GEMM matrix ``(R, C)`` (:func:`gemm_matrix`), so it
+      (forward, groups along R) and its transpose (backward data gradient, groups along C) are
+      both K:M;
+    * ``"reference"``: the N:M reference code's tiles, consecutive M*M chunks of one output filter
+      (:func:`reference_mask`). Same number of constraints and mask diversity, but no backward
+      sparsity: the mask is K:M along R, not along C.
+
+    ``transposable=False``: :func:`nm_mask` along the reduction axis (``axis=0``, the forward GEMM);
+    it is exact, and ``method`` and ``layout`` are only validated (a group of M consecutive rows of a
+    GEMM column is M consecutive entries of one filter, so both layouts give the same groups).
 
     Returns a boolean mask of ``kernel.shape``.
     """
-    if method not in ("exact", "greedy"):
-        raise ValueError(f"method must be 'exact' or 'greedy', got {method!r}")
+    _check_choice(method, "method", TRANSPOSABLE_METHODS)
+    _check_choice(layout, "layout", LAYOUTS)
     if not isinstance(transposable, bool):
         raise ValueError(f"transposable must be True or False, got {transposable!r}")
+    if transposable and layout == "reference":
+        return reference_mask(kernel, keep=keep, block=block, method=method)
     w = gemm_matrix(kernel)
     if transposable:
         mask = transposable_mask(w, keep=keep, block=block, method=method)
     else:
         mask = nm_mask(w, keep=keep, block=block, axis=0)
     return mask.reshape(np.shape(kernel))
+
+
+def reference_mask(kernel, *, keep: int, block: int, method: str = "exact") -> np.ndarray:
+    """Transposable K:M mask in the N:M reference code's layout: tiles are chunks of one filter.
+
+    Output filter c's weights ``v_c = kernel[..., c].ravel()`` (length L = H*W*Cin in (H, W, Cin)
+    order: PyTorch's (Cout, Cin, kh, kw) permuted to NHWC and flattened per filter, as the
+    reference's ``prune/*``) are padded to a multiple of M*M and cut into chunks; chunk k, reshaped
+    row-major to (M, M), is a tile:
+
+        tile[c, k][i, j] = v_c[k*M*M + i*M + j]
+
+    and gets K kept per row and column by ``method`` (see :func:`transposable_mask`). A Dense
+    kernel ``(in, out)`` is a 1 x 1 conv: output column c's vector ``kernel[:, c]`` (the row of
+    PyTorch's Linear weight) is chunked.
+
+    A last chunk with l = q*M + s < M*M real entries (rows 0..q-1 real, row q holds s) is
+    padded with entries never kept. "exact" keeps ``min(K, real entries)`` in each of its rows,
+    ``q*K + min(K, s)`` in all (the most possible with at most K per row and column), with at most
+    ``min(K, real rows)`` per column; "greedy" keeps at most K per row and column; "greedy_prune"
+    counts the padding as pruned (module docstring, "Greedy"). The reference code instead pads with
+    zeros that may be kept, so its last chunk can keep fewer real weights.
+
+    Args:
+      kernel: ``(..., Cin, Cout)`` array, real and finite (at least 2-D).
+      keep, block: K kept per row and column of every M x M chunk.
+      method: "exact", "greedy" or "greedy_prune".
+
+    Returns:
+      bool mask of ``kernel.shape``: K:M along the reduction axis of the GEMM matrix (each chunk row
+      is M consecutive entries of one filter), but in general not K:M along its output channels
+      (the chunk columns are strided entries of one filter, not M output channels).
+    """
+    K, M = _check_keep_block(keep, block)
+    _check_choice(method, "method", TRANSPOSABLE_METHODS)
+    arr = _as_weights(kernel, "kernel")
+    if arr.ndim < 2:
+        raise ValueError(f"kernel must have at least 2 dimensions (..., Cin, Cout), got shape {arr.shape}")
+    vec = _magnitudes(gemm_matrix(arr)).T  # (Cout, L): row c is v_c
+    C, L = vec.shape
+    n_full, tail = divmod(L, M * M)
+    out = np.zeros((C, L), dtype=bool)
+    if n_full and C:
+        # Chunk (c, k) as the tile (c, k) of a (C*M, n_full*M) matrix of whole tiles.
+        head = vec[:, : n_full * M * M].reshape(C, n_full, M, M).transpose(0, 2, 1, 3).reshape(C * M, n_full * M)
+        kept = _solvers(method)[0](head, M, K)
+        out[:, : n_full * M * M] = kept.reshape(C, M, n_full, M).transpose(0, 2, 1, 3).reshape(C, -1)
+    if tail and C:
+        out[:, n_full * M * M :] = _last_chunks(vec[:, n_full * M * M :], M, K, method)
+    return out.T.reshape(arr.shape)
+
+
+def _last_chunks(vec: np.ndarray, M: int, K: int, method: str) -> np.ndarray:
+    """Masks of the partial last chunks ``vec`` (C, l), 0 < l < M*M, of every filter -> bool (C, l)."""
+    C, l = vec.shape
+    flat = np.full((C, M * M), -np.inf, dtype=np.float64)
+    flat[:, :l] = vec
+    if method != "exact":
+        solve = _prune_indexed if method == "greedy_prune" else _greedy_indexed
+        return solve(flat.astype(np.float32), M, K)[:, :l]
+    q, s = divmod(l, M)
+    wire = np.arange(M)
+    # Rows keep exactly min(K, real entries); a column keeps at most min(K, real rows). Feasible (a
+    # Gale-Ryser count over the q full rows, after row q has taken its min(K, s) first columns), so
+    # every row reaches its bound: the most entries any mask with <= K per row and column can keep.
+    rq = np.select([wire < q, wire == q], [K, min(K, s)], 0).astype(np.int16)
+    cq = np.minimum(K, q + (wire < s)).astype(np.int16)
+    a = np.ascontiguousarray(flat.reshape(C, M, M).transpose(1, 2, 0)) * _pow2_scale(vec)
+    rq, cq = np.repeat(rq[:, None], C, 1), np.repeat(cq[:, None], C, 1)
+    sel, failed = _exact_chunk(a, rq, cq, K, 0)
+    for t in np.flatnonzero(failed):
+        sel[:, :, t] = _lp_tile(a[:, :, t], rq[:, t], cq[:, t])
+    return sel.transpose(2, 0, 1).reshape(C, M * M)[:, :l]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -1092,8 +1314,14 @@ class Recipe(train.Recipe):
       decay: SR-STE decay λ of pruned weights (:func:`ste_mask`), added to the optimizer's weight
         decay.
       dense_first_last: keep the first and last conv/dense layers (call order) dense.
-      init_method: solver of the initial transposable masks ("exact", as the reference's IP
-        initialisation, or "greedy"); updates always use the greedy 2-approximation.
+      init_method: solver of the initial transposable masks: "exact" (as the reference's IP
+        initialisation), "greedy" or "greedy_prune" (:func:`transposable_mask`).
+      update_method: solver of the transposable masks recomputed every ``update_every`` steps:
+        "greedy" (the reference code's approx2, default), "greedy_prune" (the paper's prune-side
+        2-approximation, which keeps fewer weights) or "exact".
+      layout: "gemm" (default) tiles the GEMM matrix, so the backward data gradient is K:M too;
+        "reference" uses the reference code's per-filter chunks, for bit-parity experiments (no
+        backward sparsity; :func:`reference_mask`). Plain K:M masks are the same in both.
       layers: the "/"-joined module paths of the layers to make sparse (in place of
         ``dense_first_last``'s choice), e.g. to leave a MobileNet's depthwise layers dense.
 
@@ -1112,6 +1340,8 @@ class Recipe(train.Recipe):
     dense_first_last: bool = True
     init_method: str = "exact"
     layers: tuple[str, ...] | None = None
+    update_method: str = "greedy"
+    layout: str = "gemm"
 
     def __post_init__(self):
         K, M = _check_keep_block(self.keep, self.block)
@@ -1131,8 +1361,9 @@ class Recipe(train.Recipe):
         every = _check_int(self.update_every, "update_every")
         if every < 1:
             raise ValueError(f"update_every must be an integer >= 1, got {every}")
-        if self.init_method not in ("exact", "greedy"):
-            raise ValueError(f"init_method must be 'exact' or 'greedy', got {self.init_method!r}")
+        _check_choice(self.init_method, "init_method", TRANSPOSABLE_METHODS)
+        _check_choice(self.update_method, "update_method", TRANSPOSABLE_METHODS)
+        _check_choice(self.layout, "layout", LAYOUTS)
         object.__setattr__(self, "keep", K)
         object.__setattr__(self, "block", M)
         object.__setattr__(self, "update_every", every)
@@ -1146,12 +1377,14 @@ class Recipe(train.Recipe):
     def layer_mask(self, kernel, method: str) -> np.ndarray:
         """This recipe's mask of one kernel (see :func:`layer_mask`)."""
         return layer_mask(kernel, keep=self.keep, block=self.block, transposable=self.transposable,
-                          method=method)
+                          method=method, layout=self.layout)
 
     def init_variables(self, model, variables, x):
         chosen = select_layers(gemm_layers(model, variables, x[:1]), dense_first_last=self.dense_first_last,
                                names=self.layers)
-        check_grouped_masks(chosen, block=self.block, transposable=self.transposable, method=f"{self!r}")
+        # Reference-layout chunks lie inside one filter, so no tile straddles two groups of a grouped conv.
+        check_grouped_masks(chosen, block=self.block, transposable=self.transposable and self.layout == "gemm",
+                            method=f"{self!r}")
         if not chosen:
             raise ValueError(
                 f"{self!r} leaves no layer to sparsify: the model has "
@@ -1166,8 +1399,10 @@ class Recipe(train.Recipe):
         }
         return {**variables, "masks": flax.traverse_util.unflatten_dict(masks)}
 
-    def update_masks(self, variables, method: str = "greedy") -> dict:
-        """Masks recomputed from the current kernels, for the layers that already have one."""
+    def update_masks(self, variables, method: str | None = None) -> dict:
+        """Masks recomputed from the current kernels (by ``method``, default ``update_method``), for the
+        layers that already have one."""
+        method = self.update_method if method is None else method
         params = _flat(variables["params"])
         paths = _flat(variables["masks"])
         masks = {path: jnp.asarray(self.layer_mask(params[path], method)) for path in paths}
@@ -1202,6 +1437,8 @@ class Recipe(train.Recipe):
             f"sparsity.Recipe(keep={self.keep}, block={self.block}, transposable={self.transposable}, "
             f"update_every={self.update_every}, decay={self.decay!r}, "
             f"dense_first_last={self.dense_first_last}, init_method={self.init_method!r}"
-            # only when given, so that the cache keys of networks trained before the option stay the same
-            + ("" if self.layers is None else f", layers={self.layers!r}") + ")"
+            # only when given, so that the cache keys of networks trained before the options stay the same
+            + ("" if self.layers is None else f", layers={self.layers!r}")
+            + ("" if self.update_method == "greedy" else f", update_method={self.update_method!r}")
+            + ("" if self.layout == "gemm" else f", layout={self.layout!r}") + ")"
         )
