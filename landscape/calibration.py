@@ -14,7 +14,10 @@ inside :func:`landscape.sites.calibrating`; :func:`make_rule` builds one by name
                exact step; divided by the count of non-zero entries): the reference's "MSE with
                a uniform-noise prior"
 ``lp``         α = argmin E|Q_α(x) − x|^p with the site's own quantizer (LAPQ's init)
-``aciq``       α = c_M·b (Laplace, b = E|x|) or c_M·σ (Gaussian, σ = √E[x²]); unsigned
+``aciq``       α = c_M·b (Laplace, b = E|x|) or c_M·σ (Gaussian, σ = √E[x²], the RMS about
+               the grid's centre 0, where the reference's signed Gaussian rule takes the
+               centred std (ddof 1): equal for zero-mean tensors, 0.9 % apart on a Laplace
+               kernel of mean 0.2·b at 2 bits); unsigned
                tensors use the non-zero entries and c_{M+1}, midtread ones the non-zero
                entries (their zeros sit on the zero level); c_M minimises the clip + noise
                MSE of the unit distribution with the ``mse`` rule's Δ = α/L: Laplace
