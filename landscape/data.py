@@ -173,14 +173,7 @@ def cache_dir() -> str:
 
 
 def calibration_index(n_train: int, calib_size: int, seed: int) -> np.ndarray:
-    """A seeded sample of ``calib_size`` distinct training rows, in the random order drawn.
-
-    Not sorted: the library takes prefixes of the calibration set (``ClipLoss.init``'s
-    ``stats_size`` images, AdaRound's and GPTQ's ``num_images``, the BatchNorm re-estimation
-    images), and a prefix of a random order is itself a uniform sample, where a prefix of the
-    sorted rows was the lowest training rows: of the first classes only, in a training split
-    stored class by class (as image-folder conversions are).
-    """
+    """A sorted seeded sample of ``calib_size`` training rows (without replacement)."""
     if isinstance(calib_size, bool | np.bool_) or not isinstance(calib_size, int | np.integer) \
             or not 1 <= calib_size <= n_train:
         raise ValueError(f"calib_size={calib_size!r} must be an integer in [1, {n_train}] "
@@ -188,7 +181,7 @@ def calibration_index(n_train: int, calib_size: int, seed: int) -> np.ndarray:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xCA11B]))
-    return rng.choice(n_train, size=int(calib_size), replace=False)  # shuffle=True: a random order
+    return np.sort(rng.choice(n_train, size=int(calib_size), replace=False))
 
 
 def load(name: str, *, data_dir: str | None = None, calib_size: int = 512, seed: int = 0,
