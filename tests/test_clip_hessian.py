@@ -67,6 +67,32 @@ def test_fd_names_sites_whose_second_differences_are_rounding_noise():
         clip_hessian(q, np.linspace(1.0, 3.0, 4), method="fd", step=0.05)
 
 
+def test_fd_names_site_pairs_whose_mixed_differences_are_rounding_noise():
+    """The off-diagonal entries, which the separability measures read, were never checked: with a
+    constant offset of 20 on a smooth quadratic, H_01 = 0.01 came out 0.0119, silently. Now the
+    pair is named; with an offset of 1 the coupling is resolved and nothing is said."""
+    import warnings
+
+    A = np.array([[2.0, 0.01], [0.01, 2.0]])
+    with pytest.warns(RuntimeWarning, match=r"mixed differences of site pairs \[\(0, 1\)\] are within float32"):
+        clip_hessian(_Offset(A, 20.0), np.array([1.0, 1.0]), method="fd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        h = clip_hessian(_Offset(A, 1.0), np.array([1.0, 1.0]), method="fd")
+    assert h[0, 1] == pytest.approx(0.01, rel=0.1)
+
+
+class _Offset:
+    """½ (α − 1)ᵀ A (α − 1) + offset: only the float32 rounding of the losses grows with the offset."""
+
+    def __init__(self, A, offset):
+        self.A, self.offset, self.n = jnp.asarray(A, jnp.float32), offset, A.shape[0]
+
+    def batch(self, alphas):
+        d = jnp.asarray(alphas, jnp.float32) - 1.0
+        return 0.5 * jnp.einsum("...i,ij,...j->...", d, self.A, d) + self.offset
+
+
 def test_fd_point_layout():
     pts, h = fd_points(np.array([1.0, 2.0, 4.0]), 0.1)
     assert pts.shape == (3 * 3 + 3 + 1, 3)
