@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from landscape import calibration, checks, folding, quantizers, runtime, sites
-from landscape.data import Split, as_arrays, check_labels
+from landscape.data import Split, as_arrays, check_labels, spread_rows
 
 _MEMORY_BUDGET = 2 * 1024**3  # bytes of activations one vmapped chunk may hold
 _SHARED_PROGRAMS = 8  # program sets kept alive after their last ClipLoss (least recently used dropped)
@@ -624,8 +624,9 @@ class ClipLoss:
         """Layer-wise α by a calibration rule, (n,) float32.
 
         ``rule``: "max", "percentile" (q), "mse", "lp" (p), "aciq" (distribution), "kl"
-        (see :mod:`landscape.calibration`). Activation statistics come from the first
-        ``stats_size`` calibration images with every upstream site already quantized at
+        (see :mod:`landscape.calibration`). Activation statistics come from ``stats_size``
+        calibration images spread over the set (:func:`landscape.data.spread_rows`; all of
+        them when it has no more) with every upstream site already quantized at
         its new α (``stats="quantized"``, the reference's online init) or in FP32
         (``stats="fp32"``). Weight α depend only on the weights.
         """
@@ -640,7 +641,7 @@ class ClipLoss:
         if result_key in self._init_cache:
             return self._init_cache[result_key]
         program = self._programs.init_program(rule, static, stats, stats_size, self._layout.specs)
-        x = self._calib_host[0][:stats_size]
+        x = self._calib_host[0][spread_rows(len(self._calib_host[0]), stats_size)]
         if len(x) % len(jax.devices()) == 0:
             x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
         alphas, minima = self._run(program, self._state, x, traced)

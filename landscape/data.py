@@ -172,6 +172,20 @@ def cache_dir() -> str:
     return os.environ.get("LANDSCAPE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "landscape"))
 
 
+def spread_rows(n: int, k: int) -> np.ndarray:
+    """k of n rows spread evenly over them, (i · n) // k for i < k (all n rows when k ≥ n).
+
+    How the library takes k images from a calibration set (``ClipLoss.init``'s ``stats_size``,
+    AdaRound's and GPTQ's ``num_images``): the set is sorted by training row
+    (:func:`calibration_index`), so its first k images are the lowest training rows, of the first
+    classes only in a training split stored class by class (as image-folder conversions are);
+    every (n/k)-th image spans the whole split.
+    """
+    if k >= n:
+        return np.arange(n)
+    return (np.arange(k) * n) // k
+
+
 def calibration_index(n_train: int, calib_size: int, seed: int) -> np.ndarray:
     """A sorted seeded sample of ``calib_size`` training rows (without replacement)."""
     if isinstance(calib_size, bool | np.bool_) or not isinstance(calib_size, int | np.integer) \

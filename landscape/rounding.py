@@ -33,10 +33,11 @@ import numpy as np
 
 from landscape import checks, export, runtime, sites
 from landscape import layers as qlayers
+from landscape.data import spread_rows
 from landscape.layerwise import layer_inputs, layer_mse, record_layers
 
 __all__ = ["INPUTS", "RoundingFit", "RoundingResult", "input_statistics", "keep_better", "nearest_codes",
-           "round_network"]
+           "round_network", "zero_code"]
 
 INPUTS = ("quantized", "float")
 DEFAULT_NUM_IMAGES = 256  # calibration images recorded when num_images is None
@@ -91,6 +92,13 @@ class RoundingResult:
             lines.append(f"  {name:<{width}}  {f.mse_nearest:11.3e}  {f.mse:10.3e}  {f.flipped:7.3f}"
                          + ("" if f.kept else "  (nearest kept)"))
         return "\n".join(lines)
+
+
+def zero_code(scale, offset, lo, hi):
+    """The code z with Δ·z + offset = 0 (per channel, float64), or None where the grid has no
+    zero level (the midrise grid's offset is half a step off): where a pruned weight can stay 0."""
+    zero = -np.asarray(offset, np.float64) / np.asarray(scale, np.float64)
+    return zero if np.all((zero == np.round(zero)) & (lo <= zero) & (zero <= hi)) else None
 
 
 def check_number(value, name: str, *, integer: bool = False, allow_zero: bool = False):
@@ -197,8 +205,9 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
         rule: ``rule(x, y, kernel, scale, offset, lo, hi, gemm) → RoundingFit`` for one layer
             (see the module docstring); called with the loss's precision active.
         method: the rule's name, for messages and the result.
-        num_images: calibration images recorded: the first ``num_images`` of the loss's set
-            (at most its size; default None: 256, or all when it has fewer).
+        num_images: calibration images recorded: ``num_images`` of the loss's set spread over it
+            (:func:`landscape.data.spread_rows`; at most its size; default None: 256, or all
+            when it has fewer).
         inputs: "quantized" (each layer's input from the network rounded so far, activations
             quantized at α) or "float" (the float network's inputs). A layer applied more than
             once is fitted on its first application, with a warning naming it.
@@ -234,7 +243,7 @@ def round_network(loss, alpha, rule: Callable[..., RoundingFit], *, method: str,
 
 
 def _round_layers(loss, alpha, nearest, names, rule, num_images, inputs):
-    x = jnp.asarray(np.asarray(loss.calib.x[:num_images], np.float32))
+    x = jnp.asarray(np.asarray(loss.calib.x[spread_rows(len(loss.calib.x), num_images)], np.float32))
     act = {n: s for n, s in nearest.sites.items() if s.kind == "activation"}
     act_specs = {n: sites.SiteSpec(s.bits, s.grid) for n, s in act.items()}
     act_alphas = {n: float(s.alpha[0]) for n, s in act.items()}

@@ -239,15 +239,20 @@ def test_init_rules_and_stats_modes(loss4):
         loss4.init("median")
 
 
-def test_init_stats_size_takes_the_first_calibration_images(tiny_net, digits, loss4):
-    """init(stats_size=k) takes its activation statistics from the first k calibration images:
-    the α of a loss built on those k images alone, and not the α of all 256 (an ignored
-    stats_size calibrated on every image)."""
+def test_init_stats_size_takes_calibration_images_spread_over_the_set(tiny_net, digits, loss4):
+    """init(stats_size=k) takes its activation statistics from k calibration images spread over the
+    set (every 4th here; the first k are the lowest training rows, of the first classes where the
+    training split is stored by class): the α of a loss built on those k images alone, and not the
+    α of all 256 (an ignored stats_size calibrated on every image)."""
     x, y = digits.calib.x, digits.calib.y
     assert len(x) == 256
-    first = ls.ClipLoss(tiny_net, (x[:64], y[:64]), w_bits=4, a_bits=4)
+    rows = ls.data.spread_rows(256, 64)
+    np.testing.assert_array_equal(rows, np.arange(0, 256, 4))
+    spread = ls.ClipLoss(tiny_net, (x[rows], y[rows]), w_bits=4, a_bits=4)
     got = np.asarray(loss4.init("max", stats_size=64))
-    np.testing.assert_array_equal(got, np.asarray(first.init("max")))
+    np.testing.assert_array_equal(got, np.asarray(spread.init("max")))
+    first = ls.ClipLoss(tiny_net, (x[:64], y[:64]), w_bits=4, a_bits=4)
+    assert not np.array_equal(got, np.asarray(first.init("max")))
     full = np.asarray(loss4.init("max"))  # stats_size=512 > 256: every image
     np.testing.assert_array_equal(full, np.asarray(loss4.init("max", stats_size=256)))
     assert not np.array_equal(got, full)  # so the first comparison can tell them apart

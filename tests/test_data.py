@@ -439,6 +439,23 @@ def test_calibration_sample_is_distinct_rows_from_the_whole_training_split(digit
         assert len(np.unique(drawn)) == size and drawn.min() >= 0 and drawn.max() < n
 
 
+def test_subsets_of_the_calibration_sample_span_the_training_split():
+    """The library takes k of a calibration set's images (ClipLoss.init's stats_size, AdaRound's and
+    GPTQ's num_images). The set is sorted by training row, so its first 512 of 1024 images held only
+    classes 0-4 of a training split stored class by class; spread_rows takes every other one."""
+    y = np.repeat(np.arange(10), 1000)  # a training split stored class by class
+    index = ls.data.calibration_index(len(y), 1024, seed=0)
+    assert np.bincount(y[index[:512]], minlength=10)[5:].sum() == 0  # the prefix: classes 0-4
+    for k in (64, 512, 1023):
+        rows = ls.data.spread_rows(len(index), k)
+        assert len(np.unique(rows)) == k and rows.min() == 0 and rows.max() < len(index)
+        counts = np.bincount(y[index[rows]], minlength=10)
+        assert counts.min() > 0 and counts.max() < 2 * k / 10, (k, counts)
+    np.testing.assert_array_equal(ls.data.spread_rows(100, 100), np.arange(100))
+    np.testing.assert_array_equal(ls.data.spread_rows(100, 500), np.arange(100))
+    np.testing.assert_array_equal(ls.data.spread_rows(10, 4), [0, 2, 5, 7])
+
+
 def test_with_calib_draws_the_sample_of_its_seed(digits):
     """with_calib(size, seed) is the sample load(calib_size=size, seed=seed) draws, and another seed
     draws another (the seed was not passed on)."""

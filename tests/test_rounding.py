@@ -56,7 +56,7 @@ def test_round_network_drives_a_rule_of_ones_own(tiny_net, digits):
     same = round_network(loss, alpha, nearest_rule, method="nearest", num_images=32)
     weights = [s.name for s in loss.sites if s.kind == "weight"]
     assert same.method == "nearest" and list(same.layers) == weights and len(calls) == len(weights)
-    assert all(shape[0] == 32 for shape in calls)  # the first num_images calibration images
+    assert all(shape[0] == 32 for shape in calls)  # num_images calibration images
     for name in weights:
         np.testing.assert_array_equal(same.network.codes[name], same.nearest.codes[name])
         assert isinstance(same.layers[name], RoundingFit) and same.layers[name].flipped == 0.0
