@@ -17,7 +17,11 @@ is the last weight layer before that site, with or without a BN after it; signed
 LayerNorm and GELU outputs of a transformer, are not positively homogeneous and give no
 candidates), keeps only the pairs whose rescaling
 leaves the logits on the given batch unchanged (a skip connection reading the same activation
-would not), and rescales until the scales stop moving.
+would not), and rescales until the scales stop moving (a RuntimeWarning when ``max_rounds`` ends
+it first). An unsigned site is taken for a ReLU: a clipped activation such as ReLU6 is not
+positively homogeneous either, and its pair is rejected only when the batch reaches the clip (a
+conv → BN → ReLU6 pair whose batch stayed below 6 was kept, and inputs twice as large then moved
+the logits by 4 %): give it a batch that reaches the clip, so that the logit check sees it.
 
 Grouped convolutions (``QuantConv(feature_group_count=g)``) take part on either side. As layer a,
 its output channel c scales like any conv's. As layer b, its input channel i = j·C_in/g + r
@@ -30,6 +34,7 @@ its two neighbours (the rounds alternate until they stop moving).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 import flax
@@ -206,6 +211,15 @@ def cross_layer_equalization(model, variables, x, *, tol: float = 1e-4, max_roun
             moved = max(moved, float(np.max(np.abs(np.log(s)))))
         if moved < 1e-6:
             break
+    else:  # max_rounds ran out: equalized if a further round would move nothing
+        left = max((float(np.max(np.abs(np.log(_scales(flat, a, b, groups.get(b, 1)))))) for a, b in pairs),
+                   default=0.0)
+        if left >= 1e-6:
+            # the function is still unchanged; only the equalization is incomplete (an MLP of eight
+            # chained pairs with very unequal ranges needed 97 rounds)
+            warnings.warn(f"cross_layer_equalization: after max_rounds={max_rounds} rounds the paired ranges still "
+                          f"differ (a further round would scale a channel by up to exp({left:.2g})); raise "
+                          "max_rounds", RuntimeWarning, stacklevel=2)
     change = float(np.max(np.abs(logits(flat) - reference)))
     if change > bound:  # every kept pair is exact on its own; together they must be too
         raise RuntimeError(f"cross_layer_equalization: the kept pairs together move the logits by {change:.3g}, "
