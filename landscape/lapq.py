@@ -24,9 +24,9 @@ steep and non-separable, so α is chosen jointly, in two steps:
      bracket (0, 1) in absolute α; the coordinate is set to Brent's minimiser even when
      that is worse than its old value (so CD can collapse, as in the reference).
    * ``"batched"`` — our own optimizer built on ``loss.batch`` (see :func:`_batched`):
-     a straight-through gradient step first (the STE gradient gives a direction for all
-     coordinates at once; a ladder of step lengths along it is one batched call of the
-     true loss), then Gauss–Seidel coordinate ladders in log α (a 6-point ladder per
+     up to three straight-through gradient steps first, while they improve (the STE
+     gradient gives a direction for all coordinates at once; a ladder of step lengths
+     along it is one batched call of the true loss), then Gauss–Seidel coordinate ladders in log α (a 6-point ladder per
      coordinate in the first sweep, a ±w_i compass with adaptive widths after it), each
      coordinate's candidates in one batched call, with bracket expansion and Hooke–Jeeves
      pattern moves. Every accepted point is chosen on the true loss, which never
@@ -34,16 +34,21 @@ steep and non-separable, so α is chosen jointly, in two steps:
      spends 20–30.
 
 **Positivity.** ``"powell"`` and ``"cd"`` work on α directly, like the reference; the loss
-is +inf for any α ≤ 0, which SciPy sees as the reference CD's finite penalty 1e6 (so
-bracket arithmetic stays finite), and an iterate with that value is never accepted.
+is +inf for any α ≤ 0, which SciPy sees as the finite penalty 1e6 of the reference CD
+(so bracket arithmetic stays finite), and an iterate with that value is never accepted.
+The reference penalises α < 0 only and evaluates α = 0, CD's first bracket point, with
+its step floored at 1e-8 (a finite loss of 2–6); an objective emulating that gave the same
+CD and Powell histories and α at W3A3, A3 and A2 on a small CNN.
 ``"batched"`` works in u = log α, so every candidate is positive by construction.
 The returned α is always positive.
 
 **Interruption.** Ctrl-C (KeyboardInterrupt) returns the best α evaluated so far with
-``interrupted=True``: during step 2, or during the Lp sweep once it has evaluated an α
-(the joint step is then skipped). That is for a person at a prompt. Code that stores or
-aggregates results passes ``on_interrupt="raise"`` so that a cut-short optimisation is
-never kept as a finished one: :func:`compare_methods`, the command line, ``paper_repro.py``
+``interrupted=True``: during step 2 the best of the joint step, which starts from α_{p*} (a
+grid point of the sweep can be better still: its losses are in ``p_losses``), or during the
+Lp sweep once it has evaluated an α, the sweep's best (the joint step is then skipped). That
+is for a person at a prompt. Code that stores or aggregates results passes
+``on_interrupt="raise"`` so that a cut-short optimisation is never kept as a finished one:
+:func:`compare_methods`, the command line, ``paper_repro.py``
 and the ``bench/`` scripts all do, and then resume from their own stores.
 
 Evaluations are counted one per α: a ``loss.batch`` call of K rows counts K. Gradient
@@ -180,14 +185,17 @@ class LAPQResult:
       seconds: wall time of the whole call.
       history: per iteration of the joint step (0 = the start): dicts with ``iteration``,
         ``loss``, ``n_evals`` and ``n_grads`` (so far) and ``seconds`` (since the call began).
-      interrupted: True when Ctrl-C stopped the sweep or the joint step (alpha = best so far).
+      interrupted: True when Ctrl-C stopped the sweep or the joint step (alpha = the best so
+        far of the step it stopped: see the module docstring).
       message: why the joint step stopped.
       p_selection: the :class:`PSelection` of the sweep (None when ``init`` was given).
       p_grid, p_losses: the sweep (empty when ``init`` was given).
       bias_correction: whether the loss applied per-channel bias correction.
-      improvements: every fall of the best loss evaluated so far (the sweep's included): dicts
-        with ``loss``, ``n_evals`` and ``seconds`` at that evaluation — the time to a given loss
-        to the evaluation, where ``history`` has it to the end of an iteration.
+      improvements: every fall of the best loss evaluated so far, in the sweep and then in the
+        joint step, whose record starts again at α_{p*} (so its first entries can lie above the
+        sweep's best): dicts with ``loss``, ``n_evals`` and ``seconds`` at that evaluation — the
+        time to a given loss to the evaluation, where ``history`` has it to the end of an
+        iteration.
     """
 
     alpha: np.ndarray
@@ -822,7 +830,9 @@ def compare_methods(loss, data, *, seeds: Sequence[int] = (0, 1, 2), rows: Seque
     done = runtime.ResultStore(store, None if store is None else dict(
         setting, loss_options=options, sites=[[name, int(b)] for name, b in loss.bits.items()],
         network_sha256=train.weights_fingerprint(loss.net.variables), data_fingerprint=data.fingerprint(),
-        numerics=train.numerics()), say)
+        # SciPy's Brent and Powell drive CD and Powell (1.17 changed Powell's trajectories), numpy's
+        # LAPACK the p* fit
+        numerics=train.numerics(), scipy=scipy.__version__, numpy=np.__version__), say)
     out = {k: {r: [] for r in rows} for k in ("calib_loss", "test_acc", "n_evals", "seconds")}
     p_star, p_rule = [], []
 
