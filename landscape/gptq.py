@@ -10,7 +10,10 @@ damped objective is
     W* = H⁻¹ (B + λ W)
 
 (λ keeps H invertible and W* near the float kernel W where G is singular). With the float
-network's inputs (``inputs="float"``) B = G W, so W* = W and this is GPTQ as published. With
+network's inputs (``inputs="float"``) B = G W, so W* = W: the paper's objective, W's own output
+as the target. (The reference code feeds each block the outputs of the blocks quantized before
+it and keeps W's output on those inputs as the target, W* = W with G from them: a third variant,
+not offered; activations stay float there.) With
 inputs from the network rounded so far (the default, as in AdaRound), W* also corrects the
 error the earlier layers and the activation quantizers left in the inputs: on the MNIST resnet20
 (``bench/rounding.py``) that is 99.18 % against 89.53 % at W2A4, 98.95 % against 85.02 % at W3A3,
@@ -48,6 +51,7 @@ from landscape.rounding import (
     keep_better,
     nearest_codes,
     round_network,
+    zero_code,
 )
 
 __all__ = ["gptq", "gptq_layer", "gptq_rows"]
@@ -99,7 +103,7 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
         if pinned.shape != w.shape:
             raise ValueError(f"pinned has shape {pinned.shape}; w_star's is {w.shape}")
         pinned = pinned[order]
-        zero = _zero_code(scale, offset, lo, hi)
+        zero = zero_code(scale, offset, lo, hi)
         if zero is None and np.any(pinned):
             raise ValueError("pinned entries need a grid with a zero level (offset/Δ an integer code in "
                              f"[{lo}, {hi}]); this grid has none (the midrise grid): use weight_grid='midtread'")
@@ -118,13 +122,6 @@ def gptq_rows(w_star, H, scale, offset, lo: int, hi: int, order=None, block: int
     out = np.empty_like(codes)
     out[order] = codes
     return out.astype(np.int32)
-
-
-def _zero_code(scale, offset, lo, hi):
-    """The code z with Δ·z + offset = 0 (per channel, float64), or None where the grid has no
-    zero level (the midrise grid's offset is half a step off)."""
-    zero = -np.asarray(offset, np.float64) / np.asarray(scale, np.float64)
-    return zero if np.all((zero == np.round(zero)) & (lo <= zero) & (zero <= hi)) else None
 
 
 def _checked_options(damp, act_order) -> float:
@@ -161,7 +158,7 @@ def gptq_layer(x, y, kernel, scale, offset, lo: int, hi: int, gemm, *, damp: flo
     order = np.argsort(-np.diag(H), kind="stable") if act_order else None
     # A pruned weight (exactly 0: an N:M network's, or adaprune's) stays 0 where the grid has a
     # zero level: the error feedback would otherwise un-prune it (the midrise grid has no 0).
-    has_zero = _zero_code(scale, offset, lo, hi) is not None
+    has_zero = zero_code(scale, offset, lo, hi) is not None
     pinned = (wm == 0) if has_zero and np.any(wm == 0) else None
     codes = gptq_rows(w_star, H, scale, offset, lo, hi, order, pinned=pinned).reshape(w.shape)
     scale32, offset32 = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
@@ -177,10 +174,11 @@ def gptq(loss, alpha, *, num_images: int | None = None, inputs: str = "quantized
     Args:
         loss: a :class:`~landscape.ClipLoss` without bias correction.
         alpha: (n,) clipping vector, e.g. ``loss.init("mse")`` or ``lapq(loss).alpha``.
-        num_images: calibration images recorded: the first ``num_images`` of the loss's set
-            (at most its size; default None: 256, or all when it has fewer).
+        num_images: calibration images recorded: ``num_images`` of the loss's set spread over it
+            (:func:`landscape.data.spread_rows`; at most its size; default None: 256, or all
+            when it has fewer).
         inputs: "quantized" (inputs from the network rounded so far, activations quantized at
-            α) or "float" (the float network's: GPTQ as published).
+            α) or "float" (the float network's, W* = W: the paper's objective).
         damp, act_order: see :func:`gptq_layer`. Every product runs at the loss's precision.
 
     Returns:

@@ -220,3 +220,29 @@ def test_round_layer_with_weights_beyond_alpha(seed):
     best = float(np.min(np.mean((np.einsum("nd,kdc->knc", x, every) - (x @ w)[None]) ** 2, axis=(1, 2))))
     assert fit.kept and fit.mse < 0.7 * fit.mse_nearest
     assert fit.mse <= 1.3 * best
+
+
+def test_weights_on_a_level_can_move_and_pruned_zeros_stay():
+    """A weight exactly on a grid level started on h's clip edge, where jit's rounding left its
+    gradient exactly 0: asked for a kernel one step up (a target 0.8 step above every weight), the
+    layer kept all of its codes (MSE 0.215 against 0.013). Exact zeros on the midtread grid are
+    pruned weights: they keep the zero code (as in GPTQ) whatever the target asks."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, 32)).astype(np.float32)
+    w = (rng.standard_normal((32, 8)) * 0.1).astype(np.float32)
+    scale = np.float32(quantizers.step_size(np.float32(np.abs(w).max()), 3, "midtread"))
+    on_grid = (np.round(w / scale) * scale).astype(np.float32)
+    on_grid[on_grid == 0] = scale  # no zeros here: nothing pinned
+    on_grid[0] = 0.0  # but one pruned row
+    codes = np.round(on_grid / scale)
+
+    def gemm(a, k):
+        return jnp.matmul(a, k, precision="highest")
+
+    y = np.asarray(gemm(x, on_grid + 0.8 * scale))
+    fit = round_layer(x, y, on_grid, scale, 0.0, -3, 3, gemm)
+    moved = fit.codes != codes
+    assert not np.any(moved[0]) and np.all(fit.codes[0] == 0)  # the pruned row stays at 0
+    free = codes[1:] < 3  # can round up
+    assert np.mean(moved[1:][free]) > 0.9 and np.all(fit.codes[1:][moved[1:]] == codes[1:][moved[1:]] + 1)
+    assert fit.kept and fit.mse < 0.2 * fit.mse_nearest
