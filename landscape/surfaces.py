@@ -43,7 +43,9 @@ class Surface:
 
 @dataclasses.dataclass(frozen=True)
 class Line:
-    """Losses ``values`` along ``points = start + t·direction``."""
+    """Losses ``values`` along ``points = start + t·direction`` (clip space, :func:`loss_line`);
+    from :func:`weight_surface` with one direction, ``points`` is the (num, 1) column of the
+    coefficients t, the weights themselves never being materialised per point."""
 
     t: np.ndarray
     values: np.ndarray
@@ -153,7 +155,11 @@ def random_direction(params, seed: int = 0, *, norm: str = "filter"):
     pytree's weight matrices, not only Flax's ``kernel``) get a direction and the others
     (biases, BN scale and bias) zeros. norm="filter": each output filter (last axis, Flax's
     layout) rescaled to the norm of the same filter of ``params`` (Li et al.'s filter
-    normalisation); "layer": whole leaves rescaled; "none": raw Gaussian.
+    normalisation); "layer": whole leaves rescaled; "none": raw Gaussian. For a conv (kh, kw, Cin,
+    Cout) or dense (in, out) kernel that is the reference's per-output filter; Li et al. do not
+    define a filter for other matrices, where the last axis is used too (an embedding table
+    (vocab, features) gets one per feature, where the reference's first-axis split would give one
+    per token; a ViT's (1, tokens, dim) position table one per dim).
 
     Raises:
         ValueError: ``params`` has no leaf of two or more dimensions (a direction would be zero).
