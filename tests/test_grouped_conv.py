@@ -181,7 +181,7 @@ def test_rounding_fits_each_group_and_beats_round_to_nearest(group_net, digits, 
     alpha = loss.init("mse")
     kw = {"iterations": 200} if method == "adaround" else {}
     result = getattr(ls, method)(loss, alpha, num_images=64, inputs="float", **kw)
-    x = jnp.asarray(digits.calib.x[:64])
+    x = jnp.asarray(digits.calib.x[ls.data.spread_rows(len(digits.calib.x), 64)])  # the images recorded
     io = record_layers(loss.model, loss.variables, x, ["dw", "gc"])
     improved = 0
     for name in ("dw", "gc"):

@@ -187,7 +187,7 @@ def test_quantized_inputs_come_from_the_network_rounded_so_far(tiny_net, digits)
     act = {n: s for n, s in res.network.sites.items() if s.kind == "activation"}
     specs = {n: SiteSpec(s.bits, s.grid) for n, s in act.items()}
     alphas = {n: float(s.alpha[0]) for n, s in act.items()}
-    x = jnp.asarray(digits.calib.x[:32])
+    x = jnp.asarray(digits.calib.x[ls.data.spread_rows(len(digits.calib.x), 32)])  # the images recorded
     rounded = layer_inputs(loss.model, names, specs, alphas)(res.network.variables, x)
     with_float_kernels = layer_inputs(loss.model, names, specs, alphas)(loss.variables, x)
     float_network = layer_inputs(loss.model, names, {}, {})(loss.variables, x)
