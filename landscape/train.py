@@ -238,7 +238,18 @@ def numerics() -> str:
     foreign = "xla_gpu_" if backend == "cpu" else "xla_cpu_"
     flags = sorted(flag for flag in os.environ.get("XLA_FLAGS", "").split()
                    if not flag.lstrip("-").startswith((*NUMERICS_NEUTRAL_FLAGS, foreign)))
-    return f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, {backend}, XLA_FLAGS={' '.join(flags)!r}"
+    key = f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, {backend}, XLA_FLAGS={' '.join(flags)!r}"
+    # JAX settings that change the floats, named only when not the default (so default keys stay):
+    # x64 and another PRNG implementation trained other weights under one key; the ambient matmul
+    # precision matters off the CPU (TF32), where XLA:CPU computes float32 products either way.
+    settings = []
+    if jax.config.jax_enable_x64:
+        settings.append("x64")
+    if jax.config.jax_default_prng_impl != "threefry2x32":
+        settings.append(f"prng={jax.config.jax_default_prng_impl}")
+    if backend != "cpu" and jax.config.jax_default_matmul_precision is not None:
+        settings.append(f"matmul_precision={jax.config.jax_default_matmul_precision}")
+    return key + (f", {', '.join(settings)}" if settings else "")
 
 
 def weights_fingerprint(variables) -> str:
@@ -271,7 +282,8 @@ def save_network(net: Network, path: str) -> str:
 
 
 class MismatchedCheckpoint(ValueError):
-    """A ``.msgpack`` that is not the one its ``.json`` was saved with (a save killed between them)."""
+    """A ``.msgpack`` that is not the one its ``.json`` was saved with (a save killed between them),
+    or a ``.json`` record that is not valid JSON (damaged)."""
 
 
 def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> Network:
@@ -281,7 +293,11 @@ def load_network(model: nn.Module, path: str, recipe: Recipe | None = None) -> N
     with open(path + ".msgpack", "rb") as f:
         blob = f.read()
     with open(path + ".json") as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:  # a damaged record: as a mismatched pair, fit trains again
+            raise MismatchedCheckpoint(f"{path}.json is not valid JSON ({e}): the record is damaged; delete "
+                                       "the pair or train again") from e
     recorded = meta.get("msgpack_sha256")
     if recorded is not None and recorded != hashlib.sha256(blob).hexdigest():
         raise MismatchedCheckpoint(f"{path}.msgpack is not the file {path}.json was saved with (its SHA-256 "
@@ -328,6 +344,8 @@ def training_config(model: nn.Module, data: data_lib.Dataset, *, epochs: int | N
     batch_size = checks.check_int(batch_size, "batch_size")
     weight_decay = checks.check_positive(weight_decay, "weight_decay", allow_zero=True)
     seed = checks.check_int(seed, "seed", minimum=0)
+    if seed >= 2**32:  # jax.random.key keeps 32 bits: 2^32 + 5 drew seed 5's weights
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2^32)")
     batch_size = min(batch_size, len(data.train))
     return {
         "format": FORMAT_VERSION, "model": repr(model), "data": data.name,

@@ -76,6 +76,15 @@ def test_checkpoint_roundtrip_and_cache(digits, tmp_path, monkeypatch):
     assert _params_equal(ls.train.load_network(model, first.path).variables, first.variables)
     os.remove(first.path + ".json")  # the msgpack alone is no checkpoint either
     assert _params_equal(ls.train.fit(model, digits, epochs=1, seed=0).variables, first.variables)
+    # A damaged record (a truncated .json) is named by load_network and trained again by fit; it was
+    # json's bare "Expecting ',' delimiter", naming no file, and stopped fit.
+    with open(first.path + ".json") as f:
+        record = f.read()
+    with open(first.path + ".json", "w") as f:
+        f.write(record[: len(record) // 2])
+    with pytest.raises(ls.train.MismatchedCheckpoint, match=r"\.json is not valid JSON"):
+        ls.train.load_network(model, first.path)
+    assert _params_equal(ls.train.fit(model, digits, epochs=1, seed=0).variables, first.variables)
 
 
 @pytest.mark.parametrize("recipe", [None, "sparse", "luq", "luq-fnt", "damaged"])
@@ -219,6 +228,7 @@ def test_numerics_key_ignores_flags_that_cannot_change_the_floats(monkeypatch):
                                       ({"weight_decay": -1}, "weight_decay=-1 must be a finite number >= 0"),
                                       ({"weight_decay": float("nan")}, "weight_decay=nan must be a finite number"),
                                       ({"seed": "a"}, "seed='a' must be an integer >= 0"),
+                                      ({"seed": 2**32 + 5}, r"seed=4294967301 must be an integer in \[0, 2\^32\)"),
                                       ({"cache": "no"}, "cache='no' must be True or False"),
                                       ({"progress": 0}, "progress=0 must be True or False")])
 def test_bad_training_arguments(digits, kw, match):
@@ -539,3 +549,22 @@ def test_fit_checks_each_split_of_a_user_built_dataset_by_name(digits):
     wide = dataclasses.replace(digits, train=ls.data.Split(digits.train.x.astype(np.float64),
                                                            digits.train.y.astype(np.int64)))
     assert ls.train.fit(mlp, wide, epochs=1, cache=False, progress=False).history[-1]["test_acc"] > 0.3
+
+
+def test_jax_settings_that_change_the_weights_change_the_key(digits):
+    """x64 and another PRNG implementation trained other weights under one cache key, so a shared
+    cache served one setting's network to the other; they are now in the numerics, named only when
+    not the default, so that the default keys (and the networks cached under them) stay."""
+    model = models.create("mlp", num_classes=10)
+    default = ls.train.config_key(ls.train.training_config(model, digits, epochs=1))
+    assert "x64" not in ls.train.numerics() and "prng" not in ls.train.numerics()
+    with jax.enable_x64(True):
+        assert ls.train.config_key(ls.train.training_config(model, digits, epochs=1)) != default
+    previous = jax.config.jax_default_prng_impl
+    try:
+        jax.config.update("jax_default_prng_impl", "rbg")
+        assert "prng=rbg" in ls.train.numerics()
+        assert ls.train.config_key(ls.train.training_config(model, digits, epochs=1)) != default
+    finally:
+        jax.config.update("jax_default_prng_impl", previous)
+    assert ls.train.config_key(ls.train.training_config(model, digits, epochs=1)) == default
