@@ -11,8 +11,11 @@ bit width, the grid, the step Δ, and the weights as integers. :func:`quantize_n
 with, per grid (see :mod:`landscape.quantizers`), offset = −α for "midrise" (codes 0..2^M − 1)
 and 0 for "unsigned" (0..2^M − 1) and "midtread" (−(2^(M−1) − 1)..2^(M−1) − 1); shift is the
 per-channel bias correction (zero without it). Δ, offset and shift have one entry per output
-channel (per-tensor α repeats). ``qnet.apply(x)`` runs the network from these integers and
-reproduces the loss's quantized forward pass; :func:`save` / :func:`load` store it as JSON
+channel (per-tensor α repeats). ``qnet.apply(x)`` runs the kernels the loss computed, which
+``load`` checks against Δ·q + offset − shift (to 1e-5 · max|W|), and reproduces the loss's
+quantized forward pass to the last bit (a forward rebuilt from the codes alone differs by float
+rounding: resnet8 W4A4, 1,797 images, max |Δ logit| 0.019 per tensor, 0.11 per channel with bias
+correction, no top-1 prediction changed); :func:`save` / :func:`load` store it as JSON
 (the per-site table) and NumPy ``.npz`` (codes, the other variables, and the float kernels the
 loss computed, so that a loaded network runs the same weights to the last bit), read back with
 ``allow_pickle=False``. The JSON carries the SHA-256 of its ``.npz``: a pair from two saves (a
