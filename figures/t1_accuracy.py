@@ -117,7 +117,11 @@ def claims(data, ctx):
         out.append(C.make("C9", f"{low}: {gain_low:+.2f} points ({lp:.1f} → {mean(low, 'LAPQ'):.1f}); "
                                 f"W8A8: {gain_8:+.2f}",
                           gain_low >= C.spec("C9")["min_gain"] and gain_low >= gain_8, NAME))
-        out.append(C.make("C11", f"W8A8: |{gain_8:+.2f}| points", abs(gain_8) <= C.spec("C11")["max_gap"], NAME))
+        # The paper's "mild quantization" is A4 (all methods within ≈1 %): W32A4 where the preset has it
+        mild = "W32A4" if "W32A4" in names else "W8A8"
+        gain_mild = mean(mild, "LAPQ") - mean(mild, "Lp(p*)")
+        out.append(C.make("C11", f"{mild}: |{gain_mild:+.2f}| points", abs(gain_mild) <= C.spec("C11")["max_gap"],
+                          NAME))
     return out
 
 

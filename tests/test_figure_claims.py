@@ -253,3 +253,21 @@ def test_t1_c8_c9_c11_verdicts():
     # C11: LAPQ 5 points below Lp(p*) at W8A8 is no "within 1 point"
     r = rows({"W8A8": {**w8, "LAPQ": 0.92}, "W2A4": {"Lp(p*)": 0.60, "L2": 0.50, "max": 0.30, "LAPQ": 0.70}})
     assert not r["C11"].passed and r["C11"].ours == "W8A8: |-5.00| points"
+    # C11 is the paper's "A4": measured at W32A4 when the preset has it, whatever W8A8 says
+    w32a4 = {"Lp(p*)": 0.95, "L2": 0.9, "max": 0.8, "LAPQ": 0.93}
+    r = rows({"W8A8": w8, "W32A4": w32a4, "W2A4": {"Lp(p*)": 0.60, "L2": 0.50, "max": 0.30, "LAPQ": 0.70}})
+    assert not r["C11"].passed and r["C11"].ours == "W32A4: |-2.00| points"
+    r = rows({"W8A8": {**w8, "LAPQ": 0.92}, "W32A4": {**w32a4, "LAPQ": 0.955},
+              "W2A4": {"Lp(p*)": 0.60, "L2": 0.50, "max": 0.30, "LAPQ": 0.70}})
+    assert r["C11"].passed and r["C11"].ours == "W32A4: |+0.50| points"
+
+
+def test_f3_toy_is_the_reference_notebooks_grid():
+    """C5's matmul toy on the reference notebook's grid, linspace(0.1, max, 30) per axis
+    (jupyter/quant_sep.ipynb): its interaction fraction falls from about 0.5 at 2 bits to the
+    notebook's 0.065 at 8. The grid from 1/30 reached into the collapse at tiny α, which alone reads
+    as interaction: 0.144–0.146 at 4–8 bits."""
+    f3 = importlib.import_module("figures.f3_separability")
+    two, eight = f3.toy_matmul(2), f3.toy_matmul(8)
+    np.testing.assert_allclose(two["clips"], np.linspace(0.1, 1.0, 30))
+    assert two["interaction"] > 0.4 and eight["interaction"] < 0.08, (two["interaction"], eight["interaction"])
