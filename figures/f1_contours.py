@@ -17,7 +17,7 @@ from figures.common import widths_of
 NAME = "F1"
 SLUG = "f1_contours"
 TITLE = "Loss contours over two adjacent activation sites (others FP32), 2 and 4 bits"
-EST_SECONDS = 18
+EST_SECONDS = 17
 
 BITS = (2, 4)
 STARTS = {"L2": ("lp", {"p": 2.0}), "L3": ("lp", {"p": 3.0}), "ACIQ": ("aciq", {})}

@@ -17,7 +17,7 @@ from figures.common import widths_of
 NAME = "F2"
 SLUG = "f2_hessians"
 TITLE = "Activation-site Hessians at 2 and 4 bits, STE and FD, raw and normalised"
-EST_SECONDS = 6
+EST_SECONDS = 5
 
 BITS = (2, 4)
 P_EVAL = 3.0

@@ -26,7 +26,7 @@ from figures.f2_hessians import hessians
 NAME = "F3"
 SLUG = "f3_separability"
 TITLE = "Separability and curvature vs bit width (Hessians, γ/T, ANOVA, flat fraction, toy)"
-EST_SECONDS = 78
+EST_SECONDS = 73
 
 FLAT_TOL = 0.05
 SURFACE_POINTS = 15

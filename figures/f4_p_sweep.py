@@ -15,7 +15,7 @@ from figures.common import widths_of
 NAME = "F4"
 SLUG = "f4_p_sweep"
 TITLE = "Calibration loss and accuracy vs p, quadratic fit and p* (2, 3, 4 bits)"
-EST_SECONDS = 177
+EST_SECONDS = 162
 
 BITS = (2, 3, 4)
 

@@ -16,7 +16,7 @@ import numpy as np
 NAME = "F6"
 SLUG = "f6_convergence"
 TITLE = "Convergence of CD, Powell and batched from L1, L2 and L3 starts"
-EST_SECONDS = 62
+EST_SECONDS = 58
 
 STARTS = {"L1": ("lp", 1.0), "L2": ("lp", 2.0), "L3": ("lp", 3.0)}
 METHODS = ("cd", "powell", "batched")

@@ -15,7 +15,7 @@ from landscape.lapq import seed_std
 NAME = "F7"
 SLUG = "f7_calib_size"
 TITLE = "LAPQ accuracy vs calibration-set size"
-EST_SECONDS = 204
+EST_SECONDS = 169
 
 
 def compute(ctx) -> dict:

@@ -17,7 +17,7 @@ from landscape.lapq import loss_text, seed_std
 NAME = "T1"
 SLUG = "t1_accuracy"
 TITLE = "Accuracy table: FP32, layer-wise rules, Lp(p*), CD, LAPQ, batched × bit widths"
-EST_SECONDS = 420
+EST_SECONDS = 349
 
 RULES = (("max", "max"), ("percentile", "percentile"), ("MSE", "mse"), ("ACIQ", "aciq"), ("KL", "kl"))
 OPTIMIZERS = (("CD", "cd"), ("LAPQ", "powell"), ("batched", "batched"))

@@ -21,7 +21,7 @@ from landscape.lapq import loss_text
 NAME = "T2"
 SLUG = "t2_spectrum"
 TITLE = "Weight-space Hessian spectrum: FP32 vs W4A4 vs W2A2 (top-k, trace, density, per-layer trace)"
-EST_SECONDS = 31
+EST_SECONDS = 26
 
 def configs(ctx):
     """FP32 and W = A at every preset bit width up to 4 (small preset: FP32, W4A4, W2A2)."""
