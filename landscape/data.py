@@ -4,7 +4,8 @@
 :class:`Split` (``.x`` (N, H, W, C) float32, normalised; ``.y`` (N,) int32).
 Calibration images are a seeded sample of the training split (never the test split).
 
-* ``"digits"`` — scikit-learn's bundled 8×8 digits (1797 images), the offline default.
+* ``"digits"`` — scikit-learn's bundled 8×8 digits (1797 images), the offline default; pixels
+  x/16 (0..16 in the bundle), then one mean and standard deviation of the training split.
   There is no official split: a fixed stratified 80/20 split (independent of ``seed``) so
   test accuracy is comparable across calibration seeds.
 * ``"mnist"``, ``"cifar10"``, ``"cifar100"``, ``"imagenet"`` — through Hugging Face
@@ -102,7 +103,8 @@ def _check_float_images(x: np.ndarray, what: str) -> None:
     if dtype.kind in "biu" or (dtype.kind == "V" and dtype.name.startswith(("int", "uint"))):
         values = f" with values in [{x.min()}, {x.max()}]" if x.size else ""
         raise ValueError(f"{what}: images x must be floating point, normalised as the network was trained "
-                         f"(landscape.data.load gives float32 (x/255 - mean)/std); got dtype {dtype}{values}. "
+                         "(landscape.data.load gives float32 (x/255 - mean)/std, digits (x/16 - mean)/std); "
+                         f"got dtype {dtype}{values}. "
                          "Integer pixels (uint8 0-255) are not converted: scale and normalise them first")
     raise ValueError(f"{what}: images x must be a floating-point array, got dtype {dtype}")
 
