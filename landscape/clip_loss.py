@@ -641,7 +641,9 @@ class ClipLoss:
         if result_key in self._init_cache:
             return self._init_cache[result_key]
         program = self._programs.init_program(rule, static, stats, stats_size, self._layout.specs)
-        x = self._calib_host[0][spread_rows(len(self._calib_host[0]), stats_size)]
+        x = self._calib_host[0]
+        if stats_size < len(x):  # the whole set stays a view: no copy of the calibration images
+            x = x[spread_rows(len(x), stats_size)]
         if len(x) % len(jax.devices()) == 0:
             x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
         alphas, minima = self._run(program, self._state, x, traced)

@@ -751,6 +751,18 @@ def _unpack(bits: np.ndarray, size: int) -> np.ndarray:
     return np.unpackbits(bytes_, axis=1, bitorder="little")[:, :size].view(bool)
 
 
+def _packed_slot(key: np.ndarray, m: np.uint64, bits: np.uint64):
+    """For sorted keys (:func:`_sorted_keys`): the entry index and the bit offsets of its row's and
+    column's counters in the packed words."""
+    idx = np.uint64(63) - (key & np.uint64(63))
+    return idx, (idx // m) * bits, (idx % m) * bits
+
+
+def _below(counters: np.ndarray, shift: np.ndarray, field: np.uint64, limit: np.uint64) -> np.ndarray:
+    """Whether the packed counter at bit offset ``shift`` is below ``limit``."""
+    return ((counters >> shift) & field) < limit
+
+
 def _greedy_packed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
     """Greedy for whole tiles with M <= 8: flat (n, M*M) float32 magnitudes -> kept (n, M*M).
 
@@ -767,11 +779,8 @@ def _greedy_packed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
     cols = np.zeros(n, dtype=np.uint64)
     kept = np.zeros(n, dtype=np.uint64)
     for k in range(size):
-        idx = np.uint64(63) - (visit[k] & np.uint64(63))
-        r_shift = (idx // m) * bits
-        c_shift = (idx % m) * bits
-        ok = ((rows >> r_shift) & field) < limit
-        ok &= ((cols >> c_shift) & field) < limit
+        idx, r_shift, c_shift = _packed_slot(visit[k], m, bits)
+        ok = _below(rows, r_shift, field, limit) & _below(cols, c_shift, field, limit)
         one = ok.astype(np.uint64)
         rows += one << r_shift
         cols += one << c_shift
@@ -817,11 +826,9 @@ def _prune_packed(flat: np.ndarray, M: int, K: int) -> np.ndarray:
     cols = np.zeros(n, dtype=np.uint64)
     pruned = np.zeros(n, dtype=np.uint64)
     for k in range(size):
-        idx = np.uint64(63) - (visit[k] & np.uint64(63))
-        r_shift = (idx // m) * bits
-        c_shift = (idx % m) * bits
-        row_short = ((rows >> r_shift) & field) < limit
-        col_short = ((cols >> c_shift) & field) < limit
+        idx, r_shift, c_shift = _packed_slot(visit[k], m, bits)
+        row_short = _below(rows, r_shift, field, limit)
+        col_short = _below(cols, c_shift, field, limit)
         rows += row_short.astype(np.uint64) << r_shift
         cols += col_short.astype(np.uint64) << c_shift
         pruned |= (row_short | col_short).astype(np.uint64) << idx
